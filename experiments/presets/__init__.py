@@ -1,0 +1,1 @@
+"""The shipped pipeline presets (YAML), importable as ``tokenprune.presets`` for packaging."""

@@ -1,0 +1,290 @@
+"""Running a pipeline inside a stock Hugging Face forward, with forward pre-hooks only.
+
+How it rides the forward (see docs/concepts.md):
+
+- a pre-hook on the whole model reads ``input_ids`` (to find the visual tokens) and the 2-D padding
+  mask, and tells a prefill (empty cache) from a decoding step;
+- a pre-hook on decoder layer L runs the stage at L and gathers the hidden states to the kept
+  tokens; the pre-hooks of every layer >= L gather the rotary cos/sin, the position ids and the
+  mask, which the LLM built once for the full sequence. Kept tokens keep their original positions;
+- layers >= L therefore cache only kept tokens; while decoding, their mask's key columns become
+  ``cat(kept, prefill_len..total_len)``. A compactor may trim the cache of earlier layers too.
+
+Scores that need attention are recomputed for the few query rows that matter from the previous
+layer's input (see :meth:`ModelAdapter.attention_rows`), so the model keeps SDPA.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters import ModelAdapter, get_adapter
+from tokenprune.errors import PipelineRuntimeError
+from tokenprune.masks import decode_key_index, expand_batch, full_causal_mask, gather_mask, gather_tokens
+from tokenprune.pipeline import Pipeline, StageTrace
+from tokenprune.state import Signals, TokenState
+
+
+@dataclass
+class _Capture:
+    layer: int
+    hidden: torch.Tensor
+    position_embeddings: Any
+
+
+class _Episode:
+    """Bookkeeping of one sequence, from its prefill through its decoding steps."""
+
+    def __init__(self, cache: Any, visual: torch.Tensor, valid: torch.Tensor):
+        self.cache = cache
+        self.visual = visual  # (B, N) bool, in the input frame
+        self.valid = valid  # (B, N) bool
+        self.prefill_len = visual.shape[1]
+        self.seen = 0  # tokens fed so far, in the full (unpruned) frame
+        self.phase = "prefill"
+        self.query_len = visual.shape[1]
+        self.index: torch.Tensor | None = None  # (B, K) input-frame indices of the tokens flowing now
+        self.layer_index: dict[int, torch.Tensor | None] = {}  # what each layer's prefill cache holds
+        self.full: dict[str, Any] = {}  # full-frame layer kwargs of the prefill
+        self.frame: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self.capture: _Capture | None = None
+        self.trimmed_first_layer = False
+        self.decode_masks: dict[int, torch.Tensor] = {}
+
+
+class AttachedPipeline:
+    """Context manager returned by :meth:`Pipeline.attach`; removes its hooks on exit, always."""
+
+    def __init__(self, pipeline: Pipeline, model: nn.Module):
+        self.pipeline = pipeline
+        self.model = model
+        self.adapter: ModelAdapter = get_adapter(model)
+        pipeline.validate_for_depth(self.adapter.num_layers)
+        self._site = {stage.layer: i for i, stage in enumerate(pipeline.stages)}
+        self._capture_layers = {stage.layer - 1 for stage in pipeline.stages if stage.layer >= 1}
+        self._handles: list[Any] = []
+        self._episode: _Episode | None = None
+        self._forwards_with_visual = 0
+        self._forwards = 0
+
+    # --- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> AttachedPipeline:
+        if self._handles:
+            raise RuntimeError("this AttachedPipeline is already active")
+        self.pipeline.trace = []
+        self.pipeline.runs = [0] * len(self.pipeline.stages)
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
+            self._handles.append(self.adapter.language_model.register_forward_pre_hook(self._llm_pre_hook, with_kwargs=True))
+            for i, layer in enumerate(self.adapter.layers):
+                self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._remove()
+        if exc_type is None and self._forwards and not any(self.pipeline.runs):
+            warnings.warn(
+                f"pipeline {self.pipeline.name!r} never pruned: none of {self._forwards} forward(s) held visual "
+                f"tokens in a prefill (is the image token in input_ids?)", RuntimeWarning, stacklevel=2)
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._episode = None
+
+    # --- hooks -------------------------------------------------------------------------------
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._forwards += 1
+        input_ids = self.adapter.input_ids(args, kwargs)
+        cache = kwargs.get("past_key_values")
+        past = self.adapter.cache_length(cache)
+        if input_ids is None:
+            if past == 0 and kwargs.get("inputs_embeds") is not None:
+                raise PipelineRuntimeError("a pipeline needs input_ids to find the visual tokens; got only inputs_embeds")
+            self._episode = None
+            return
+        visual = self.adapter.visual_mask(input_ids)
+        if past == 0:
+            self._episode = None
+            if bool(visual.any()):
+                self._forwards_with_visual += 1
+                mask = kwargs.get("attention_mask")
+                valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
+                self._episode = _Episode(cache, visual, valid)
+                self.pipeline.trace = []
+            return
+        ep = self._episode
+        if bool(visual.any()):
+            raise PipelineRuntimeError("visual tokens after the prefill (images in a cached continuation) are not supported")
+        if ep is None or ep.cache is not cache:
+            self._episode = None
+            return
+        ep.phase = "decode"
+        ep.query_len = input_ids.shape[1]
+        ep.decode_masks = {}
+
+    def _model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ep = self._episode
+        if ep is not None:
+            ep.seen += ep.query_len
+            ep.capture = None
+            ep.frame = None
+
+    def _llm_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        ep = self._episode
+        if ep is None or ep.phase != "decode" or not ep.trimmed_first_layer:
+            return None
+        # The first layer's cache was trimmed, so the LLM would size its mask and positions from a
+        # short cache: hand it the full-frame mask and positions instead; each layer then gathers.
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1]
+        total = ep.seen + q
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(embeds.shape[0], total, dtype=torch.long, device=embeds.device)
+        if mask.dim() == 2:
+            if mask.shape[1] != total:
+                raise PipelineRuntimeError(f"attention_mask has {mask.shape[1]} columns; expected {total} (all tokens so far)")
+            if self.adapter.mask_format == "2d":
+                raise PipelineRuntimeError("trimming the first layer's cache is not supported with FlashAttention yet")
+            kwargs["attention_mask"] = full_causal_mask(mask, q, self.adapter.mask_format, embeds.dtype)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = (ep.seen + torch.arange(q, device=embeds.device))[None]
+        return args, kwargs
+
+    def _layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            ep = self._episode
+            if ep is None:
+                return None
+            if ep.phase == "decode":
+                return self._decode_layer(layer, ep, args, kwargs)
+            return self._prefill_layer(layer, ep, args, kwargs)
+
+        return hook
+
+    # --- prefill -----------------------------------------------------------------------------
+    def _prefill_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not ep.full:
+            b, n = ep.visual.shape
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(n, device=hidden.device)[None]
+            ep.full = {
+                "position_ids": expand_batch(pos, b),
+                "position_embeddings": kwargs.get("position_embeddings"),
+                "attention_mask": kwargs.get("attention_mask"),
+            }
+        stage_i = self._site.get(layer)
+        if stage_i is not None:
+            hidden = self._run_stage(stage_i, layer, hidden, ep)
+        if ep.index is not None:
+            kwargs.update(self._frame_kwargs(ep))
+        ep.layer_index[layer] = ep.index
+        if layer in self._capture_layers:
+            ep.capture = _Capture(layer, hidden, kwargs.get("position_embeddings"))
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _frame_kwargs(self, ep: _Episode) -> dict[str, Any]:
+        """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage)."""
+        if ep.frame is not None and ep.frame[0] is ep.index:
+            return ep.frame[1]
+        idx = ep.index
+        out: dict[str, Any] = {"position_ids": ep.full["position_ids"].gather(1, idx)}
+        pe = ep.full["position_embeddings"]
+        if pe is not None:
+            out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
+        mask = ep.full["attention_mask"]
+        out["attention_mask"] = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
+        ep.frame = (idx, out)
+        return out
+
+    def _run_stage(self, stage_i: int, layer: int, hidden: torch.Tensor, ep: _Episode) -> torch.Tensor:
+        stage = self.pipeline.stages[stage_i]
+        b, n = hidden.shape[:2]
+        cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        state = TokenState(
+            hidden=hidden,
+            visual_mask=ep.visual.gather(1, cur),
+            valid_mask=ep.valid.gather(1, cur),
+            positions=ep.full["position_ids"].gather(1, cur),
+            source_index=cur,
+            sizes=torch.ones(b, n, device=hidden.device),
+            layer=layer,
+        )
+        capture = ep.capture
+        if capture is not None and capture.layer == layer - 1:
+            keys = self.adapter.cached_keys(ep.cache, layer - 1)
+
+            def attention_rows(query_index: torch.Tensor) -> torch.Tensor:
+                return self.adapter.attention_rows(layer - 1, capture.hidden, capture.position_embeddings,
+                                                   query_index, state.valid_mask, cached_keys=keys)
+
+            state.signals = Signals(state, attention_rows=attention_rows)
+        with torch.no_grad():
+            state = stage(state)
+        keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool)
+        counts = keep.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise PipelineRuntimeError(
+                f"stage {stage_i} (layer {layer}) keeps {counts.tolist()} tokens in the samples of this batch; "
+                "samples of one batch must keep equally many tokens (give every sample the same number of visual tokens)")
+        rel = torch.arange(n, device=hidden.device).expand(b, n)[keep].view(b, -1)
+        new_index = cur.gather(1, rel)
+        hidden = gather_tokens(state.hidden, rel)
+        if state.compact_kv_before_site:
+            self._compact_earlier_layers(layer, new_index, ep)
+        ep.index = new_index
+        self.pipeline.runs[stage_i] += 1
+        visual_after = ep.visual.gather(1, new_index)
+        valid_before, valid_after = state.valid_mask, ep.valid.gather(1, new_index)
+        self.pipeline.trace.append(StageTrace(
+            stage=stage_i, layer=layer,
+            tokens_before=valid_before.sum(1).tolist(),
+            tokens_after=valid_after.sum(1).tolist(),
+            visual_before=state.visual_mask.sum(1).tolist(),
+            visual_after=visual_after.sum(1).tolist(),
+            kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
+        ))
+        return hidden
+
+    def _compact_earlier_layers(self, layer: int, new_index: torch.Tensor, ep: _Episode) -> None:
+        if ep.cache is None:
+            return
+        for j in range(layer):
+            if self.adapter.cached_keys(ep.cache, j) is None:
+                continue
+            held = ep.layer_index.get(j)
+            rel = new_index if held is None else torch.searchsorted(held, new_index)
+            self.adapter.select_cache_entries(ep.cache, j, rel)
+            ep.layer_index[j] = new_index
+            if j == 0:
+                ep.trimmed_first_layer = True
+
+    # --- decoding ----------------------------------------------------------------------------
+    def _decode_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
+        held = ep.layer_index.get(layer)
+        mask = kwargs.get("attention_mask")
+        if held is None or mask is None:
+            return None
+        key = id(held)
+        if key not in ep.decode_masks:
+            keys = decode_key_index(held, ep.prefill_len, mask.shape[-1])
+            ep.decode_masks[key] = gather_mask(mask, None, keys)
+        kwargs["attention_mask"] = ep.decode_masks[key]
+        return args, kwargs

@@ -1,0 +1,145 @@
+"""Pipeline configs: load (dict, YAML path or preset name), override by dotted key, validate.
+
+Every error names the key path, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.resources
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tokenprune.errors import ConfigError
+
+PIPELINE_KEYS = ("name", "plugins", "stages")
+STAGE_KEYS = ("layer", "operators")
+
+
+def preset_dir() -> Path:
+    """Folder of the shipped presets (``experiments/presets`` in the repository)."""
+    return Path(str(importlib.resources.files("tokenprune.presets")))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def load_source(source: str | Path | Mapping | DictConfig) -> DictConfig:
+    """A pipeline config from a dict, a DictConfig, a YAML file or a preset name."""
+    if isinstance(source, DictConfig):
+        return source.copy()
+    if isinstance(source, Mapping):
+        return OmegaConf.create(dict(source))
+    text = str(source)
+    path = Path(text)
+    if not path.is_file():
+        preset = preset_dir() / f"{text}.yaml"
+        if preset.is_file():
+            path = preset
+        else:
+            close = difflib.get_close_matches(text, preset_names(), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            raise ConfigError(None, f"pipeline {text!r} is neither a file nor a preset; {hint}presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(None, f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(None, f"{path}: a pipeline is a mapping with keys {', '.join(PIPELINE_KEYS)}, got {type(data).__name__}")
+    return OmegaConf.create(data)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+    """Apply ``KEY=VALUE`` overrides; keys are dotted paths, list items by number
+    (``stages.0.operators.1.keep=0.25``); values are parsed as YAML (``{op: random, seed: 3}``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override is KEY=VALUE, e.g. stages.0.operators.1.keep=0.25")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _check_override_path(cfg, key)
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(key, f"cannot set to {value!r}: {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def _check_override_path(cfg: DictConfig, key: str) -> None:
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(path, f"list index {part!r} out of range; the list has {len(node)} item(s)")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig):
+            if part not in node:
+                raise ConfigError(path, f"no such key; available: {', '.join(map(str, node.keys()))}")
+            node = node[part]
+        else:
+            raise ConfigError(path, f"is a value ({node!r}), not a mapping or list")
+    last = parts[-1]
+    if isinstance(node, ListConfig) and (not last.isdigit() or int(last) >= len(node)):
+        raise ConfigError(key, f"list index {last!r} out of range; the list has {len(node)} item(s)")
+
+
+def import_plugins(plugins: Any) -> None:
+    """Import user modules that register operators (``plugins: [my_package.my_ops]``)."""
+    if plugins is None:
+        return
+    if not isinstance(plugins, (list, ListConfig)) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError("plugins", f"a list of importable module names, got {plugins!r}")
+    for i, name in enumerate(plugins):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"plugins.{i}", f"cannot import {name!r}: {e}") from None
+
+
+def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
+    """Check the structure and return plain stage dicts (operators still unbuilt)."""
+    for key in cfg:
+        if key not in PIPELINE_KEYS:
+            close = difflib.get_close_matches(str(key), PIPELINE_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(str(key), f"unknown pipeline key{hint}; allowed: {', '.join(PIPELINE_KEYS)}")
+    if "name" in cfg and not isinstance(cfg.name, str):
+        raise ConfigError("name", f"must be a string, got {cfg.name!r}")
+    stages = cfg.get("stages")
+    if not isinstance(stages, ListConfig) or len(stages) == 0:
+        raise ConfigError("stages", f"must be a non-empty list of stages, got {OmegaConf.to_container(stages) if stages is not None else None!r}")
+    plain = OmegaConf.to_container(stages, resolve=True)
+    previous = -1
+    for i, stage in enumerate(plain):
+        where = f"stages.{i}"
+        if not isinstance(stage, dict):
+            raise ConfigError(where, f"a stage is a mapping with keys {', '.join(STAGE_KEYS)}, got {stage!r}")
+        for key in stage:
+            if key not in STAGE_KEYS:
+                raise ConfigError(f"{where}.{key}", f"unknown stage key; allowed: {', '.join(STAGE_KEYS)}")
+        layer = stage.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ConfigError(f"{where}.layer", f"must be an integer >= 0 (0 = before the LLM), got {layer!r}")
+        if layer <= previous:
+            raise ConfigError(f"{where}.layer", f"stages must have strictly increasing layers; {layer} follows {previous}")
+        previous = layer
+        ops = stage.get("operators")
+        if not isinstance(ops, list) or not ops:
+            raise ConfigError(f"{where}.operators", f"must be a non-empty list of operators, got {ops!r}")
+        for j, op in enumerate(ops):
+            if not isinstance(op, dict) or "op" not in op:
+                raise ConfigError(f"{where}.operators.{j}", f"an operator is a mapping with an 'op' key, got {op!r}")
+    return plain

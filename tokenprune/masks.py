@@ -1,0 +1,73 @@
+"""Gathers of the per-token tensors a decoder layer receives (positions, rotary cos/sin, masks).
+
+Model-agnostic tensor helpers: which tensors to gather is the attach machinery's business, how a
+family lays them out is its adapter's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Broadcast a leading batch dimension of 1 to ``batch``."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] != 1:
+        raise ValueError(f"cannot broadcast batch {t.shape[0]} to {batch}")
+    return t.expand(batch, *t.shape[1:])
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather along the token axis ``dim`` of ``x`` (batch first) with ``index`` (B, K)."""
+    x = expand_batch(x, index.shape[0])
+    shape = list(x.shape)
+    shape[dim] = index.shape[1]
+    view = [index.shape[0]] + [1] * (x.dim() - 1)
+    view[dim] = index.shape[1]
+    idx = index.view(view).expand(shape)
+    return x.gather(dim, idx)
+
+
+def gather_mask(mask: torch.Tensor | None, query_index: torch.Tensor | None, key_index: torch.Tensor) -> torch.Tensor | None:
+    """Gather an attention mask's query rows and key columns.
+
+    ``mask`` is None (causal, SDPA's fast path), a 2-D padding mask (B, T) as FlashAttention takes
+    it, or a 4-D mask (B|1, 1|H, Q, T) (bool for SDPA, additive float for eager). ``query_index``
+    (B, Q') is None when the query axis stays (decoding); ``key_index`` is (B, T').
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return gather_tokens(mask, key_index, dim=1)
+    if mask.dim() != 4:
+        raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}")
+    mask = expand_batch(mask, key_index.shape[0])
+    if query_index is not None:
+        mask = gather_tokens(mask, query_index, dim=2)
+    return gather_tokens(mask, key_index, dim=3)
+
+
+def decode_key_index(cached_index: torch.Tensor, prefill_len: int, total_len: int) -> torch.Tensor:
+    """Key columns, in the full-sequence frame, of a layer whose prefill cache holds ``cached_index``.
+
+    Tokens fed after the prefill (decoding) are cached by every layer: ``cat(cached, prefill_len..total_len)``.
+    """
+    b = cached_index.shape[0]
+    tail = torch.arange(prefill_len, total_len, device=cached_index.device).expand(b, -1)
+    return torch.cat([cached_index, tail], dim=1)
+
+
+def full_causal_mask(padding: torch.Tensor, query_len: int, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """4-D mask (B, 1, Q, T) of the last ``query_len`` tokens of a sequence with 2-D ``padding`` mask (B, T).
+
+    ``fmt`` is ``bool`` (True = attend, SDPA) or ``additive`` (0 / dtype min, eager).
+    """
+    b, t = padding.shape
+    q_pos = torch.arange(t - query_len, t, device=padding.device)
+    allowed = padding.bool()[:, None, :] & (torch.arange(t, device=padding.device)[None, None, :] <= q_pos[None, :, None])
+    allowed = allowed[:, None]
+    if fmt == "bool":
+        return allowed
+    out = torch.zeros(allowed.shape, dtype=dtype, device=padding.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)

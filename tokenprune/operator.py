@@ -1,0 +1,189 @@
+"""The operator base classes: one small ``nn.Module`` per idea, talking only through ``TokenState``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from tokenprune.errors import ConfigError
+from tokenprune.state import TokenState
+
+#: The operator kinds, in the order a stage must list them: shift* → scorer+ → selector → merger? → compactor?
+KINDS: tuple[str, ...] = ("shift", "scorer", "selector", "merger", "compactor")
+
+
+class ParamError(ValueError):
+    """Raised from a parameter dataclass's ``__post_init__``; names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass
+class NoParams:
+    """An operator without parameters."""
+
+
+class TokenOperator(nn.Module):
+    """Base of every operator.
+
+    Subclasses set ``kind`` (one of :data:`KINDS`), a nested ``Params`` dataclass (the typed
+    parameters, which double as the operator's OmegaConf schema), and implement
+    ``forward(state) -> state``. They never touch the model: everything they read comes from the
+    :class:`~tokenprune.state.TokenState` and its lazy signals.
+    """
+
+    kind: ClassVar[str] = ""
+    op_name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
+    min_layer: ClassVar[int] = 0
+
+    def __init__(self, params: Any = None):
+        super().__init__()
+        self.params = params if params is not None else self.Params()
+
+    def forward(self, state: TokenState) -> TokenState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def parse_params(cls, raw: Mapping[str, Any] | None, key: str | None = None) -> Any:
+        """Validate ``raw`` against ``Params`` and return the dataclass instance.
+
+        Errors name the key path (``key.field``), the value given and what is allowed.
+        """
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        where = (lambda f: f"{key}.{f}" if key else f)
+        for name in raw:
+            if name not in fields:
+                close = difflib.get_close_matches(name, list(fields), n=2, cutoff=0.5)
+                hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                allowed = ", ".join(fields) if fields else "none"
+                raise ConfigError(where(name), f"unknown parameter of operator {cls.op_name!r}{hint}; allowed: {allowed}")
+        hints = typing.get_type_hints(cls.Params)
+        for name, value in raw.items():
+            if isinstance(value, bool) and hints.get(name) not in (bool, Any):
+                raise ConfigError(where(name), f"expected {_type_name(hints.get(name))}, got boolean {value!r}")
+        try:
+            schema = OmegaConf.structured(cls.Params)
+            merged = OmegaConf.merge(schema, raw)
+            return OmegaConf.to_object(merged)
+        except ParamError as e:
+            raise ConfigError(where(e.field), f"{e} (given {raw.get(e.field)!r})") from None
+        except OmegaConfBaseException as e:
+            field = getattr(e, "full_key", None) or ""
+            given = raw.get(field.split(".")[0], None) if field else None
+            msg = str(e).splitlines()[0]
+            expected = _type_name(hints.get(field)) if field in hints else "a valid value"
+            raise ConfigError(where(field) if field else key, f"{msg}; expected {expected}, got {given!r}") from None
+
+    @classmethod
+    def param_table(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of each parameter, for ``tokenprune ops`` and the docs."""
+        hints = typing.get_type_hints(cls.Params)
+        rows = []
+        for f in dataclasses.fields(cls.Params):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            rows.append((f.name, _type_name(hints.get(f.name)), default))
+        return rows
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.params).items())
+
+
+def _type_name(tp: Any) -> str:
+    if tp is None:
+        return "any"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+# --- the kinds -------------------------------------------------------------------------------
+
+
+@dataclass
+class ScorerParams:
+    weight: float = 1.0  # several scorers in one stage are summed with these weights
+
+
+class Scorer(TokenOperator):
+    """Base of scorers: ``score(state) -> (B, N)``; higher means more worth keeping.
+
+    The shared part lives here once: the score is multiplied by ``weight`` and added to
+    ``state.scores`` so that several scorers in one stage combine.
+    """
+
+    kind = "scorer"
+    Params = ScorerParams
+
+    def score(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, state: TokenState) -> TokenState:
+        s = self.score(state).float()
+        if s.shape != state.visual_mask.shape:
+            raise RuntimeError(f"{self.op_name}: score shape {tuple(s.shape)} != tokens {tuple(state.visual_mask.shape)}")
+        state.add_scores(s, self.params.weight)
+        return state
+
+
+class Selector(TokenOperator):
+    """Base of selectors: ``select(state) -> (B, N)`` bool mask of the tokens to keep.
+
+    Non-visual tokens are always kept; selectors choose among the visual tokens of each sample.
+    """
+
+    kind = "selector"
+
+    def select(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def expected_kept(self, num_visual: int) -> int:
+        """Visual tokens this selector keeps out of ``num_visual`` (for analytic FLOPs)."""
+        raise NotImplementedError(f"{self.op_name} has no analytic budget")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.scores is None:
+            raise RuntimeError(f"selector {self.op_name!r} ran before any scorer")
+        state.keep_mask = self.select(state)
+        return state
+
+
+class Merger(TokenOperator):
+    """Base of mergers: fold dropped tokens into kept ones before the drop (default: plain drop)."""
+
+    kind = "merger"
+
+
+class Compactor(TokenOperator):
+    """Base of KV compactors: decide what the KV cache keeps after the stage."""
+
+    kind = "compactor"
+
+
+class Shift(TokenOperator):
+    """Base of attention-shift corrections: change how attention-based scores are computed."""
+
+    kind = "shift"

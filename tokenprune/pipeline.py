@@ -1,0 +1,182 @@
+"""``Stage`` and ``Pipeline``: operators grouped by site, built from YAML, attached to a model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tokenprune.config import apply_overrides, import_plugins, load_source, validate_pipeline_config
+from tokenprune.errors import ConfigError
+from tokenprune.operator import Compactor, Selector, TokenOperator
+from tokenprune.registry import build_operator
+from tokenprune.state import TokenState
+
+if TYPE_CHECKING:
+    from tokenprune.attach import AttachedPipeline
+
+_ORDER = re.compile(r"^(shift )*(scorer )+selector (merger )?(compactor )?$")
+ORDER_TEXT = "shift* → scorer+ → selector → merger? → compactor?"
+
+
+class Stage(nn.Module):
+    """A site (before decoder layer ``layer``; 0 = before the LLM) and its ordered operators."""
+
+    def __init__(self, layer: int, operators: Iterable[TokenOperator], key: str = "stage"):
+        super().__init__()
+        self.layer = layer
+        self.operators = nn.ModuleList(operators)
+        self.key = key
+        self._validate_order()
+
+    def _validate_order(self) -> None:
+        kinds = [op.kind for op in self.operators]
+        if _ORDER.match("".join(k + " " for k in kinds)):
+            return
+        # Name the first operator that breaks the order.
+        seen: list[str] = []
+        for j, kind in enumerate(kinds):
+            where = f"{self.key}.operators.{j}"
+            name = self.operators[j].op_name
+            if kind == "scorer" and any(k in seen for k in ("selector", "merger", "compactor")):
+                raise ConfigError(where, f"scorer {name!r} comes after a {seen[-1]}; order is {ORDER_TEXT}")
+            if kind == "shift" and any(k != "shift" for k in seen):
+                raise ConfigError(where, f"shift {name!r} must come first; order is {ORDER_TEXT}")
+            if kind == "selector" and "scorer" not in seen:
+                raise ConfigError(where, f"selector {name!r} needs a scorer before it; order is {ORDER_TEXT}")
+            if kind in ("selector", "merger", "compactor") and kind in seen:
+                raise ConfigError(where, f"a stage takes at most one {kind}, found a second ({name!r}); order is {ORDER_TEXT}")
+            if kind in ("merger", "compactor") and "selector" not in seen:
+                raise ConfigError(where, f"{kind} {name!r} needs a selector before it; order is {ORDER_TEXT}")
+            if kind == "merger" and "compactor" in seen:
+                raise ConfigError(where, f"merger {name!r} must come before the compactor; order is {ORDER_TEXT}")
+            seen.append(kind)
+        if "scorer" not in seen:
+            raise ConfigError(f"{self.key}.operators", f"a stage needs at least one scorer; order is {ORDER_TEXT}")
+        raise ConfigError(f"{self.key}.operators", f"a stage needs a selector after its scorers; order is {ORDER_TEXT}")
+
+    @property
+    def selector(self) -> Selector:
+        return next(op for op in self.operators if isinstance(op, Selector))
+
+    @property
+    def compactor(self) -> Compactor | None:
+        return next((op for op in self.operators if isinstance(op, Compactor)), None)
+
+    def forward(self, state: TokenState) -> TokenState:
+        for op in self.operators:
+            state = op(state)
+        if state.keep_mask is None:
+            raise RuntimeError(f"{self.key}: no selector set keep_mask")
+        return state
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}"
+
+
+@dataclass
+class StageTrace:
+    """What one stage did in the last prefill.
+
+    ``kept[b]`` lists, for sample b, the kept tokens as indices into the input sequence.
+    """
+
+    stage: int
+    layer: int
+    tokens_before: list[int]
+    tokens_after: list[int]
+    visual_before: list[int]
+    visual_after: list[int]
+    kept: list[list[int]] = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("stage", "layer", "tokens_before", "tokens_after",
+                                              "visual_before", "visual_after", "kept")}
+
+
+class Pipeline(nn.Module):
+    """A list of stages built from a YAML config; ``with pipeline.attach(model): ...`` runs it.
+
+    After a forward, :attr:`trace` holds one :class:`StageTrace` per stage that ran.
+    """
+
+    def __init__(self, stages: Iterable[Stage], name: str = "pipeline", config: DictConfig | None = None):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.name = name
+        self.config = config
+        self.trace: list[StageTrace] = []
+        self.runs: list[int] = [0] * len(self.stages)
+
+    def attach(self, model: nn.Module) -> AttachedPipeline:
+        """Install the pipeline's hooks on ``model`` for the duration of a ``with`` block."""
+        from tokenprune.attach import AttachedPipeline
+
+        return AttachedPipeline(self, model)
+
+    def validate_for_depth(self, num_layers: int) -> None:
+        """Check every site against a model with ``num_layers`` decoder layers."""
+        for i, stage in enumerate(self.stages):
+            if stage.layer >= num_layers:
+                raise ConfigError(f"stages.{i}.layer", f"{stage.layer} is beyond the model's depth: "
+                                  f"it has {num_layers} decoder layers, so layer must be in 0..{num_layers - 1}")
+
+    def report(self) -> str:
+        """Per-stage kept counts of the last prefill, one line per stage."""
+        if not self.trace:
+            return f"{self.name}: no stage has run"
+        lines = []
+        for t in self.trace:
+            lines.append(f"stage {t.stage} (layer {t.layer}): visual tokens {t.visual_before} -> {t.visual_after}, "
+                         f"tokens {t.tokens_before} -> {t.tokens_after}")
+        return "\n".join(lines)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.config) if self.config is not None else ""
+
+
+def build_pipeline(cfg: DictConfig) -> Pipeline:
+    """Validate a pipeline config and build its operators."""
+    import_plugins(cfg.get("plugins"))
+    stages = []
+    for i, raw in enumerate(validate_pipeline_config(cfg)):
+        ops = []
+        for j, op_cfg in enumerate(raw["operators"]):
+            params = {k: v for k, v in op_cfg.items() if k != "op"}
+            op = build_operator(op_cfg["op"], _key=f"stages.{i}.operators.{j}.op", **params)
+            if raw["layer"] < op.min_layer:
+                raise ConfigError(f"stages.{i}.layer", f"operator {op.op_name!r} (stages.{i}.operators.{j}) needs the "
+                                  f"decoder layer before its site, so layer must be >= {op.min_layer}; got {raw['layer']}")
+            ops.append(op)
+        stages.append(Stage(raw["layer"], ops, key=f"stages.{i}"))
+    return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)
+
+
+def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
+    """The config of ``source`` with ``overrides`` applied, validated and with operator defaults filled in."""
+    cfg = apply_overrides(load_source(source), overrides)
+    pipeline = build_pipeline(cfg)
+    resolved = {"name": pipeline.name}
+    if cfg.get("plugins"):
+        resolved["plugins"] = list(cfg.plugins)
+    resolved["stages"] = [
+        {"layer": s.layer, "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
+                                         for op in s.operators]}
+        for s in pipeline.stages
+    ]
+    return OmegaConf.create(resolved)
+
+
+def load_pipeline(source: str | Path | Mapping | DictConfig, overrides: Iterable[str] = ()) -> Pipeline:
+    """Build a :class:`Pipeline` from a preset name, a YAML path, a dict or a DictConfig.
+
+    >>> pipe = load_pipeline("fastv", ["stages.0.operators.1.keep=0.25"])
+    """
+    cfg = apply_overrides(load_source(source), overrides)
+    return build_pipeline(cfg)
+
