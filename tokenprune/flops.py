@@ -1,0 +1,147 @@
+"""Analytic FLOPs of the LLM with the real token count at each layer.
+
+Two conventions:
+
+- ``fastv``: FastV's per-layer ``4nd² + 2n²d + 2ndm`` (n tokens, d hidden size, m FFN size), as used
+  to report theoretical FLOPs reductions in FastV (ECCV 2024) and the papers that follow it.
+- ``exact``: 2 FLOPs per multiply-add of every matmul of a decoder layer: q/k/v/o projections with
+  grouped-query attention (k/v are ``n_kv_heads * head_dim`` wide), the full ``n x n`` score and
+  value products as an SDPA kernel computes them, and the gated MLP's three projections. Norms,
+  rotary embedding and softmax are not counted (no matmuls). It matches ``torch.utils.flop_counter``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tokenprune.errors import ConfigError
+from tokenprune.pipeline import Pipeline
+
+CONVENTIONS = ("fastv", "exact")
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """Geometry of an LLM: layers, hidden size d, FFN size m, attention heads."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, text_config: Any, name: str = "model") -> LLMShape:
+        heads = text_config.num_attention_heads
+        return cls(name=name, layers=text_config.num_hidden_layers, hidden=text_config.hidden_size,
+                   intermediate=text_config.intermediate_size, heads=heads,
+                   kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+
+
+def _shape(name: str, layers: int, d: int, m: int, heads: int, kv_heads: int) -> LLMShape:
+    return LLMShape(name, layers, d, m, heads, kv_heads, d // heads)
+
+
+#: LLM geometries of the checkpoints papers report on (from their config.json files).
+BUILTIN_SHAPES: dict[str, LLMShape] = {
+    s.name: s for s in (
+        _shape("llava-1.5-7b", 32, 4096, 11008, 32, 32),    # Vicuna-7B
+        _shape("llava-1.5-13b", 40, 5120, 13824, 40, 40),   # Vicuna-13B
+        _shape("llava-next-7b", 32, 4096, 11008, 32, 32),   # LLaVA-NeXT (v1.6) Vicuna-7B
+        _shape("qwen2-vl-7b", 28, 3584, 18944, 28, 4),      # Qwen2-7B
+    )
+}
+
+
+def parse_shape(spec: str) -> LLMShape:
+    """A built-in shape name, or ``d=4096,m=11008,layers=32[,heads=32,kv_heads=8]``."""
+    if spec in BUILTIN_SHAPES:
+        return BUILTIN_SHAPES[spec]
+    if "=" not in spec:
+        raise ConfigError("--shape", f"unknown shape {spec!r}; built-in: {', '.join(BUILTIN_SHAPES)}, "
+                                     "or d=..,m=..,layers=..[,heads=..,kv_heads=..]")
+    fields: dict[str, int] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in ("d", "m", "layers", "heads", "kv_heads"):
+            raise ConfigError("--shape", f"unknown field {key!r} in {spec!r}; allowed: d, m, layers, heads, kv_heads")
+        try:
+            fields[key] = int(value)
+        except ValueError:
+            raise ConfigError("--shape", f"{key} must be an integer, got {value!r}") from None
+        if fields[key] < 1:
+            raise ConfigError("--shape", f"{key} must be >= 1, got {fields[key]}")
+    missing = [k for k in ("d", "m", "layers") if k not in fields]
+    if missing:
+        raise ConfigError("--shape", f"missing {', '.join(missing)} in {spec!r}")
+    heads = fields.get("heads", max(1, fields["d"] // 128))
+    if fields["d"] % heads:
+        raise ConfigError("--shape", f"d={fields['d']} is not divisible by heads={heads}")
+    return _shape("custom", fields["layers"], fields["d"], fields["m"], heads, fields.get("kv_heads", heads))
+
+
+def layer_flops(n: int, shape: LLMShape, convention: str = "fastv") -> float:
+    """FLOPs of one decoder layer over ``n`` tokens (prefill)."""
+    d, m = shape.hidden, shape.intermediate
+    if convention == "fastv":
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    if convention == "exact":
+        q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        projections = 2 * n * d * (2 * q_width + 2 * kv_width)  # q, o and k, v
+        attention = 2 * 2 * n * n * q_width  # Q K^T and P V over all heads
+        mlp = 3 * 2 * n * d * m  # gate, up, down
+        return projections + attention + mlp
+    raise ConfigError("--convention", f"unknown convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+
+
+def layer_token_counts(pipeline: Pipeline | None, num_layers: int, n_tokens: int, n_visual: int) -> list[tuple[int, int]]:
+    """(tokens, visual tokens) entering each decoder layer under ``pipeline`` (None: unpruned)."""
+    if not 0 <= n_visual <= n_tokens:
+        raise ConfigError("--visual", f"must be in 0..{n_tokens} (the prompt length), got {n_visual}")
+    sites = {}
+    if pipeline is not None:
+        pipeline.validate_for_depth(num_layers)
+        sites = {stage.layer: stage for stage in pipeline.stages}
+    counts, n, v = [], n_tokens, n_visual
+    for layer in range(num_layers):
+        if layer in sites:
+            kept = sites[layer].selector.expected_kept(v)
+            n, v = n - (v - kept), kept
+        counts.append((n, v))
+    return counts
+
+
+@dataclass
+class FlopsReport:
+    flops: float
+    baseline_flops: float
+    reduction: float
+    equivalent_visual_tokens: float
+    convention: str
+    per_layer_tokens: list[int]
+
+    def as_json(self) -> dict[str, float]:
+        d = asdict(self)
+        return {k: d[k] for k in ("flops", "baseline_flops", "reduction", "equivalent_visual_tokens")}
+
+
+def pipeline_flops(pipeline: Pipeline | None, shape: LLMShape, n_tokens: int, n_visual: int,
+                   convention: str = "fastv") -> FlopsReport:
+    """Total LLM prefill FLOPs over all layers with and without ``pipeline``.
+
+    ``n_tokens`` is the prompt length of which ``n_visual`` are visual. ``reduction`` is
+    ``1 - flops / baseline_flops``; ``equivalent_visual_tokens`` the layer-averaged visual-token count.
+    """
+    if convention not in CONVENTIONS:
+        raise ConfigError("--convention", f"unknown convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+    counts = layer_token_counts(pipeline, shape.layers, n_tokens, n_visual)
+    flops = sum(layer_flops(n, shape, convention) for n, _ in counts)
+    baseline = shape.layers * layer_flops(n_tokens, shape, convention)
+    return FlopsReport(flops=float(flops), baseline_flops=float(baseline), reduction=1.0 - flops / baseline,
+                       equivalent_visual_tokens=sum(v for _, v in counts) / len(counts), convention=convention,
+                       per_layer_tokens=[n for n, _ in counts])
