@@ -177,6 +177,8 @@ class AttachedPipeline:
     def _prefill_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
         hidden = args[0] if args else kwargs["hidden_states"]
         if not ep.full:
+            if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
+                ep.cache = kwargs.get("past_key_values")
             b, n = ep.visual.shape
             pos = kwargs.get("position_ids")
             if pos is None:

@@ -1,0 +1,118 @@
+"""Independent references for the oracles of DESIGN.md, written without tokenprune's attach code.
+
+The reference is the *unpruned* eager model on the full sequence, with an extra additive mask
+that hides the pruned tokens' keys from every layer >= L (and, for a compacted cache, from every
+layer while decoding). Positions are the original ones; nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def hidden_keys(model, layers_hidden: dict[int, torch.Tensor]):
+    """While active, layer l's attention cannot see the key columns where ``layers_hidden[l]`` (B, T) is True.
+
+    Columns beyond the tensor's width (tokens fed later) stay visible.
+    """
+    lm = model.model.language_model
+    handles = []
+
+    def make(hidden):
+        def hook(module, args, kwargs):
+            mask = kwargs["attention_mask"]
+            assert mask is not None and mask.dim() == 4 and mask.is_floating_point(), "reference needs eager masks"
+            t = mask.shape[-1]
+            cols = torch.zeros(hidden.shape[0], t, dtype=torch.bool)
+            cols[:, : hidden.shape[1]] = hidden[:, :t]
+            extra = torch.zeros(cols.shape, dtype=mask.dtype).masked_fill(cols, torch.finfo(mask.dtype).min)
+            kwargs["attention_mask"] = (mask + extra[:, None, None, :]).clamp(min=torch.finfo(mask.dtype).min)
+            return args, kwargs
+        return hook
+
+    for layer, hidden in layers_hidden.items():
+        handles.append(lm.layers[layer].register_forward_pre_hook(make(hidden), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pruned_columns(input_len: int, kept: list[list[int]], attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) True on valid prompt tokens that are not in ``kept[b]``."""
+    b = len(kept)
+    cols = attention_mask.bool().clone()
+    for i, row in enumerate(kept):
+        cols[i, torch.tensor(row, dtype=torch.long)] = False
+    assert cols.shape == (b, input_len)
+    return cols
+
+
+def generate_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate()`` derives them: cumsum of the mask, padding at 0."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], steps: int,
+                     compact_earlier: bool = False):
+    """Greedy decoding of the masked reference: (tokens (B, steps), per-step logits list of (B, V)).
+
+    Layers >= ``site`` never see the pruned keys; with ``compact_earlier`` the layers < ``site``
+    stop seeing them from the first decoding step on (their prefill is unchanged).
+    """
+    am = inputs["attention_mask"]
+    n = am.shape[1]
+    cols = pruned_columns(n, kept, am)
+    num_layers = len(model.model.language_model.layers)
+    late = {layer: cols for layer in range(site, num_layers)}
+    out = None
+    with hidden_keys(model, late):
+        out = model(**inputs, position_ids=generate_positions(am), use_cache=True)
+    cache = out.past_key_values
+    logits = [out.logits[:, -1].float()]
+    tokens = [logits[-1].argmax(-1)]
+    masks = dict(late)
+    if compact_earlier:
+        masks.update({layer: cols for layer in range(site)})
+    for _ in range(steps - 1):
+        am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
+        pos = generate_positions(am)[:, -1:]
+        with hidden_keys(model, masks):
+            out = model(input_ids=tokens[-1][:, None], attention_mask=am, position_ids=pos,
+                        past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[:, -1].float())
+        tokens.append(logits[-1].argmax(-1))
+    return torch.stack(tokens, dim=1), logits
+
+
+@torch.no_grad()
+def reference_prefill_logits(model, inputs: dict, site: int, kept: list[list[int]]) -> torch.Tensor:
+    """(B, N, V) logits of the masked reference on the prompt (positions as ``model(**inputs)`` uses)."""
+    am = inputs["attention_mask"]
+    cols = pruned_columns(am.shape[1], kept, am)
+    late = {layer: cols for layer in range(site, len(model.model.language_model.layers))}
+    with hidden_keys(model, late):
+        return model(**inputs).logits.float()
+
+
+def fastv_reference_kept(model_eager, inputs: dict, site: int, keep: int) -> list[list[int]]:
+    """FastV's choice from the eager model's own attention weights: layer ``site-1``, last query,
+    heads averaged, the ``keep`` largest visual tokens (plus every non-visual valid token)."""
+    with torch.no_grad():
+        out = model_eager(**inputs, output_attentions=True)
+    att = out.attentions[site - 1][:, :, -1, :].float().mean(dim=1)  # (B, N)
+    visual = inputs["input_ids"] == model_eager.config.image_token_id
+    kept = []
+    for b in range(att.shape[0]):
+        vis_idx = visual[b].nonzero().flatten()
+        top = vis_idx[att[b, vis_idx].argsort(descending=True, stable=True)[:keep]]
+        text = (~visual[b] & inputs["attention_mask"][b].bool()).nonzero().flatten()
+        kept.append(sorted(top.tolist() + text.tolist()))
+    return kept
