@@ -1,0 +1,86 @@
+"""Operators on hand-built TokenStates, against hand-computed answers."""
+
+import torch
+
+import tokenprune as tp
+from tokenprune.budget import resolve_keep
+from tokenprune.state import Signals, TokenState
+
+
+def make_state(visual_rows, scores=None):
+    visual = torch.tensor(visual_rows, dtype=torch.bool)
+    b, n = visual.shape
+    state = TokenState(hidden=torch.zeros(b, n, 4), visual_mask=visual, valid_mask=torch.ones(b, n, dtype=torch.bool),
+                       positions=torch.arange(n).expand(b, n), source_index=torch.arange(n).expand(b, n),
+                       sizes=torch.ones(b, n), layer=2)
+    if scores is not None:
+        state.scores = torch.tensor(scores, dtype=torch.float32)
+    return state
+
+
+def test_resolve_keep_by_hand():
+    assert resolve_keep(0.5, 576) == 288
+    assert resolve_keep(0.25, 576) == 144
+    assert resolve_keep(0.1, 576) == 58  # 57.6 rounds to 58
+    assert resolve_keep(0.001, 576) == 1  # never zero while there are visual tokens
+    assert resolve_keep(1.0, 576) == 576
+    assert resolve_keep(64, 10) == 10
+    assert resolve_keep(0.5, 0) == 0
+
+
+def test_topk_keeps_best_visual_and_all_text():
+    state = make_state([[0, 1, 1, 1, 1, 0]], scores=[[9.0, 0.1, 0.7, 0.3, 0.9, -5.0]])
+    op = tp.build_operator("topk", keep=2)
+    mask = op(state).keep_mask
+    assert mask.tolist() == [[True, False, True, False, True, True]]
+
+
+def test_topk_ties_go_to_the_earlier_token():
+    state = make_state([[1, 1, 1, 1]], scores=[[0.5, 0.5, 0.5, 0.5]])
+    mask = tp.build_operator("topk", keep=0.5)(state).keep_mask
+    assert mask.tolist() == [[True, True, False, False]]
+
+
+def test_topk_fraction_is_per_sample():
+    state = make_state([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], scores=[[1, 2, 3, 4, 0, 0], [5, 1, 0, 0, 0, 0]])
+    mask = tp.build_operator("topk", keep=0.5)(state).keep_mask
+    assert mask.tolist() == [[False, False, True, True, True, True], [True, False, True, True, True, True]]
+
+
+def test_scorers_combine_with_weights():
+    state = make_state([[1, 1, 1]])
+    state.signals = Signals(state, attention_rows=lambda q: torch.tensor([[[[0.2, 0.3, 0.5]]]]))
+    state = tp.build_operator("attention", weight=2.0)(state)
+    state = tp.build_operator("attention", weight=-1.0, heads="max")(state)
+    assert torch.allclose(state.scores, torch.tensor([[0.2, 0.3, 0.5]]))
+
+
+def test_attention_heads_reduction():
+    rows = torch.tensor([[[[0.1, 0.9]], [[0.5, 0.5]]]])  # (B=1, H=2, Q=1, N=2)
+    for heads, expected in [("mean", [0.3, 0.7]), ("max", [0.5, 0.9]), ("sum", [0.6, 1.4])]:
+        state = make_state([[1, 1]])
+        state.signals = Signals(state, attention_rows=lambda q, r=rows: r)
+        got = tp.build_operator("attention", heads=heads)(state).scores
+        assert torch.allclose(got, torch.tensor([expected])), heads
+
+
+def test_random_scores_are_seeded_and_batch_invariant():
+    single = tp.build_operator("random", seed=3)(make_state([[0, 1, 1, 1]])).scores
+    batch = tp.build_operator("random", seed=3)(make_state([[1, 1, 1, 0], [0, 1, 1, 1]])).scores
+    assert torch.equal(batch[1], single[0])
+    assert torch.equal(batch[0, :3], single[0, 1:])
+    other = tp.build_operator("random", seed=4)(make_state([[0, 1, 1, 1]])).scores
+    assert not torch.equal(other, single)
+
+
+def test_kv_compact_sets_the_request():
+    state = make_state([[1, 1]])
+    assert tp.build_operator("kv_compact")(state).compact_kv_before_site is True
+    state = make_state([[1, 1]])
+    assert tp.build_operator("kv_compact", earlier_layers=False)(state).compact_kv_before_site is False
+
+
+def test_every_operator_is_documented():
+    for name, cls in tp.registered_operators().items():
+        assert cls.summary(), f"operator {name} has no docstring"
+        assert cls.kind in tp.KINDS
