@@ -1,0 +1,76 @@
+"""attach(): hooks only, removed on exit and on exceptions, visible when nothing was pruned."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.tiny import tiny_llava_inputs
+
+
+def hook_count(model):
+    # transformers installs its own output-capturing hooks on a model's first forward: count after one.
+    with torch.no_grad():
+        model(**tiny_llava_inputs(model))
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_state_dict_unchanged_and_hooks_removed(llava_pair, batch):
+    model = llava_pair["sdpa"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = hook_count(model)
+    pipe = tp.load_pipeline("fastv")
+    with torch.no_grad(), pipe.attach(model):
+        assert sum(len(m._forward_pre_hooks) for m in model.modules()) > 0
+        assert list(model.state_dict()) == list(before)
+        model(**batch)
+    assert hook_count(model) == hooks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # unpruned again
+
+
+def test_hooks_removed_on_exception(llava_pair, batch):
+    model = llava_pair["sdpa"]
+    hooks = hook_count(model)
+    pipe = tp.load_pipeline("fastv")
+    with pytest.raises(ValueError, match="boom"), pipe.attach(model):
+        raise ValueError("boom")
+    assert hook_count(model) == hooks
+    bad = {**batch, "attention_mask": batch["attention_mask"][:, :5]}
+    with pytest.raises(Exception), torch.no_grad(), pipe.attach(model):
+        model(**bad)
+    assert hook_count(model) == hooks
+
+
+def test_trace_indexes_the_input_sequence(llava_pair, batch):
+    model = llava_pair["sdpa"]
+    pipe = tp.load_pipeline("fastv", ["stages.0.operators.1.keep=8"])
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    (t,) = pipe.trace
+    assert t.visual_before == [64, 64] and t.visual_after == [8, 8]
+    assert t.tokens_before == batch["attention_mask"].sum(1).tolist()
+    for b, kept in enumerate(t.kept):
+        ids = batch["input_ids"][b, kept]
+        assert int((ids == model.config.image_token_id).sum()) == 8
+        assert kept == sorted(kept) and all(batch["attention_mask"][b, kept] == 1)
+    assert "[64, 64] -> [8, 8]" in pipe.report()
+
+
+def test_warns_when_nothing_was_pruned(llava_pair):
+    model = llava_pair["sdpa"]
+    pipe = tp.load_pipeline("fastv")
+    text_only = {"input_ids": torch.tensor([[1, 5, 6, 7]])}
+    with pytest.warns(RuntimeWarning, match="never pruned"), torch.no_grad(), pipe.attach(model):
+        model(**text_only)
+
+
+def test_unequal_kept_counts_in_a_batch_are_refused(llava_pair):
+    model = llava_pair["sdpa"]
+    inputs = tiny_llava_inputs(model)
+    inputs["input_ids"][0, -3] = model.config.image_token_id  # one sample with an extra visual token ...
+    inputs["input_ids"][1, -3] = model.config.image_token_id
+    inputs["input_ids"][0, -4] = model.config.image_token_id
+    pipe = tp.load_pipeline("fastv", ["stages.0.operators.1.keep=0.5"])
+    with pytest.raises(Exception, match="keep|features"), torch.no_grad(), pipe.attach(model):
+        model(**inputs)
