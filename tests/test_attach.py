@@ -37,7 +37,7 @@ def test_hooks_removed_on_exception(llava_pair, batch):
         raise ValueError("boom")
     assert hook_count(model) == hooks
     bad = {**batch, "attention_mask": batch["attention_mask"][:, :5]}
-    with pytest.raises(Exception), torch.no_grad(), pipe.attach(model):
+    with pytest.raises((RuntimeError, IndexError, ValueError)), torch.no_grad(), pipe.attach(model):
         model(**bad)
     assert hook_count(model) == hooks
 

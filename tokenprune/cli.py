@@ -14,7 +14,7 @@ def _cmd_ops(args: argparse.Namespace) -> None:
     from tokenprune.registry import registered_operators
 
     if args.markdown:
-        print(operators_markdown())
+        print(operators_markdown(), end="")
         return
     for name, cls in registered_operators().items():
         print(f"{name}  [{cls.kind}]  {cls.summary()}")

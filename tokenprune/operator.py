@@ -64,7 +64,10 @@ class TokenOperator(nn.Module):
         """
         raw = dict(raw or {})
         fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-        where = (lambda f: f"{key}.{f}" if key else f)
+
+        def where(f: str) -> str:
+            return f"{key}.{f}" if key else f
+
         for name in raw:
             if name not in fields:
                 close = difflib.get_close_matches(name, list(fields), n=2, cutoff=0.5)

@@ -1,0 +1,99 @@
+"""The console script, the docs that are generated from code, and the package layout."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenprune.cli import main, operators_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).with_name("tokenprune")
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=300)
+
+
+def test_ops_lists_every_operator_with_parameters(capsys):
+    assert main(["ops"]) == 0
+    out = capsys.readouterr().out
+    for line in ("attention  [scorer]", "random  [scorer]", "topk  [selector]", "kv_compact  [compactor]",
+                 "keep: float | int = 0.5", "seed: int = 0", "earlier_layers: bool = True"):
+        assert line in out
+
+
+def test_show_prints_the_resolved_config(capsys):
+    assert main(["show", "fastv", "stages.0.operators.1.keep=0.25"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["stages"][0]["operators"][1] == {"op": "topk", "keep": 0.25}
+    assert cfg["stages"][0]["operators"][0]["heads"] == "mean"
+
+
+def test_show_reads_a_run_directory(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"pipeline": {"name": "r", "stages": [
+        {"layer": 1, "operators": [{"op": "random"}, {"op": "topk", "keep": 4}]}]}}))
+    assert main(["show", str(tmp_path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == "r"
+
+
+def test_cli_errors_are_one_line_exit_2_no_traceback():
+    result = run_cli("show", "fastv", "stages.0.operators.0.op=atention")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        result.stderr.strip()] and "stages.0.operators.0.op" in result.stderr and "'attention'" in result.stderr
+
+
+def test_demo_prints_the_table():
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    assert "[64, 64] -> [32, 32]" in result.stdout
+    assert "FLOPs reduction (fastv convention)" in result.stdout and "logits" in result.stdout
+
+
+def test_operator_reference_is_in_sync():
+    assert (REPO / "docs" / "operators.md").read_text() == operators_markdown(), \
+        "docs/operators.md is stale: run `tokenprune ops --markdown > docs/operators.md`"
+
+
+def test_notebooks_have_no_outputs():
+    import nbformat
+
+    for path in (REPO / "notebooks").glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path} has outputs"
+
+
+def test_operators_import_as_tokenprune_operators_only_in_the_editable_install(tmp_path):
+    code = ("import importlib.util, tokenprune.operators as o; "
+            "print(o.__file__); print(importlib.util.find_spec('operators') is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    path, no_top_level = out.stdout.split()
+    assert Path(path) == REPO / "operators" / "__init__.py"
+    assert no_top_level == "True"
+
+
+@pytest.mark.skipif(os.environ.get("TOKENPRUNE_SKIP_INSTALL_TEST") == "1", reason="asked to skip")
+def test_normal_install_maps_operators_and_presets(tmp_path):
+    """A non-editable install ships tokenprune.operators and the presets, and no top-level `operators`."""
+    target = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert (target / "tokenprune" / "operators" / "scorers.py").is_file()
+    assert (target / "tokenprune" / "presets" / "fastv.yaml").is_file()
+    assert not (target / "operators").exists()
+    code = ("import sys, tokenprune as tp; p = tp.load_pipeline('fastv'); "
+            "import tokenprune.operators as o; print(o.__file__); print(p.stages[0].layer)")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = {[str(target)]!r}; "
+                          + "import site; site.main(); " + code],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split()
+    assert lines[0].startswith(str(target)) and lines[1] == "2"
