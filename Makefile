@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test lint install clean
 
 install: $(STAMP)
 
@@ -30,9 +30,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-
-bench: $(STAMP)
-	$(VENV)/bin/tokenprune flops fastv --shape llava-1.5-7b --tokens 640 --visual 576
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
