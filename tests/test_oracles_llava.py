@@ -155,3 +155,21 @@ def test_positions_of_kept_tokens_are_original(llava_pair, batch):
     full = generate_positions(batch["attention_mask"])
     rows = padded_kept(pipe.trace[0].kept, batch["attention_mask"])
     assert torch.equal(seen["pos"], full.gather(1, rows))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_pruning_before_the_llm_equals_masked_reference(llava_pair, batch, impl):
+    """Oracle 2 at layer 0 (before the LLM; every layer caches only kept tokens), prefill and decoding."""
+    model = llava_pair[impl]
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "random", "seed": 1}, {"op": "topk", "keep": 0.25}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        cache = model(**batch, use_cache=True).past_key_values
+    kept = pipe.trace[0].kept
+    assert pipe.trace[0].visual_after == [16, 16]
+    assert {layer.keys.shape[-2] for layer in cache.layers} == {batch["input_ids"].shape[1] - 48}
+    tokens, ref_logits = reference_greedy(llava_pair["eager"], batch, 0, kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)

@@ -53,7 +53,7 @@ class _Episode:
         self.full: dict[str, Any] = {}  # full-frame layer kwargs of the prefill
         self.frame: tuple[torch.Tensor, dict[str, Any]] | None = None
         self.capture: _Capture | None = None
-        self.trimmed_first_layer = False
+        self.short_first_cache = False
         self.decode_masks: dict[int, torch.Tensor] = {}
 
 
@@ -69,7 +69,6 @@ class AttachedPipeline:
         self._capture_layers = {stage.layer - 1 for stage in pipeline.stages if stage.layer >= 1}
         self._handles: list[Any] = []
         self._episode: _Episode | None = None
-        self._forwards_with_visual = 0
         self._forwards = 0
 
     # --- context manager ---------------------------------------------------------------------
@@ -117,7 +116,6 @@ class AttachedPipeline:
         if past == 0:
             self._episode = None
             if bool(visual.any()):
-                self._forwards_with_visual += 1
                 mask = kwargs.get("attention_mask")
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
                 self._episode = _Episode(cache, visual, valid)
@@ -142,9 +140,9 @@ class AttachedPipeline:
 
     def _llm_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         ep = self._episode
-        if ep is None or ep.phase != "decode" or not ep.trimmed_first_layer:
+        if ep is None or ep.phase != "decode" or not ep.short_first_cache:
             return None
-        # The first layer's cache was trimmed, so the LLM would size its mask and positions from a
+        # The first layer's cache holds only kept tokens, so the LLM would size its mask and positions from a
         # short cache: hand it the full-frame mask and positions instead; each layer then gathers.
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1]
@@ -194,6 +192,8 @@ class AttachedPipeline:
         if ep.index is not None:
             kwargs.update(self._frame_kwargs(ep))
         ep.layer_index[layer] = ep.index
+        if layer == 0 and ep.index is not None:  # a stage before the LLM: every cache is short
+            ep.short_first_cache = True
         if layer in self._capture_layers:
             ep.capture = _Capture(layer, hidden, kwargs.get("position_embeddings"))
         if args:
@@ -276,7 +276,7 @@ class AttachedPipeline:
             self.adapter.select_cache_entries(ep.cache, j, rel)
             ep.layer_index[j] = new_index
             if j == 0:
-                ep.trimmed_first_layer = True
+                ep.short_first_cache = True
 
     # --- decoding ----------------------------------------------------------------------------
     def _decode_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):

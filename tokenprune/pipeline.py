@@ -13,7 +13,7 @@ from torch import nn
 
 from tokenprune.config import apply_overrides, import_plugins, load_source, validate_pipeline_config
 from tokenprune.errors import ConfigError
-from tokenprune.operator import Compactor, Selector, TokenOperator
+from tokenprune.operator import Selector, TokenOperator
 from tokenprune.registry import build_operator
 from tokenprune.state import TokenState
 
@@ -63,10 +63,6 @@ class Stage(nn.Module):
     @property
     def selector(self) -> Selector:
         return next(op for op in self.operators if isinstance(op, Selector))
-
-    @property
-    def compactor(self) -> Compactor | None:
-        return next((op for op in self.operators if isinstance(op, Compactor)), None)
 
     def forward(self, state: TokenState) -> TokenState:
         for op in self.operators:
