@@ -132,9 +132,6 @@ class Pipeline(nn.Module):
                          f"tokens {t.tokens_before} -> {t.tokens_after}")
         return "\n".join(lines)
 
-    def to_yaml(self) -> str:
-        return OmegaConf.to_yaml(self.config) if self.config is not None else ""
-
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     """Validate a pipeline config and build its operators."""
