@@ -7,31 +7,102 @@ from typing import Literal
 
 import torch
 
-from tokenprune.operator import Scorer, ScorerParams
+from tokenprune.operator import ParamError, Scorer, ScorerParams
 from tokenprune.registry import register_operator
 from tokenprune.state import TokenState
 
 
 @register_operator("attention")
 class AttentionScorer(Scorer):
-    """Attention that chosen query rows pay to each token at the layer before the site (FastV).
+    """Attention that a set of query rows pays each token at the layer before the site.
 
     FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024) ranks visual tokens
-    by the attention the last token gives them, averaged over heads. The attention rows are
-    recomputed from the previous layer's input with its own q/k projections and rotary embedding
-    for just the query rows, so the model keeps SDPA/FlashAttention and no ``output_attentions``
-    is needed. Needs ``layer >= 1``.
+    by the attention of the last token (``queries: last``); PyramidDrop (Xing et al., 2024) uses the
+    last instruction token; SparseVLM (Zhang et al., 2024) the text "raters" relevant to the image
+    (``raters``); ASAP adds the visual tokens themselves (``visual``, with the
+    ``bidirectional_soft_mask`` shift). ``instruction`` is the text after the image, ``text`` every
+    text token, ``all`` every token. Heads are reduced by ``heads``; query rows are averaged.
+
+    The rows are recomputed from the previous layer's input with its own q/k projections and rotary
+    embedding, only for the rows asked for, so the model keeps SDPA/FlashAttention and no
+    ``output_attentions`` is needed. A shift operator earlier in the stage changes how they are
+    computed. Needs ``layer >= 1``.
     """
 
     @dataclass
     class Params(ScorerParams):
-        queries: Literal["last"] = "last"  # which query rows: the last token
+        queries: Literal["last", "text", "instruction", "raters", "visual", "all"] = "last"  # which query rows
         heads: Literal["mean", "max", "sum"] = "mean"  # how heads are reduced
 
     min_layer = 1
 
     def score(self, state: TokenState) -> torch.Tensor:
         return state.signals.attention(queries=self.params.queries, heads=self.params.heads)
+
+
+@register_operator("key_norm")
+class KeyNorm(Scorer):
+    """L2 norm of each token's key at the layer before the site, averaged over key heads.
+
+    A FlashAttention-friendly saliency that needs no attention map (used by DART to choose its
+    pivots, Wen et al. 2025, and as ViTCoP's criterion). Needs ``layer >= 1``.
+    """
+
+    min_layer = 1
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        return state.signals.keys().float().norm(dim=-1).mean(dim=1).to(state.visual_mask.device)
+
+
+@register_operator("hidden_norm")
+class HiddenNorm(Scorer):
+    """L2 norm of each token's hidden state entering the site."""
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        return state.hidden.float().norm(dim=-1)
+
+
+@register_operator("duplication")
+class Duplication(Scorer):
+    """DART's duplication score: how unlike the pivot tokens a visual token is.
+
+    Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
+    Matters More" (2025): choose a few pivot tokens, then keep the tokens least similar to them.
+    Here each sample's ``pivots`` visual tokens with the largest ``pivot_by`` value are the pivots;
+    every visual token scores ``1 - max cosine similarity`` to the pivots (in [0, 2], on the hidden
+    states entering the site) and the pivots score 3, so a top-k keeps them first.
+    """
+
+    @dataclass
+    class Params(ScorerParams):
+        pivots: int = 8  # pivot tokens per sample
+        pivot_by: Literal["key_norm", "hidden_norm"] = "key_norm"  # how pivots are chosen
+
+        def __post_init__(self) -> None:
+            if self.pivots < 1:
+                raise ParamError("pivots", "must be >= 1")
+
+    @property
+    def min_layer(self) -> int:  # type: ignore[override]
+        return 1 if self.params.pivot_by == "key_norm" else 0
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        if self.params.pivot_by == "key_norm":
+            by = state.signals.keys().float().norm(dim=-1).mean(dim=1).to(state.visual_mask.device)
+        else:
+            by = state.hidden.float().norm(dim=-1)
+        feats = torch.nn.functional.normalize(state.hidden.float(), dim=-1)
+        out = torch.zeros(state.visual_mask.shape, dtype=torch.float32, device=state.visual_mask.device)
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b]).squeeze(1)
+            if vis.numel() == 0:
+                continue
+            k = min(self.params.pivots, vis.numel())
+            piv = vis[torch.sort(by[b, vis], descending=True, stable=True).indices[:k]]
+            sim = feats[b, vis] @ feats[b, piv].T  # (V, P)
+            out[b, vis] = 1.0 - sim.amax(dim=1)
+            out[b, piv] = 3.0
+        return out
 
 
 @register_operator("random")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from tokenprune.budget import check_keep, resolve_keep
-from tokenprune.operator import Selector
-from tokenprune.registry import register_operator
+from tokenprune.errors import ConfigError
+from tokenprune.operator import ParamError, Selector
+from tokenprune.registry import build_operator, get_operator_class, register_operator
 from tokenprune.state import TokenState
 
 
@@ -33,10 +36,162 @@ class TopK(Selector):
     def select(self, state: TokenState) -> torch.Tensor:
         visual = state.visual_mask
         keep = ~visual
-        # Stable descending sort: equal scores keep their order, so ties go to the earlier token.
-        scores = state.scores.masked_fill(~visual, float("-inf"))
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        rank = _rank_within_visual(state.scores, visual)
         budgets = torch.tensor([self.expected_kept(int(v)) for v in state.num_visual().tolist()], device=rank.device)
         return keep | (visual & (rank < budgets[:, None]))
+
+
+def _rank_within_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(B, N) rank of each visual token by descending score (stable: ties to the earlier token)."""
+    order = torch.sort(scores.masked_fill(~visual, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return rank
+
+
+@register_operator("cumulative_mass")
+class CumulativeMass(Selector):
+    """Keep the fewest visual tokens whose share of the score mass reaches ``threshold`` (adaptive budget).
+
+    ZipVL (He et al., "ZipVL: Efficient Large Vision-Language Models with Dynamic Token
+    Sparsification", 2024) sets the number of important tokens per input from the distribution of
+    attention scores instead of a fixed ratio. Per sample: normalise the visual tokens' scores to
+    sum 1, sort them, and keep the shortest prefix whose mass is >= ``threshold``; then clip to
+    [``min_keep``, ``max_keep``]. Scores must be non-negative (attention is); a sample whose
+    visual scores are all zero keeps all its visual tokens. The budget differs per sample, so a
+    batch keeps equal counts only by chance (see docs/methods.md).
+    """
+
+    @dataclass
+    class Params:
+        threshold: float = 0.9  # score mass to reach, in (0, 1]
+        min_keep: int = 1  # never fewer visual tokens than this
+        max_keep: float | int | None = None  # never more (a fraction or a count); null: no cap
+
+        def __post_init__(self) -> None:
+            if not 0.0 < self.threshold <= 1.0:
+                raise ParamError("threshold", "must lie in (0, 1]")
+            if self.min_keep < 0:
+                raise ParamError("min_keep", "must be >= 0")
+            if self.max_keep is not None:
+                check_keep(self.max_keep, "max_keep")
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        visual = state.visual_mask & state.valid_mask
+        scores = state.scores.masked_fill(~visual, 0.0)
+        if bool((scores < 0).any()):
+            raise ValueError(f"cumulative_mass needs non-negative scores; got a minimum of {float(scores.min()):.4g} "
+                             "(combine scorers with non-negative weights)")
+        rank = _rank_within_visual(state.scores, visual)
+        keep = ~state.visual_mask
+        for b in range(state.batch_size):
+            v = int(visual[b].sum())
+            total = float(scores[b].sum())
+            if total <= 0:
+                k = v
+            else:
+                sorted_mass = torch.sort(scores[b][visual[b]] / total, descending=True, stable=True).values
+                reached = torch.cumsum(sorted_mass, 0) >= self.params.threshold - 1e-6
+                k = int(torch.nonzero(reached)[0]) + 1 if bool(reached.any()) else v
+            k = max(k, min(self.params.min_keep, v))
+            if self.params.max_keep is not None:
+                k = min(k, resolve_keep(self.params.max_keep, v))
+            keep[b] |= visual[b] & (rank[b] < k)
+        return keep
+
+
+@register_operator("uniform_grid")
+class UniformGrid(Selector):
+    """Keep every ``stride``-th row and column of the 2-D patch grid (no scores needed).
+
+    Uniform spatial sampling, as FEATHER's early stage uses to keep the whole image covered (Endo
+    et al., ICCV 2025). Visual tokens are taken in raster order on the grid the model's adapter
+    reports (a square when it reports none); tokens at rows and columns ``offset, offset+stride,
+    ...`` stay. On a 24×24 grid, stride 2 keeps 144 tokens, stride 3 keeps 64.
+    """
+
+    needs_scores = False
+
+    @dataclass
+    class Params:
+        stride: int = 2  # keep one row and one column out of every `stride`
+        offset: int = 0  # first kept row/column, in [0, stride)
+
+        def __post_init__(self) -> None:
+            if self.stride < 1:
+                raise ParamError("stride", "must be >= 1")
+            if not 0 <= self.offset < self.stride:
+                raise ParamError("offset", f"must lie in [0, stride) = [0, {self.stride})")
+
+    def _count(self, rows: int, cols: int) -> int:
+        s, o = self.params.stride, self.params.offset
+        return len(range(o, rows, s)) * len(range(o, cols, s))
+
+    def expected_kept(self, num_visual: int) -> int:
+        side = int(round(num_visual ** 0.5))
+        if side * side != num_visual:
+            raise NotImplementedError(f"uniform_grid needs the grid shape for {num_visual} visual tokens (not a square)")
+        return self._count(side, side)
+
+    def grid_mask(self, rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+        """(rows*cols,) bool: the kept grid cells in raster order."""
+        s, o = self.params.stride, self.params.offset
+        r = torch.arange(rows, device=device)
+        c = torch.arange(cols, device=device)
+        on_rows = ((r - o) % s == 0) & (r >= o)
+        on_cols = ((c - o) % s == 0) & (c >= o)
+        return (on_rows[:, None] & on_cols[None, :]).reshape(-1)
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        keep = ~state.visual_mask
+        for b in range(state.batch_size):
+            rows, cols = state.visual_grid(b)
+            idx = torch.nonzero(state.visual_mask[b]).squeeze(1)
+            keep[b, idx[self.grid_mask(rows, cols, idx.device)]] = True
+        return keep
+
+
+@register_operator("union")
+class Union(Selector):
+    """Keep a token if any of several selectors keeps it (FEATHER: attention top-k ∪ uniform grid).
+
+    ``of`` lists the selectors as operators (``[{op: topk, keep: 0.2}, {op: uniform_grid,
+    stride: 3}]``); each sees the stage's scores. The kept count is at most the sum of theirs.
+    """
+
+    @dataclass
+    class Params:
+        of: list[Any] = field(default_factory=list)  # the selectors, each {op: NAME, ...params}
+
+    def __init__(self, params: Any = None):
+        super().__init__(params)
+        self.selectors = nn.ModuleList(
+            build_operator(spec["op"], **{k: v for k, v in spec.items() if k != "op"}) for spec in self.params.of)
+
+    @classmethod
+    def parse_params(cls, raw, key=None):
+        params = super().parse_params(raw, key)
+        where = f"{key}.of" if key else "of"
+        if len(params.of) < 2:
+            raise ConfigError(where, f"union needs at least two selectors, got {len(params.of)}")
+        for i, spec in enumerate(params.of):
+            if not isinstance(spec, dict) or "op" not in spec:
+                raise ConfigError(f"{where}.{i}", f"a selector is a mapping with an 'op' key, got {spec!r}")
+            child = get_operator_class(spec["op"], key=f"{where}.{i}.op")
+            if child.kind != "selector":
+                raise ConfigError(f"{where}.{i}.op", f"{spec['op']!r} is a {child.kind}; union takes selectors")
+            child.parse_params({k: v for k, v in spec.items() if k != "op"}, key=f"{where}.{i}")
+        return params
+
+    @property
+    def needs_scores(self) -> bool:  # type: ignore[override]
+        return any(getattr(s, "needs_scores", True) for s in self.selectors)
+
+    def expected_kept(self, num_visual: int) -> int:
+        raise NotImplementedError("union's budget depends on the overlap of its selectors")
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        keep = torch.zeros(state.visual_mask.shape, dtype=torch.bool, device=state.visual_mask.device)
+        for sel in self.selectors:
+            keep |= sel.select(state)
+        return keep

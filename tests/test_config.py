@@ -78,7 +78,7 @@ def test_wrong_type_and_unknown_parameter():
 def test_illegal_order(ops, key, fragment):
     e = error_of({"stages": [{"layer": 2, "operators": [{"op": o} for o in ops]}]})
     assert e.key == key, str(e)
-    assert fragment in str(e) and "shift* → scorer+ → selector" in str(e)
+    assert fragment in str(e) and "shift* → scorer* → selector" in str(e)
 
 
 def test_stage_structure_errors():

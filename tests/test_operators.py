@@ -4,6 +4,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.budget import resolve_keep
+from tokenprune.attention import LogitsSource
 from tokenprune.state import Signals, TokenState
 
 
@@ -47,19 +48,28 @@ def test_topk_fraction_is_per_sample():
     assert mask.tolist() == [[False, False, True, True, True, True], [True, False, True, True, True, True]]
 
 
+def last_row_logits(probs):
+    """(1, H, N, N) logits whose last row's softmax is ``probs`` (H, N); other rows are irrelevant."""
+    probs = torch.tensor(probs)
+    h, n = probs.shape
+    logits = torch.zeros(1, h, n, n)
+    logits[0, :, -1] = probs.log()
+    return LogitsSource(logits)
+
+
 def test_scorers_combine_with_weights():
     state = make_state([[1, 1, 1]])
-    state.signals = Signals(state, attention_rows=lambda q: torch.tensor([[[[0.2, 0.3, 0.5]]]]))
+    state.signals = Signals(state, source=last_row_logits([[0.2, 0.3, 0.5]]))
     state = tp.build_operator("attention", weight=2.0)(state)
     state = tp.build_operator("attention", weight=-1.0, heads="max")(state)
     assert torch.allclose(state.scores, torch.tensor([[0.2, 0.3, 0.5]]))
 
 
 def test_attention_heads_reduction():
-    rows = torch.tensor([[[[0.1, 0.9]], [[0.5, 0.5]]]])  # (B=1, H=2, Q=1, N=2)
+    source = last_row_logits([[0.1, 0.9], [0.5, 0.5]])  # two heads, the last token's attention rows
     for heads, expected in [("mean", [0.3, 0.7]), ("max", [0.5, 0.9]), ("sum", [0.6, 1.4])]:
         state = make_state([[1, 1]])
-        state.signals = Signals(state, attention_rows=lambda q, r=rows: r)
+        state.signals = Signals(state, source=source)
         got = tp.build_operator("attention", heads=heads)(state).scores
         assert torch.allclose(got, torch.tensor([expected])), heads
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
+from tokenprune.attention import LayerAttentionSource
 from tokenprune.errors import PipelineRuntimeError
 from tokenprune.masks import decode_key_index, expand_batch, full_causal_mask, gather_mask, gather_tokens
 from tokenprune.pipeline import Pipeline, StageTrace
@@ -55,6 +56,16 @@ class _Episode:
         self.capture: _Capture | None = None
         self.short_first_cache = False
         self.decode_masks: dict[int, torch.Tensor] = {}
+        # Per token now flowing (aligned with ``index``): position ids, sizes, log-size attention bias.
+        self.positions: torch.Tensor | None = None
+        self.renumbered = False
+        self.sizes: torch.Tensor | None = None
+        self.key_bias: torch.Tensor | None = None
+        self.pos_shift: torch.Tensor | None = None  # (B,) tokens removed by renumbering stages so far
+        # What each layer's prefill cache holds beyond its token index: bias and position shift.
+        self.layer_bias: dict[int, torch.Tensor | None] = {}
+        self.layer_shift: dict[int, torch.Tensor | None] = {}
+        self.decode_pe: dict[int, Any] = {}
 
 
 class AttachedPipeline:
@@ -130,6 +141,7 @@ class AttachedPipeline:
         ep.phase = "decode"
         ep.query_len = input_ids.shape[1]
         ep.decode_masks = {}
+        ep.decode_pe = {}
 
     def _model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         ep = self._episode
@@ -190,8 +202,10 @@ class AttachedPipeline:
         if stage_i is not None:
             hidden = self._run_stage(stage_i, layer, hidden, ep)
         if ep.index is not None:
-            kwargs.update(self._frame_kwargs(ep))
+            kwargs.update(self._frame_kwargs(ep, hidden))
         ep.layer_index[layer] = ep.index
+        ep.layer_bias[layer] = ep.key_bias
+        ep.layer_shift[layer] = ep.pos_shift
         if layer == 0 and ep.index is not None:  # a stage before the LLM: every cache is short
             ep.short_first_cache = True
         if layer in self._capture_layers:
@@ -202,19 +216,41 @@ class AttachedPipeline:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _frame_kwargs(self, ep: _Episode) -> dict[str, Any]:
+    def _frame_kwargs(self, ep: _Episode, hidden: torch.Tensor) -> dict[str, Any]:
         """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage)."""
         if ep.frame is not None and ep.frame[0] is ep.index:
             return ep.frame[1]
         idx = ep.index
-        out: dict[str, Any] = {"position_ids": ep.full["position_ids"].gather(1, idx)}
         pe = ep.full["position_embeddings"]
-        if pe is not None:
-            out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
+        if ep.renumbered:
+            out: dict[str, Any] = {"position_ids": ep.positions}
+            if pe is not None:
+                out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, ep.positions)
+        else:
+            out = {"position_ids": ep.full["position_ids"].gather(1, idx)}
+            if pe is not None:
+                out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
         mask = ep.full["attention_mask"]
-        out["attention_mask"] = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
+        mask = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
+        if ep.key_bias is not None:
+            valid = ep.valid.gather(1, idx)
+            if mask is None:
+                mask = full_causal_mask(valid, idx.shape[1], "bool", hidden.dtype)
+            mask = self._add_key_bias(mask, ep.key_bias, hidden.dtype)
+        out["attention_mask"] = mask
         ep.frame = (idx, out)
         return out
+
+    def _add_key_bias(self, mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An additive 4-D mask: ``mask`` (bool or additive) plus ``bias`` (B, K) on its first K key columns."""
+        if mask.dim() != 4:
+            raise PipelineRuntimeError("proportional attention needs SDPA or eager attention (a 4-D mask); "
+                                       f"this model runs {self.adapter.attn_implementation}")
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        pad = mask.shape[-1] - bias.shape[1]
+        full = torch.nn.functional.pad(bias.to(mask.dtype), (0, pad))
+        return mask + full[:, None, None, :]
 
     def _run_stage(self, stage_i: int, layer: int, hidden: torch.Tensor, ep: _Episode) -> torch.Tensor:
         stage = self.pipeline.stages[stage_i]
@@ -224,20 +260,16 @@ class AttachedPipeline:
             hidden=hidden,
             visual_mask=ep.visual.gather(1, cur),
             valid_mask=ep.valid.gather(1, cur),
-            positions=ep.full["position_ids"].gather(1, cur),
+            positions=ep.positions if ep.positions is not None else ep.full["position_ids"].gather(1, cur),
             source_index=cur,
-            sizes=torch.ones(b, n, device=hidden.device),
+            sizes=ep.sizes if ep.sizes is not None else torch.ones(b, n, device=hidden.device),
             layer=layer,
         )
         capture = ep.capture
         if capture is not None and capture.layer == layer - 1:
-            keys = self.adapter.cached_keys(ep.cache, layer - 1)
-
-            def attention_rows(query_index: torch.Tensor) -> torch.Tensor:
-                return self.adapter.attention_rows(layer - 1, capture.hidden, capture.position_embeddings,
-                                                   query_index, state.valid_mask, cached_keys=keys)
-
-            state.signals = Signals(state, attention_rows=attention_rows)
+            source = LayerAttentionSource(self.adapter, layer - 1, capture.hidden, capture.position_embeddings,
+                                          state.valid_mask, cached_keys=self.adapter.cached_keys(ep.cache, layer - 1))
+            state.signals = Signals(state, source=source)
         with torch.no_grad():
             state = stage(state)
         keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool)
@@ -252,6 +284,7 @@ class AttachedPipeline:
         if state.compact_kv_before_site:
             self._compact_earlier_layers(layer, new_index, ep)
         ep.index = new_index
+        self._carry_token_data(ep, stage.positions, state, rel)
         self.pipeline.runs[stage_i] += 1
         visual_after = ep.visual.gather(1, new_index)
         valid_before, valid_after = state.valid_mask, ep.valid.gather(1, new_index)
@@ -264,6 +297,21 @@ class AttachedPipeline:
             kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
         ))
         return hidden
+
+    def _carry_token_data(self, ep: _Episode, positions: str, state: TokenState, rel: torch.Tensor) -> None:
+        """Positions, sizes and the proportional-attention bias of the surviving tokens."""
+        pos = gather_tokens(state.positions, rel)
+        if positions == "renumber":
+            valid = ep.valid.gather(1, ep.index)
+            first = state.positions.masked_fill(~state.valid_mask, torch.iinfo(state.positions.dtype).max).amin(1)
+            pos = torch.where(valid, first[:, None] + valid.long().cumsum(1) - 1, pos)
+            removed = (state.valid_mask.sum(1) - valid.sum(1)).to(pos.dtype)
+            ep.pos_shift = removed if ep.pos_shift is None else ep.pos_shift + removed
+            ep.renumbered = True
+        ep.positions = pos
+        ep.sizes = gather_tokens(state.sizes.float(), rel)
+        if state.proportional_attention or ep.key_bias is not None:
+            ep.key_bias = ep.sizes.clamp_min(1e-6).log()
 
     def _compact_earlier_layers(self, layer: int, new_index: torch.Tensor, ep: _Episode) -> None:
         if ep.cache is None:
@@ -282,11 +330,39 @@ class AttachedPipeline:
     def _decode_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
         held = ep.layer_index.get(layer)
         mask = kwargs.get("attention_mask")
-        if held is None or mask is None:
+        bias = ep.layer_bias.get(layer)
+        shift = ep.layer_shift.get(layer)
+        if held is None and bias is None and shift is None:
             return None
-        key = id(held)
-        if key not in ep.decode_masks:
-            keys = decode_key_index(held, ep.prefill_len, mask.shape[-1])
-            ep.decode_masks[key] = gather_mask(mask, None, keys)
-        kwargs["attention_mask"] = ep.decode_masks[key]
+        if held is not None and (mask is not None or bias is not None):
+            key = id(held)
+            if key not in ep.decode_masks:
+                total = ep.seen + ep.query_len
+                if mask is None:
+                    b = held.shape[0]
+                    mask = torch.ones(b, 1, ep.query_len, held.shape[1] + total - ep.prefill_len, dtype=torch.bool,
+                                      device=held.device)
+                    if ep.query_len > 1:
+                        mask = full_causal_mask(torch.ones(b, total, dtype=torch.long, device=held.device),
+                                                ep.query_len, "bool", torch.float32)
+                        mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, total))
+                else:
+                    mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, mask.shape[-1]))
+                if bias is not None:
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    mask = self._add_key_bias(mask, bias, hidden.dtype)
+                ep.decode_masks[key] = mask
+            kwargs["attention_mask"] = ep.decode_masks[key]
+        if shift is not None:
+            key = id(shift)
+            if key not in ep.decode_pe:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
+                pos = expand_batch(pos, shift.shape[0]) - shift[:, None]
+                ep.decode_pe[key] = (pos, self.adapter.rotary_embeddings(hidden, pos))
+            pos, pe = ep.decode_pe[key]
+            kwargs["position_ids"] = pos
+            kwargs["position_embeddings"] = pe
         return args, kwargs

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tokenprune.errors import ConfigError
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
-STAGE_KEYS = ("layer", "operators")
+STAGE_KEYS = ("layer", "positions", "operators")
 
 
 def preset_dir() -> Path:
@@ -136,6 +136,8 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
         if layer <= previous:
             raise ConfigError(f"{where}.layer", f"stages must have strictly increasing layers; {layer} follows {previous}")
         previous = layer
+        if stage.get("positions", "keep") not in ("keep", "renumber"):
+            raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: keep, renumber")
         ops = stage.get("operators")
         if not isinstance(ops, list) or not ops:
             raise ConfigError(f"{where}.operators", f"must be a non-empty list of operators, got {ops!r}")

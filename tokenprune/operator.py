@@ -17,7 +17,7 @@ from torch import nn
 from tokenprune.errors import ConfigError
 from tokenprune.state import TokenState
 
-#: The operator kinds, in the order a stage must list them: shift* → scorer+ → selector → merger? → compactor?
+#: The operator kinds, in the order a stage must list them: shift* → scorer* → selector (or a selecting merger) → merger? → compactor?
 KINDS: tuple[str, ...] = ("shift", "scorer", "selector", "merger", "compactor")
 
 
@@ -159,6 +159,8 @@ class Selector(TokenOperator):
     """
 
     kind = "selector"
+    #: False for selectors that ignore scores (a uniform grid): the stage then needs no scorer.
+    needs_scores: ClassVar[bool] = True
 
     def select(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -168,16 +170,26 @@ class Selector(TokenOperator):
         raise NotImplementedError(f"{self.op_name} has no analytic budget")
 
     def forward(self, state: TokenState) -> TokenState:
-        if state.scores is None:
+        if self.needs_scores and state.scores is None:
             raise RuntimeError(f"selector {self.op_name!r} ran before any scorer")
         state.keep_mask = self.select(state)
         return state
 
 
 class Merger(TokenOperator):
-    """Base of mergers: fold dropped tokens into kept ones before the drop (default: plain drop)."""
+    """Base of mergers: fold dropped tokens into kept ones before the drop.
+
+    A merger rewrites ``state.hidden`` (and ``state.sizes``) of the kept tokens; the stage then
+    drops the rest. A merger with ``selects = True`` chooses the surviving tokens itself (ToMe's
+    matching) and stands in a stage without scorer or selector.
+    """
 
     kind = "merger"
+    selects: ClassVar[bool] = False
+
+    def expected_kept(self, num_visual: int) -> int:
+        """Visual tokens a selecting merger keeps out of ``num_visual`` (for analytic FLOPs)."""
+        raise NotImplementedError(f"{self.op_name} has no analytic budget")
 
 
 class Compactor(TokenOperator):
@@ -187,6 +199,28 @@ class Compactor(TokenOperator):
 
 
 class Shift(TokenOperator):
-    """Base of attention-shift corrections: change how attention-based scores are computed."""
+    """Base of attention-shift corrections: change how attention-based scores are computed.
+
+    A shift does not score: it registers itself on the state, and every attention signal the
+    stage's scorers ask for afterwards is computed through it. A subclass may score with q/k before
+    the rotary embedding (``rotary = False``), change the logits or the mask before the softmax
+    (:meth:`adjust_logits`) or the probabilities after it (:meth:`adjust_probs`). Several shifts
+    compose in the order listed.
+    """
 
     kind = "shift"
+    #: False: attention logits are taken before the rotary embedding.
+    rotary: ClassVar[bool] = True
+
+    def adjust_logits(self, ctx: Any) -> None:
+        """Change ``ctx.logits`` (H, Q, N) / ``ctx.allowed`` (Q, N) in place; see :class:`AttentionContext`."""
+
+    def adjust_probs(self, ctx: Any) -> None:
+        """Change ``ctx.probs`` (H, Q, N) in place."""
+
+    def cache_key(self) -> tuple:
+        return (self.op_name, tuple(sorted(dataclasses.asdict(self.params).items())))
+
+    def forward(self, state: TokenState) -> TokenState:
+        state.shifts.append(self)
+        return state

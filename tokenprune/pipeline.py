@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,56 +12,69 @@ from torch import nn
 
 from tokenprune.config import apply_overrides, import_plugins, load_source, validate_pipeline_config
 from tokenprune.errors import ConfigError
-from tokenprune.operator import Selector, TokenOperator
+from tokenprune.operator import KINDS, TokenOperator
 from tokenprune.registry import build_operator
 from tokenprune.state import TokenState
 
 if TYPE_CHECKING:
     from tokenprune.attach import AttachedPipeline
 
-_ORDER = re.compile(r"^(shift )*(scorer )+selector (merger )?(compactor )?$")
-ORDER_TEXT = "shift* → scorer+ → selector → merger? → compactor?"
+#: Values of a stage's ``positions`` key.
+POSITIONS: tuple[str, ...] = ("keep", "renumber")
+
+ORDER_TEXT = "shift* → scorer* → selector → merger? → compactor?  (or shift* → a selecting merger → compactor?)"
+_RANK = {k: i for i, k in enumerate(KINDS)}
 
 
 class Stage(nn.Module):
-    """A site (before decoder layer ``layer``; 0 = before the LLM) and its ordered operators."""
+    """A site (before decoder layer ``layer``; 0 = before the LLM) and its ordered operators.
 
-    def __init__(self, layer: int, operators: Iterable[TokenOperator], key: str = "stage"):
+    ``positions``: ``keep`` (kept tokens keep their position ids, FastV) or ``renumber`` (the
+    surviving tokens are numbered contiguously from the site on, PyramidDrop).
+    """
+
+    def __init__(self, layer: int, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep"):
         super().__init__()
         self.layer = layer
         self.operators = nn.ModuleList(operators)
         self.key = key
+        if positions not in POSITIONS:
+            raise ConfigError(f"{key}.positions", f"got {positions!r}; allowed: {', '.join(POSITIONS)}")
+        self.positions = positions
         self._validate_order()
 
     def _validate_order(self) -> None:
-        kinds = [op.kind for op in self.operators]
-        if _ORDER.match("".join(k + " " for k in kinds)):
-            return
-        # Name the first operator that breaks the order.
-        seen: list[str] = []
-        for j, kind in enumerate(kinds):
+        """Check the operator order; the error names the first operator that breaks it."""
+        seen: list[TokenOperator] = []
+        for j, op in enumerate(self.operators):
             where = f"{self.key}.operators.{j}"
-            name = self.operators[j].op_name
-            if kind == "scorer" and any(k in seen for k in ("selector", "merger", "compactor")):
-                raise ConfigError(where, f"scorer {name!r} comes after a {seen[-1]}; order is {ORDER_TEXT}")
-            if kind == "shift" and any(k != "shift" for k in seen):
-                raise ConfigError(where, f"shift {name!r} must come first; order is {ORDER_TEXT}")
-            if kind == "selector" and "scorer" not in seen:
-                raise ConfigError(where, f"selector {name!r} needs a scorer before it; order is {ORDER_TEXT}")
-            if kind in ("selector", "merger", "compactor") and kind in seen:
+            kind, name = op.kind, op.op_name
+            kinds = [o.kind for o in seen]
+            later = [k for k in kinds if _RANK[k] > _RANK[kind]]
+            if later:
+                raise ConfigError(where, f"{kind} {name!r} comes after a {later[0]}; order is {ORDER_TEXT}")
+            if kind in ("selector", "merger", "compactor") and kind in kinds:
                 raise ConfigError(where, f"a stage takes at most one {kind}, found a second ({name!r}); order is {ORDER_TEXT}")
-            if kind in ("merger", "compactor") and "selector" not in seen:
-                raise ConfigError(where, f"{kind} {name!r} needs a selector before it; order is {ORDER_TEXT}")
-            if kind == "merger" and "compactor" in seen:
-                raise ConfigError(where, f"merger {name!r} must come before the compactor; order is {ORDER_TEXT}")
-            seen.append(kind)
-        if "scorer" not in seen:
-            raise ConfigError(f"{self.key}.operators", f"a stage needs at least one scorer; order is {ORDER_TEXT}")
-        raise ConfigError(f"{self.key}.operators", f"a stage needs a selector after its scorers; order is {ORDER_TEXT}")
+            if kind == "selector" and getattr(op, "needs_scores", True) and "scorer" not in kinds:
+                raise ConfigError(where, f"selector {name!r} needs a scorer before it; order is {ORDER_TEXT}")
+            if kind == "merger" and getattr(op, "selects", False) and ("selector" in kinds or "scorer" in kinds):
+                other = next(o.op_name for o in seen if o.kind in ("scorer", "selector"))
+                raise ConfigError(where, f"merger {name!r} chooses its own tokens, so the stage takes no scorer or "
+                                  f"selector (found {other!r}); order is {ORDER_TEXT}")
+            if kind == "merger" and not getattr(op, "selects", False) and "selector" not in kinds:
+                raise ConfigError(where, f"merger {name!r} needs a selector before it; order is {ORDER_TEXT}")
+            if kind == "compactor" and "selector" not in kinds and not any(getattr(o, "selects", False) for o in seen):
+                raise ConfigError(where, f"compactor {name!r} needs a selector before it; order is {ORDER_TEXT}")
+            seen.append(op)
+        if not any(o.kind == "selector" or getattr(o, "selects", False) for o in seen):
+            raise ConfigError(f"{self.key}.operators", f"a stage needs a selector (or a selecting merger); order is {ORDER_TEXT}")
+        if any(o.kind == "scorer" for o in seen) and not any(o.kind == "selector" for o in seen):
+            raise ConfigError(f"{self.key}.operators", f"a stage with scorers needs a selector after them; order is {ORDER_TEXT}")
 
     @property
-    def selector(self) -> Selector:
-        return next(op for op in self.operators if isinstance(op, Selector))
+    def selector(self) -> TokenOperator:
+        """The operator that decides how many tokens survive: the selector, or a selecting merger."""
+        return next(op for op in self.operators if op.kind == "selector" or getattr(op, "selects", False))
 
     def forward(self, state: TokenState) -> TokenState:
         for op in self.operators:
@@ -146,7 +158,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
                 raise ConfigError(f"stages.{i}.layer", f"operator {op.op_name!r} (stages.{i}.operators.{j}) needs the "
                                   f"decoder layer before its site, so layer must be >= {op.min_layer}; got {raw['layer']}")
             ops.append(op)
-        stages.append(Stage(raw["layer"], ops, key=f"stages.{i}"))
+        stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep")))
     return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)
 
 
@@ -158,7 +170,7 @@ def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides
     if cfg.get("plugins"):
         resolved["plugins"] = list(cfg.plugins)
     resolved["stages"] = [
-        {"layer": s.layer, "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
+        {"layer": s.layer, "positions": s.positions, "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
                                          for op in s.operators]}
         for s in pipeline.stages
     ]

@@ -4,54 +4,129 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-#: Signature of the function the attach machinery provides for attention rows:
-#: ``(query_index (B, Q) long) -> probabilities (B, H, Q, N)`` over the tokens of the state,
-#: softmax over all (causally visible, non-padding) keys, computed at the layer before the site.
-AttentionRowsFn = Callable[[torch.Tensor], torch.Tensor]
+from tokenprune.attention import AttentionSource, query_rows
+
+if TYPE_CHECKING:
+    from tokenprune.operator import Shift
+
+
+
+@dataclass
+class AttentionContext:
+    """What a shift correction sees and may change while one sample's attention rows are computed.
+
+    ``logits`` (H, Q, N) and ``allowed`` (Q, N) bool are changed in place by ``Shift.adjust_logits``;
+    ``probs`` (H, Q, N) is set after the softmax and changed by ``Shift.adjust_probs``.
+    """
+
+    signals: Signals
+    sample: int
+    rows: torch.Tensor
+    rotary: bool
+    logits: torch.Tensor
+    allowed: torch.Tensor
+    probs: torch.Tensor | None = None
 
 
 class Signals:
     """Lazy signals of a stage, each computed on first use and only once.
 
     Operators ask for what they need (``state.signals.attention(queries="last")``); nothing is
-    computed for a pipeline that does not ask. The attach machinery supplies the functions that
-    read the model; operators never touch it.
+    computed for a pipeline that does not ask. Attention comes from an
+    :class:`~tokenprune.attention.AttentionSource` that the attach machinery (or a notebook)
+    supplies; operators never touch the model.
     """
 
-    def __init__(self, state: TokenState, attention_rows: AttentionRowsFn | None = None):
+    def __init__(self, state: TokenState, source: AttentionSource | None = None):
         self._state = state
-        self._attention_rows = attention_rows
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self.source = source
+        self._cache: dict[tuple, Any] = {}
 
-    def query_index(self, queries: str) -> torch.Tensor:
-        """(B, Q) indices of the query rows named by ``queries`` (``last``: the final token)."""
-        b, n = self._state.visual_mask.shape
-        if queries == "last":
-            return torch.full((b, 1), n - 1, dtype=torch.long, device=self._state.visual_mask.device)
-        raise ValueError(f"queries={queries!r} is not available; allowed: last")
-
-    def attention_rows(self, queries: str = "last") -> torch.Tensor:
-        """(B, H, Q, N) attention probabilities of the chosen query rows, recomputed at layer ``site - 1``."""
-        key = ("attention_rows", queries)
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per stage under ``key``."""
         if key not in self._cache:
-            if self._attention_rows is None:
-                raise RuntimeError("attention signals need a model layer before the site; none is available here")
-            self._cache[key] = self._attention_rows(self.query_index(queries)).float()
+            self._cache[key] = compute()
         return self._cache[key]
+
+    def _source(self) -> AttentionSource:
+        if self.source is None:
+            raise RuntimeError("attention signals need a model layer before the site (layer >= 1) or an "
+                               "AttentionSource (TokenState.from_tensors(..., attention=...)); none is available here")
+        return self.source
+
+    def query_rows(self, queries: str, sample: int) -> torch.Tensor:
+        """(Q,) query rows of ``sample`` in set ``queries`` (see :func:`tokenprune.attention.query_rows`)."""
+        st = self._state
+        return self.cached(("rows", queries, sample), lambda: query_rows(
+            queries, st.visual_mask[sample], st.valid_mask[sample], st.hidden[sample]))
+
+    def attention_probs(self, sample: int, rows: torch.Tensor) -> torch.Tensor:
+        """(H, Q, N) attention probabilities of ``rows`` of ``sample``, with the stage's shift corrections.
+
+        Keys are masked causally (in sequence order) and on padding; a shift may change the mask
+        (ASAP's bidirectional visual block), the logits (before the softmax) or the probabilities.
+        Rows that may attend to no key come out as zeros.
+        """
+        st = self._state
+        shifts = st.shifts
+        rotary = all(s.rotary for s in shifts)
+        logits = self._source().logits(sample, rows, rotary=rotary).float()
+        n = st.num_tokens
+        keys = torch.arange(n, device=logits.device)
+        allowed = st.valid_mask[sample].to(logits.device)[None, :] & (keys[None, :] <= rows.to(logits.device)[:, None])
+        ctx = AttentionContext(self, sample, rows, rotary, logits, allowed)
+        for s in shifts:
+            s.adjust_logits(ctx)
+        ctx.probs = masked_softmax(ctx.logits, ctx.allowed)
+        for s in shifts:
+            s.adjust_probs(ctx)
+        return ctx.probs
 
     def attention(self, queries: str = "last", heads: str = "mean") -> torch.Tensor:
-        """(B, N) attention each token receives from the chosen queries, reduced over heads, averaged over queries."""
-        key = ("attention", queries, heads)
-        if key not in self._cache:
-            rows = self.attention_rows(queries)
-            reduce = {"mean": torch.mean, "sum": torch.sum, "max": lambda t, dim: t.amax(dim=dim)}
-            if heads not in reduce:
-                raise ValueError(f"heads={heads!r}; allowed: {', '.join(reduce)}")
-            self._cache[key] = reduce[heads](rows, dim=1).mean(dim=1)
-        return self._cache[key]
+        """(B, N) attention each token receives from the query set, reduced over heads, averaged over queries.
+
+        Only query rows that may attend to some key count in the average.
+        """
+        reduce = {"mean": torch.mean, "sum": torch.sum, "max": lambda t, dim: t.amax(dim=dim)}
+        if heads not in reduce:
+            raise ValueError(f"heads={heads!r}; allowed: {', '.join(reduce)}")
+        st = self._state
+        shift_key = tuple(s.cache_key() for s in st.shifts)
+
+        def compute() -> torch.Tensor:
+            out = torch.zeros(st.visual_mask.shape, dtype=torch.float32, device=st.visual_mask.device)
+            for b in range(st.batch_size):
+                rows = self.query_rows(queries, b)
+                if rows.numel() == 0:
+                    continue
+                probs = self.attention_probs(b, rows)  # (H, Q, N)
+                per_row = reduce[heads](probs, dim=0)  # (Q, N)
+                live = probs.sum(dim=(0, 2)) > 0
+                if bool(live.any()):
+                    out[b] = per_row[live].mean(0).to(out.device)
+            return out
+
+        return self.cached(("attention", queries, heads, shift_key), compute)
+
+    def keys(self) -> torch.Tensor:
+        """(B, H_kv, N, hd) keys of the source layer."""
+        k = self._source().keys()
+        if k is None:
+            raise RuntimeError("this attention source has no keys")
+        return k
+
+
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis restricted to ``allowed`` (broadcast); all-masked rows give zeros."""
+    x = logits.masked_fill(~allowed, float("-inf"))
+    m = x.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+    e = torch.exp(x - m) * allowed
+    z = e.sum(dim=-1, keepdim=True)
+    return e / z.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @dataclass
@@ -60,15 +135,22 @@ class TokenState:
 
     Shapes: B samples, N tokens (visual and text, left padding included), D hidden size.
 
-    - ``hidden`` (B, N, D): hidden states entering the site's decoder layer.
+    - ``hidden`` (B, N, D): hidden states entering the site's decoder layer (a merger may rewrite them).
     - ``visual_mask`` (B, N) bool: visual tokens (the only ones a selector may drop).
     - ``valid_mask`` (B, N) bool: False on padding.
-    - ``positions`` (B, N) long: the original position ids of the tokens.
+    - ``positions`` (B, N) long: the position ids of the tokens.
     - ``source_index`` (B, N) long: index of each token in the model's input sequence.
-    - ``sizes`` (B, N) float: how many original tokens each token stands for.
+    - ``sizes`` (B, N) float: how many original tokens each token stands for (mergers grow them).
+    - ``layer``: the site (decoder layer the stage runs before; 0 = before the LLM).
+    - ``grid``: (rows, cols) of the visual tokens in raster order, if known (else a square is assumed).
     - ``scores`` (B, N) float: sum of the scorers' weighted scores (None before any scorer).
     - ``keep_mask`` (B, N) bool: the tokens that survive the stage (set by the selector).
+    - ``shifts``: the attention-shift corrections of the stage, applied by ``signals.attention``.
     - ``compact_kv_before_site``: set by a compactor; the KV cache of earlier layers keeps only the kept tokens.
+    - ``proportional_attention``: set by a merger; layers after the site add ``log(size)`` to
+      the attention logits of each key (ToMe's proportional attention).
+
+    Build one from plain tensors with :meth:`from_tensors` to call operators standalone.
     """
 
     hidden: torch.Tensor
@@ -78,13 +160,45 @@ class TokenState:
     source_index: torch.Tensor
     sizes: torch.Tensor
     layer: int
+    grid: tuple[int, int] | None = None
     scores: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
+    shifts: list[Shift] = field(default_factory=list)
     compact_kv_before_site: bool = False
+    proportional_attention: bool = False
     signals: Signals = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.signals = Signals(self)
+
+    @classmethod
+    def from_tensors(cls, hidden: torch.Tensor, visual_mask: torch.Tensor, *, valid_mask: torch.Tensor | None = None,
+                     positions: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
+                     scores: torch.Tensor | None = None, attention: AttentionSource | None = None,
+                     grid: tuple[int, int] | None = None, layer: int = 1) -> TokenState:
+        """A state from plain tensors, for notebooks and tests: ``op(TokenState.from_tensors(h, vis))``.
+
+        ``hidden`` (B, N, D); ``visual_mask`` (B, N) bool; padding defaults to none, positions to
+        ``0..N-1``, sizes to 1; ``attention`` supplies attention signals (e.g. a
+        :class:`~tokenprune.attention.LogitsSource`).
+        """
+        visual_mask = torch.as_tensor(visual_mask, dtype=torch.bool)
+        if hidden.dim() != 3 or hidden.shape[:2] != visual_mask.shape:
+            raise ValueError(f"hidden must be (B, N, D) matching visual_mask {tuple(visual_mask.shape)}; "
+                             f"got {tuple(hidden.shape)}")
+        b, n = visual_mask.shape
+        idx = torch.arange(n, device=hidden.device).expand(b, n)
+        state = cls(
+            hidden=hidden, visual_mask=visual_mask,
+            valid_mask=torch.ones(b, n, dtype=torch.bool) if valid_mask is None else torch.as_tensor(valid_mask).bool(),
+            positions=idx.clone() if positions is None else positions,
+            source_index=idx.clone(),
+            sizes=torch.ones(b, n) if sizes is None else sizes.float(),
+            layer=layer, grid=grid,
+            scores=None if scores is None else torch.as_tensor(scores, dtype=torch.float32),
+        )
+        state.signals = Signals(state, source=attention)
+        return state
 
     @property
     def batch_size(self) -> int:
@@ -102,3 +216,16 @@ class TokenState:
         """Accumulate ``weight * scores`` into ``self.scores``."""
         s = weight * scores.float()
         self.scores = s if self.scores is None else self.scores + s
+
+    def visual_grid(self, sample: int) -> tuple[int, int]:
+        """(rows, cols) of ``sample``'s visual tokens: ``grid`` if set, else the square they must form."""
+        n = int(self.visual_mask[sample].sum())
+        if self.grid is not None:
+            if self.grid[0] * self.grid[1] != n:
+                raise ValueError(f"grid {self.grid} does not hold the {n} visual tokens of sample {sample}")
+            return self.grid
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"sample {sample} has {n} visual tokens, not a square grid; give the grid shape "
+                             "(the model's adapter does for its family)")
+        return side, side

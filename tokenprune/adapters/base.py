@@ -88,39 +88,65 @@ class ModelAdapter:
         entry.values = gather_tokens(entry.values, index, dim=2).contiguous()
 
     # --- signals -----------------------------------------------------------------------------
-    def attention_rows(self, layer: int, hidden_in: torch.Tensor, position_embeddings: Any,
-                       query_index: torch.Tensor, key_valid: torch.Tensor,
-                       cached_keys: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, H, Q, N) attention probabilities of the rows ``query_index`` (B, Q) at ``layer``."""
+    def project_queries(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, rows: torch.Tensor, *,
+                        rotary: bool = True, sample: int = 0) -> torch.Tensor:
+        """(B, H, Q, hd) queries of ``layer`` for rows ``rows`` (B, Q) of its input ``hidden`` (B, N, D).
+
+        ``hidden`` may be one sample of the batch: ``sample`` says which, to pick its rotary angles.
+        """
         raise NotImplementedError
+
+    def project_keys(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, *,
+                     rotary: bool = True) -> torch.Tensor:
+        """(B, H_kv, N, hd) keys of ``layer`` for its input ``hidden`` (B, N, D)."""
+        raise NotImplementedError
+
+    def attention_scaling(self, layer: int) -> float:
+        """The factor ``layer`` multiplies q·k by (1/sqrt(head_dim) unless the model says otherwise)."""
+        raise NotImplementedError
+
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """The LLM's rotary ``(cos, sin)`` for ``position_ids`` (B, N), as its layers take them."""
+        raise NotImplementedError
+
+
+def _rows_of(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
+    """Rows of a batch-first tensor for ``batch`` samples starting at ``sample`` (a batch of 1 broadcasts)."""
+    return t if t.shape[0] == 1 else t[sample:sample + batch]
 
 
 class LlamaStyleAdapter(ModelAdapter):
     """Shared by LVLMs whose LLM layers are Llama-style: ``input_layernorm``, ``self_attn.{q,k}_proj``, RoPE."""
 
-    def attention_rows(self, layer, hidden_in, position_embeddings, query_index, key_valid, cached_keys=None):
+    def project_queries(self, layer, hidden, position_embeddings, rows, *, rotary=True, sample=0):
         block = self.layers[layer]
         attn = block.self_attn
-        b, n, d = hidden_in.shape
-        hd = attn.head_dim
-        h = block.input_layernorm(hidden_in)
-        cos, sin = (expand_batch(t, b) for t in position_embeddings)
-        hq = gather_tokens(h, query_index)
-        q = attn.q_proj(hq).view(b, query_index.shape[1], -1, hd)
+        b = hidden.shape[0]
+        h = gather_tokens(block.input_layernorm(hidden), rows)
+        q = attn.q_proj(h).view(b, rows.shape[1], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
-        q = apply_rope(q.transpose(1, 2), gather_tokens(cos, query_index), gather_tokens(sin, query_index))
-        if cached_keys is not None and cached_keys.shape[-2] == n:
-            k = cached_keys
-        else:
-            k = attn.k_proj(h).view(b, n, -1, hd)
-            if getattr(attn, "k_norm", None) is not None:
-                k = attn.k_norm(k)
-            k = apply_rope(k.transpose(1, 2), cos, sin)
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
-        pos = torch.arange(n, device=hidden_in.device)
-        allowed = key_valid.bool()[:, None, :] & (pos[None, None, :] <= query_index[:, :, None])
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        q = q.transpose(1, 2)
+        if rotary:
+            cos, sin = (gather_tokens(_rows_of(t, sample, b), rows) for t in position_embeddings)
+            q = apply_rope(q, cos, sin)
+        return q
+
+    def project_keys(self, layer, hidden, position_embeddings, *, rotary=True):
+        block = self.layers[layer]
+        attn = block.self_attn
+        b, n, _ = hidden.shape
+        k = attn.k_proj(block.input_layernorm(hidden)).view(b, n, -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        if rotary:
+            cos, sin = (expand_batch(t, b) for t in position_embeddings)
+            k = apply_rope(k, cos, sin)
+        return k
+
+    def attention_scaling(self, layer):
+        return float(self.layers[layer].self_attn.scaling)
+
+    def rotary_embeddings(self, hidden, position_ids):
+        return self.language_model.rotary_emb(hidden, position_ids)

@@ -1,0 +1,150 @@
+"""Attention-shift corrections: change how the stage's attention-based scores are computed.
+
+Text queries pay more attention to the visual tokens that sit closest to them, whatever those
+tokens show: under RoPE's long-range decay and the causal mask, naive attention scores prefer the
+bottom rows of the image (FEATHER, Endo et al., ICCV 2025, shows FastV keeping mostly the bottom).
+A shift operator fixes the measurement, not the selection: it registers on the stage's state and
+every ``attention`` scorer after it computes its scores through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenprune.operator import ParamError, Shift
+from tokenprune.registry import register_operator
+from tokenprune.state import AttentionContext, masked_softmax
+
+
+@register_operator("none")
+class NoShift(Shift):
+    """No correction: plain attention (with RoPE, causal). The baseline of a shift ablation."""
+
+
+@register_operator("rope_free")
+class RopeFree(Shift):
+    """Score with queries and keys taken before the rotary embedding (FEATHER's "w/o RoPE" criterion).
+
+    Endo et al., "Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language Model
+    Acceleration" (ICCV 2025): removing RoPE from the attention criterion removes its long-range
+    decay, so scores no longer favour the visual tokens nearest the text. Only the scores change;
+    the model itself still runs with RoPE.
+    """
+
+    rotary = False
+
+
+@register_operator("rope_gravity")
+class RopeGravity(Shift):
+    """Divide attention by the attention a content-free input would receive at the same positions.
+
+    After SparseVLM v2's positional-gravity correction (Zhang et al., SparseVLM, 2024/2025; our
+    reading): the attention a query pays a key mixes what the key shows with where it sits. The
+    positional part is measured by running the same q/k projections (and rotary angles) on a
+    content-free input — every token replaced by the sample's mean hidden state — and the observed
+    probabilities are divided by it, row by row, then renormalised over the allowed keys.
+
+    The denominators are probabilities, so never negative; tiny ones are clamped to
+    ``floor / (number of keys the row may attend to)`` (``floor`` = 0.1 means "never divide by less
+    than a tenth of uniform attention"), so a key the content-free input ignores cannot explode.
+    """
+
+    @dataclass
+    class Params:
+        floor: float = 0.1  # smallest denominator, as a fraction of uniform attention over the allowed keys
+
+        def __post_init__(self) -> None:
+            if not self.floor > 0:
+                raise ParamError("floor", "must be > 0 (it guards the division against tiny denominators)")
+
+    def adjust_probs(self, ctx: AttentionContext) -> None:
+        source = ctx.signals.source
+        free = source.logits(ctx.sample, ctx.rows, rotary=ctx.rotary, content_free=True).float()
+        p0 = masked_softmax(free, ctx.allowed)
+        n_allowed = ctx.allowed.sum(-1, keepdim=True).clamp_min(1).to(p0.dtype)  # (Q, 1)
+        corrected = ctx.probs / torch.maximum(p0, self.params.floor / n_allowed)
+        corrected = corrected * ctx.allowed
+        ctx.probs = corrected / corrected.sum(-1, keepdim=True).clamp_min(torch.finfo(corrected.dtype).tiny)
+
+
+@register_operator("bidirectional_soft_mask")
+class BidirectionalSoftMask(Shift):
+    """ASAP's attention-shift correction: bidirectional visual queries and a soft positional mask.
+
+    ASAP (attention-shift aware pruning; the abstract is in the project's seeds, the method section
+    is not public — this is our reading, documented in docs/methods/asap.md):
+
+    1. *Bidirectional.* Visual tokens are scored by queries from the instruction **and** from the
+       visual tokens themselves; a visual query sees every visual key (not only earlier ones), so
+       the top of the image is not starved by the causal mask. Keys are the visual tokens.
+    2. *Soft, dynamic mask.* An additive bias, estimated from the current input, removes the
+       positional trend of the logits. The logits of the estimation block (instruction and visual
+       queries × visual keys, per sample and head) are modelled as ``a[q] + c[k] + t(|p_q − p_k|)``
+       — a per-query offset (which softmax ignores), a per-key content term and a trend in the
+       position distance — fitted by ``iterations`` rounds of backfitting (round 1 is "the mean
+       logit at each distance"). Then ``t`` is subtracted from every logit before the softmax.
+       Because visual queries see keys on both sides, a trend in distance cannot masquerade as
+       content, which it can for causal text queries alone.
+
+    Only the scores change; the model's own attention is untouched.
+    """
+
+    @dataclass
+    class Params:
+        iterations: int = 8  # backfitting rounds of the trend fit (1: mean logit at each distance)
+
+        def __post_init__(self) -> None:
+            if self.iterations < 1:
+                raise ParamError("iterations", "must be >= 1")
+
+    def adjust_logits(self, ctx: AttentionContext) -> None:
+        st = ctx.signals._state
+        b = ctx.sample
+        dev = ctx.logits.device
+        vis = (st.visual_mask[b] & st.valid_mask[b]).to(dev)
+        if not bool(vis.any()):
+            return
+        trend = ctx.signals.cached(("soft_mask_trend", b, ctx.rotary, self.params.iterations),
+                                   lambda: self.fit_trend(ctx))
+        rows = ctx.rows.to(dev)
+        row_visual = vis[rows]
+        ctx.allowed = (ctx.allowed.to(dev) | (row_visual[:, None] & vis[None, :])) & vis[None, :]
+        pos = st.positions[b].to(dev)
+        dist = (pos[rows][:, None] - pos[None, :]).abs().clamp_max(trend.shape[-1] - 1)
+        ctx.logits = ctx.logits - trend[:, dist]
+
+    def fit_trend(self, ctx: AttentionContext) -> torch.Tensor:
+        """(H, D+1) positional trend t(d) of one sample, fitted on instruction+visual queries × visual keys."""
+        signals, b = ctx.signals, ctx.sample
+        st = signals._state
+        est_rows = torch.cat([signals.query_rows("instruction", b), signals.query_rows("visual", b)])
+        vis_idx = signals.query_rows("visual", b)
+        logits = signals.source.logits(b, est_rows, rotary=ctx.rotary).float()[:, :, vis_idx.to(ctx.logits.device)]
+        return fit_positional_trend(logits, st.positions[b][est_rows], st.positions[b][vis_idx], self.params.iterations)
+
+
+def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Backfit ``logits`` (H, Q, K) ≈ a[q] + c[k] + t(|q_pos − k_pos|); return t as (H, D+1).
+
+    Each round sets t(d) to the mean residual over the pairs at distance d, then the per-query
+    and per-key terms to their mean residuals (Gauss–Seidel on the least-squares fit). Only t is
+    returned; distances never seen get 0. ``t`` is centred (mean 0 over the pairs).
+    """
+    h, q, k = logits.shape
+    dev = logits.device
+    dist = (q_pos.to(dev)[:, None] - k_pos.to(dev)[None, :]).abs()  # (Q, K)
+    flat = dist.reshape(-1)
+    size = int(flat.max()) + 1
+    count = torch.bincount(flat, minlength=size).to(logits.dtype).clamp_min(1)
+    a = logits.mean(-1)  # (H, Q)
+    c = torch.zeros(h, k, device=dev, dtype=logits.dtype)
+    t = torch.zeros(h, size, device=dev, dtype=logits.dtype)
+    for _ in range(iterations):
+        resid = (logits - a[:, :, None] - c[:, None, :]).reshape(h, -1)
+        t = torch.zeros(h, size, device=dev, dtype=logits.dtype).index_add_(1, flat, resid) / count
+        r = logits - t[:, dist]
+        a = (r - c[:, None, :]).mean(-1)
+        c = (r - a[:, :, None]).mean(1)
+    return t - t[:, flat].mean(-1, keepdim=True)

@@ -1,0 +1,155 @@
+"""Where attention-based signals come from: sources of attention logits, and the query sets.
+
+A stage's attention signals are recomputed, never read from an eager forward. An
+:class:`AttentionSource` gives raw (unmasked, pre-softmax) attention logits of chosen query rows
+against every token of the stage, per sample:
+
+- :class:`LayerAttentionSource` recomputes them from a decoder layer's input with that layer's
+  own projections (through the model's adapter), for just the rows asked for. It can also give
+  them *before* the rotary embedding (``rotary=False``) and for a *content-free* input (the same
+  vector at every position; ``content_free=True``), which the attention-shift corrections use.
+- :class:`LogitsSource` wraps logits you already have (synthetic ones in tests, or ones captured
+  elsewhere in a notebook), so every operator can run standalone on a hand-built ``TokenState``.
+
+Masking (causal, padding, the bidirectional visual block), softmax and shift corrections happen
+in :class:`tokenprune.state.Signals`, the same way for every source.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from tokenprune.adapters.base import ModelAdapter
+
+#: Query sets an attention scorer can ask for (see :func:`query_rows`).
+QUERY_SETS: tuple[str, ...] = ("last", "text", "instruction", "raters", "visual", "all")
+
+
+class AttentionSource:
+    """Raw attention logits of a stage's tokens; subclasses implement :meth:`logits`."""
+
+    def logits(self, sample: int, rows: torch.Tensor, *, rotary: bool = True,
+               content_free: bool = False) -> torch.Tensor:
+        """(H, Q, N) fp32 logits (scaled q·k, no mask) of query ``rows`` (Q,) of ``sample`` against all N tokens."""
+        raise NotImplementedError
+
+    def keys(self) -> torch.Tensor | None:
+        """(B, H_kv, N, hd) keys of the source layer (rotary applied), or None if the source has none."""
+        return None
+
+
+class LogitsSource(AttentionSource):
+    """Precomputed logits (B, H, N, N), optionally with their rotary-free and content-free versions.
+
+    For notebooks and tests: ``TokenState.from_tensors(..., attention=LogitsSource(logits))``.
+    Asking for a version that was not given raises a clear error.
+    """
+
+    def __init__(self, logits: torch.Tensor, rope_free: torch.Tensor | None = None,
+                 content_free: torch.Tensor | None = None, keys: torch.Tensor | None = None):
+        for name, t in (("logits", logits), ("rope_free", rope_free), ("content_free", content_free)):
+            if t is not None and (t.dim() != 4 or t.shape[-1] != t.shape[-2]):
+                raise ValueError(f"LogitsSource {name} must be (B, H, N, N); got {tuple(t.shape)}")
+        self._versions = {(True, False): logits, (False, False): rope_free, (True, True): content_free}
+        self._keys = keys
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        t = self._versions.get((rotary, content_free))
+        if t is None:
+            what = "content-free" if content_free else "rotary-free"
+            raise ValueError(f"this LogitsSource has no {what} logits; pass them to LogitsSource(...)")
+        return t[sample][:, rows.to(t.device)].float()
+
+    def keys(self):
+        return self._keys
+
+
+class LayerAttentionSource(AttentionSource):
+    """Logits recomputed from decoder layer ``layer``'s input ``hidden`` (B, N, D), via the adapter.
+
+    Keys are computed once for all tokens (or taken from the layer's KV cache when it holds
+    exactly these tokens); queries only for the rows asked for.
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
+                 valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None):
+        self.adapter = adapter
+        self.layer = layer
+        self.hidden = hidden
+        self.position_embeddings = position_embeddings
+        self.valid_mask = valid_mask
+        self._cached_keys = cached_keys if cached_keys is not None and cached_keys.shape[-2] == hidden.shape[1] else None
+        self._keys: dict[tuple[bool, bool], torch.Tensor] = {}
+        self._content_free_hidden: torch.Tensor | None = None
+
+    def _input(self, content_free: bool) -> torch.Tensor:
+        if not content_free:
+            return self.hidden
+        if self._content_free_hidden is None:
+            # The same vector at every position: the mean hidden state of each sample's real tokens.
+            w = self.valid_mask.to(self.hidden.dtype)[..., None]
+            mean = (self.hidden * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+            self._content_free_hidden = mean.expand_as(self.hidden)
+        return self._content_free_hidden
+
+    def _all_keys(self, rotary: bool, content_free: bool) -> torch.Tensor:
+        key = (rotary, content_free)
+        if key not in self._keys:
+            if rotary and not content_free and self._cached_keys is not None:
+                self._keys[key] = self._cached_keys
+            else:
+                self._keys[key] = self.adapter.project_keys(self.layer, self._input(content_free),
+                                                            self.position_embeddings, rotary=rotary)
+        return self._keys[key]
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        h = self._input(content_free)[sample:sample + 1]
+        rows = rows.to(h.device)
+        q = self.adapter.project_queries(self.layer, h, self.position_embeddings, rows[None], rotary=rotary,
+                                         sample=sample)[0]  # (H, Q, hd)
+        k = self._all_keys(rotary, content_free)[sample]  # (H_kv, N, hd)
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.attention_scaling(self.layer)
+
+    def keys(self):
+        return self._all_keys(True, False)
+
+
+def query_rows(name: str, visual: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """(Q,) indices of one sample's query rows of set ``name`` (see :data:`QUERY_SETS`).
+
+    ``visual``/``valid`` are (N,) bool. ``last``: the final real token; ``text``: every real
+    non-visual token; ``instruction``: the text after the last visual token (what can see the
+    image under a causal mask); ``raters``: the instruction tokens most relevant to the image
+    (SparseVLM, Zhang et al. 2024: text tokens whose relevance to the visual tokens is at least the
+    mean relevance; relevance of a text token = mean over visual tokens of the softmax over text
+    tokens of scaled hidden-state dot products; needs ``hidden``); ``visual``: the visual tokens;
+    ``all``: every real token.
+    """
+    n = visual.shape[0]
+    idx = torch.arange(n, device=visual.device)
+    text = valid & ~visual
+    if name == "last":
+        return idx[valid][-1:]
+    if name == "text":
+        return idx[text]
+    if name == "visual":
+        return idx[visual & valid]
+    if name == "all":
+        return idx[valid]
+    after = idx > (idx[visual].max() if bool(visual.any()) else -1)
+    instruction = text & after
+    if name == "instruction":
+        return idx[instruction]
+    if name == "raters":
+        cand = idx[instruction]
+        if hidden is None or cand.numel() <= 1 or not bool(visual.any()):
+            return cand
+        h = hidden.float()
+        hv, ht = h[visual & valid], h[cand]
+        rel = torch.softmax(hv @ ht.T / h.shape[-1] ** 0.5, dim=-1).mean(0)  # (T,)
+        return cand[rel >= rel.mean()]
+    raise ValueError(f"queries={name!r}; allowed: {', '.join(QUERY_SETS)}")
