@@ -47,13 +47,13 @@ class RopeGravity(Shift):
     probabilities are divided by it, row by row, then renormalised over the allowed keys.
 
     The denominators are probabilities, so never negative; tiny ones are clamped to
-    ``floor / (number of keys the row may attend to)`` (``floor`` = 0.1 means "never divide by less
-    than a tenth of uniform attention"), so a key the content-free input ignores cannot explode.
+    ``floor / (number of keys the row may attend to)`` (``floor`` = 0.01 means "never divide by less
+    than a hundredth of uniform attention"), so a key the content-free input ignores cannot explode.
     """
 
     @dataclass
     class Params:
-        floor: float = 0.1  # smallest denominator, as a fraction of uniform attention over the allowed keys
+        floor: float = 0.01  # smallest denominator, as a fraction of uniform attention over the allowed keys
 
         def __post_init__(self) -> None:
             if not self.floor > 0:

@@ -116,3 +116,35 @@ def fastv_reference_kept(model_eager, inputs: dict, site: int, keep: int) -> lis
         text = (~visual[b] & inputs["attention_mask"][b].bool()).nonzero().flatten()
         kept.append(sorted(top.tolist() + text.tolist()))
     return kept
+
+
+@torch.no_grad()
+def hidden_at_layer(model, inputs: dict, layer: int) -> torch.Tensor:
+    """(B, N, D) hidden states entering decoder ``layer`` of the unpruned model."""
+    return model(**inputs, output_hidden_states=True).hidden_states[layer]
+
+
+@torch.no_grad()
+def reference_from_site(model, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, site: int,
+                        key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K, V) logits of running decoder layers ``site..`` by hand on the tokens ``hidden`` (B, K, D).
+
+    Written without tokenprune: rotary angles from ``positions`` (B, K) through the LLM's own
+    rotary module, an additive causal mask over ``valid`` keys (B, K) plus ``key_bias`` (B, K) on
+    every key column (ToMe's proportional attention), then the final norm and the LM head. For
+    an eager-attention model.
+    """
+    lm = model.model.language_model
+    b, k, _ = hidden.shape
+    pe = lm.rotary_emb(hidden, positions)
+    causal = torch.ones(k, k, dtype=torch.bool).tril()
+    allowed = causal[None] & valid.bool()[:, None, :]
+    allowed = allowed | torch.eye(k, dtype=torch.bool)[None]  # padding rows see themselves (no NaN)
+    mask = torch.zeros(b, 1, k, k, dtype=hidden.dtype).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
+    if key_bias is not None:
+        mask = mask + key_bias[:, None, None, :].to(hidden.dtype)
+    h = hidden
+    for layer in lm.layers[site:]:
+        out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe)
+        h = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(lm.norm(h)).float()

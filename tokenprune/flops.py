@@ -106,11 +106,16 @@ def layer_token_counts(pipeline: Pipeline | None, num_layers: int, n_tokens: int
     sites = {}
     if pipeline is not None:
         pipeline.validate_for_depth(num_layers)
-        sites = {stage.layer: stage for stage in pipeline.stages}
+        sites = {stage.layer: (i, stage) for i, stage in enumerate(pipeline.stages)}
     counts, n, v = [], n_tokens, n_visual
     for layer in range(num_layers):
         if layer in sites:
-            kept = sites[layer].selector.expected_kept(v)
+            i, stage = sites[layer]
+            try:
+                kept = stage.selector.expected_kept(v)
+            except NotImplementedError as e:
+                raise ConfigError(f"stages.{i}", f"{e}: its kept count depends on the input, so analytic FLOPs need "
+                                  "the measured counts (run the pipeline and read its trace)") from None
             n, v = n - (v - kept), kept
         counts.append((n, v))
     return counts

@@ -1,0 +1,241 @@
+"""The in-LLM operators on small hand-built states, against answers computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.attention import LogitsSource, query_rows
+from tokenprune.errors import ConfigError
+from tokenprune.state import TokenState
+
+
+def state_of(visual, scores=None, hidden=None, **kw):
+    visual = torch.tensor(visual, dtype=torch.bool)
+    if hidden is None:
+        hidden = torch.zeros(*visual.shape, 4)
+    return TokenState.from_tensors(hidden, visual, scores=scores, **kw)
+
+
+def kept_visual(state):
+    return torch.nonzero(state.keep_mask[0] & state.visual_mask[0]).flatten().tolist()
+
+
+# --- selectors ---------------------------------------------------------------------------------
+
+def test_cumulative_mass_budget_on_a_known_distribution():
+    # scores 0.1, 0.4, 0.2, 0.3 on four visual tokens: sorted 0.4, 0.3, 0.2, 0.1 -> cumulative 0.4, 0.7, 0.9, 1.0
+    scores = [[9.0, 0.1, 0.4, 0.2, 0.3, 9.0]]
+    visual = [[0, 1, 1, 1, 1, 0]]
+    for threshold, expected in [(0.4, [2]), (0.7, [2, 4]), (0.75, [2, 3, 4]), (0.95, [1, 2, 3, 4]), (1.0, [1, 2, 3, 4])]:
+        st = tp.build_operator("cumulative_mass", threshold=threshold)(state_of(visual, scores))
+        assert kept_visual(st) == expected, threshold
+        assert st.keep_mask[0, 0] and st.keep_mask[0, 5]  # text stays
+    # the mass is relative: scaling the scores changes nothing
+    st = tp.build_operator("cumulative_mass", threshold=0.7)(state_of(visual, [[1.0, 1.0, 4.0, 2.0, 3.0, 1.0]]))
+    assert kept_visual(st) == [2, 4]
+    st = tp.build_operator("cumulative_mass", threshold=0.4, min_keep=3)(state_of(visual, scores))
+    assert kept_visual(st) == [2, 3, 4]
+    st = tp.build_operator("cumulative_mass", threshold=1.0, max_keep=0.5)(state_of(visual, scores))
+    assert kept_visual(st) == [2, 4]
+
+
+def test_cumulative_mass_refuses_negative_scores_and_bad_thresholds():
+    with pytest.raises(ValueError, match="non-negative"):
+        tp.build_operator("cumulative_mass")(state_of([[1, 1]], [[0.5, -0.1]]))
+    with pytest.raises(ConfigError, match="threshold"):
+        tp.build_operator("cumulative_mass", threshold=1.5)
+
+
+def test_uniform_grid_stride_on_a_24x24_grid():
+    visual = [[0] * 3 + [1] * 576 + [0] * 2]
+    st = tp.build_operator("uniform_grid", stride=2)(state_of(visual))
+    kept = kept_visual(st)
+    expected = [3 + r * 24 + c for r in range(0, 24, 2) for c in range(0, 24, 2)]
+    assert kept == expected and len(kept) == 144
+    st = tp.build_operator("uniform_grid", stride=3, offset=1)(state_of(visual))
+    expected = [3 + r * 24 + c for r in range(1, 24, 3) for c in range(1, 24, 3)]
+    assert kept_visual(st) == expected and len(expected) == 64
+    assert tp.build_operator("uniform_grid", stride=3).expected_kept(576) == 64
+    assert st.keep_mask[0, :3].all() and st.keep_mask[0, -2:].all()
+
+
+def test_uniform_grid_needs_a_known_grid():
+    with pytest.raises(ValueError, match="not a square grid"):
+        tp.build_operator("uniform_grid")(state_of([[1] * 6]))
+    st = tp.build_operator("uniform_grid", stride=2)(state_of([[1] * 6], grid=(2, 3)))
+    assert kept_visual(st) == [0, 2]
+    with pytest.raises(ConfigError, match="offset"):
+        tp.build_operator("uniform_grid", stride=2, offset=2)
+
+
+def test_union_of_topk_and_grid():
+    scores = [[0.0] * 15 + [1.0]]  # the last of a 4x4 grid scores highest
+    op = tp.build_operator("union", of=[{"op": "topk", "keep": 1}, {"op": "uniform_grid", "stride": 2}])
+    st = op(state_of([[1] * 16], scores))
+    assert kept_visual(st) == [0, 2, 8, 10, 15]
+    with pytest.raises(ConfigError) as e:
+        tp.build_operator("union", _key="stages.0.operators.1.op", of=[{"op": "topk"}, {"op": "random"}])
+    assert e.value.key == "stages.0.operators.1.of.1.op" and "selectors" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        tp.build_operator("union", _key="stages.0.operators.1.op", of=[{"op": "topk", "keep": 2.5}, {"op": "topk"}])
+    assert e.value.key == "stages.0.operators.1.of.0.keep"
+
+
+# --- mergers -----------------------------------------------------------------------------------
+
+def test_bipartite_merges_the_obvious_pairs():
+    # visual tokens 0..5: A = {0, 2, 4}, B = {1, 3, 5}; 3 is nearly 0, 5 nearly 2, 4 matches nothing well
+    h = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0.1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0.2]])
+    sizes = torch.tensor([[2.0, 1, 1, 1, 1, 3]])
+    st = state_of([[1] * 6], hidden=h[None].clone(), sizes=sizes)
+    st = tp.build_operator("bipartite", keep=4, features="hidden")(st)
+    assert st.keep_mask[0].tolist() == [False, True, False, True, True, True]
+    assert torch.allclose(st.hidden[0, 3], (2 * h[0] + 1 * h[3]) / 3)  # size-weighted mean
+    assert torch.allclose(st.hidden[0, 5], (1 * h[2] + 3 * h[5]) / 4)
+    assert torch.equal(st.hidden[0, 1], h[1]) and torch.equal(st.hidden[0, 4], h[4])
+    assert st.sizes[0].tolist() == [2.0, 1.0, 1.0, 3.0, 1.0, 4.0]
+    assert st.proportional_attention
+    with pytest.raises(ValueError, match="at most 3"):
+        tp.build_operator("bipartite", keep=2, features="hidden")(state_of([[1] * 6], hidden=h[None].clone()))
+
+
+def test_weighted_soft_merge_weights_by_hand():
+    # kept visual tokens k1, k2; pruned p; a text token that must not be touched
+    k1, k2, p, text = [1.0, 0.0], [0.0, 1.0], [3.0, 1.0], [5.0, 5.0]
+    h = torch.tensor([[k1, k2, p, text]])
+    st = state_of([[1, 1, 1, 0]], scores=[[0.5, 0.25, 0.2, 0.0]], hidden=h.clone())
+    st.keep_mask = torch.tensor([[True, True, False, True]])
+    st = tp.build_operator("weighted_soft_merge", temperature=0.5, neighbors=0)(st)
+    c1, c2 = 3 / math.sqrt(10), 1 / math.sqrt(10)  # cosine of p with k1, k2
+    w1 = math.exp(c1 / 0.5) / (math.exp(c1 / 0.5) + math.exp(c2 / 0.5))
+    w2 = 1 - w1
+    exp1 = [(0.5 * 1 + 0.2 * w1 * 3) / (0.5 + 0.2 * w1), (0.5 * 0 + 0.2 * w1 * 1) / (0.5 + 0.2 * w1)]
+    exp2 = [(0.2 * w2 * 3) / (0.25 + 0.2 * w2), (0.25 * 1 + 0.2 * w2 * 1) / (0.25 + 0.2 * w2)]
+    assert torch.allclose(st.hidden[0, 0], torch.tensor(exp1), atol=1e-6)
+    assert torch.allclose(st.hidden[0, 1], torch.tensor(exp2), atol=1e-6)
+    assert torch.equal(st.hidden[0, 3], torch.tensor(text))
+    assert torch.allclose(st.sizes[0, :2], torch.tensor([1 + w1, 1 + w2]))
+    # one neighbour: everything goes to k1
+    st = state_of([[1, 1, 1, 0]], scores=[[0.5, 0.25, 0.2, 0.0]], hidden=h.clone())
+    st.keep_mask = torch.tensor([[True, True, False, True]])
+    st = tp.build_operator("weighted_soft_merge", temperature=0.5, neighbors=1)(st)
+    assert torch.allclose(st.hidden[0, 0], torch.tensor([(0.5 + 0.6) / 0.7, 0.2 / 0.7]))
+    assert torch.equal(st.hidden[0, 1], torch.tensor(k2)) and st.sizes[0, :2].tolist() == [2.0, 1.0]
+
+
+# --- scorers and query sets --------------------------------------------------------------------
+
+def test_query_sets_by_hand():
+    # pad, sys, v, v, v, q1, q2 (left padding at 0)
+    visual = torch.tensor([0, 0, 1, 1, 1, 0, 0], dtype=torch.bool)
+    valid = torch.tensor([0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
+    assert query_rows("last", visual, valid).tolist() == [6]
+    assert query_rows("text", visual, valid).tolist() == [1, 5, 6]
+    assert query_rows("instruction", visual, valid).tolist() == [5, 6]
+    assert query_rows("visual", visual, valid).tolist() == [2, 3, 4]
+    assert query_rows("all", visual, valid).tolist() == [1, 2, 3, 4, 5, 6]
+    # raters: the instruction token whose hidden state resembles the visual tokens is the relevant one
+    hidden = torch.zeros(7, 2)
+    hidden[2:5] = torch.tensor([4.0, 0.0])
+    hidden[5] = torch.tensor([4.0, 0.0])
+    hidden[6] = torch.tensor([0.0, 4.0])
+    assert query_rows("raters", visual, valid, hidden).tolist() == [5]
+
+
+def test_key_norm_hidden_norm_and_duplication_by_hand():
+    keys = torch.zeros(1, 2, 4, 2)  # (B, H_kv, N, hd)
+    keys[0, 0] = torch.tensor([[3.0, 4.0], [0, 1], [0, 2], [1, 0]])  # norms 5, 1, 2, 1
+    keys[0, 1] = torch.tensor([[0.0, 1.0], [0, 3], [0, 2], [0, 1]])  # norms 1, 3, 2, 1
+    h = torch.tensor([[[1.0, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 2]]])
+    logits = torch.zeros(1, 1, 4, 4)
+    st = state_of([[1, 1, 1, 1]], hidden=h, attention=LogitsSource(logits, keys=keys))
+    assert tp.build_operator("key_norm")(st).scores.tolist() == [[3.0, 2.0, 2.0, 1.0]]
+    st = state_of([[1, 1, 1, 1]], hidden=h)
+    assert torch.allclose(tp.build_operator("hidden_norm")(st).scores, torch.tensor([[1.0, 0.9055385, 1.0, 2.0]]))
+    # one pivot by key norm: token 0; duplication = 1 - cos(token, pivot); the pivot scores 3
+    st = state_of([[1, 1, 1, 1]], hidden=h, attention=LogitsSource(logits, keys=keys))
+    got = tp.build_operator("duplication", pivots=1)(st).scores
+    cos01 = 0.9 / math.sqrt(0.82)
+    assert torch.allclose(got, torch.tensor([[3.0, 1 - cos01, 1.0, 1.0]]), atol=1e-6)
+    # two pivots by hidden norm: tokens 3 (norm 2) then 0 (ties to the earlier of norms 1.0)
+    st = state_of([[1, 1, 1, 1]], hidden=h)
+    got = tp.build_operator("duplication", pivots=2, pivot_by="hidden_norm")(st).scores
+    assert torch.allclose(got, torch.tensor([[3.0, 1 - cos01, 1.0, 3.0]]), atol=1e-6)
+
+
+# --- attention-shift corrections on a synthetic input -------------------------------------------
+
+def synthetic(seed=0, n_visual=36, n_text_before=2, n_instruction=5, slope=0.6):
+    """Logits = content of the key + a pure positional trend in the query-key distance.
+
+    The trend favours nearby keys, so text queries (after the image) prefer its last tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = n_text_before + n_visual + n_instruction
+    visual = torch.zeros(n, dtype=torch.bool)
+    visual[n_text_before:n_text_before + n_visual] = True
+    content = torch.zeros(n)
+    content[visual] = torch.randn(n_visual, generator=gen)
+    pos = torch.arange(n)
+    trend = -slope * (pos[:, None] - pos[None, :]).abs().float()
+    logits = (content[None, :] + trend)[None, None]  # (B=1, H=1, N, N)
+    return visual, content, LogitsSource(logits, content_free=trend[None, None])
+
+
+def top_visual(scores, visual, k):
+    s = scores[0].masked_fill(~visual, float("-inf"))
+    return set(torch.topk(s, k).indices.tolist())
+
+
+@pytest.mark.parametrize("shift,scorers,slope", [
+    ("rope_gravity", [("instruction", 1.0)], 0.15),
+    ("bidirectional_soft_mask", [("instruction", 0.5), ("visual", 0.5)], 0.15),
+    ("bidirectional_soft_mask", [("instruction", 0.5), ("visual", 0.5)], 0.6),
+])
+def test_shift_corrections_recover_the_content_ranking(shift, scorers, slope):
+    visual, content, source = synthetic(slope=slope)
+    k = 9
+    truth = set(torch.topk(content.masked_fill(~visual, float("-inf")), k).indices.tolist())
+
+    def run(ops):
+        st = TokenState.from_tensors(torch.zeros(1, visual.numel(), 4), visual[None], attention=source)
+        for op in ops:
+            st = op(st)
+        return st.scores
+
+    raw = run([tp.build_operator("attention", queries="instruction")])
+    assert top_visual(raw, visual, k) != truth  # the positional trend fools raw attention
+    last_rows = torch.nonzero(visual).flatten()[-k:].tolist()
+    assert len(top_visual(raw, visual, k) & set(last_rows)) >= k - 2  # ... towards the bottom of the image
+    ops = [tp.build_operator(shift)] + [tp.build_operator("attention", queries=q, weight=w) for q, w in scorers]
+    fixed = run(ops)
+    assert top_visual(fixed, visual, k) == truth
+    # the full ranking, not just the top-k
+    v = torch.nonzero(visual).flatten()
+    assert torch.equal(torch.argsort(fixed[0, v], descending=True), torch.argsort(content[v], descending=True))
+
+
+def test_rope_gravity_guards_small_denominators():
+    visual, content, _ = synthetic()
+    n = visual.numel()
+    logits = torch.zeros(1, 1, n, n)
+    free = torch.zeros(1, 1, n, n)
+    free[..., 5] = -1e4  # the content-free input never attends to token 5
+    st = TokenState.from_tensors(torch.zeros(1, n, 4), visual[None], attention=LogitsSource(logits, content_free=free))
+    st = tp.build_operator("rope_gravity", floor=0.1)(st)
+    st = tp.build_operator("attention", queries="last")(st)
+    s = st.scores[0]
+    # last row: p = 1/n everywhere; p0 = 1/(n-1) except token 5 (0, clamped to 0.1/n): ratio (n-1)/n vs 10
+    ratio = torch.full((n,), (n - 1) / n)
+    ratio[5] = 10.0
+    assert torch.allclose(s, ratio / ratio.sum(), atol=1e-6)
+    with pytest.raises(ConfigError, match="floor"):
+        tp.build_operator("rope_gravity", floor=0.0)
+
+
+def test_standalone_state_without_attention_says_what_is_missing():
+    st = state_of([[1, 1]])
+    with pytest.raises(RuntimeError, match="AttentionSource"):
+        tp.build_operator("attention")(st)
