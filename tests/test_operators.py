@@ -3,8 +3,8 @@
 import torch
 
 import tokenprune as tp
-from tokenprune.budget import resolve_keep
 from tokenprune.attention import LogitsSource
+from tokenprune.budget import resolve_keep
 from tokenprune.state import Signals, TokenState
 
 

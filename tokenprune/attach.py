@@ -302,11 +302,13 @@ class AttachedPipeline:
         """Positions, sizes and the proportional-attention bias of the surviving tokens."""
         pos = gather_tokens(state.positions, rel)
         if positions == "renumber":
+            # Contiguous from the sequence's first position; decoding then continues right after the last
+            # kept token, i.e. every full-frame position shifts down by the number of tokens removed so far.
+            full_pos, full_valid = ep.full["position_ids"], ep.valid
+            first = full_pos.masked_fill(~full_valid, torch.iinfo(full_pos.dtype).max).amin(1)
             valid = ep.valid.gather(1, ep.index)
-            first = state.positions.masked_fill(~state.valid_mask, torch.iinfo(state.positions.dtype).max).amin(1)
             pos = torch.where(valid, first[:, None] + valid.long().cumsum(1) - 1, pos)
-            removed = (state.valid_mask.sum(1) - valid.sum(1)).to(pos.dtype)
-            ep.pos_shift = removed if ep.pos_shift is None else ep.pos_shift + removed
+            ep.pos_shift = (full_valid.sum(1) - valid.sum(1)).to(pos.dtype)
             ep.renumbered = True
         ep.positions = pos
         ep.sizes = gather_tokens(state.sizes.float(), rel)

@@ -1,0 +1,84 @@
+"""Every preset builds, validates and runs on a tiny model of each family it supports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.config import preset_names
+from tokenprune.errors import ConfigError
+from tokenprune.flops import parse_shape, pipeline_flops
+
+PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl"]
+
+
+@pytest.fixture(scope="module")
+def llava32():
+    """A 32-layer tiny LLaVA (the depth of a 7B LLM, so every preset's layers exist)."""
+    from tokenprune.tiny import tiny_llava
+
+    return tiny_llava("sdpa", layers=32)
+
+
+def test_every_method_has_a_preset():
+    assert set(PRESETS) <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@torch.no_grad()
+def test_preset_runs_and_generates(llava32, name):
+    from tokenprune.tiny import tiny_llava_inputs
+
+    pipe = tp.load_pipeline(name)
+    # zipvl's budget and feather's union adapt per sample: one sample per batch until ragged batches exist
+    inputs = tiny_llava_inputs(llava32, prompts=[[10, 11, 12, 13]] if name in ("zipvl", "feather") else None)
+    with pipe.attach(llava32):
+        out = llava32.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    assert len(pipe.trace) == len(pipe.stages)
+    first, last = pipe.trace[0], pipe.trace[-1]
+    assert all(a < b for a, b in zip(last.visual_after, first.visual_before)), pipe.report()
+
+
+def test_asap_cuts_78_to_82_percent_on_llava_next():
+    out = subprocess.run([sys.executable, "-m", "tokenprune.cli", "flops", "asap", "--shape", "llava-next-7b",
+                          "--tokens", "2940", "--visual", "2880", "--json"], capture_output=True, text=True, check=True)
+    reduction = json.loads(out.stdout)["reduction"]
+    assert 0.78 <= reduction <= 0.82, reduction
+
+
+def test_a_family_without_an_adapter_gives_a_clear_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM._from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=2, vocab_size=64))
+    with pytest.raises(TypeError, match="no tokenprune adapter for model_type 'llama'"):
+        tp.load_pipeline("asap").attach(model)
+
+
+def test_a_site_beyond_the_depth_names_the_key(llava_pair):
+    with pytest.raises(ConfigError) as e:
+        tp.load_pipeline("pyramiddrop").attach(llava_pair["sdpa"])
+    assert e.value.key == "stages.0.layer" and "4 decoder layers" in str(e.value)
+
+
+def test_selecting_merger_stands_alone_and_refuses_a_selector():
+    tp.load_pipeline({"stages": [{"layer": 2, "operators": [{"op": "bipartite"}]}]})
+    with pytest.raises(ConfigError) as e:
+        tp.load_pipeline({"stages": [{"layer": 2, "operators": [{"op": "random"}, {"op": "topk"}, {"op": "bipartite"}]}]})
+    assert e.value.key == "stages.0.operators.2" and "chooses its own tokens" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        tp.load_pipeline({"stages": [{"layer": 2, "positions": "shuffle", "operators": [{"op": "bipartite"}]}]})
+    assert e.value.key == "stages.0.positions" and "renumber" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "bipartite"}]}]})
+    assert e.value.key == "stages.0.layer"  # keys need the previous layer
+
+
+def test_adaptive_budgets_refuse_analytic_flops():
+    with pytest.raises(ConfigError) as e:
+        pipeline_flops(tp.load_pipeline("zipvl"), parse_shape("llava-1.5-7b"), 640, 576)
+    assert e.value.key == "stages.0" and "measured" in str(e.value)
