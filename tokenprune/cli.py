@@ -38,7 +38,11 @@ def operators_markdown() -> str:
             out += [f"| `{p}` | `{t}` | `{d!r}` |" for p, t, d in rows]
         else:
             out.append("No parameters.")
-        if cls.min_layer:
+        if isinstance(cls.__dict__.get("min_layer"), property):
+            needed = cls().min_layer  # depends on the parameters: state what the defaults need
+            if needed:
+                out += ["", f"Needs `layer >= {needed}` with the default parameters."]
+        elif cls.min_layer:
             out += ["", f"Needs `layer >= {cls.min_layer}`."]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
