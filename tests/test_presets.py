@@ -82,3 +82,14 @@ def test_adaptive_budgets_refuse_analytic_flops():
     with pytest.raises(ConfigError) as e:
         pipeline_flops(tp.load_pipeline("zipvl"), parse_shape("llava-1.5-7b"), 640, 576)
     assert e.value.key == "stages.0" and "measured" in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["stages.0.operators.0.op=none", "stages.0.operators.0.op=rope_free",
+                                      "stages.0.operators.0.op=rope_gravity", "stages.0.operators.4.op=drop"])
+@torch.no_grad()
+def test_asap_ablations_are_one_override(llava_pair, batch, override):
+    """The ablations listed in docs/methods/asap.md build and run."""
+    pipe = tp.load_pipeline("asap", [override])
+    with pipe.attach(llava_pair["sdpa"]):
+        llava_pair["sdpa"](**batch)
+    assert pipe.trace[0].visual_after == [10, 10]  # 15% of 64
