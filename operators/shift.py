@@ -100,7 +100,7 @@ class BidirectionalSoftMask(Shift):
                 raise ParamError("iterations", "must be >= 1")
 
     def adjust_logits(self, ctx: AttentionContext) -> None:
-        st = ctx.signals._state
+        st = ctx.signals.state
         b = ctx.sample
         dev = ctx.logits.device
         vis = (st.visual_mask[b] & st.valid_mask[b]).to(dev)
@@ -118,7 +118,7 @@ class BidirectionalSoftMask(Shift):
     def fit_trend(self, ctx: AttentionContext) -> torch.Tensor:
         """(H, D+1) positional trend t(d) of one sample, fitted on instruction+visual queries × visual keys."""
         signals, b = ctx.signals, ctx.sample
-        st = signals._state
+        st = signals.state
         est_rows = torch.cat([signals.query_rows("instruction", b), signals.query_rows("visual", b)])
         vis_idx = signals.query_rows("visual", b)
         logits = signals.source.logits(b, est_rows, rotary=ctx.rotary).float()[:, :, vis_idx.to(ctx.logits.device)]

@@ -46,6 +46,11 @@ class Signals:
         self.source = source
         self._cache: dict[tuple, Any] = {}
 
+    @property
+    def state(self) -> TokenState:
+        """The state these signals belong to."""
+        return self._state
+
     def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per stage under ``key``."""
         if key not in self._cache:
