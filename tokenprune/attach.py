@@ -11,7 +11,7 @@ How it rides the forward (see docs/concepts.md):
   ``cat(kept, prefill_len..total_len)``. A compactor may trim the cache of earlier layers too.
 
 Scores that need attention are recomputed for the few query rows that matter from the previous
-layer's input (see :meth:`ModelAdapter.attention_rows`), so the model keeps SDPA.
+layer's input (see :class:`~tokenprune.attention.LayerAttentionSource`), so the model keeps SDPA.
 """
 
 from __future__ import annotations
