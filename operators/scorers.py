@@ -51,7 +51,7 @@ class KeyNorm(Scorer):
     min_layer = 1
 
     def score(self, state: TokenState) -> torch.Tensor:
-        return state.signals.keys().float().norm(dim=-1).mean(dim=1).to(state.visual_mask.device)
+        return state.signals.key_norms()
 
 
 @register_operator("hidden_norm")
@@ -88,7 +88,7 @@ class Duplication(Scorer):
 
     def score(self, state: TokenState) -> torch.Tensor:
         if self.params.pivot_by == "key_norm":
-            by = state.signals.keys().float().norm(dim=-1).mean(dim=1).to(state.visual_mask.device)
+            by = state.signals.key_norms()
         else:
             by = state.hidden.float().norm(dim=-1)
         feats = torch.nn.functional.normalize(state.hidden.float(), dim=-1)

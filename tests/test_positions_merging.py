@@ -90,8 +90,20 @@ CASES = {
 def test_cached_decoding_equals_rerunning_the_prefill(llava_pair, batch, impl, case):
     """Stock generate() with a KV cache gives, at every step, the logits of a fresh pruned prefill of
     the prompt plus the tokens generated so far (the selection does not depend on them here)."""
-    model = llava_pair[impl]
-    pipe = pipeline(*CASES[case])
+    check_cached_against_reprefill(llava_pair[impl], pipeline(*CASES[case]), batch, case)
+
+
+@pytest.mark.parametrize("case", ["soft_merge_proportional", "renumber"])
+@torch.no_grad()
+def test_cached_decoding_without_padding(llava_pair, case):
+    """One unpadded sample under SDPA: the LLM passes no mask, so the bias needs a built one."""
+    from tokenprune.tiny import tiny_llava_inputs
+
+    model = llava_pair["sdpa"]
+    check_cached_against_reprefill(model, pipeline(*CASES[case]), tiny_llava_inputs(model, prompts=[[10, 11, 12]]), case)
+
+
+def check_cached_against_reprefill(model, pipe, batch, case):
     steps = 3
     with pipe.attach(model):
         out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,

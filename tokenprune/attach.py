@@ -340,14 +340,10 @@ class AttachedPipeline:
             key = id(held)
             if key not in ep.decode_masks:
                 total = ep.seen + ep.query_len
-                if mask is None:
-                    b = held.shape[0]
-                    mask = torch.ones(b, 1, ep.query_len, held.shape[1] + total - ep.prefill_len, dtype=torch.bool,
-                                      device=held.device)
-                    if ep.query_len > 1:
-                        mask = full_causal_mask(torch.ones(b, total, dtype=torch.long, device=held.device),
-                                                ep.query_len, "bool", torch.float32)
-                        mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, total))
+                if mask is None:  # SDPA without padding: build the causal mask to carry the bias
+                    mask = full_causal_mask(torch.ones(held.shape[0], total, dtype=torch.long, device=held.device),
+                                            ep.query_len, "bool", torch.float32)
+                    mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, total))
                 else:
                     mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, mask.shape[-1]))
                 if bias is not None:

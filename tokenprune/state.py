@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from tokenprune.operator import Shift
 
 
-
 @dataclass
 class AttentionContext:
     """What a shift correction sees and may change while one sample's attention rows are computed.
@@ -123,6 +122,11 @@ class Signals:
         if k is None:
             raise RuntimeError("this attention source has no keys")
         return k
+
+    def key_norms(self) -> torch.Tensor:
+        """(B, N) L2 norm of each token's key at the source layer, averaged over key heads."""
+        return self.cached(("key_norms",), lambda: self.keys().float().norm(dim=-1).mean(dim=1).to(
+            self._state.visual_mask.device))
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
