@@ -26,7 +26,15 @@ from torch import nn
 from tokenprune.adapters import ModelAdapter, get_adapter
 from tokenprune.attention import LayerAttentionSource
 from tokenprune.errors import PipelineRuntimeError
-from tokenprune.masks import decode_key_index, expand_batch, full_causal_mask, gather_mask, gather_tokens
+from tokenprune.masks import (
+    decode_key_index,
+    expand_batch,
+    full_causal_mask,
+    gather_mask,
+    gather_tokens,
+    mask_key_columns,
+    ragged_keep_index,
+)
 from tokenprune.pipeline import Pipeline, StageTrace
 from tokenprune.state import Signals, TokenState
 
@@ -50,7 +58,11 @@ class _Episode:
         self.phase = "prefill"
         self.query_len = visual.shape[1]
         self.index: torch.Tensor | None = None  # (B, K) input-frame indices of the tokens flowing now
+        # (B, K) False on filler slots: when samples keep different numbers of tokens, the shorter ones are
+        # left-filled with copies of their first kept token, masked out as keys everywhere (None: no filler).
+        self.live: torch.Tensor | None = None
         self.layer_index: dict[int, torch.Tensor | None] = {}  # what each layer's prefill cache holds
+        self.layer_live: dict[int, torch.Tensor | None] = {}
         self.full: dict[str, Any] = {}  # full-frame layer kwargs of the prefill
         self.frame: tuple[torch.Tensor, dict[str, Any]] | None = None
         self.capture: _Capture | None = None
@@ -67,6 +79,11 @@ class _Episode:
         self.layer_shift: dict[int, torch.Tensor | None] = {}
         self.decode_pe: dict[int, Any] = {}
 
+    def valid_now(self) -> torch.Tensor:
+        """(B, K) real (not padding, not filler) tokens among those flowing now."""
+        valid = self.valid.gather(1, self.index)
+        return valid if self.live is None else valid & self.live
+
 
 class AttachedPipeline:
     """Context manager returned by :meth:`Pipeline.attach`; removes its hooks on exit, always."""
@@ -76,6 +93,7 @@ class AttachedPipeline:
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
         pipeline.validate_for_depth(self.adapter.num_layers)
+        self.adapter.validate_pipeline(pipeline)
         self._site = {stage.layer: i for i, stage in enumerate(pipeline.stages)}
         self._capture_layers = {stage.layer - 1 for stage in pipeline.stages if stage.layer >= 1}
         self._handles: list[Any] = []
@@ -133,8 +151,9 @@ class AttachedPipeline:
                 self.pipeline.trace = []
             return
         ep = self._episode
-        if bool(visual.any()):
-            raise PipelineRuntimeError("visual tokens after the prefill (images in a cached continuation) are not supported")
+        if bool(visual.any()) and self.adapter.has_image_inputs(kwargs):
+            raise PipelineRuntimeError("images after the prefill (a cached continuation with new images) are not supported")
+        # (an image token id generated while decoding, with no image inputs, is just a text token to the model)
         if ep is None or ep.cache is not cache:
             self._episode = None
             return
@@ -204,6 +223,7 @@ class AttachedPipeline:
         if ep.index is not None:
             kwargs.update(self._frame_kwargs(ep, hidden))
         ep.layer_index[layer] = ep.index
+        ep.layer_live[layer] = ep.live
         ep.layer_bias[layer] = ep.key_bias
         ep.layer_shift[layer] = ep.pos_shift
         if layer == 0 and ep.index is not None:  # a stage before the LLM: every cache is short
@@ -232,10 +252,11 @@ class AttachedPipeline:
                 out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
         mask = ep.full["attention_mask"]
         mask = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
+        if mask is None and (ep.key_bias is not None or ep.live is not None):
+            mask = full_causal_mask(ep.valid_now(), idx.shape[1], "bool", hidden.dtype)
+        elif ep.live is not None:
+            mask = mask_key_columns(mask, ep.live)
         if ep.key_bias is not None:
-            valid = ep.valid.gather(1, idx)
-            if mask is None:
-                mask = full_causal_mask(valid, idx.shape[1], "bool", hidden.dtype)
             mask = self._add_key_bias(mask, ep.key_bias, hidden.dtype)
         out["attention_mask"] = mask
         ep.frame = (idx, out)
@@ -256,10 +277,11 @@ class AttachedPipeline:
         stage = self.pipeline.stages[stage_i]
         b, n = hidden.shape[:2]
         cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        live = ep.live if ep.live is not None else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
         state = TokenState(
             hidden=hidden,
-            visual_mask=ep.visual.gather(1, cur),
-            valid_mask=ep.valid.gather(1, cur),
+            visual_mask=ep.visual.gather(1, cur) & live,
+            valid_mask=ep.valid.gather(1, cur) & live,
             positions=ep.positions if ep.positions is not None else ep.full["position_ids"].gather(1, cur),
             source_index=cur,
             sizes=ep.sizes if ep.sizes is not None else torch.ones(b, n, device=hidden.device),
@@ -272,22 +294,19 @@ class AttachedPipeline:
             state.signals = Signals(state, source=source)
         with torch.no_grad():
             state = stage(state)
-        keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool)
-        counts = keep.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise PipelineRuntimeError(
-                f"stage {stage_i} (layer {layer}) keeps {counts.tolist()} tokens in the samples of this batch; "
-                "samples of one batch must keep equally many tokens (give every sample the same number of visual tokens)")
-        rel = torch.arange(n, device=hidden.device).expand(b, n)[keep].view(b, -1)
+        keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool) & live
+        rel, new_live = ragged_keep_index(keep)
         new_index = cur.gather(1, rel)
         hidden = gather_tokens(state.hidden, rel)
         if state.compact_kv_before_site:
-            self._compact_earlier_layers(layer, new_index, ep)
+            self._compact_earlier_layers(layer, new_index, new_live, ep)
         ep.index = new_index
+        ep.live = new_live
         self._carry_token_data(ep, stage.positions, state, rel)
         self.pipeline.runs[stage_i] += 1
-        visual_after = ep.visual.gather(1, new_index)
-        valid_before, valid_after = state.valid_mask, ep.valid.gather(1, new_index)
+        valid_after = ep.valid_now()
+        visual_after = ep.visual.gather(1, new_index) & valid_after
+        valid_before = state.valid_mask
         self.pipeline.trace.append(StageTrace(
             stage=stage_i, layer=layer,
             tokens_before=valid_before.sum(1).tolist(),
@@ -306,7 +325,7 @@ class AttachedPipeline:
             # kept token, i.e. every full-frame position shifts down by the number of tokens removed so far.
             full_pos, full_valid = ep.full["position_ids"], ep.valid
             first = full_pos.masked_fill(~full_valid, torch.iinfo(full_pos.dtype).max).amin(1)
-            valid = ep.valid.gather(1, ep.index)
+            valid = ep.valid_now()
             pos = torch.where(valid, first[:, None] + valid.long().cumsum(1) - 1, pos)
             ep.pos_shift = (full_valid.sum(1) - valid.sum(1)).to(pos.dtype)
             ep.renumbered = True
@@ -315,28 +334,32 @@ class AttachedPipeline:
         if state.proportional_attention or ep.key_bias is not None:
             ep.key_bias = ep.sizes.clamp_min(1e-6).log()
 
-    def _compact_earlier_layers(self, layer: int, new_index: torch.Tensor, ep: _Episode) -> None:
+    def _compact_earlier_layers(self, layer: int, new_index: torch.Tensor, new_live: torch.Tensor | None,
+                                ep: _Episode) -> None:
         if ep.cache is None:
             return
         for j in range(layer):
             if self.adapter.cached_keys(ep.cache, j) is None:
                 continue
             held = ep.layer_index.get(j)
-            rel = new_index if held is None else torch.searchsorted(held, new_index)
+            # ``held`` is sorted; filler slots repeat the first kept token before it, so take the last match.
+            rel = new_index if held is None else torch.searchsorted(held, new_index, right=True) - 1
             self.adapter.select_cache_entries(ep.cache, j, rel)
             ep.layer_index[j] = new_index
+            ep.layer_live[j] = new_live
             if j == 0:
                 ep.short_first_cache = True
 
     # --- decoding ----------------------------------------------------------------------------
     def _decode_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
         held = ep.layer_index.get(layer)
+        live = ep.layer_live.get(layer)
         mask = kwargs.get("attention_mask")
         bias = ep.layer_bias.get(layer)
         shift = ep.layer_shift.get(layer)
         if held is None and bias is None and shift is None:
             return None
-        if held is not None and (mask is not None or bias is not None):
+        if held is not None and (mask is not None or bias is not None or live is not None):
             key = id(held)
             if key not in ep.decode_masks:
                 total = ep.seen + ep.query_len
@@ -346,6 +369,8 @@ class AttachedPipeline:
                     mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, total))
                 else:
                     mask = gather_mask(mask, None, decode_key_index(held, ep.prefill_len, mask.shape[-1]))
+                if live is not None:
+                    mask = mask_key_columns(mask, live)
                 if bias is not None:
                     hidden = args[0] if args else kwargs["hidden_states"]
                     mask = self._add_key_bias(mask, bias, hidden.dtype)

@@ -71,3 +71,43 @@ def full_causal_mask(padding: torch.Tensor, query_len: int, fmt: str, dtype: tor
         return allowed
     out = torch.zeros(allowed.shape, dtype=dtype, device=padding.device)
     return out.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def ragged_keep_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices (B, K) of the True entries of ``keep`` (B, N) per row, K the largest count, and which are live.
+
+    A row with fewer than K kept entries is filled on the left with copies of its first kept index,
+    so every row stays sorted and its last entries are the real last tokens (what ``generate``
+    reads). The second result is (B, K) bool, False on those filler slots, or None when every row
+    keeps K entries.
+    """
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    k = int(counts.max())
+    if bool((counts == 0).any()):
+        raise ValueError("a sample would keep no token at all")
+    # Kept positions first, in order (a stable sort on "dropped"), then shifted right by each row's shortfall.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    shortfall = (k - counts)[:, None]
+    slot = torch.arange(k, device=keep.device)[None, :]
+    src = (slot - shortfall).clamp_min(0)
+    index = order.gather(1, src)
+    if bool((shortfall == 0).all()):
+        return index, None
+    return index, slot >= shortfall
+
+
+def mask_key_columns(mask: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Mask out the first K key columns of ``mask`` where ``live`` (B, K) is False.
+
+    ``mask`` is 2-D (B, T) padding, or 4-D (B|1, 1|H, Q, T) bool (True = attend) or additive.
+    """
+    b, k = live.shape
+    dead = torch.nn.functional.pad(~live, (0, mask.shape[-1] - k))
+    mask = expand_batch(mask, b)
+    if mask.dim() == 2:
+        return mask.masked_fill(dead, 0)
+    dead = dead[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~dead
+    return mask.masked_fill(dead, torch.finfo(mask.dtype).min)

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokenprune.errors import ConfigError
 from tokenprune.masks import expand_batch, gather_tokens
 
 
@@ -29,9 +30,21 @@ class ModelAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: Human name of the family, for messages.
+    family: ClassVar[str] = "this model"
+    #: Whether ``positions: renumber`` makes sense (1-D positions); with False, say why in ``positions_note``.
+    supports_renumber: ClassVar[bool] = True
+    positions_note: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def validate_pipeline(self, pipeline: Any) -> None:
+        """Raise :class:`~tokenprune.errors.ConfigError` for a stage this family cannot run."""
+        for stage in pipeline.stages:
+            if stage.positions == "renumber" and not self.supports_renumber:
+                raise ConfigError(f"{stage.key}.positions", f"'renumber' is not supported for {self.family} "
+                                  f"({self.positions_note}); allowed here: keep")
 
     # --- structure ---------------------------------------------------------------------------
     @property
@@ -67,6 +80,13 @@ class ModelAdapter:
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) bool: which input tokens are visual."""
         raise NotImplementedError
+
+    #: Keyword arguments of the model's forward that carry images.
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
+    def has_image_inputs(self, kwargs: dict) -> bool:
+        """Whether a forward call carries images (so its visual tokens will be filled from them)."""
+        return any(kwargs.get(k) is not None for k in self.image_input_keys)
 
     # --- KV cache ----------------------------------------------------------------------------
     def cache_length(self, cache: Any) -> int:
