@@ -52,6 +52,19 @@ def pruned_columns(input_len: int, kept: list[list[int]], attention_mask: torch.
     return cols
 
 
+def position_kwargs(model, attention_mask: torch.Tensor, last: int | None = None) -> dict:
+    """Position ids to pass as ``generate()`` would: 1-D cumsum positions of the mask. For M-RoPE
+    models (Qwen2-VL) the prefill passes none (the model builds 3-D positions from
+    ``mm_token_type_ids``), and decoding steps pass the cumsum position plus the model's ``rope_deltas``
+    on all three axes."""
+    pos = generate_positions(attention_mask)
+    if model.config.model_type.startswith("qwen"):
+        if last is None:
+            return {}
+        return {"position_ids": pos[None, :, -last:].expand(3, -1, -1) + model.model.rope_deltas[None]}
+    return {"position_ids": pos if last is None else pos[:, -last:]}
+
+
 def generate_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as ``generate()`` derives them: cumsum of the mask, padding at 0."""
     pos = attention_mask.long().cumsum(-1) - 1
@@ -73,7 +86,7 @@ def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], step
     late = {layer: cols for layer in range(site, num_layers)}
     out = None
     with hidden_keys(model, late):
-        out = model(**inputs, position_ids=generate_positions(am), use_cache=True)
+        out = model(**inputs, **position_kwargs(model, am), use_cache=True)
     cache = out.past_key_values
     logits = [out.logits[:, -1].float()]
     tokens = [logits[-1].argmax(-1)]
@@ -82,9 +95,8 @@ def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], step
         masks.update({layer: cols for layer in range(site)})
     for _ in range(steps - 1):
         am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
-        pos = generate_positions(am)[:, -1:]
         with hidden_keys(model, masks):
-            out = model(input_ids=tokens[-1][:, None], attention_mask=am, position_ids=pos,
+            out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
                         past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits.append(out.logits[:, -1].float())
@@ -108,7 +120,7 @@ def fastv_reference_kept(model_eager, inputs: dict, site: int, keep: int) -> lis
     with torch.no_grad():
         out = model_eager(**inputs, output_attentions=True)
     att = out.attentions[site - 1][:, :, -1, :].float().mean(dim=1)  # (B, N)
-    visual = inputs["input_ids"] == model_eager.config.image_token_id
+    visual = inputs["input_ids"] == model_eager.config.image_token_id  # the image placeholder, in every family
     kept = []
     for b in range(att.shape[0]):
         vis_idx = visual[b].nonzero().flatten()

@@ -78,6 +78,8 @@ class _Episode:
         self.layer_bias: dict[int, torch.Tensor | None] = {}
         self.layer_shift: dict[int, torch.Tensor | None] = {}
         self.decode_pe: dict[int, Any] = {}
+        self.grids: list[tuple[int, int] | None] | None = None  # per sample, from the adapter
+        self.positions_given = True  # whether the LLM passed position_ids to its layers
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -148,6 +150,7 @@ class AttachedPipeline:
                 mask = kwargs.get("attention_mask")
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
                 self._episode = _Episode(cache, visual, valid)
+                self._episode.grids = self.adapter.visual_grids(kwargs, visual)
                 self.pipeline.trace = []
             return
         ep = self._episode
@@ -210,6 +213,7 @@ class AttachedPipeline:
                 ep.cache = kwargs.get("past_key_values")
             b, n = ep.visual.shape
             pos = kwargs.get("position_ids")
+            ep.positions_given = pos is not None
             if pos is None:
                 pos = torch.arange(n, device=hidden.device)[None]
             ep.full = {
@@ -247,7 +251,7 @@ class AttachedPipeline:
             if pe is not None:
                 out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, ep.positions)
         else:
-            out = {"position_ids": ep.full["position_ids"].gather(1, idx)}
+            out = {"position_ids": ep.full["position_ids"].gather(1, idx)} if ep.positions_given else {}
             if pe is not None:
                 out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
         mask = ep.full["attention_mask"]
@@ -286,6 +290,7 @@ class AttachedPipeline:
             source_index=cur,
             sizes=ep.sizes if ep.sizes is not None else torch.ones(b, n, device=hidden.device),
             layer=layer,
+            grid=ep.grids,
         )
         capture = ep.capture
         if capture is not None and capture.layer == layer - 1:

@@ -151,7 +151,8 @@ class TokenState:
     - ``source_index`` (B, N) long: index of each token in the model's input sequence.
     - ``sizes`` (B, N) float: how many original tokens each token stands for (mergers grow them).
     - ``layer``: the site (decoder layer the stage runs before; 0 = before the LLM).
-    - ``grid``: (rows, cols) of the visual tokens in raster order, if known (else a square is assumed).
+    - ``grid``: (rows, cols) of the visual tokens in raster order, for every sample or as a list with
+      one entry (or None) per sample; where unknown, a square is assumed.
     - ``scores`` (B, N) float: sum of the scorers' weighted scores (None before any scorer).
     - ``keep_mask`` (B, N) bool: the tokens that survive the stage (set by the selector).
     - ``shifts``: the attention-shift corrections of the stage, applied by ``signals.attention``.
@@ -169,7 +170,7 @@ class TokenState:
     source_index: torch.Tensor
     sizes: torch.Tensor
     layer: int
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, int] | list[tuple[int, int] | None] | None = None
     scores: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
     shifts: list[Shift] = field(default_factory=list)
@@ -184,7 +185,8 @@ class TokenState:
     def from_tensors(cls, hidden: torch.Tensor, visual_mask: torch.Tensor, *, valid_mask: torch.Tensor | None = None,
                      positions: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
                      scores: torch.Tensor | None = None, attention: AttentionSource | None = None,
-                     grid: tuple[int, int] | None = None, layer: int = 1) -> TokenState:
+                     grid: tuple[int, int] | list[tuple[int, int] | None] | None = None,
+                     layer: int = 1) -> TokenState:
         """A state from plain tensors, for notebooks and tests: ``op(TokenState.from_tensors(h, vis))``.
 
         ``hidden`` (B, N, D); ``visual_mask`` (B, N) bool; padding defaults to none, positions to
@@ -229,10 +231,11 @@ class TokenState:
     def visual_grid(self, sample: int) -> tuple[int, int]:
         """(rows, cols) of ``sample``'s visual tokens: ``grid`` if set, else the square they must form."""
         n = int(self.visual_mask[sample].sum())
-        if self.grid is not None:
-            if self.grid[0] * self.grid[1] != n:
-                raise ValueError(f"grid {self.grid} does not hold the {n} visual tokens of sample {sample}")
-            return self.grid
+        grid = self.grid[sample] if isinstance(self.grid, list) else self.grid
+        if grid is not None:
+            if grid[0] * grid[1] != n:
+                raise ValueError(f"grid {tuple(grid)} does not hold the {n} visual tokens of sample {sample}")
+            return tuple(grid)
         side = int(round(n ** 0.5))
         if side * side != n:
             raise ValueError(f"sample {sample} has {n} visual tokens, not a square grid; give the grid shape "

@@ -8,6 +8,7 @@ from torch import nn
 TINY_IMAGE_TOKEN = 127
 TINY_VOCAB = 128
 TINY_PAD, TINY_BOS, TINY_EOS = 0, 1, 2
+TINY_VIDEO_TOKEN, TINY_VISION_START, TINY_VISION_END = 126, 124, 125
 
 
 def tiny_llava(attn_implementation: str = "sdpa", layers: int = 4, image_size: int = 56, patch_size: int = 7,
@@ -56,3 +57,74 @@ def tiny_llava_inputs(model: nn.Module, prompts: list[list[int]] | None = None, 
     size = cfg.vision_config.image_size
     pixel_values = torch.randn(len(rows), 3, size, size, generator=gen)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: str = "2", seed: int = 0,
+                  init_std: float = 0.2) -> nn.Module:
+    """A ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
+    (``"2.5"``): a 1-layer vision tower (patch 7, 2x2 merge) and a ``layers``-layer LLM (hidden 64,
+    4 heads, 2 KV heads, M-RoPE sections [2, 3, 3])."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=1024,
+                initializer_range=init_std, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3, initializer_range=init_std)
+    ids = dict(image_token_id=TINY_IMAGE_TOKEN, video_token_id=TINY_VIDEO_TOKEN,
+               vision_start_token_id=TINY_VISION_START, vision_end_token_id=TINY_VISION_END)
+    if version == "2":
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=28,
+                      fullatt_block_indexes=[0])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version={version!r}; allowed: '2', '2.5'")
+    model = cls._from_config(config, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = TINY_PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None = None,
+                         prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch with one image per sample, of patch grid ``grids[b]`` = (h, w) (even numbers).
+
+    Sample b is ``[bos, 5, <vision_start>, <image> x (h*w/4), <vision_end>, *prompts[b]]``, with
+    ``mm_token_type_ids`` (1 on image tokens) and ``image_grid_thw`` as the processor gives them.
+    Different grids give different numbers of visual tokens per sample.
+    """
+    cfg = model.config
+    v = cfg.vision_config
+    grids = grids if grids is not None else [(8, 8), (6, 10)]
+    prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(grids)]
+    merge = v.spatial_merge_size
+    rows = []
+    for (h, w), q in zip(grids, prompts):
+        if h % merge or w % merge:
+            raise ValueError(f"grid {(h, w)} must be divisible by the merge size {merge}")
+        n = h * w // merge ** 2
+        rows.append([TINY_BOS, 5, TINY_VISION_START] + [cfg.image_token_id] * n + [TINY_VISION_END] + list(q))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        attention_mask[i, width - len(r):] = 1
+    gen = torch.Generator().manual_seed(seed)
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    pixel_values = torch.randn(sum(h * w for h, w in grids), patch_dim, generator=gen)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
+            "mm_token_type_ids": (input_ids == cfg.image_token_id).int()}

@@ -6,8 +6,11 @@ from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.adapters.llava import LlavaAdapter
+from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    t: cls for cls in (LlavaAdapter, Qwen2VLAdapter) for t in cls.model_types
+}
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -21,4 +24,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "Qwen2VLAdapter", "get_adapter"]

@@ -81,6 +81,11 @@ class ModelAdapter:
         """(B, N) bool: which input tokens are visual."""
         raise NotImplementedError
 
+    def visual_grids(self, kwargs: dict, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
+        """Per sample, (rows, cols) of its visual tokens in raster order if known, from the forward's
+        keyword arguments; None where unknown (a square grid is then assumed)."""
+        return None
+
     #: Keyword arguments of the model's forward that carry images.
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 

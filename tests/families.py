@@ -1,0 +1,50 @@
+"""Tiny models of each decoder-only family, as SDPA/eager pairs with the same weights, and per-sample splits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from tokenprune import tiny
+
+
+@functools.cache
+def pair(family: str) -> dict:
+    """{"sdpa": model, "eager": model} with identical weights."""
+    build = BUILDERS[family][0]
+    sdpa, eager = build("sdpa"), build("eager")
+    eager.load_state_dict(sdpa.state_dict())
+    return {"sdpa": sdpa, "eager": eager}
+
+
+def inputs(family: str) -> dict:
+    """A left-padded batch of two samples with different numbers of visual tokens where the family allows it."""
+    return BUILDERS[family][1](pair(family)["sdpa"])
+
+
+def sample_alone(family: str, batch: dict, b: int) -> dict:
+    """Sample ``b`` of ``batch`` on its own, without padding."""
+    valid = batch["attention_mask"][b].bool()
+    out = {k: batch[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
+    out.update(BUILDERS[family][2](batch, b))
+    return out
+
+
+def _llava_images(batch, b):
+    return {"pixel_values": batch["pixel_values"][b:b + 1]}
+
+
+def _qwen_images(batch, b):
+    thw = batch["image_grid_thw"]
+    sizes = thw.prod(-1).tolist()
+    start = sum(sizes[:b])
+    return {"pixel_values": batch["pixel_values"][start:start + sizes[b]], "image_grid_thw": thw[b:b + 1]}
+
+
+BUILDERS = {
+    "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
+    "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
+    "qwen2_5_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2.5"), tiny.tiny_qwen2_vl_inputs,
+                   _qwen_images),
+}

@@ -1,0 +1,138 @@
+"""DESIGN.md's oracles 1-4 for every decoder-only family (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT),
+against the independent masked eager reference of ``reference.py``."""
+
+import pytest
+import torch
+from families import inputs, pair, sample_alone
+from reference import reference_greedy, reference_prefill_logits
+
+import tokenprune as tp
+from tokenprune.errors import ConfigError
+
+STEPS = 3
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def attention_topk(keep=0.5, layer=2, compact=False, scorer=None):
+    ops = [scorer or {"op": "attention", "queries": "last"}, {"op": "topk", "keep": keep}]
+    if compact:
+        ops.append({"op": "kv_compact"})
+    return tp.load_pipeline({"stages": [{"layer": layer, "operators": ops}]})
+
+
+def generate(model, batch, **kw):
+    return model.generate(**batch, max_new_tokens=STEPS, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_everything_is_identical(family):
+    """Oracle 1."""
+    model, batch = pair(family)["sdpa"], inputs(family)
+    pipe = attention_topk(keep=1.0)
+    with torch.no_grad():
+        ref_logits, ref_gen = model(**batch).logits, generate(model, batch)
+        with pipe.attach(model):
+            logits, gen = model(**batch).logits, generate(model, batch)
+    assert pipe.trace[0].visual_after == pipe.trace[0].visual_before
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(gen, ref_gen)
+
+
+def kept_rows(kept, attention_mask, width):
+    """(B, width) rows of the pruned outputs: left filler/padding first, then the kept valid tokens."""
+    rows = []
+    for b, row in enumerate(kept):
+        pads = (attention_mask[b] == 0).nonzero().flatten().tolist()
+        r = pads + row
+        rows.append([r[0]] * (width - len(r)) + r)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer,keep", [(2, 0.5), (0, 0.25)])
+def test_drop_only_prefill_equals_masked_reference(family, impl, layer, keep):
+    """Oracle 2 (prefill), at a layer inside the LLM and before it."""
+    model, batch = pair(family)[impl], inputs(family)
+    scorer = {"op": "random", "seed": 3} if layer == 0 else None
+    pipe = attention_topk(keep=keep, layer=layer, scorer=scorer)
+    with torch.no_grad(), pipe.attach(model):
+        logits = model(**batch).logits.float()
+    kept = pipe.trace[0].kept
+    ref = reference_prefill_logits(pair(family)["eager"], batch, layer, kept)
+    am = batch["attention_mask"]
+    for b in range(len(kept)):
+        n_pad = int((am[b] == 0).sum())
+        got = logits[b, -len(kept[b]):]  # a sample's kept tokens are its last rows
+        want = ref[b, torch.tensor(kept[b])]
+        assert got.shape[0] + n_pad <= logits.shape[1]
+        assert torch.allclose(got, want, atol=1e-4), (b, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer,compact", [(2, False), (2, True), (0, False)])
+def test_generation_equals_masked_reference(family, impl, layer, compact):
+    """Oracle 2 (decoding through stock generate())."""
+    model, batch = pair(family)[impl], inputs(family)
+    scorer = {"op": "random", "seed": 3} if layer == 0 else None
+    pipe = attention_topk(keep=0.5, layer=layer, compact=compact, scorer=scorer)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    kept = pipe.trace[0].kept
+    tokens, ref_logits = reference_greedy(pair(family)["eager"], batch, layer, kept, STEPS, compact_earlier=compact)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for step, (got, want) in enumerate(zip(out.logits, ref_logits)):
+        assert torch.allclose(got.float(), want, atol=1e-4), (step, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_with_different_visual_counts_equals_each_sample_alone(family):
+    """Oracle 3: a padded batch whose samples hold different numbers of visual tokens."""
+    model, batch = pair(family)["sdpa"], inputs(family)
+    pipe = attention_topk(keep=0.5)
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, batch)[:, -STEPS:]
+        trace = pipe.trace[0]
+        assert trace.visual_before[0] != trace.visual_before[1]
+        for b in range(2):
+            alone = sample_alone(family, batch, b)
+            gen = generate(model, alone)[:, -STEPS:]
+            offset = int((batch["attention_mask"][b] == 0).sum())
+            assert [i + offset for i in pipe.trace[0].kept[0]] == trace.kept[b]
+            assert torch.equal(gen[0], together[b])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_and_eager_agree(family):
+    """Oracle 4."""
+    batch = inputs(family)
+    results = {}
+    for impl in ("sdpa", "eager"):
+        pipe = attention_topk(keep=0.25)
+        with torch.no_grad(), pipe.attach(pair(family)[impl]):
+            gen = generate(pair(family)[impl], batch, output_logits=True, return_dict_in_generate=True)
+        results[impl] = (pipe.trace[0].kept, gen)
+    assert results["sdpa"][0] == results["eager"][0]
+    assert torch.equal(results["sdpa"][1].sequences, results["eager"][1].sequences)
+    for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_renumber_is_refused_for_mrope(family):
+    pipe = tp.load_pipeline({"stages": [{"layer": 2, "positions": "renumber", "operators": [
+        {"op": "attention"}, {"op": "topk", "keep": 0.5}]}]})
+    with pytest.raises(ConfigError, match=r"stages\.0\.positions: 'renumber' is not supported for Qwen2-VL"):
+        pipe.attach(pair(family)["sdpa"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_uniform_grid_uses_each_samples_image_grid(family):
+    """Qwen grids differ per sample (4x4 and 3x5 merged tokens): uniform_grid reads each one."""
+    model, batch = pair(family)["sdpa"], inputs(family)
+    pipe = tp.load_pipeline({"stages": [{"layer": 2, "operators": [{"op": "uniform_grid", "stride": 2}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    # 4x4 with stride 2: rows 0,2 x cols 0,2 = 4; 3x5: rows 0,2 x cols 0,2,4 = 6
+    assert pipe.trace[0].visual_after == [4, 6]

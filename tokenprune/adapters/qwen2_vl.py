@@ -1,0 +1,59 @@
+"""Qwen2-VL and Qwen2.5-VL: a Qwen2 LLM with 3-D multimodal rotary positions (M-RoPE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.base import LlamaStyleAdapter
+
+
+class Qwen2VLAdapter(LlamaStyleAdapter):
+    """Qwen2-VL / Qwen2.5-VL (Wang et al. 2024; Bai et al. 2025).
+
+    Visual tokens are the image and video placeholders of ``input_ids`` (``mm_token_type_ids``
+    marks the same tokens; the model needs it to build positions). Every token has a 3-D
+    (temporal, height, width) position; the model turns them into one rotary ``(cos, sin)`` per
+    token before the decoder layers, so gathering cos/sin keeps each kept token's 3-D position,
+    and decoding continues from the model's own ``rope_deltas``. Renumbering positions has no
+    single meaning on a 3-D grid, so ``positions: renumber`` is refused.
+
+    The visual grid of a sample with one image is its ``image_grid_thw`` (h, w) divided by the
+    spatial merge size.
+    """
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    family = "Qwen2-VL / Qwen2.5-VL"
+    supports_renumber = False
+    positions_note = "3-D M-RoPE positions; kept tokens keep theirs"
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.model.config
+        return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
+
+    def visual_grids(self, kwargs: dict, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
+        thw = kwargs.get("image_grid_thw")
+        if thw is None or kwargs.get("video_grid_thw") is not None:
+            return None
+        merge = self.model.config.vision_config.spatial_merge_size
+        counts = visual.sum(1).tolist()
+        grids: list[tuple[int, int] | None] = []
+        i = 0
+        for n in counts:  # images are listed in order, sample after sample
+            taken, mine = 0, []
+            while taken < n and i < thw.shape[0]:
+                t, h, w = (int(x) for x in thw[i])
+                mine.append((t * h // merge, w // merge))
+                taken += t * h * w // merge ** 2
+                i += 1
+            grids.append(mine[0] if len(mine) == 1 and taken == n else None)
+        return grids
+
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        raise NotImplementedError("Qwen2-VL positions are 3-D; tokenprune keeps them and never recomputes rotary angles")
