@@ -40,7 +40,12 @@ def _qwen_images(batch, b):
     return {"pixel_values": batch["pixel_values"][start:start + sizes[b]], "image_grid_thw": thw[b:b + 1]}
 
 
+def _next_images(batch, b):
+    return {"pixel_values": batch["pixel_values"][b:b + 1], "image_sizes": batch["image_sizes"][b:b + 1]}
+
+
 BUILDERS = {
+    "llava_next": (lambda impl: tiny.tiny_llava_next(impl, layers=4), tiny.tiny_llava_next_inputs, _next_images),
     "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
     "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     "qwen2_5_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2.5"), tiny.tiny_qwen2_vl_inputs,

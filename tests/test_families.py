@@ -10,7 +10,7 @@ import tokenprune as tp
 from tokenprune.errors import ConfigError
 
 STEPS = 3
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl"]
 
 
 def attention_topk(keep=0.5, layer=2, compact=False, scorer=None):
@@ -136,3 +136,33 @@ def test_uniform_grid_uses_each_samples_image_grid(family):
         model(**batch)
     # 4x4 with stride 2: rows 0,2 x cols 0,2 = 4; 3x5: rows 0,2 x cols 0,2,4 = 6
     assert pipe.trace[0].visual_after == [4, 6]
+
+
+def test_llava_next_newlines_can_be_protected():
+    """Both tiny images pick the 2x2-tile pinpoint (a 16x16 patch grid) and are unpadded to 16 rows x 10
+    columns (100x60) and 10 rows x 16 columns (60x100); every grid row ends in an image_newline token,
+    after the 64 tokens of the base tile. Protected, all 16 and 10 newlines survive, and ``keep``
+    applies to the other visual tokens of each sample."""
+    family = "llava_next"
+    model, batch = pair(family)["sdpa"], inputs(family)
+    visual = batch["input_ids"] == model.config.image_token_id
+    assert visual.sum(1).tolist() == [64 + 16 * 11, 64 + 10 * 17]
+    newline_offsets = [[64 + 11 * r + 10 for r in range(16)], [64 + 17 * r + 16 for r in range(10)]]
+    for protect, expect in [([], [60, 59]), (["image_newline"], [56 + 16, 56 + 10])]:
+        pipe = tp.load_pipeline({"stages": [{"layer": 2, "protect": protect, "operators": [
+            {"op": "random", "seed": 0}, {"op": "topk", "keep": 0.25}]}]})
+        with torch.no_grad(), pipe.attach(model):
+            model(**batch)
+        trace = pipe.trace[0]
+        assert trace.visual_after == expect  # 0.25 * 224 = 56 (protected) or of 240 / 234 (not)
+        if protect:
+            for b in range(2):
+                first = int(visual[b].nonzero()[0])
+                assert {first + o for o in newline_offsets[b]} <= set(trace.kept[b])
+
+
+def test_protect_names_an_unknown_kind():
+    pipe = tp.load_pipeline({"stages": [{"layer": 2, "protect": ["image_newline"], "operators": [
+        {"op": "random"}, {"op": "topk", "keep": 0.5}]}]})
+    with pytest.raises(ConfigError, match=r"stages\.0\.protect: 'image_newline' is not a token kind of Qwen2-VL"):
+        pipe.attach(pair("qwen2_vl")["sdpa"])

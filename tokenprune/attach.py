@@ -80,6 +80,7 @@ class _Episode:
         self.decode_pe: dict[int, Any] = {}
         self.grids: list[tuple[int, int] | None] | None = None  # per sample, from the adapter
         self.positions_given = True  # whether the LLM passed position_ids to its layers
+        self.kinds: dict[str, torch.Tensor] = {}  # (B, N) masks of the adapter's token kinds, input frame
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -209,6 +210,7 @@ class AttachedPipeline:
     def _prefill_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
         hidden = args[0] if args else kwargs["hidden_states"]
         if not ep.full:
+            ep.kinds = self.adapter.mark_token_kinds(hidden, ep.visual)
             if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
                 ep.cache = kwargs.get("past_key_values")
             b, n = ep.visual.shape
@@ -282,15 +284,23 @@ class AttachedPipeline:
         b, n = hidden.shape[:2]
         cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
         live = ep.live if ep.live is not None else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+        protected = None
+        if stage.protect:
+            protected = torch.zeros_like(ep.visual)
+            for kind in stage.protect:
+                protected |= ep.kinds[kind]
+            protected = protected.gather(1, cur) & live
+        visual_before = ep.visual.gather(1, cur) & live
         state = TokenState(
             hidden=hidden,
-            visual_mask=ep.visual.gather(1, cur) & live,
+            visual_mask=visual_before if protected is None else visual_before & ~protected,
             valid_mask=ep.valid.gather(1, cur) & live,
             positions=ep.positions if ep.positions is not None else ep.full["position_ids"].gather(1, cur),
             source_index=cur,
             sizes=ep.sizes if ep.sizes is not None else torch.ones(b, n, device=hidden.device),
             layer=layer,
             grid=ep.grids,
+            protected_mask=protected,
         )
         capture = ep.capture
         if capture is not None and capture.layer == layer - 1:
@@ -316,7 +326,7 @@ class AttachedPipeline:
             stage=stage_i, layer=layer,
             tokens_before=valid_before.sum(1).tolist(),
             tokens_after=valid_after.sum(1).tolist(),
-            visual_before=state.visual_mask.sum(1).tolist(),
+            visual_before=visual_before.sum(1).tolist(),
             visual_after=visual_after.sum(1).tolist(),
             kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
         ))

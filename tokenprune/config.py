@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tokenprune.errors import ConfigError
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
-STAGE_KEYS = ("layer", "positions", "operators")
+STAGE_KEYS = ("layer", "positions", "protect", "operators")
 
 
 def preset_dir() -> Path:
@@ -138,6 +138,9 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
         previous = layer
         if stage.get("positions", "keep") not in ("keep", "renumber"):
             raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: keep, renumber")
+        protect = stage.get("protect", [])
+        if not isinstance(protect, list) or not all(isinstance(p, str) for p in protect):
+            raise ConfigError(f"{where}.protect", f"must be a list of token kinds (e.g. [image_newline]), got {protect!r}")
         ops = stage.get("operators")
         if not isinstance(ops, list) or not ops:
             raise ConfigError(f"{where}.operators", f"must be a non-empty list of operators, got {ops!r}")

@@ -33,9 +33,11 @@ class Stage(nn.Module):
     surviving tokens are numbered contiguously from the site on, PyramidDrop).
     """
 
-    def __init__(self, layer: int, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep"):
+    def __init__(self, layer: int, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
+                 protect: Iterable[str] = ()):
         super().__init__()
         self.layer = layer
+        self.protect = tuple(protect)
         self.operators = nn.ModuleList(operators)
         self.key = key
         if positions not in POSITIONS:
@@ -158,7 +160,8 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
                 raise ConfigError(f"stages.{i}.layer", f"operator {op.op_name!r} (stages.{i}.operators.{j}) needs the "
                                   f"decoder layer before its site, so layer must be >= {op.min_layer}; got {raw['layer']}")
             ops.append(op)
-        stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep")))
+        stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep"),
+                            protect=raw.get("protect", ())))
     return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)
 
 
@@ -170,7 +173,8 @@ def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides
     if cfg.get("plugins"):
         resolved["plugins"] = list(cfg.plugins)
     resolved["stages"] = [
-        {"layer": s.layer, "positions": s.positions, "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
+        {"layer": s.layer, "positions": s.positions, **({"protect": list(s.protect)} if s.protect else {}),
+         "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
                                          for op in s.operators]}
         for s in pipeline.stages
     ]

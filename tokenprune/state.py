@@ -65,8 +65,11 @@ class Signals:
     def query_rows(self, queries: str, sample: int) -> torch.Tensor:
         """(Q,) query rows of ``sample`` in set ``queries`` (see :func:`tokenprune.attention.query_rows`)."""
         st = self._state
+        image = st.visual_mask[sample]
+        if st.protected_mask is not None:
+            image = image | st.protected_mask[sample]
         return self.cached(("rows", queries, sample), lambda: query_rows(
-            queries, st.visual_mask[sample], st.valid_mask[sample], st.hidden[sample]))
+            queries, image, st.valid_mask[sample], st.hidden[sample]))
 
     def attention_probs(self, sample: int, rows: torch.Tensor) -> torch.Tensor:
         """(H, Q, N) attention probabilities of ``rows`` of ``sample``, with the stage's shift corrections.
@@ -157,6 +160,10 @@ class TokenState:
     - ``keep_mask`` (B, N) bool: the tokens that survive the stage (set by the selector).
     - ``shifts``: the attention-shift corrections of the stage, applied by ``signals.attention``.
     - ``compact_kv_before_site``: set by a compactor; the KV cache of earlier layers keeps only the kept tokens.
+    - ``protected_mask`` (B, N) bool or None: visual tokens the stage protects (its ``protect`` key,
+      e.g. LLaVA-NeXT's ``image_newline`` tokens). They are left out of ``visual_mask``, so no
+      operator drops or merges them and budgets count only the others, but query sets still count
+      them as part of the image.
     - ``proportional_attention``: set by a merger; layers after the site add ``log(size)`` to
       the attention logits of each key (ToMe's proportional attention).
 
@@ -176,6 +183,7 @@ class TokenState:
     shifts: list[Shift] = field(default_factory=list)
     compact_kv_before_site: bool = False
     proportional_attention: bool = False
+    protected_mask: torch.Tensor | None = None
     signals: Signals = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -128,3 +128,53 @@ def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None =
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
             "mm_token_type_ids": (input_ids == cfg.image_token_id).int()}
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2) -> nn.Module:
+    """A ``LlavaNextForConditionalGeneration``: 56-px tiles of 7-px patches (64 tokens a tile), anyres
+    pinpoints 56x112, 112x56 and 112x112, and the same LLM as :func:`tiny_llava`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=7, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
+                       pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS,
+                       initializer_range=init_std)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=TINY_IMAGE_TOKEN,
+                             image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             pad_token_id=TINY_PAD)
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = TINY_PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def tiny_llava_next_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] | None = None,
+                           prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch, one image per sample of (height, width) ``image_sizes[b]``: different
+    aspect ratios give different anyres grids and so different numbers of visual tokens (counted
+    with the model's own feature packing, as the processor would)."""
+    cfg = model.config
+    image_sizes = image_sizes if image_sizes is not None else [(100, 60), (60, 100)]
+    prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(image_sizes)]
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    tile = cfg.vision_config.image_size
+    tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, tile) for s in image_sizes]
+    gen = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(len(image_sizes), max(tiles), 3, tile, tile, generator=gen)
+    sizes = torch.tensor(image_sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values, sizes).pooler_output
+    rows = [[TINY_BOS, 5, 6] + [cfg.image_token_id] * f.shape[0] + list(q) for f, q in zip(feats, prompts)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        attention_mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": sizes}

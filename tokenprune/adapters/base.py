@@ -35,6 +35,8 @@ class ModelAdapter:
     #: Whether ``positions: renumber`` makes sense (1-D positions); with False, say why in ``positions_note``.
     supports_renumber: ClassVar[bool] = True
     positions_note: ClassVar[str] = ""
+    #: Kinds of visual token a stage can ``protect`` from pruning (LLaVA-NeXT: ``image_newline``).
+    token_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -42,6 +44,10 @@ class ModelAdapter:
     def validate_pipeline(self, pipeline: Any) -> None:
         """Raise :class:`~tokenprune.errors.ConfigError` for a stage this family cannot run."""
         for stage in pipeline.stages:
+            for kind in stage.protect:
+                if kind not in self.token_kinds:
+                    raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {self.family}; "
+                                      f"allowed: {', '.join(self.token_kinds) or '(none)'}")
             if stage.positions == "renumber" and not self.supports_renumber:
                 raise ConfigError(f"{stage.key}.positions", f"'renumber' is not supported for {self.family} "
                                   f"({self.positions_note}); allowed here: keep")
@@ -80,6 +86,10 @@ class ModelAdapter:
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) bool: which input tokens are visual."""
         raise NotImplementedError
+
+    def mark_token_kinds(self, embeds: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{kind: (B, N) bool} for each of ``token_kinds``, from the LLM's input embeddings (B, N, D)."""
+        return {}
 
     def visual_grids(self, kwargs: dict, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
         """Per sample, (rows, cols) of its visual tokens in raster order if known, from the forward's

@@ -12,6 +12,7 @@ class LlavaAdapter(LlamaStyleAdapter):
     """LLaVA-1.5: visual tokens are the ``config.image_token_id`` placeholders of ``input_ids``."""
 
     model_types = ("llava",)
+    family = "LLaVA-1.5"
 
     @property
     def language_model(self) -> nn.Module:
