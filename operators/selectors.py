@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenprune.attention import QUERY_SETS
 from tokenprune.budget import check_keep, resolve_keep
 from tokenprune.errors import ConfigError
 from tokenprune.operator import ParamError, Selector
@@ -194,4 +195,51 @@ class Union(Selector):
         keep = torch.zeros(state.visual_mask.shape, dtype=torch.bool, device=state.visual_mask.device)
         for sel in self.selectors:
             keep |= sel.select(state)
+        return keep
+
+
+@register_operator("per_head_union")
+class PerHeadUnion(Selector):
+    """Each attention head keeps its own top ``keep`` visual tokens; the stage keeps their union.
+
+    Trimmed Llama (Lee et al., "Efficient LLaMA-3.2-Vision by Trimming Cross-attended Visual
+    Features", CVPR 2025 ELVM workshop, arXiv:2504.00557): in the first cross-attention layer,
+    every head ranks the image features by the attention the text queries give them (averaged over
+    the query set), keeps its top-k, and the union over heads is what every later layer sees. The
+    union's size adapts to how much the heads agree (the paper reports 40-50% of the features kept
+    on its benchmarks), so samples of a batch keep different counts. ``keep`` is per head: a
+    fraction of each sample's visual tokens or a count. Reads the attention signal itself, so the
+    stage needs no scorer; on a decoder-layer site it uses self-attention from ``queries`` as well.
+    """
+
+    needs_scores = False
+
+    @dataclass
+    class Params:
+        keep: float | int = 0.1  # per head: fraction of the visual tokens, or a count
+        queries: str = "text"  # query set whose attention ranks the tokens (see the attention scorer)
+
+        def __post_init__(self) -> None:
+            check_keep(self.keep)
+            if self.queries not in QUERY_SETS:
+                raise ParamError("queries", f"got {self.queries!r}; allowed: {', '.join(QUERY_SETS)}")
+
+    min_layer = 1
+
+    def expected_kept(self, num_visual: int) -> int:
+        raise NotImplementedError("per_head_union's budget depends on how much the heads agree")
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        heads = state.signals.attention_heads(self.params.queries)  # (B, H, N)
+        visual = state.visual_mask
+        keep = ~visual
+        for b in range(state.batch_size):
+            v = int(visual[b].sum())
+            k = resolve_keep(self.params.keep, v)
+            if k == 0:
+                continue
+            idx = torch.nonzero(visual[b]).squeeze(1)
+            scores = heads[b][:, idx]  # (H, V)
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # ties to the earlier
+            keep[b, idx[order.flatten().unique()]] = True
         return keep

@@ -160,3 +160,35 @@ def reference_from_site(model, hidden: torch.Tensor, positions: torch.Tensor, va
         out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe)
         h = out[0] if isinstance(out, tuple) else out
     return model.lm_head(lm.norm(h)).float()
+
+
+@contextlib.contextmanager
+def hidden_image_features(model, pruned: torch.Tensor):
+    """While active, no cross-attention layer of an Mllama model attends to the image features where
+    ``pruned`` (B, M) is True (an additive min on those columns of its cross-attention mask), in the
+    prefill and in every decoding step."""
+    lm = model.model.language_model
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("cross_attention_mask")
+        if mask is None:
+            return None
+        assert mask.is_floating_point() and mask.shape[-1] == pruned.shape[1]
+        extra = torch.zeros(pruned.shape, dtype=mask.dtype).masked_fill(pruned, torch.finfo(mask.dtype).min)
+        kwargs["cross_attention_mask"] = (mask + extra[:, None, None, :]).clamp(min=torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    handles = [lm.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in lm.cross_attention_layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pruned_features(num_features: int, kept: list[list[int]]) -> torch.Tensor:
+    """(B, M) True on image features not in ``kept[b]``."""
+    cols = torch.ones(len(kept), num_features, dtype=torch.bool)
+    for i, row in enumerate(kept):
+        cols[i, torch.tensor(row, dtype=torch.long)] = False
+    return cols

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
-from tokenprune.attention import LayerAttentionSource
+from tokenprune.attention import CrossAttentionSource, LayerAttentionSource
 from tokenprune.errors import PipelineRuntimeError
 from tokenprune.masks import (
     decode_key_index,
@@ -81,6 +81,9 @@ class _Episode:
         self.grids: list[tuple[int, int] | None] | None = None  # per sample, from the adapter
         self.positions_given = True  # whether the LLM passed position_ids to its layers
         self.kinds: dict[str, torch.Tensor] = {}  # (B, N) masks of the adapter's token kinds, input frame
+        # At a cross_attention site: kept image-feature index (B, K), filler liveness, log-size bias, and the
+        # pruned features and mask every cross-attention layer receives in the prefill.
+        self.cross: dict[str, Any] | None = None
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -97,8 +100,10 @@ class AttachedPipeline:
         self.adapter: ModelAdapter = get_adapter(model)
         pipeline.validate_for_depth(self.adapter.num_layers)
         self.adapter.validate_pipeline(pipeline)
-        self._site = {stage.layer: i for i, stage in enumerate(pipeline.stages)}
-        self._capture_layers = {stage.layer - 1 for stage in pipeline.stages if stage.layer >= 1}
+        self._cross_site = any(stage.cross_attention for stage in pipeline.stages)
+        layer_stages = [(i, stage) for i, stage in enumerate(pipeline.stages) if not stage.cross_attention]
+        self._site = {stage.layer: i for i, stage in layer_stages}
+        self._capture_layers = {stage.layer - 1 for _, stage in layer_stages if stage.layer >= 1}
         self._handles: list[Any] = []
         self._episode: _Episode | None = None
         self._forwards = 0
@@ -112,9 +117,16 @@ class AttachedPipeline:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
-            self._handles.append(self.adapter.language_model.register_forward_pre_hook(self._llm_pre_hook, with_kwargs=True))
-            for i, layer in enumerate(self.adapter.layers):
-                self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            if self._cross_site:
+                cross = self.adapter.cross_attention_layers
+                for i in cross:
+                    hook = self._cross_layer_hook(i, first=i == cross[0])
+                    self._handles.append(self.adapter.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                self._handles.append(self.adapter.language_model.register_forward_pre_hook(self._llm_pre_hook,
+                                                                                           with_kwargs=True))
+                for i, layer in enumerate(self.adapter.layers):
+                    self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         except BaseException:
             self._remove()
             raise
@@ -404,3 +416,92 @@ class AttachedPipeline:
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = pe
         return args, kwargs
+
+    # --- the cross_attention site (Mllama) -----------------------------------------------------
+    def _cross_layer_hook(self, layer: int, first: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            ep = self._episode
+            if ep is None:
+                return None
+            if ep.phase == "prefill":
+                if kwargs.get("cross_attention_states") is None:
+                    return None
+                if first:
+                    self._run_cross_stage(layer, ep, args[0] if args else kwargs["hidden_states"], kwargs)
+                if ep.cross is None:
+                    return None
+                kwargs["cross_attention_states"] = ep.cross["image"]
+                kwargs["cross_attention_mask"] = ep.cross["mask"]
+                return args, kwargs
+            if ep.cross is None:
+                return None
+            if "decode" not in ep.decode_masks:
+                mask = kwargs.get("cross_attention_mask")
+                hidden = args[0] if args else kwargs["hidden_states"]
+                ep.decode_masks["decode"] = self._cross_mask(ep, mask, hidden)
+            kwargs["cross_attention_mask"] = ep.decode_masks["decode"]
+            return args, kwargs
+
+        return hook
+
+    def _cross_mask(self, ep: _Episode, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The cross-attention mask (B, 1, Q, M) of the full image features, cut to the kept ones."""
+        index, live, bias = ep.cross["index"], ep.cross["live"], ep.cross["bias"]
+        if mask is None:
+            if live is None and bias is None:
+                return None
+            mask = torch.zeros(index.shape[0], 1, hidden.shape[1], index.shape[1], dtype=hidden.dtype,
+                               device=hidden.device)
+        else:
+            mask = gather_mask(mask, None, index)
+        if live is not None:
+            mask = mask_key_columns(mask, live)
+        if bias is not None:
+            mask = self._add_key_bias(mask, bias, hidden.dtype)
+        return mask
+
+    def _run_cross_stage(self, layer: int, ep: _Episode, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Run the cross_attention stage on the image features entering the first cross-attention layer."""
+        stage_i = next(i for i, s in enumerate(self.pipeline.stages) if s.cross_attention)
+        stage = self.pipeline.stages[stage_i]
+        b = hidden.shape[0]
+        image = self.adapter.image_features(kwargs["cross_attention_states"], b)
+        m = image.shape[1]
+        mask = kwargs.get("cross_attention_mask")
+        rows = kwargs.get("full_text_row_masked_out_mask")
+        # Which image feature each text token may attend to: its mask column is open, the row really sees an
+        # image (Mllama opens every column of rows that see none, then zeroes their output) and is no padding.
+        allowed = torch.ones(b, hidden.shape[1], m, dtype=torch.bool, device=hidden.device)
+        if mask is not None:
+            allowed = expand_batch(mask, b)[:, 0] > torch.finfo(mask.dtype).min / 2
+        if rows is not None:
+            allowed = allowed & (expand_batch(rows, b)[:, 0] > 0)
+        allowed = allowed & ep.valid[:, :, None].to(allowed.device)
+        valid = allowed.any(dim=1)  # (B, M)
+        idx = torch.arange(m, device=hidden.device).expand(b, m)
+        state = TokenState(hidden=image, visual_mask=valid, valid_mask=valid, positions=idx, source_index=idx,
+                           sizes=torch.ones(b, m, device=hidden.device), layer=layer)
+        state.signals = Signals(state, source=CrossAttentionSource(self.adapter, layer, hidden, image, ep.visual,
+                                                                   ep.valid, allowed))
+        with torch.no_grad():
+            state = stage(state)
+        # Features no text token may see (padding tiles) are not visual, so selectors keep them: Mllama lets the
+        # text rows before an image attend to every feature, so dropping them would change those rows.
+        keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool)
+        index, live = ragged_keep_index(keep)
+        sizes = gather_tokens(state.sizes.float(), index)
+        ep.cross = {"index": index, "live": live,
+                    "bias": sizes.clamp_min(1e-6).log() if state.proportional_attention else None}
+        ep.cross["image"] = gather_tokens(state.hidden, index)
+        ep.cross["mask"] = self._cross_mask(ep, mask, hidden)
+        self.pipeline.runs[stage_i] += 1
+        held = live if live is not None else torch.ones_like(index, dtype=torch.bool)
+        after = valid.gather(1, index) & held
+        # tokens_*: every image feature the cross-attention layers hold; visual_*: those some text token sees;
+        # kept: indices into the sample's image features (tiles x patches, in the model's order).
+        self.pipeline.trace.append(StageTrace(
+            stage=stage_i, layer=layer,
+            tokens_before=[m] * b, tokens_after=held.sum(1).tolist(),
+            visual_before=valid.sum(1).tolist(), visual_after=after.sum(1).tolist(),
+            kept=[row[h].tolist() for row, h in zip(index, held)],
+        ))

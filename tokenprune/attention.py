@@ -40,6 +40,14 @@ class AttentionSource:
         """(B, H_kv, N, hd) keys of the source layer (rotary applied), or None if the source has none."""
         return None
 
+    def query_rows(self, name: str, sample: int) -> torch.Tensor | None:
+        """Query rows of set ``name`` when the queries are not the stage's own tokens (cross-attention); else None."""
+        return None
+
+    def allowed(self, sample: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """(Q, N) bool keys each query row may attend to, when not the causal mask over the stage's tokens; else None."""
+        return None
+
 
 class LogitsSource(AttentionSource):
     """Precomputed logits (B, H, N, N), optionally with their rotary-free and content-free versions.
@@ -153,3 +161,50 @@ def query_rows(name: str, visual: torch.Tensor, valid: torch.Tensor, hidden: tor
         rel = torch.softmax(hv @ ht.T / h.shape[-1] ** 0.5, dim=-1).mean(0)  # (T,)
         return cand[rel >= rel.mean()]
     raise ValueError(f"queries={name!r}; allowed: {', '.join(QUERY_SETS)}")
+
+
+class CrossAttentionSource(AttentionSource):
+    """Cross-attention logits of the text queries of a cross-attention layer against image features.
+
+    At a ``cross_attention`` site (Mllama) the stage's tokens are the image features; the queries
+    are the text tokens entering the first cross-attention layer, projected with that layer's own
+    weights (through the adapter; no rotary embedding: cross-attention has none). Query sets refer
+    to the text sequence: ``text``/``all`` are the real text tokens that can see an image, ``last``
+    the final real token, ``instruction`` the text after the last image token. A query row may
+    attend to the image features its cross-attention mask allows.
+
+    ``text_visual``/``text_valid`` (B, S): the image placeholders and real tokens of the text;
+    ``allowed_mask`` (B, S, M) bool: which image feature each text token may attend to.
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, text_hidden: torch.Tensor, image: torch.Tensor,
+                 text_visual: torch.Tensor, text_valid: torch.Tensor, allowed_mask: torch.Tensor):
+        self.adapter = adapter
+        self.layer = layer
+        self.text_hidden = text_hidden
+        self.image = image
+        self.text_visual = text_visual
+        self.text_valid = text_valid
+        self.allowed_mask = allowed_mask
+        self._keys: torch.Tensor | None = None
+
+    def keys(self):
+        if self._keys is None:
+            self._keys = self.adapter.project_cross_keys(self.layer, self.image)
+        return self._keys
+
+    def query_rows(self, name, sample):
+        sees_image = self.allowed_mask[sample].any(dim=-1)
+        return query_rows(name, self.text_visual[sample], self.text_valid[sample] & sees_image)
+
+    def allowed(self, sample, rows):
+        return self.allowed_mask[sample][rows.to(self.allowed_mask.device)]
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        if content_free:
+            raise ValueError("content-free logits are not defined for cross-attention (its keys are image features)")
+        h = self.text_hidden[sample:sample + 1]
+        q = self.adapter.project_cross_queries(self.layer, h, rows.to(h.device)[None])[0]  # (H, Q, hd)
+        k = self.keys()[sample]
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.attention_scaling(self.layer)

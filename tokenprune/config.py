@@ -19,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from tokenprune.errors import ConfigError
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
+#: The site of a stage on the image features of a cross-attention model (Mllama), instead of a decoder layer.
+CROSS_ATTENTION = "cross_attention"
 STAGE_KEYS = ("layer", "positions", "protect", "operators")
 
 
@@ -131,11 +133,19 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
             if key not in STAGE_KEYS:
                 raise ConfigError(f"{where}.{key}", f"unknown stage key; allowed: {', '.join(STAGE_KEYS)}")
         layer = stage.get("layer")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ConfigError(f"{where}.layer", f"must be an integer >= 0 (0 = before the LLM), got {layer!r}")
-        if layer <= previous:
+        if layer == CROSS_ATTENTION:
+            if len(plain) > 1:
+                raise ConfigError(f"{where}.layer", "a 'cross_attention' stage must be the pipeline's only stage "
+                                  "(in a cross-attention model images enter the LLM only there)")
+            continue_checks = False
+        elif isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ConfigError(f"{where}.layer", f"must be an integer >= 0 (0 = before the LLM) or "
+                              f"'{CROSS_ATTENTION}' (the image features of a cross-attention model), got {layer!r}")
+        else:
+            continue_checks = True
+        if continue_checks and layer <= previous:
             raise ConfigError(f"{where}.layer", f"stages must have strictly increasing layers; {layer} follows {previous}")
-        previous = layer
+        previous = layer if continue_checks else previous
         if stage.get("positions", "keep") not in ("keep", "renumber"):
             raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: keep, renumber")
         protect = stage.get("protect", [])

@@ -106,6 +106,10 @@ def layer_token_counts(pipeline: Pipeline | None, num_layers: int, n_tokens: int
     sites = {}
     if pipeline is not None:
         pipeline.validate_for_depth(num_layers)
+        for i, stage in enumerate(pipeline.stages):
+            if stage.cross_attention:
+                raise ConfigError(f"stages.{i}.layer", "analytic FLOPs model decoder-only LVLMs; a 'cross_attention' "
+                                  "site (Mllama) is not modelled yet")
         sites = {stage.layer: (i, stage) for i, stage in enumerate(pipeline.stages)}
     counts, n, v = [], n_tokens, n_visual
     for layer in range(num_layers):

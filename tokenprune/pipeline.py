@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tokenprune.config import apply_overrides, import_plugins, load_source, validate_pipeline_config
+from tokenprune.config import (
+    CROSS_ATTENTION,
+    apply_overrides,
+    import_plugins,
+    load_source,
+    validate_pipeline_config,
+)
 from tokenprune.errors import ConfigError
 from tokenprune.operator import KINDS, TokenOperator
 from tokenprune.registry import build_operator
@@ -27,17 +33,20 @@ _RANK = {k: i for i, k in enumerate(KINDS)}
 
 
 class Stage(nn.Module):
-    """A site (before decoder layer ``layer``; 0 = before the LLM) and its ordered operators.
+    """A site (before decoder layer ``layer``; 0 = before the LLM; or ``"cross_attention"``, the image
+    features every cross-attention layer of Mllama reads) and its ordered operators.
 
     ``positions``: ``keep`` (kept tokens keep their position ids, FastV) or ``renumber`` (the
     surviving tokens are numbered contiguously from the site on, PyramidDrop).
     """
 
-    def __init__(self, layer: int, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
+    def __init__(self, layer: int | str, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
                  protect: Iterable[str] = ()):
         super().__init__()
         self.layer = layer
         self.protect = tuple(protect)
+        #: True for the ``cross_attention`` site (image features of a cross-attention model).
+        self.cross_attention = layer == CROSS_ATTENTION
         self.operators = nn.ModuleList(operators)
         self.key = key
         if positions not in POSITIONS:
@@ -132,6 +141,8 @@ class Pipeline(nn.Module):
     def validate_for_depth(self, num_layers: int) -> None:
         """Check every site against a model with ``num_layers`` decoder layers."""
         for i, stage in enumerate(self.stages):
+            if stage.cross_attention:
+                continue
             if stage.layer >= num_layers:
                 raise ConfigError(f"stages.{i}.layer", f"{stage.layer} is beyond the model's depth: "
                                   f"it has {num_layers} decoder layers, so layer must be in 0..{num_layers - 1}")
@@ -156,7 +167,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         for j, op_cfg in enumerate(raw["operators"]):
             params = {k: v for k, v in op_cfg.items() if k != "op"}
             op = build_operator(op_cfg["op"], _key=f"stages.{i}.operators.{j}.op", **params)
-            if raw["layer"] < op.min_layer:
+            if raw["layer"] != CROSS_ATTENTION and raw["layer"] < op.min_layer:
                 raise ConfigError(f"stages.{i}.layer", f"operator {op.op_name!r} (stages.{i}.operators.{j}) needs the "
                                   f"decoder layer before its site, so layer must be >= {op.min_layer}; got {raw['layer']}")
             ops.append(op)

@@ -65,6 +65,10 @@ class Signals:
     def query_rows(self, queries: str, sample: int) -> torch.Tensor:
         """(Q,) query rows of ``sample`` in set ``queries`` (see :func:`tokenprune.attention.query_rows`)."""
         st = self._state
+        if self.source is not None:
+            rows = self.source.query_rows(queries, sample)
+            if rows is not None:
+                return rows
         image = st.visual_mask[sample]
         if st.protected_mask is not None:
             image = image | st.protected_mask[sample]
@@ -84,7 +88,12 @@ class Signals:
         logits = self._source().logits(sample, rows, rotary=rotary).float()
         n = st.num_tokens
         keys = torch.arange(n, device=logits.device)
-        allowed = st.valid_mask[sample].to(logits.device)[None, :] & (keys[None, :] <= rows.to(logits.device)[:, None])
+        allowed = st.valid_mask[sample].to(logits.device)[None, :]
+        given = self._source().allowed(sample, rows)
+        if given is None:
+            allowed = allowed & (keys[None, :] <= rows.to(logits.device)[:, None])  # causal, in sequence order
+        else:
+            allowed = allowed & given.to(logits.device)
         ctx = AttentionContext(self, sample, rows, rotary, logits, allowed)
         for s in shifts:
             s.adjust_logits(ctx)
@@ -118,6 +127,32 @@ class Signals:
             return out
 
         return self.cached(("attention", queries, heads, shift_key), compute)
+
+    def attention_heads(self, queries: str = "last") -> torch.Tensor:
+        """(B, H, N) attention each token receives from the query set, per head, averaged over queries.
+
+        Only query rows that may attend to some key count in the average.
+        """
+        st = self._state
+        shift_key = tuple(s.cache_key() for s in st.shifts)
+
+        def compute() -> torch.Tensor:
+            out = None
+            for b in range(st.batch_size):
+                rows = self.query_rows(queries, b)
+                if rows.numel() == 0:
+                    continue
+                probs = self.attention_probs(b, rows)  # (H, Q, N)
+                if out is None:
+                    out = torch.zeros(st.batch_size, probs.shape[0], st.num_tokens, device=st.visual_mask.device)
+                live = probs.sum(dim=(0, 2)) > 0
+                if bool(live.any()):
+                    out[b] = probs[:, live].mean(1).to(out.device)
+            if out is None:
+                raise RuntimeError(f"no sample of this batch has query rows of set {queries!r}")
+            return out
+
+        return self.cached(("attention_heads", queries, shift_key), compute)
 
     def keys(self) -> torch.Tensor:
         """(B, H_kv, N, hd) keys of the source layer."""

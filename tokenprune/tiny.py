@@ -178,3 +178,63 @@ def tiny_llava_next_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] 
         attention_mask[i, width - len(r):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": sizes}
+
+
+def tiny_mllama(attn_implementation: str = "sdpa", seed: int = 0, init_std: float = 0.2, gate: float = 1.0) -> nn.Module:
+    """A ``MllamaForConditionalGeneration``: a 2-layer vision tower on 28-px tiles of 7-px patches
+    (16 patches + CLS = 17 features a tile, up to 4 tiles) and a 5-layer LLM whose layers 1 and 3
+    are cross-attention layers.
+
+    A random Mllama starts with its cross-attention gates at 0 (images ignored); they are set to
+    ``gate`` so that the image features matter.
+    """
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=64,
+                  vision_output_dim=96, image_size=28, patch_size=7, max_num_tiles=4,
+                  intermediate_layers_indices=[0, 1])
+    text = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, cross_attention_layers=[1, 3], bos_token_id=TINY_BOS,
+                eos_token_id=TINY_EOS, pad_token_id=TINY_PAD, initializer_range=init_std, max_position_embeddings=512)
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=TINY_IMAGE_TOKEN)
+    model = MllamaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(gate)
+                layer.cross_attn_mlp_gate.fill_(gate)
+    model.generation_config.pad_token_id = TINY_PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def tiny_mllama_inputs(model: nn.Module, tiles: list[int] | None = None, prompts: list[list[int]] | None = None,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch, one image per sample with ``tiles[b]`` tiles (aspect ratios 1x``tiles[b]``).
+
+    Sample b is ``[bos, 5, <|image|>, *prompts[b]]``; ``cross_attention_mask`` opens the image's real
+    tiles to the tokens from the image token on, as the processor does.
+    """
+    cfg = model.config.vision_config
+    tiles = tiles if tiles is not None else [4, 2]
+    prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(tiles)]
+    rows = [[TINY_BOS, 5, TINY_IMAGE_TOKEN] + list(q) for q in prompts]
+    width = max(len(r) for r in rows)
+    b = len(rows)
+    input_ids = torch.full((b, width), TINY_PAD, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    cross = torch.zeros((b, width, 1, cfg.max_num_tiles), dtype=torch.long)
+    for i, r in enumerate(rows):
+        start = width - len(r)
+        input_ids[i, start:] = torch.tensor(r)
+        attention_mask[i, start:] = 1
+        cross[i, start + 2:, 0, :tiles[i]] = 1
+    ratios = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.image_size
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": torch.randn(b, 1, cfg.max_num_tiles, 3, size, size, generator=gen),
+            "aspect_ratio_ids": torch.tensor([[ratios.index([1, t]) + 1] for t in tiles]),
+            "aspect_ratio_mask": torch.tensor([[[1] * t + [0] * (cfg.max_num_tiles - t)] for t in tiles]),
+            "cross_attention_mask": cross}

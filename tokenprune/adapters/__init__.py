@@ -7,10 +7,11 @@ from torch import nn
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.mllama import MllamaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter) for t in cls.model_types
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, MllamaAdapter, Qwen2VLAdapter) for t in cls.model_types
 }
 
 
@@ -25,4 +26,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter", "Qwen2VLAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "MllamaAdapter", "ModelAdapter", "Qwen2VLAdapter", "get_adapter"]

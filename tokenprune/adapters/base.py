@@ -44,6 +44,9 @@ class ModelAdapter:
     def validate_pipeline(self, pipeline: Any) -> None:
         """Raise :class:`~tokenprune.errors.ConfigError` for a stage this family cannot run."""
         for stage in pipeline.stages:
+            if stage.cross_attention and not self.cross_attention_layers:
+                raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {self.family}: it has no "
+                                  f"cross-attention layers; allowed: a decoder layer 0..{self.num_layers - 1}")
             for kind in stage.protect:
                 if kind not in self.token_kinds:
                     raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {self.family}; "
@@ -64,6 +67,11 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        """Indices of the LLM's cross-attention layers (Mllama); empty for decoder-only LVLMs."""
+        return []
 
     @property
     def attn_implementation(self) -> str:

@@ -1,0 +1,152 @@
+"""LLaMA-3.2-Vision (Mllama): the cross_attention site, against the eager model with the pruned image
+features masked out of every cross-attention layer (oracles 1-4), and Trimmed Llama's selection."""
+
+import functools
+
+import pytest
+import torch
+from reference import hidden_image_features, pruned_features
+
+import tokenprune as tp
+from tokenprune.errors import ConfigError
+from tokenprune.tiny import tiny_llava, tiny_mllama, tiny_mllama_inputs
+
+STEPS = 3
+FEATURES = 4 * 17  # 4 tiles x (16 patches + CLS)
+
+
+@functools.cache
+def pair():
+    sdpa, eager = tiny_mllama("sdpa"), tiny_mllama("eager")
+    eager.load_state_dict(sdpa.state_dict())
+    return {"sdpa": sdpa, "eager": eager}
+
+
+def batch():
+    return tiny_mllama_inputs(pair()["sdpa"])  # 4 tiles and 2 tiles: different visible feature counts
+
+
+def trimmed(keep=0.1, queries="text"):
+    return tp.load_pipeline({"stages": [{"layer": "cross_attention", "operators": [
+        {"op": "per_head_union", "keep": keep, "queries": queries}]}]})
+
+
+def generate(model, inputs, **kw):
+    return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, **kw)
+
+
+def test_keep_everything_is_identical():
+    model, inputs = pair()["sdpa"], batch()
+    pipe = trimmed(keep=1.0)
+    with torch.no_grad():
+        ref_logits, ref_gen = model(**inputs).logits, generate(model, inputs)
+        with pipe.attach(model):
+            logits, gen = model(**inputs).logits, generate(model, inputs)
+    assert pipe.trace[0].visual_after == pipe.trace[0].visual_before == [68, 34]
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(gen, ref_gen)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_prefill_and_generation_equal_masked_reference(impl):
+    """Oracle 2: prefill logits and every generate() step equal the eager model with the pruned features
+    masked in every cross-attention layer; the cross-attention KV cache holds only the kept features."""
+    model, inputs = pair()[impl], batch()
+    pipe = trimmed(keep=0.1)
+    with torch.no_grad(), pipe.attach(model):
+        logits = model(**inputs).logits.float()
+        cache = model(**inputs, use_cache=True).past_key_values
+        out = generate(model, inputs, output_logits=True, return_dict_in_generate=True)
+    kept = pipe.trace[0].kept
+    assert [len(k) for k in kept] != [FEATURES, 34 + 34]  # something was pruned
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    assert lengths[1] == lengths[3] == max(len(k) for k in kept)  # cross-attention layers
+    eager = pair()["eager"]
+    with torch.no_grad(), hidden_image_features(eager, pruned_features(FEATURES, kept)):
+        ref_logits = eager(**inputs).logits.float()
+        ref = generate(eager, inputs, output_logits=True, return_dict_in_generate=True)
+    valid = inputs["attention_mask"].bool()
+    assert torch.allclose(logits[valid], ref_logits[valid], atol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.logits, ref.logits):
+        assert torch.allclose(got.float(), want.float(), atol=1e-4)
+
+
+def test_batch_equals_each_sample_alone():
+    """Oracle 3: samples with different tile counts keep different numbers of features."""
+    model, inputs = pair()["sdpa"], batch()
+    pipe = trimmed(keep=0.1)
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, inputs)[:, -STEPS:]
+        kept = pipe.trace[0].kept
+        assert len(kept[0]) != len(kept[1])
+        for b in range(2):
+            valid = inputs["attention_mask"][b].bool()
+            alone = {"input_ids": inputs["input_ids"][b:b + 1, valid],
+                     "attention_mask": inputs["attention_mask"][b:b + 1, valid],
+                     "cross_attention_mask": inputs["cross_attention_mask"][b:b + 1, valid],
+                     **{k: inputs[k][b:b + 1] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}}
+            gen = generate(model, alone)[:, -STEPS:]
+            assert pipe.trace[0].kept[0] == kept[b]
+            assert torch.equal(gen[0], together[b])
+
+
+def test_sdpa_and_eager_agree():
+    inputs = batch()
+    results = {}
+    for impl in ("sdpa", "eager"):
+        pipe = trimmed(keep=0.1)
+        with torch.no_grad(), pipe.attach(pair()[impl]):
+            results[impl] = (pipe, generate(pair()[impl], inputs))
+    assert results["sdpa"][0].trace[0].kept == results["eager"][0].trace[0].kept
+    assert torch.equal(results["sdpa"][1], results["eager"][1])
+
+
+@pytest.mark.parametrize("queries", ["text", "last"])
+def test_per_head_union_matches_the_eager_cross_attention_maps(queries):
+    """Trimmed Llama's choice from the eager model's own attention weights of the first cross-attention
+    layer: per head, mean over the query rows that see the image, top-k of the visible features,
+    union over heads (plus the padding-tile features no text token sees, which stay)."""
+    model, inputs = pair()["eager"], batch()
+    pipe = trimmed(keep=5, queries=queries)
+    with torch.no_grad(), pipe.attach(model):
+        model(**inputs)
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[1].float()  # (B, H, S, M)
+    cam = inputs["cross_attention_mask"]  # (B, S, 1, tiles)
+    for b in range(2):
+        sees = cam[b, :, 0].bool().any(-1) & inputs["attention_mask"][b].bool()  # rows that see the image
+        text = inputs["input_ids"][b] != model.config.image_token_index  # the <|image|> placeholder is no text
+        rows = (sees & text).nonzero().flatten()
+        if queries == "last":
+            rows = rows[-1:]
+        visible = cam[b, rows[0], 0].bool().repeat_interleave(17)  # (M,) features of the real tiles
+        per_head = att[b][:, rows].mean(1)[:, visible]  # (H, V)
+        vis_idx = visible.nonzero().flatten()
+        chosen = set()
+        for h in range(per_head.shape[0]):
+            chosen |= set(vis_idx[per_head[h].argsort(descending=True, stable=True)[:5]].tolist())
+        expected = sorted(chosen | set((~visible).nonzero().flatten().tolist()))
+        assert pipe.trace[0].kept[b] == expected
+
+
+def test_sites_that_do_not_exist_are_named():
+    layer_pipe = tp.load_pipeline({"stages": [{"layer": 2, "operators": [{"op": "random"}, {"op": "topk"}]}]})
+    with pytest.raises(ConfigError, match=r"stages\.0\.layer: got 2, but the decoder sequence of LLaMA-3\.2-Vision"):
+        layer_pipe.attach(pair()["sdpa"])
+    with pytest.raises(ConfigError, match=r"stages\.0\.layer: 'cross_attention' is not a site of LLaVA-1\.5"):
+        trimmed().attach(tiny_llava("sdpa", layers=2))
+    with pytest.raises(ConfigError, match=r"stages\.1\.layer: a 'cross_attention' stage must be the pipeline's only"):
+        tp.load_pipeline({"stages": [{"layer": 1, "operators": [{"op": "random"}, {"op": "topk"}]},
+                                     {"layer": "cross_attention", "operators": [{"op": "per_head_union"}]}]})
+    with pytest.raises(ConfigError, match=r"stages\.0\.layer: must be an integer >= 0 .* or 'cross_attention'"):
+        tp.load_pipeline({"stages": [{"layer": "cross", "operators": [{"op": "random"}, {"op": "topk"}]}]})
+
+
+def test_trimmed_llama_preset_runs_through_generate():
+    model, inputs = pair()["sdpa"], batch()
+    pipe = tp.load_pipeline("trimmed_llama")
+    with torch.no_grad(), pipe.attach(model):
+        generate(model, inputs)
+    t = pipe.trace[0]
+    assert all(0 < a < v for a, v in zip(t.visual_after, t.visual_before))
