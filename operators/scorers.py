@@ -40,6 +40,30 @@ class AttentionScorer(Scorer):
         return state.signals.attention(queries=self.params.queries, heads=self.params.heads)
 
 
+@register_operator("cls_attention")
+class ClsAttention(Scorer):
+    """Attention the vision tower's CLS token pays each visual token's patch at vision layer ``layer``.
+
+    The importance signal of VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary
+    in Vision Language Models", CVPR 2025) and PruMerge (Shang et al., 2024): the [CLS] query's
+    softmax over the patch keys, heads averaged (``mean``) or summed (``sum``). ``layer`` indexes
+    the tower's encoder layers (negative from the end; -2 is the layer LLaVA takes its features
+    from). Recomputed from that layer's input with its own projections, so the tower keeps SDPA.
+    Works at any site (a visual token keeps its patch); needs a family whose adapter maps visual
+    tokens to vision patches (LLaVA-1.5 today).
+    """
+
+    needs_vision = True
+
+    @dataclass
+    class Params(ScorerParams):
+        layer: int = -2  # vision-tower encoder layer (negative: from the end)
+        heads: Literal["mean", "sum"] = "mean"  # how heads are reduced
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        return state.signals.vision_cls_attention(layer=self.params.layer, heads=self.params.heads)
+
+
 @register_operator("key_norm")
 class KeyNorm(Scorer):
     """L2 norm of each token's key at the layer before the site, averaged over key heads.

@@ -36,7 +36,7 @@ from tokenprune.masks import (
     ragged_keep_index,
 )
 from tokenprune.pipeline import Pipeline, StageTrace
-from tokenprune.state import Signals, TokenState
+from tokenprune.state import Signals, TokenState, VisionSource
 
 
 @dataclass
@@ -84,6 +84,7 @@ class _Episode:
         # At a cross_attention site: kept image-feature index (B, K), filler liveness, log-size bias, and the
         # pruned features and mask every cross-attention layer receives in the prefill.
         self.cross: dict[str, Any] | None = None
+        self.patch_of: torch.Tensor | None = None  # (B, N) row of each visual token in the vision features
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -107,6 +108,10 @@ class AttachedPipeline:
         self._handles: list[Any] = []
         self._episode: _Episode | None = None
         self._forwards = 0
+        # Inputs of the vision tower's layers in its latest forward (generate() runs the tower before the
+        # prefill forward, so these are kept outside any episode), for vision-tower signals.
+        self._vision_inputs: dict[int, torch.Tensor] = {}
+        self._vision_unavailable = self.adapter.vision_signals_unavailable()
 
     # --- context manager ---------------------------------------------------------------------
     def __enter__(self) -> AttachedPipeline:
@@ -123,6 +128,9 @@ class AttachedPipeline:
                     hook = self._cross_layer_hook(i, first=i == cross[0])
                     self._handles.append(self.adapter.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
             else:
+                if self._vision_unavailable is None:
+                    for i, layer in enumerate(self.adapter.vision_layers()):
+                        self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
                 self._handles.append(self.adapter.language_model.register_forward_pre_hook(self._llm_pre_hook,
                                                                                            with_kwargs=True))
                 for i, layer in enumerate(self.adapter.layers):
@@ -144,6 +152,28 @@ class AttachedPipeline:
             h.remove()
         self._handles.clear()
         self._episode = None
+        self._vision_inputs = {}
+
+    def _vision_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if layer == 0:
+                self._vision_inputs = {}
+            self._vision_inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _vision_source(self, ep: _Episode) -> VisionSource | None:
+        if self._vision_unavailable is not None or not self._vision_inputs:
+            return None
+        if ep.patch_of is None:
+            ep.patch_of = self.adapter.vision_patch_map(ep.visual)
+        rows = int((ep.patch_of >= 0).sum())
+        first = self._vision_inputs[min(self._vision_inputs)]
+        per_image = rows // max(first.shape[0], 1)
+        if per_image * first.shape[0] != rows:
+            raise PipelineRuntimeError(f"the vision tower saw {first.shape[0]} images but the prompt holds {rows} "
+                                       "visual tokens, not a whole number per image")
+        return VisionSource(self.adapter, self._vision_inputs, ep.patch_of, len(self.adapter.vision_layers()))
 
     # --- hooks -------------------------------------------------------------------------------
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -316,9 +346,11 @@ class AttachedPipeline:
         )
         capture = ep.capture
         if capture is not None and capture.layer == layer - 1:
-            source = LayerAttentionSource(self.adapter, layer - 1, capture.hidden, capture.position_embeddings,
-                                          state.valid_mask, cached_keys=self.adapter.cached_keys(ep.cache, layer - 1))
-            state.signals = Signals(state, source=source)
+            state.signals.source = LayerAttentionSource(
+                self.adapter, layer - 1, capture.hidden, capture.position_embeddings, state.valid_mask,
+                cached_keys=self.adapter.cached_keys(ep.cache, layer - 1))
+        state.signals.vision = self._vision_source(ep)
+        state.signals.vision_unavailable = self._vision_unavailable
         with torch.no_grad():
             state = stage(state)
         keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool) & live

@@ -46,6 +46,8 @@ class TokenOperator(nn.Module):
     kind: ClassVar[str] = ""
     op_name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
+    #: True for operators that read vision-tower signals (CLS attention, vision keys).
+    needs_vision: ClassVar[bool] = False
     #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
     min_layer: ClassVar[int] = 0
 

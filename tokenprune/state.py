@@ -43,6 +43,9 @@ class Signals:
     def __init__(self, state: TokenState, source: AttentionSource | None = None):
         self._state = state
         self.source = source
+        #: Vision-tower signals (CLS attention, keys), when the model's adapter gives them.
+        self.vision: VisionSource | None = None
+        self.vision_unavailable: str | None = None  # the adapter's reason, when it cannot give them
         self._cache: dict[tuple, Any] = {}
 
     @property
@@ -154,6 +157,33 @@ class Signals:
 
         return self.cached(("attention_heads", queries, shift_key), compute)
 
+    # --- vision-tower signals ------------------------------------------------------------------
+    def _vision(self) -> VisionSource:
+        if self.vision is None:
+            if self.vision_unavailable:
+                raise RuntimeError(f"vision-tower signals are not available: {self.vision_unavailable}")
+            raise RuntimeError("vision-tower signals need a model's vision tower: attach the pipeline to a model "
+                               "whose adapter gives them (or set state.signals.vision to a VisionSource)")
+        return self.vision
+
+    def vision_cls_attention(self, layer: int = -2, heads: str = "mean") -> torch.Tensor:
+        """(B, N) attention of the vision tower's CLS token to each visual token's patch at vision ``layer``
+        (recomputed from that layer's input, heads averaged or summed); 0 on other tokens."""
+        if heads not in ("mean", "sum"):
+            raise ValueError(f"heads={heads!r}; allowed: mean, sum")
+
+        def compute() -> torch.Tensor:
+            probs = self._vision().cls_attention(layer)  # (images * P, H)
+            per = probs.mean(-1) if heads == "mean" else probs.sum(-1)
+            return self._vision().to_tokens(per, self._state.source_index, 0.0)
+
+        return self.cached(("vision_cls_attention", layer, heads), compute)
+
+    def vision_keys(self, layer: int = -2) -> torch.Tensor:
+        """(B, N, H, hd) keys of each visual token's patch at vision ``layer``; zeros on other tokens."""
+        return self.cached(("vision_keys", layer), lambda: self._vision().to_tokens(
+            self._vision().keys(layer), self._state.source_index, 0.0))
+
     def keys(self) -> torch.Tensor:
         """(B, H_kv, N, hd) keys of the source layer."""
         k = self._source().keys()
@@ -165,6 +195,48 @@ class Signals:
         """(B, N) L2 norm of each token's key at the source layer, averaged over key heads."""
         return self.cached(("key_norms",), lambda: self.keys().float().norm(dim=-1).mean(dim=1).to(
             self._state.visual_mask.device))
+
+
+class VisionSource:
+    """Vision-tower signals recomputed from the inputs of the tower's layers, captured during the prefill.
+
+    ``inputs[l]`` is the input of vision layer ``l`` (images, tokens, D); ``patch_of`` (B, N_input) maps
+    each visual token of the model's input to its row in the flattened (images x patches) features
+    (-1 elsewhere). Queries and keys come from the adapter, which knows the tower.
+    """
+
+    def __init__(self, adapter: Any, inputs: dict[int, torch.Tensor], patch_of: torch.Tensor, num_layers: int):
+        self.adapter = adapter
+        self.inputs = inputs
+        self.patch_of = patch_of
+        self.num_layers = num_layers
+
+    def _input(self, layer: int) -> tuple[int, torch.Tensor]:
+        idx = layer + self.num_layers if layer < 0 else layer
+        if idx not in self.inputs:
+            raise ValueError(f"vision layer {layer} does not exist: the tower has {self.num_layers} layers "
+                             f"(allowed: {-self.num_layers}..{self.num_layers - 1})")
+        return idx, self.inputs[idx]
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """(images * P, H) CLS attention per patch row."""
+        idx, h = self._input(layer)
+        probs = self.adapter.vision_cls_attention(idx, h)  # (images, H, P)
+        return probs.permute(0, 2, 1).reshape(-1, probs.shape[1])
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(images * P, H, hd) patch keys per patch row."""
+        idx, h = self._input(layer)
+        k = self.adapter.vision_keys(idx, h)  # (images, H, P, hd)
+        return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+
+    def to_tokens(self, rows: torch.Tensor, source_index: torch.Tensor, fill: float) -> torch.Tensor:
+        """Per-patch-row values ``rows`` (R, ...) laid out on a stage's tokens (B, N, ...)."""
+        patch = self.patch_of.to(source_index.device).gather(1, source_index)  # (B, N)
+        out = torch.full((*patch.shape, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
+        hit = patch >= 0
+        out[hit] = rows[patch[hit]]
+        return out
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

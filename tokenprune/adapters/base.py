@@ -47,6 +47,11 @@ class ModelAdapter:
             if stage.cross_attention and not self.cross_attention_layers:
                 raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {self.family}: it has no "
                                   f"cross-attention layers; allowed: a decoder layer 0..{self.num_layers - 1}")
+            for j, op in enumerate(stage.operators):
+                reason = self.vision_signals_unavailable()
+                if getattr(op, "needs_vision", False) and reason is not None:
+                    raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs vision-tower signals, "
+                                      f"which {self.family} cannot give: {reason}")
             for kind in stage.protect:
                 if kind not in self.token_kinds:
                     raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {self.family}; "
@@ -103,6 +108,28 @@ class ModelAdapter:
         """Per sample, (rows, cols) of its visual tokens in raster order if known, from the forward's
         keyword arguments; None where unknown (a square grid is then assumed)."""
         return None
+
+    # --- vision-tower signals ----------------------------------------------------------------
+    def vision_layers(self) -> nn.ModuleList | None:
+        """The vision tower's encoder layers whose inputs vision signals are recomputed from, or None."""
+        return None
+
+    def vision_signals_unavailable(self) -> str | None:
+        """Why this family cannot give vision-tower signals (CLS attention, vision keys), or None if it can."""
+        return f"{self.family} has no vision-tower signals in tokenprune yet"
+
+    def vision_patch_map(self, visual: torch.Tensor) -> torch.Tensor:
+        """(B, N) long: for each visual input token, its row in the flattened (images x patches) vision
+        features (-1 on other tokens)."""
+        raise NotImplementedError
+
+    def vision_cls_attention(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(images, H, P) attention of the CLS query over the patch tokens at vision ``layer``, from its input."""
+        raise NotImplementedError
+
+    def vision_keys(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(images, H, P, hd) keys of the patch tokens at vision ``layer``, from its input ``hidden``."""
+        raise NotImplementedError
 
     #: Keyword arguments of the model's forward that carry images.
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")

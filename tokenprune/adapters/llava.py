@@ -20,3 +20,55 @@ class LlavaAdapter(LlamaStyleAdapter):
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.model.config.image_token_id
+
+    # --- vision-tower signals: a CLIP-style tower, one image = P patch tokens (+ CLS) -------------
+    def _tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def vision_layers(self) -> nn.ModuleList | None:
+        tower = self._tower()
+        model = getattr(tower, "vision_model", tower)
+        encoder = getattr(model, "encoder", None)
+        return getattr(encoder, "layers", None)
+
+    def vision_signals_unavailable(self) -> str | None:
+        if self.vision_layers() is None or not hasattr(self.vision_layers()[0], "self_attn"):
+            return f"the vision tower of this {self.family} model is not CLIP-like (encoder.layers[i].self_attn)"
+        return None
+
+    def _tokens_per_image(self) -> tuple[int, int]:
+        """(visual tokens per image, index of the first patch token among the tower's tokens)."""
+        v = self.model.config.vision_config
+        patches = (v.image_size // v.patch_size) ** 2
+        if self.model.config.vision_feature_select_strategy == "full":
+            return patches + 1, 0
+        return patches, 1
+
+    def vision_patch_map(self, visual: torch.Tensor) -> torch.Tensor:
+        per_image, _ = self._tokens_per_image()
+        counts = visual.sum(1)
+        if bool((counts % per_image != 0).any()):
+            raise ValueError(f"visual tokens per sample {counts.tolist()} are not whole images of {per_image} tokens")
+        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        out[visual] = torch.arange(int(counts.sum()), device=visual.device)
+        return out
+
+    def _qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        block = self.vision_layers()[layer]
+        attn = block.self_attn
+        h = block.layer_norm1(hidden)
+        b, n, _ = h.shape
+        q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)
+
+    def vision_cls_attention(self, layer, hidden):
+        q, k, scale = self._qk(layer, hidden)
+        probs = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)[:, :, 0]
+        _, first = self._tokens_per_image()
+        return probs[:, :, first:]
+
+    def vision_keys(self, layer, hidden):
+        _, k, _ = self._qk(layer, hidden)
+        _, first = self._tokens_per_image()
+        return k[:, :, first:]

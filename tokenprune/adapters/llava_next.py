@@ -23,6 +23,10 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "LLaVA-NeXT"
     token_kinds = ("image_newline",)
 
+    def vision_signals_unavailable(self) -> str | None:
+        return ("the anyres layout of LLaVA-NeXT (base tile, unpadded tile grid, newlines) is not mapped back to "
+                "vision-tower patches yet")
+
     def mark_token_kinds(self, embeds: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         newline = self.model.model.image_newline.to(embeds.dtype)
         return {"image_newline": visual & (embeds == newline).all(dim=-1)}

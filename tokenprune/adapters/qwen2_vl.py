@@ -55,5 +55,9 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             grids.append(mine[0] if len(mine) == 1 and taken == n else None)
         return grids
 
+    def vision_signals_unavailable(self) -> str | None:
+        return ("the Qwen2-VL vision tower has no CLS token, and each visual token merges 2x2 patches; "
+                "its vision signals are not mapped yet")
+
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         raise NotImplementedError("Qwen2-VL positions are 3-D; tokenprune keeps them and never recomputes rotary angles")
