@@ -166,3 +166,39 @@ def test_protect_names_an_unknown_kind():
         {"op": "random"}, {"op": "topk", "keep": 0.5}]}]})
     with pytest.raises(ConfigError, match=r"stages\.0\.protect: 'image_newline' is not a token kind of Qwen2-VL"):
         pipe.attach(pair("qwen2_vl")["sdpa"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_stage_pipeline_batch_equals_each_sample_alone(family):
+    """PyramidDrop-style stages at layers 1 and 3 (renumbered where the family has 1-D positions), each
+    seeing what the earlier left, on a batch with different visual counts, with KV compaction."""
+    model, batch = pair(family)["sdpa"], inputs(family)
+    positions = "keep" if family.startswith("qwen") else "renumber"
+    pipe = tp.load_pipeline({"stages": [
+        {"layer": 1, "positions": positions, "operators": [{"op": "attention"}, {"op": "topk", "keep": 0.5}]},
+        {"layer": 3, "positions": positions, "operators": [{"op": "attention"}, {"op": "topk", "keep": 0.5},
+                                                           {"op": "kv_compact"}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, batch)[:, -STEPS:]
+        traces = list(pipe.trace)
+        assert [t.visual_before for t in traces][1] == traces[0].visual_after
+        for b in range(2):
+            gen = generate(model, sample_alone(family, batch, b))[:, -STEPS:]
+            offset = int((batch["attention_mask"][b] == 0).sum())
+            for alone, both in zip(pipe.trace, traces):
+                assert [i + offset for i in alone.kept[0]] == both.kept[b]
+            assert torch.equal(gen[0], together[b])
+
+
+@pytest.mark.parametrize("family,keep,expect", [
+    ("llava_next", 0.1, [24, 23]),  # round(0.1 * 240) and round(0.1 * 234)
+    ("llava_next", 10, [10, 10]),  # a count is per sample too
+    ("qwen2_vl", 0.5, [8, 8]),  # 16 and 15 visual tokens: round(8.0), round(7.5) (halves round up)
+    ("qwen2_vl", 10, [10, 10]),
+])
+def test_budgets_are_per_sample(family, keep, expect):
+    model, batch = pair(family)["sdpa"], inputs(family)
+    pipe = tp.load_pipeline({"stages": [{"layer": 2, "operators": [{"op": "random"}, {"op": "topk", "keep": keep}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    assert pipe.trace[0].visual_after == expect
