@@ -11,6 +11,17 @@ TINY_PAD, TINY_BOS, TINY_EOS = 0, 1, 2
 TINY_VIDEO_TOKEN, TINY_VISION_START, TINY_VISION_END = 126, 124, 125
 
 
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, max length) of token rows, left-padded with ``TINY_PAD``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        attention_mask[i, width - len(r):] = 1
+    return input_ids, attention_mask
+
+
 def tiny_llava(attn_implementation: str = "sdpa", layers: int = 4, image_size: int = 56, patch_size: int = 7,
                seed: int = 0, init_std: float = 0.2) -> nn.Module:
     """A ``LlavaForConditionalGeneration`` with a 2-layer CLIP tower ((image_size/patch_size)^2 visual
@@ -47,12 +58,7 @@ def tiny_llava_inputs(model: nn.Module, prompts: list[list[int]] | None = None, 
     num_visual = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
     rows = [[TINY_BOS, 5, 6] + [cfg.image_token_id] * num_visual + list(q) for q in prompts]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention_mask[i, width - len(r):] = 1
+    input_ids, attention_mask = left_pad(rows)
     gen = torch.Generator().manual_seed(seed)
     size = cfg.vision_config.image_size
     pixel_values = torch.randn(len(rows), 3, size, size, generator=gen)
@@ -116,12 +122,7 @@ def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None =
             raise ValueError(f"grid {(h, w)} must be divisible by the merge size {merge}")
         n = h * w // merge ** 2
         rows.append([TINY_BOS, 5, TINY_VISION_START] + [cfg.image_token_id] * n + [TINY_VISION_END] + list(q))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention_mask[i, width - len(r):] = 1
+    input_ids, attention_mask = left_pad(rows)
     gen = torch.Generator().manual_seed(seed)
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     pixel_values = torch.randn(sum(h * w for h, w in grids), patch_dim, generator=gen)
@@ -170,12 +171,7 @@ def tiny_llava_next_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] 
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values, sizes).pooler_output
     rows = [[TINY_BOS, 5, 6] + [cfg.image_token_id] * f.shape[0] + list(q) for f, q in zip(feats, prompts)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention_mask[i, width - len(r):] = 1
+    input_ids, attention_mask = left_pad(rows)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": sizes}
 
@@ -220,16 +216,11 @@ def tiny_mllama_inputs(model: nn.Module, tiles: list[int] | None = None, prompts
     tiles = tiles if tiles is not None else [4, 2]
     prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(tiles)]
     rows = [[TINY_BOS, 5, TINY_IMAGE_TOKEN] + list(q) for q in prompts]
-    width = max(len(r) for r in rows)
-    b = len(rows)
-    input_ids = torch.full((b, width), TINY_PAD, dtype=torch.long)
-    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    input_ids, attention_mask = left_pad(rows)
+    b, width = input_ids.shape
     cross = torch.zeros((b, width, 1, cfg.max_num_tiles), dtype=torch.long)
     for i, r in enumerate(rows):
-        start = width - len(r)
-        input_ids[i, start:] = torch.tensor(r)
-        attention_mask[i, start:] = 1
-        cross[i, start + 2:, 0, :tiles[i]] = 1
+        cross[i, width - len(r) + 2:, 0, :tiles[i]] = 1  # from the image token on
     ratios = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
     gen = torch.Generator().manual_seed(seed)
     size = cfg.image_size
