@@ -150,3 +150,30 @@ def test_trimmed_llama_preset_runs_through_generate():
         generate(model, inputs)
     t = pipe.trace[0]
     assert all(0 < a < v for a, v in zip(t.visual_after, t.visual_before))
+
+
+def test_manual_cached_decoding_equals_masked_reference():
+    """A plain forward with use_cache (the LLM makes the cache) then manual decoding steps with the
+    full-length cross-attention mask: each step equals the reference."""
+    model, inputs = pair()["sdpa"], batch()
+
+    def run(m):
+        out = m(**inputs, use_cache=True)
+        cache, am, cam = out.past_key_values, inputs["attention_mask"], inputs["cross_attention_mask"]
+        logits = [out.logits[:, -1].float()]
+        for _ in range(STEPS):
+            am = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
+            cam = torch.cat([cam, cam[:, -1:]], 1)
+            out = m(input_ids=logits[-1].argmax(-1)[:, None], attention_mask=am, cross_attention_mask=cam,
+                    past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[:, -1].float())
+        return logits
+
+    pipe = trimmed(keep=0.1)
+    with torch.no_grad(), pipe.attach(model):
+        got = run(model)
+    with torch.no_grad(), hidden_image_features(pair()["eager"], pruned_features(FEATURES, pipe.trace[0].kept)):
+        want = run(pair()["eager"])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4)

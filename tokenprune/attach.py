@@ -12,6 +12,11 @@ How it rides the forward (see docs/concepts.md):
 
 Scores that need attention are recomputed for the few query rows that matter from the previous
 layer's input (see :class:`~tokenprune.attention.LayerAttentionSource`), so the model keeps SDPA.
+
+When the samples of a batch keep different numbers of tokens, the shorter ones are left-filled with
+masked filler slots (``_Episode.live``). A ``cross_attention`` stage (Mllama) instead runs in the
+pre-hook of the first cross-attention layer and hands every cross-attention layer the kept image
+features and a mask cut to them (see docs/families.md).
 """
 
 from __future__ import annotations
@@ -458,6 +463,8 @@ class AttachedPipeline:
             if ep.phase == "prefill":
                 if kwargs.get("cross_attention_states") is None:
                     return None
+                if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
+                    ep.cache = kwargs.get("past_key_values")
                 if first:
                     self._run_cross_stage(layer, ep, args[0] if args else kwargs["hidden_states"], kwargs)
                 if ep.cross is None:
