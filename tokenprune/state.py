@@ -105,6 +105,17 @@ class Signals:
             s.adjust_probs(ctx)
         return ctx.probs
 
+    def _live_probs(self, queries: str):
+        """Per sample with query rows: (b, probs (H, Q', N)) of its rows that may attend to some key."""
+        for b in range(self._state.batch_size):
+            rows = self.query_rows(queries, b)
+            if rows.numel() == 0:
+                continue
+            probs = self.attention_probs(b, rows)  # (H, Q, N)
+            live = probs.sum(dim=(0, 2)) > 0
+            if bool(live.any()):
+                yield b, probs[:, live]
+
     def attention(self, queries: str = "last", heads: str = "mean") -> torch.Tensor:
         """(B, N) attention each token receives from the query set, reduced over heads, averaged over queries.
 
@@ -114,48 +125,36 @@ class Signals:
         if heads not in reduce:
             raise ValueError(f"heads={heads!r}; allowed: {', '.join(reduce)}")
         st = self._state
-        shift_key = tuple(s.cache_key() for s in st.shifts)
 
         def compute() -> torch.Tensor:
             out = torch.zeros(st.visual_mask.shape, dtype=torch.float32, device=st.visual_mask.device)
-            for b in range(st.batch_size):
-                rows = self.query_rows(queries, b)
-                if rows.numel() == 0:
-                    continue
-                probs = self.attention_probs(b, rows)  # (H, Q, N)
-                per_row = reduce[heads](probs, dim=0)  # (Q, N)
-                live = probs.sum(dim=(0, 2)) > 0
-                if bool(live.any()):
-                    out[b] = per_row[live].mean(0).to(out.device)
+            for b, probs in self._live_probs(queries):
+                out[b] = reduce[heads](probs, dim=0).mean(0).to(out.device)
             return out
 
-        return self.cached(("attention", queries, heads, shift_key), compute)
+        return self.cached(("attention", queries, heads, self._shift_key()), compute)
 
     def attention_heads(self, queries: str = "last") -> torch.Tensor:
         """(B, H, N) attention each token receives from the query set, per head, averaged over queries.
 
-        Only query rows that may attend to some key count in the average.
+        Only query rows that may attend to some key count in the average; samples without any are 0.
         """
         st = self._state
-        shift_key = tuple(s.cache_key() for s in st.shifts)
 
         def compute() -> torch.Tensor:
-            out = None
-            for b in range(st.batch_size):
-                rows = self.query_rows(queries, b)
-                if rows.numel() == 0:
-                    continue
-                probs = self.attention_probs(b, rows)  # (H, Q, N)
+            out: torch.Tensor | None = None
+            for b, probs in self._live_probs(queries):
                 if out is None:
                     out = torch.zeros(st.batch_size, probs.shape[0], st.num_tokens, device=st.visual_mask.device)
-                live = probs.sum(dim=(0, 2)) > 0
-                if bool(live.any()):
-                    out[b] = probs[:, live].mean(1).to(out.device)
+                out[b] = probs.mean(1).to(out.device)
             if out is None:
                 raise RuntimeError(f"no sample of this batch has query rows of set {queries!r}")
             return out
 
-        return self.cached(("attention_heads", queries, shift_key), compute)
+        return self.cached(("attention_heads", queries, self._shift_key()), compute)
+
+    def _shift_key(self) -> tuple:
+        return tuple(s.cache_key() for s in self._state.shifts)
 
     # --- vision-tower signals ------------------------------------------------------------------
     def _vision(self) -> VisionSource:
