@@ -117,14 +117,8 @@ class Bipartite(Merger):
     def expected_kept(self, num_visual: int) -> int:
         return max(resolve_keep(self.params.keep, num_visual), num_visual // 2)
 
-    def features(self, state: TokenState) -> torch.Tensor:
-        if self.params.features == "keys":
-            k = state.signals.keys()  # (B, H, N, hd)
-            return k.float().transpose(1, 2).flatten(2).to(state.hidden.device)
-        return state.hidden.float()
-
     def forward(self, state: TokenState) -> TokenState:
-        feats = F.normalize(self.features(state), dim=-1)
+        feats = F.normalize(state.signals.features(self.params.features), dim=-1)
         hidden = state.hidden.clone()
         sizes = state.sizes.clone().float()
         keep = torch.ones(state.visual_mask.shape, dtype=torch.bool, device=state.visual_mask.device)
@@ -153,3 +147,263 @@ class Bipartite(Merger):
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
         return state
+
+
+FeatureKind = Literal["hidden", "keys", "vision_keys"]
+
+
+class _FeatureUser:
+    """Mixin for operators with a ``features`` parameter: the layer and vision needs follow from it."""
+
+    @property
+    def min_layer(self) -> int:  # type: ignore[override]
+        return 1 if self.params.features == "keys" else 0
+
+    @property
+    def needs_vision(self) -> bool:  # type: ignore[override]
+        return self.params.features == "vision_keys"
+
+
+def merge_into(hidden: torch.Tensor, sizes: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor,
+               assign: torch.Tensor) -> None:
+    """Fold tokens ``sources`` into ``targets[assign]`` of one sample, in place: size-weighted means, sizes add.
+
+    ``hidden`` (N, D), ``sizes`` (N,); ``targets`` (T,), ``sources`` (S,) token indices; ``assign`` (S,) in [0, T).
+    """
+    if sources.numel() == 0:
+        return
+    w_src = sizes[sources]
+    num = (hidden[targets].float() * sizes[targets][:, None]).index_add(
+        0, assign, hidden[sources].float() * w_src[:, None])
+    den = sizes[targets].index_add(0, assign, w_src)
+    hidden[targets] = (num / den[:, None]).to(hidden.dtype)
+    sizes[targets] = den
+
+
+@register_operator("nearest_mean")
+class NearestMean(_FeatureUser, Merger):
+    """Each dropped visual token is averaged into its most similar kept visual token.
+
+    The merge of VScan (Zhang et al., "VScan: Rethinking Visual Token Reduction for Efficient Large
+    Vision-Language Models", 2025) and HoliTom (Shao et al., "HoliTom: Holistic Token Merging for
+    Fast Video Large Language Models", 2025): similarity is the cosine of ``features``
+    (``hidden``, the previous layer's ``keys``, or the vision tower's ``vision_keys``); a kept
+    token becomes the size-weighted mean of itself and the tokens assigned to it, and sizes add
+    up. ``proportional_attention`` adds ``log(size)`` to its keys in the layers after the site.
+    """
+
+    @dataclass
+    class Params:
+        features: FeatureKind = "hidden"  # similarity features
+        vision_layer: int = -2  # for features: vision_keys
+        proportional_attention: bool = False
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.keep_mask is None:
+            raise RuntimeError("nearest_mean needs a selector before it")
+        feats = F.normalize(state.signals.features(self.params.features, self.params.vision_layer), dim=-1)
+        hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            kept = torch.nonzero(vis & state.keep_mask[b]).squeeze(1)
+            pruned = torch.nonzero(vis & ~state.keep_mask[b]).squeeze(1)
+            if kept.numel() == 0:
+                continue
+            assign = (feats[b, pruned] @ feats[b, kept].T).argmax(dim=1)
+            merge_into(hidden[b], sizes[b], kept, pruned, assign)
+        state.hidden, state.sizes = hidden, sizes
+        state.proportional_attention = state.proportional_attention or self.params.proportional_attention
+        return state
+
+
+@register_operator("contextual")
+class Contextual(_FeatureUser, Merger):
+    """VisionZip's contextual tokens: the visual tokens the selector left are merged into a few new ones.
+
+    Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
+    2025. After the selector has kept the *dominant* tokens, ``contextual`` *targets* are taken
+    from the remaining visual tokens at a uniform stride (every ``len(remaining) // contextual``-th,
+    from the first); every other remaining token joins the target whose ``features`` (VisionZip:
+    the vision tower's keys at the feature layer) are most similar by cosine; each target becomes
+    the size-weighted mean of its group and is kept. So a stage keeps dominant + ``contextual``
+    visual tokens. ``contextual`` is a count or a fraction of each sample's visual tokens.
+    """
+
+    @dataclass
+    class Params:
+        contextual: float | int = 10  # merged tokens added per sample: a count or a fraction of its visual tokens
+        features: FeatureKind = "vision_keys"
+        vision_layer: int = -2  # for features: vision_keys
+        proportional_attention: bool = False
+
+        def __post_init__(self) -> None:
+            check_keep(self.contextual, "contextual")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.keep_mask is None:
+            raise RuntimeError("contextual needs a selector before it (the dominant tokens)")
+        feats = F.normalize(state.signals.features(self.params.features, self.params.vision_layer), dim=-1)
+        hidden, sizes, keep = state.hidden.clone(), state.sizes.clone().float(), state.keep_mask.clone()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            rest = torch.nonzero(vis & ~keep[b]).squeeze(1)
+            n = min(resolve_keep(self.params.contextual, int(vis.sum())), rest.numel())
+            if n == 0:
+                continue
+            step = rest.numel() // n
+            is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
+            is_target[torch.arange(n, device=rest.device) * step] = True
+            targets, sources = rest[is_target], rest[~is_target]
+            assign = (feats[b, sources] @ feats[b, targets].T).argmax(dim=1)
+            merge_into(hidden[b], sizes[b], targets, sources, assign)
+            keep[b, targets] = True
+        state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
+        state.proportional_attention = state.proportional_attention or self.params.proportional_attention
+        return state
+
+
+@register_operator("knn_merge")
+class KnnMerge(_FeatureUser, Merger):
+    """PruMerge's update: each kept token absorbs its nearest neighbours, weighted by their scores.
+
+    Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models",
+    2024. For each kept visual token i, its ``neighbors`` most similar other visual tokens
+    N(i) (cosine of ``features``; PruMerge: the vision keys) are averaged in with the stage's scores
+    as weights (PruMerge: the CLS attention), ``m = max(score, 0)``:
+
+        h_i ← (m_i h_i + Σ_{j∈N(i)} m_j h_j) / (m_i + Σ_{j∈N(i)} m_j)
+
+    Neighbourhoods overlap, so sizes are left as they are (no proportional attention).
+    """
+
+    @dataclass
+    class Params:
+        neighbors: int = 32  # nearest visual tokens absorbed by each kept one
+        features: FeatureKind = "vision_keys"
+        vision_layer: int = -2  # for features: vision_keys
+
+        def __post_init__(self) -> None:
+            if self.neighbors < 1:
+                raise ParamError("neighbors", "must be >= 1")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.keep_mask is None or state.scores is None:
+            raise RuntimeError("knn_merge needs a scorer and a selector before it")
+        feats = F.normalize(state.signals.features(self.params.features, self.params.vision_layer), dim=-1)
+        hidden = state.hidden.clone()
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b]).squeeze(1)
+            kept = torch.nonzero(state.keep_mask[b][vis]).squeeze(1)  # positions within vis
+            if kept.numel() == 0 or vis.numel() < 2:
+                continue
+            mass = state.scores[b, vis].float().clamp_min(0).to(hidden.device)
+            sim = feats[b, vis[kept]] @ feats[b, vis].T  # (K, V)
+            sim[torch.arange(kept.numel()), kept] = float("-inf")  # not itself
+            k = min(self.params.neighbors, vis.numel() - 1)
+            nn_idx = sim.topk(k, dim=1).indices  # (K, k)
+            h = state.hidden[b, vis].float()
+            w_self, w_nn = mass[kept], mass[nn_idx]
+            num = w_self[:, None] * h[kept] + (w_nn[..., None] * h[nn_idx]).sum(1)
+            den = w_self + w_nn.sum(1)
+            merged = torch.where(den[:, None] > 0, num / den.clamp_min(1e-30)[:, None], h[kept])
+            hidden[b, vis[kept]] = merged.to(hidden.dtype)
+        state.hidden = hidden
+        return state
+
+
+@register_operator("cluster_merge")
+class ClusterMerge(_FeatureUser, Merger):
+    """Recycle the dropped visual tokens: cluster them and keep one merged token per cluster.
+
+    SparseVLM's token recycling (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient
+    Vision-Language Model Inference", 2024) clusters the pruned tokens with DPC-KNN (Du et al.,
+    "Study on density peaks clustering based on k-nearest neighbors and principal component
+    analysis", 2016): local density ρ_i = exp(−mean squared distance to its ``knn`` nearest
+    neighbours), δ_i = distance to the nearest denser token (the densest gets the largest
+    distance), and the ``clusters`` tokens with the largest ρ·δ are centres; every other token
+    joins its nearest centre. ``method: kmeans`` uses scikit-learn's KMeans instead (k-means++,
+    ``seed``), and each cluster's centre token is the member nearest its centroid. Distances are
+    Euclidean on ``features``. Each centre token becomes the size-weighted mean of its cluster and
+    is kept; sizes add up. ``clusters`` is a count or a fraction of the sample's dropped visual tokens.
+    """
+
+    @dataclass
+    class Params:
+        clusters: float | int = 0.3  # merged tokens per sample: a count or a fraction of the dropped visual tokens
+        method: Literal["dpc_knn", "kmeans"] = "dpc_knn"
+        knn: int = 5  # neighbours for DPC-KNN's density
+        features: FeatureKind = "hidden"
+        vision_layer: int = -2  # for features: vision_keys
+        seed: int = 0  # kmeans
+        proportional_attention: bool = False
+
+        def __post_init__(self) -> None:
+            check_keep(self.clusters, "clusters")
+            if self.knn < 1:
+                raise ParamError("knn", "must be >= 1")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.keep_mask is None:
+            raise RuntimeError("cluster_merge needs a selector before it")
+        feats = state.signals.features(self.params.features, self.params.vision_layer)
+        hidden, sizes, keep = state.hidden.clone(), state.sizes.clone().float(), state.keep_mask.clone()
+        for b in range(state.batch_size):
+            pruned = torch.nonzero(state.visual_mask[b] & state.valid_mask[b] & ~keep[b]).squeeze(1)
+            c = min(resolve_keep(self.params.clusters, pruned.numel()), pruned.numel())
+            if c == 0:
+                continue
+            x = feats[b, pruned]
+            centre, assign = (dpc_knn(x, c, self.params.knn) if self.params.method == "dpc_knn"
+                              else kmeans_centres(x, c, self.params.seed))
+            members = torch.ones(pruned.numel(), dtype=torch.bool, device=pruned.device)
+            members[centre] = False
+            merge_into(hidden[b], sizes[b], pruned[centre], pruned[members], assign[members])
+            keep[b, pruned[centre]] = True
+        state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
+        state.proportional_attention = state.proportional_attention or self.params.proportional_attention
+        return state
+
+
+def dpc_knn(x: torch.Tensor, clusters: int, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-KNN on points ``x`` (P, F): (centre indices (C,), cluster of every point (P,) in [0, C)).
+
+    Ties go to the earlier point. A centre is assigned to its own cluster.
+    """
+    p = x.shape[0]
+    d = torch.cdist(x.float(), x.float())  # (P, P)
+    k = min(knn, p - 1)
+    if k > 0:
+        near = d.topk(k + 1, dim=1, largest=False).values[:, 1:]  # without itself
+        density = torch.exp(-(near ** 2).mean(1))
+    else:
+        density = torch.ones(p, device=x.device)
+    denser = density[None, :] > density[:, None]  # (i, j): j denser than i
+    # equal densities: the earlier point counts as denser, so exactly one point has no denser one
+    idx = torch.arange(p, device=x.device)
+    denser |= (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None])
+    delta = torch.where(denser, d, torch.full_like(d, float("inf"))).amin(1)
+    delta = torch.where(torch.isinf(delta), d.amax(1), delta)
+    score = density * delta
+    centre = torch.sort(score, descending=True, stable=True).indices[:clusters]
+    assign = d[:, centre].argmin(dim=1)
+    assign[centre] = torch.arange(centre.numel(), device=x.device)
+    return centre, assign
+
+
+def kmeans_centres(x: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn KMeans on ``x`` (P, F): (centre indices: the member nearest each centroid, cluster of each point)."""
+    from sklearn.cluster import KMeans
+
+    arr = x.detach().float().cpu().numpy()
+    km = KMeans(n_clusters=clusters, n_init=1, random_state=seed).fit(arr)
+    labels = torch.as_tensor(km.labels_, dtype=torch.long, device=x.device)
+    centroids = torch.as_tensor(km.cluster_centers_, dtype=torch.float32, device=x.device)
+    d = torch.cdist(x.float(), centroids)  # (P, C)
+    d = torch.where(labels[:, None] == torch.arange(clusters, device=x.device)[None, :], d,
+                    torch.full_like(d, float("inf")))
+    filled = torch.isfinite(d).any(dim=0)  # KMeans can leave a cluster empty when points repeat
+    remap = torch.cumsum(filled.long(), 0) - 1
+    centre = d[:, filled].argmin(dim=0)
+    assign = remap[labels]
+    assign[centre] = torch.arange(centre.numel(), device=x.device)
+    return centre, assign

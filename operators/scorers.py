@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from tokenprune.operator import ParamError, Scorer, ScorerParams
 from tokenprune.registry import register_operator
@@ -51,6 +52,12 @@ class ClsAttention(Scorer):
     from). Recomputed from that layer's input with its own projections, so the tower keeps SDPA.
     Works at any site (a visual token keeps its patch); needs a family whose adapter maps visual
     tokens to vision patches (LLaVA-1.5 today).
+
+    With ``window: w > 0`` the score is local, for VScan's local scan (Zhang et al., "VScan:
+    Rethinking Visual Token Reduction for Efficient Large Vision-Language Models", 2025, which
+    reads fine local detail from a shallow layer's CLS attention): each token's CLS attention is
+    divided by the largest in its w×w window of the sample's visual grid, so every window's best
+    token scores 1 and a top-k favours one token per window before any second one.
     """
 
     needs_vision = True
@@ -59,9 +66,28 @@ class ClsAttention(Scorer):
     class Params(ScorerParams):
         layer: int = -2  # vision-tower encoder layer (negative: from the end)
         heads: Literal["mean", "sum"] = "mean"  # how heads are reduced
+        window: int = 0  # 0: global; w > 0: normalise within w x w windows of the visual grid
+
+        def __post_init__(self) -> None:
+            if self.window < 0:
+                raise ParamError("window", "must be >= 0 (0 = global)")
 
     def score(self, state: TokenState) -> torch.Tensor:
-        return state.signals.vision_cls_attention(layer=self.params.layer, heads=self.params.heads)
+        att = state.signals.vision_cls_attention(layer=self.params.layer, heads=self.params.heads)
+        w = self.params.window
+        if w == 0:
+            return att
+        out = torch.zeros_like(att)
+        for b in range(state.batch_size):
+            idx = torch.nonzero(state.visual_mask[b]).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            rows, cols = state.visual_grid(b)
+            grid = att[b, idx].view(1, 1, rows, cols)
+            peak = F.max_pool2d(grid, kernel_size=w, stride=w, ceil_mode=True)  # (1, 1, ceil(r/w), ceil(c/w))
+            peak = peak.repeat_interleave(w, dim=2).repeat_interleave(w, dim=3)[..., :rows, :cols]
+            out[b, idx] = (grid / peak.clamp_min(1e-30)).flatten()
+        return out
 
 
 @register_operator("key_norm")

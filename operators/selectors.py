@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenprune.attention import QUERY_SETS
@@ -243,3 +244,106 @@ class PerHeadUnion(Selector):
             order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # ties to the earlier
             keep[b, idx[order.flatten().unique()]] = True
         return keep
+
+
+@register_operator("iqr_outliers")
+class IqrOutliers(Selector):
+    """Keep the visual tokens whose score is a high outlier: above Q3 + ``factor`` × IQR (adaptive budget).
+
+    PruMerge's adaptive selection (Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for
+    Efficient Large Multimodal Models", 2024), on the CLS attention: Q1 and Q3 are the quartiles
+    of a sample's visual scores (linear interpolation, as ``torch.quantile``), and only the
+    tokens above the upper fence stay, at least ``min_keep``.
+    """
+
+    @dataclass
+    class Params:
+        factor: float = 1.5  # fence = Q3 + factor * (Q3 - Q1)
+        min_keep: int = 1  # never fewer visual tokens (the highest-scoring ones)
+
+        def __post_init__(self) -> None:
+            if self.factor < 0:
+                raise ParamError("factor", "must be >= 0")
+            if self.min_keep < 0:
+                raise ParamError("min_keep", "must be >= 0")
+
+    def expected_kept(self, num_visual: int) -> int:
+        raise NotImplementedError("iqr_outliers keeps as many tokens as the score distribution has outliers")
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        visual = state.visual_mask & state.valid_mask
+        keep = ~state.visual_mask
+        rank = _rank_within_visual(state.scores, visual)
+        for b in range(state.batch_size):
+            v = int(visual[b].sum())
+            if v == 0:
+                continue
+            s = state.scores[b][visual[b]].float()
+            q1, q3 = torch.quantile(s, torch.tensor([0.25, 0.75], device=s.device))
+            fence = q3 + self.params.factor * (q3 - q1)
+            keep[b] |= visual[b] & ((state.scores[b].float() > fence) | (rank[b] < min(self.params.min_keep, v)))
+        return keep
+
+
+@register_operator("max_min_diversity")
+class MaxMinDiversity(Selector):
+    """Keep the most diverse visual tokens: greedy max–min cosine distance (no scores needed).
+
+    DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
+    Models", CVPR 2025) casts pruning as the max–min diversity problem on the visual features and
+    solves it greedily: with cosine distance d = 1 − cos, the first token is the one farthest from
+    its nearest other token, and each next one maximises its distance to the nearest token already
+    chosen, until ``keep`` are chosen. Ties go to the earlier token. ``features``: ``hidden`` (the
+    tokens entering the site; DivPrune's choice at layer 0), ``keys`` or ``vision_keys``.
+    """
+
+    needs_scores = False
+
+    @dataclass
+    class Params:
+        keep: float | int = 0.1
+        features: Literal["hidden", "keys", "vision_keys"] = "hidden"
+        vision_layer: int = -2  # for features: vision_keys
+
+        def __post_init__(self) -> None:
+            check_keep(self.keep)
+
+    @property
+    def min_layer(self) -> int:  # type: ignore[override]
+        return 1 if self.params.features == "keys" else 0
+
+    @property
+    def needs_vision(self) -> bool:  # type: ignore[override]
+        return self.params.features == "vision_keys"
+
+    def expected_kept(self, num_visual: int) -> int:
+        return resolve_keep(self.params.keep, num_visual)
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        feats = F.normalize(state.signals.features(self.params.features, self.params.vision_layer), dim=-1)
+        visual = state.visual_mask & state.valid_mask
+        keep = ~state.visual_mask
+        for b in range(state.batch_size):
+            idx = torch.nonzero(visual[b]).squeeze(1)
+            k = self.expected_kept(idx.numel())
+            if k == 0:
+                continue
+            chosen = max_min_greedy(1.0 - feats[b, idx] @ feats[b, idx].T, k)
+            keep[b, idx[chosen]] = True
+        return keep
+
+
+def max_min_greedy(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` points chosen greedily for max–min diversity from a (P, P) distance matrix."""
+    p = dist.shape[0]
+    if p == 1:
+        return torch.zeros(1, dtype=torch.long, device=dist.device)
+    off = dist.masked_fill(torch.eye(p, dtype=torch.bool, device=dist.device), float("inf"))
+    chosen = [int(off.amin(1).argmax())]  # argmax returns the first of ties
+    nearest = dist[chosen[0]].clone()  # distance of every point to its nearest chosen one
+    for _ in range(k - 1):
+        nearest[chosen] = float("-inf")
+        nxt = int(nearest.argmax())
+        chosen.append(nxt)
+        nearest = torch.minimum(nearest, dist[nxt])
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=dist.device)

@@ -38,12 +38,17 @@ def operators_markdown() -> str:
             out += [f"| `{p}` | `{t}` | `{d!r}` |" for p, t, d in rows]
         else:
             out.append("No parameters.")
-        if isinstance(cls.__dict__.get("min_layer"), property):
+        if isinstance(inspect.getattr_static(cls, "min_layer"), property):
             needed = cls().min_layer  # depends on the parameters: state what the defaults need
             if needed:
                 out += ["", f"Needs `layer >= {needed}` with the default parameters."]
         elif cls.min_layer:
             out += ["", f"Needs `layer >= {cls.min_layer}`."]
+        if isinstance(inspect.getattr_static(cls, "needs_vision"), property):
+            if cls().needs_vision:
+                out += ["", "Needs vision-tower signals with the default parameters (LLaVA-1.5 today)."]
+        elif cls.needs_vision:
+            out += ["", "Needs vision-tower signals (LLaVA-1.5 today)."]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from tokenprune.operator import Shift
 
 
+#: What ``Signals.features`` can give (similarity features for diversity, matching and merging).
+FEATURE_KINDS: tuple[str, ...] = ("hidden", "keys", "vision_keys")
+
+
 @dataclass
 class AttentionContext:
     """What a shift correction sees and may change while one sample's attention rows are computed.
@@ -182,6 +186,19 @@ class Signals:
         """(B, N, H, hd) keys of each visual token's patch at vision ``layer``; zeros on other tokens."""
         return self.cached(("vision_keys", layer), lambda: self._vision().to_tokens(
             self._vision().keys(layer), self._state.source_index, 0.0))
+
+    def features(self, kind: str, vision_layer: int = -2) -> torch.Tensor:
+        """(B, N, F) fp32 per-token features for similarity: ``hidden`` (the states entering the site),
+        ``keys`` (the source layer's keys, heads concatenated) or ``vision_keys`` (the vision tower's
+        patch keys at ``vision_layer``, heads concatenated; zeros on non-visual tokens)."""
+        st = self._state
+        if kind == "hidden":
+            return st.hidden.float()
+        if kind == "keys":
+            return self.keys().float().transpose(1, 2).flatten(2).to(st.hidden.device)
+        if kind == "vision_keys":
+            return self.vision_keys(vision_layer).float().flatten(2).to(st.hidden.device)
+        raise ValueError(f"features={kind!r}; allowed: {', '.join(FEATURE_KINDS)}")
 
     def keys(self) -> torch.Tensor:
         """(B, H_kv, N, hd) keys of the source layer."""
