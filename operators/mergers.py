@@ -239,6 +239,9 @@ class Contextual(_FeatureUser, Merger):
         def __post_init__(self) -> None:
             check_keep(self.contextual, "contextual")
 
+    def added_tokens(self, num_visual: int, kept: int) -> int:
+        return min(resolve_keep(self.params.contextual, num_visual), num_visual - kept)
+
     def forward(self, state: TokenState) -> TokenState:
         if state.keep_mask is None:
             raise RuntimeError("contextual needs a selector before it (the dominant tokens)")
@@ -341,6 +344,10 @@ class ClusterMerge(_FeatureUser, Merger):
             check_keep(self.clusters, "clusters")
             if self.knn < 1:
                 raise ParamError("knn", "must be >= 1")
+
+    def added_tokens(self, num_visual: int, kept: int) -> int:
+        dropped = num_visual - kept
+        return min(resolve_keep(self.params.clusters, dropped), dropped)
 
     def forward(self, state: TokenState) -> TokenState:
         if state.keep_mask is None:

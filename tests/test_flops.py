@@ -86,3 +86,14 @@ def test_cli_flops_json(capsys):
     assert json.loads(capsys.readouterr().out)["equivalent_visual_tokens"] == (2 * 576 + 30 * 144) / 32
     assert main(["flops", "fastv", "--shape", "llava-1.5-7b", "--tokens", "10", "--visual", "576"]) == 2
     assert "--visual" in capsys.readouterr().err
+
+
+def test_mergers_that_add_tokens_count_in_the_budget():
+    """VisionZip keeps 54 dominant + 10 contextual of 576; SparseVLM's recycling adds 10% of each stage's
+    dropped tokens back as cluster tokens (by hand: 192+38, 153+8, 81+8)."""
+    from tokenprune.flops import layer_token_counts
+
+    counts = layer_token_counts(tp.load_pipeline("visionzip"), 32, 640, 576)
+    assert counts[0] == (640 - 576 + 64, 64)
+    counts = layer_token_counts(tp.load_pipeline("sparsevlm"), 32, 640, 576)
+    assert [counts[i][1] for i in (1, 2, 6, 15)] == [576, 230, 161, 89]

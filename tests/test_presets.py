@@ -12,7 +12,11 @@ from tokenprune.config import preset_names
 from tokenprune.errors import ConfigError
 from tokenprune.flops import parse_shape, pipeline_flops
 
-PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl"]
+PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
+           "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama"]
+#: Presets that read the vision tower (LLaVA-1.5 only) and the one for cross-attention models.
+VISION = {"visionzip", "prumerge_plus", "vscan"}
+CROSS = {"trimmed_llama"}
 
 
 @pytest.fixture(scope="module")
@@ -20,27 +24,68 @@ def llava32():
     """A 32-layer tiny LLaVA (the depth of a 7B LLM, so every preset's layers exist)."""
     from tokenprune.tiny import tiny_llava
 
-    return tiny_llava("sdpa", layers=32)
+    return tiny_llava("sdpa", layers=32, vision_layers=4)
 
 
 def test_every_method_has_a_preset():
     assert set(PRESETS) <= set(preset_names())
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
 def test_preset_runs_and_generates(llava32, name):
     from tokenprune.tiny import tiny_llava_inputs
 
     pipe = tp.load_pipeline(name)
-    # zipvl's budget and feather's union adapt per sample: one sample per batch until ragged batches exist
-    inputs = tiny_llava_inputs(llava32, prompts=[[10, 11, 12, 13]] if name in ("zipvl", "feather") else None)
+    inputs = tiny_llava_inputs(llava32)  # a padded batch of two (adaptive budgets keep different counts)
     with pipe.attach(llava32):
         out = llava32.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     assert len(pipe.trace) == len(pipe.stages)
     first, last = pipe.trace[0], pipe.trace[-1]
     assert all(a < b for a, b in zip(last.visual_after, first.visual_before)), pipe.report()
+    for stage, trace in zip(pipe.stages, pipe.trace):  # the analytic budget (FLOPs) is what actually ran
+        try:
+            expected = [stage.expected_kept(v) for v in trace.visual_before]
+        except NotImplementedError:
+            continue  # adaptive
+        assert trace.visual_after == expected, (stage.key, trace)
+
+
+@pytest.fixture(scope="module")
+def family32():
+    """32-layer tiny LLaVA-NeXT and Qwen2-VL, so every preset's layers exist."""
+    from tokenprune.tiny import tiny_llava_next, tiny_llava_next_inputs, tiny_qwen2_vl, tiny_qwen2_vl_inputs
+
+    nxt, qwen = tiny_llava_next("sdpa", layers=32), tiny_qwen2_vl("sdpa", layers=32)
+    return {"llava_next": (nxt, tiny_llava_next_inputs(nxt)), "qwen2_vl": (qwen, tiny_qwen2_vl_inputs(qwen))}
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
+@torch.no_grad()
+def test_preset_on_other_families(family32, family, name):
+    """Every decoder-layer preset runs on LLaVA-NeXT and Qwen2-VL, or says clearly why it cannot."""
+    model, inputs = family32[family]
+    pipe = tp.load_pipeline(name)
+    renumbers = any(s.positions == "renumber" for s in pipe.stages)
+    if name in VISION:
+        with pytest.raises(ConfigError, match=r"needs vision-tower signals, which .* cannot give"):
+            pipe.attach(model)
+        return
+    if family == "qwen2_vl" and renumbers:
+        with pytest.raises(ConfigError, match=r"positions: 'renumber' is not supported for Qwen2-VL"):
+            pipe.attach(model)
+        return
+    if name in ("uniform", "feather") and family == "llava_next":  # uniform_grid: anyres tokens form no grid
+        with pytest.raises(ValueError, match=r"has 240 visual tokens, not a square grid"), pipe.attach(model):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        return
+    with pipe.attach(model):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    first, last = pipe.trace[0], pipe.trace[-1]
+    assert sum(last.visual_after) < sum(first.visual_before), pipe.report()  # adaptive budgets may keep a sample whole
 
 
 def test_asap_cuts_78_to_82_percent_on_llava_next():

@@ -116,7 +116,7 @@ def layer_token_counts(pipeline: Pipeline | None, num_layers: int, n_tokens: int
         if layer in sites:
             i, stage = sites[layer]
             try:
-                kept = stage.selector.expected_kept(v)
+                kept = stage.expected_kept(v)
             except NotImplementedError as e:
                 raise ConfigError(f"stages.{i}", f"{e}: its kept count depends on the input, so analytic FLOPs need "
                                   "the measured counts (run the pipeline and read its trace)") from None

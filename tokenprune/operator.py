@@ -193,6 +193,10 @@ class Merger(TokenOperator):
         """Visual tokens a selecting merger keeps out of ``num_visual`` (for analytic FLOPs)."""
         raise NotImplementedError(f"{self.op_name} has no analytic budget")
 
+    def added_tokens(self, num_visual: int, kept: int) -> int:
+        """Visual tokens this merger keeps on top of the selector's ``kept`` (merged into new ones); 0 by default."""
+        return 0
+
 
 class Compactor(TokenOperator):
     """Base of KV compactors: decide what the KV cache keeps after the stage."""

@@ -87,6 +87,16 @@ class Stage(nn.Module):
         """The operator that decides how many tokens survive: the selector, or a selecting merger."""
         return next(op for op in self.operators if op.kind == "selector" or getattr(op, "selects", False))
 
+    def expected_kept(self, num_visual: int) -> int:
+        """Visual tokens the stage keeps out of ``num_visual`` (analytic FLOPs): the selector's budget plus
+        the tokens a merger adds back (VisionZip's contextual tokens, SparseVLM's recycled clusters).
+        Raises NotImplementedError when the count depends on the input."""
+        kept = self.selector.expected_kept(num_visual)
+        for op in self.operators:
+            if op.kind == "merger" and not getattr(op, "selects", False):
+                kept += op.added_tokens(num_visual, kept)
+        return kept
+
     def forward(self, state: TokenState) -> TokenState:
         for op in self.operators:
             state = op(state)

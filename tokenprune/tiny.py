@@ -23,9 +23,9 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny_llava(attn_implementation: str = "sdpa", layers: int = 4, image_size: int = 56, patch_size: int = 7,
-               seed: int = 0, init_std: float = 0.2) -> nn.Module:
-    """A ``LlavaForConditionalGeneration`` with a 2-layer CLIP tower ((image_size/patch_size)^2 visual
-    tokens, 64 by default) and a ``layers``-layer Llama (hidden 64, 4 heads, 2 KV heads: GQA).
+               seed: int = 0, init_std: float = 0.2, vision_layers: int = 2) -> nn.Module:
+    """A ``LlavaForConditionalGeneration`` with a ``vision_layers``-layer CLIP tower ((image_size/patch_size)^2
+    visual tokens, 64 by default) and a ``layers``-layer Llama (hidden 64, 4 heads, 2 KV heads: GQA).
 
     ``init_std`` is larger than usual so that random attention is peaked rather than uniform,
     which makes the choice of tokens (and so pruning) matter.
@@ -33,8 +33,8 @@ def tiny_llava(attn_implementation: str = "sdpa", layers: int = 4, image_size: i
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=1024,
                        pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS,

@@ -38,9 +38,11 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
         return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
 
     def visual_grids(self, kwargs: dict, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
-        thw = kwargs.get("image_grid_thw")
-        if thw is None or kwargs.get("video_grid_thw") is not None:
+        if kwargs.get("video_grid_thw") is not None:
             return None
+        thw = kwargs.get("image_grid_thw")
+        if thw is None:  # generate() passes the 3-D positions instead: read the grid off them
+            return self._grids_from_positions(kwargs.get("position_ids"), visual)
         merge = self.model.config.vision_config.spatial_merge_size
         counts = visual.sum(1).tolist()
         grids: list[tuple[int, int] | None] = []
@@ -58,6 +60,22 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
     def vision_signals_unavailable(self) -> str | None:
         return ("the Qwen2-VL vision tower has no CLS token, and each visual token merges 2x2 patches; "
                 "its vision signals are not mapped yet")
+
+    @staticmethod
+    def _grids_from_positions(pos: torch.Tensor | None, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
+        """Grids from M-RoPE positions (3|4, B, N): one image's tokens span rows x cols of (height, width)."""
+        if pos is None or pos.dim() != 3:
+            return None
+        hw = pos[-2:]  # (height, width) components, with or without the leading text row
+        grids: list[tuple[int, int] | None] = []
+        for b in range(visual.shape[0]):
+            h, w = hw[0, b][visual[b]], hw[1, b][visual[b]]
+            if h.numel() == 0:
+                grids.append(None)
+                continue
+            rows, cols = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+            grids.append((rows, cols) if rows * cols == h.numel() else None)
+        return grids
 
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         raise NotImplementedError("Qwen2-VL positions are 3-D; tokenprune keeps them and never recomputes rotary angles")
