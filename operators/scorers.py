@@ -90,6 +90,29 @@ class ClsAttention(Scorer):
         return out
 
 
+@register_operator("guide_model")
+class GuideModelScorer(Scorer):
+    """Attention from a small guide VLM, aggregated over all its layers (SGL).
+
+    Zhao et al., "A Stitch in Time Saves Nine: Small VLM is a Precise Guidance for Accelerating
+    Large VLMs", CVPR 2025: a small VLM that tokenises the image the same way runs on the same
+    inputs; the attention its ``queries`` (default: the last token) pay each token, heads reduced by
+    ``heads`` and **summed over all of its layers**, ranks the large model's visual tokens. The
+    guide is given at attach time: ``pipeline.attach(model, guide=small_model)``; it keeps SDPA
+    (its rows are recomputed from its layers' inputs). Works at any site.
+    """
+
+    needs_guide = True
+
+    @dataclass
+    class Params(ScorerParams):
+        queries: Literal["last", "text", "instruction", "raters", "visual", "all"] = "last"
+        heads: Literal["mean", "max", "sum"] = "mean"
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        return state.signals.guide_attention(queries=self.params.queries, heads=self.params.heads)
+
+
 @register_operator("key_norm")
 class KeyNorm(Scorer):
     """L2 norm of each token's key at the layer before the site, averaged over key heads.

@@ -13,9 +13,9 @@ from tokenprune.errors import ConfigError
 from tokenprune.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
-           "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama"]
+           "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl"]
 #: Presets that read the vision tower (LLaVA-1.5 only) and the one for cross-attention models.
-VISION = {"visionzip", "prumerge_plus", "vscan"}
+VISION = {"visionzip", "prumerge_plus", "vscan", "sgl"}  # sgl: its guide needs the images (LLaVA-1.5 today)
 CROSS = {"trimmed_llama"}
 
 
@@ -34,11 +34,12 @@ def test_every_method_has_a_preset():
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
 def test_preset_runs_and_generates(llava32, name):
-    from tokenprune.tiny import tiny_llava_inputs
+    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
 
     pipe = tp.load_pipeline(name)
     inputs = tiny_llava_inputs(llava32)  # a padded batch of two (adaptive budgets keep different counts)
-    with pipe.attach(llava32):
+    guide = {"guide": tiny_llava("sdpa", layers=2, seed=3)} if name == "sgl" else {}
+    with pipe.attach(llava32, **guide):
         out = llava32.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     assert len(pipe.trace) == len(pipe.stages)
@@ -70,8 +71,8 @@ def test_preset_on_other_families(family32, family, name):
     pipe = tp.load_pipeline(name)
     renumbers = any(s.positions == "renumber" for s in pipe.stages)
     if name in VISION:
-        with pytest.raises(ConfigError, match=r"needs vision-tower signals, which .* cannot give"):
-            pipe.attach(model)
+        with pytest.raises(ConfigError, match=r"needs (vision-tower signals|the images of each forward)"):
+            pipe.attach(model, guide=model)
         return
     if family == "qwen2_vl" and renumbers:
         with pytest.raises(ConfigError, match=r"positions: 'renumber' is not supported for Qwen2-VL"):

@@ -30,7 +30,8 @@ from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
 from tokenprune.attention import CrossAttentionSource, LayerAttentionSource
-from tokenprune.errors import PipelineRuntimeError
+from tokenprune.errors import ConfigError, PipelineRuntimeError
+from tokenprune.guide import GuideModel, guide_signal
 from tokenprune.masks import (
     decode_key_index,
     expand_batch,
@@ -90,6 +91,7 @@ class _Episode:
         # pruned features and mask every cross-attention layer receives in the prefill.
         self.cross: dict[str, Any] | None = None
         self.patch_of: torch.Tensor | None = None  # (B, N) row of each visual token in the vision features
+        self.guide: Any = None  # (queries, heads) -> (B, N) attention of the guide model, run on first use
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -100,12 +102,20 @@ class _Episode:
 class AttachedPipeline:
     """Context manager returned by :meth:`Pipeline.attach`; removes its hooks on exit, always."""
 
-    def __init__(self, pipeline: Pipeline, model: nn.Module):
+    def __init__(self, pipeline: Pipeline, model: nn.Module, guide: nn.Module | None = None):
         self.pipeline = pipeline
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
         pipeline.validate_for_depth(self.adapter.num_layers)
         self.adapter.validate_pipeline(pipeline)
+        needs_guide = [(s.key, j, op) for s in pipeline.stages for j, op in enumerate(s.operators)
+                       if getattr(op, "needs_guide", False)]
+        if needs_guide and guide is None:
+            key, j, op = needs_guide[0]
+            raise ConfigError(f"{key}.operators.{j}.op", f"{op.op_name!r} needs a guide model: "
+                              "pipeline.attach(model, guide=small_model)")
+        self._guide = GuideModel(guide) if guide is not None and needs_guide else None
+        self._tower_inputs: dict[str, Any] | None = None  # the images of the latest tower call, for the guide
         self._cross_site = any(stage.cross_attention for stage in pipeline.stages)
         layer_stages = [(i, stage) for i, stage in enumerate(pipeline.stages) if not stage.cross_attention]
         self._site = {stage.layer: i for i, stage in layer_stages}
@@ -133,6 +143,9 @@ class AttachedPipeline:
                     hook = self._cross_layer_hook(i, first=i == cross[0])
                     self._handles.append(self.adapter.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
             else:
+                if self._guide is not None:
+                    self._handles.append(self.adapter.vision_tower().register_forward_pre_hook(
+                        self._tower_hook, with_kwargs=True))
                 if self._vision_unavailable is None:
                     for i, layer in enumerate(self.adapter.vision_layers()):
                         self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
@@ -158,6 +171,9 @@ class AttachedPipeline:
         self._handles.clear()
         self._episode = None
         self._vision_inputs = {}
+
+    def _tower_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
 
     def _vision_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -199,6 +215,9 @@ class AttachedPipeline:
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
                 self._episode = _Episode(cache, visual, valid)
                 self._episode.grids = self.adapter.visual_grids(kwargs, visual)
+                if self._guide is not None:
+                    self._episode.guide = guide_signal(self._guide, input_ids, valid.long(), lambda: self._tower_inputs,
+                                                       visual)
                 self.pipeline.trace = []
             return
         ep = self._episode
@@ -356,6 +375,7 @@ class AttachedPipeline:
                 cached_keys=self.adapter.cached_keys(ep.cache, layer - 1))
         state.signals.vision = self._vision_source(ep)
         state.signals.vision_unavailable = self._vision_unavailable
+        state.signals.guide = ep.guide
         with torch.no_grad():
             state = stage(state)
         keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool) & live

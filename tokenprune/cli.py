@@ -49,6 +49,8 @@ def operators_markdown() -> str:
                 out += ["", "Needs vision-tower signals with the default parameters (LLaVA-1.5 today)."]
         elif cls.needs_vision:
             out += ["", "Needs vision-tower signals (LLaVA-1.5 today)."]
+        if cls.needs_guide:
+            out += ["", "Needs a guide model: `pipeline.attach(model, guide=small_model)` (LLaVA-1.5 today)."]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -48,6 +48,8 @@ class TokenOperator(nn.Module):
     Params: ClassVar[type] = NoParams
     #: True for operators that read vision-tower signals (CLS attention, vision keys).
     needs_vision: ClassVar[bool] = False
+    #: True for operators that read a guide model's attention (attach with ``guide=``).
+    needs_guide: ClassVar[bool] = False
     #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
     min_layer: ClassVar[int] = 0
 

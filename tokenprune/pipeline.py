@@ -142,11 +142,14 @@ class Pipeline(nn.Module):
         self.trace: list[StageTrace] = []
         self.runs: list[int] = [0] * len(self.stages)
 
-    def attach(self, model: nn.Module) -> AttachedPipeline:
-        """Install the pipeline's hooks on ``model`` for the duration of a ``with`` block."""
+    def attach(self, model: nn.Module, guide: nn.Module | None = None) -> AttachedPipeline:
+        """Install the pipeline's hooks on ``model`` for the duration of a ``with`` block.
+
+        ``guide``: a small VLM that tokenises images like ``model``, for the ``guide_model`` scorer (SGL).
+        """
         from tokenprune.attach import AttachedPipeline
 
-        return AttachedPipeline(self, model)
+        return AttachedPipeline(self, model, guide=guide)
 
     def validate_for_depth(self, num_layers: int) -> None:
         """Check every site against a model with ``num_layers`` decoder layers."""

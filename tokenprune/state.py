@@ -50,6 +50,8 @@ class Signals:
         #: Vision-tower signals (CLS attention, keys), when the model's adapter gives them.
         self.vision: VisionSource | None = None
         self.vision_unavailable: str | None = None  # the adapter's reason, when it cannot give them
+        #: ``(queries, heads) -> (B, N_input)`` attention of a small guide model (SGL), when one is attached.
+        self.guide: Callable[[str, str], torch.Tensor] | None = None
         self._cache: dict[tuple, Any] = {}
 
     @property
@@ -159,6 +161,13 @@ class Signals:
 
     def _shift_key(self) -> tuple:
         return tuple(s.cache_key() for s in self._state.shifts)
+
+    def guide_attention(self, queries: str = "last", heads: str = "mean") -> torch.Tensor:
+        """(B, N) attention a small guide model's ``queries`` pay each token, summed over all its layers (SGL)."""
+        if self.guide is None:
+            raise RuntimeError("guide_attention needs a guide model: pipeline.attach(model, guide=small_model)")
+        return self.cached(("guide", queries, heads), lambda: self.guide(queries, heads).to(
+            self._state.source_index.device).gather(1, self._state.source_index))
 
     # --- vision-tower signals ------------------------------------------------------------------
     def _vision(self) -> VisionSource:

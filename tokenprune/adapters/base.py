@@ -48,6 +48,9 @@ class ModelAdapter:
                 raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {self.family}: it has no "
                                   f"cross-attention layers; allowed: a decoder layer 0..{self.num_layers - 1}")
             for j, op in enumerate(stage.operators):
+                if getattr(op, "needs_guide", False) and self.vision_tower() is None:
+                    raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs the images of each "
+                                      f"forward for its guide model, which tokenprune cannot recover for {self.family} yet")
                 reason = self.vision_signals_unavailable()
                 if getattr(op, "needs_vision", False) and reason is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs vision-tower signals, "
@@ -130,6 +133,14 @@ class ModelAdapter:
     def vision_keys(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """(images, H, P, hd) keys of the patch tokens at vision ``layer``, from its input ``hidden``."""
         raise NotImplementedError
+
+    def vision_tower(self) -> nn.Module | None:
+        """The module whose input is the model's image input (for a guide model), or None."""
+        return None
+
+    def image_inputs_from_tower(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        """The model-level image keyword arguments, rebuilt from the vision tower's call; None if impossible."""
+        return None
 
     #: Keyword arguments of the model's forward that carry images.
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")

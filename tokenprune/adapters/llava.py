@@ -25,6 +25,13 @@ class LlavaAdapter(LlamaStyleAdapter):
     def _tower(self) -> nn.Module:
         return self.model.model.vision_tower
 
+    def vision_tower(self) -> nn.Module | None:
+        return self._tower()
+
+    def image_inputs_from_tower(self, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        return None if pixels is None else {"pixel_values": pixels}
+
     def vision_layers(self) -> nn.ModuleList | None:
         tower = self._tower()
         model = getattr(tower, "vision_model", tower)

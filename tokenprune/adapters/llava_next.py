@@ -23,6 +23,9 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "LLaVA-NeXT"
     token_kinds = ("image_newline",)
 
+    def vision_tower(self):
+        return None  # the tower sees flattened tiles; the image sizes a guide needs are not recoverable
+
     def vision_signals_unavailable(self) -> str | None:
         return ("the anyres layout of LLaVA-NeXT (base tile, unpadded tile grid, newlines) is not mapped back to "
                 "vision-tower patches yet")

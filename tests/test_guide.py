@@ -1,0 +1,67 @@
+"""SGL's guide model: a small VLM's attention, summed over all its layers, ranks the large model's tokens."""
+
+import pytest
+import torch
+from families import pair as family_pair
+
+import tokenprune as tp
+from tokenprune.errors import ConfigError
+from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+
+
+@pytest.fixture(scope="module")
+def models():
+    big = tiny_llava("sdpa", layers=4, seed=0)
+    guide_sdpa, guide_eager = tiny_llava("sdpa", layers=3, seed=7), tiny_llava("eager", layers=3, seed=7)
+    guide_eager.load_state_dict(guide_sdpa.state_dict())
+    return big, guide_sdpa, guide_eager
+
+
+def sgl(keep=12, layer=2):
+    return tp.load_pipeline({"name": "sgl", "stages": [{"layer": layer, "operators": [
+        {"op": "guide_model", "queries": "last"}, {"op": "topk", "keep": keep}]}]})
+
+
+@pytest.mark.parametrize("run", ["forward", "generate"])
+def test_guide_ranks_tokens_by_its_attention_summed_over_layers(models, run):
+    """The kept tokens are the top ones of the eager guide's own attention maps: last query, heads
+    averaged, summed over all 3 of its layers. Under generate() the images reach the guide too."""
+    big, guide, guide_eager = models
+    batch = tiny_llava_inputs(big)
+    pipe = sgl()
+    with torch.no_grad(), pipe.attach(big, guide=guide):
+        if run == "forward":
+            big(**batch)
+        else:
+            big.generate(**batch, max_new_tokens=2, do_sample=False)
+    with torch.no_grad():
+        att = guide_eager(**batch, output_attentions=True).attentions
+    total = sum(a[:, :, -1, :].float().mean(1) for a in att)  # (B, N)
+    visual = batch["input_ids"] == big.config.image_token_id
+    for b in range(2):
+        vis = visual[b].nonzero().flatten()
+        top = set(vis[total[b, vis].argsort(descending=True, stable=True)[:12]].tolist())
+        assert set(pipe.trace[0].kept[b]) & set(vis.tolist()) == top
+
+
+def test_the_guides_choice_differs_from_the_large_models_own(models):
+    """So the test above can fail: FastV on the large model keeps other tokens."""
+    big, guide, _ = models
+    batch = tiny_llava_inputs(big)
+    kept = {}
+    for name, pipe, kw in [("sgl", sgl(), {"guide": guide}), ("fastv", tp.load_pipeline(
+            {"stages": [{"layer": 2, "operators": [{"op": "attention"}, {"op": "topk", "keep": 12}]}]}), {})]:
+        with torch.no_grad(), pipe.attach(big, **kw):
+            big(**batch)
+        kept[name] = pipe.trace[0].kept
+    assert kept["sgl"] != kept["fastv"]
+
+
+def test_a_missing_guide_is_named(models):
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.op: 'guide_model' needs a guide model"):
+        sgl().attach(models[0])
+
+
+def test_families_whose_images_cannot_reach_a_guide_refuse():
+    with pytest.raises(ConfigError, match=r"'guide_model' needs the images .* cannot recover for LLaVA-NeXT"):
+        sgl().attach(family_pair("llava_next")["sdpa"], guide=family_pair("llava_next")["sdpa"])
