@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenprune.budget import check_keep, resolve_keep
-from tokenprune.operator import Merger, ParamError
+from tokenprune.operator import FeatureKind, FeatureUser, Merger, ParamError
 from tokenprune.registry import register_operator
 from tokenprune.state import TokenState
 
@@ -137,31 +137,11 @@ class Bipartite(Merger):
             order = torch.sort(best, descending=True, stable=True).indices
             src = order[:r]
             a_src = a[src]
-            w_src = sizes[b, a_src]
-            num = (hidden[b, bset].float() * sizes[b, bset][:, None]).index_add(
-                0, match[src], hidden[b, a_src].float() * w_src[:, None])
-            den = sizes[b, bset].index_add(0, match[src], w_src)
-            hidden[b, bset] = (num / den[:, None]).to(hidden.dtype)
-            sizes[b, bset] = den
+            merge_into(hidden[b], sizes[b], bset, a_src, match[src])
             keep[b, a_src] = False
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
         return state
-
-
-FeatureKind = Literal["hidden", "keys", "vision_keys"]
-
-
-class _FeatureUser:
-    """Mixin for operators with a ``features`` parameter: the layer and vision needs follow from it."""
-
-    @property
-    def min_layer(self) -> int:  # type: ignore[override]
-        return 1 if self.params.features == "keys" else 0
-
-    @property
-    def needs_vision(self) -> bool:  # type: ignore[override]
-        return self.params.features == "vision_keys"
 
 
 def merge_into(hidden: torch.Tensor, sizes: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor,
@@ -181,7 +161,7 @@ def merge_into(hidden: torch.Tensor, sizes: torch.Tensor, targets: torch.Tensor,
 
 
 @register_operator("nearest_mean")
-class NearestMean(_FeatureUser, Merger):
+class NearestMean(FeatureUser, Merger):
     """Each dropped visual token is averaged into its most similar kept visual token.
 
     The merge of VScan (Zhang et al., "VScan: Rethinking Visual Token Reduction for Efficient Large
@@ -217,7 +197,7 @@ class NearestMean(_FeatureUser, Merger):
 
 
 @register_operator("contextual")
-class Contextual(_FeatureUser, Merger):
+class Contextual(FeatureUser, Merger):
     """VisionZip's contextual tokens: the visual tokens the selector left are merged into a few new ones.
 
     Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
@@ -266,7 +246,7 @@ class Contextual(_FeatureUser, Merger):
 
 
 @register_operator("knn_merge")
-class KnnMerge(_FeatureUser, Merger):
+class KnnMerge(FeatureUser, Merger):
     """PruMerge's update: each kept token absorbs its nearest neighbours, weighted by their scores.
 
     Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models",
@@ -315,7 +295,7 @@ class KnnMerge(_FeatureUser, Merger):
 
 
 @register_operator("cluster_merge")
-class ClusterMerge(_FeatureUser, Merger):
+class ClusterMerge(FeatureUser, Merger):
     """Recycle the dropped visual tokens: cluster them and keep one merged token per cluster.
 
     SparseVLM's token recycling (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 from tokenprune.attention import QUERY_SETS
 from tokenprune.budget import check_keep, resolve_keep
 from tokenprune.errors import ConfigError
-from tokenprune.operator import ParamError, Selector
+from tokenprune.operator import FeatureKind, FeatureUser, ParamError, Selector
 from tokenprune.registry import build_operator, get_operator_class, register_operator
 from tokenprune.state import TokenState
 
@@ -286,7 +286,7 @@ class IqrOutliers(Selector):
 
 
 @register_operator("max_min_diversity")
-class MaxMinDiversity(Selector):
+class MaxMinDiversity(FeatureUser, Selector):
     """Keep the most diverse visual tokens: greedy max–min cosine distance (no scores needed).
 
     DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
@@ -302,19 +302,11 @@ class MaxMinDiversity(Selector):
     @dataclass
     class Params:
         keep: float | int = 0.1
-        features: Literal["hidden", "keys", "vision_keys"] = "hidden"
+        features: FeatureKind = "hidden"
         vision_layer: int = -2  # for features: vision_keys
 
         def __post_init__(self) -> None:
             check_keep(self.keep)
-
-    @property
-    def min_layer(self) -> int:  # type: ignore[override]
-        return 1 if self.params.features == "keys" else 0
-
-    @property
-    def needs_vision(self) -> bool:  # type: ignore[override]
-        return self.params.features == "vision_keys"
 
     def expected_kept(self, num_visual: int) -> int:
         return resolve_keep(self.params.keep, num_visual)

@@ -7,7 +7,7 @@ import difflib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from omegaconf import OmegaConf
@@ -133,6 +133,23 @@ def _type_name(tp: Any) -> str:
 @dataclass
 class ScorerParams:
     weight: float = 1.0  # several scorers in one stage are summed with these weights
+
+
+#: Values of a ``features`` parameter (see :meth:`tokenprune.state.Signals.features`).
+FeatureKind = Literal["hidden", "keys", "vision_keys"]
+
+
+class FeatureUser:
+    """Mixin for operators with a ``features`` parameter: what they need follows from it (``keys``: the
+    layer before the site; ``vision_keys``: the vision tower)."""
+
+    @property
+    def min_layer(self) -> int:  # type: ignore[override]
+        return 1 if self.params.features == "keys" else 0
+
+    @property
+    def needs_vision(self) -> bool:  # type: ignore[override]
+        return self.params.features == "vision_keys"
 
 
 class Scorer(TokenOperator):
