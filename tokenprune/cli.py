@@ -101,6 +101,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(run_demo(args.pipeline, tuple(args.overrides)))
 
 
+def _cmd_train_reference(args: argparse.Namespace) -> None:
+    from tokenprune.train_reference import load_config, train
+
+    result = train(load_config(args.config, args.overrides))
+    print(f"trained {result['steps']} steps; exported to {result['export_dir']}")
+    print(f"val accuracy {result['val']['overall']:.3f}: " +
+          ", ".join(f"{t} {a:.3f}" for t, a in result["val"]["per_type"].items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenprune", description="Visual-token pruning pipelines for LVLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", choices=("fastv", "exact"), default="fastv")
     p.add_argument("--json", action="store_true", help="print {flops, baseline_flops, reduction, equivalent_visual_tokens}")
     p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("train-reference", help="train the reference LVLM on the shapes benchmark (resumable)")
+    p.add_argument("config", help="training YAML (experiments/train_reference.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_train_reference)
 
     p = sub.add_parser("demo", help="run a pipeline on a tiny random LLaVA and print what it did")
     p.add_argument("pipeline", nargs="?", default="fastv")

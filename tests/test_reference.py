@@ -1,0 +1,80 @@
+"""The reference model's tokenizer/processor, and its Lightning training: runs, checkpoints, resumes, exports a
+folder the Auto classes load offline."""
+
+import itertools
+
+import torch
+
+from tokenprune import reference
+from tokenprune.data import shapes
+
+
+def test_tokenizer_covers_the_benchmark_without_unknown_words():
+    tok = reference.build_tokenizer()
+    unk = tok.unk_token_id
+    for it in itertools.islice(shapes.load_split("train", seed=5), 200):
+        ids = tok(f"{it['question']} ASSISTANT: {it['answer']} </s>")["input_ids"]
+        assert unk not in ids, it["question"]
+    assert tok.convert_tokens_to_ids("<image>") == reference.vocabulary().index("<image>")
+
+
+def test_processor_expands_the_image_to_576_tokens_in_the_chat_template():
+    proc = reference.build_processor()
+    it = shapes.make_item("x/1", "color")
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                    {"type": "text", "text": it["question"]}]}],
+                                      add_generation_prompt=True)
+    assert prompt == f"USER: <image> {it['question']} ASSISTANT:"
+    enc = proc(images=it["image"], text=prompt, return_tensors="pt")
+    image_id = reference.vocabulary().index("<image>")
+    assert int((enc["input_ids"] == image_id).sum()) == 576
+    assert tuple(enc["pixel_values"].shape) == (1, 3, 336, 336)
+
+
+def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tokenprune.train_reference import load_config, train
+
+    micro = ["model.vision_hidden=16", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=32",
+             "model.text_layers=1", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
+             "data.num_workers=0", "val.items=3", "val.every=0", "logging.wandb=false", "logging.every=1", "checkpoint_every=1",
+             f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}", "accelerator=cpu"]
+    first = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=2"]))
+    assert first["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    second = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=3"]))
+    assert second["steps"] == 3  # continued from step 2, not from scratch
+    metrics = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
+    proc = AutoProcessor.from_pretrained(tmp_path / "export", local_files_only=True)
+    it = shapes.make_item("y/0", "exist")
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                    {"type": "text", "text": it["question"]}]}],
+                                      add_generation_prompt=True)
+    enc = proc(images=it["image"], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 2
+
+
+def test_a_bad_training_key_is_named():
+    import pytest
+
+    from tokenprune.errors import ConfigError
+    from tokenprune.train_reference import load_config
+
+    with pytest.raises(ConfigError, match="optim.max_steps: must be >= 1, got 0"):
+        load_config("experiments/train_reference.yaml", ["optim.max_steps=0"])
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config("experiments/train_reference.yaml", ["optim.learning_rate=1"])
+
+
+def test_path_names_the_training_command_until_the_model_exists():
+    import pytest
+
+    if (reference.REFERENCE_DIR / "config.json").exists():
+        assert reference.path() == reference.REFERENCE_DIR
+    else:
+        with pytest.raises(FileNotFoundError, match="tokenprune train-reference experiments/train_reference.yaml"):
+            reference.path()

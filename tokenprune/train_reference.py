@@ -1,0 +1,193 @@
+"""Train the reference LVLM on the ``shapes`` benchmark with PyTorch Lightning.
+
+``tokenprune train-reference experiments/train_reference.yaml [KEY=VALUE ...]``: seeded, W&B
+logging (offline unless the config says otherwise), a checkpoint every ``checkpoint_every`` steps
+and at the end (``output_dir/checkpoints/last.ckpt``), resumable (running the same command again
+continues from the last checkpoint, the data stream included), and at the end the model and
+processor are exported as a standard folder (``export_dir``) that the Auto classes load offline.
+Uses a GPU when one is available (``accelerator: auto``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tokenprune.data import shapes
+from tokenprune.errors import ConfigError
+from tokenprune.reference import ReferenceSize, build_model, build_processor
+
+DEFAULTS = {
+    "seed": 0,
+    "output_dir": "runs/train_reference",
+    "export_dir": None,  # null: output_dir/model
+    "model": {f: getattr(ReferenceSize(), f) for f in ReferenceSize.__dataclass_fields__},
+    "data": {"batch_size": 16, "num_workers": 1},
+    "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 200, "max_steps": 6000},
+    "checkpoint_every": 500,
+    "val": {"every": 500, "items": 200},
+    "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
+    "accelerator": "auto",
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+    """The training config: defaults, then the YAML file, then ``KEY=VALUE`` overrides; unknown keys are errors."""
+    cfg = OmegaConf.create(DEFAULTS)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # OmegaConf names the key
+        raise ConfigError(None, f"training config: {e}") from None
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+    if cfg.optim.max_steps < 1:
+        raise ConfigError("optim.max_steps", f"must be >= 1, got {cfg.optim.max_steps}")
+    return cfg
+
+
+def encode(processor, items: list[dict]) -> dict[str, torch.Tensor]:
+    """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>."""
+    tok = processor.tokenizer
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["question"]}]}],
+        add_generation_prompt=True) for it in items]
+    pixels, rows, labels = [], [], []
+    for prompt, it in zip(prompts, items):
+        enc = processor(images=it["image"], text=prompt, return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        answer = tok(f" {it['answer']} </s>", add_special_tokens=False)["input_ids"]
+        pixels.append(enc["pixel_values"])
+        rows.append(ids + answer)
+        labels.append([-100] * len(ids) + answer)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    label_t = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels), "labels": label_t}
+
+
+class ShapesStream(torch.utils.data.IterableDataset):
+    """Endless training batches from ``shapes`` train split ``seed``, starting at batch ``start`` (resuming)."""
+
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0):
+        self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for b in itertools.count(self.start):
+            if b % workers != worker:
+                continue
+            items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
+                                      i // len(shapes.TYPES))
+                     for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+            yield encode(self.processor, items)
+
+
+def answer_accuracy(model, processor, items: list[dict], batch_size: int = 16) -> dict:
+    """Greedy one-token answers through stock ``generate()``, scored with ``shapes.score``."""
+    preds: list[str] = []
+    tok = processor.tokenizer
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prompts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["question"]}]}],
+            add_generation_prompt=True) for it in chunk]
+        enc = processor(images=[it["image"] for it in chunk], text=prompts, return_tensors="pt", padding=True)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+        preds += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return shapes.score(preds, items)
+
+
+def _lightning_module(cfg: DictConfig, processor):
+    import pytorch_lightning as pl
+
+    class ReferenceModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build_model(ReferenceSize(**cfg.model), seed=cfg.seed)
+            self.val_items = shapes.load_split("val", size=cfg.val["items"])
+
+        def training_step(self, batch, _):
+            loss = self.model(**batch).loss
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            step = self.global_step
+            if cfg.val.every and step % cfg.val.every == 0 and step > 0:
+                self._validate()
+
+        def _validate(self):
+            self.model.eval()
+            acc = answer_accuracy(self.model, processor, self.val_items)
+            self.model.train()
+            self.log("val/accuracy", acc["overall"], prog_bar=True)
+            for t, a in acc["per_type"].items():
+                self.log(f"val/{t}", a)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+            warm, total = cfg.optim.warmup_steps, cfg.optim.max_steps
+
+            def schedule(step: int) -> float:  # linear warm-up, then cosine to 10%
+                if step < warm:
+                    return (step + 1) / warm
+                frac = (step - warm) / max(1, total - warm)
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return ReferenceModule()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume), export the model folder, and return ``{"export_dir", "steps", "val"}``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume = last if last.exists() else None
+    start = 0
+    if resume is not None:
+        start = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
+    processor = build_processor()
+    module = _lightning_module(cfg, processor)
+    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start),
+                                       batch_size=None, num_workers=cfg.data.num_workers)
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="metrics", version=0)]  # out/metrics/version_0/metrics.csv
+    if cfg.logging.wandb:
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=cfg.logging.project, save_dir=str(out), offline=cfg.logging.offline))
+    trainer = pl.Trainer(
+        max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, devices=1, logger=loggers,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every,
+                                   save_top_k=0)],
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=cfg.logging.every, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=data, ckpt_path=str(resume) if resume else None)
+    trainer.save_checkpoint(last)
+    export = Path(cfg.export_dir) if cfg.export_dir else out / "model"
+    module.model.save_pretrained(export)
+    processor.save_pretrained(export)
+    val = answer_accuracy(module.model.eval(), processor, module.val_items)
+    return {"export_dir": str(export), "steps": trainer.global_step, "val": val}
