@@ -20,8 +20,17 @@ def error_of(source, overrides=()):
     return info.value
 
 
+#: Shipped YAML that is not a pipeline, and what validates it instead.
+NOT_PIPELINES = {"experiments/train_reference.yaml"}
+
+
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml")))
 def test_every_shipped_yaml_loads_and_validates(path):
+    if path in NOT_PIPELINES:
+        from tokenprune.train_reference import load_config
+
+        assert load_config(REPO / path).optim.max_steps >= 1  # the training config: unknown keys would raise
+        return
     pipe = tp.load_pipeline(REPO / path)
     assert len(pipe.stages) >= 1
     assert all(stage.selector is not None for stage in pipe.stages)
