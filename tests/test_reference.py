@@ -21,11 +21,9 @@ def test_tokenizer_covers_the_benchmark_without_unknown_words():
 def test_processor_expands_the_image_to_576_tokens_in_the_chat_template():
     proc = reference.build_processor()
     it = shapes.make_item("x/1", "color")
-    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                    {"type": "text", "text": it["question"]}]}],
-                                      add_generation_prompt=True)
-    assert prompt == f"USER: <image> {it['question']} ASSISTANT:"
-    enc = proc(images=it["image"], text=prompt, return_tensors="pt")
+    text = reference.prompt(proc, it["question"])
+    assert text == f"USER: <image> {it['question']} ASSISTANT:"
+    enc = proc(images=it["image"], text=text, return_tensors="pt")
     image_id = reference.vocabulary().index("<image>")
     assert int((enc["input_ids"] == image_id).sum()) == 576
     assert tuple(enc["pixel_values"].shape) == (1, 3, 336, 336)
@@ -49,10 +47,7 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
     proc = AutoProcessor.from_pretrained(tmp_path / "export", local_files_only=True)
     it = shapes.make_item("y/0", "exist")
-    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                    {"type": "text", "text": it["question"]}]}],
-                                      add_generation_prompt=True)
-    enc = proc(images=it["image"], text=prompt, return_tensors="pt")
+    enc = proc(images=it["image"], text=reference.prompt(proc, it["question"]), return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == enc["input_ids"].shape[1] + 2

@@ -48,6 +48,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def prompt(processor, question: str) -> str:
+    """The chat-formatted prompt for one image and ``question``, ending where the answer starts."""
+    return processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True)
+
+
 def build_tokenizer():
     """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` (words and punctuation split apart)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

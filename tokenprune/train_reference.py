@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.data import shapes
 from tokenprune.errors import ConfigError
-from tokenprune.reference import ReferenceSize, build_model, build_processor
+from tokenprune.reference import ReferenceSize, build_model, build_processor, prompt
 
 DEFAULTS = {
     "seed": 0,
@@ -57,12 +57,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
 def encode(processor, items: list[dict]) -> dict[str, torch.Tensor]:
     """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>."""
     tok = processor.tokenizer
-    prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["question"]}]}],
-        add_generation_prompt=True) for it in items]
+    prompts = [prompt(processor, it["question"]) for it in items]
     pixels, rows, labels = [], [], []
-    for prompt, it in zip(prompts, items):
-        enc = processor(images=it["image"], text=prompt, return_tensors="pt")
+    for text, it in zip(prompts, items):
+        enc = processor(images=it["image"], text=text, return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
         answer = tok(f" {it['answer']} </s>", add_special_tokens=False)["input_ids"]
         pixels.append(enc["pixel_values"])
@@ -100,9 +98,7 @@ def answer_accuracy(model, processor, items: list[dict], batch_size: int = 16) -
     tok = processor.tokenizer
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prompts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["question"]}]}],
-            add_generation_prompt=True) for it in chunk]
+        prompts = [prompt(processor, it["question"]) for it in chunk]
         enc = processor(images=[it["image"] for it in chunk], text=prompts, return_tensors="pt", padding=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with torch.no_grad():
