@@ -73,3 +73,16 @@ def test_path_names_the_training_command_until_the_model_exists():
     else:
         with pytest.raises(FileNotFoundError, match="tokenprune train-reference experiments/train_reference.yaml"):
             reference.path()
+
+
+def test_size_curriculum_draws_larger_shapes_early_then_the_benchmarks():
+    import pytest
+
+    from tokenprune.train_reference import ShapesStream
+
+    stream = ShapesStream(None, 0, 2, curriculum=[{"until": 3, "sizes": [110, 150]}, {"until": 5, "sizes": [60, 90]}])
+    assert [stream.sizes_at(b) for b in (0, 2, 3, 4, 5, 99)] == [(110, 150)] * 2 + [(60, 90)] * 2 + [(20, 60)] * 2
+    big = shapes.make_item("c/0", "color", 0, (110, 150))
+    assert all(110 <= s["size"] <= 150 for s in big["shapes"])
+    with pytest.raises(ValueError, match=r"sizes=\(10, 200\): need 4 <= min <= max <= 168"):
+        shapes.make_item("c/0", "color", 0, (10, 200))

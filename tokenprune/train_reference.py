@@ -29,6 +29,9 @@ DEFAULTS = {
     "model": {f: getattr(ReferenceSize(), f) for f in ReferenceSize.__dataclass_fields__},
     "data": {"batch_size": 16, "num_workers": 1},
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 200, "max_steps": 6000},
+    # Shape-size curriculum: batches before step `until` draw shapes of `sizes` px (then the benchmark's 20-60).
+    # Small shapes are a needle among 576 patches; starting large teaches the model where to look.
+    "curriculum": [],
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -49,6 +52,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         raise ConfigError(None, f"training config: {e}") from None
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+    for i, c in enumerate(cfg.curriculum):
+        if set(c) != {"until", "sizes"} or len(c.sizes) != 2:
+            raise ConfigError(f"curriculum.{i}", f"must be {{until: STEP, sizes: [MIN, MAX]}}, got {OmegaConf.to_container(c)}")
     if cfg.optim.max_steps < 1:
         raise ConfigError("optim.max_steps", f"must be >= 1, got {cfg.optim.max_steps}")
     return cfg
@@ -75,10 +81,18 @@ def encode(processor, items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class ShapesStream(torch.utils.data.IterableDataset):
-    """Endless training batches from ``shapes`` train split ``seed``, starting at batch ``start`` (resuming)."""
+    """Endless training batches from ``shapes`` train split ``seed``, starting at batch ``start`` (resuming).
 
-    def __init__(self, processor, seed: int, batch_size: int, start: int = 0):
+    ``curriculum``: ``[{until: step, sizes: [lo, hi]}, ...]`` in increasing ``until``; a batch uses the
+    sizes of the first entry whose ``until`` is beyond it, else the benchmark's.
+    """
+
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+        self.curriculum = [(int(c["until"]), tuple(c["sizes"])) for c in (curriculum or [])]
+
+    def sizes_at(self, batch: int) -> tuple[int, int]:
+        return next((sizes for until, sizes in self.curriculum if batch < until), shapes.SIZES)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -87,7 +101,7 @@ class ShapesStream(torch.utils.data.IterableDataset):
             if b % workers != worker:
                 continue
             items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
-                                      i // len(shapes.TYPES))
+                                      i // len(shapes.TYPES), self.sizes_at(b))
                      for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
             yield encode(self.processor, items)
 
@@ -165,7 +179,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
     processor = build_processor()
     module = _lightning_module(cfg, processor)
-    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start),
+    curriculum = OmegaConf.to_container(cfg.curriculum)
+    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 

@@ -114,12 +114,16 @@ def _background(rng: _Rng) -> np.ndarray:
     return img
 
 
-def _place(rng: _Rng, n: int, kinds: tuple[str, ...] = KINDS) -> list[Shape]:
+#: Shape sizes of the benchmark, px (training curricula may draw larger ones).
+SIZES = (20, 60)
+
+
+def _place(rng: _Rng, n: int, kinds: tuple[str, ...] = KINDS, sizes: tuple[int, int] = SIZES) -> list[Shape]:
     shapes: list[Shape] = []
     tries = 0
     while len(shapes) < n and tries < 2000:
         tries += 1
-        size = rng.between(20, 60)
+        size = rng.between(*sizes)
         half = size // 2 + 2
         cx, cy = rng.between(half, SIZE - 1 - half), rng.between(half, SIZE - 1 - half)
         if any((cx - o.cx) ** 2 + (cy - o.cy) ** 2 < ((size + o.size) * 0.75 + 6) ** 2 for o in shapes):
@@ -192,13 +196,17 @@ def _question(qtype: str, shapes: list[Shape], rng: _Rng, variant: int) -> tuple
     raise ValueError(f"question type {qtype!r}; allowed: {', '.join(TYPES)}")
 
 
-def make_item(seed: str, qtype: str, variant: int = 0) -> dict:
+def make_item(seed: str, qtype: str, variant: int = 0, sizes: tuple[int, int] = SIZES) -> dict:
     """One item ``{image, question, answer, type}`` of type ``qtype``, fully determined by ``seed`` and
-    ``variant``. Count questions get images drawn from two kinds, so counts up to 6 occur."""
+    ``variant``. Count questions get images drawn from two kinds, so counts up to 6 occur. ``sizes``
+    (px, inclusive) is for training curricula only: the benchmark's splits use :data:`SIZES`; with
+    larger shapes fewer may fit (the question always describes the image drawn)."""
+    if not 4 <= sizes[0] <= sizes[1] <= SIZE // 2:
+        raise ValueError(f"sizes={tuple(sizes)}: need 4 <= min <= max <= {SIZE // 2}")
     rng = _Rng(seed)
     for _ in range(100):
         kinds = (rng.choice(KINDS), rng.choice(KINDS)) if qtype == "count" else KINDS
-        shapes = _place(rng, rng.between(1, 6), kinds)
+        shapes = _place(rng, rng.between(1, 6), kinds, tuple(sizes))
         qa = _question(qtype, shapes, rng, variant)
         if qa is not None:
             image = render(shapes, rng)
