@@ -481,7 +481,7 @@ class AttachedPipeline:
             if ep is None:
                 return None
             if ep.phase == "prefill":
-                if kwargs.get("cross_attention_states") is None:
+                if not self.adapter.has_cross_attention_states(kwargs):
                     return None
                 if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
                     ep.cache = kwargs.get("past_key_values")
@@ -489,16 +489,15 @@ class AttachedPipeline:
                     self._run_cross_stage(layer, ep, args[0] if args else kwargs["hidden_states"], kwargs)
                 if ep.cross is None:
                     return None
-                kwargs["cross_attention_states"] = ep.cross["image"]
-                kwargs["cross_attention_mask"] = ep.cross["mask"]
+                self.adapter.set_cross_attention_inputs(kwargs, ep.cross["mask"], image=ep.cross["image"])
                 return args, kwargs
             if ep.cross is None:
                 return None
             if "decode" not in ep.decode_masks:
-                mask = kwargs.get("cross_attention_mask")
+                mask = self.adapter.cross_attention_mask(kwargs)
                 hidden = args[0] if args else kwargs["hidden_states"]
                 ep.decode_masks["decode"] = self._cross_mask(ep, mask, hidden)
-            kwargs["cross_attention_mask"] = ep.decode_masks["decode"]
+            self.adapter.set_cross_attention_inputs(kwargs, ep.decode_masks["decode"])
             return args, kwargs
 
         return hook
@@ -524,18 +523,10 @@ class AttachedPipeline:
         stage_i = next(i for i, s in enumerate(self.pipeline.stages) if s.cross_attention)
         stage = self.pipeline.stages[stage_i]
         b = hidden.shape[0]
-        image = self.adapter.image_features(kwargs["cross_attention_states"], b)
+        image, allowed = self.adapter.cross_attention_inputs(kwargs, hidden)
         m = image.shape[1]
-        mask = kwargs.get("cross_attention_mask")
-        rows = kwargs.get("full_text_row_masked_out_mask")
-        # Which image feature each text token may attend to: its mask column is open, the row really sees an
-        # image (Mllama opens every column of rows that see none, then zeroes their output) and is no padding.
-        allowed = torch.ones(b, hidden.shape[1], m, dtype=torch.bool, device=hidden.device)
-        if mask is not None:
-            allowed = expand_batch(mask, b)[:, 0] > torch.finfo(mask.dtype).min / 2
-        if rows is not None:
-            allowed = allowed & (expand_batch(rows, b)[:, 0] > 0)
-        allowed = allowed & ep.valid[:, :, None].to(allowed.device)
+        mask = self.adapter.cross_attention_mask(kwargs)
+        allowed = allowed & ep.valid[:, :, None].to(allowed.device)  # and no padding row
         valid = allowed.any(dim=1)  # (B, M)
         idx = torch.arange(m, device=hidden.device).expand(b, m)
         state = TokenState(hidden=image, visual_mask=valid, valid_mask=valid, positions=idx, source_index=idx,

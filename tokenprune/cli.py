@@ -1,8 +1,9 @@
-"""The ``tokenprune`` command line: ``ops``, ``show``, ``flops``, ``demo``."""
+"""The ``tokenprune`` command line: ``ops``, ``show``, ``flops``, ``train-reference``, ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -38,17 +39,12 @@ def operators_markdown() -> str:
             out += [f"| `{p}` | `{t}` | `{d!r}` |" for p, t, d in rows]
         else:
             out.append("No parameters.")
-        if isinstance(inspect.getattr_static(cls, "min_layer"), property):
-            needed = cls().min_layer  # depends on the parameters: state what the defaults need
-            if needed:
-                out += ["", f"Needs `layer >= {needed}` with the default parameters."]
-        elif cls.min_layer:
-            out += ["", f"Needs `layer >= {cls.min_layer}`."]
-        if isinstance(inspect.getattr_static(cls, "needs_vision"), property):
-            if cls().needs_vision:
-                out += ["", "Needs vision-tower signals with the default parameters (LLaVA-1.5 today)."]
-        elif cls.needs_vision:
-            out += ["", "Needs vision-tower signals (LLaVA-1.5 today)."]
+        layer, by_params = _requirement(cls, "min_layer")
+        if layer:
+            out += ["", f"Needs `layer >= {layer}`{by_params}."]
+        vision, by_params = _requirement(cls, "needs_vision")
+        if vision:
+            out += ["", f"Needs vision-tower signals{by_params} (LLaVA-1.5 today)."]
         if cls.needs_guide:
             out += ["", "Needs a guide model: `pipeline.attach(model, guide=small_model)` (LLaVA-1.5 today)."]
         out.append("")
@@ -66,6 +62,13 @@ def _pipeline_source(target: str):
         data = yaml.safe_load(cfg_path.read_text()) or {}
         return data.get("pipeline", data) if isinstance(data, dict) else data
     return target
+
+
+def _requirement(cls, attr: str) -> tuple[object, str]:
+    """An operator's ``attr`` and, when it depends on the parameters (a property), what its defaults need."""
+    if isinstance(inspect.getattr_static(cls, attr), property):
+        return getattr(cls(), attr), " with the default parameters"
+    return getattr(cls, attr), ""
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -110,6 +113,11 @@ def _cmd_train_reference(args: argparse.Namespace) -> None:
           ", ".join(f"{t} {a:.3f}" for t, a in result["val"]["per_type"].items()))
 
 
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="preset name, YAML path or run directory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenprune", description="Visual-token pruning pipelines for LVLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,13 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ops)
 
     p = sub.add_parser("show", help="print the resolved, validated pipeline config")
-    p.add_argument("pipeline", help="preset name, YAML path or run directory")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _pipeline_arguments(p)
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("flops", help="analytic LLM prefill FLOPs of a pipeline")
-    p.add_argument("pipeline", help="preset name, YAML path or run directory")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _pipeline_arguments(p)
     p.add_argument("--shape", required=True, help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2-vl-7b, or d=..,m=..,layers=..")
     p.add_argument("--tokens", type=int, required=True, help="prompt length N")
     p.add_argument("--visual", type=int, required=True, help="visual tokens V among the N (a contiguous block)")

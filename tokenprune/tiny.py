@@ -11,6 +11,13 @@ TINY_PAD, TINY_BOS, TINY_EOS = 0, 1, 2
 TINY_VIDEO_TOKEN, TINY_VISION_START, TINY_VISION_END = 126, 124, 125
 
 
+def _for_tests(model: nn.Module) -> nn.Module:
+    """Greedy generation pads with ``TINY_PAD`` and never stops early (no EOS); eval mode."""
+    model.generation_config.pad_token_id = TINY_PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` (B, max length) of token rows, left-padded with ``TINY_PAD``."""
     width = max(len(r) for r in rows)
@@ -43,9 +50,7 @@ def tiny_llava(attn_implementation: str = "sdpa", layers: int = 4, image_size: i
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          pad_token_id=TINY_PAD)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    model.generation_config.pad_token_id = TINY_PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return _for_tests(model)
 
 
 def tiny_llava_inputs(model: nn.Module, prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -98,9 +103,7 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
     else:
         raise ValueError(f"version={version!r}; allowed: '2', '2.5'")
     model = cls._from_config(config, attn_implementation=attn_implementation)
-    model.generation_config.pad_token_id = TINY_PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return _for_tests(model)
 
 
 def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None = None,
@@ -148,9 +151,7 @@ def tiny_llava_next(attn_implementation: str = "sdpa", layers: int = 4, seed: in
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              pad_token_id=TINY_PAD)
     model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    model.generation_config.pad_token_id = TINY_PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return _for_tests(model)
 
 
 def tiny_llava_next_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] | None = None,
@@ -200,9 +201,7 @@ def tiny_mllama(attn_implementation: str = "sdpa", seed: int = 0, init_std: floa
             if hasattr(layer, "cross_attn_attn_gate"):
                 layer.cross_attn_attn_gate.fill_(gate)
                 layer.cross_attn_mlp_gate.fill_(gate)
-    model.generation_config.pad_token_id = TINY_PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return _for_tests(model)
 
 
 def tiny_mllama_inputs(model: nn.Module, tiles: list[int] | None = None, prompts: list[list[int]] | None = None,

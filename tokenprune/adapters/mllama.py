@@ -9,7 +9,7 @@ from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.errors import ConfigError
-from tokenprune.masks import gather_tokens
+from tokenprune.masks import expand_batch, gather_tokens
 
 
 class MllamaAdapter(ModelAdapter):
@@ -45,9 +45,6 @@ class MllamaAdapter(ModelAdapter):
         """The ``<|image|>`` placeholders of the text (one per image; not the image features themselves)."""
         return input_ids == self.model.config.image_token_index
 
-    def _cross(self, layer: int) -> nn.Module:
-        return self.layers[layer].cross_attn
-
     def project_cross_queries(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         block = self.layers[layer]
         attn = block.cross_attn
@@ -57,7 +54,7 @@ class MllamaAdapter(ModelAdapter):
         return attn.q_norm(q)
 
     def project_cross_keys(self, layer: int, image: torch.Tensor) -> torch.Tensor:
-        attn = self._cross(layer)
+        attn = self.layers[layer].cross_attn
         b = image.shape[0]
         k = attn.k_proj(image).view(b, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
         return attn.k_norm(k)
@@ -67,6 +64,36 @@ class MllamaAdapter(ModelAdapter):
         attn = getattr(block, "cross_attn", None) or block.self_attn
         return float(attn.scaling)
 
-    def image_features(self, states: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B, M, D) image features of each sample from the model's ``cross_attention_states``."""
-        return states.reshape(batch, -1, states.shape[-1])
+    # --- the keyword arguments of a cross-attention decoder layer ---------------------------------
+    def has_cross_attention_states(self, kwargs: dict) -> bool:
+        """Whether a cross-attention layer call carries image features (the prefill) rather than the cache."""
+        return kwargs.get("cross_attention_states") is not None
+
+    def cross_attention_mask(self, kwargs: dict) -> torch.Tensor | None:
+        """The additive cross-attention mask (B, 1, Q, M) of a cross-attention layer call."""
+        return kwargs.get("cross_attention_mask")
+
+    def cross_attention_inputs(self, kwargs: dict, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image features (B, M, D), allowed (B, S, M) bool) of a prefill cross-attention layer call.
+
+        ``allowed``: the text token's mask column is open and the row really sees an image. (Mllama
+        opens every column of a row that sees no image and zeroes that row's MLP output instead.)
+        """
+        b, s = hidden.shape[:2]
+        states = kwargs["cross_attention_states"]
+        image = states.reshape(b, -1, states.shape[-1])
+        allowed = torch.ones(b, s, image.shape[1], dtype=torch.bool, device=hidden.device)
+        mask = kwargs.get("cross_attention_mask")
+        if mask is not None:
+            allowed = expand_batch(mask, b)[:, 0] > torch.finfo(mask.dtype).min / 2
+        rows = kwargs.get("full_text_row_masked_out_mask")
+        if rows is not None:
+            allowed = allowed & (expand_batch(rows, b)[:, 0] > 0)
+        return image, allowed
+
+    def set_cross_attention_inputs(self, kwargs: dict, mask: torch.Tensor | None,
+                                   image: torch.Tensor | None = None) -> None:
+        """Hand a cross-attention layer call the kept image features (prefill) and the mask cut to them."""
+        if image is not None:
+            kwargs["cross_attention_states"] = image
+        kwargs["cross_attention_mask"] = mask
