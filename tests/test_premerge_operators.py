@@ -136,3 +136,67 @@ def test_cls_attention_window_normalises_within_each_window():
     want = torch.tensor([[1 / 6, 2 / 6, 3 / 8, 4 / 8], [5 / 6, 1, 7 / 8, 1],
                          [9 / 14, 10 / 14, 11 / 16, 12 / 16], [13 / 14, 1, 15 / 16, 1]])
     assert torch.allclose(local, want)
+
+
+# --- TopV's optimal-transport scorer -----------------------------------------------------------
+
+def test_balanced_sinkhorn_meets_both_marginals_and_finds_the_cheap_matching():
+    from tokenprune.operators.scorers import unbalanced_sinkhorn
+
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(5, 7, generator=gen, dtype=torch.float64)
+    a = torch.rand(5, generator=gen, dtype=torch.float64) + 0.1
+    b = torch.rand(7, generator=gen, dtype=torch.float64) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    plan = unbalanced_sinkhorn(cost, a, b, epsilon=0.1, rho=None, iterations=500)
+    assert torch.allclose(plan.sum(1), a, atol=1e-9) and torch.allclose(plan.sum(0), b, atol=1e-9)
+    # 2 x 2 with a cheap diagonal: as epsilon -> 0 the plan is the identity matching, mass 1/2 each
+    cheap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    half = torch.full((2,), 0.5, dtype=torch.float64)
+    plan = unbalanced_sinkhorn(cheap, half, half, epsilon=0.01, rho=None, iterations=100)
+    assert torch.allclose(plan, torch.eye(2, dtype=torch.float64) / 2, atol=1e-12)
+
+
+def test_unbalanced_sinkhorn_meets_the_target_marginal_and_relaxes_the_source_one():
+    from tokenprune.operators.scorers import unbalanced_sinkhorn
+
+    cost = torch.tensor([[0.0, 0.2, 0.4], [0.3, 0.1, 0.5], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    third = torch.full((3,), 1 / 3, dtype=torch.float64)
+    eps = 0.5
+    plan = unbalanced_sinkhorn(cost, third, third, epsilon=eps, rho=0.2, iterations=200)
+    assert torch.allclose(plan.sum(0), third, atol=1e-12)  # each target fully explained
+    assert plan.sum(1)[2] < plan.sum(1)[0] and plan.sum(1)[2] < 1 / 3  # the expensive source sends less
+    # rho -> 0: each target's mass is split over the sources in proportion to exp(-cost / eps)
+    plan = unbalanced_sinkhorn(cost, third, third, epsilon=eps, rho=1e-12, iterations=3)
+    k = [[math.exp(-c / eps) for c in row] for row in cost.tolist()]
+    by_hand = [[k[i][j] / sum(k[r][j] for r in range(3)) / 3 for j in range(3)] for i in range(3)]
+    assert torch.allclose(plan, torch.tensor(by_hand, dtype=torch.float64), atol=1e-9)
+
+
+def test_sinkhorn_scorer_prefers_the_centre_of_a_featureless_grid():
+    # 3x3 visual grid with identical features: only the distances rank; the centre token costs least
+    # to move everywhere and is nearest the centre, the corners cost most, symmetric ones tie.
+    hidden = torch.ones(1, 11, 4)
+    visual = [[0] + [1] * 9 + [0]]
+    st = state_of(visual, hidden=hidden)
+    scores = tp.build_operator("sinkhorn", features="hidden")(st).scores[0, 1:10].view(3, 3)
+    assert scores[1, 1] == scores.max()
+    corners = scores[[0, 0, 2, 2], [0, 2, 0, 2]]
+    edges = scores[[0, 1, 1, 2], [1, 0, 2, 1]]
+    assert torch.allclose(corners, corners[0].expand(4), atol=1e-5) and torch.allclose(edges, edges[0].expand(4), atol=1e-5)
+    assert corners.max() < edges.min()
+    assert abs(float(scores.mean()) - 1.0) < 0.5  # ~1 on average (the target mass is the visual count)
+
+
+def test_sinkhorn_scorer_splits_each_target_by_feature_similarity():
+    # four tokens on a 2x2 grid, distances switched off: three share a direction, one is orthogonal.
+    # With rho -> 0 each target's 1/4 is split over the sources by exp(-(1 - cos) / eps), so a score is
+    # a sum of those shares (times n), computed here by hand.
+    hidden = angles(0, 0, 0, 90)
+    st = TokenState.from_tensors(hidden, torch.ones(1, 4, dtype=torch.bool))
+    scores = tp.build_operator("sinkhorn", features="hidden", spatial=0.0, central=0.0, rho=1e-9, epsilon=0.1)(st).scores[0]
+    # rho -> 0 by hand: column j splits 1/4 over sources by exp(-(1-cos)/eps); cos is 1 within the group, 0 across
+    e = math.exp(-1 / 0.1)
+    group = (3 * (1 / (3 + e)) + e / (1 + 3 * e)) / 4 * 4  # times n = 4
+    loner = (3 * (e / (3 + e)) + 1 / (1 + 3 * e)) / 4 * 4
+    assert torch.allclose(scores, torch.tensor([group, group, group, loner]), atol=1e-5)

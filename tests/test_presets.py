@@ -13,7 +13,7 @@ from tokenprune.errors import ConfigError
 from tokenprune.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
-           "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl"]
+           "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl", "topv"]
 #: Presets that read the vision tower (LLaVA-1.5 only) and the one for cross-attention models.
 VISION = {"visionzip", "prumerge_plus", "vscan", "sgl"}  # sgl: its guide needs the images (LLaVA-1.5 today)
 CROSS = {"trimmed_llama"}
@@ -78,7 +78,7 @@ def test_preset_on_other_families(family32, family, name):
         with pytest.raises(ConfigError, match=r"positions: 'renumber' is not supported for Qwen2-VL"):
             pipe.attach(model)
         return
-    if name in ("uniform", "feather") and family == "llava_next":  # uniform_grid: anyres tokens form no grid
+    if name in ("uniform", "feather", "topv") and family == "llava_next":  # visual grid: anyres tokens form none
         with pytest.raises(ValueError, match=r"has 240 visual tokens, not a square grid"), pipe.attach(model):
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
         return

@@ -40,6 +40,10 @@ class AttentionSource:
         """(B, H_kv, N, hd) keys of the source layer (rotary applied), or None if the source has none."""
         return None
 
+    def layer_input(self) -> torch.Tensor | None:
+        """(B, N, D) hidden states entering the source layer, or None if the source has none."""
+        return None
+
     def query_rows(self, name: str, sample: int) -> torch.Tensor | None:
         """Query rows of set ``name`` when the queries are not the stage's own tokens (cross-attention); else None."""
         return None
@@ -124,6 +128,9 @@ class LayerAttentionSource(AttentionSource):
 
     def keys(self):
         return self._all_keys(True, False)
+
+    def layer_input(self):
+        return self.hidden
 
 
 def query_rows(name: str, visual: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:

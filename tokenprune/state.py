@@ -216,6 +216,13 @@ class Signals:
             raise RuntimeError("this attention source has no keys")
         return k
 
+    def layer_input(self) -> torch.Tensor:
+        """(B, N, D) hidden states entering the layer before the site (the source layer's input)."""
+        h = self._source().layer_input()
+        if h is None:
+            raise RuntimeError("this attention source has no layer input (it needs a model layer before the site)")
+        return h
+
     def key_norms(self) -> torch.Tensor:
         """(B, N) L2 norm of each token's key at the source layer, averaged over key heads."""
         return self.cached(("key_norms",), lambda: self.keys().float().norm(dim=-1).mean(dim=1).to(
