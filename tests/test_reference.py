@@ -86,3 +86,56 @@ def test_size_curriculum_draws_larger_shapes_early_then_the_benchmarks():
     assert all(110 <= s["size"] <= 150 for s in big["shapes"])
     with pytest.raises(ValueError, match=r"sizes=\(10, 200\): need 4 <= min <= max <= 168"):
         shapes.make_item("c/0", "color", 0, (10, 200))
+
+
+def test_training_batches_match_the_processor():
+    """encode() builds pixels and ids without the processor's PIL path; they must be what it gives."""
+    import torch
+
+    from tokenprune.train_reference import encode
+
+    proc = reference.build_processor()
+    items = [shapes.make_item(f"enc/{i}", shapes.TYPES[i], 0) for i in range(5)]
+    batch = encode(proc, items)
+    for i, it in enumerate(items):
+        enc = proc(images=it["image"], text=reference.prompt(proc, it["question"]), return_tensors="pt")
+        n = enc["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][i, :n], enc["input_ids"][0])
+        assert torch.allclose(batch["pixel_values"][i], enc["pixel_values"][0], atol=1e-5)
+        answer = proc.tokenizer(f" {it['answer']} </s>", add_special_tokens=False)["input_ids"]
+        assert batch["labels"][i, n:n + len(answer)].tolist() == answer and (batch["labels"][i, :n] == -100).all()
+
+
+def test_patch_targets_by_hand():
+    import torch
+
+    from tokenprune.train_reference import patch_targets
+
+    # a red square, 28 px, centred at (24, 24): pixels 10..37 on both axes; per axis the 14-px patches
+    # 0, 1, 2 hold 4, 14 and 10 of its pixels, so a patch's share is the product of (4, 14, 10) / 14.
+    item = {"shapes": [{"kind": "square", "color": "red", "cx": 24, "cy": 24, "size": 28}]}
+    t = patch_targets([item])
+    on = {(r, c) for r in range(3) for c in range(3) if (4, 14, 10)[r] * (4, 14, 10)[c] / 196 >= 0.25}
+    assert on == {(0, 1), (1, 0), (1, 1), (1, 2), (2, 1), (2, 2)}
+    kind = t["aux_kind"].view(24, 24)
+    assert {tuple(p) for p in torch.nonzero(kind).tolist()} == on
+    assert (kind[kind > 0] == shapes.KINDS.index("square") + 1).all()
+    assert (t["aux_color"].view(24, 24)[kind > 0] == list(shapes.COLORS).index("red") + 1).all()
+    assert torch.nonzero(t["aux_center"].view(24, 24)).tolist() == [[1, 1]]
+    assert torch.allclose(t["aux_xy"].view(24, 24, 2)[1, 2], torch.tensor([24 / 336, 24 / 336]))
+    assert t["aux_xy"].view(24, 24, 2)[0, 0].isnan().all()
+    # a 6-px circle covers under a quarter of any patch; it still marks the patch it covers most
+    tiny = {"shapes": [{"kind": "circle", "color": "blue", "cx": 100, "cy": 100, "size": 6}]}
+    assert torch.nonzero(patch_targets([tiny])["aux_kind"].view(24, 24)).tolist() == [[7, 7]]
+
+
+def test_vision_positions_start_as_2d_sine_cosine_codes():
+    """Row-major: two patches in the same row share the row half of their code, and vice versa."""
+    import torch
+
+    model = reference.build_model()
+    pos = model.model.vision_tower.embeddings.position_embedding.weight[1:].view(24, 24, -1)
+    half = pos.shape[-1] // 2
+    assert torch.allclose(pos[3, 5, :half], pos[3, 17, :half]) and not torch.allclose(pos[3, 5, half:], pos[3, 17, half:])
+    assert torch.allclose(pos[3, 5, half:], pos[20, 5, half:]) and not torch.allclose(pos[3, 5, :half], pos[20, 5, :half])
+    assert torch.allclose(pos[0, 0, :half], torch.tensor([0.0] * (half // 2) + [1.0] * (half // 2)))  # sin 0, cos 0

@@ -96,6 +96,22 @@ class ReferenceSize:
     text_kv_heads: int = 2
 
 
+def sincos_2d(side: int, dim: int) -> "torch.Tensor":
+    """(side * side, dim) fixed 2-D sine-cosine position codes, row-major: half the channels encode the
+    row, half the column, each with ``dim // 4`` geometric frequencies (He et al., "Masked Autoencoders
+    Are Scalable Vision Learners", 2022, after Vaswani et al. 2017)."""
+    import torch
+
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    pos = torch.arange(side, dtype=torch.float32)
+    ang = pos[:, None] * freq[None, :]  # (side, quarter)
+    code = torch.cat([ang.sin(), ang.cos()], dim=1)  # (side, dim/2)
+    rows = code[:, None, :].expand(side, side, -1)
+    cols = code[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, -1)
+
+
 def build_model(size: ReferenceSize | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised reference ``LlavaForConditionalGeneration`` (336 px, patch 14: 576 visual tokens)."""
     import torch
@@ -116,6 +132,10 @@ def build_model(size: ReferenceSize | None = None, seed: int = 0, attn_implement
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          pad_token_id=vocab.index("<pad>"))
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():  # 2-D sin-cos patch positions (as in MAE), still trained: a tiny tower learns where fast
+        emb = model.model.vision_tower.embeddings.position_embedding.weight
+        emb[0] = 0.0  # CLS
+        emb[1:] = sincos_2d(336 // 14, size.vision_hidden)
     model.generation_config.pad_token_id = vocab.index("<pad>")
     model.generation_config.eos_token_id = vocab.index("</s>")
     model.generation_config.bos_token_id = vocab.index("<s>")

@@ -32,6 +32,10 @@ DEFAULTS = {
     # Shape-size curriculum: batches before step `until` draw shapes of `sizes` px (then the benchmark's 20-60).
     # Small shapes are a needle among 576 patches; starting large teaches the model where to look.
     "curriculum": [],
+    # Dense auxiliary loss on the projector's output, the visual tokens the LLM reads: per patch the colour and
+    # kind of the shape covering it, whether it holds a shape's centre, and that centre's (x, y). It stands in
+    # for the pretrained CLIP tower a real LLaVA starts from; the head is dropped at export. 0: off.
+    "aux_weight": 0.0,
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -60,16 +64,84 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     return cfg
 
 
+GRID = 24  # patches per side (336 px / 14)
+_PATCH = shapes.SIZE // GRID
+
+
+def patch_targets(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Per-patch labels of each item's ``shapes`` on the 24×24 grid (row-major, like the visual tokens).
+
+    ``aux_color`` / ``aux_kind``: class of the shape covering most of the patch (≥ 1/4 of its pixels), else 0
+    (background); ``aux_center``: 1 on the patch holding a shape's centre; ``aux_xy``: that shape's centre in
+    [0, 1] (``nan`` on background patches).
+    """
+    colors, kinds = list(shapes.COLORS), list(shapes.KINDS)
+    n = len(items)
+    color = torch.zeros(n, GRID * GRID, dtype=torch.long)
+    kind = torch.zeros(n, GRID * GRID, dtype=torch.long)
+    center = torch.zeros(n, GRID * GRID)
+    xy = torch.full((n, GRID * GRID, 2), float("nan"))
+    for b, it in enumerate(items):
+        for d in it["shapes"]:
+            sh = shapes.Shape(**d)
+            m, top, left = shapes._mask(sh)
+            cover = torch.zeros(shapes.SIZE, shapes.SIZE)
+            cover[top:top + sh.size, left:left + sh.size] = torch.from_numpy(m).float()
+            frac = cover.view(GRID, _PATCH, GRID, _PATCH).mean(dim=(1, 3)).flatten()
+            on = (frac >= 0.25) | (frac == frac.max())  # a small shape still marks its best-covered patch
+            color[b, on] = colors.index(sh.color) + 1
+            kind[b, on] = kinds.index(sh.kind) + 1
+            xy[b, on] = torch.tensor([sh.cx / shapes.SIZE, sh.cy / shapes.SIZE])
+            center[b, (sh.cy // _PATCH) * GRID + sh.cx // _PATCH] = 1.0
+    return {"aux_color": color, "aux_kind": kind, "aux_center": center, "aux_xy": xy}
+
+
+class PatchHead(torch.nn.Module):
+    """Training-only head on the visual tokens: colour (8), kind (6), centre (1) and centre (x, y) (2)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, len(shapes.COLORS) + 1 + len(shapes.KINDS) + 1 + 1 + 2)
+
+    def loss(self, tokens: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        out = self.linear(tokens.float())
+        c, k = len(shapes.COLORS) + 1, len(shapes.KINDS) + 1
+        color, kind, center, xy = out[..., :c], out[..., c:c + k], out[..., c + k], out[..., c + k + 1:]
+        loss = F.cross_entropy(color.flatten(0, 1), batch["aux_color"].flatten())
+        shape = batch["aux_kind"] > 0  # the kind is learnt on shape patches only (few, and the hard part)
+        if shape.any():
+            loss = loss + F.cross_entropy(kind[shape], batch["aux_kind"][shape])
+        loss = loss + F.binary_cross_entropy_with_logits(center, batch["aux_center"], pos_weight=torch.tensor(20.0))
+        on = ~batch["aux_xy"][..., 0].isnan()
+        if on.any():
+            loss = loss + 10 * F.mse_loss(xy.sigmoid()[on], batch["aux_xy"][on])
+        return loss
+
+
+def pixel_values(processor, image) -> torch.Tensor:
+    """(1, 3, 336, 336) pixels of a 336×336 RGB image as ``processor``'s image processor gives them (its resize
+    and centre crop are the identity at that size, so only rescale and normalise remain; a test checks it)."""
+    import numpy as np
+
+    ip = processor.image_processor
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) * ip.rescale_factor
+    mean, std = torch.tensor(ip.image_mean)[:, None, None], torch.tensor(ip.image_std)[:, None, None]
+    return ((x - mean) / std)[None]
+
+
 def encode(processor, items: list[dict]) -> dict[str, torch.Tensor]:
     """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>."""
     tok = processor.tokenizer
-    prompts = [prompt(processor, it["question"]) for it in items]
+    image_token = tok.convert_ids_to_tokens(processor.image_token_id) if hasattr(processor, "image_token_id") \
+        else processor.image_token
     pixels, rows, labels = [], [], []
-    for text, it in zip(prompts, items):
-        enc = processor(images=it["image"], text=text, return_tensors="pt")
-        ids = enc["input_ids"][0].tolist()
+    for it in items:
+        text = prompt(processor, it["question"]).replace(image_token, image_token * GRID * GRID)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
         answer = tok(f" {it['answer']} </s>", add_special_tokens=False)["input_ids"]
-        pixels.append(enc["pixel_values"])
+        pixels.append(pixel_values(processor, it["image"]))
         rows.append(ids + answer)
         labels.append([-100] * len(ids) + answer)
     width = max(len(r) for r in rows)
@@ -87,8 +159,10 @@ class ShapesStream(torch.utils.data.IterableDataset):
     sizes of the first entry whose ``until`` is beyond it, else the benchmark's.
     """
 
-    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None):
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
+                 targets: bool = False):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+        self.targets = targets  # add patch_targets() for the auxiliary loss
         self.curriculum = [(int(c["until"]), tuple(c["sizes"])) for c in (curriculum or [])]
 
     def sizes_at(self, batch: int) -> tuple[int, int]:
@@ -103,7 +177,8 @@ class ShapesStream(torch.utils.data.IterableDataset):
             items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
                                       i // len(shapes.TYPES), self.sizes_at(b))
                      for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
-            yield encode(self.processor, items)
+            batch = encode(self.processor, items)
+            yield {**batch, **patch_targets(items)} if self.targets else batch
 
 
 def answer_accuracy(model, processor, items: list[dict], batch_size: int = 16) -> dict:
@@ -129,10 +204,25 @@ def _lightning_module(cfg: DictConfig, processor):
             super().__init__()
             self.model = build_model(ReferenceSize(**cfg.model), seed=cfg.seed)
             self.val_items = shapes.load_split("val", size=cfg.val["items"])
+            self.head = PatchHead(cfg.model.text_hidden) if cfg.aux_weight else None
 
         def training_step(self, batch, _):
-            loss = self.model(**batch).loss
+            aux = {k: batch.pop(k) for k in list(batch) if k.startswith("aux_")}
+            seen: list[torch.Tensor] = []
+            hook = None
+            if self.head is not None:
+                hook = self.model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
+            try:
+                loss = self.model(**batch).loss
+            finally:
+                if hook is not None:
+                    hook.remove()
             self.log("train/loss", loss, prog_bar=True)
+            if self.head is not None:
+                tokens = seen[0].reshape(len(batch["input_ids"]), GRID * GRID, -1)
+                aux_loss = self.head.loss(tokens, aux)
+                self.log("train/aux_loss", aux_loss)
+                loss = loss + cfg.aux_weight * aux_loss
             return loss
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -149,7 +239,7 @@ def _lightning_module(cfg: DictConfig, processor):
                 self.log(f"val/{t}", a)
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+            opt = torch.optim.AdamW(self.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
             warm, total = cfg.optim.warmup_steps, cfg.optim.max_steps
 
             def schedule(step: int) -> float:  # linear warm-up, then cosine to 10%
@@ -180,7 +270,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     processor = build_processor()
     module = _lightning_module(cfg, processor)
     curriculum = OmegaConf.to_container(cfg.curriculum)
-    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum),
+    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
+                                                    targets=bool(cfg.aux_weight)),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
