@@ -21,6 +21,7 @@ features and a mask cut to them (see docs/families.md).
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -376,7 +377,7 @@ class AttachedPipeline:
         state.signals.vision = self._vision_source(ep)
         state.signals.vision_unavailable = self._vision_unavailable
         state.signals.guide = ep.guide
-        with torch.no_grad():
+        with torch.no_grad(), _Stopwatch(hidden) as clock:
             state = stage(state)
         keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool) & live
         rel, new_live = ragged_keep_index(keep)
@@ -398,6 +399,7 @@ class AttachedPipeline:
             visual_before=visual_before.sum(1).tolist(),
             visual_after=visual_after.sum(1).tolist(),
             kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
+            operator_ms=clock.ms,
         ))
         return hidden
 
@@ -533,7 +535,7 @@ class AttachedPipeline:
                            sizes=torch.ones(b, m, device=hidden.device), layer=layer)
         state.signals = Signals(state, source=CrossAttentionSource(self.adapter, layer, hidden, image, ep.visual,
                                                                    ep.valid, allowed))
-        with torch.no_grad():
+        with torch.no_grad(), _Stopwatch(hidden) as clock:
             state = stage(state)
         # Features no text token may see (padding tiles) are not visual, so selectors keep them: Mllama lets the
         # text rows before an image attend to every feature, so dropping them would change those rows.
@@ -554,4 +556,26 @@ class AttachedPipeline:
             tokens_before=[m] * b, tokens_after=held.sum(1).tolist(),
             visual_before=valid.sum(1).tolist(), visual_after=after.sum(1).tolist(),
             kept=[row[h].tolist() for row, h in zip(index, held)],
+            operator_ms=clock.ms,
         ))
+
+
+class _Stopwatch:
+    """Wall time of a block in ms (the device synchronised at both ends when ``like`` is on a GPU)."""
+
+    def __init__(self, like: torch.Tensor):
+        self._cuda = like.is_cuda
+        self.ms = 0.0
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> _Stopwatch:
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.ms = (time.perf_counter() - self._t0) * 1000.0

@@ -113,6 +113,14 @@ def _cmd_train_reference(args: argparse.Namespace) -> None:
           ", ".join(f"{t} {a:.3f}" for t, a in result["val"]["per_type"].items()))
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from tokenprune.run import load_run_config, run, summary_table
+
+    metrics = run(load_run_config(args.config, args.overrides))
+    print(summary_table(metrics))
+    print(f"run directory: {metrics['output_dir']}")
+
+
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="preset name, YAML path or run directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", choices=("fastv", "exact"), default="fastv")
     p.add_argument("--json", action="store_true", help="print {flops, baseline_flops, reduction, equivalent_visual_tokens}")
     p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("run", help="evaluate a pipeline and the unpruned model on a dataset (a run config)")
+    p.add_argument("config", help="run YAML (experiments/asap_shapes.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train-reference", help="train the reference LVLM on the shapes benchmark (resumable)")
     p.add_argument("config", help="training YAML (experiments/train_reference.yaml)")

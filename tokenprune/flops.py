@@ -154,3 +154,23 @@ def pipeline_flops(pipeline: Pipeline | None, shape: LLMShape, n_tokens: int, n_
     return FlopsReport(flops=float(flops), baseline_flops=float(baseline), reduction=1.0 - flops / baseline,
                        equivalent_visual_tokens=sum(v for _, v in counts) / len(counts), convention=convention,
                        per_layer_tokens=[n for n, _ in counts])
+
+
+def measured_flops(shape: LLMShape, n_tokens: int, n_visual: int, stages: list[tuple[int, int, int]],
+                   convention: str = "exact") -> FlopsReport:
+    """Like :func:`pipeline_flops`, from the counts a run measured: ``stages`` lists ``(layer, tokens_after,
+    visual_after)`` of one sample for each stage that ran (``pipeline.trace``), so adaptive budgets and
+    merges that add tokens are counted as they happened."""
+    if convention not in CONVENTIONS:
+        raise ConfigError("flops_convention", f"unknown convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+    after = {layer: (n, v) for layer, n, v in stages}
+    counts, n, v = [], n_tokens, n_visual
+    for layer in range(shape.layers):
+        if layer in after:
+            n, v = after[layer]
+        counts.append((n, v))
+    flops = sum(layer_flops(k, shape, convention) for k, _ in counts)
+    baseline = shape.layers * layer_flops(n_tokens, shape, convention)
+    return FlopsReport(flops=float(flops), baseline_flops=float(baseline), reduction=1.0 - flops / baseline,
+                       equivalent_visual_tokens=sum(x for _, x in counts) / len(counts), convention=convention,
+                       per_layer_tokens=[k for k, _ in counts])

@@ -122,10 +122,11 @@ class StageTrace:
     visual_before: list[int]
     visual_after: list[int]
     kept: list[list[int]] = field(repr=False)
+    operator_ms: float = 0.0  # wall time inside the stage's operators (GPU synchronised)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("stage", "layer", "tokens_before", "tokens_after",
-                                              "visual_before", "visual_after", "kept")}
+                                              "visual_before", "visual_after", "kept", "operator_ms")}
 
 
 class Pipeline(nn.Module):

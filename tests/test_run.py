@@ -1,0 +1,203 @@
+"""``tokenprune run``: config and data errors, the metrics against hand-computed values, the run directory,
+the baseline cache, FLOPs against torch's flop counter, and DDP on two CPU processes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.errors import ConfigError
+from tokenprune.evaluation import load_items, normalize_answer, relative_score, summarize, vqa_accuracy
+from tokenprune.run import load_run_config, run
+
+QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random-init model of the reference architecture (576 visual tokens), saved with its processor."""
+    from tokenprune.reference import ReferenceSize, build_model, build_processor
+
+    path = tmp_path_factory.mktemp("tinyref")
+    build_model(ReferenceSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=4,
+                              text_heads=2, text_kv_heads=1)).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+def config(tmp_path, folder, *extra):
+    return load_run_config("experiments/asap_shapes.yaml", [
+        f"model.path={folder}", "data.limit=6", "batch_size=3", f"output_dir={tmp_path / 'run'}",
+        f"baseline_cache={tmp_path / 'cache'}", *QUIET, *extra])
+
+
+# --- metrics by hand ---------------------------------------------------------------------------------
+
+def test_answer_normalisation_and_vqa_soft_accuracy():
+    assert normalize_answer("The Two.") == "2" and normalize_answer(" a  Red  circle!") == "red circle"
+    # 3 of 10 humans said "red": leaving out one of them leaves 2 matches (2/3), any other leaves 3 (1)
+    answers = ["red"] * 3 + ["blue"] * 7
+    assert vqa_accuracy("Red", answers) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
+    assert vqa_accuracy("green", answers) == 0.0
+    assert vqa_accuracy("blue", answers) == 1.0
+
+
+def test_yes_no_accuracy_and_f1_by_hand():
+    items = [{"answer": a, "type": "pope", "metric": "yes_no"} for a in ("yes", "yes", "no", "no", "yes")]
+    out = summarize(["Yes.", "no", "yes", "no", "maybe"], items)
+    # "yes" class: predicted yes at 0, 2 (tp 1, fp 1); true yes at 0, 1, 4 (fn 2): P 1/2, R 1/3, F1 0.4
+    assert out["yes_no"]["accuracy"] == pytest.approx(2 / 5) and out["yes_no"]["f1"] == pytest.approx(0.4)
+    assert out["accuracy"] == pytest.approx(2 / 5) and out["per_type"] == {"pope": pytest.approx(0.4)}
+
+
+def test_relative_score_averages_over_tasks():
+    assert relative_score({"a": 0.4, "b": 0.9}, {"a": 0.8, "b": 0.9}) == pytest.approx((50 + 100) / 2)
+    assert relative_score({"a": 0.4, "b": 0.0}, {"a": 0.8, "b": 0.0}) == pytest.approx(50)  # b: no baseline skill
+
+
+# --- errors before any model is loaded ---------------------------------------------------------------
+
+def write_jsonl(tmp_path, rows):
+    from PIL import Image
+
+    Image.new("RGB", (336, 336), (40, 40, 40)).save(tmp_path / "img.png")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_rows_are_checked_with_file_and_row(tmp_path):
+    good = {"image": "img.png", "question": "What color?", "answer": "red", "type": "color"}
+    items = load_items({"source": "jsonl", "path": str(write_jsonl(tmp_path, [good]))})
+    assert items[0]["image"] == str((tmp_path / "img.png").resolve()) and items[0]["metric"] == "exact_match"
+    cases = [
+        ({**good, "image": "missing.png"}, "row 2: image file not found"),
+        ({k: v for k, v in good.items() if k != "answer"}, "row 2: missing 'answer'"),
+        ('{"image": "img.png", "question": ', "row 2: not valid JSON"),
+        ({**good, "metric": "bleu"}, "row 2: unknown metric 'bleu'; allowed: exact_match, vqa, yes_no"),
+    ]
+    for bad, message in cases:
+        path = write_jsonl(tmp_path, [good, bad])
+        with pytest.raises(ConfigError, match=message) as e:
+            load_items({"source": "jsonl", "path": str(path)})
+        assert str(path) in str(e.value) and e.value.key == "data.path"
+
+
+def test_bad_run_configs_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="batchsize"):
+        load_run_config("experiments/asap_shapes.yaml", ["batchsize=3"])
+    with pytest.raises(ConfigError) as e:
+        load_run_config("experiments/asap_shapes.yaml", ["model.dtype=float8"])
+    assert e.value.key == "model.dtype" and "float32" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_run_config("experiments/asap_shapes.yaml", ["logging.wandb.mode=cloud"])
+    assert e.value.key == "logging.wandb.mode"
+    cfg = load_run_config("experiments/asap_shapes.yaml", ["pipeline=fastv", "overrides=[stages.0.operators.0.op=nope]",
+                                                          "model.path=/nonexistent", *QUIET])
+    with pytest.raises(ConfigError) as e:  # the pipeline fails before the (missing) model is looked for
+        run(cfg)
+    assert e.value.key == "pipeline.stages.0.operators.0.op"
+    with pytest.raises(ConfigError) as e:
+        run(load_run_config("experiments/asap_shapes.yaml", ["data.split=dev", "model.path=/nonexistent", *QUIET]))
+    assert e.value.key == "data.split"
+
+
+# --- runs on a tiny model of the reference architecture ----------------------------------------------
+
+def test_keeping_everything_reproduces_the_baseline_and_the_cache_is_reused(tmp_path, tiny_folder):
+    keep_all = "pipeline={stages: [{layer: 2, operators: [{op: random}, {op: topk, keep: 1.0}]}]}"
+    first = run(config(tmp_path, tiny_folder, keep_all))
+    assert not first["baseline_cached"]
+    assert first["accuracy"] == first["baseline_accuracy"] and first["fidelity"] == 1.0
+    assert first["flops_reduction"] == pytest.approx(0.0) and first["visual_tokens_kept"] == [576.0]
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 6 and set(metrics["per_type"]) == {"color", "count", "exist", "position", "relation"}
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"shapes-test-{i}" for i in range(6)]
+    assert all(r["prediction"] == r["baseline_prediction"] for r in rows)
+    assert "pipeline" in (out / "config.yaml").read_text()
+
+    second = run(config(tmp_path, tiny_folder, "pipeline=fastv"))
+    assert second["baseline_cached"] and second["baseline_accuracy"] == first["baseline_accuracy"]
+    assert second["visual_tokens_kept"] == [288.0]
+
+
+def test_flops_reduction_is_the_analytic_one_with_the_real_token_counts(tmp_path, tiny_folder):
+    from tokenprune.flops import LLMShape, pipeline_flops
+    from tokenprune.reference import prompt
+
+    metrics = run(config(tmp_path, tiny_folder, "pipeline=fastv"))
+    from transformers import AutoConfig, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_folder)
+    shape = LLMShape.from_config(AutoConfig.from_pretrained(tiny_folder).text_config)
+    items = load_items({"source": "shapes", "split": "test", "limit": 6})
+    reports, lengths = [], []
+    for it in items:
+        n = proc(images=it["image"], text=prompt(proc, it["question"]), return_tensors="pt")["input_ids"].shape[1]
+        reports.append(pipeline_flops(tp.load_pipeline("fastv"), shape, n, 576, "exact"))
+        lengths.append(n)
+    expected = 1 - sum(r.flops for r in reports) / sum(r.baseline_flops for r in reports)
+    assert metrics["flops_reduction"] == pytest.approx(expected, rel=1e-9)
+    # the prompt's KV after prefill: tokens held per layer x 2 (k, v) x 1 KV head x head dim 32 x 4 bytes
+    per_token = 2 * shape.kv_heads * shape.head_dim * 4
+    assert (shape.kv_heads, shape.head_dim) == (1, 32)
+    assert metrics["kv_cache_bytes"] == pytest.approx(sum(sum(r.per_layer_tokens) for r in reports) / 6 * per_token)
+    assert metrics["baseline_kv_cache_bytes"] == pytest.approx(sum(shape.layers * n for n in lengths) / 6 * per_token)
+
+
+@torch.no_grad()
+def test_exact_flops_convention_matches_torch_flop_counter():
+    """The analytic `exact` count of the decoder layers is within 2% of torch.utils.flop_counter (eager
+    attention, whose matmuls the counter sees), unpruned and with tokens dropped at layer 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenprune.flops import LLMShape, measured_flops
+    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava("eager", layers=4)
+    inputs = {k: v[:1] for k, v in tiny_llava_inputs(model).items()}  # one sample: no padding
+    real = inputs["attention_mask"][0].bool()
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, real], inputs["attention_mask"][:, real]
+    shape = LLMShape.from_config(model.config.text_config)
+    n = inputs["input_ids"].shape[1]
+    v = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    layers = [f"LlavaForConditionalGeneration.model.language_model.layers.{i}" for i in range(shape.layers)]
+
+    def counted(pipe=None):
+        with FlopCounterMode(display=False) as fc:
+            if pipe is None:
+                model(**inputs)
+            else:
+                with pipe.attach(model):
+                    model(**inputs)
+        counts = fc.get_flop_counts()
+        return sum(sum(counts[k].values()) for k in layers)
+
+    assert counted() == pytest.approx(measured_flops(shape, n, v, [], "exact").flops, rel=0.02)
+    pipe = tp.load_pipeline({"stages": [{"layer": 2, "operators": [{"op": "random"}, {"op": "topk", "keep": 0.25}]}]})
+    flops = counted(pipe)
+    t = pipe.trace[0]
+    report = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0])], "exact")
+    assert t.visual_after[0] < v and flops == pytest.approx(report.flops, rel=0.02)
+
+
+def test_two_cpu_processes_give_the_same_metrics_as_one(tmp_path, tiny_folder):
+    def cli(devices, name):
+        args = [sys.executable, "-m", "tokenprune.cli", "run", "experiments/asap_shapes.yaml", f"model.path={tiny_folder}",
+                "data.limit=6", "batch_size=2", "pipeline=fastv", f"output_dir={tmp_path / name}", "baseline_cache=null",
+                "trainer.accelerator=cpu", f"trainer.devices={devices}",
+                f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", *QUIET]
+        subprocess.run(args, check=True, capture_output=True, text=True, timeout=300)
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    one, two = cli(1, "one"), cli(2, "two")
+    for key in ("n", "accuracy", "per_type", "baseline_accuracy", "fidelity", "flops", "baseline_flops",
+                "flops_reduction", "visual_tokens_kept", "kv_cache_bytes"):
+        assert one[key] == two[key], key
+    rows = [json.loads(line)["id"] for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
+    assert rows == [f"shapes-test-{i}" for i in range(6)]  # gathered from both shards, in order, once each
