@@ -201,3 +201,12 @@ def test_two_cpu_processes_give_the_same_metrics_as_one(tmp_path, tiny_folder):
         assert one[key] == two[key], key
     rows = [json.loads(line)["id"] for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
     assert rows == [f"shapes-test-{i}" for i in range(6)]  # gathered from both shards, in order, once each
+
+
+def test_wandb_offline_run_is_written_next_to_the_run(tmp_path, tiny_folder):
+    cfg = load_run_config("experiments/asap_shapes.yaml", [
+        f"model.path={tiny_folder}", "data.limit=2", "batch_size=2", f"output_dir={tmp_path / 'run'}",
+        "baseline_cache=null", "logging.progress_bar=false", "pipeline=fastv"])
+    assert cfg.logging.wandb.mode == "offline"  # the shipped default: nothing leaves the machine
+    run(cfg)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
