@@ -37,13 +37,14 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
     micro = ["model.vision_hidden=16", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=32",
              "model.text_layers=1", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
              "data.num_workers=0", "val.items=3", "val.every=0", "logging.wandb=false", "logging.every=1", "checkpoint_every=1",
-             f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}", "accelerator=cpu"]
+             f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}", "accelerator=cpu",
+             "vision_warmup_steps=1"]  # step 0 trains the tower alone, then both
     first = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=2"]))
     assert first["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     second = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=3"]))
     assert second["steps"] == 3  # continued from step 2, not from scratch
     metrics = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
-    assert "train/loss" in metrics
+    assert "train/loss" in metrics and "train/aux_loss" in metrics
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
     proc = AutoProcessor.from_pretrained(tmp_path / "export", local_files_only=True)
     it = shapes.make_item("y/0", "exist")
@@ -63,6 +64,8 @@ def test_a_bad_training_key_is_named():
         load_config("experiments/train_reference.yaml", ["optim.max_steps=0"])
     with pytest.raises(ConfigError, match="optim.learning_rate"):
         load_config("experiments/train_reference.yaml", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="vision_warmup_steps: trains on the auxiliary patch loss only"):
+        load_config("experiments/train_reference.yaml", ["aux_weight=0"])
 
 
 def test_path_names_the_training_command_until_the_model_exists():
