@@ -121,6 +121,27 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"run directory: {metrics['output_dir']}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from tokenprune.sweep import Sweep, dry_run, run_sweep, summary
+
+    sweep = Sweep(args.file, args.set)
+    if args.dry_run:
+        rows = dry_run(sweep, args.tokens, args.visual)
+        print(f"{len(rows)} variants of {sweep.name} (FLOPs reduction at {args.tokens} tokens, {args.visual} visual):")
+        for r in rows:
+            red = "adaptive/—" if r["flops_reduction"] is None else f"{r['flops_reduction']:.1%}"
+            print(f"  {r['variant']:<50} {r['pipeline']:<14} {red:>10}  {r['error']}")
+        return 1 if any(r["error"] for r in rows) else 0
+    rows, baseline = run_sweep(sweep)
+    print(summary(rows, baseline))
+    print(f"results: {sweep.output_dir / 'results.csv'}, plot: {sweep.output_dir / 'accuracy_vs_flops.png'}")
+    failed = [r["variant"] for r in rows if r.get("error")]
+    if failed:
+        print(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see their error.txt)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="preset name, YAML path or run directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -152,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("sweep", help="run an ablation study (resumable): results.csv, a table and a plot")
+    p.add_argument("file", help="sweep YAML (experiments/ablations/asap.yaml)")
+    p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="applied to every variant (data.limit=50)")
+    p.add_argument("--dry-run", action="store_true", help="list the variants and their FLOPs; run nothing")
+    p.add_argument("--tokens", type=int, default=640, help="prompt length for --dry-run FLOPs")
+    p.add_argument("--visual", type=int, default=576, help="visual tokens for --dry-run FLOPs")
+    p.set_defaults(func=_cmd_sweep)
+
     p = sub.add_parser("train-reference", help="train the reference LVLM on the shapes benchmark (resumable)")
     p.add_argument("config", help="training YAML (experiments/train_reference.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -165,13 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE after an option (`sweep FILE --dry-run data.limit=5`) lands here: it belongs to the overrides
+    listed = "set" if hasattr(args, "set") else "overrides" if hasattr(args, "overrides") else None
+    if extra and listed and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, listed, list(getattr(args, listed)) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        code = args.func(args)
     except ConfigError as e:
         print(f"tokenprune: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

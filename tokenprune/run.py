@@ -92,8 +92,20 @@ def resolve_pipeline(cfg: DictConfig):
 
 # --- the model --------------------------------------------------------------------------------------
 
+_LOADED: dict[str, Any] = {}  # the last model loaded, so the variants of a sweep load it once
+
+
 def load_model(model_cfg: Mapping[str, Any]):
-    """(model, processor) through the Auto classes; ``path: reference`` is the shipped reference model."""
+    """(model, processor) through the Auto classes; ``path: reference`` is the shipped reference model.
+    The last model loaded is kept and returned again for the same ``model`` section (a sweep's variants)."""
+    key = json.dumps(dict(model_cfg), sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = _load_model(model_cfg)
+    return _LOADED[key]
+
+
+def _load_model(model_cfg: Mapping[str, Any]):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = str(model_cfg["path"])
@@ -374,7 +386,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, verbose=False)
     name = pipeline.name if pipeline is not None else "unpruned"
     out = Path(cfg.output_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    model, processor = load_model(cfg.model)
+    model, processor = load_model(OmegaConf.to_container(cfg.model))
     shape = _llm_shape(model)
 
     baseline = None
