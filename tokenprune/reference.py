@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenprune.data import shapes
+
+if TYPE_CHECKING:
+    import torch
 
 #: Where the trained reference model lives (inside the package, so an install carries it).
 REFERENCE_DIR = Path(__file__).parent / "reference_model"
@@ -96,7 +100,7 @@ class ReferenceSize:
     text_kv_heads: int = 2
 
 
-def sincos_2d(side: int, dim: int) -> "torch.Tensor":
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
     """(side * side, dim) fixed 2-D sine-cosine position codes, row-major: half the channels encode the
     row, half the column, each with ``dim // 4`` geometric frequencies (He et al., "Masked Autoencoders
     Are Scalable Vision Learners", 2022, after Vaswani et al. 2017)."""

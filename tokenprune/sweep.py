@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
 
 from tokenprune.errors import ConfigError
 

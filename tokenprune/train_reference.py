@@ -28,7 +28,7 @@ DEFAULTS = {
     "export_dir": None,  # null: output_dir/model
     "model": {f: getattr(ReferenceSize(), f) for f in ReferenceSize.__dataclass_fields__},
     "data": {"batch_size": 16, "num_workers": 1},
-    "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 200, "max_steps": 6000},
+    "optim": {"lr": 1e-3, "vision_lr": None, "weight_decay": 0.01, "warmup_steps": 200, "max_steps": 6000},
     # Shape-size curriculum: batches before step `until` draw shapes of `sizes` px (then the benchmark's 20-60).
     # Small shapes are a needle among 576 patches; starting large teaches the model where to look.
     "curriculum": [],
@@ -36,6 +36,9 @@ DEFAULTS = {
     # kind of the shape covering it, whether it holds a shape's centre, and that centre's (x, y). It stands in
     # for the pretrained CLIP tower a real LLaVA starts from; the head is dropped at export. 0: off.
     "aux_weight": 0.0,
+    # First steps train only the vision tower, projector and auxiliary head on the patch loss (no LLM
+    # forward, ~5x faster): a tower from scratch needs ~1000 steps before it tells shape kinds apart.
+    "vision_warmup_steps": 0,
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -59,6 +62,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     for i, c in enumerate(cfg.curriculum):
         if set(c) != {"until", "sizes"} or len(c.sizes) != 2:
             raise ConfigError(f"curriculum.{i}", f"must be {{until: STEP, sizes: [MIN, MAX]}}, got {OmegaConf.to_container(c)}")
+    if cfg.vision_warmup_steps and not cfg.aux_weight:
+        raise ConfigError("vision_warmup_steps", f"trains on the auxiliary patch loss only, so it needs aux_weight > 0 "
+                          f"(got vision_warmup_steps={cfg.vision_warmup_steps}, aux_weight={cfg.aux_weight})")
     if cfg.optim.max_steps < 1:
         raise ConfigError("optim.max_steps", f"must be >= 1, got {cfg.optim.max_steps}")
     return cfg
@@ -208,6 +214,15 @@ def _lightning_module(cfg: DictConfig, processor):
 
         def training_step(self, batch, _):
             aux = {k: batch.pop(k) for k in list(batch) if k.startswith("aux_")}
+            if self.global_step < cfg.vision_warmup_steps:  # the tower alone, on the patch loss
+                feats = self.model.model.get_image_features(
+                    pixel_values=batch["pixel_values"], vision_feature_layer=self.model.config.vision_feature_layer,
+                    vision_feature_select_strategy=self.model.config.vision_feature_select_strategy)
+                feats = getattr(feats, "pooler_output", feats)
+                tokens = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+                aux_loss = self.head.loss(tokens.reshape(len(batch["input_ids"]), GRID * GRID, -1), aux)
+                self.log("train/aux_loss", aux_loss)
+                return cfg.aux_weight * aux_loss
             seen: list[torch.Tensor] = []
             hook = None
             if self.head is not None:
@@ -227,7 +242,7 @@ def _lightning_module(cfg: DictConfig, processor):
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             step = self.global_step
-            if cfg.val.every and step % cfg.val.every == 0 and step > 0:
+            if cfg.val.every and step % cfg.val.every == 0 and step > cfg.vision_warmup_steps:
                 self._validate()
 
         def _validate(self):
@@ -239,7 +254,12 @@ def _lightning_module(cfg: DictConfig, processor):
                 self.log(f"val/{t}", a)
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+            vision = [p for m in (self.model.model.vision_tower, self.model.model.multi_modal_projector, self.head)
+                      if m is not None for p in m.parameters()]
+            ids = {id(p) for p in vision}
+            groups = [{"params": [p for p in self.parameters() if id(p) not in ids]},
+                      {"params": vision, "lr": cfg.optim.vision_lr or cfg.optim.lr}]
+            opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
             warm, total = cfg.optim.warmup_steps, cfg.optim.max_steps
 
             def schedule(step: int) -> float:  # linear warm-up, then cosine to 10%
