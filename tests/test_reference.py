@@ -142,3 +142,20 @@ def test_vision_positions_start_as_2d_sine_cosine_codes():
     assert torch.allclose(pos[3, 5, :half], pos[3, 17, :half]) and not torch.allclose(pos[3, 5, half:], pos[3, 17, half:])
     assert torch.allclose(pos[3, 5, half:], pos[20, 5, half:]) and not torch.allclose(pos[3, 5, :half], pos[20, 5, :half])
     assert torch.allclose(pos[0, 0, :half], torch.tensor([0.0] * (half // 2) + [1.0] * (half // 2)))  # sin 0, cos 0
+
+
+def test_describe_lists_every_shape_in_reading_order():
+    from tokenprune.train_reference import ShapesStream, describe
+
+    item = {"image": None, "question": "q", "answer": "a", "type": "color", "shapes": [
+        {"kind": "square", "color": "red", "cx": 300, "cy": 200, "size": 30},
+        {"kind": "circle", "color": "blue", "cx": 40, "cy": 30, "size": 20},
+        {"kind": "cross", "color": "white", "cx": 20, "cy": 250, "size": 40}]}
+    d = describe(item)
+    assert d["question"] == "What is there ?" and d["type"] == "describe"
+    assert d["answer"] == "blue circle top left , red square bottom right , white cross bottom left ."
+    stream = ShapesStream(reference.build_processor(), 0, 4, start=1, describe={"share": 0.25, "from_step": 1})
+    batch = next(iter(stream))  # batch 1: samples 4..7, every 4th (sample 4) described
+    tok = reference.build_processor().tokenizer
+    prompts = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert ["What is there ?" in p for p in prompts] == [True, False, False, False]

@@ -39,6 +39,11 @@ DEFAULTS = {
     # First steps train only the vision tower, projector and auxiliary head on the patch loss (no LLM
     # forward, ~5x faster): a tower from scratch needs ~1000 steps before it tells shape kinds apart.
     "vision_warmup_steps": 0,
+    # From step `from_step`, a `share` of the training samples ask "What is there ?" and are answered with a
+    # description of every shape ("red circle top left , blue square bottom right ."): many supervised tokens
+    # per image that make the LLM read the visual tokens (LLaVA's captioning stage plays this part). The images
+    # are those the samples would have had, so the tower's warm-up is unchanged. Training only.
+    "describe": {"share": 0.0, "from_step": 0},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -166,8 +171,10 @@ class ShapesStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
-                 targets: bool = False):
+                 targets: bool = False, describe: dict | None = None):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+        self.describe_share = float((describe or {}).get("share", 0.0))
+        self.describe_from = int((describe or {}).get("from_step", 0))
         self.targets = targets  # add patch_targets() for the auxiliary loss
         self.curriculum = [(int(c["until"]), tuple(c["sizes"])) for c in (curriculum or [])]
 
@@ -183,8 +190,25 @@ class ShapesStream(torch.utils.data.IterableDataset):
             items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
                                       i // len(shapes.TYPES), self.sizes_at(b))
                      for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+            if self.describe_share and b >= self.describe_from:
+                every = max(1, round(1 / self.describe_share))
+                items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
             batch = encode(self.processor, items)
             yield {**batch, **patch_targets(items)} if self.targets else batch
+
+
+DESCRIBE_QUESTION = "What is there ?"
+
+
+def describe(item: dict) -> dict:
+    """The item's image asked :data:`DESCRIBE_QUESTION`, answered with every shape in reading order (top to
+    bottom, then left to right): ``COLOR KIND top|bottom left|right`` joined by ``,`` and ended by ``.``."""
+    parts = []
+    for d in sorted(item["shapes"], key=lambda d: (d["cy"], d["cx"])):
+        vertical = "top" if d["cy"] < shapes.SIZE // 2 else "bottom"
+        horizontal = "left" if d["cx"] < shapes.SIZE // 2 else "right"
+        parts.append(f"{d['color']} {d['kind']} {vertical} {horizontal}")
+    return {**item, "question": DESCRIBE_QUESTION, "answer": " , ".join(parts) + " .", "type": "describe"}
 
 
 def answer_accuracy(model, processor, items: list[dict], batch_size: int = 16) -> dict:
@@ -291,7 +315,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = _lightning_module(cfg, processor)
     curriculum = OmegaConf.to_container(cfg.curriculum)
     data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
-                                                    targets=bool(cfg.aux_weight)),
+                                                    targets=bool(cfg.aux_weight),
+                                                    describe=OmegaConf.to_container(cfg.describe)),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
