@@ -19,6 +19,28 @@ VISION = {"visionzip", "prumerge_plus", "vscan", "sgl"}  # sgl: its guide needs 
 CROSS = {"trimmed_llama"}
 
 
+@pytest.fixture
+def no_eager(monkeypatch):
+    """Every family's eager attention raises: a pruned forward must never need attention weights from the model
+    (the pipelines recompute the rows they need; the model keeps SDPA)."""
+    import importlib
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager attention ran (attention weights were materialised by the model)")
+
+    for name in ("llama", "clip", "qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llava_next"):
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        monkeypatch.setattr(module, "eager_attention_forward", eager, raising=False)
+
+
+def test_the_eager_guard_catches_eager_attention(no_eager):
+    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava("eager", layers=2)
+    with pytest.raises(AssertionError, match="eager attention ran"):
+        model(**tiny_llava_inputs(model))
+
+
 @pytest.fixture(scope="module")
 def llava32():
     """A 32-layer tiny LLaVA (the depth of a 7B LLM, so every preset's layers exist)."""
@@ -33,7 +55,7 @@ def test_every_method_has_a_preset():
 
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
-def test_preset_runs_and_generates(llava32, name):
+def test_preset_runs_and_generates(llava32, name, no_eager):
     from tokenprune.tiny import tiny_llava, tiny_llava_inputs
 
     pipe = tp.load_pipeline(name)
@@ -65,7 +87,7 @@ def family32():
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
-def test_preset_on_other_families(family32, family, name):
+def test_preset_on_other_families(family32, family, name, no_eager):
     """Every decoder-layer preset runs on LLaVA-NeXT and Qwen2-VL, or says clearly why it cannot."""
     model, inputs = family32[family]
     pipe = tp.load_pipeline(name)
