@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench
 
 install: $(STAMP)
 
@@ -36,3 +36,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+bench: $(STAMP)
+	$(VENV)/bin/tokenprune bench experiments/bench.yaml --json docs/benchmarks.json --markdown docs/benchmarks.md

@@ -142,6 +142,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from tokenprune.bench import check_targets, load_bench_config, markdown, run_bench, write_json
+
+    cfg = load_bench_config(args.config, args.overrides)
+    results = run_bench(cfg)
+    large = cfg.models[-1].name
+    targets = check_targets(results, large)
+    for target, ok, measured in targets:
+        print(f"[{'met' if ok else 'NOT met'}] {target}: {measured}")
+    if args.json:
+        write_json(results, args.json)
+    if args.markdown:
+        command = "tokenprune bench " + " ".join([args.config, *args.overrides])
+        Path(args.markdown).write_text(markdown(results, command, targets))
+
+
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="preset name, YAML path or run directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -180,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=640, help="prompt length for --dry-run FLOPs")
     p.add_argument("--visual", type=int, default=576, help="visual tokens for --dry-run FLOPs")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("bench", help="time the unpruned model and pipelines (prefill, decode, KV, operators)")
+    p.add_argument("config", help="bench YAML (experiments/bench.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--markdown", help="write the table (docs/benchmarks.md)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("train-reference", help="train the reference LVLM on the shapes benchmark (resumable)")
     p.add_argument("config", help="training YAML (experiments/train_reference.yaml)")

@@ -1,0 +1,271 @@
+"""``tokenprune bench CONFIG [--json FILE] [--markdown FILE]``: does pruning turn FLOPs into time?
+
+For each model of the config and each variant (unpruned first) at each batch size: time to first token
+(prefill), decode time per token, tokens/s, KV-cache bytes per sample, the analytic FLOPs reduction
+with the measured token counts, and the time inside the pipeline's operators. After ``warmup``
+rounds, ``repeats`` rounds run every variant once each, in alternation, in this one process;
+the table holds medians. Speed-ups are ratios of medians measured in the same run.
+
+Models: ``path`` (a folder, a hub id or ``reference``: inputs from the shapes benchmark through its
+processor), or ``synthetic: llava_next`` (a random-init LLaVA-NeXT built from config at a real
+geometry: 336-px tiles of 14-px patches, one 672×672 image = base tile + 4 anyres tiles = 2880
+visual tokens plus newline tokens, with a scaled-down LLM given by ``text``).
+
+Targets (docs/benchmarks.md) are checked from the results by :func:`check_targets`, never by timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tokenprune.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "models": [],
+    "variants": [],  # {name, pipeline (null: unpruned), overrides: [...]}
+    "batch_sizes": [1, 8],
+    "repeats": 5,
+    "warmup": 1,
+    "new_tokens": 8,
+    "prompt_words": 12,  # synthetic models: text tokens after the image
+    "threads": None,  # torch.set_num_threads when set
+}
+_MODEL_KEYS = {"name", "path", "synthetic", "text", "dtype", "device"}
+
+
+def load_bench_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"unknown bench key; allowed: {', '.join(sorted(DEFAULTS))}")
+    if not cfg.models or not cfg.variants:
+        raise ConfigError("models" if not cfg.models else "variants", "a benchmark needs at least one")
+    for i, m in enumerate(cfg.models):
+        bad = set(m) - _MODEL_KEYS
+        if bad:
+            raise ConfigError(f"models.{i}.{sorted(bad)[0]}", f"unknown model key; allowed: {', '.join(sorted(_MODEL_KEYS))}")
+        if bool(m.get("path")) == bool(m.get("synthetic")):
+            raise ConfigError(f"models.{i}", "give exactly one of path, synthetic")
+        if m.get("synthetic") not in (None, "llava_next"):
+            raise ConfigError(f"models.{i}.synthetic", f"{m.get('synthetic')!r}; allowed: llava_next")
+    if cfg.variants[0].get("pipeline") is not None:
+        raise ConfigError("variants.0", "the first variant must be the unpruned model (pipeline: null)")
+    return cfg
+
+
+def synthetic_llava_next(text: dict[str, int], seed: int = 0):
+    """A random-init ``LlavaNextForConditionalGeneration`` at LLaVA-NeXT geometry with a scaled LLM."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=336, patch_size=14, projection_dim=64)
+    llm = LlamaConfig(hidden_size=text["hidden"], intermediate_size=text["intermediate"],
+                      num_hidden_layers=text["layers"], num_attention_heads=text["heads"],
+                      num_key_value_heads=text.get("kv_heads", text["heads"]), vocab_size=256,
+                      max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaNextConfig(vision_config=vision, text_config=llm, image_token_id=3,
+                             image_grid_pinpoints=[[672, 672]], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", pad_token_id=0)
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # always decode new_tokens steps
+    return model.eval()
+
+
+def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    tile = cfg.vision_config.image_size
+    tiles = image_size_to_num_patches((672, 672), cfg.image_grid_pinpoints, tile)
+    gen = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(1, tiles, 3, tile, tile, generator=gen)
+    sizes = torch.tensor([[672, 672]])
+    with torch.no_grad():
+        n_image = model.model.get_image_features(pixel_values, sizes).pooler_output[0].shape[0]
+    row = [1, 5, 6] + [cfg.image_token_id] * n_image + [10 + i % 200 for i in range(words)]
+    ids = torch.tensor([row] * batch)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values.expand(batch, -1, -1, -1, -1),
+            "image_sizes": sizes.expand(batch, -1)}
+
+
+def _reference_inputs(processor, batch: int) -> dict[str, torch.Tensor]:
+    from tokenprune.data import shapes
+    from tokenprune.run import build_prompt
+
+    items = shapes.load_split("test", size=batch)
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(images=[it["image"] for it in items], text=[build_prompt(processor, it["question"])
+                                                                      for it in items], return_tensors="pt", padding=True))
+
+
+def _load(model_cfg) -> tuple[Any, Any]:
+    if model_cfg.get("synthetic"):
+        return synthetic_llava_next(dict(model_cfg.text)), None
+    from tokenprune.run import load_model
+
+    return load_model({"path": model_cfg.path, "dtype": model_cfg.get("dtype", "float32"),
+                       "attn_implementation": "sdpa", "device_map": None, "trust_remote_code": False})
+
+
+def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
+    from transformers import LogitsProcessorList
+
+    from tokenprune.flops import measured_flops
+    from tokenprune.run import _Clock, cache_bytes
+
+    device = next(model.parameters()).device
+    clock = _Clock(device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        clock.start()
+        if pipeline is None:
+            out = model.generate(**inputs, **kwargs)
+            trace = []
+        else:
+            with pipeline.attach(model):
+                out = model.generate(**inputs, **kwargs)
+                trace = list(pipeline.trace)
+        steps = clock.intervals_ms()
+        total = (time.perf_counter() - t0) * 1000.0
+    b = inputs["input_ids"].shape[0]
+    n = int(inputs["attention_mask"][0].sum())
+    v = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    flops = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in trace], "exact")
+    return {"prefill_ms": steps[0], "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
+            "tokens_per_s": b * new_tokens / (total / 1000.0), "kv_cache_bytes": cache_bytes(out.past_key_values) / b,
+            "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": flops.reduction,
+            "visual_tokens": v, "visual_tokens_kept": trace[-1].visual_after[0] if trace else v,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
+    """Measure every (model, variant, batch size); returns ``{"machine", "rows": [...]}``."""
+    from tokenprune.flops import LLMShape
+    from tokenprune.pipeline import load_pipeline
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    pipelines = {v.name: (load_pipeline(v.pipeline, list(v.get("overrides") or [])) if v.get("pipeline") else None)
+                 for v in cfg.variants}
+    rows: list[dict[str, Any]] = []
+    for m in cfg.models:
+        model, processor = _load(m)
+        device = torch.device(m.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+        shape = LLMShape.from_config(model.config.text_config, name=m.name)
+        for batch in cfg.batch_sizes:
+            inputs = _synthetic_inputs(model, batch, cfg.prompt_words) if m.get("synthetic") else \
+                _reference_inputs(processor, batch)
+            inputs = {k: t.to(device) for k, t in inputs.items()}
+            samples: dict[str, list[dict[str, Any]]] = {v.name: [] for v in cfg.variants}
+            for r in range(cfg.warmup + cfg.repeats):
+                for v in cfg.variants:  # in alternation, so drifts in machine load hit every variant alike
+                    res = _measure(model, inputs, pipelines[v.name], cfg.new_tokens, shape)
+                    if r >= cfg.warmup:
+                        samples[v.name].append(res)
+            base = None
+            for v in cfg.variants:
+                row = {"model": m.name, "variant": v.name, "batch": batch, **_medians(samples[v.name])}
+                if base is None:
+                    base = row
+                row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+                row["ideal_speedup"] = 1.0 / max(1e-9, 1.0 - row["flops_reduction"])
+                row["speedup_vs_ideal"] = row["prefill_speedup"] / row["ideal_speedup"]
+                row["operator_overhead"] = row["operator_ms"] / base["prefill_ms"]
+                row["kv_ratio"] = row["kv_cache_bytes"] / base["kv_cache_bytes"]
+                row["tokens_per_s_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+                rows.append(row)
+                log(f"{m.name:<18} {v.name:<14} batch {batch}: prefill {row['prefill_ms']:.1f} ms "
+                    f"(x{row['prefill_speedup']:.2f}, ideal x{row['ideal_speedup']:.2f}), operators {row['operator_ms']:.1f} ms, "
+                    f"{row['tokens_per_s']:.1f} tok/s")
+        del model
+    return {"machine": machine(), "rows": rows}
+
+
+def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples if s[key] is not None]
+        out[key] = statistics.median(vals) if vals else None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def check_targets(results: dict[str, Any], large_model: str, operator_variants: tuple[str, ...] = ("fastv", "asap"),
+                  speedup_variant: str = "fastv-0.25") -> list[tuple[str, bool, str]]:
+    """The issue's targets read from a benchmark's results: ``[(target, met, measured)]``."""
+    rows = [r for r in results["rows"] if r["model"] == large_model]
+    out = []
+    for name in operator_variants:
+        for r in rows:
+            if r["variant"].split("-")[0] == name and r["batch"] == 1:
+                out.append((f"operator overhead of {r['variant']} <= 3% of unpruned prefill",
+                            r["operator_overhead"] <= 0.03, f"{r['operator_overhead']:.2%}"))
+    for r in rows:
+        if r["variant"] == speedup_variant and r["batch"] == 1:
+            out.append((f"{speedup_variant} prefill speed-up >= 80% of FLOPs-ideal", r["speedup_vs_ideal"] >= 0.8,
+                        f"x{r['prefill_speedup']:.2f} of ideal x{r['ideal_speedup']:.2f} = {r['speedup_vs_ideal']:.0%}"))
+    for r in rows:
+        if r["variant"] != "unpruned" and r["batch"] == max(x["batch"] for x in rows):
+            kept = r["visual_tokens_kept"] / r["visual_tokens"]
+            out.append((f"{r['variant']} KV bytes shrink with the tokens removed; decode tokens/s at batch {r['batch']} rises",
+                        r["kv_ratio"] < 1.0 and r["tokens_per_s_ratio"] > 1.0,
+                        f"KV x{r['kv_ratio']:.2f} (visual kept {kept:.2f}), tokens/s x{r['tokens_per_s_ratio']:.2f}"))
+    return out
+
+
+def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, bool, str]]) -> str:
+    m = results["machine"]
+    lines = ["# Benchmarks", "", f"Produced by `{command}` on {m.get('gpu') or 'CPU'} ({m['cpus']} CPUs, {m['threads']} "
+             f"torch threads; {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers "
+             f"{m.get('transformers')}). Medians over the repetitions; every variant measured in the same process, "
+             "in alternation. Speed-ups are ratios of those medians.", "",
+             "| model | variant | batch | prefill ms | speed-up | FLOPs-ideal | of ideal | operators ms | overhead | "
+             "decode ms/tok | tokens/s | KV KiB/sample | FLOPs − |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | x{r['prefill_speedup']:.2f} | "
+                     f"x{r['ideal_speedup']:.2f} | {r['speedup_vs_ideal']:.0%} | {r['operator_ms']:.1f} | "
+                     f"{r['operator_overhead']:.1%} | {_f(r['decode_ms_per_token'])} | {r['tokens_per_s']:.1f} | "
+                     f"{r['kv_cache_bytes'] / 1024:.0f} | {r['flops_reduction']:.1%} |")
+    if targets:
+        lines += ["", "## Targets", "", "| target | met | measured |", "| --- | --- | --- |"]
+        lines += [f"| {t} | {'yes' if ok else '**no**'} | {v} |" for t, ok, v in targets]
+    return "\n".join(lines) + "\n"
+
+
+def _f(v):
+    return "—" if v is None else f"{v:.1f}"
+
+
+def write_json(results: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
