@@ -33,6 +33,23 @@ def test_every_shipped_yaml_loads_and_validates(path):
         return
     import yaml
 
+    if path == "experiments/bench.yaml":
+        from tokenprune.bench import load_bench_config
+
+        cfg = load_bench_config(REPO / path)
+        for v in cfg.variants[1:]:
+            tp.load_pipeline(v.pipeline, list(v.get("overrides") or []))
+        return
+    if path.startswith("experiments/ablations/"):  # a sweep: every variant's run config and pipeline
+        from tokenprune.run import resolve_pipeline
+        from tokenprune.sweep import Sweep
+
+        sweep = Sweep(REPO / path)
+        variants = sweep.variants()
+        assert len({v.name for v in variants}) == len(variants)
+        for v in variants:
+            assert resolve_pipeline(sweep.base_config(v)) is not None, v.name
+        return
     if "stages" not in yaml.safe_load((REPO / path).read_text()):  # a run config (tokenprune run)
         from tokenprune.run import load_run_config, resolve_pipeline
 
