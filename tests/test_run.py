@@ -210,3 +210,27 @@ def test_wandb_offline_run_is_written_next_to_the_run(tmp_path, tiny_folder):
     assert cfg.logging.wandb.mode == "offline"  # the shipped default: nothing leaves the machine
     run(cfg)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_local_datasets_folder_is_read_and_checked(tmp_path):
+    datasets = pytest.importorskip("datasets")  # a dev dependency; the core does not need it
+    from PIL import Image
+
+    images = [Image.new("RGB", (336, 336), (200, 40, 40)), Image.new("RGB", (336, 336), (40, 40, 200))]
+    ds = datasets.Dataset.from_dict({"image": images, "question": ["What color?", "What color?"],
+                                     "answer": [["red"] * 10, ["blue"] * 10], "metric": ["vqa", "vqa"]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "question": datasets.Value("string"),
+                                                                "answer": datasets.Sequence(datasets.Value("string")),
+                                                                "metric": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "vqa"))
+    items = load_items({"source": "datasets", "path": str(tmp_path / "vqa")})
+    assert [it["answer"] for it in items] == [["red"] * 10, ["blue"] * 10] and items[1]["metric"] == "vqa"
+    assert items[0]["image"].getpixel((0, 0)) == (200, 40, 40)
+    assert summarize(["red", "red"], items)["accuracy"] == pytest.approx(0.5)
+    datasets.Dataset.from_dict({"image": images, "question": ["q", "q"], "answer": ["red", ""]},
+                               features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                                           "answer": datasets.Value("string")})
+                               ).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match=r"bad, row 1: missing 'answer'"):
+        load_items({"source": "datasets", "path": str(tmp_path / "bad")})

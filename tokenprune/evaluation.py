@@ -17,7 +17,7 @@ from typing import Any
 from tokenprune.errors import ConfigError
 
 METRICS = ("exact_match", "vqa", "yes_no")
-SOURCES = ("shapes", "jsonl")
+SOURCES = ("shapes", "jsonl", "datasets")
 
 _NUMBERS = {w: str(i) for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
                                               "eight", "nine", "ten"))}
@@ -111,7 +111,59 @@ def load_items(data: Mapping[str, Any], key: str = "data") -> list[dict[str, Any
             raise ConfigError(f"{key}.path", "a JSONL data source needs a path")
         items = _load_jsonl(Path(path), metric)
         return items[:limit] if limit else items
+    if source == "datasets":
+        path = data.get("path")
+        if not path:
+            raise ConfigError(f"{key}.path", "a datasets source needs the folder written by Dataset.save_to_disk")
+        items = _load_datasets_folder(Path(path), data.get("split"), metric, limit)
+        return items
     raise ConfigError(f"{key}.source", f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
+
+
+def _load_datasets_folder(path: Path, split: str | None, metric: str, limit: int | None) -> list[dict[str, Any]]:
+    """Rows of a local ``datasets`` folder (``save_to_disk``): columns image (an Image feature or a path
+    relative to the folder), question, answer, and optionally type, metric, id."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.source", "'datasets' needs the datasets package: pip install 'tokenprune-lvlm[datasets]'") \
+            from None
+    if not path.is_dir():
+        raise ConfigError("data.path", f"no such folder: {path}")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError("data.path", f"{path}: not a datasets folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError("data.split", f"{split!r} is not a split of {path}; it has: {', '.join(ds)}")
+        ds = ds[split]
+    missing = {"image", "question", "answer"} - set(ds.column_names)
+    if missing:
+        raise ConfigError("data.path", f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                          f"(a dataset needs image, question, answer; it has {', '.join(ds.column_names)})")
+    items = []
+    for i, row in enumerate(ds):
+        if limit and i >= limit:
+            break
+        where = f"{path}, row {i}"
+        for field in ("image", "question", "answer"):
+            if row.get(field) in (None, "", []):
+                raise ConfigError("data.path", f"{where}: missing {field!r}")
+        row_metric = row.get("metric") or metric
+        if row_metric not in METRICS:
+            raise ConfigError("data.path", f"{where}: unknown metric {row_metric!r}; allowed: {', '.join(METRICS)}")
+        image = row["image"]
+        if isinstance(image, str):
+            image = (path / image).resolve()
+            if not image.is_file():
+                raise ConfigError("data.path", f"{where}: image file not found: {image}")
+            image = str(image)
+        items.append({"id": str(row.get("id") or f"{path.name}-{i}"), "image": image, "question": str(row["question"]),
+                      "answer": row["answer"], "type": str(row.get("type") or "all"), "metric": row_metric})
+    if not items:
+        raise ConfigError("data.path", f"{path}: no rows")
+    return items
 
 
 def _load_jsonl(path: Path, metric: str) -> list[dict[str, Any]]:
