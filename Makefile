@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tokenprune run experiments/asap_shapes.yaml
+	$(VENV)/bin/tokenprune demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
