@@ -159,3 +159,38 @@ def test_describe_lists_every_shape_in_reading_order():
     tok = reference.build_processor().tokenizer
     prompts = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert ["What is there ?" in p for p in prompts] == [True, False, False, False]
+
+
+def test_more_turns_ask_other_types_about_the_same_scene_with_right_answers():
+    import re
+
+    from tokenprune.train_reference import encode, more_turns
+
+    item = shapes.make_item("turns/0", "color", 0)
+    scene = item["shapes"]
+    got = more_turns(item, 5, "turns/0/more")["more"]
+    assert 1 <= len(got) <= 4
+    for q, a in got:  # each answer recomputed from the scene by hand
+        if m := re.match(r"How many (\w+)s are there\?", q):
+            assert a == str(sum(s["kind"] == m[1] for s in scene))
+        elif m := re.match(r"Is there a (\w+) (\w+)\?", q):
+            assert a == ("yes" if any((s["color"], s["kind"]) == (m[1], m[2]) for s in scene) else "no")
+        elif m := re.match(r"Is the (\w+) (\w+) on the left or the right\?", q):
+            s = next(s for s in scene if (s["color"], s["kind"]) == (m[1], m[2]))
+            assert a == ("left" if s["cx"] < 168 else "right")
+        elif m := re.match(r"Is the (\w+) (\w+) at the top or the bottom\?", q):
+            s = next(s for s in scene if (s["color"], s["kind"]) == (m[1], m[2]))
+            assert a == ("top" if s["cy"] < 168 else "bottom")
+        elif m := re.match(r"Is the (\w+) (\w+) (left or right of|above or below) the (\w+) (\w+)\?", q):
+            s = next(s for s in scene if (s["color"], s["kind"]) == (m[1], m[2]))
+            o = next(s for s in scene if (s["color"], s["kind"]) == (m[4], m[5]))
+            expected = ("left" if s["cx"] < o["cx"] else "right") if m[3].startswith("left") else \
+                ("above" if s["cy"] < o["cy"] else "below")
+            assert a == expected
+        else:
+            raise AssertionError(f"unexpected question {q!r}")
+    # every turn's answer and </s> are supervised, nothing else
+    batch = encode(reference.build_processor(), [{**item, "more": got}])
+    tok = reference.build_processor().tokenizer
+    labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert tok.convert_ids_to_tokens(labels) == [w for _, a in [("", item["answer"])] + got for w in (a, "</s>")]

@@ -44,6 +44,14 @@ DEFAULTS = {
     # per image that make the LLM read the visual tokens (LLaVA's captioning stage plays this part). The images
     # are those the samples would have had, so the tower's warm-up is unchanged. Training only.
     "describe": {"share": 0.0, "from_step": 0},
+    # From step `from_step`, pull each shape patch's visual token towards the LLM's own embeddings of its colour
+    # and kind words (cosine, targets detached): LLaVA's alignment stage in one loss, so the word "triangle" in
+    # a question and the patches of a triangle look alike to the LLM and attention can find them. 0: off.
+    "align": {"weight": 0.0, "from_step": 0},
+    # From step `from_step`, every non-description sample also asks up to `turns - 1` more questions about the
+    # same image (one of each other type, as later chat turns): the 576 image tokens dominate a step's cost,
+    # so extra questions add supervision almost for free. 1: off.
+    "multi_turn": {"turns": 1, "from_step": 0},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -131,6 +139,23 @@ class PatchHead(torch.nn.Module):
         return loss
 
 
+def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between each shape patch's visual token and (embedding of its colour word + of its kind word)."""
+    import torch.nn.functional as F
+
+    from tokenprune.reference import vocabulary
+
+    vocab = vocabulary()
+    color_ids = torch.tensor([vocab.index(c) for c in shapes.COLORS], device=tokens.device)
+    kind_ids = torch.tensor([vocab.index(k) for k in shapes.KINDS], device=tokens.device)
+    shape = batch["aux_kind"] > 0
+    if not shape.any():
+        return tokens.sum() * 0.0
+    emb = embeddings.detach().float()
+    target = emb[color_ids[batch["aux_color"][shape] - 1]] + emb[kind_ids[batch["aux_kind"][shape] - 1]]
+    return (1 - F.cosine_similarity(tokens[shape].float(), target, dim=-1)).mean()
+
+
 def pixel_values(processor, image) -> torch.Tensor:
     """(1, 3, 336, 336) pixels of a 336×336 RGB image as ``processor``'s image processor gives them (its resize
     and centre crop are the identity at that size, so only rescale and normalise remain; a test checks it)."""
@@ -153,8 +178,13 @@ def encode(processor, items: list[dict]) -> dict[str, torch.Tensor]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         answer = tok(f" {it['answer']} </s>", add_special_tokens=False)["input_ids"]
         pixels.append(pixel_values(processor, it["image"]))
-        rows.append(ids + answer)
-        labels.append([-100] * len(ids) + answer)
+        row, label = ids + answer, [-100] * len(ids) + answer
+        for q, a in it.get("more", ()):  # further turns about the same image (the chat template's format)
+            turn = tok(f" USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            answer = tok(f" {a} </s>", add_special_tokens=False)["input_ids"]
+            row, label = row + turn + answer, label + [-100] * len(turn) + answer
+        rows.append(row)
+        labels.append(label)
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -171,10 +201,12 @@ class ShapesStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
-                 targets: bool = False, describe: dict | None = None):
+                 targets: bool = False, describe: dict | None = None, multi_turn: dict | None = None):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
         self.describe_share = float((describe or {}).get("share", 0.0))
         self.describe_from = int((describe or {}).get("from_step", 0))
+        self.turns = int((multi_turn or {}).get("turns", 1))
+        self.turns_from = int((multi_turn or {}).get("from_step", 0))
         self.targets = targets  # add patch_targets() for the auxiliary loss
         self.curriculum = [(int(c["until"]), tuple(c["sizes"])) for c in (curriculum or [])]
 
@@ -190,11 +222,29 @@ class ShapesStream(torch.utils.data.IterableDataset):
             items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
                                       i // len(shapes.TYPES), self.sizes_at(b))
                      for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+            if self.turns > 1 and b >= self.turns_from:
+                items = [more_turns(it, self.turns, f"shapes-train-{self.seed}/{b * self.batch_size + j}/more")
+                         for j, it in enumerate(items)]
             if self.describe_share and b >= self.describe_from:
                 every = max(1, round(1 / self.describe_share))
                 items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
             batch = encode(self.processor, items)
             yield {**batch, **patch_targets(items)} if self.targets else batch
+
+
+def more_turns(item: dict, turns: int, seed: str) -> dict:
+    """``item`` with ``more``: up to ``turns - 1`` further (question, answer) pairs about its image, one of each
+    other question type that the scene can carry (drawn with the benchmark's own question rules)."""
+    scene = [shapes.Shape(**d) for d in item["shapes"]]
+    rng = shapes._Rng(seed)
+    more = []
+    for qtype in [t for t in shapes.TYPES if t != item["type"]]:
+        if len(more) >= turns - 1:
+            break
+        qa = shapes._question(qtype, scene, rng, rng.below(4))
+        if qa is not None:
+            more.append(qa)
+    return {**item, "more": more}
 
 
 DESCRIBE_QUESTION = "What is there ?"
@@ -262,6 +312,10 @@ def _lightning_module(cfg: DictConfig, processor):
                 aux_loss = self.head.loss(tokens, aux)
                 self.log("train/aux_loss", aux_loss)
                 loss = loss + cfg.aux_weight * aux_loss
+                if cfg.align.weight and self.global_step >= cfg.align.from_step:
+                    align = align_loss(tokens, aux, self.model.get_input_embeddings().weight)
+                    self.log("train/align_loss", align)
+                    loss = loss + cfg.align.weight * align
             return loss
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -316,7 +370,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     curriculum = OmegaConf.to_container(cfg.curriculum)
     data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
                                                     targets=bool(cfg.aux_weight),
-                                                    describe=OmegaConf.to_container(cfg.describe)),
+                                                    describe=OmegaConf.to_container(cfg.describe),
+                                                    multi_turn=OmegaConf.to_container(cfg.multi_turn)),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
