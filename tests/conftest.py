@@ -25,3 +25,16 @@ def batch(llava_pair):
     from tokenprune.tiny import tiny_llava_inputs
 
     return tiny_llava_inputs(llava_pair["sdpa"])
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random-init model of the reference architecture (576 visual tokens), saved with its processor: a
+    model folder for `tokenprune run` / `sweep` tests (its answers are noise, its shapes are real)."""
+    from tokenprune.reference import ReferenceSize, build_model, build_processor
+
+    path = tmp_path_factory.mktemp("tinyref")
+    build_model(ReferenceSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=4,
+                              text_heads=2, text_kv_heads=1)).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path

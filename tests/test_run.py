@@ -16,18 +16,6 @@ from tokenprune.run import load_run_config, run
 QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A random-init model of the reference architecture (576 visual tokens), saved with its processor."""
-    from tokenprune.reference import ReferenceSize, build_model, build_processor
-
-    path = tmp_path_factory.mktemp("tinyref")
-    build_model(ReferenceSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=4,
-                              text_heads=2, text_kv_heads=1)).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
-
-
 def config(tmp_path, folder, *extra):
     return load_run_config("experiments/asap_shapes.yaml", [
         f"model.path={folder}", "data.limit=6", "batch_size=3", f"output_dir={tmp_path / 'run'}",

@@ -14,17 +14,6 @@ from tokenprune.sweep import Sweep, run_sweep
 REPO_BASE = "experiments/asap_shapes.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tokenprune.reference import ReferenceSize, build_model, build_processor
-
-    path = tmp_path_factory.mktemp("tinyref")
-    build_model(ReferenceSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=4,
-                              text_heads=2, text_kv_heads=1)).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
-
-
 def sweep_file(tmp_path, folder, **sections):
     from pathlib import Path
 

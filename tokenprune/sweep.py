@@ -132,7 +132,7 @@ class Sweep:
         if isinstance(self.base, str):
             base_path = (self.path.parent / self.base).resolve()
         elif isinstance(self.base, dict):
-            overrides = [f"{k}={_value_text(v)}" for k, v in _flatten_top(self.base).items()]
+            overrides = [f"{k}={_value_text(v)}" for k, v in self.base.items()]  # each section whole
         else:
             raise ConfigError("base", f"a run config path or mapping, got {self.base!r}")
         run_keys = set(DEFAULTS)
@@ -198,11 +198,6 @@ class Sweep:
             else:
                 seen[v.name] = 0
         return out
-
-
-def _flatten_top(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """Top-level entries only (a whole section is one override)."""
-    return {f"{prefix}{k}": v for k, v in mapping.items()}
 
 
 # --- running -----------------------------------------------------------------------------------------
