@@ -154,7 +154,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         write_json(results, args.json)
     if args.markdown:
-        command = "tokenprune bench " + " ".join([args.config, *args.overrides])
+        command = " ".join(["tokenprune bench", args.config, *args.overrides] +
+                           (["--json", args.json] if args.json else []) + ["--markdown", args.markdown])
         Path(args.markdown).write_text(markdown(results, command, targets))
 
 
