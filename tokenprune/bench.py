@@ -82,20 +82,11 @@ def synthetic_llava_next(text: dict[str, int], seed: int = 0):
 
 
 def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    """``batch`` identical-length prompts, each with one 672×672 image (all anyres tiles) and ``words`` text tokens."""
+    from tokenprune.tiny import tiny_llava_next_inputs
 
-    cfg = model.config
-    tile = cfg.vision_config.image_size
-    tiles = image_size_to_num_patches((672, 672), cfg.image_grid_pinpoints, tile)
-    gen = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(1, tiles, 3, tile, tile, generator=gen)
-    sizes = torch.tensor([[672, 672]])
-    with torch.no_grad():
-        n_image = model.model.get_image_features(pixel_values, sizes).pooler_output[0].shape[0]
-    row = [1, 5, 6] + [cfg.image_token_id] * n_image + [10 + i % 200 for i in range(words)]
-    ids = torch.tensor([row] * batch)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values.expand(batch, -1, -1, -1, -1),
-            "image_sizes": sizes.expand(batch, -1)}
+    return tiny_llava_next_inputs(model, image_sizes=[(672, 672)] * batch,
+                                  prompts=[[10 + i % 200 for i in range(words)]] * batch)
 
 
 def _reference_inputs(processor, batch: int) -> dict[str, torch.Tensor]:

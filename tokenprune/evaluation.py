@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,11 @@ from tokenprune.errors import ConfigError
 METRICS = ("exact_match", "vqa", "yes_no")
 SOURCES = ("shapes", "jsonl", "datasets")
 
-_NUMBERS = {w: str(i) for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
-                                              "eight", "nine", "ten"))}
-
-
 def normalize_answer(text: str) -> str:
     """Lower case, punctuation removed, articles dropped, number words as digits, spaces collapsed."""
-    words = re.sub(r"[^a-z0-9 ]", " ", str(text).lower()).split()
-    return " ".join(_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
+    from tokenprune.data.shapes import normalize_words
+
+    return " ".join(normalize_words(text))
 
 
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:

@@ -246,10 +246,15 @@ _NUMBERS = {w: str(i) for i, w in enumerate(("zero", "one", "two", "three", "fou
                                               "eight", "nine", "ten"))}
 
 
+def normalize_words(answer: str) -> list[str]:
+    """Lower case, no punctuation or articles, number words as digits: the remaining words."""
+    words = re.sub(r"[^a-z0-9 ]", " ", str(answer).lower()).split()
+    return [_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the")]
+
+
 def normalize(answer: str) -> str:
-    """Lower case, no punctuation or articles, number words as digits; the first remaining word."""
-    words = re.sub(r"[^a-z0-9 ]", " ", answer.lower()).split()
-    words = [_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the")]
+    """:func:`normalize_words`' first word (the benchmark's answers are one word)."""
+    words = normalize_words(answer)
     return words[0] if words else ""
 
 
