@@ -3,6 +3,7 @@ folder the Auto classes load offline."""
 
 import itertools
 
+import pytest
 import torch
 
 from tokenprune import reference
@@ -194,3 +195,37 @@ def test_more_turns_ask_other_types_about_the_same_scene_with_right_answers():
     tok = reference.build_processor().tokenizer
     labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert tok.convert_ids_to_tokens(labels) == [w for _, a in [("", item["answer"])] + got for w in (a, "</s>")]
+
+
+def test_more_turns_go_round_the_types_without_repeating_a_question():
+    from tokenprune.train_reference import more_turns
+
+    item = shapes.make_item("turns/1", "exist", 0)
+    got = more_turns(item, 10, "turns/1/more")["more"]
+    assert 5 <= len(got) <= 9
+    questions = [q for q, _ in got]
+    assert len(set(questions)) == len(questions) and item["question"] not in questions
+    # the first round asks each other type once, in the benchmark's order, before any type comes twice
+    first = [next(t for t, p in (("color", "What color"), ("count", "How many"), ("exist", "Is there"),
+                                 ("position", "on the left or|at the top"), ("relation", "left or right of|above or"))
+                  if any(x in q for x in p.split("|"))) for q in questions[:4]]
+    assert first == [t for t in shapes.TYPES if t != "exist"][:4]
+
+
+def test_align_loss_on_centre_patches_ignores_the_rest_of_the_shape():
+    """patches=center: 1 - cos against E[colour] + E[kind] on the centre patches only (hand-built tokens)."""
+    from tokenprune.reference import vocabulary
+    from tokenprune.train_reference import align_loss
+
+    vocab = vocabulary()
+    emb = torch.randn(len(vocab), 8)
+    kind = torch.zeros(1, 576, dtype=torch.long)
+    color, center = torch.zeros_like(kind), torch.zeros(1, 576)
+    kind[0, 10:13], color[0, 10:13], center[0, 11] = 2, 3, 1.0  # one shape on patches 10-12, centre 11
+    target = emb[vocab.index(list(shapes.COLORS)[2])] + emb[vocab.index(list(shapes.KINDS)[1])]
+    tokens = torch.randn(1, 576, 8)
+    tokens[0, 11] = 2.5 * target  # the centre matches (cosine 1); patches 10 and 12 are noise
+    batch = {"aux_kind": kind, "aux_color": color, "aux_center": center}
+    assert float(align_loss(tokens, batch, emb, "center")) == pytest.approx(0.0, abs=1e-6)
+    noisy = 1 - torch.nn.functional.cosine_similarity(tokens[0, 10:13], target[None], dim=-1)
+    assert float(align_loss(tokens, batch, emb, "shape")) == pytest.approx(float(noisy.mean()), rel=1e-5)

@@ -47,7 +47,8 @@ DEFAULTS = {
     # From step `from_step`, pull each shape patch's visual token towards the LLM's own embeddings of its colour
     # and kind words (cosine, targets detached): LLaVA's alignment stage in one loss, so the word "triangle" in
     # a question and the patches of a triangle look alike to the LLM and attention can find them. 0: off.
-    "align": {"weight": 0.0, "from_step": 0},
+    # `patches`: "shape" aligns every patch of a shape, "center" only the patch holding its centre.
+    "align": {"weight": 0.0, "from_step": 0, "patches": "shape"},
     # From step `from_step`, every non-description sample also asks up to `turns - 1` more questions about the
     # same image (one of each other type, as later chat turns): the 576 image tokens dominate a step's cost,
     # so extra questions add supervision almost for free. 1: off.
@@ -139,8 +140,11 @@ class PatchHead(torch.nn.Module):
         return loss
 
 
-def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
-    """1 - cosine between each shape patch's visual token and (embedding of its colour word + of its kind word)."""
+def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings: torch.Tensor,
+               patches: str = "shape") -> torch.Tensor:
+    """1 - cosine between the visual token of each shape patch (``patches="shape"``) or of each shape's centre
+    patch only (``"center"``: one token per shape, so attention mass on matching tokens counts shapes rather
+    than measuring their area) and (embedding of its colour word + of its kind word)."""
     import torch.nn.functional as F
 
     from tokenprune.reference import vocabulary
@@ -149,6 +153,10 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
     color_ids = torch.tensor([vocab.index(c) for c in shapes.COLORS], device=tokens.device)
     kind_ids = torch.tensor([vocab.index(k) for k in shapes.KINDS], device=tokens.device)
     shape = batch["aux_kind"] > 0
+    if patches == "center":
+        shape = shape & (batch["aux_center"] > 0)
+    elif patches != "shape":
+        raise ConfigError("align.patches", f"must be 'shape' or 'center', got {patches!r}")
     if not shape.any():
         return tokens.sum() * 0.0
     emb = embeddings.detach().float()
@@ -233,16 +241,18 @@ class ShapesStream(torch.utils.data.IterableDataset):
 
 
 def more_turns(item: dict, turns: int, seed: str) -> dict:
-    """``item`` with ``more``: up to ``turns - 1`` further (question, answer) pairs about its image, one of each
-    other question type that the scene can carry (drawn with the benchmark's own question rules)."""
+    """``item`` with ``more``: up to ``turns - 1`` further (question, answer) pairs about its image, drawn with
+    the benchmark's own question rules in rounds over the question types (the other types first, then the
+    item's own), skipping types the scene cannot carry and repeated questions."""
     scene = [shapes.Shape(**d) for d in item["shapes"]]
     rng = shapes._Rng(seed)
-    more = []
-    for qtype in [t for t in shapes.TYPES if t != item["type"]]:
+    order = [t for t in shapes.TYPES if t != item["type"]] + [item["type"]]
+    more: list[tuple[str, str]] = []
+    for qtype in itertools.islice(itertools.cycle(order), 2 * (turns - 1)):  # rounds over the types
         if len(more) >= turns - 1:
             break
         qa = shapes._question(qtype, scene, rng, rng.below(4))
-        if qa is not None:
+        if qa is not None and qa not in more and qa[0] != item["question"]:
             more.append(qa)
     return {**item, "more": more}
 
@@ -313,7 +323,7 @@ def _lightning_module(cfg: DictConfig, processor):
                 self.log("train/aux_loss", aux_loss)
                 loss = loss + cfg.aux_weight * aux_loss
                 if cfg.align.weight and self.global_step >= cfg.align.from_step:
-                    align = align_loss(tokens, aux, self.model.get_input_embeddings().weight)
+                    align = align_loss(tokens, aux, self.model.get_input_embeddings().weight, cfg.align.patches)
                     self.log("train/align_loss", align)
                     loss = loss + cfg.align.weight * align
             return loss
