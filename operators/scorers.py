@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,56 @@ class AttentionScorer(Scorer):
 
     def score(self, state: TokenState) -> torch.Tensor:
         return state.signals.attention(queries=self.params.queries, heads=self.params.heads)
+
+
+@register_operator("elite_window")
+class EliteWindow(Scorer):
+    """Visual importance from an "elite" observation window of the last instruction tokens (AirCache).
+
+    Our reading of AirCache (Huang et al., "AirCache: Activating Inter-modal Relevancy KV Cache
+    Compression for Efficient Large Vision-Language Model Inference", ICCV 2025; abstract only): the
+    observation window is the last ``window`` instruction tokens (the text after the image); each
+    row's attention over the visual tokens (heads averaged) is one "perspective". A row's
+    *consistency* is the mean cosine similarity of its visual-attention distribution with the other
+    rows'; the ``elite`` share of rows (at least one) with the highest consistency form the elite
+    window, and a visual token's score is its mean attention from the elite rows. Rows that look
+    elsewhere than the rest (format tokens, punctuation) thus stop steering the choice.
+
+    The attention is the site's: at a layer site the layer before it; at the ``kv_cache`` site each
+    compressed layer's own.
+    """
+
+    @dataclass
+    class Params(ScorerParams):
+        window: int = 8  # last instruction tokens observed
+        elite: float = 0.5  # share of the window kept as elite rows
+
+        def __post_init__(self) -> None:
+            if self.window < 1:
+                raise ParamError("window", f"must be >= 1, got {self.window}")
+            if not 0.0 < self.elite <= 1.0:
+                raise ParamError("elite", f"must be in (0, 1], got {self.elite}")
+
+    min_layer = 1
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        out = torch.zeros(state.visual_mask.shape, dtype=torch.float32, device=state.visual_mask.device)
+        for b in range(state.batch_size):
+            rows = state.signals.query_rows("instruction", b)[-self.params.window:]
+            vis = state.visual_mask[b]
+            if rows.numel() == 0 or not bool(vis.any()):
+                continue
+            att = state.signals.attention_probs(b, rows).mean(dim=0)[:, vis.to(rows.device)]  # (Q, V)
+            q = att.shape[0]
+            if q > 1:
+                dist = F.normalize(att / att.sum(dim=1, keepdim=True).clamp_min(1e-12), dim=1)
+                sim = dist @ dist.T
+                consistency = (sim.sum(dim=1) - sim.diagonal()) / (q - 1)
+                n_elite = max(1, math.ceil(self.params.elite * q - 1e-9))
+                elite = torch.sort(consistency, descending=True, stable=True).indices[:n_elite]
+                att = att[elite]
+            out[b, vis] = att.mean(dim=0).to(out.device)
+        return out
 
 
 @register_operator("cls_attention")

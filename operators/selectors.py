@@ -22,12 +22,14 @@ class TopK(Selector):
     """Keep the ``keep`` highest-scoring visual tokens of each sample; text tokens always stay.
 
     ``keep`` is a fraction of each sample's visual tokens in (0, 1] or an integer count >= 1.
-    Ties go to the earlier token.
+    Ties go to the earlier token. ``scores: NAME`` ranks by a named score set (scorers with
+    ``into: NAME``) instead of the stage's summed scores.
     """
 
     @dataclass
     class Params:
         keep: float | int = 0.5
+        scores: str = ""  # "" = the stage's scores; else a named score set
 
         def __post_init__(self) -> None:
             check_keep(self.keep)
@@ -38,12 +40,12 @@ class TopK(Selector):
     def select(self, state: TokenState) -> torch.Tensor:
         visual = state.visual_mask
         keep = ~visual
-        rank = _rank_within_visual(state.scores, visual)
+        rank = rank_within_visual(state.score_set(self.params.scores), visual)
         budgets = torch.tensor([self.expected_kept(int(v)) for v in state.num_visual().tolist()], device=rank.device)
         return keep | (visual & (rank < budgets[:, None]))
 
 
-def _rank_within_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+def rank_within_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """(B, N) rank of each visual token by descending score (stable: ties to the earlier token)."""
     order = torch.sort(scores.masked_fill(~visual, float("-inf")), dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
@@ -84,7 +86,7 @@ class CumulativeMass(Selector):
         if bool((scores < 0).any()):
             raise ValueError(f"cumulative_mass needs non-negative scores; got a minimum of {float(scores.min()):.4g} "
                              "(combine scorers with non-negative weights)")
-        rank = _rank_within_visual(state.scores, visual)
+        rank = rank_within_visual(state.scores, visual)
         keep = ~state.visual_mask
         for b in range(state.batch_size):
             v = int(visual[b].sum())
@@ -273,7 +275,7 @@ class IqrOutliers(Selector):
     def select(self, state: TokenState) -> torch.Tensor:
         visual = state.visual_mask & state.valid_mask
         keep = ~state.visual_mask
-        rank = _rank_within_visual(state.scores, visual)
+        rank = rank_within_visual(state.scores, visual)
         for b in range(state.batch_size):
             v = int(visual[b].sum())
             if v == 0:

@@ -192,3 +192,31 @@ def pruned_features(num_features: int, kept: list[list[int]]) -> torch.Tensor:
     for i, row in enumerate(kept):
         cols[i, torch.tensor(row, dtype=torch.long)] = False
     return cols
+
+
+@torch.no_grad()
+def reference_kv_greedy(model, inputs: dict, kept_by_layer: dict[int, list[list[int]]], steps: int,
+                        kept_from_step: dict[int, dict[int, list[list[int]]]] | None = None):
+    """Greedy decoding of the KV-cache reference: the prefill is the full unpruned model; from the first
+    decoding step on, layer l cannot see the prompt keys outside ``kept_by_layer[l][b]`` (input-frame
+    indices; layers not named see everything). ``kept_from_step[s]`` replaces the kept sets of the layers
+    it names from decoding step ``s`` (1 = the first token after the prefill) on. Returns (tokens (B, steps),
+    per-step logits list of (B, V))."""
+    am = inputs["attention_mask"]
+    n = am.shape[1]
+    kept_now = dict(kept_by_layer)
+    out = model(**inputs, **position_kwargs(model, am), use_cache=True)
+    cache = out.past_key_values
+    logits = [out.logits[:, -1].float()]
+    tokens = [logits[-1].argmax(-1)]
+    for step in range(1, steps):
+        kept_now.update((kept_from_step or {}).get(step, {}))
+        masks = {layer: pruned_columns(n, kept, inputs["attention_mask"]) for layer, kept in kept_now.items()}
+        am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
+        with hidden_keys(model, masks):
+            out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
+                        past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[:, -1].float())
+        tokens.append(logits[-1].argmax(-1))
+    return torch.stack(tokens, dim=1), logits

@@ -29,7 +29,7 @@ def test_ops_lists_every_operator_with_parameters(capsys):
 def test_show_prints_the_resolved_config(capsys):
     assert main(["show", "fastv", "stages.0.operators.1.keep=0.25"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["stages"][0]["operators"][1] == {"op": "topk", "keep": 0.25}
+    assert cfg["stages"][0]["operators"][1] == {"op": "topk", "keep": 0.25, "scores": ""}
     assert cfg["stages"][0]["operators"][0]["heads"] == "mean"
 
 

@@ -139,7 +139,7 @@ def test_sites_that_do_not_exist_are_named():
     with pytest.raises(ConfigError, match=r"stages\.1\.layer: a 'cross_attention' stage must be the pipeline's only"):
         tp.load_pipeline({"stages": [{"layer": 1, "operators": [{"op": "random"}, {"op": "topk"}]},
                                      {"layer": "cross_attention", "operators": [{"op": "per_head_union"}]}]})
-    with pytest.raises(ConfigError, match=r"stages\.0\.layer: must be an integer >= 0 .* or 'cross_attention'"):
+    with pytest.raises(ConfigError, match=r"stages\.0\.layer: must be an integer >= 0 .* 'cross_attention' .* or 'kv_cache'"):
         tp.load_pipeline({"stages": [{"layer": "cross", "operators": [{"op": "random"}, {"op": "topk"}]}]})
 
 

@@ -17,6 +17,8 @@ PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsev
 #: Presets that read the vision tower (LLaVA-1.5 only) and the one for cross-attention models.
 VISION = {"visionzip", "prumerge_plus", "vscan", "sgl"}  # sgl: its guide needs the images (LLaVA-1.5 today)
 CROSS = {"trimmed_llama"}
+#: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).
+KV = ["aircache", "csp", "elastic_cache", "mint"]
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def llava32():
 
 
 def test_every_method_has_a_preset():
-    assert set(PRESETS) <= set(preset_names())
+    assert set(PRESETS) | set(KV) <= set(preset_names())
 
 
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
@@ -161,3 +163,27 @@ def test_asap_ablations_are_one_override(llava_pair, batch, override):
     with pipe.attach(llava_pair["sdpa"]):
         llava_pair["sdpa"](**batch)
     assert pipe.trace[0].visual_after == [10, 10]  # 15% of 64
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("name", KV)
+@torch.no_grad()
+def test_kv_cache_preset_runs_on_each_family(llava32, family32, family, name, no_eager):
+    """Every KV-cache preset compresses the caches of a 32-layer model of each decoder-only family and decodes."""
+    from tokenprune.tiny import tiny_llava_inputs
+
+    model, inputs = (llava32, tiny_llava_inputs(llava32)) if family == "llava" else family32[family]
+    pipe = tp.load_pipeline(name)
+    with pipe.attach(model):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 2
+    kv = [t for t in pipe.trace if t.site == "kv_cache"]
+    assert [t.layer for t in kv] == list(range(32))
+    if name == "mint":  # the prefill keeps everything; decoding step 1 halves the layers from score_layer 2 on
+        dec = [t for t in pipe.trace if t.site == "decode"]
+        assert [t.layer for t in dec] == list(range(2, 32))
+        assert all(a == round(b / 2 + 0.01) for t in dec for a, b in zip(t.visual_after, t.visual_before))  # halves up
+        return
+    assert all(sum(t.visual_after) < sum(t.visual_before) for t in kv), pipe.report()
+    for t, layer in zip(kv, out.past_key_values.layers):  # what the trace says is what the cache holds
+        assert layer.keys.shape[-2] >= max(t.tokens_after)

@@ -222,3 +222,24 @@ def test_a_local_datasets_folder_is_read_and_checked(tmp_path):
                                ).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ConfigError, match=r"bad, row 1: missing 'answer'"):
         load_items({"source": "datasets", "path": str(tmp_path / "bad")})
+
+
+def test_a_kv_cache_method_keeps_the_prefill_flops_and_cuts_the_prompt_kv(tmp_path, tiny_folder):
+    """AirCache: the prefill runs whole (no FLOPs saved); the prompt's KV after the prefill holds, over the L
+    layers, the text plus L x round(0.1 x 576) = L x 58 visual entries per item (adaptive budgets, exact total)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from tokenprune.flops import LLMShape
+    from tokenprune.reference import prompt
+
+    metrics = run(config(tmp_path, tiny_folder, "pipeline=aircache"))
+    proc = AutoProcessor.from_pretrained(tiny_folder)
+    shape = LLMShape.from_config(AutoConfig.from_pretrained(tiny_folder).text_config)
+    items = load_items({"source": "shapes", "split": "test", "limit": 6})
+    lengths = [proc(images=it["image"], text=prompt(proc, it["question"]), return_tensors="pt")["input_ids"].shape[1]
+               for it in items]
+    per_token = 2 * shape.kv_heads * shape.head_dim * 4
+    assert metrics["flops_reduction"] == pytest.approx(0.0)
+    assert metrics["visual_tokens_kept"] == []  # no prefill stage
+    expected = sum(shape.layers * (n - 576 + 58) for n in lengths) / 6 * per_token
+    assert metrics["kv_cache_bytes"] == pytest.approx(expected)

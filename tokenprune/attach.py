@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
-from tokenprune.attention import CrossAttentionSource, LayerAttentionSource
+from tokenprune.attention import AttentionSource, CrossAttentionSource, LayerAttentionSource
+from tokenprune.budget import resolve_keep
 from tokenprune.errors import ConfigError, PipelineRuntimeError
 from tokenprune.guide import GuideModel, guide_signal
+from tokenprune.kv_cache import adaptive_weights, allocate, flatten_entries, unflatten_entries
 from tokenprune.masks import (
     decode_key_index,
     expand_batch,
@@ -93,6 +95,11 @@ class _Episode:
         self.cross: dict[str, Any] | None = None
         self.patch_of: torch.Tensor | None = None  # (B, N) row of each visual token in the vision features
         self.guide: Any = None  # (queries, heads) -> (B, N) attention of the guide model, run on first use
+        # kv_cache stage: per compressed layer, what its scorers gave in the prefill (scores, frame); and the
+        # decoding step now running (1 = the first forward after the prefill).
+        self.kv: dict[int, dict[str, Any]] = {}
+        self.decode_step = 0
+        self.decode_scores: torch.Tensor | None = None  # (B, N_prefill) of decode.score_layer, this step
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -118,7 +125,14 @@ class AttachedPipeline:
         self._guide = GuideModel(guide) if guide is not None and needs_guide else None
         self._tower_inputs: dict[str, Any] | None = None  # the images of the latest tower call, for the guide
         self._cross_site = any(stage.cross_attention for stage in pipeline.stages)
-        layer_stages = [(i, stage) for i, stage in enumerate(pipeline.stages) if not stage.cross_attention]
+        layer_stages = [(i, stage) for i, stage in enumerate(pipeline.stages)
+                        if not stage.cross_attention and not stage.kv_cache]
+        self._kv_i = next((i for i, stage in enumerate(pipeline.stages) if stage.kv_cache), None)
+        self._kv_layers: set[int] = set()
+        if self._kv_i is not None:
+            kv = pipeline.stages[self._kv_i]
+            self._kv_layers = set(kv.cache.layer_list(self.adapter.num_layers, f"stages.{self._kv_i}.cache"))
+        self._kv_decode_steps = set(pipeline.stages[self._kv_i].cache.decode.steps) if self._kv_i is not None else set()
         self._site = {stage.layer: i for i, stage in layer_stages}
         self._capture_layers = {stage.layer - 1 for _, stage in layer_stages if stage.layer >= 1}
         self._handles: list[Any] = []
@@ -232,9 +246,13 @@ class AttachedPipeline:
         ep.query_len = input_ids.shape[1]
         ep.decode_masks = {}
         ep.decode_pe = {}
+        ep.decode_step += 1
+        ep.decode_scores = None
 
     def _model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         ep = self._episode
+        if ep is not None and ep.phase == "prefill" and ep.kv:
+            self._compress_kv(ep)
         if ep is not None:
             ep.seen += ep.query_len
             ep.capture = None
@@ -268,6 +286,8 @@ class AttachedPipeline:
             if ep is None:
                 return None
             if ep.phase == "decode":
+                if layer in self._kv_layers and ep.decode_step in self._kv_decode_steps:
+                    self._decode_reprune(layer, ep, args[0] if args else kwargs["hidden_states"], kwargs)
                 return self._decode_layer(layer, ep, args, kwargs)
             return self._prefill_layer(layer, ep, args, kwargs)
 
@@ -295,6 +315,8 @@ class AttachedPipeline:
             hidden = self._run_stage(stage_i, layer, hidden, ep)
         if ep.index is not None:
             kwargs.update(self._frame_kwargs(ep, hidden))
+        if layer in self._kv_layers:
+            self._score_kv_layer(layer, hidden, kwargs.get("position_embeddings"), ep)
         ep.layer_index[layer] = ep.index
         ep.layer_live[layer] = ep.live
         ep.layer_bias[layer] = ep.key_bias
@@ -346,11 +368,11 @@ class AttachedPipeline:
         full = torch.nn.functional.pad(bias.to(mask.dtype), (0, pad))
         return mask + full[:, None, None, :]
 
-    def _run_stage(self, stage_i: int, layer: int, hidden: torch.Tensor, ep: _Episode) -> torch.Tensor:
-        stage = self.pipeline.stages[stage_i]
-        b, n = hidden.shape[:2]
-        cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
-        live = ep.live if ep.live is not None else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+    def _stage_state(self, stage, layer: int, hidden: torch.Tensor, ep: _Episode, cur: torch.Tensor,
+                     live: torch.Tensor | None, sizes: torch.Tensor | None, positions: torch.Tensor | None):
+        """(state, visual tokens before the stage) over the tokens ``cur`` (B, K), input-frame indices."""
+        b, n = cur.shape
+        live = live if live is not None else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
         protected = None
         if stage.protect:
             protected = torch.zeros_like(ep.visual)
@@ -362,13 +384,21 @@ class AttachedPipeline:
             hidden=hidden,
             visual_mask=visual_before if protected is None else visual_before & ~protected,
             valid_mask=ep.valid.gather(1, cur) & live,
-            positions=ep.positions if ep.positions is not None else ep.full["position_ids"].gather(1, cur),
+            positions=positions if positions is not None else ep.full["position_ids"].gather(1, cur),
             source_index=cur,
-            sizes=ep.sizes if ep.sizes is not None else torch.ones(b, n, device=hidden.device),
+            sizes=sizes if sizes is not None else torch.ones(b, n, device=hidden.device),
             layer=layer,
             grid=ep.grids,
             protected_mask=protected,
         )
+        return state, visual_before
+
+    def _run_stage(self, stage_i: int, layer: int, hidden: torch.Tensor, ep: _Episode) -> torch.Tensor:
+        stage = self.pipeline.stages[stage_i]
+        b, n = hidden.shape[:2]
+        cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        live = ep.live if ep.live is not None else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+        state, visual_before = self._stage_state(stage, layer, hidden, ep, cur, live, ep.sizes, ep.positions)
         capture = ep.capture
         if capture is not None and capture.layer == layer - 1:
             state.signals.source = LayerAttentionSource(
@@ -435,6 +465,173 @@ class AttachedPipeline:
             ep.layer_live[j] = new_live
             if j == 0:
                 ep.short_first_cache = True
+
+    # --- the kv_cache site -------------------------------------------------------------------
+    def _score_kv_layer(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, ep: _Episode) -> None:
+        """Run the kv_cache stage's shifts and scorers on the tokens ``layer`` is about to cache, with the
+        layer's own attention (recomputed from its input for the rows the scorers ask for)."""
+        stage = self.pipeline.stages[self._kv_i]
+        b, n = hidden.shape[:2]
+        cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        state, _ = self._stage_state(stage, layer, hidden, ep, cur, ep.live, ep.sizes, ep.positions)
+        state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask)
+        with torch.no_grad(), _Stopwatch(hidden) as clock:
+            for op in stage.score_operators():
+                state = op(state)
+        ep.kv[layer] = {"scores": state.scores, "named": dict(state.named_scores), "index": cur, "live": ep.live,
+                        "sizes": state.sizes, "positions": state.positions, "ms": clock.ms}
+
+    def _compress_kv(self, ep: _Episode) -> None:
+        """After the prefill: select (and merge) each compressed layer's cached entries and cut its cache."""
+        stage_i = self._kv_i
+        stage = self.pipeline.stages[stage_i]
+        layers = sorted(ep.kv)
+        budgets = self._adaptive_budgets(stage, layers, ep) if stage.cache.budget == "adaptive" else None
+        for li, layer in enumerate(layers):
+            rec = ep.kv[layer]
+            keys = self.adapter.cached_keys(ep.cache, layer)
+            if keys is None:
+                raise PipelineRuntimeError(f"{stage.key}: layer {layer} has no KV cache after the prefill "
+                                           "(generate(..., use_cache=True) keeps one)")
+            values = ep.cache.layers[layer].values
+            cur = rec["index"]
+            if keys.shape[2] != cur.shape[1]:
+                raise PipelineRuntimeError(f"{stage.key}: layer {layer} caches {keys.shape[2]} entries but "
+                                           f"{cur.shape[1]} tokens entered it")
+            heads, head_dim = keys.shape[1], keys.shape[3]
+            flat = flatten_entries(keys, values)
+            state, visual_before = self._stage_state(stage, layer, flat, ep, cur, rec["live"], rec["sizes"],
+                                                     rec["positions"])
+            state.scores, state.named_scores = rec["scores"], dict(rec["named"])
+            state.signals.source = _CachedKeys(keys)
+            with torch.no_grad(), _Stopwatch(flat) as clock:
+                ops = stage.select_operators()
+                if budgets is not None:  # adaptive: the topk selector with this layer's per-sample budget
+                    state.keep_mask = _topk_counts(state.score_set(ops[0].params.scores), state.visual_mask,
+                                                   budgets[:, li])
+                    ops = ops[1:]
+                for op in ops:
+                    state = op(state)
+            live = rec["live"] if rec["live"] is not None else torch.ones_like(cur, dtype=torch.bool)
+            keep = state.keep_mask.to(dtype=torch.bool, device=cur.device) & live
+            rel, new_live = ragged_keep_index(keep)
+            if any(op.kind == "merger" for op in stage.select_operators()):
+                k, v = unflatten_entries(gather_tokens(state.hidden, rel), heads, head_dim)
+                self.adapter.set_cache_entries(ep.cache, layer, k.to(keys.dtype), v.to(values.dtype))
+            else:
+                self.adapter.select_cache_entries(ep.cache, layer, rel)
+            new_index = cur.gather(1, rel)
+            old_bias = ep.layer_bias.get(layer)
+            if state.proportional_attention:
+                ep.layer_bias[layer] = gather_tokens(state.sizes.float(), rel).clamp_min(1e-6).log()
+            elif old_bias is not None:
+                ep.layer_bias[layer] = gather_tokens(old_bias, rel)
+            ep.layer_index[layer] = new_index
+            ep.layer_live[layer] = new_live
+            if layer == 0:
+                ep.short_first_cache = True
+            valid_before = state.valid_mask
+            valid_after = ep.valid.gather(1, new_index) & (new_live if new_live is not None else True)
+            self.pipeline.trace.append(StageTrace(
+                stage=stage_i, layer=layer, site="kv_cache",
+                tokens_before=valid_before.sum(1).tolist(), tokens_after=valid_after.sum(1).tolist(),
+                visual_before=visual_before.sum(1).tolist(),
+                visual_after=(ep.visual.gather(1, new_index) & valid_after).sum(1).tolist(),
+                kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
+                operator_ms=rec["ms"] + clock.ms,
+            ))
+        self.pipeline.runs[stage_i] += 1
+        ep.kv = {}
+
+    def _adaptive_budgets(self, stage, layers: list[int], ep: _Episode) -> torch.Tensor:
+        """(B, L) visual entries each compressed layer keeps per sample: the topk's budget times the number of
+        layers, shared out by :func:`~tokenprune.kv_cache.adaptive_weights`."""
+        sel = stage.selector
+        b = ep.visual.shape[0]
+        out = torch.zeros(b, len(layers), dtype=torch.long)
+        for i in range(b):
+            vis_scores, caps = [], []
+            for layer in layers:
+                rec = ep.kv[layer]
+                cur = rec["index"][i]
+                live = rec["live"][i] if rec["live"] is not None else torch.ones_like(cur, dtype=torch.bool)
+                vis = ep.visual[i].gather(0, cur) & ep.valid[i].gather(0, cur) & live
+                if stage.protect:
+                    for kind in stage.protect:
+                        vis &= ~ep.kinds[kind][i].gather(0, cur)
+                scores = rec["named"][sel.params.scores] if sel.params.scores else rec["scores"]
+                vis_scores.append(scores[i][vis])
+                caps.append(int(vis.sum()))
+            total = sum(resolve_keep(sel.params.keep, c) for c in caps)
+            out[i] = torch.tensor(allocate(adaptive_weights(vis_scores), total, caps))
+        return out
+
+    def _decode_reprune(self, layer: int, ep: _Episode, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Decoding-time re-pruning (MINT): keep the held visual entries of ``layer``'s cache that the current
+        token attends to most (at this layer, or at ``decode.score_layer``)."""
+        stage = self.pipeline.stages[self._kv_i]
+        dec = stage.cache.decode
+        keys = self.adapter.cached_keys(ep.cache, layer)
+        if keys is None:
+            return
+        b, _, t, _ = keys.shape
+        held = ep.layer_index.get(layer)
+        if held is None:
+            held = torch.arange(ep.prefill_len, device=keys.device).expand(b, ep.prefill_len)
+        live = ep.layer_live.get(layer)
+        k_p = held.shape[1]
+        valid = ep.valid.gather(1, held) & (live if live is not None else True)
+        if dec.score_layer is None or layer == dec.score_layer:
+            pe = self._decode_position_embeddings(layer, ep, hidden, kwargs)
+            with torch.no_grad():
+                q = self.adapter.project_queries(layer, hidden, pe, torch.full((b, 1), hidden.shape[1] - 1,
+                                                                                device=hidden.device))  # (B, H, 1, hd)
+                kk = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+                logits = (q.float() @ kk.float().transpose(-1, -2))[:, :, 0] * self.adapter.attention_scaling(layer)
+                allowed = torch.cat([valid, torch.ones(b, t - k_p, dtype=torch.bool, device=keys.device)], dim=1)
+                probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(1)  # (B, T)
+            full = torch.full((b, ep.prefill_len), float("-inf"), device=keys.device)
+            full.scatter_(1, held, probs[:, :k_p].masked_fill(~valid, float("-inf")))
+            if dec.score_layer is not None:
+                ep.decode_scores = full
+        else:
+            if ep.decode_scores is None:  # layers before score_layer keep what they hold
+                return
+            full = ep.decode_scores
+        visual = ep.visual.gather(1, held) & valid
+        scores = full.gather(1, held)
+        counts = torch.tensor([resolve_keep(dec.keep, int(v)) for v in visual.sum(1).tolist()], device=held.device)
+        keep = _topk_counts(scores, visual, counts)  # padding entries stay, as in the prefill
+        if live is not None:
+            keep &= live
+        rel, new_live = ragged_keep_index(keep)
+        rest = torch.arange(k_p, t, device=held.device).expand(b, t - k_p)
+        self.adapter.select_cache_entries(ep.cache, layer, torch.cat([rel, rest], dim=1))
+        new_index = held.gather(1, rel)
+        bias = ep.layer_bias.get(layer)
+        if bias is not None:
+            ep.layer_bias[layer] = gather_tokens(bias, rel)
+        ep.layer_index[layer], ep.layer_live[layer] = new_index, new_live
+        if layer == 0:
+            ep.short_first_cache = True
+        ep.decode_masks.clear()
+        after = ep.valid.gather(1, new_index) & (new_live if new_live is not None else True)
+        self.pipeline.trace.append(StageTrace(
+            stage=self._kv_i, layer=layer, site="decode", step=ep.decode_step,
+            tokens_before=valid.sum(1).tolist(), tokens_after=after.sum(1).tolist(),
+            visual_before=visual.sum(1).tolist(), visual_after=(ep.visual.gather(1, new_index) & after).sum(1).tolist(),
+            kept=[row[v].tolist() for row, v in zip(new_index, after)],
+        ))
+
+    def _decode_position_embeddings(self, layer: int, ep: _Episode, hidden: torch.Tensor, kwargs: dict) -> Any:
+        """The rotary cos/sin ``layer`` applies to the current decoding token (shifted after renumbering stages)."""
+        shift = ep.layer_shift.get(layer)
+        if shift is None:
+            return kwargs.get("position_embeddings")
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
+        return self.adapter.rotary_embeddings(hidden, expand_batch(pos, shift.shape[0]) - shift[:, None])
 
     # --- decoding ----------------------------------------------------------------------------
     def _decode_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
@@ -579,3 +776,22 @@ class _Stopwatch:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.ms = (time.perf_counter() - self._t0) * 1000.0
+
+
+class _CachedKeys(AttentionSource):
+    """A kv_cache stage's source after the prefill: the layer's cached keys (``features("keys")``)."""
+
+    def __init__(self, keys: torch.Tensor):
+        self._k = keys
+
+    def keys(self):
+        return self._k
+
+
+def _topk_counts(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: non-visual tokens, and each sample's ``counts[b]`` highest-scoring visual tokens (ties to
+    the earlier token)."""
+    order = torch.sort(scores.float().masked_fill(~visual, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ~visual | (visual & (rank < counts.to(rank.device)[:, None]))

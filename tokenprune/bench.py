@@ -135,11 +135,12 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     b = inputs["input_ids"].shape[0]
     n = int(inputs["attention_mask"][0].sum())
     v = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    flops = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in trace], "exact")
+    prefill = [t for t in trace if t.site == "prefill"]
+    flops = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in prefill], "exact")
     return {"prefill_ms": steps[0], "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
             "tokens_per_s": b * new_tokens / (total / 1000.0), "kv_cache_bytes": cache_bytes(out.past_key_values) / b,
             "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": flops.reduction,
-            "visual_tokens": v, "visual_tokens_kept": trace[-1].visual_after[0] if trace else v,
+            "visual_tokens": v, "visual_tokens_kept": prefill[-1].visual_after[0] if prefill else v,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 

@@ -133,6 +133,7 @@ def _type_name(tp: Any) -> str:
 @dataclass
 class ScorerParams:
     weight: float = 1.0  # several scorers in one stage are summed with these weights
+    into: str = ""  # "" adds to the stage's scores; a name keeps a separate score set (a selector's scores: NAME)
 
 
 #: Values of a ``features`` parameter (see :meth:`tokenprune.state.Signals.features`).
@@ -169,7 +170,7 @@ class Scorer(TokenOperator):
         s = self.score(state).float()
         if s.shape != state.visual_mask.shape:
             raise RuntimeError(f"{self.op_name}: score shape {tuple(s.shape)} != tokens {tuple(state.visual_mask.shape)}")
-        state.add_scores(s, self.params.weight)
+        state.add_scores(s, self.params.weight, self.params.into)
         return state
 
 
@@ -191,7 +192,7 @@ class Selector(TokenOperator):
         raise NotImplementedError(f"{self.op_name} has no analytic budget")
 
     def forward(self, state: TokenState) -> TokenState:
-        if self.needs_scores and state.scores is None:
+        if self.needs_scores and state.scores is None and not state.named_scores:
             raise RuntimeError(f"selector {self.op_name!r} ran before any scorer")
         state.keep_mask = self.select(state)
         return state

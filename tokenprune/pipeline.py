@@ -12,12 +12,14 @@ from torch import nn
 
 from tokenprune.config import (
     CROSS_ATTENTION,
+    KV_CACHE,
     apply_overrides,
     import_plugins,
     load_source,
     validate_pipeline_config,
 )
 from tokenprune.errors import ConfigError
+from tokenprune.kv_cache import CacheSettings
 from tokenprune.operator import KINDS, TokenOperator
 from tokenprune.registry import build_operator
 from tokenprune.state import TokenState
@@ -33,26 +35,59 @@ _RANK = {k: i for i, k in enumerate(KINDS)}
 
 
 class Stage(nn.Module):
-    """A site (before decoder layer ``layer``; 0 = before the LLM; or ``"cross_attention"``, the image
-    features every cross-attention layer of Mllama reads) and its ordered operators.
+    """A site (before decoder layer ``layer``; 0 = before the LLM; ``"cross_attention"``, the image
+    features every cross-attention layer of Mllama reads; or ``"kv_cache"``, every layer's cached
+    visual keys/values after the prefill) and its ordered operators.
 
     ``positions``: ``keep`` (kept tokens keep their position ids, FastV) or ``renumber`` (the
-    surviving tokens are numbered contiguously from the site on, PyramidDrop).
+    surviving tokens are numbered contiguously from the site on, PyramidDrop). ``cache``: the
+    :class:`~tokenprune.kv_cache.CacheSettings` of a ``kv_cache`` stage.
     """
 
     def __init__(self, layer: int | str, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
-                 protect: Iterable[str] = ()):
+                 protect: Iterable[str] = (), cache: CacheSettings | dict | None = None):
         super().__init__()
         self.layer = layer
         self.protect = tuple(protect)
         #: True for the ``cross_attention`` site (image features of a cross-attention model).
         self.cross_attention = layer == CROSS_ATTENTION
+        #: True for the ``kv_cache`` site (each layer's KV cache, compressed after the prefill).
+        self.kv_cache = layer == KV_CACHE
         self.operators = nn.ModuleList(operators)
         self.key = key
         if positions not in POSITIONS:
             raise ConfigError(f"{key}.positions", f"got {positions!r}; allowed: {', '.join(POSITIONS)}")
         self.positions = positions
+        if cache is not None and not self.kv_cache:
+            raise ConfigError(f"{key}.cache", f"only a '{KV_CACHE}' stage takes cache settings (layer is {layer!r})")
+        self.cache = cache if isinstance(cache, CacheSettings) else CacheSettings.parse(cache, f"{key}.cache") \
+            if self.kv_cache else None
         self._validate_order()
+        if self.kv_cache:
+            self._validate_kv()
+
+    def _validate_kv(self) -> None:
+        if self.positions != "keep":
+            raise ConfigError(f"{self.key}.positions", "a kv_cache stage keeps positions (the cached keys carry "
+                              f"their rotary embedding already); got {self.positions!r}")
+        for j, op in enumerate(self.operators):
+            if op.kind == "compactor":
+                raise ConfigError(f"{self.key}.operators.{j}", f"compactor {op.op_name!r} trims caches of a layer "
+                                  "stage; a kv_cache stage compresses every cache it names by itself")
+            if getattr(op, "needs_vision", False) or getattr(op, "needs_guide", False):
+                raise ConfigError(f"{self.key}.operators.{j}", f"{op.op_name!r} reads the vision tower or a guide "
+                                  "model, which a kv_cache stage does not capture; score with the layer's attention")
+        if self.cache.budget == "adaptive" and self.selector.op_name != "topk":
+            raise ConfigError(f"{self.key}.cache.budget", "adaptive budgets re-share a topk selector's budget "
+                              f"across layers; this stage's selector is {self.selector.op_name!r}")
+
+    def score_operators(self) -> list[TokenOperator]:
+        """The shifts and scorers (a kv_cache stage runs them inside the prefill)."""
+        return [op for op in self.operators if op.kind in ("shift", "scorer")]
+
+    def select_operators(self) -> list[TokenOperator]:
+        """The selector and merger (a kv_cache stage runs them once the prefill is done)."""
+        return [op for op in self.operators if op.kind not in ("shift", "scorer")]
 
     def _validate_order(self) -> None:
         """Check the operator order; the error names the first operator that breaks it."""
@@ -105,7 +140,7 @@ class Stage(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}"
+        return f"layer={self.layer}" + (f", cache={self.cache.as_dict()}" if self.cache is not None else "")
 
 
 @dataclass
@@ -123,10 +158,15 @@ class StageTrace:
     visual_after: list[int]
     kept: list[list[int]] = field(repr=False)
     operator_ms: float = 0.0  # wall time inside the stage's operators (GPU synchronised)
+    #: ``prefill`` (tokens flowing on from ``layer``), ``kv_cache`` (what ``layer``'s cache holds after the
+    #: prefill: counts are of cached entries) or ``decode`` (a re-pruning of ``layer``'s cache at decoding
+    #: step ``step``).
+    site: str = "prefill"
+    step: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("stage", "layer", "tokens_before", "tokens_after",
-                                              "visual_before", "visual_after", "kept", "operator_ms")}
+                                              "visual_before", "visual_after", "kept", "operator_ms", "site", "step")}
 
 
 class Pipeline(nn.Module):
@@ -157,6 +197,13 @@ class Pipeline(nn.Module):
         for i, stage in enumerate(self.stages):
             if stage.cross_attention:
                 continue
+            if stage.kv_cache:
+                stage.cache.layer_list(num_layers, f"stages.{i}.cache")
+                sl = stage.cache.decode.score_layer
+                if sl is not None and sl >= num_layers:
+                    raise ConfigError(f"stages.{i}.cache.decode.score_layer", f"{sl} is beyond the model's depth: "
+                                      f"it has {num_layers} decoder layers")
+                continue
             if stage.layer >= num_layers:
                 raise ConfigError(f"stages.{i}.layer", f"{stage.layer} is beyond the model's depth: "
                                   f"it has {num_layers} decoder layers, so layer must be in 0..{num_layers - 1}")
@@ -167,7 +214,9 @@ class Pipeline(nn.Module):
             return f"{self.name}: no stage has run"
         lines = []
         for t in self.trace:
-            lines.append(f"stage {t.stage} (layer {t.layer}): visual tokens {t.visual_before} -> {t.visual_after}, "
+            where = {"prefill": f"layer {t.layer}", "kv_cache": f"layer {t.layer}'s KV cache",
+                     "decode": f"layer {t.layer}'s KV cache, decoding step {t.step}"}[t.site]
+            lines.append(f"stage {t.stage} ({where}): visual tokens {t.visual_before} -> {t.visual_after}, "
                          f"tokens {t.tokens_before} -> {t.tokens_after}")
         return "\n".join(lines)
 
@@ -181,12 +230,12 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         for j, op_cfg in enumerate(raw["operators"]):
             params = {k: v for k, v in op_cfg.items() if k != "op"}
             op = build_operator(op_cfg["op"], _key=f"stages.{i}.operators.{j}.op", **params)
-            if raw["layer"] != CROSS_ATTENTION and raw["layer"] < op.min_layer:
+            if raw["layer"] not in (CROSS_ATTENTION, KV_CACHE) and raw["layer"] < op.min_layer:
                 raise ConfigError(f"stages.{i}.layer", f"operator {op.op_name!r} (stages.{i}.operators.{j}) needs the "
                                   f"decoder layer before its site, so layer must be >= {op.min_layer}; got {raw['layer']}")
             ops.append(op)
         stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep"),
-                            protect=raw.get("protect", ())))
+                            protect=raw.get("protect", ()), cache=raw.get("cache")))
     return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)
 
 
@@ -199,6 +248,7 @@ def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides
         resolved["plugins"] = list(cfg.plugins)
     resolved["stages"] = [
         {"layer": s.layer, "positions": s.positions, **({"protect": list(s.protect)} if s.protect else {}),
+         **({"cache": s.cache.as_dict()} if s.cache is not None else {}),
          "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
                                          for op in s.operators]}
         for s in pipeline.stages

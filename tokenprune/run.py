@@ -237,15 +237,17 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     for b, (it, text) in enumerate(zip(items, texts)):
         n_tokens = int(enc["attention_mask"][b].sum()) if "attention_mask" in enc else prompt_len
         n_visual = int((enc["input_ids"][b] == image_id).sum()) if image_id is not None else 0
-        stages = [(t.layer, t.tokens_after[b], t.visual_after[b]) for t in trace if isinstance(t.layer, int)]
+        prefill = [t for t in trace if t.site == "prefill"]  # kv_cache/decode traces do not change the prefill
+        stages = [(t.layer, t.tokens_after[b], t.visual_after[b]) for t in prefill if isinstance(t.layer, int)]
         rec: dict[str, Any] = {
             "id": it["id"], "question": it["question"], "answer": it["answer"], "type": it["type"],
             "metric": it["metric"], "prediction": text.strip(),
-            "visual_tokens": n_visual, "visual_tokens_kept": [t.visual_after[b] for t in trace],
+            "visual_tokens": n_visual, "visual_tokens_kept": [t.visual_after[b] for t in prefill],
+            "kv_visual_entries_kept": [t.visual_after[b] for t in trace if t.site == "kv_cache"],
             "prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "kv_cache_bytes": kv,
             "peak_memory_bytes": peak, "operator_ms": sum(t.operator_ms for t in trace),  # this batch's
         }
-        if shape is not None and len(stages) == len(trace):
+        if shape is not None and len(stages) == len(prefill):
             rep = measured_flops(shape, n_tokens, n_visual, stages, flops_convention)
             rec.update(flops=rep.flops, baseline_flops=rep.baseline_flops,
                        equivalent_visual_tokens=rep.equivalent_visual_tokens,
@@ -256,10 +258,16 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
 
 def prompt_kv_bytes(per_layer_tokens: list[int], trace, pipeline, sample: int, shape, dtype_bytes: int) -> int:
     """Bytes of one sample's prompt keys and values after the prefill: the tokens each layer holds (what entered
-    it; a ``kv_compact`` stage also trims the layers before its site to its kept tokens) times 2 x KV heads x
-    head dim x the element size. Padding and the filler slots of ragged batches are not counted."""
+    it; a ``kv_compact`` stage also trims the layers before its site to its kept tokens; a ``kv_cache`` stage
+    cuts each layer it compresses) times 2 x KV heads x head dim x the element size. Padding and the filler
+    slots of ragged batches are not counted; decoding-time re-pruning (later) is not either."""
     held = list(per_layer_tokens)
     for t in trace:
+        if t.site == "kv_cache":
+            held[t.layer] = min(held[t.layer], t.tokens_after[sample])
+            continue
+        if t.site != "prefill":
+            continue
         stage = pipeline.stages[t.stage]
         if any(getattr(op, "kind", None) == "compactor" and getattr(op.params, "earlier_layers", False)
                for op in stage.operators):
@@ -348,10 +356,14 @@ def run_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], i
                        equivalent_visual_tokens=_mean([r["equivalent_visual_tokens"] for r in records]))
     else:
         metrics.update(flops=None, baseline_flops=None, flops_reduction=None, equivalent_visual_tokens=None)
-    stages = len(pipeline.stages) if pipeline is not None else 0
+    stages = sum(not s.kv_cache for s in pipeline.stages) if pipeline is not None else 0
     metrics["visual_tokens"] = _mean([r["visual_tokens"] for r in records])
     metrics["visual_tokens_kept"] = [_mean([r["visual_tokens_kept"][s] for r in records
                                             if len(r["visual_tokens_kept"]) > s]) for s in range(stages)]
+    kv_layers = max((len(r["kv_visual_entries_kept"]) for r in records), default=0)
+    if kv_layers:  # a kv_cache stage: mean visual entries each compressed layer's cache keeps after the prefill
+        metrics["kv_visual_entries_kept"] = [_mean([r["kv_visual_entries_kept"][s] for r in records
+                                                    if len(r["kv_visual_entries_kept"]) > s]) for s in range(kv_layers)]
     for key in ("prefill_ms", "decode_ms_per_token"):
         metrics[key], metrics[f"baseline_{key}"] = _median([r[key] for r in records]), _median([r[key] for r in baseline])
     metrics["kv_cache_bytes"] = _mean([r["kv_cache_bytes"] for r in records])

@@ -296,6 +296,8 @@ class TokenState:
     - ``grid``: (rows, cols) of the visual tokens in raster order, for every sample or as a list with
       one entry (or None) per sample; where unknown, a square is assumed.
     - ``scores`` (B, N) float: sum of the scorers' weighted scores (None before any scorer).
+    - ``named_scores``: further score sets by name, for scorers with ``into: NAME`` and selectors with
+      ``scores: NAME`` (Cross-Self Pruning ranks by two attentions with separate budgets).
     - ``keep_mask`` (B, N) bool: the tokens that survive the stage (set by the selector).
     - ``shifts``: the attention-shift corrections of the stage, applied by ``signals.attention``.
     - ``compact_kv_before_site``: set by a compactor; the KV cache of earlier layers keeps only the kept tokens.
@@ -318,6 +320,7 @@ class TokenState:
     layer: int
     grid: tuple[int, int] | list[tuple[int, int] | None] | None = None
     scores: torch.Tensor | None = None
+    named_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     keep_mask: torch.Tensor | None = None
     shifts: list[Shift] = field(default_factory=list)
     compact_kv_before_site: bool = False
@@ -370,10 +373,24 @@ class TokenState:
         """(B,) number of visual tokens per sample."""
         return self.visual_mask.sum(dim=1)
 
-    def add_scores(self, scores: torch.Tensor, weight: float = 1.0) -> None:
-        """Accumulate ``weight * scores`` into ``self.scores``."""
+    def add_scores(self, scores: torch.Tensor, weight: float = 1.0, into: str = "") -> None:
+        """Accumulate ``weight * scores`` into ``self.scores`` (``into=""``) or the score set ``into``."""
         s = weight * scores.float()
-        self.scores = s if self.scores is None else self.scores + s
+        if into:
+            old = self.named_scores.get(into)
+            self.named_scores[into] = s if old is None else old + s
+        else:
+            self.scores = s if self.scores is None else self.scores + s
+
+    def score_set(self, name: str = "") -> torch.Tensor:
+        """The scores a selector ranks by: ``self.scores`` (``name=""``) or the named set ``name``."""
+        s = self.named_scores.get(name) if name else self.scores
+        if s is None:
+            have = ", ".join((["'' (the stage's scores)"] if self.scores is not None else [])
+                             + [repr(k) for k in self.named_scores])
+            raise RuntimeError(f"no scores {name!r} in this stage (a scorer writes them with into: {name!r}); "
+                               f"present: {have or 'none'}")
+        return s
 
     def visual_grid(self, sample: int) -> tuple[int, int]:
         """(rows, cols) of ``sample``'s visual tokens: ``grid`` if set, else the square they must form."""

@@ -168,6 +168,11 @@ class ModelAdapter:
         entry.keys = gather_tokens(entry.keys, index, dim=2).contiguous()
         entry.values = gather_tokens(entry.values, index, dim=2).contiguous()
 
+    def set_cache_entries(self, cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace ``layer``'s cached keys and values (B, H_kv, T, hd) (merged entries of a kv_cache stage)."""
+        entry = cache.layers[layer]
+        entry.keys, entry.values = keys.contiguous(), values.contiguous()
+
     # --- signals -----------------------------------------------------------------------------
     def project_queries(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, rows: torch.Tensor, *,
                         rotary: bool = True, sample: int = 0) -> torch.Tensor:
