@@ -100,6 +100,7 @@ class _Episode:
         self.kv: dict[int, dict[str, Any]] = {}
         self.decode_step = 0
         self.decode_scores: torch.Tensor | None = None  # (B, N_prefill) of decode.score_layer, this step
+        self.kv_pending: dict[int, tuple[torch.Tensor, Any]] = {}  # layer input and rotary, until it has run
 
     def valid_now(self) -> torch.Tensor:
         """(B, K) real (not padding, not filler) tokens among those flowing now."""
@@ -168,6 +169,8 @@ class AttachedPipeline:
                                                                                            with_kwargs=True))
                 for i, layer in enumerate(self.adapter.layers):
                     self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+                    if i in self._kv_layers:
+                        self._handles.append(layer.register_forward_hook(self._kv_layer_post_hook(i)))
         except BaseException:
             self._remove()
             raise
@@ -315,8 +318,8 @@ class AttachedPipeline:
             hidden = self._run_stage(stage_i, layer, hidden, ep)
         if ep.index is not None:
             kwargs.update(self._frame_kwargs(ep, hidden))
-        if layer in self._kv_layers:
-            self._score_kv_layer(layer, hidden, kwargs.get("position_embeddings"), ep)
+        if layer in self._kv_layers:  # scored in the layer's forward hook, once its keys are in the cache
+            ep.kv_pending[layer] = (hidden, kwargs.get("position_embeddings"))
         ep.layer_index[layer] = ep.index
         ep.layer_live[layer] = ep.live
         ep.layer_bias[layer] = ep.key_bias
@@ -467,14 +470,24 @@ class AttachedPipeline:
                 ep.short_first_cache = True
 
     # --- the kv_cache site -------------------------------------------------------------------
+    def _kv_layer_post_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            ep = self._episode
+            if ep is not None and ep.phase == "prefill" and layer in ep.kv_pending:
+                hidden, pe = ep.kv_pending.pop(layer)
+                self._score_kv_layer(layer, hidden, pe, ep)
+
+        return hook
+
     def _score_kv_layer(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, ep: _Episode) -> None:
-        """Run the kv_cache stage's shifts and scorers on the tokens ``layer`` is about to cache, with the
-        layer's own attention (recomputed from its input for the rows the scorers ask for)."""
+        """Run the kv_cache stage's shifts and scorers on the tokens ``layer`` has just cached, with the layer's
+        own attention: its cached keys, and queries recomputed from its input for the rows asked for."""
         stage = self.pipeline.stages[self._kv_i]
         b, n = hidden.shape[:2]
         cur = ep.index if ep.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
         state, _ = self._stage_state(stage, layer, hidden, ep, cur, ep.live, ep.sizes, ep.positions)
-        state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask)
+        state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask,
+                                                    cached_keys=self.adapter.cached_keys(ep.cache, layer))
         with torch.no_grad(), _Stopwatch(hidden) as clock:
             for op in stage.score_operators():
                 state = op(state)

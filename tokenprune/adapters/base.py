@@ -208,7 +208,7 @@ class LlamaStyleAdapter(ModelAdapter):
         block = self.layers[layer]
         attn = block.self_attn
         b = hidden.shape[0]
-        h = gather_tokens(block.input_layernorm(hidden), rows)
+        h = block.input_layernorm(gather_tokens(hidden, rows))  # per-token norm: only the rows asked for
         q = attn.q_proj(h).view(b, rows.shape[1], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
