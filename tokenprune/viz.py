@@ -181,9 +181,6 @@ def plot_attention(image, values: torch.Tensor, panels: list[Panel], title: str 
                    sink_quantile: float | None = None, alpha: float = 0.6, cmap: str = "inferno"):
     """A figure with one axis per panel: ``values`` (one per visual token) upsampled onto ``image`` (PIL or
     array; ``None`` draws the grid alone) and blended over it."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     v = display_values(values, log=log, sink_quantile=sink_quantile)
@@ -251,9 +248,6 @@ def attention_shift(model, inputs: dict, layers: list[int], keep: float = 0.25, 
 
 def plot_attention_shift(stats: list[dict[str, float]], title: str = "attention shift"):
     """Mean row of the top-scored tokens per layer, with and without RoPE, against a uniform choice."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
