@@ -2,6 +2,7 @@
 example of docs/plugins.md runs and keeps the tokens a hand computation says."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,12 @@ def plugin_module(tmp_path, monkeypatch):
     """docs/plugins.md's Python block as the importable module my_operators."""
     (code,) = blocks(REPO / "docs" / "plugins.md", "python")
     (tmp_path / "my_operators.py").write_text(code)
-    monkeypatch.syspath_prepend(str(tmp_path))  # imported once per session: the registry keeps its class
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    from tokenprune import registry  # leave the registry as it was (docs/operators.md lists the shipped ones)
+
+    registry._REGISTRY.pop("centre_bias", None)
+    sys.modules.pop("my_operators", None)
 
 
 def test_the_docs_hold_yaml_snippets():
