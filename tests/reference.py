@@ -72,6 +72,29 @@ def generate_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def masked_greedy(model, inputs: dict, steps: int, prefill_hidden: dict, decode_hidden):
+    """Greedy decoding with hidden key columns: (tokens (B, steps), per-step logits list of (B, V)).
+
+    ``prefill_hidden`` ({layer: (B, N) bool}) applies to the prompt's forward; ``decode_hidden(step)`` gives
+    the columns hidden at decoding step ``step`` (1 = the first forward after the prefill).
+    """
+    am = inputs["attention_mask"]
+    with hidden_keys(model, prefill_hidden):
+        out = model(**inputs, **position_kwargs(model, am), use_cache=True)
+    cache = out.past_key_values
+    logits = [out.logits[:, -1].float()]
+    tokens = [logits[-1].argmax(-1)]
+    for step in range(1, steps):
+        am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
+        with hidden_keys(model, decode_hidden(step)):
+            out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
+                        past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[:, -1].float())
+        tokens.append(logits[-1].argmax(-1))
+    return torch.stack(tokens, dim=1), logits
+
+
 def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], steps: int,
                      compact_earlier: bool = False):
     """Greedy decoding of the masked reference: (tokens (B, steps), per-step logits list of (B, V)).
@@ -80,28 +103,13 @@ def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], step
     stop seeing them from the first decoding step on (their prefill is unchanged).
     """
     am = inputs["attention_mask"]
-    n = am.shape[1]
-    cols = pruned_columns(n, kept, am)
+    cols = pruned_columns(am.shape[1], kept, am)
     num_layers = len(model.model.language_model.layers)
     late = {layer: cols for layer in range(site, num_layers)}
-    out = None
-    with hidden_keys(model, late):
-        out = model(**inputs, **position_kwargs(model, am), use_cache=True)
-    cache = out.past_key_values
-    logits = [out.logits[:, -1].float()]
-    tokens = [logits[-1].argmax(-1)]
     masks = dict(late)
     if compact_earlier:
         masks.update({layer: cols for layer in range(site)})
-    for _ in range(steps - 1):
-        am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
-        with hidden_keys(model, masks):
-            out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
-                        past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits[:, -1].float())
-        tokens.append(logits[-1].argmax(-1))
-    return torch.stack(tokens, dim=1), logits
+    return masked_greedy(model, inputs, steps, late, lambda step: masks)
 
 
 @torch.no_grad()
@@ -194,7 +202,6 @@ def pruned_features(num_features: int, kept: list[list[int]]) -> torch.Tensor:
     return cols
 
 
-@torch.no_grad()
 def reference_kv_greedy(model, inputs: dict, kept_by_layer: dict[int, list[list[int]]], steps: int,
                         kept_from_step: dict[int, dict[int, list[list[int]]]] | None = None):
     """Greedy decoding of the KV-cache reference: the prefill is the full unpruned model; from the first
@@ -203,20 +210,12 @@ def reference_kv_greedy(model, inputs: dict, kept_by_layer: dict[int, list[list[
     it names from decoding step ``s`` (1 = the first token after the prefill) on. Returns (tokens (B, steps),
     per-step logits list of (B, V))."""
     am = inputs["attention_mask"]
-    n = am.shape[1]
-    kept_now = dict(kept_by_layer)
-    out = model(**inputs, **position_kwargs(model, am), use_cache=True)
-    cache = out.past_key_values
-    logits = [out.logits[:, -1].float()]
-    tokens = [logits[-1].argmax(-1)]
-    for step in range(1, steps):
-        kept_now.update((kept_from_step or {}).get(step, {}))
-        masks = {layer: pruned_columns(n, kept, inputs["attention_mask"]) for layer, kept in kept_now.items()}
-        am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
-        with hidden_keys(model, masks):
-            out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
-                        past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits[:, -1].float())
-        tokens.append(logits[-1].argmax(-1))
-    return torch.stack(tokens, dim=1), logits
+
+    def hidden_at(step):
+        kept_now = dict(kept_by_layer)
+        for s in sorted(kept_from_step or {}):
+            if s <= step:
+                kept_now.update(kept_from_step[s])
+        return {layer: pruned_columns(am.shape[1], kept, am) for layer, kept in kept_now.items()}
+
+    return masked_greedy(model, inputs, steps, {}, hidden_at)
