@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenprune.attention import QUERY_SETS
-from tokenprune.budget import check_keep, resolve_keep
+from tokenprune.budget import check_keep, rank_within_visual, resolve_keep
 from tokenprune.errors import ConfigError
 from tokenprune.operator import FeatureKind, FeatureUser, ParamError, Selector
 from tokenprune.registry import build_operator, get_operator_class, register_operator
@@ -43,14 +43,6 @@ class TopK(Selector):
         rank = rank_within_visual(state.score_set(self.params.scores), visual)
         budgets = torch.tensor([self.expected_kept(int(v)) for v in state.num_visual().tolist()], device=rank.device)
         return keep | (visual & (rank < budgets[:, None]))
-
-
-def rank_within_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """(B, N) rank of each visual token by descending score (stable: ties to the earlier token)."""
-    order = torch.sort(scores.masked_fill(~visual, float("-inf")), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return rank
 
 
 @register_operator("cumulative_mass")

@@ -31,7 +31,7 @@ from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
 from tokenprune.attention import AttentionSource, CrossAttentionSource, LayerAttentionSource
-from tokenprune.budget import resolve_keep
+from tokenprune.budget import keep_top_visual, resolve_keep
 from tokenprune.errors import ConfigError, PipelineRuntimeError
 from tokenprune.guide import GuideModel, guide_signal
 from tokenprune.kv_cache import adaptive_weights, allocate, flatten_entries, unflatten_entries
@@ -520,7 +520,7 @@ class AttachedPipeline:
             with torch.no_grad(), _Stopwatch(flat) as clock:
                 ops = stage.select_operators()
                 if budgets is not None:  # adaptive: the topk selector with this layer's per-sample budget
-                    state.keep_mask = _topk_counts(state.score_set(ops[0].params.scores), state.visual_mask,
+                    state.keep_mask = keep_top_visual(state.score_set(ops[0].params.scores), state.visual_mask,
                                                    budgets[:, li])
                     ops = ops[1:]
                 for op in ops:
@@ -614,7 +614,7 @@ class AttachedPipeline:
         visual = ep.visual.gather(1, held) & valid
         scores = full.gather(1, held)
         counts = torch.tensor([resolve_keep(dec.keep, int(v)) for v in visual.sum(1).tolist()], device=held.device)
-        keep = _topk_counts(scores, visual, counts)  # padding entries stay, as in the prefill
+        keep = keep_top_visual(scores, visual, counts)  # padding entries stay, as in the prefill
         if live is not None:
             keep &= live
         rel, new_live = ragged_keep_index(keep)
@@ -800,11 +800,3 @@ class _CachedKeys(AttentionSource):
     def keys(self):
         return self._k
 
-
-def _topk_counts(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool: non-visual tokens, and each sample's ``counts[b]`` highest-scoring visual tokens (ties to
-    the earlier token)."""
-    order = torch.sort(scores.float().masked_fill(~visual, float("-inf")), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ~visual | (visual & (rank < counts.to(rank.device)[:, None]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from tokenprune.operator import ParamError
 
 
@@ -33,3 +35,17 @@ def resolve_keep(keep: float | int, num_visual: int) -> int:
     if isinstance(keep, float):
         return max(1, min(num_visual, math.floor(keep * num_visual + 0.5)))
     return min(int(keep), num_visual)
+
+
+def rank_within_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(B, N) rank of each visual token by descending score (stable: ties to the earlier token)."""
+    order = torch.sort(scores.masked_fill(~visual, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return rank
+
+
+def keep_top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: every non-visual token, and each sample's ``counts[b]`` highest-scoring visual tokens."""
+    rank = rank_within_visual(scores.float(), visual)
+    return ~visual | (visual & (rank < counts.to(rank.device)[:, None]))
