@@ -74,6 +74,15 @@ for item in items:
         viz.plot_kept(item["image"], model, inputs, kept,
                       title=f"{name}: {pipe.trace[0].visual_after[0]} kept; {item['question']} -> {answer} "
                             f"(truth: {item['answer']})")'''),
+    new_markdown_cell("## Where ASAP's weighted soft merging folds the dropped tokens\n\nEach kept token and the "
+                      "tokens merged into it share a colour (the strongest target of each soft merge); clear "
+                      "patches were dropped without a target."),
+    new_code_cell('''item = items[0]
+inputs = encode(item)
+pipe = tp.load_pipeline("asap", ["stages.0.operators.3.keep=64"])
+with torch.no_grad(), pipe.attach(model):
+    model(**inputs)
+fig = viz.plot_merged(item["image"], model, inputs, pipe.trace[0], title="asap: merged groups at 64 tokens")'''),
 ]
 
 ABLATIONS = [

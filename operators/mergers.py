@@ -74,6 +74,7 @@ class WeightedSoftMerge(Merger):
                 top = sim.topk(n, dim=1).indices
                 sim = torch.full_like(sim, float("-inf")).scatter(1, top, sim.gather(1, top))
             w = torch.softmax(sim / self.params.temperature, dim=1)  # (P, K)
+            state.merge_record(b)[pruned] = kept[w.argmax(dim=1)]  # the token that takes most of it
             contrib = mass[pruned][:, None] * w  # (P, K)
             num = mass[kept][:, None] * hk + contrib.T @ hp
             den = mass[kept] + contrib.sum(0)
@@ -137,7 +138,7 @@ class Bipartite(Merger):
             order = torch.sort(best, descending=True, stable=True).indices
             src = order[:r]
             a_src = a[src]
-            merge_into(hidden[b], sizes[b], bset, a_src, match[src])
+            merge_into(hidden[b], sizes[b], bset, a_src, match[src], state.merge_record(b))
             keep[b, a_src] = False
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
@@ -145,13 +146,16 @@ class Bipartite(Merger):
 
 
 def merge_into(hidden: torch.Tensor, sizes: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor,
-               assign: torch.Tensor) -> None:
+               assign: torch.Tensor, record: torch.Tensor | None = None) -> None:
     """Fold tokens ``sources`` into ``targets[assign]`` of one sample, in place: size-weighted means, sizes add.
 
     ``hidden`` (N, D), ``sizes`` (N,); ``targets`` (T,), ``sources`` (S,) token indices; ``assign`` (S,) in [0, T).
+    ``record`` (N,) long (``state.merge_record(b)``) gets each source's target, for the trace and the plots.
     """
     if sources.numel() == 0:
         return
+    if record is not None:
+        record[sources] = targets[assign].to(record.device)
     w_src = sizes[sources]
     num = (hidden[targets].float() * sizes[targets][:, None]).index_add(
         0, assign, hidden[sources].float() * w_src[:, None])
@@ -190,7 +194,7 @@ class NearestMean(FeatureUser, Merger):
             if kept.numel() == 0:
                 continue
             assign = (feats[b, pruned] @ feats[b, kept].T).argmax(dim=1)
-            merge_into(hidden[b], sizes[b], kept, pruned, assign)
+            merge_into(hidden[b], sizes[b], kept, pruned, assign, state.merge_record(b))
         state.hidden, state.sizes = hidden, sizes
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
         return state
@@ -238,7 +242,7 @@ class Contextual(FeatureUser, Merger):
             is_target[torch.arange(n, device=rest.device) * step] = True
             targets, sources = rest[is_target], rest[~is_target]
             assign = (feats[b, sources] @ feats[b, targets].T).argmax(dim=1)
-            merge_into(hidden[b], sizes[b], targets, sources, assign)
+            merge_into(hidden[b], sizes[b], targets, sources, assign, state.merge_record(b))
             keep[b, targets] = True
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
@@ -344,7 +348,8 @@ class ClusterMerge(FeatureUser, Merger):
                               else kmeans_centres(x, c, self.params.seed))
             members = torch.ones(pruned.numel(), dtype=torch.bool, device=pruned.device)
             members[centre] = False
-            merge_into(hidden[b], sizes[b], pruned[centre], pruned[members], assign[members])
+            merge_into(hidden[b], sizes[b], pruned[centre], pruned[members], assign[members],
+                       state.merge_record(b))
             keep[b, pruned[centre]] = True
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention

@@ -123,3 +123,34 @@ def test_bad_arguments_are_named():
         viz.text_to_image_attention(model, inputs, [5])
     with pytest.raises(ValueError, match=r"heads='sum'; allowed: mean, max or a list"):
         viz.text_to_image_attention(model, inputs, [1], heads="sum")
+
+
+def test_merges_are_traced_and_coloured_by_their_target(tmp_path):
+    """nearest_mean on hand-made features: tokens 2 and 3 are closest to kept token 1, token 5 to kept token 4;
+    the trace says so in input-frame indices, and the plot's groups follow."""
+    from tokenprune.state import TokenState
+
+    feats = torch.tensor([[0.0, 0, 1], [1, 0, 0], [0.9, 0.1, 0], [1, 0.2, 0], [0, 1, 0], [0.1, 1, 0]])
+    vis = torch.tensor([[False, True, True, True, True, True]])
+    state = TokenState.from_tensors(feats[None], vis)
+    state.keep_mask = torch.tensor([[True, True, False, False, True, False]])
+    state = tp.registry.build_operator("nearest_mean")(state)
+    assert state.merged_into[0].tolist() == [-1, -1, 1, 1, -1, 4]
+
+    model = tiny_llava("sdpa")
+    inputs = tiny_llava_inputs(model)
+    pipe = tp.load_pipeline({"stages": [{"layer": 2, "operators": [
+        {"op": "attention"}, {"op": "topk", "keep": 8}, {"op": "nearest_mean"}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        model(**inputs)
+    t = pipe.trace[0]
+    for b in range(2):
+        kept, merged = set(t.kept[b]), t.merged_into[b]
+        visual = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().flatten().tolist()
+        assert set(merged) == set(visual) - kept and set(merged.values()) <= kept  # every pruned one, into kept ones
+        groups = viz.merge_groups(model, inputs, t, sample=b)
+        where = {i: k for k, i in enumerate(visual)}
+        for src, dst in merged.items():
+            assert groups[where[src]] == groups[where[dst]]
+        assert len({float(groups[where[i]]) for i in kept & set(visual)}) == 8
+    viz.plot_merged(None, model, inputs, t).savefig(tmp_path / "merged.png")

@@ -433,6 +433,7 @@ class AttachedPipeline:
             visual_after=visual_after.sum(1).tolist(),
             kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
             operator_ms=clock.ms,
+            merged_into=_merges(state.merged_into, cur),
         ))
         return hidden
 
@@ -552,6 +553,7 @@ class AttachedPipeline:
                 visual_after=(ep.visual.gather(1, new_index) & valid_after).sum(1).tolist(),
                 kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
                 operator_ms=rec["ms"] + clock.ms,
+                merged_into=_merges(state.merged_into, cur),
             ))
         self.pipeline.runs[stage_i] += 1
         ep.kv = {}
@@ -800,3 +802,13 @@ class _CachedKeys(AttentionSource):
     def keys(self):
         return self._k
 
+
+def _merges(merged_into: torch.Tensor | None, index: torch.Tensor) -> list[dict[int, int]]:
+    """Per sample {merged token: target}, input-frame indices, from a stage's ``merged_into`` over ``index``."""
+    if merged_into is None:
+        return []
+    out = []
+    for row, idx in zip(merged_into.cpu(), index.cpu()):
+        src = (row >= 0).nonzero().flatten()
+        out.append(dict(zip(idx[src].tolist(), idx[row[src]].tolist())))
+    return out

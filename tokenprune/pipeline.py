@@ -163,6 +163,8 @@ class StageTrace:
     #: step ``step``).
     site: str = "prefill"
     step: int = 0
+    #: per sample, {merged token: the kept token it was merged into}, input-frame indices (mergers only)
+    merged_into: list[dict[int, int]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("stage", "layer", "tokens_before", "tokens_after",

@@ -305,6 +305,8 @@ class TokenState:
       e.g. LLaVA-NeXT's ``image_newline`` tokens). They are left out of ``visual_mask``, so no
       operator drops or merges them and budgets count only the others, but query sets still count
       them as part of the image.
+    - ``merged_into`` (B, N) long or None: for each token a merger folded into another, that token's
+      index (-1 elsewhere; the strongest target of a soft merge); the trace reports it.
     - ``proportional_attention``: set by a merger; layers after the site add ``log(size)`` to
       the attention logits of each key (ToMe's proportional attention).
 
@@ -326,6 +328,7 @@ class TokenState:
     compact_kv_before_site: bool = False
     proportional_attention: bool = False
     protected_mask: torch.Tensor | None = None
+    merged_into: torch.Tensor | None = None
     signals: Signals = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -381,6 +384,13 @@ class TokenState:
             self.named_scores[into] = s if old is None else old + s
         else:
             self.scores = s if self.scores is None else self.scores + s
+
+    def merge_record(self, sample: int) -> torch.Tensor:
+        """(N,) long row of ``merged_into`` for ``sample`` (created on first use, -1 = not merged); a merger
+        writes, for each token it folds into another, that token's index."""
+        if self.merged_into is None:
+            self.merged_into = torch.full(self.visual_mask.shape, -1, dtype=torch.long, device=self.visual_mask.device)
+        return self.merged_into[sample]
 
     def score_set(self, name: str = "") -> torch.Tensor:
         """The scores a selector ranks by: ``self.scores`` (``name=""``) or the named set ``name``."""

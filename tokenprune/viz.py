@@ -8,7 +8,8 @@ recomputed from each chosen layer's input with the layer's own projections (no e
   tile plus its anyres grid (newline tokens left blank), Qwen2-VL's per-image grid.
 - :func:`text_to_image_attention` — per layer, the attention that chosen query tokens pay each visual
   token (heads averaged, maxed, or a list of heads), for one sample.
-- :func:`plot_attention` / :func:`plot_kept` — the values upsampled onto the image and blended over it;
+- :func:`plot_attention` / :func:`plot_kept` / :func:`plot_merged` — the values (attention, kept or pruned,
+  merged groups coloured by the token they merged into) upsampled onto the image and blended over it;
   log scaling and attention-sink suppression; matplotlib figures (save with ``fig.savefig``, log with
   :func:`log_figure`).
 - :func:`attention_shift` — FEATHER's statistic: the mean image row of the top-scored visual tokens
@@ -216,6 +217,28 @@ def plot_kept(image, model, inputs: dict, kept: list[int], sample: int = 0, titl
     """The kept (bright) and pruned (dark) visual tokens of one stage drawn over the image."""
     return plot_attention(image, kept_values(model, inputs, kept, sample), image_panels(model, inputs, sample),
                           title=title, alpha=alpha, cmap="gray")
+
+
+def merge_groups(model, inputs: dict, trace, sample: int = 0) -> torch.Tensor:
+    """(V,) group number of each of ``sample``'s visual tokens after the stage ``trace`` (a ``StageTrace``): each
+    kept token its own group, a merged token its target's, a dropped (unmerged) token NaN. Groups are
+    numbered in token order and spread over 20 colours (``tab20``) so neighbours differ."""
+    visual = get_adapter(model).visual_mask(inputs["input_ids"])[sample]
+    positions = visual.nonzero().flatten().tolist()
+    kept = set(trace.kept[sample])
+    merged = trace.merged_into[sample] if trace.merged_into else {}
+    group = {}
+    for i in positions:
+        if i in kept:
+            group[i] = (len(group) * 7) % 20  # 7 is prime to 20: consecutive groups get distant colours
+    return torch.tensor([float(group[i]) if i in group else float(group[merged[i]]) if merged.get(i) in group
+                         else float("nan") for i in positions])
+
+
+def plot_merged(image, model, inputs: dict, trace, sample: int = 0, title: str = "", alpha: float = 0.7):
+    """Merged groups drawn over the image, each coloured like the kept token it merged into (dropped: clear)."""
+    return plot_attention(image, merge_groups(model, inputs, trace, sample), image_panels(model, inputs, sample),
+                          title=title, alpha=alpha, cmap="tab20")
 
 
 def attention_shift(model, inputs: dict, layers: list[int], keep: float = 0.25, queries: str = "last",
