@@ -131,20 +131,31 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     Each round sets t(d) to the mean residual over the pairs at distance d, then the per-query
     and per-key terms to their mean residuals (Gauss–Seidel on the least-squares fit). Only t is
     returned; distances never seen get 0. ``t`` is centred (mean 0 over the pairs).
+
+    The rounds never touch the (H, Q, K) block again: with ``M_q[q, d]`` (``M_k[k, d]``) the number of
+    keys (queries) at distance d from query q (key k), the sums they need are
+    ``Σ_{pairs at d} a_q = (a @ M_q)[d]``, ``Σ_k t(|q−k|) = (t @ M_qᵀ)[q]`` and likewise for keys, so a
+    round costs a few (H, Q, D) matmuls; the block is read once for its row means, column means and
+    per-distance sums. The result is the same as the direct rounds (up to rounding).
     """
     h, q, k = logits.shape
     dev = logits.device
+    dtype = logits.dtype
     dist = (q_pos.to(dev)[:, None] - k_pos.to(dev)[None, :]).abs()  # (Q, K)
     flat = dist.reshape(-1)
     size = int(flat.max()) + 1
-    count = torch.bincount(flat, minlength=size).to(logits.dtype).clamp_min(1)
-    a = logits.mean(-1)  # (H, Q)
-    c = torch.zeros(h, k, device=dev, dtype=logits.dtype)
-    t = torch.zeros(h, size, device=dev, dtype=logits.dtype)
+    pairs = torch.bincount(flat, minlength=size).to(dtype)  # (D,)
+    count = pairs.clamp_min(1)
+    m_q = torch.zeros(q, size, device=dev, dtype=dtype).scatter_add_(1, dist, torch.ones(q, k, device=dev, dtype=dtype))
+    m_k = torch.zeros(k, size, device=dev, dtype=dtype).scatter_add_(1, dist.T.contiguous(),
+                                                                     torch.ones(k, q, device=dev, dtype=dtype))
+    row_mean, col_mean = logits.mean(-1), logits.mean(1)  # (H, Q), (H, K)
+    by_distance = torch.zeros(h, size, device=dev, dtype=dtype).index_add_(1, flat, logits.reshape(h, -1))
+    a = row_mean
+    c = torch.zeros(h, k, device=dev, dtype=dtype)
+    t = torch.zeros(h, size, device=dev, dtype=dtype)
     for _ in range(iterations):
-        resid = (logits - a[:, :, None] - c[:, None, :]).reshape(h, -1)
-        t = torch.zeros(h, size, device=dev, dtype=logits.dtype).index_add_(1, flat, resid) / count
-        r = logits - t[:, dist]
-        a = (r - c[:, None, :]).mean(-1)
-        c = (r - a[:, :, None]).mean(1)
-    return t - t[:, flat].mean(-1, keepdim=True)
+        t = (by_distance - a @ m_q - c @ m_k) / count
+        a = row_mean - (t @ m_q.T) / k - c.mean(-1, keepdim=True)
+        c = col_mean - (t @ m_k.T) / q - a.mean(-1, keepdim=True)
+    return t - (t @ pairs / (q * k))[:, None]
