@@ -257,3 +257,14 @@ def test_mllama_refuses_the_kv_cache_site():
 
     with pytest.raises(ConfigError, match="cross_attention"):
         kv_pipe().attach(tiny_mllama())
+
+
+def test_a_forward_without_a_cache_leaves_the_logits_alone(llava_pair, batch):
+    """use_cache=False: nothing is cached, so a kv_cache stage has nothing to cut; the logits are the unpruned
+    ones and leaving the block warns that the pipeline never pruned."""
+    model = llava_pair["sdpa"]
+    with torch.no_grad():
+        want = model(**batch, use_cache=False).logits
+        with pytest.warns(RuntimeWarning, match="never pruned"), kv_pipe().attach(model):
+            got = model(**batch, use_cache=False).logits
+    assert torch.equal(got, want)

@@ -499,6 +499,9 @@ class AttachedPipeline:
         """After the prefill: select (and merge) each compressed layer's cached entries and cut its cache."""
         stage_i = self._kv_i
         stage = self.pipeline.stages[stage_i]
+        if ep.cache is None:  # a forward without a cache (use_cache=False): nothing to compress
+            ep.kv = {}
+            return
         layers = sorted(ep.kv)
         budgets = self._adaptive_budgets(stage, layers, ep) if stage.cache.budget == "adaptive" else None
         for li, layer in enumerate(layers):
