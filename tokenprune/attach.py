@@ -130,10 +130,10 @@ class AttachedPipeline:
                         if not stage.cross_attention and not stage.kv_cache]
         self._kv_i = next((i for i, stage in enumerate(pipeline.stages) if stage.kv_cache), None)
         self._kv_layers: set[int] = set()
-        if self._kv_i is not None:
-            kv = pipeline.stages[self._kv_i]
+        kv = pipeline.stages[self._kv_i] if self._kv_i is not None else None
+        if kv is not None:
             self._kv_layers = set(kv.cache.layer_list(self.adapter.num_layers, f"stages.{self._kv_i}.cache"))
-        self._kv_decode_steps = set(pipeline.stages[self._kv_i].cache.decode.steps) if self._kv_i is not None else set()
+        self._kv_decode_steps = set(kv.cache.decode.steps) if kv is not None else set()
         self._site = {stage.layer: i for i, stage in layer_stages}
         self._capture_layers = {stage.layer - 1 for _, stage in layer_stages if stage.layer >= 1}
         self._handles: list[Any] = []
@@ -422,19 +422,8 @@ class AttachedPipeline:
         ep.live = new_live
         self._carry_token_data(ep, stage.positions, state, rel)
         self.pipeline.runs[stage_i] += 1
-        valid_after = ep.valid_now()
-        visual_after = ep.visual.gather(1, new_index) & valid_after
-        valid_before = state.valid_mask
-        self.pipeline.trace.append(StageTrace(
-            stage=stage_i, layer=layer,
-            tokens_before=valid_before.sum(1).tolist(),
-            tokens_after=valid_after.sum(1).tolist(),
-            visual_before=visual_before.sum(1).tolist(),
-            visual_after=visual_after.sum(1).tolist(),
-            kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
-            operator_ms=clock.ms,
-            merged_into=_merges(state.merged_into, cur),
-        ))
+        self.pipeline.trace.append(_trace(ep, stage_i, layer, state.valid_mask, visual_before, new_index, ep.live,
+                                          operator_ms=clock.ms, merged_into=_merges(state.merged_into, cur)))
         return hidden
 
     def _carry_token_data(self, ep: _Episode, positions: str, state: TokenState, rel: torch.Tensor) -> None:
@@ -547,17 +536,9 @@ class AttachedPipeline:
             ep.layer_live[layer] = new_live
             if layer == 0:
                 ep.short_first_cache = True
-            valid_before = state.valid_mask
-            valid_after = ep.valid.gather(1, new_index) & (new_live if new_live is not None else True)
-            self.pipeline.trace.append(StageTrace(
-                stage=stage_i, layer=layer, site="kv_cache",
-                tokens_before=valid_before.sum(1).tolist(), tokens_after=valid_after.sum(1).tolist(),
-                visual_before=visual_before.sum(1).tolist(),
-                visual_after=(ep.visual.gather(1, new_index) & valid_after).sum(1).tolist(),
-                kept=[row[v].tolist() for row, v in zip(new_index, valid_after)],
-                operator_ms=rec["ms"] + clock.ms,
-                merged_into=_merges(state.merged_into, cur),
-            ))
+            self.pipeline.trace.append(_trace(ep, stage_i, layer, state.valid_mask, visual_before, new_index, new_live,
+                                              site="kv_cache", operator_ms=rec["ms"] + clock.ms,
+                                              merged_into=_merges(state.merged_into, cur)))
         self.pipeline.runs[stage_i] += 1
         ep.kv = {}
 
@@ -600,7 +581,8 @@ class AttachedPipeline:
         k_p = held.shape[1]
         valid = ep.valid.gather(1, held) & (live if live is not None else True)
         if dec.score_layer is None or layer == dec.score_layer:
-            pe = self._decode_position_embeddings(layer, ep, hidden, kwargs)
+            pe = (kwargs.get("position_embeddings") if ep.layer_shift.get(layer) is None
+                  else self._shifted_decode_positions(layer, ep, hidden, kwargs)[1])
             with torch.no_grad():
                 q = self.adapter.project_queries(layer, hidden, pe, torch.full((b, 1), hidden.shape[1] - 1,
                                                                                 device=hidden.device))  # (B, H, 1, hd)
@@ -633,23 +615,8 @@ class AttachedPipeline:
         if layer == 0:
             ep.short_first_cache = True
         ep.decode_masks.clear()
-        after = ep.valid.gather(1, new_index) & (new_live if new_live is not None else True)
-        self.pipeline.trace.append(StageTrace(
-            stage=self._kv_i, layer=layer, site="decode", step=ep.decode_step,
-            tokens_before=valid.sum(1).tolist(), tokens_after=after.sum(1).tolist(),
-            visual_before=visual.sum(1).tolist(), visual_after=(ep.visual.gather(1, new_index) & after).sum(1).tolist(),
-            kept=[row[v].tolist() for row, v in zip(new_index, after)],
-        ))
-
-    def _decode_position_embeddings(self, layer: int, ep: _Episode, hidden: torch.Tensor, kwargs: dict) -> Any:
-        """The rotary cos/sin ``layer`` applies to the current decoding token (shifted after renumbering stages)."""
-        shift = ep.layer_shift.get(layer)
-        if shift is None:
-            return kwargs.get("position_embeddings")
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
-        return self.adapter.rotary_embeddings(hidden, expand_batch(pos, shift.shape[0]) - shift[:, None])
+        self.pipeline.trace.append(_trace(ep, self._kv_i, layer, valid, visual, new_index, new_live, site="decode",
+                                          step=ep.decode_step))
 
     # --- decoding ----------------------------------------------------------------------------
     def _decode_layer(self, layer: int, ep: _Episode, args: tuple, kwargs: dict):
@@ -678,18 +645,23 @@ class AttachedPipeline:
                 ep.decode_masks[key] = mask
             kwargs["attention_mask"] = ep.decode_masks[key]
         if shift is not None:
-            key = id(shift)
-            if key not in ep.decode_pe:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                pos = kwargs.get("position_ids")
-                if pos is None:
-                    pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
-                pos = expand_batch(pos, shift.shape[0]) - shift[:, None]
-                ep.decode_pe[key] = (pos, self.adapter.rotary_embeddings(hidden, pos))
-            pos, pe = ep.decode_pe[key]
+            pos, pe = self._shifted_decode_positions(layer, ep, args[0] if args else kwargs["hidden_states"], kwargs)
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = pe
         return args, kwargs
+
+    def _shifted_decode_positions(self, layer: int, ep: _Episode, hidden: torch.Tensor, kwargs: dict):
+        """(position ids, rotary cos/sin) of the decoding tokens at ``layer``, after a renumbering stage moved its
+        positions down by ``ep.layer_shift[layer]`` (computed once per step and shift)."""
+        shift = ep.layer_shift[layer]
+        key = id(shift)
+        if key not in ep.decode_pe:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
+            pos = expand_batch(pos, shift.shape[0]) - shift[:, None]
+            ep.decode_pe[key] = (pos, self.adapter.rotary_embeddings(hidden, pos))
+        return ep.decode_pe[key]
 
     # --- the cross_attention site (Mllama) -----------------------------------------------------
     def _cross_layer_hook(self, layer: int, first: bool):
@@ -815,3 +787,14 @@ def _merges(merged_into: torch.Tensor | None, index: torch.Tensor) -> list[dict[
         src = (row >= 0).nonzero().flatten()
         out.append(dict(zip(idx[src].tolist(), idx[row[src]].tolist())))
     return out
+
+
+def _trace(ep: _Episode, stage: int, layer: int, valid_before: torch.Tensor, visual_before: torch.Tensor,
+           index: torch.Tensor, live: torch.Tensor | None, **extra) -> StageTrace:
+    """The trace of one stage run: counts before (given) and after (the tokens ``index`` with ``live``), and the
+    kept real tokens per sample in input-frame indices."""
+    valid_after = ep.valid.gather(1, index) & (live if live is not None else True)
+    return StageTrace(stage=stage, layer=layer, tokens_before=valid_before.sum(1).tolist(),
+                      tokens_after=valid_after.sum(1).tolist(), visual_before=visual_before.sum(1).tolist(),
+                      visual_after=(ep.visual.gather(1, index) & valid_after).sum(1).tolist(),
+                      kept=[row[v].tolist() for row, v in zip(index, valid_after)], **extra)

@@ -26,6 +26,7 @@ import torch
 
 from tokenprune.adapters import get_adapter
 from tokenprune.attention import LayerAttentionSource
+from tokenprune.registry import build_operator
 from tokenprune.state import TokenState
 
 HEADS = ("mean", "max")
@@ -141,13 +142,9 @@ def text_to_image_attention(model, inputs: dict, layers: list[int], queries: str
         rows = state.signals.query_rows(queries, sample)
         if rows.numel() == 0:
             raise ValueError(f"sample {sample} has no {queries!r} query rows")
-        if rotary:
-            probs = state.signals.attention_probs(sample, rows)  # (H, Q, N)
-        else:
-            from tokenprune.registry import build_operator
-
+        if not rotary:
             state.shifts.append(build_operator("rope_free"))
-            probs = state.signals.attention_probs(sample, rows)
+        probs = state.signals.attention_probs(sample, rows)  # (H, Q, N)
         if isinstance(heads, str):
             per_head = probs.mean(dim=1)  # (H, N)
             att = per_head.mean(0) if heads == "mean" else per_head.max(0).values
