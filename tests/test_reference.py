@@ -36,16 +36,16 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
     from tokenprune.train_reference import load_config, train
 
     micro = ["model.vision_hidden=16", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=32",
-             "model.text_layers=1", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
+             "model.text_layers=2", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
              "data.num_workers=0", "val.items=3", "val.every=0", "logging.wandb=false", "logging.every=1", "checkpoint_every=1",
              f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}", "accelerator=cpu",
-             "vision_warmup_steps=1"]  # step 0 trains the tower alone, then both
+             "vision_warmup_steps=1", "attention_hints.from_step=1"]  # step 0 trains the tower alone, then both
     first = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=2"]))
     assert first["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     second = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=3"]))
     assert second["steps"] == 3  # continued from step 2, not from scratch
     metrics = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "train/aux_loss" in metrics
+    assert "train/loss" in metrics and "train/aux_loss" in metrics and "train/hint_loss" in metrics
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
     proc = AutoProcessor.from_pretrained(tmp_path / "export", local_files_only=True)
     it = shapes.make_item("y/0", "exist")
@@ -67,6 +67,12 @@ def test_a_bad_training_key_is_named():
         load_config("experiments/train_reference.yaml", ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="vision_warmup_steps: trains on the auxiliary patch loss only"):
         load_config("experiments/train_reference.yaml", ["aux_weight=0"])
+    with pytest.raises(ConfigError, match=r"attention_hints.retrieve_layer: must be a layer of the LLM, 0..3; got 4"):
+        load_config("experiments/train_reference.yaml", ["attention_hints.retrieve_layer=4"])
+    with pytest.raises(ConfigError, match="attention_hints.retrieve_layer: must come after gather_layer=1"):
+        load_config("experiments/train_reference.yaml", ["attention_hints.gather_layer=1"])
+    with pytest.raises(ConfigError, match=r"attention_hints.heads: must be 1..4 \(model.text_heads\); got 0"):
+        load_config("experiments/train_reference.yaml", ["attention_hints.heads=0"])
 
 
 def test_path_names_the_training_command_until_the_model_exists():
@@ -229,3 +235,95 @@ def test_align_loss_on_centre_patches_ignores_the_rest_of_the_shape():
     assert float(align_loss(tokens, batch, emb, "center")) == pytest.approx(0.0, abs=1e-6)
     noisy = 1 - torch.nn.functional.cosine_similarity(tokens[0, 10:13], target[None], dim=-1)
     assert float(align_loss(tokens, batch, emb, "shape")) == pytest.approx(float(noisy.mean()), rel=1e-5)
+
+
+def test_named_shapes_reads_colour_and_kind_words_by_hand():
+    from tokenprune.train_reference import named_shapes
+
+    scene = [{"kind": "circle", "color": "red"}, {"kind": "circle", "color": "blue"}, {"kind": "square", "color": "red"}]
+    pick = lambda q: [(d["color"], d["kind"]) for d in named_shapes(q, scene)]  # noqa: E731
+    assert pick("What color is the square?") == [("red", "square")]
+    assert pick("How many circles are there?") == [("red", "circle"), ("blue", "circle")]
+    assert pick("Is there a blue circle?") == [("blue", "circle")]
+    assert pick("Is there a blue square?") == []  # absent: nothing to look at
+    assert pick("Is the red square left or right of the blue circle?") == [("blue", "circle"), ("red", "square")]
+
+
+def _hinted_batch(n_turns=4):
+    from tokenprune.train_reference import describe, encode, more_turns
+
+    proc = reference.build_processor()
+    items = [more_turns(shapes.make_item(f"hint/{i}", shapes.TYPES[i % 5], i), n_turns, f"hint/{i}/more")
+             for i in range(5)]
+    items[4] = describe(items[4])
+    return proc, items, encode(proc, items, hints=True)
+
+
+def test_hint_targets_are_the_answer_rows_question_words_and_named_patches():
+    from tokenprune.train_reference import named_shapes, shape_patches
+
+    proc, items, batch = _hinted_batch()
+    tok = proc.tokenizer
+    for b, it in enumerate(items[:4]):
+        questions = [it["question"]] + [q for q, _ in it["more"]]
+        answers = [it["answer"]] + [a for _, a in it["more"]]
+        for j, (q, a) in enumerate(zip(questions, answers)):
+            row = int(batch["hint_row"][b, j])
+            # the row predicts the answer: it is unlabelled and the next token is the answer word
+            assert batch["labels"][b, row] == -100 and tok.convert_ids_to_tokens(int(batch["labels"][b, row + 1])) == a
+            words = tok.convert_ids_to_tokens(batch["input_ids"][b][batch["hint_words"][b, j]].tolist())
+            wanted = [w for w in q.replace("?", " ").split() if w in shapes.COLORS or w in shapes.KINDS or w[:-1] in shapes.KINDS]
+            assert words == wanted
+            expected = torch.zeros(576, dtype=torch.bool)
+            for d in named_shapes(q, it["shapes"]):
+                expected |= shape_patches(shapes.Shape(**d))
+            assert torch.equal(batch["hint_patches"][b, j], expected)
+        assert (batch["hint_row"][b, len(questions):] == -1).all()
+    assert (batch["hint_row"][4] == -1).all()  # descriptions get no hints
+
+
+def test_shape_patches_by_hand():
+    from tokenprune.train_reference import shape_patches
+
+    # a 28-px square centred on (41, 41): pixels 27..54, i.e. patches 1..3 on both axes (14 px each):
+    # patch 1 (14..27) holds one column (1/14 < 1/4, off), 2 (28..41) and 3 (42..55, 13 px) are covered
+    got = shape_patches(shapes.Shape("square", "red", 41, 41, 28)).view(24, 24)
+    assert got.nonzero().tolist() == [[2, 2], [2, 3], [3, 2], [3, 3]]
+    tiny = shape_patches(shapes.Shape("circle", "red", 100, 100, 4)).view(24, 24)  # < 1/4 of any patch
+    assert tiny.sum() == 1 and tiny[100 // 14, 100 // 14]
+
+
+def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model():
+    """hint_loss recomputes two layers' attention rows; the reference is the eager model's own attention maps."""
+    from tokenprune.train_reference import hint_loss
+
+    proc, items, batch = _hinted_batch()
+    hints = {k: batch.pop(k) for k in list(batch) if k.startswith("hint_")}
+    model = reference.build_model(attn_implementation="eager").eval()
+    layers = model.model.language_model.layers
+    captured, hooks = {}, []
+    for layer in (0, 2):
+        def grab(module, args, kwargs, layer=layer):
+            captured[layer] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+        hooks.append(layers[layer].register_forward_pre_hook(grab, with_kwargs=True))
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        got = hint_loss(model, captured, {**batch, **hints}, gather_layer=0, retrieve_layer=2, heads=2)
+    for h in hooks:
+        h.remove()
+    start = int((batch["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    per_layer = []
+    for layer, key in ((0, "hint_words"), (2, "hint_patches")):
+        attn = out.attentions[layer]  # (B, H, L, L)
+        terms = []
+        for b in range(len(items)):
+            for j in range(hints["hint_row"].shape[1]):
+                row = int(hints["hint_row"][b, j])
+                target = hints[key][b, j]
+                if row < 0 or not target.any():
+                    continue
+                cols = target.nonzero().flatten() + (start if key == "hint_patches" else 0)
+                for head in range(2):
+                    terms.append(-torch.log(attn[b, head, row, cols].sum() + 1e-6))
+        per_layer.append(torch.stack(terms).mean())
+    assert float(got) == pytest.approx(float(torch.stack(per_layer).mean()), rel=1e-4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,12 @@ DEFAULTS = {
     # same image (one of each other type, as later chat turns): the 576 image tokens dominate a step's cost,
     # so extra questions add supervision almost for free. 1: off.
     "multi_turn": {"turns": 1, "from_step": 0},
+    # From step `from_step`, supervise two attention hops at every position that predicts an answer (the last
+    # prompt token of each turn): in layer `gather_layer` the first `heads` heads attend to the question's colour
+    # and kind words, in layer `retrieve_layer` to the patches of the shapes the question names; the loss is
+    # -log(attention mass on those targets). Without it the LLM sat at the answer priors for thousands of steps:
+    # neither hop gets a gradient until the other works (docs/reference_model.md). 0: off.
+    "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -79,6 +86,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     if cfg.vision_warmup_steps and not cfg.aux_weight:
         raise ConfigError("vision_warmup_steps", f"trains on the auxiliary patch loss only, so it needs aux_weight > 0 "
                           f"(got vision_warmup_steps={cfg.vision_warmup_steps}, aux_weight={cfg.aux_weight})")
+    hints = cfg.attention_hints
+    if hints.weight:
+        layers = cfg.model.text_layers
+        for key in ("gather_layer", "retrieve_layer"):
+            if not 0 <= hints[key] < layers:
+                raise ConfigError(f"attention_hints.{key}", f"must be a layer of the LLM, 0..{layers - 1}; got {hints[key]}")
+        if hints.gather_layer >= hints.retrieve_layer:
+            raise ConfigError("attention_hints.retrieve_layer", f"must come after gather_layer={hints.gather_layer} "
+                              f"(the question is gathered first, then the image is read); got {hints.retrieve_layer}")
+        if not 1 <= hints.heads <= cfg.model.text_heads:
+            raise ConfigError("attention_hints.heads", f"must be 1..{cfg.model.text_heads} (model.text_heads); "
+                              f"got {hints.heads}")
     if cfg.optim.max_steps < 1:
         raise ConfigError("optim.max_steps", f"must be >= 1, got {cfg.optim.max_steps}")
     return cfg
@@ -104,16 +123,34 @@ def patch_targets(items: list[dict]) -> dict[str, torch.Tensor]:
     for b, it in enumerate(items):
         for d in it["shapes"]:
             sh = shapes.Shape(**d)
-            m, top, left = shapes._mask(sh)
-            cover = torch.zeros(shapes.SIZE, shapes.SIZE)
-            cover[top:top + sh.size, left:left + sh.size] = torch.from_numpy(m).float()
-            frac = cover.view(GRID, _PATCH, GRID, _PATCH).mean(dim=(1, 3)).flatten()
-            on = (frac >= 0.25) | (frac == frac.max())  # a small shape still marks its best-covered patch
+            on = shape_patches(sh)
             color[b, on] = colors.index(sh.color) + 1
             kind[b, on] = kinds.index(sh.kind) + 1
             xy[b, on] = torch.tensor([sh.cx / shapes.SIZE, sh.cy / shapes.SIZE])
             center[b, (sh.cy // _PATCH) * GRID + sh.cx // _PATCH] = 1.0
     return {"aux_color": color, "aux_kind": kind, "aux_center": center, "aux_xy": xy}
+
+
+def shape_patches(sh: shapes.Shape) -> torch.Tensor:
+    """(576,) bool: the patches a shape covers (>= 1/4 of their pixels; a small shape still marks its best-covered
+    patch), row-major like the visual tokens."""
+    m, top, left = shapes._mask(sh)
+    cover = torch.zeros(shapes.SIZE, shapes.SIZE)
+    cover[top:top + sh.size, left:left + sh.size] = torch.from_numpy(m).float()
+    frac = cover.view(GRID, _PATCH, GRID, _PATCH).mean(dim=(1, 3)).flatten()
+    return (frac >= 0.25) | (frac == frac.max())
+
+
+_KINDS_AND_PLURALS = {**{k: k for k in shapes.KINDS}, **{k + "s": k for k in shapes.KINDS}}
+
+
+def named_shapes(question: str, scene: list[dict]) -> list[dict]:
+    """The shapes of ``scene`` that ``question`` names: for each kind word (plural too), the shapes of that kind,
+    and of the colour word just before it if there is one ("the red circle", "How many circles")."""
+    words = re.sub(r"[?.,]", " ", question).split()
+    names = [(words[i - 1] if i and words[i - 1] in shapes.COLORS else None, _KINDS_AND_PLURALS[w])
+             for i, w in enumerate(words) if w in _KINDS_AND_PLURALS]
+    return [d for d in scene if any(d["kind"] == k and c in (None, d["color"]) for c, k in names)]
 
 
 class PatchHead(torch.nn.Module):
@@ -164,6 +201,42 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
     return (1 - F.cosine_similarity(tokens[shape].float(), target, dim=-1)).mean()
 
 
+def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor], gather_layer: int,
+              retrieve_layer: int, heads: int) -> torch.Tensor:
+    """-log(attention mass on the targets), averaged over turns that have targets and over the first ``heads``
+    heads: in ``gather_layer`` from each answer-predicting row to the question's colour and kind words, in
+    ``retrieve_layer`` to the named shapes' patches. ``captured[layer]`` is that layer's input (hidden states
+    and rotary embeddings); the attention rows are recomputed from it as the model computes them (causal, no
+    padding keys) with tokenprune's own adapter."""
+    from tokenprune.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    rows = batch["hint_row"]
+    valid_row = rows >= 0
+    ids = batch["input_ids"]
+    n, width = ids.shape
+    image = ids == model.config.image_token_id
+    start = image.float().argmax(dim=1)
+    patches = torch.zeros(n, rows.shape[1], width, dtype=torch.bool, device=ids.device)
+    cols = start[:, None] + torch.arange(GRID * GRID, device=ids.device)  # the image's positions in each row
+    patches.scatter_(2, cols[:, None, :].expand(-1, rows.shape[1], -1), batch["hint_patches"])
+    terms = []
+    for layer, target in ((gather_layer, batch["hint_words"]), (retrieve_layer, patches)):
+        hidden, position_embeddings = captured[layer]
+        q = adapter.project_queries(layer, hidden, position_embeddings, rows.clamp(min=0))
+        k = adapter.project_keys(layer, hidden, position_embeddings)
+        q, k = q[:, :heads], k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, :heads]  # grouped-query heads
+        scores = (q @ k.transpose(-1, -2)).float() * adapter.attention_scaling(layer)  # (B, h, T, L)
+        allowed = (torch.arange(width, device=ids.device)[None, None, :] <= rows[..., None]) \
+            & batch["attention_mask"].bool()[:, None, :]
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        mass = (probs * target[:, None].float()).sum(dim=-1)  # (B, h, T)
+        use = valid_row & target.any(dim=-1)
+        if use.any():
+            terms.append(-(mass + 1e-6).log().permute(0, 2, 1)[use].mean())
+    return torch.stack(terms).mean() if terms else ids.new_zeros((), dtype=torch.float)
+
+
 def pixel_values(processor, image) -> torch.Tensor:
     """(1, 3, 336, 336) pixels of a 336×336 RGB image as ``processor``'s image processor gives them (its resize
     and centre crop are the identity at that size, so only rescale and normalise remain; a test checks it)."""
@@ -175,30 +248,59 @@ def pixel_values(processor, image) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-def encode(processor, items: list[dict]) -> dict[str, torch.Tensor]:
-    """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>."""
+def encode(processor, items: list[dict], hints: bool = False) -> dict[str, torch.Tensor]:
+    """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>.
+
+    ``hints``: also the targets of the attention hints (``attention_hints`` in the config), per sample and turn:
+    ``hint_row`` (B, T) the position that predicts the turn's answer (-1: no turn), ``hint_words`` (B, T, L) the
+    question's colour and kind words, ``hint_patches`` (B, T, 576) the patches of the shapes it names (none for
+    descriptions, or when the question names no shape that is there).
+    """
     tok = processor.tokenizer
     image_token = tok.convert_ids_to_tokens(processor.image_token_id) if hasattr(processor, "image_token_id") \
         else processor.image_token
-    pixels, rows, labels = [], [], []
+    word_ids = set(tok.convert_tokens_to_ids(list(shapes.COLORS) + list(_KINDS_AND_PLURALS)))
+    pixels, rows, labels, turns = [], [], [], []
     for it in items:
         text = prompt(processor, it["question"]).replace(image_token, image_token * GRID * GRID)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        answer = tok(f" {it['answer']} </s>", add_special_tokens=False)["input_ids"]
+        row = tok(text, add_special_tokens=False)["input_ids"]
+        label = [-100] * len(row)
         pixels.append(pixel_values(processor, it["image"]))
-        row, label = ids + answer, [-100] * len(ids) + answer
-        for q, a in it.get("more", ()):  # further turns about the same image (the chat template's format)
-            turn = tok(f" USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        qas = [(it["question"], it["answer"], 0)] + [(q, a, None) for q, a in it.get("more", ())]
+        spans = []
+        for q, a, start in qas:  # further turns about the same image (the chat template's format)
+            if start is None:
+                start = len(row)
+                turn = tok(f" USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                row, label = row + turn, label + [-100] * len(turn)
+            spans.append((q, start, len(row) - 1))  # the question's tokens, and the row that predicts the answer
             answer = tok(f" {a} </s>", add_special_tokens=False)["input_ids"]
-            row, label = row + turn + answer, label + [-100] * len(turn) + answer
+            row, label = row + answer, label + answer
         rows.append(row)
         labels.append(label)
+        turns.append(spans)
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     label_t = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels), "labels": label_t}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels), "labels": label_t}
+    if hints:
+        n, t = len(items), max(len(sp) for sp in turns)
+        hint_row = torch.full((n, t), -1)
+        hint_words = torch.zeros(n, t, width, dtype=torch.bool)
+        hint_patches = torch.zeros(n, t, GRID * GRID, dtype=torch.bool)
+        for b, (it, spans) in enumerate(zip(items, turns)):
+            if it.get("type") == "describe":
+                continue
+            for j, (q, start, end) in enumerate(spans):
+                hint_row[b, j] = end
+                for i in range(start, end + 1):
+                    hint_words[b, j, i] = rows[b][i] in word_ids
+                for d in named_shapes(q, it["shapes"]):
+                    hint_patches[b, j] |= shape_patches(shapes.Shape(**d))
+        batch.update(hint_row=hint_row, hint_words=hint_words, hint_patches=hint_patches)
+    return batch
 
 
 class ShapesStream(torch.utils.data.IterableDataset):
@@ -209,8 +311,10 @@ class ShapesStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
-                 targets: bool = False, describe: dict | None = None, multi_turn: dict | None = None):
+                 targets: bool = False, describe: dict | None = None, multi_turn: dict | None = None,
+                 hints: bool = False):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+        self.hints = hints  # add the attention hints' targets (encode(hints=True))
         self.describe_share = float((describe or {}).get("share", 0.0))
         self.describe_from = int((describe or {}).get("from_step", 0))
         self.turns = int((multi_turn or {}).get("turns", 1))
@@ -236,7 +340,7 @@ class ShapesStream(torch.utils.data.IterableDataset):
             if self.describe_share and b >= self.describe_from:
                 every = max(1, round(1 / self.describe_share))
                 items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
-            batch = encode(self.processor, items)
+            batch = encode(self.processor, items, hints=self.hints)
             yield {**batch, **patch_targets(items)} if self.targets else batch
 
 
@@ -298,6 +402,7 @@ def _lightning_module(cfg: DictConfig, processor):
 
         def training_step(self, batch, _):
             aux = {k: batch.pop(k) for k in list(batch) if k.startswith("aux_")}
+            hint_batch = {k: batch.pop(k) for k in list(batch) if k.startswith("hint_")}
             if self.global_step < cfg.vision_warmup_steps:  # the tower alone, on the patch loss
                 feats = self.model.model.get_image_features(
                     pixel_values=batch["pixel_values"], vision_feature_layer=self.model.config.vision_feature_layer,
@@ -308,15 +413,30 @@ def _lightning_module(cfg: DictConfig, processor):
                 self.log("train/aux_loss", aux_loss)
                 return cfg.aux_weight * aux_loss
             seen: list[torch.Tensor] = []
-            hook = None
+            hooks = []
             if self.head is not None:
-                hook = self.model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
+                hooks.append(self.model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o)))
+            hints = cfg.attention_hints
+            use_hints = bool(hints.weight) and self.global_step >= hints.from_step and bool(hint_batch)
+            captured: dict[int, tuple] = {}
+            if use_hints:
+                layers = self.model.model.language_model.layers
+                for layer in (hints.gather_layer, hints.retrieve_layer):
+                    def grab(module, args, kwargs, layer=layer):
+                        hidden = args[0] if args else kwargs["hidden_states"]
+                        captured[layer] = (hidden, kwargs["position_embeddings"])
+                    hooks.append(layers[layer].register_forward_pre_hook(grab, with_kwargs=True))
             try:
                 loss = self.model(**batch).loss
             finally:
-                if hook is not None:
+                for hook in hooks:
                     hook.remove()
             self.log("train/loss", loss, prog_bar=True)
+            if use_hints:
+                hint = hint_loss(self.model, captured, {**batch, **hint_batch}, hints.gather_layer,
+                                 hints.retrieve_layer, hints.heads)
+                self.log("train/hint_loss", hint)
+                loss = loss + hints.weight * hint
             if self.head is not None:
                 tokens = seen[0].reshape(len(batch["input_ids"]), GRID * GRID, -1)
                 aux_loss = self.head.loss(tokens, aux)
@@ -381,7 +501,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
                                                     targets=bool(cfg.aux_weight),
                                                     describe=OmegaConf.to_container(cfg.describe),
-                                                    multi_turn=OmegaConf.to_container(cfg.multi_turn)),
+                                                    multi_turn=OmegaConf.to_container(cfg.multi_turn),
+                                                    hints=bool(cfg.attention_hints.weight)),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
