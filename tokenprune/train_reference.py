@@ -59,7 +59,8 @@ DEFAULTS = {
     # and kind words, in layer `retrieve_layer` to the patches of the shapes the question names; the loss is
     # -log(attention mass on those targets). Without it the LLM sat at the answer priors for thousands of steps:
     # neither hop gets a gradient until the other works (docs/reference_model.md). 0: off.
-    "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1},
+    "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1,
+                        "absent": "none"},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -95,6 +96,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         if hints.gather_layer >= hints.retrieve_layer:
             raise ConfigError("attention_hints.retrieve_layer", f"must come after gather_layer={hints.gather_layer} "
                               f"(the question is gathered first, then the image is read); got {hints.retrieve_layer}")
+        if hints.absent not in HINT_ABSENT:
+            raise ConfigError("attention_hints.absent", f"must be one of {', '.join(HINT_ABSENT)}; got {hints.absent!r}")
         if not 1 <= hints.heads <= cfg.model.text_heads:
             raise ConfigError("attention_hints.heads", f"must be 1..{cfg.model.text_heads} (model.text_heads); "
                               f"got {hints.heads}")
@@ -144,13 +147,24 @@ def shape_patches(sh: shapes.Shape) -> torch.Tensor:
 _KINDS_AND_PLURALS = {**{k: k for k in shapes.KINDS}, **{k + "s": k for k in shapes.KINDS}}
 
 
-def named_shapes(question: str, scene: list[dict]) -> list[dict]:
-    """The shapes of ``scene`` that ``question`` names: for each kind word (plural too), the shapes of that kind,
-    and of the colour word just before it if there is one ("the red circle", "How many circles")."""
+def shape_names(words: list[str]) -> list[tuple[int, ...]]:
+    """The shapes a question names, in its word order, as the indices of their words: each kind word (plural
+    too) with the colour word just before it if there is one ("the red circle" -> (i, i + 1))."""
+    return [(i - 1, i) if i and words[i - 1] in shapes.COLORS else (i,)
+            for i, w in enumerate(words) if w in _KINDS_AND_PLURALS]
+
+
+def named_shapes(question: str, scene: list[dict]) -> list[list[dict]]:
+    """For each shape ``question`` names (in its order), the shapes of ``scene`` that match the name: of that
+    kind, and of that colour if the name has one ("the red circle" -> [red circles]; "How many circles" ->
+    [all circles]); an empty list when no shape matches."""
     words = re.sub(r"[?.,]", " ", question).split()
-    names = [(words[i - 1] if i and words[i - 1] in shapes.COLORS else None, _KINDS_AND_PLURALS[w])
-             for i, w in enumerate(words) if w in _KINDS_AND_PLURALS]
-    return [d for d in scene if any(d["kind"] == k and c in (None, d["color"]) for c, k in names)]
+    out = []
+    for name in shape_names(words):
+        kind = _KINDS_AND_PLURALS[words[name[-1]]]
+        color = words[name[0]] if len(name) == 2 else None
+        out.append([d for d in scene if d["kind"] == kind and color in (None, d["color"])])
+    return out
 
 
 class PatchHead(torch.nn.Module):
@@ -201,40 +215,40 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
     return (1 - F.cosine_similarity(tokens[shape].float(), target, dim=-1)).mean()
 
 
+HINT_ABSENT = ("none", "first_token")
+HINT_SLOTS = 2  # a question names at most two shapes (relations); hinted head h follows name h % 2
+
+
 def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor], gather_layer: int,
               retrieve_layer: int, heads: int) -> torch.Tensor:
-    """-log(attention mass on the targets), averaged over turns that have targets and over the first ``heads``
-    heads: in ``gather_layer`` from each answer-predicting row to the question's colour and kind words, in
-    ``retrieve_layer`` to the named shapes' patches. ``captured[layer]`` is that layer's input (hidden states
-    and rotary embeddings); the attention rows are recomputed from it as the model computes them (causal, no
-    padding keys) with tokenprune's own adapter."""
+    """-log(attention mass on the targets), averaged over the turns that have targets and over the first
+    ``heads`` heads: in ``gather_layer`` from each answer-predicting row to the words of one shape the question
+    names (``hint_gather``), in ``retrieve_layer`` to that shape's patches (``hint_retrieve``); head h follows
+    the question's name h % 2, so with two heads a relation's two shapes are gathered and retrieved apart.
+    ``captured[layer]`` is that layer's input (hidden states and rotary embeddings); the attention rows are
+    recomputed from it as the model computes them (causal, no padding keys) with tokenprune's own adapter."""
     from tokenprune.adapters import get_adapter
 
     adapter = get_adapter(model)
     rows = batch["hint_row"]
-    valid_row = rows >= 0
-    ids = batch["input_ids"]
-    n, width = ids.shape
-    image = ids == model.config.image_token_id
-    start = image.float().argmax(dim=1)
-    patches = torch.zeros(n, rows.shape[1], width, dtype=torch.bool, device=ids.device)
-    cols = start[:, None] + torch.arange(GRID * GRID, device=ids.device)  # the image's positions in each row
-    patches.scatter_(2, cols[:, None, :].expand(-1, rows.shape[1], -1), batch["hint_patches"])
+    width = batch["input_ids"].shape[1]
+    slot = torch.arange(heads, device=rows.device) % HINT_SLOTS
     terms = []
-    for layer, target in ((gather_layer, batch["hint_words"]), (retrieve_layer, patches)):
+    for layer, key in ((gather_layer, "hint_gather"), (retrieve_layer, "hint_retrieve")):
         hidden, position_embeddings = captured[layer]
         q = adapter.project_queries(layer, hidden, position_embeddings, rows.clamp(min=0))
         k = adapter.project_keys(layer, hidden, position_embeddings)
         q, k = q[:, :heads], k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, :heads]  # grouped-query heads
         scores = (q @ k.transpose(-1, -2)).float() * adapter.attention_scaling(layer)  # (B, h, T, L)
-        allowed = (torch.arange(width, device=ids.device)[None, None, :] <= rows[..., None]) \
+        allowed = (torch.arange(width, device=rows.device)[None, None, :] <= rows[..., None]) \
             & batch["attention_mask"].bool()[:, None, :]
         probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-        mass = (probs * target[:, None].float()).sum(dim=-1)  # (B, h, T)
-        use = valid_row & target.any(dim=-1)
+        target = batch[key][:, :, slot].permute(0, 2, 1, 3)  # (B, h, T, L): each head's name
+        mass = (probs * target.float()).sum(dim=-1)  # (B, h, T)
+        use = (rows >= 0)[:, None] & target.any(dim=-1)
         if use.any():
-            terms.append(-(mass + 1e-6).log().permute(0, 2, 1)[use].mean())
-    return torch.stack(terms).mean() if terms else ids.new_zeros((), dtype=torch.float)
+            terms.append(-(mass + 1e-6).log()[use].mean())
+    return torch.stack(terms).mean() if terms else rows.new_zeros((), dtype=torch.float)
 
 
 def pixel_values(processor, image) -> torch.Tensor:
@@ -248,18 +262,20 @@ def pixel_values(processor, image) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-def encode(processor, items: list[dict], hints: bool = False) -> dict[str, torch.Tensor]:
+def encode(processor, items: list[dict], hints: bool = False, absent: str = "none") -> dict[str, torch.Tensor]:
     """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>.
 
-    ``hints``: also the targets of the attention hints (``attention_hints`` in the config), per sample and turn:
-    ``hint_row`` (B, T) the position that predicts the turn's answer (-1: no turn), ``hint_words`` (B, T, L) the
-    question's colour and kind words, ``hint_patches`` (B, T, 576) the patches of the shapes it names (none for
-    descriptions, or when the question names no shape that is there).
+    ``hints``: also the targets of the attention hints (``attention_hints`` in the config), per sample, turn
+    and name (the first and the second shape the question names; a question naming one shape fills both):
+    ``hint_row`` (B, T) the position that predicts the turn's answer (-1: no turn), ``hint_gather`` (B, T, 2, L)
+    the name's colour and kind words, ``hint_retrieve`` (B, T, 2, L) the patches of the shapes that match it.
+    When none matches, ``absent="first_token"`` targets the row's first token instead (a place to look that
+    is not the image, so that "no such shape" is learnt as such); ``"none"`` leaves no target. Descriptions
+    get no hints.
     """
     tok = processor.tokenizer
     image_token = tok.convert_ids_to_tokens(processor.image_token_id) if hasattr(processor, "image_token_id") \
         else processor.image_token
-    word_ids = set(tok.convert_tokens_to_ids(list(shapes.COLORS) + list(_KINDS_AND_PLURALS)))
     pixels, rows, labels, turns = [], [], [], []
     for it in items:
         text = prompt(processor, it["question"]).replace(image_token, image_token * GRID * GRID)
@@ -288,18 +304,26 @@ def encode(processor, items: list[dict], hints: bool = False) -> dict[str, torch
     if hints:
         n, t = len(items), max(len(sp) for sp in turns)
         hint_row = torch.full((n, t), -1)
-        hint_words = torch.zeros(n, t, width, dtype=torch.bool)
-        hint_patches = torch.zeros(n, t, GRID * GRID, dtype=torch.bool)
+        gather = torch.zeros(n, t, HINT_SLOTS, width, dtype=torch.bool)
+        retrieve = torch.zeros(n, t, HINT_SLOTS, width, dtype=torch.bool)
         for b, (it, spans) in enumerate(zip(items, turns)):
             if it.get("type") == "describe":
                 continue
+            image = rows[b].index(tok.convert_tokens_to_ids(image_token))
             for j, (q, start, end) in enumerate(spans):
                 hint_row[b, j] = end
-                for i in range(start, end + 1):
-                    hint_words[b, j, i] = rows[b][i] in word_ids
-                for d in named_shapes(q, it["shapes"]):
-                    hint_patches[b, j] |= shape_patches(shapes.Shape(**d))
-        batch.update(hint_row=hint_row, hint_words=hint_words, hint_patches=hint_patches)
+                words = tok.convert_ids_to_tokens(rows[b][start:end + 1])
+                names, matches = shape_names(words), named_shapes(q, it["shapes"])
+                if len(names) != len(matches):
+                    raise AssertionError(f"the tokens of {q!r} name {len(names)} shapes, its words {len(matches)}")
+                for s in range(HINT_SLOTS if names else 0):
+                    name, match = names[min(s, len(names) - 1)], matches[min(s, len(names) - 1)]
+                    gather[b, j, s, [start + i for i in name]] = True
+                    for d in match:
+                        retrieve[b, j, s, image:image + GRID * GRID] |= shape_patches(shapes.Shape(**d))
+                    if not match and absent == "first_token":
+                        retrieve[b, j, s, 0] = True
+        batch.update(hint_row=hint_row, hint_gather=gather, hint_retrieve=retrieve)
     return batch
 
 
@@ -312,9 +336,9 @@ class ShapesStream(torch.utils.data.IterableDataset):
 
     def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
                  targets: bool = False, describe: dict | None = None, multi_turn: dict | None = None,
-                 hints: bool = False):
+                 hints: bool = False, hint_absent: str = "none"):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
-        self.hints = hints  # add the attention hints' targets (encode(hints=True))
+        self.hints, self.hint_absent = hints, hint_absent  # add the attention hints' targets (encode(hints=True))
         self.describe_share = float((describe or {}).get("share", 0.0))
         self.describe_from = int((describe or {}).get("from_step", 0))
         self.turns = int((multi_turn or {}).get("turns", 1))
@@ -340,7 +364,7 @@ class ShapesStream(torch.utils.data.IterableDataset):
             if self.describe_share and b >= self.describe_from:
                 every = max(1, round(1 / self.describe_share))
                 items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
-            batch = encode(self.processor, items, hints=self.hints)
+            batch = encode(self.processor, items, hints=self.hints, absent=self.hint_absent)
             yield {**batch, **patch_targets(items)} if self.targets else batch
 
 
@@ -502,7 +526,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                     targets=bool(cfg.aux_weight),
                                                     describe=OmegaConf.to_container(cfg.describe),
                                                     multi_turn=OmegaConf.to_container(cfg.multi_turn),
-                                                    hints=bool(cfg.attention_hints.weight)),
+                                                    hints=bool(cfg.attention_hints.weight),
+                                                    hint_absent=cfg.attention_hints.absent),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
