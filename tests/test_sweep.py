@@ -89,6 +89,7 @@ def test_a_killed_sweep_resumes_and_failures_are_recorded(tmp_path, tiny_folder)
     assert table[0]["stages.0.operators.1.keep"] == "0.5" and float(table[2]["flops_reduction"]) > float(
         table[0]["flops_reduction"])
     assert (out / "accuracy_vs_flops.png").stat().st_size > 1000
+    assert (out / "results.md").read_text().count("\n") == 2 + 1 + len(rows)  # header, unpruned, variants
     assert len(list((out / ".baselines").glob("*.jsonl"))) == 1  # the unpruned baseline ran once
 
     # "kill" it mid-variant: keep=0.25 left without its metrics.json (a partial run directory)
@@ -100,3 +101,21 @@ def test_a_killed_sweep_resumes_and_failures_are_recorded(tmp_path, tiny_folder)
     again = json.loads((out / "keep=0.25" / "metrics.json").read_text())
     assert again["visual_tokens_kept"] == [144.0] and again["baseline_cached"]
     assert [r["accuracy"] for r in rows2 if not r["error"]] == [r["accuracy"] for r in rows if not r["error"]]
+
+
+def test_results_markdown_table_by_hand():
+    from tokenprune.sweep import results_markdown
+
+    rows = [{"variant": "keep=0.5", "pipeline": "base", "accuracy": 0.875, "relative_score": 97.2222,
+             "fidelity": 0.9, "flops_reduction": 0.4123, "equivalent_visual_tokens": 250.0, "prefill_ms": 12.34,
+             "error": ""},
+            {"variant": "fastv,keep=0.5", "pipeline": "fastv", "error": "ValueError: bad"},
+            {"variant": "keep=0.25", "pipeline": "base", "accuracy": 0.5, "relative_score": 55.5555,
+             "fidelity": 0.5, "flops_reduction": 0.7, "equivalent_visual_tokens": 100.0, "prefill_ms": None,
+             "error": ""}]
+    table = results_markdown(rows, {"accuracy": 0.9, "prefill_ms": 20.0}).splitlines()
+    assert table[2] == "| unpruned | — | 90.0% | 100.0 | 100.0% | 0.0% | — | 20.0 |"
+    assert table[3] == "| keep=0.5 | base | 87.5% | 97.2 | 90.0% | 41.2% | 250.0 | 12.3 |"
+    assert table[4] == "| keep=0.25 | base | 50.0% | 55.6 | 50.0% | 70.0% | 100.0 | — |"  # grouped by pipeline
+    assert table[5] == "| fastv,keep=0.5 | fastv | failed: ValueError: bad | | | | | |"
+

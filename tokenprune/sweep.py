@@ -294,7 +294,31 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]], baseline: dict[str, 
         for r in rows:
             writer.writerow({c: r.get(c, "") for c in columns})
     tmp.replace(sweep.output_dir / "results.csv")
+    tmp = sweep.output_dir / "results.md.tmp"
+    tmp.write_text(results_markdown(rows, baseline))
+    tmp.replace(sweep.output_dir / "results.md")
     plot_accuracy_vs_flops(rows, baseline, sweep.output_dir / "accuracy_vs_flops.png", title=sweep.name)
+
+
+def results_markdown(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
+    """The results as a Markdown table (``results.md`` next to ``results.csv``; docs/results.md quotes it):
+    one row per variant under the unpruned one, grouped by pipeline in the sweep's order, with accuracy,
+    relative score (pruned / unpruned x 100), fidelity (answers identical to the unpruned model's), the
+    analytic LLM-prefill FLOPs reduction, the layer-averaged visual tokens, and the median prefill time."""
+    lines = ["| variant | pipeline | accuracy | relative score | fidelity | FLOPs reduction | visual tokens "
+             "(layer avg.) | prefill ms |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if baseline:
+        lines.append(f"| unpruned | — | {_pct(baseline.get('accuracy'))} | 100.0 | 100.0% | 0.0% | — | "
+                     f"{_num(baseline.get('prefill_ms'))} |")
+    order = list(dict.fromkeys(r["pipeline"] for r in rows))
+    for r in sorted(rows, key=lambda r: order.index(r["pipeline"])):
+        if r.get("error"):
+            lines.append(f"| {r['variant']} | {r['pipeline']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['pipeline']} | {_pct(r.get('accuracy'))} | "
+                     f"{_num(r.get('relative_score'))} | {_pct(r.get('fidelity'))} | {_pct(r.get('flops_reduction'))} | "
+                     f"{_num(r.get('equivalent_visual_tokens'))} | {_num(r.get('prefill_ms'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_accuracy_vs_flops(rows: list[dict[str, Any]], baseline: dict[str, Any] | None, path: Path,
