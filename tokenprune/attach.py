@@ -48,6 +48,12 @@ from tokenprune.pipeline import Pipeline, StageTrace
 from tokenprune.state import Signals, TokenState, VisionSource
 
 
+def _cache_kwarg(kwargs: dict) -> Any:
+    """The KV cache a forward was given: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 @dataclass
 class _Capture:
     layer: int
@@ -218,7 +224,7 @@ class AttachedPipeline:
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._forwards += 1
         input_ids = self.adapter.input_ids(args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_kwarg(kwargs)
         past = self.adapter.cache_length(cache)
         if input_ids is None:
             if past == 0 and kwargs.get("inputs_embeds") is not None:
@@ -302,7 +308,7 @@ class AttachedPipeline:
         if not ep.full:
             ep.kinds = self.adapter.mark_token_kinds(hidden, ep.visual)
             if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
-                ep.cache = kwargs.get("past_key_values")
+                ep.cache = _cache_kwarg(kwargs)
             b, n = ep.visual.shape
             pos = kwargs.get("position_ids")
             ep.positions_given = pos is not None
@@ -673,7 +679,7 @@ class AttachedPipeline:
                 if not self.adapter.has_cross_attention_states(kwargs):
                     return None
                 if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
-                    ep.cache = kwargs.get("past_key_values")
+                    ep.cache = _cache_kwarg(kwargs)
                 if first:
                     self._run_cross_stage(layer, ep, args[0] if args else kwargs["hidden_states"], kwargs)
                 if ep.cross is None:
