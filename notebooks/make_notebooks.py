@@ -19,15 +19,10 @@ from tokenprune import reference, viz
 from tokenprune.data import shapes
 
 torch.manual_seed(0)
-try:
-    folder = reference.path()
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    print("reference model:", folder)
-except FileNotFoundError as e:  # not shipped yet (docs/reference_model.md): same architecture, random weights
-    print(f"{e}\\n-> UNTRAINED random-init model of the reference architecture: the maps below show the tools, "
-          "not what a trained model attends to")
-    model, processor = reference.build_model().eval(), reference.build_processor()
+folder = reference.path()  # the shipped reference model (docs/reference_model.md)
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+processor = AutoProcessor.from_pretrained(folder)
+print("reference model:", folder)
 '''
 
 ATTENTION = [
@@ -102,15 +97,7 @@ from tokenprune.sweep import Sweep, run_sweep
 sweep_dir = Path(os.environ.get("SWEEP_DIR", "runs/sweeps/asap"))
 if not (sweep_dir / "results.csv").exists():
     from tokenprune import reference
-    try:
-        model_path = str(reference.path())
-    except FileNotFoundError as e:
-        print(f"{e}\\n-> the demo sweep runs an UNTRAINED model of the reference architecture: its accuracies are noise")
-        import tempfile
-        model_path = tempfile.mkdtemp()
-        m, p = reference.build_model(), reference.build_processor()
-        m.save_pretrained(model_path)
-        p.save_pretrained(model_path)
+    model_path = str(reference.path())
     import yaml
     sweep_dir = Path("runs/sweeps/notebook_demo")
     sweep_dir.mkdir(parents=True, exist_ok=True)
