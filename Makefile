@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tokenprune demo
+	$(VENV)/bin/tokenprune run experiments/asap_shapes.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
