@@ -55,10 +55,11 @@ DEFAULTS = {
     # so extra questions add supervision almost for free. 1: off.
     "multi_turn": {"turns": 1, "from_step": 0},
     # From step `from_step`, supervise two attention hops at every position that predicts an answer (the last
-    # prompt token of each turn): in layer `gather_layer` the first `heads` heads attend to the question's colour
-    # and kind words, in layer `retrieve_layer` to the patches of the shapes the question names; the loss is
-    # -log(attention mass on those targets). Without it the LLM sat at the answer priors for thousands of steps:
-    # neither hop gets a gradient until the other works (docs/reference_model.md). 0: off.
+    # prompt token of each turn): in layer `gather_layer` each of the first `heads` heads attends to the colour
+    # and kind words of one shape the question names (head h: the (h % 2)-th name), in layer `retrieve_layer` to
+    # the patches of the shapes matching that name, or with `absent: first_token` to the first token when none
+    # does; the loss is -log(attention mass on those targets). Without it the LLM sat at the answer priors for
+    # thousands of steps: neither hop gets a gradient until the other works (docs/reference_model.md). 0: off.
     "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1,
                         "absent": "none"},
     "checkpoint_every": 500,
