@@ -39,7 +39,7 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
              "model.text_layers=2", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
              "data.num_workers=0", "val.items=3", "val.every=0", "logging.wandb=false", "logging.every=1", "checkpoint_every=1",
              f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}", "accelerator=cpu",
-             "vision_warmup_steps=1", "attention_hints.from_step=1"]  # step 0 trains the tower alone, then both
+             "vision_warmup_steps=1", "attention_hints.from_step=1", "attention_hints.retrieve_layer=1"]  # step 0 trains the tower alone, then both
     first = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=2"]))
     assert first["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     second = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=3"]))
@@ -69,8 +69,8 @@ def test_a_bad_training_key_is_named():
         load_config("experiments/train_reference.yaml", ["aux_weight=0"])
     with pytest.raises(ConfigError, match=r"attention_hints.retrieve_layer: must be a layer of the LLM, 0..3; got 4"):
         load_config("experiments/train_reference.yaml", ["attention_hints.retrieve_layer=4"])
-    with pytest.raises(ConfigError, match="attention_hints.retrieve_layer: must come after gather_layer=1"):
-        load_config("experiments/train_reference.yaml", ["attention_hints.gather_layer=1"])
+    with pytest.raises(ConfigError, match="attention_hints.retrieve_layer: must come after gather_layer=2"):
+        load_config("experiments/train_reference.yaml", ["attention_hints.gather_layer=2"])
     with pytest.raises(ConfigError, match=r"attention_hints.heads: must be 1..4 \(model.text_heads\); got 0"):
         load_config("experiments/train_reference.yaml", ["attention_hints.heads=0"])
     with pytest.raises(ConfigError, match=r"attention_hints.absent: must be one of none, first_token; got .sink."):
