@@ -160,12 +160,14 @@ def named_shapes(question: str, scene: list[dict]) -> list[list[dict]]:
     kind, and of that colour if the name has one ("the red circle" -> [red circles]; "How many circles" ->
     [all circles]); an empty list when no shape matches."""
     words = re.sub(r"[?.,]", " ", question).split()
-    out = []
-    for name in shape_names(words):
-        kind = _KINDS_AND_PLURALS[words[name[-1]]]
-        color = words[name[0]] if len(name) == 2 else None
-        out.append([d for d in scene if d["kind"] == kind and color in (None, d["color"])])
-    return out
+    return [_matching(words, name, scene) for name in shape_names(words)]
+
+
+def _matching(words: list[str], name: tuple[int, ...], scene: list[dict]) -> list[dict]:
+    """The shapes of ``scene`` that the name at word indices ``name`` (from :func:`shape_names`) describes."""
+    kind = _KINDS_AND_PLURALS[words[name[-1]]]
+    color = words[name[0]] if len(name) == 2 else None
+    return [d for d in scene if d["kind"] == kind and color in (None, d["color"])]
 
 
 class PatchHead(torch.nn.Module):
@@ -311,12 +313,11 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
             if it.get("type") == "describe":
                 continue
             image = rows[b].index(tok.convert_tokens_to_ids(image_token))
-            for j, (q, start, end) in enumerate(spans):
+            for j, (_, start, end) in enumerate(spans):
                 hint_row[b, j] = end
                 words = tok.convert_ids_to_tokens(rows[b][start:end + 1])
-                names, matches = shape_names(words), named_shapes(q, it["shapes"])
-                if len(names) != len(matches):
-                    raise AssertionError(f"the tokens of {q!r} name {len(names)} shapes, its words {len(matches)}")
+                names = shape_names(words)
+                matches = [_matching(words, name, it["shapes"]) for name in names]
                 for s in range(HINT_SLOTS if names else 0):
                     name, match = names[min(s, len(names) - 1)], matches[min(s, len(names) - 1)]
                     gather[b, j, s, [start + i for i in name]] = True
