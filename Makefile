@@ -23,6 +23,7 @@ $(STAMP): setup.cfg pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 demo: $(STAMP)

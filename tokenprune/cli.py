@@ -117,7 +117,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from tokenprune.run import load_run_config, run, summary_table
 
     metrics = run(load_run_config(args.config, args.overrides))
-    print(summary_table(metrics))
+    if "per_task" in metrics:  # lmms-eval tasks
+        from tokenprune.lmms_eval_run import summary_table as lmms_table
+
+        print(lmms_table(metrics))
+    else:
+        print(summary_table(metrics))
     print(f"run directory: {metrics['output_dir']}")
 
 

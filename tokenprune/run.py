@@ -30,7 +30,8 @@ from tokenprune.evaluation import data_digest, load_items, open_image, relative_
 DEFAULTS: dict[str, Any] = {
     "model": {"path": "reference", "dtype": "float32", "attn_implementation": "sdpa", "device_map": None,
               "trust_remote_code": False},
-    "data": {"source": "shapes", "split": "test", "limit": None, "path": None, "metric": None},
+    "data": {"source": "shapes", "split": "test", "limit": None, "path": None, "metric": None,
+             "lmms_eval": None},  # lmms-eval tasks instead of items: a list, or {tasks, include_path, metrics}
     "pipeline": "asap",  # a preset name, a YAML path, or an inline mapping
     "overrides": [],  # KEY=VALUE overrides of the pipeline
     "generation": {"max_new_tokens": 4, "do_sample": False},
@@ -74,20 +75,29 @@ def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> D
         relative = Path(path).parent / cfg.data.path  # a data path relative to the config file, when it is there
         if relative.exists():
             cfg.data.path = str(relative)
+    spec = cfg.data.lmms_eval
+    if isinstance(spec, DictConfig) and spec.get("include_path") and path is not None \
+            and not Path(spec.include_path).is_absolute() and (Path(path).parent / spec.include_path).exists():
+        spec.include_path = str(Path(path).parent / spec.include_path)
     return cfg
 
 
 def resolve_pipeline(cfg: DictConfig):
     """The run's pipeline (validated), or None for ``pipeline: none``."""
+    return resolve_pipeline_spec(cfg.pipeline, list(cfg.overrides))
+
+
+def resolve_pipeline_spec(spec: Any, overrides: list[str], key: str = "pipeline"):
+    """The pipeline ``spec`` names (a preset name, a YAML path or a mapping; None or ``none``: no pipeline), with
+    ``overrides``; errors are reported under ``key``."""
     from tokenprune.pipeline import load_pipeline
 
-    spec = cfg.pipeline
     if spec is None or spec == "none":
         return None
     try:
-        return load_pipeline(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec, list(cfg.overrides))
+        return load_pipeline(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec, overrides)
     except ConfigError as e:
-        raise ConfigError(f"pipeline{'.' + e.key if e.key else ''}", e.detail) from None
+        raise ConfigError(f"{key}{'.' + e.key if e.key else ''}", e.detail) from None
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -142,10 +152,11 @@ def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return ident
 
 
-def build_prompt(processor, question: str) -> str:
-    """The model's chat template around one image and ``question``, ending where the answer starts."""
+def build_prompt(processor, question: str, images: int = 1) -> str:
+    """The model's chat template around ``images`` images (before the text) and ``question``, ending where the
+    answer starts."""
     return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": question}]}],
         add_generation_prompt=True)
 
 
@@ -390,9 +401,14 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate the pipeline and the (cached) unpruned baseline; write the run directory; return metrics.json."""
+    """Evaluate the pipeline and the (cached) unpruned baseline; write the run directory; return metrics.json.
+    With ``data.lmms_eval`` the evaluation is lmms-eval's (:mod:`tokenprune.lmms_eval_run`)."""
     import pytorch_lightning as pl
 
+    if cfg.data.lmms_eval:
+        from tokenprune.lmms_eval_run import run_lmms_eval
+
+        return run_lmms_eval(cfg)
     pipeline = resolve_pipeline(cfg)  # config errors before any model is loaded
     items = load_items(cfg.data)
     pl.seed_everything(cfg.seed, verbose=False)

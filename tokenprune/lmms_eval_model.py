@@ -1,0 +1,272 @@
+"""The lmms-eval model ``tokenprune``: a Hugging Face checkpoint with a tokenprune pipeline attached, evaluated
+on any lmms-eval task (GQA, MMBench, MME, POPE, ScienceQA-IMG, TextVQA, VQAv2, ... or a local task)::
+
+    lmms-eval --model tokenprune \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,pipeline=asap,overrides=stages.0.operators.1.keep=0.25 \\
+        --tasks pope,gqa --batch_size 8
+
+``--model_args`` (comma-separated ``KEY=VALUE``; see :data:`MODEL_ARGS`): ``pretrained`` a model id or folder
+(``reference``: the shipped reference model), ``pipeline`` a preset name, a YAML path or ``none`` (unpruned),
+``overrides`` the pipeline's ``KEY=VALUE`` overrides separated by ``;``, ``dtype``, ``attn_implementation``,
+``device``, ``device_map``, ``trust_remote_code``, ``max_new_tokens`` (the default when a task sets none).
+
+``generate_until`` is batched (requests grouped by generation settings and image count); ``loglikelihood`` runs
+one request at a time, the continuation scored in the same pruned forward as its context. Requests are built
+with the processor's chat template, the images before the text, as ``tokenprune run`` builds them; lmms-eval's
+``<image>`` placeholders in the context are dropped (the template places the images).
+
+lmms-eval finds this class through the entry point in :mod:`tokenprune.lmms_eval_entry`; the rest of
+tokenprune never imports this module. See docs/lmms_eval.md.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from lmms_eval.api.model import lmms
+
+from tokenprune.errors import ConfigError
+
+MODEL_ARGS = ("pretrained", "pipeline", "overrides", "dtype", "attn_implementation", "device", "device_map",
+              "batch_size", "max_batch_size", "trust_remote_code", "max_new_tokens")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def split_overrides(overrides: str | list | tuple | None) -> list[str]:
+    """The pipeline overrides of ``--model_args overrides=A=1;B=2`` (lmms-eval splits model_args on commas, so
+    several overrides are separated by ``;``); a list is taken as it is."""
+    if overrides is None or overrides == "":
+        return []
+    if isinstance(overrides, (list, tuple)):
+        return [str(o) for o in overrides]
+    parts = [p.strip() for p in str(overrides).split(";") if p.strip()]
+    for p in parts:
+        if "=" not in p:
+            raise ConfigError("model_args.overrides", f"each override is KEY=VALUE (several separated by ';'); "
+                                                      f"got {p!r}")
+    return parts
+
+
+class TokenPrune(lmms):
+    """lmms-eval's interface (:class:`lmms_eval.api.model.lmms`) over a model with a tokenprune pipeline.
+
+    ``pipeline`` (a :class:`tokenprune.pipeline.Pipeline` or None) may be swapped between evaluations; the model
+    stays loaded (``tokenprune run`` with ``data.lmms_eval`` evaluates unpruned and pruned this way).
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str = "reference", pipeline: str = "none", overrides: str = "",
+                 dtype: str | None = None, attn_implementation: str = "sdpa", device: str | None = None,
+                 device_map: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
+                 trust_remote_code: bool = False, max_new_tokens: int = 128, **unknown: Any) -> None:
+        super().__init__()
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"model_args.{key}", f"unknown argument (given {unknown[key]!r}); allowed: "
+                                                   f"{', '.join(MODEL_ARGS)}")
+        from tokenprune.run import DTYPES, _load_model, resolve_pipeline_spec
+
+        try:
+            self.batch_size_per_gpu = int(batch_size)
+        except (TypeError, ValueError):
+            raise ConfigError("model_args.batch_size", f"must be a positive integer, got {batch_size!r}") from None
+        if self.batch_size_per_gpu < 1:
+            raise ConfigError("model_args.batch_size", f"must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError("model_args.max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}")
+        cuda = torch.cuda.is_available()
+        dtype = dtype or ("bfloat16" if cuda else "float32")
+        if dtype not in DTYPES:
+            raise ConfigError("model_args.dtype", f"{dtype!r}; allowed: {', '.join(DTYPES)}")
+        self.pipeline = resolve_pipeline_spec(pipeline, split_overrides(overrides), key="model_args.pipeline")
+        self.model_config = {"path": str(pretrained), "dtype": dtype, "attn_implementation": attn_implementation,
+                             "device_map": device_map, "trust_remote_code": bool(trust_remote_code)}
+        try:
+            self.model, self.processor = _load_model(self.model_config)
+        except ConfigError as e:
+            raise ConfigError("model_args.pretrained", e.detail) from None
+        if device_map is None:
+            self.model.to(torch.device(device) if device else torch.device("cuda" if cuda else "cpu"))
+        self.max_new_tokens = max_new_tokens
+        self.keep_loaded = False  # True: lmms-eval's clean() after an evaluation keeps the model (run reuses it)
+
+    # --- lmms-eval's interface ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def generate_until(self, requests) -> list[str]:
+        """Generated text for each request (``args``: context, generation kwargs, doc_to_visual, doc_id, task,
+        split), cut at the first ``until`` string; batched ``batch_size`` at a time among requests with the same
+        generation settings and image count, in lmms-eval's order on return."""
+        prepared = [self._prepare(req.args[0], req.args[2], *req.args[3:6]) for req in requests]
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            key = json.dumps([req.args[1], len(prepared[i][1])], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(i)
+        results: list[str | None] = [None] * len(requests)
+        for indices in groups.values():
+            gen_kwargs = dict(requests[indices[0]].args[1] or {})
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                texts = self._generate([prepared[i] for i in chunk], gen_kwargs)
+                for i, text in zip(chunk, texts):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), text)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(log p(continuation | context, images), whether greedy decoding gives the continuation) per request
+        (``args``: context, continuation or doc_to_target, doc_to_visual, doc_id, task, split), from one forward
+        of context + continuation with the pipeline attached (text tokens are never pruned, so the
+        continuation's logits are the forward's last ones)."""
+        out = []
+        for req in requests:
+            context, target, doc_to_visual, doc_id, task, split = req.args
+            doc = self._doc(task, split, doc_id)
+            continuation = target if isinstance(target, str) else target(doc)
+            prompt, images = self._prepare(context, doc_to_visual, doc_id, task, split)
+            context_ids = self._encode([prompt], [images])["input_ids"][0]
+            enc = self._encode([prompt + continuation], [images])
+            ids = enc["input_ids"][0]
+            n = ids.shape[0] - context_ids.shape[0]
+            if n < 1 or not torch.equal(ids[:context_ids.shape[0]], context_ids):
+                raise ValueError(f"task {task!r} doc {doc_id}: the continuation {continuation!r} does not extend the "
+                                 "context's tokens (the tokenizer merges across the boundary)")
+            image_id = getattr(self.model.config, "image_token_id", None)
+            if image_id is not None and bool((ids[-n:] == image_id).any()):
+                raise ValueError(f"task {task!r} doc {doc_id}: the continuation holds image tokens")
+            with torch.no_grad(), self._attached():
+                logits = self.model(**self._to_device(enc)).logits[0, -n - 1:-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            cont = ids[-n:].to(logprobs.device)
+            total = float(logprobs.gather(-1, cont[:, None]).sum())
+            greedy = bool((logprobs.argmax(-1) == cont).all())
+            out.append(_loglikelihood_result(total, greedy))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (total, greedy))
+        return out
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("the tokenprune model does not run multi-round generation tasks yet")
+
+    def clean(self) -> None:
+        """lmms-eval calls this after its requests: drops the model unless ``keep_loaded``."""
+        if self.keep_loaded:
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return
+        super().clean()
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _doc(self, task: str, split: str, doc_id: int) -> dict:
+        return self.task_dict[task][split][doc_id]
+
+    def _prepare(self, context: str, doc_to_visual, doc_id: int, task: str, split: str) -> tuple[str, list]:
+        """(prompt through the chat template, RGB images) of one request."""
+        from tokenprune.run import build_prompt
+
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
+        images = [v.convert("RGB") for v in (visuals or []) if v is not None]
+        text = context.replace(IMAGE_PLACEHOLDER, "").strip()
+        return build_prompt(self.processor, text, images=len(images)), images
+
+    def _encode(self, prompts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+        self.processor.tokenizer.padding_side = "left"
+        if any(images):
+            return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
+        return dict(self.processor(text=prompts, return_tensors="pt", padding=True))
+
+    def _to_device(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = next(self.model.parameters()).dtype
+        return {k: v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in enc.items()}
+
+    def _attached(self):
+        import contextlib
+
+        return self.pipeline.attach(self.model) if self.pipeline is not None else contextlib.nullcontext()
+
+    def _generate(self, prepared: list[tuple[str, list]], gen_kwargs: dict) -> list[str]:
+        until = gen_kwargs.get("until")
+        until = [until] if isinstance(until, str) else list(until or [])
+        new_tokens = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        sample = bool(gen_kwargs.get("do_sample")) or temperature > 0
+        options: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": sample,
+                                   "num_beams": int(gen_kwargs.get("num_beams") or 1)}
+        if sample:
+            options["temperature"] = temperature or 1.0
+            if gen_kwargs.get("top_p") is not None:
+                options["top_p"] = float(gen_kwargs["top_p"])
+        enc = self._to_device(self._encode([p for p, _ in prepared], [im for _, im in prepared]))
+        with torch.no_grad(), self._attached():
+            out = self.model.generate(**enc, **options)
+        texts = self.processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [_cut(t, until).strip() for t in texts]
+
+
+class LoglikelihoodResult(str):
+    """A (logprob, is_greedy) pair that lmms-eval 0.7.3's evaluator keeps intact.
+
+    That version passes every response through ``unwrap_generation_output``, which turns anything that is not a
+    string (the (float, bool) tuples every ``loglikelihood`` returns) into its ``str()``; its multiple-choice
+    scoring then unpacks the string and fails. A ``str`` is passed through unchanged, so the pair travels as a
+    ``str`` (its text is the tuple's, as lmms-eval would log it) that unpacks, indexes and compares as the tuple,
+    and survives the CLI's reasoning-tag stripping (which finds no tag in it and returns ``.strip()``).
+    Used only where that lmms-eval stringifies tuples (:func:`_loglikelihood_result`).
+    """
+
+    def __new__(cls, logprob: float, greedy: bool):
+        obj = super().__new__(cls, str((logprob, greedy)))
+        obj.pair = (logprob, greedy)
+        return obj
+
+    def __iter__(self):
+        return iter(self.pair)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        return self.pair[i]
+
+    def __eq__(self, other) -> bool:
+        return self.pair == tuple(other) if isinstance(other, (tuple, LoglikelihoodResult)) else NotImplemented
+
+    __hash__ = str.__hash__
+
+    def strip(self, chars=None):  # the CLI's reasoning-tag stripping ends with .strip(); the text has no padding
+        return self
+
+
+def _stringifies_tuples() -> bool:
+    try:
+        from lmms_eval.api.instance import unwrap_generation_output
+    except ImportError:  # older lmms-eval: responses are kept as returned
+        return False
+    return isinstance(unwrap_generation_output((0.0, True))[0], str)
+
+
+_WRAP_PAIRS = _stringifies_tuples()
+
+
+def _loglikelihood_result(logprob: float, greedy: bool):
+    return LoglikelihoodResult(logprob, greedy) if _WRAP_PAIRS else (logprob, greedy)
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
