@@ -113,6 +113,15 @@ def _cmd_train_reference(args: argparse.Namespace) -> None:
           ", ".join(f"{t} {a:.3f}" for t, a in result["val"]["per_type"].items()))
 
 
+def _cmd_lmms_task(args: argparse.Namespace) -> None:
+    from tokenprune.lmms_tasks import VQA_TASK, YES_NO_TASK, write_shapes_task
+
+    folder = write_shapes_task(args.folder, args.split, args.limit)
+    print(f"wrote the lmms-eval tasks {VQA_TASK} and {YES_NO_TASK} to {folder}; run them with\n"
+          f"  lmms-eval --model tokenprune --model_args pretrained=reference,pipeline=asap "
+          f"--include_path {folder} --tasks {VQA_TASK},{YES_NO_TASK}")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from tokenprune.run import load_run_config, run, summary_table
 
@@ -214,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="training YAML (experiments/train_reference.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_train_reference)
+
+    p = sub.add_parser("lmms-task", help="write the shapes benchmark as local lmms-eval tasks (shapes_vqa, "
+                                         "shapes_yes_no) into a folder, for --include_path")
+    p.add_argument("folder")
+    p.add_argument("--split", default="test", help="shapes split (test: 1000 items, val: 500)")
+    p.add_argument("--limit", type=int, default=None, help="the first N items")
+    p.set_defaults(func=_cmd_lmms_task)
 
     p = sub.add_parser("demo", help="run a pipeline on a tiny random LLaVA and print what it did")
     p.add_argument("pipeline", nargs="?", default="fastv")

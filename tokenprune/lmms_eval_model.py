@@ -11,7 +11,8 @@ on any lmms-eval task (GQA, MMBench, MME, POPE, ScienceQA-IMG, TextVQA, VQAv2, .
 ``device``, ``device_map``, ``trust_remote_code``, ``max_new_tokens`` (the default when a task sets none).
 
 ``generate_until`` is batched (requests grouped by generation settings and image count); ``loglikelihood`` runs
-one request at a time, the continuation scored in the same pruned forward as its context. Requests are built
+one request at a time: the pipeline prunes in the context's prefill, then the continuation is decoded (forced)
+from the pruned cache, as it would be generated. Requests are built
 with the processor's chat template, the images before the text, as ``tokenprune run`` builds them; lmms-eval's
 ``<image>`` placeholders in the context are dropped (the template places the images).
 
@@ -123,34 +124,45 @@ class TokenPrune(lmms):
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(log p(continuation | context, images), whether greedy decoding gives the continuation) per request
-        (``args``: context, continuation or doc_to_target, doc_to_visual, doc_id, task, split), from one forward
-        of context + continuation with the pipeline attached (text tokens are never pruned, so the
-        continuation's logits are the forward's last ones)."""
+        """(loss, whether greedy decoding gives the continuation) per request (``args``: context, continuation or
+        doc_to_target, doc_to_visual, doc_id, task, split).
+
+        The loss is lmms-eval's convention, not lm-eval's log-likelihood: the mean negative log-probability of the
+        continuation's tokens, as every lmms-eval model returns it (the models' ``outputs.loss``); lmms-eval's
+        multiple-choice scoring picks the choice with the *smallest* value (its api/task.py, argmin).
+
+        The continuation is scored the way it would be generated: the pipeline prunes in the prefill of the
+        context alone, then the continuation's tokens are decoded one by one with the pruned cache (``generate()``
+        forced to emit them; the log-probabilities are read from its raw logits). Scoring context + continuation in
+        one forward would let the continuation steer the pruning (FastV-style scorers rank the visual tokens by
+        the last token's attention, which would be the answer being scored)."""
+        from transformers import LogitsProcessorList
+
         out = []
         for req in requests:
             context, target, doc_to_visual, doc_id, task, split = req.args
             doc = self._doc(task, split, doc_id)
             continuation = target if isinstance(target, str) else target(doc)
             prompt, images = self._prepare(context, doc_to_visual, doc_id, task, split)
-            context_ids = self._encode([prompt], [images])["input_ids"][0]
-            enc = self._encode([prompt + continuation], [images])
-            ids = enc["input_ids"][0]
-            n = ids.shape[0] - context_ids.shape[0]
-            if n < 1 or not torch.equal(ids[:context_ids.shape[0]], context_ids):
+            enc = self._encode([prompt], [images])
+            ids = self._encode([prompt + continuation], [images])["input_ids"][0]
+            n = ids.shape[0] - enc["input_ids"].shape[1]
+            if n < 1 or not torch.equal(ids[:-n], enc["input_ids"][0]):
                 raise ValueError(f"task {task!r} doc {doc_id}: the continuation {continuation!r} does not extend the "
                                  "context's tokens (the tokenizer merges across the boundary)")
-            image_id = getattr(self.model.config, "image_token_id", None)
-            if image_id is not None and bool((ids[-n:] == image_id).any()):
-                raise ValueError(f"task {task!r} doc {doc_id}: the continuation holds image tokens")
+            cont = ids[-n:].to(self.device)
             with torch.no_grad(), self._attached():
-                logits = self.model(**self._to_device(enc)).logits[0, -n - 1:-1].float()
+                gen = self.model.generate(**self._to_device(enc), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          num_beams=1, logits_processor=LogitsProcessorList([_Force(cont)]),
+                                          output_logits=True, return_dict_in_generate=True)
+            logits = torch.cat([step[:1].float() for step in gen.logits])  # (n, V), raw
+            if logits.shape[0] != n:
+                raise RuntimeError(f"task {task!r} doc {doc_id}: decoded {logits.shape[0]} of {n} continuation tokens")
             logprobs = torch.log_softmax(logits, dim=-1)
-            cont = ids[-n:].to(logprobs.device)
-            total = float(logprobs.gather(-1, cont[:, None]).sum())
-            greedy = bool((logprobs.argmax(-1) == cont).all())
-            out.append(_loglikelihood_result(total, greedy))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), (total, greedy))
+            loss = -float(logprobs.gather(-1, cont[:, None]).mean())
+            greedy = bool((logits.argmax(-1) == cont).all())
+            out.append(_loglikelihood_result(loss, greedy))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (loss, greedy))
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
@@ -216,7 +228,7 @@ class TokenPrune(lmms):
 
 
 class LoglikelihoodResult(str):
-    """A (logprob, is_greedy) pair that lmms-eval 0.7.3's evaluator keeps intact.
+    """A (loss, is_greedy) pair that lmms-eval 0.7.3's evaluator keeps intact.
 
     That version passes every response through ``unwrap_generation_output``, which turns anything that is not a
     string (the (float, bool) tuples every ``loglikelihood`` returns) into its ``str()``; its multiple-choice
@@ -226,9 +238,9 @@ class LoglikelihoodResult(str):
     Used only where that lmms-eval stringifies tuples (:func:`_loglikelihood_result`).
     """
 
-    def __new__(cls, logprob: float, greedy: bool):
-        obj = super().__new__(cls, str((logprob, greedy)))
-        obj.pair = (logprob, greedy)
+    def __new__(cls, loss: float, greedy: bool):
+        obj = super().__new__(cls, str((loss, greedy)))
+        obj.pair = (loss, greedy)
         return obj
 
     def __iter__(self):
@@ -260,8 +272,26 @@ def _stringifies_tuples() -> bool:
 _WRAP_PAIRS = _stringifies_tuples()
 
 
-def _loglikelihood_result(logprob: float, greedy: bool):
-    return LoglikelihoodResult(logprob, greedy) if _WRAP_PAIRS else (logprob, greedy)
+def _loglikelihood_result(loss: float, greedy: bool):
+    return LoglikelihoodResult(loss, greedy) if _WRAP_PAIRS else (loss, greedy)
+
+
+class _Force:
+    """A logits processor that makes ``generate()`` emit ``tokens`` (one per step), whatever the model prefers."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = min(self._step(input_ids), self.tokens.shape[0] - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.tokens[step]] = 0.0
+        return forced
+
+    def _step(self, input_ids: torch.Tensor) -> int:
+        if not hasattr(self, "_start"):
+            self._start = input_ids.shape[1]
+        return input_ids.shape[1] - self._start
 
 
 def _cut(text: str, until: list[str]) -> str:

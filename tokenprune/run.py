@@ -405,7 +405,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     With ``data.lmms_eval`` the evaluation is lmms-eval's (:mod:`tokenprune.lmms_eval_run`)."""
     import pytorch_lightning as pl
 
-    if cfg.data.lmms_eval:
+    if cfg.data.lmms_eval is not None:
         from tokenprune.lmms_eval_run import run_lmms_eval
 
         return run_lmms_eval(cfg)
