@@ -24,6 +24,9 @@ class AttentionScorer(Scorer):
     (``raters``); ASAP adds the visual tokens themselves (``visual``, with the
     ``bidirectional_soft_mask`` shift). ``instruction`` is the text after the image, ``text`` every
     text token, ``all`` every token. Heads are reduced by ``heads``; query rows are averaged.
+    ``query_stride: s`` keeps every s-th row of the set: with ``queries: visual`` at thousands of visual
+    tokens, the (H x Nv x N) block of logits dominates the operator's time, and a strided subset of the
+    visual queries estimates the same column means at 1/s of the cost.
 
     The rows are recomputed from the previous layer's input with its own q/k projections and rotary
     embedding, only for the rows asked for, so the model keeps SDPA/FlashAttention and no
@@ -35,11 +38,17 @@ class AttentionScorer(Scorer):
     class Params(ScorerParams):
         queries: Literal["last", "text", "instruction", "raters", "visual", "all"] = "last"  # which query rows
         heads: Literal["mean", "max", "sum"] = "mean"  # how heads are reduced
+        query_stride: int = 1  # every s-th row of the query set (in sequence order): s x fewer rows to score
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.query_stride, int) or self.query_stride < 1:
+                raise ParamError("query_stride", f"must be an integer >= 1, got {self.query_stride!r}")
 
     min_layer = 1
 
     def score(self, state: TokenState) -> torch.Tensor:
-        return state.signals.attention(queries=self.params.queries, heads=self.params.heads)
+        return state.signals.attention(queries=self.params.queries, heads=self.params.heads,
+                                       stride=self.params.query_stride)
 
 
 @register_operator("elite_window")
