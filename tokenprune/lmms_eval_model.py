@@ -10,7 +10,7 @@ on any lmms-eval task (GQA, MMBench, MME, POPE, ScienceQA-IMG, TextVQA, VQAv2, .
 ``overrides`` the pipeline's ``KEY=VALUE`` overrides separated by ``;``, ``dtype``, ``attn_implementation``,
 ``device``, ``device_map``, ``trust_remote_code``, ``max_new_tokens`` (the default when a task sets none).
 
-``generate_until`` is batched (requests grouped by generation settings and image count); ``loglikelihood`` runs
+``generate_until`` is batched (requests grouped by generation settings, then by image count); ``loglikelihood`` runs
 one request at a time: the pipeline prunes in the context's prefill, then the continuation is decoded (forced)
 from the pruned cache, as it would be generated. Requests are built
 with the processor's chat template, the images before the text, as ``tokenprune run`` builds them; lmms-eval's
@@ -106,21 +106,25 @@ class TokenPrune(lmms):
     def generate_until(self, requests) -> list[str]:
         """Generated text for each request (``args``: context, generation kwargs, doc_to_visual, doc_id, task,
         split), cut at the first ``until`` string; batched ``batch_size`` at a time among requests with the same
-        generation settings and image count, in lmms-eval's order on return."""
-        prepared = [self._prepare(req.args[0], req.args[2], *req.args[3:6]) for req in requests]
+        generation settings (and, within a batch, the same number of images), in lmms-eval's order on return.
+        Images are loaded one batch at a time."""
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
-            key = json.dumps([req.args[1], len(prepared[i][1])], sort_keys=True, default=str)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         results: list[str | None] = [None] * len(requests)
         for indices in groups.values():
             gen_kwargs = dict(requests[indices[0]].args[1] or {})
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                texts = self._generate([prepared[i] for i in chunk], gen_kwargs)
-                for i, text in zip(chunk, texts):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), text)
+                prepared = {i: self._prepare(requests[i].args[0], requests[i].args[2], *requests[i].args[3:6])
+                            for i in chunk}
+                by_images: dict[int, list[int]] = {}
+                for i in chunk:
+                    by_images.setdefault(len(prepared[i][1]), []).append(i)
+                for same in by_images.values():
+                    for i, text in zip(same, self._generate([prepared[i] for i in same], gen_kwargs)):
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), text)
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

@@ -139,6 +139,9 @@ class Sweep:
         sets = [s for s in self.set if s.split("=", 1)[0].split(".")[0] in run_keys]
         pipeline_sets = [s for s in self.set if s not in sets]
         cfg = load_run_config(base_path, overrides + sets + variant.run_overrides)
+        if cfg.data.lmms_eval is not None:
+            raise ConfigError("data.lmms_eval", "a sweep evaluates items (data.source shapes, jsonl or datasets); "
+                                                "lmms-eval tasks are run one pipeline at a time with `tokenprune run`")
         if variant.pipeline is not None:
             cfg.pipeline = variant.pipeline
             cfg.overrides = list(variant.pipeline_overrides)
