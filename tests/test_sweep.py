@@ -119,3 +119,12 @@ def test_results_markdown_table_by_hand():
     assert table[4] == "| keep=0.25 | base | 50.0% | 55.6 | 50.0% | 70.0% | 100.0 | — |"  # grouped by pipeline
     assert table[5] == "| fastv,keep=0.5 | fastv | failed: ValueError: bad | | | | | |"
 
+
+
+def test_a_sweep_over_lmms_eval_tasks_is_refused_with_the_key(tmp_path):
+    from tokenprune.sweep import Sweep
+
+    sweep = Sweep(sweep_file(tmp_path, "x", grid={"stages.0.operators.1.keep": [0.5]}))
+    sweep.set = list(sweep.set) + ["data.lmms_eval=[pope]"]
+    with pytest.raises(ConfigError, match=r"^data\.lmms_eval: a sweep evaluates items"):
+        sweep.base_config(sweep.variants()[0])
