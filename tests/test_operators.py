@@ -94,3 +94,14 @@ def test_every_operator_is_documented():
     for name, cls in tp.registered_operators().items():
         assert cls.summary(), f"operator {name} has no docstring"
         assert cls.kind in tp.KINDS
+
+
+def test_a_scorer_weighted_out_is_not_computed():
+    """weight 0 (how the ablations remove a scorer) adds nothing and never computes the score: the visual-query
+    scorer would otherwise cost its full (H x V x N) block for nothing."""
+    state = make_state([[1, 1, 1]])
+    state.signals = Signals(state, source=last_row_logits([[0.2, 0.3, 0.5]]))
+    state = tp.build_operator("attention", weight=1.0)(state)
+    state.signals = Signals(state, source=None)  # any attention request would now fail
+    state = tp.build_operator("attention", weight=0.0, queries="visual")(state)
+    assert torch.allclose(state.scores, torch.tensor([[0.2, 0.3, 0.5]]))

@@ -157,7 +157,8 @@ class Scorer(TokenOperator):
     """Base of scorers: ``score(state) -> (B, N)``; higher means more worth keeping.
 
     The shared part lives here once: the score is multiplied by ``weight`` and added to
-    ``state.scores`` so that several scorers in one stage combine.
+    ``state.scores`` so that several scorers in one stage combine. A scorer with ``weight: 0`` is not
+    computed at all (zeros are added), so weighting one out in an ablation also removes its cost.
     """
 
     kind = "scorer"
@@ -167,7 +168,10 @@ class Scorer(TokenOperator):
         raise NotImplementedError
 
     def forward(self, state: TokenState) -> TokenState:
-        s = self.score(state).float()
+        if self.params.weight == 0:  # weighted out (an ablation): contributes nothing, so compute nothing
+            s = torch.zeros(state.visual_mask.shape, dtype=torch.float32, device=state.visual_mask.device)
+        else:
+            s = self.score(state).float()
         if s.shape != state.visual_mask.shape:
             raise RuntimeError(f"{self.op_name}: score shape {tuple(s.shape)} != tokens {tuple(state.visual_mask.shape)}")
         state.add_scores(s, self.params.weight, self.params.into)
