@@ -25,8 +25,9 @@ from tokenprune.errors import ConfigError
 SPEC_KEYS = ("tasks", "include_path", "metrics")
 
 
-def lmms_eval_spec(data: DictConfig, config_dir: Path | None = None) -> dict[str, Any]:
-    """``{tasks, include_path, metrics}`` from ``data.lmms_eval`` (a list of task names or a mapping), checked."""
+def lmms_eval_spec(data: DictConfig) -> dict[str, Any]:
+    """``{tasks, include_path, metrics}`` from ``data.lmms_eval`` (a list of task names or a mapping), checked
+    (a relative ``include_path`` was already tried against the config file's folder by ``load_run_config``)."""
     spec = data.lmms_eval
     spec = OmegaConf.to_container(spec) if isinstance(spec, (DictConfig, ListConfig)) else spec
     if isinstance(spec, str):
@@ -45,8 +46,6 @@ def lmms_eval_spec(data: DictConfig, config_dir: Path | None = None) -> dict[str
     include = spec.get("include_path")
     if include is not None:
         path = Path(include)
-        if not path.is_absolute() and config_dir is not None and (config_dir / path).exists():
-            path = config_dir / path
         if not path.is_dir():
             raise ConfigError("data.lmms_eval.include_path", f"no such folder: {include}")
         include = str(path.resolve())
@@ -129,11 +128,11 @@ def _quiet_lmms_eval() -> None:
     logger.add(sys.stderr, level="WARNING")
 
 
-def run_lmms_eval(cfg: DictConfig, config_dir: Path | None = None) -> dict[str, Any]:
+def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     """The run (module docstring); returns metrics.json."""
     from tokenprune.run import _digest, _write_atomic, model_identity, resolve_pipeline
 
-    spec = lmms_eval_spec(cfg.data, config_dir)
+    spec = lmms_eval_spec(cfg.data)
     pipeline = resolve_pipeline(cfg)  # config errors before lmms-eval or the model load
     try:
         from lmms_eval.tasks import TaskManager
