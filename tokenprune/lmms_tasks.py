@@ -35,18 +35,19 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
-    """Exact match after the benchmark's normalisation, under ``accuracy`` and under ``<type>_accuracy``."""
-    from tokenprune.evaluation import normalize_answer
+    """Exact match after the benchmark's normalisation (``tokenprune run``'s own scoring), under ``accuracy`` and
+    under ``<type>_accuracy``."""
+    from tokenprune.evaluation import item_score
 
-    score = float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))
+    score = item_score(results[0], {"answer": doc["answer"], "metric": "exact_match"})
     entry = {"type": doc["type"], "score": score}
     return {"accuracy": entry, **{f"{t}_accuracy": entry for t in question_types()}}
 
 
 def question_types() -> tuple[str, ...]:
-    from tokenprune.data import shapes
+    from tokenprune.data.shapes import TYPES
 
-    return tuple(shapes.TYPES)
+    return TYPES
 
 
 def mean_score(results: list[dict], kind: str | None = None) -> float:
