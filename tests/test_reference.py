@@ -75,6 +75,8 @@ def test_a_bad_training_key_is_named():
         load_config("experiments/train_reference.yaml", ["attention_hints.heads=0"])
     with pytest.raises(ConfigError, match=r"attention_hints.absent: must be one of none, first_token; got .sink."):
         load_config("experiments/train_reference.yaml", ["attention_hints.absent=sink"])
+    with pytest.raises(ConfigError, match=r"attention_hints.gather: must be one of mass, split; got .words."):
+        load_config("experiments/train_reference.yaml", ["attention_hints.gather=words"])
 
 
 def test_path_names_the_training_command_when_the_model_is_missing(tmp_path, monkeypatch):
@@ -362,8 +364,10 @@ def test_shape_patches_by_hand():
     assert tiny.sum() == 1 and tiny[100 // 14, 100 // 14]
 
 
-def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model():
-    """hint_loss recomputes two layers' attention rows; the reference is the eager model's own attention maps."""
+@pytest.mark.parametrize("gather", ["mass", "split"])
+def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model(gather):
+    """hint_loss recomputes two layers' attention rows; the reference is the eager model's own attention maps.
+    ``gather="split"``: the gather term is the mean over the name's words of -log(attention on each word)."""
     from tokenprune.train_reference import hint_loss
 
     proc, items, batch = _hinted_batch(absent="first_token")
@@ -380,7 +384,7 @@ def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model():
         hooks.append(layers[layer].register_forward_pre_hook(grab, with_kwargs=True))
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
-        got = hint_loss(model, captured, {**batch, **hints}, gather_layer=0, retrieve_layer=2, heads=3)
+        got = hint_loss(model, captured, {**batch, **hints}, gather_layer=0, retrieve_layer=2, heads=3, gather=gather)
     for h in hooks:
         h.remove()
     per_layer = []
@@ -393,6 +397,9 @@ def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model():
                 for head in range(3):  # head 2 follows the first name again
                     cols = hints[key][b, j, head % 2].nonzero().flatten()
                     if row >= 0 and len(cols):
-                        terms.append(-torch.log(attn[b, head, row, cols].sum() + 1e-6))
+                        if key == "hint_gather" and gather == "split":
+                            terms.append(torch.stack([-torch.log(attn[b, head, row, c].double()) for c in cols]).mean())
+                        else:
+                            terms.append(-torch.log(attn[b, head, row, cols].sum() + 1e-6))
         per_layer.append(torch.stack(terms).mean())
     assert float(got) == pytest.approx(float(torch.stack(per_layer).mean()), rel=1e-4)

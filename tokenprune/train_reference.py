@@ -60,8 +60,10 @@ DEFAULTS = {
     # the patches of the shapes matching that name, or with `absent: first_token` to the first token when none
     # does; the loss is -log(attention mass on those targets). Without it the LLM sat at the answer priors for
     # thousands of steps: neither hop gets a gradient until the other works (docs/reference_model.md). 0: off.
+    # `gather: mass` rewards the total attention on the name's words (a head may put it all on the kind word and
+    # drop the colour); `gather: split` asks for an equal share on each word (-mean of log attention per word).
     "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1,
-                        "absent": "none"},
+                        "absent": "none", "gather": "mass"},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -99,6 +101,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
                               f"(the question is gathered first, then the image is read); got {hints.retrieve_layer}")
         if hints.absent not in HINT_ABSENT:
             raise ConfigError("attention_hints.absent", f"must be one of {', '.join(HINT_ABSENT)}; got {hints.absent!r}")
+        if hints.gather not in HINT_GATHER:
+            raise ConfigError("attention_hints.gather", f"must be one of {', '.join(HINT_GATHER)}; got {hints.gather!r}")
         if not 1 <= hints.heads <= cfg.model.text_heads:
             raise ConfigError("attention_hints.heads", f"must be 1..{cfg.model.text_heads} (model.text_heads); "
                               f"got {hints.heads}")
@@ -219,15 +223,19 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
 
 
 HINT_ABSENT = ("none", "first_token")
+HINT_GATHER = ("mass", "split")
 HINT_SLOTS = 2  # a question names at most two shapes (relations); hinted head h follows name h % 2
 
 
 def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor], gather_layer: int,
-              retrieve_layer: int, heads: int) -> torch.Tensor:
+              retrieve_layer: int, heads: int, gather: str = "mass") -> torch.Tensor:
     """-log(attention mass on the targets), averaged over the turns that have targets and over the first
     ``heads`` heads: in ``gather_layer`` from each answer-predicting row to the words of one shape the question
     names (``hint_gather``), in ``retrieve_layer`` to that shape's patches (``hint_retrieve``); head h follows
     the question's name h % 2, so with two heads a relation's two shapes are gathered and retrieved apart.
+    ``gather="split"`` replaces the gather term's -log(mass) by the mean over the name's words of -log(attention
+    on the word): the minimum is an equal share per word, so "red circle" carries its colour as well as its
+    kind (with ``"mass"`` a head can satisfy the hint with the kind word alone, and did).
     ``captured[layer]`` is that layer's input (hidden states and rotary embeddings); the attention rows are
     recomputed from it as the model computes them (causal, no padding keys) with tokenprune's own adapter."""
     from tokenprune.adapters import get_adapter
@@ -245,12 +253,18 @@ def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor],
         scores = (q @ k.transpose(-1, -2)).float() * adapter.attention_scaling(layer)  # (B, h, T, L)
         allowed = (torch.arange(width, device=rows.device)[None, None, :] <= rows[..., None]) \
             & batch["attention_mask"].bool()[:, None, :]
-        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        log_probs = scores.masked_fill(~allowed[:, None], float("-inf")).log_softmax(dim=-1)
+        probs = log_probs.exp()
         target = batch[key][:, :, slot].permute(0, 2, 1, 3)  # (B, h, T, L): each head's name
-        mass = (probs * target.float()).sum(dim=-1)  # (B, h, T)
         use = (rows >= 0)[:, None] & target.any(dim=-1)
-        if use.any():
-            terms.append(-(mass + 1e-6).log()[use].mean())
+        if not use.any():
+            continue
+        if key == "hint_gather" and gather == "split":  # mean over the target words of -log(attention on it),
+            # from the log-softmax: a word the head ignores (p ~ 1e-18) still gets a gradient, which log(p + eps) loses
+            nll = -(log_probs.masked_fill(~target, 0.0)).sum(dim=-1) / target.sum(dim=-1).clamp(min=1)
+        else:
+            nll = -((probs * target.float()).sum(dim=-1) + 1e-6).log()  # (B, h, T)
+        terms.append(nll[use].mean())
     return torch.stack(terms).mean() if terms else rows.new_zeros((), dtype=torch.float)
 
 
@@ -460,7 +474,7 @@ def _lightning_module(cfg: DictConfig, processor):
             self.log("train/loss", loss, prog_bar=True)
             if use_hints:
                 hint = hint_loss(self.model, captured, {**batch, **hint_batch}, hints.gather_layer,
-                                 hints.retrieve_layer, hints.heads)
+                                 hints.retrieve_layer, hints.heads, hints.gather)
                 self.log("train/hint_loss", hint)
                 loss = loss + hints.weight * hint
             if self.head is not None:
@@ -540,8 +554,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers.append(WandbLogger(project=cfg.logging.project, save_dir=str(out), offline=cfg.logging.offline))
     trainer = pl.Trainer(
         max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, devices=1, logger=loggers,
+        # enable_version_counter=False: a resumed run whose checkpoint_every differs would otherwise not recognise
+        # last.ckpt as its own and write last-v1.ckpt, and the next resume would start from the stale last.ckpt
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every,
-                                   save_top_k=0)],
+                                   save_top_k=0, enable_version_counter=False)],
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=cfg.logging.every, num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=data, ckpt_path=str(resume) if resume else None)
