@@ -70,17 +70,26 @@ class WeightedSoftMerge(Merger):
             hk, hp = hidden[b, kept].float(), hidden[b, pruned].float()
             sim = F.normalize(hp, dim=-1) @ F.normalize(hk, dim=-1).T  # (P, K)
             n = self.params.neighbors
-            if 0 < n < kept.numel():
-                top = sim.topk(n, dim=1).indices
-                sim = torch.full_like(sim, float("-inf")).scatter(1, top, sim.gather(1, top))
-            w = torch.softmax(sim / self.params.temperature, dim=1)  # (P, K)
-            state.merge_record(b)[pruned] = kept[w.argmax(dim=1)]  # the token that takes most of it
-            contrib = mass[pruned][:, None] * w  # (P, K)
-            num = mass[kept][:, None] * hk + contrib.T @ hp
-            den = mass[kept] + contrib.sum(0)
+            if 0 < n < kept.numel():  # each pruned token reaches n kept tokens: (P, n) weights, scattered sums
+                near, idx = sim.topk(n, dim=1)  # most similar first
+                w = torch.softmax(near / self.params.temperature, dim=1)  # (P, n)
+                state.merge_record(b)[pruned] = kept[idx[:, 0]]  # the token that takes most of it
+                contrib = mass[pruned][:, None] * w  # (P, n)
+                flat = idx.reshape(-1)
+                num = (mass[kept][:, None] * hk).index_add_(0, flat, (contrib[..., None] * hp[:, None, :]).flatten(0, 1))
+                den = mass[kept].clone().index_add_(0, flat, contrib.reshape(-1))
+                grown = (w * sizes[b, pruned].to(w.device)[:, None]).reshape(-1)
+                size_k = sizes[b, kept].clone().index_add_(0, flat.to(sizes.device), grown.to(sizes.dtype))
+            else:
+                w = torch.softmax(sim / self.params.temperature, dim=1)  # (P, K)
+                state.merge_record(b)[pruned] = kept[w.argmax(dim=1)]  # the token that takes most of it
+                contrib = mass[pruned][:, None] * w  # (P, K)
+                num = mass[kept][:, None] * hk + contrib.T @ hp
+                den = mass[kept] + contrib.sum(0)
+                size_k = sizes[b, kept] + w.T.to(sizes.dtype) @ sizes[b, pruned]
             merged = torch.where(den[:, None] > 0, num / den.clamp_min(1e-30)[:, None], hk)
             hidden[b, kept] = merged.to(hidden.dtype)
-            sizes[b, kept] = sizes[b, kept] + w.T.to(sizes.dtype) @ sizes[b, pruned]
+            sizes[b, kept] = size_k
         state.hidden, state.sizes = hidden, sizes
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
         return state

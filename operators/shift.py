@@ -137,30 +137,61 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     and per-key terms to their mean residuals (Gauss–Seidel on the least-squares fit). Only t is
     returned; distances never seen get 0. ``t`` is centred (mean 0 over the pairs).
 
-    The rounds never touch the (H, Q, K) block again: with ``M_q[q, d]`` (``M_k[k, d]``) the number of
-    keys (queries) at distance d from query q (key k), the sums they need are
-    ``Σ_{pairs at d} a_q = (a @ M_q)[d]``, ``Σ_k t(|q−k|) = (t @ M_qᵀ)[q]`` and likewise for keys, so a
-    round costs a few (H, Q, D) matmuls; the block is read once for its row means, column means and
-    per-distance sums. The result is the same as the direct rounds (up to rounding).
+    The rounds never touch the (H, Q, K) block again: it is read once for its row means, column means
+    and per-distance sums. What a round needs are sums over the pairs, e.g. ``Σ_{pairs at d} a_q`` and
+    ``Σ_k t(|p_q − p_k|)``; with the queries' and keys' values (or counts) laid out on the integer
+    position axis these are cross-correlations and convolutions along it, computed with FFTs in
+    float64, so a round costs O(H · P log P) for P positions instead of the O(H · K · D) of the
+    (K × distance) count matrices an explicit sum needs. The result is the same as the direct rounds
+    (up to rounding; ``tests/test_inllm_operators.py`` checks both against each other).
     """
     h, q, k = logits.shape
-    dev = logits.device
-    dtype = logits.dtype
-    dist = (q_pos.to(dev)[:, None] - k_pos.to(dev)[None, :]).abs()  # (Q, K)
+    dev, dtype = logits.device, logits.dtype
+    q_pos, k_pos = q_pos.to(dev).long(), k_pos.to(dev).long()
+    origin = torch.minimum(q_pos.min(), k_pos.min())
+    q_pos, k_pos = q_pos - origin, k_pos - origin
+    dist = (q_pos[:, None] - k_pos[None, :]).abs()  # (Q, K)
     flat = dist.reshape(-1)
     size = int(flat.max()) + 1
-    pairs = torch.bincount(flat, minlength=size).to(dtype)  # (D,)
+    pairs = torch.bincount(flat, minlength=size).to(torch.float64)  # (D,)
     count = pairs.clamp_min(1)
-    m_q = torch.zeros(q, size, device=dev, dtype=dtype).scatter_add_(1, dist, torch.ones(q, k, device=dev, dtype=dtype))
-    m_k = torch.zeros(k, size, device=dev, dtype=dtype).scatter_add_(1, dist.T.contiguous(),
-                                                                     torch.ones(k, q, device=dev, dtype=dtype))
-    row_mean, col_mean = logits.mean(-1), logits.mean(1)  # (H, Q), (H, K)
-    by_distance = torch.zeros(h, size, device=dev, dtype=dtype).index_add_(1, flat, logits.reshape(h, -1))
+    row_mean, col_mean = logits.double().mean(-1), logits.double().mean(1)  # (H, Q), (H, K)
+    by_distance = torch.zeros(h, size, device=dev, dtype=logits.dtype).index_add_(1, flat, logits.reshape(h, -1))
+    by_distance = by_distance.double()
+
+    span = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
+    n_fft = 1 << (2 * span - 1).bit_length()  # circular length without wrap-around for shifts in (-span, span)
+    fft, ifft = torch.fft.rfft, torch.fft.irfft
+
+    def on_axis(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # (H, n) at positions -> (H, span)
+        return torch.zeros(values.shape[0], span, device=dev, dtype=torch.float64).index_add_(1, pos, values)
+
+    ones = torch.ones(1, dtype=torch.float64, device=dev)
+    f_q = fft(on_axis(ones.expand(1, q), q_pos), n_fft)  # query count per position
+    f_k = fft(on_axis(ones.expand(1, k), k_pos), n_fft)  # key count per position
+
+    def pair_sums(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Σ over the pairs at each distance d of a_q + c_k: (H, D). The correlation of the queries' a with the
+        key counts plus that of the keys' c with the query counts, in one inverse transform."""
+        spectrum = fft(on_axis(a, q_pos), n_fft).conj() * f_k + fft(on_axis(c, k_pos), n_fft).conj() * f_q
+        corr = ifft(spectrum, n_fft)  # corr[s] = Σ_x V[x] N[x + s]; shift -d sits at n_fft - d
+        out = corr[:, :size].clone()
+        out[:, 1:] += corr[:, n_fft - size + 1:].flip(-1)
+        return out
+
+    def trend_spectrum(t: torch.Tensor) -> torch.Tensor:
+        """The transform of t(|s|) on the circular axis (s and -s both)."""
+        sym = torch.zeros(h, n_fft, device=dev, dtype=torch.float64)
+        sym[:, :size] = t
+        sym[:, n_fft - size + 1:] = t[:, 1:].flip(-1)
+        return fft(sym, n_fft)
+
     a = row_mean
-    c = torch.zeros(h, k, device=dev, dtype=dtype)
-    t = torch.zeros(h, size, device=dev, dtype=dtype)
+    c = torch.zeros(h, k, device=dev, dtype=torch.float64)
+    t = torch.zeros(h, size, device=dev, dtype=torch.float64)
     for _ in range(iterations):
-        t = (by_distance - a @ m_q - c @ m_k) / count
-        a = row_mean - (t @ m_q.T) / k - c.mean(-1, keepdim=True)
-        c = col_mean - (t @ m_k.T) / q - a.mean(-1, keepdim=True)
-    return t - (t @ pairs / (q * k))[:, None]
+        t = (by_distance - pair_sums(a, c)) / count
+        f_t = trend_spectrum(t)  # Σ_other t(|p - p_other|) at every position p = conv(other's counts, t)
+        a = row_mean - ifft(f_t * f_k, n_fft)[:, q_pos] / k - c.mean(-1, keepdim=True)
+        c = col_mean - ifft(f_t * f_q, n_fft)[:, k_pos] / q - a.mean(-1, keepdim=True)
+    return (t - (t @ pairs / (q * k))[:, None]).to(dtype)

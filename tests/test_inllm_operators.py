@@ -123,6 +123,16 @@ def test_weighted_soft_merge_weights_by_hand():
     st = tp.build_operator("weighted_soft_merge", temperature=0.5, neighbors=1)(st)
     assert torch.allclose(st.hidden[0, 0], torch.tensor([(0.5 + 0.6) / 0.7, 0.2 / 0.7]))
     assert torch.equal(st.hidden[0, 1], torch.tensor(k2)) and st.sizes[0, :2].tolist() == [2.0, 1.0]
+    # two neighbours of three kept tokens: k3 (opposite to p) gets nothing, k1 and k2 as with all neighbours above
+    k3 = [-1.0, 0.0]
+    st = state_of([[1, 1, 1, 1, 0]], scores=[[0.5, 0.25, 0.3, 0.2, 0.0]], hidden=torch.tensor([[k1, k2, k3, p, text]]))
+    st.keep_mask = torch.tensor([[True, True, True, False, True]])
+    st = tp.build_operator("weighted_soft_merge", temperature=0.5, neighbors=2)(st)
+    assert torch.allclose(st.hidden[0, 0], torch.tensor(exp1), atol=1e-6)
+    assert torch.allclose(st.hidden[0, 1], torch.tensor(exp2), atol=1e-6)
+    assert torch.equal(st.hidden[0, 2], torch.tensor(k3)) and torch.equal(st.hidden[0, 4], torch.tensor(text))
+    assert torch.allclose(st.sizes[0, :3], torch.tensor([1 + w1, 1 + w2, 1.0]))
+    assert st.merge_record(0)[3] == 0  # p went mostly to k1
 
 
 # --- scorers and query sets --------------------------------------------------------------------
@@ -262,6 +272,36 @@ def test_positional_trend_fit_recovers_a_planted_trend():
     want = t - t[:, dist.reshape(-1)].mean(-1, keepdim=True)
     assert torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 200), want, atol=1e-12)
     assert torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 8), want, atol=1e-3)
+
+
+def test_positional_trend_fit_matches_the_backfitting_rounds_done_pair_by_pair():
+    """The fit works on positions laid out on an axis (FFT correlations); the reference here does each round
+    directly on the (H, Q, K) block of residuals: t(d) = mean over the pairs at d of (logit - a_q - c_k),
+    a_q = mean over keys of (logit - t - c_k), c_k = mean over queries of (logit - t - a_q). Positions are
+    scattered, interleaved and repeated (several tokens at one position, as M-RoPE gives), 3 rounds (far from
+    converged, so every round has to match)."""
+    from tokenprune.operators.shift import fit_positional_trend
+
+    gen = torch.Generator().manual_seed(3)
+    h = 3
+    q_pos = torch.tensor([5, 9, 9, 14, 40, 41, 70, 71, 72, 90])
+    k_pos = torch.tensor([0, 2, 2, 3, 7, 9, 11, 30, 31, 33, 33, 60, 61, 62, 88])
+    logits = torch.randn(h, len(q_pos), len(k_pos), generator=gen, dtype=torch.float64) * 3
+    dist = (q_pos[:, None] - k_pos[None, :]).abs()
+    size = int(dist.max()) + 1
+    pairs = torch.bincount(dist.flatten(), minlength=size).double()
+    a, c, t = logits.mean(-1), torch.zeros(h, len(k_pos), dtype=torch.float64), None
+    for _ in range(3):
+        resid = logits - a[:, :, None] - c[:, None, :]
+        t = torch.stack([torch.bincount(dist.flatten(), weights=r.flatten(), minlength=size) for r in resid])
+        t = t / pairs.clamp_min(1)
+        a = (logits - t[:, dist] - c[:, None, :]).mean(-1)
+        c = (logits - t[:, dist] - a[:, :, None]).mean(1)
+    want = t - (t * pairs).sum(-1, keepdim=True) / pairs.sum()
+    got = fit_positional_trend(logits, q_pos, k_pos, 3)
+    assert got.shape == (h, size)
+    assert torch.allclose(got, want, atol=1e-9)
+    assert torch.allclose(fit_positional_trend(logits.float(), q_pos, k_pos, 3), want.float(), atol=1e-4)
 
 
 def test_a_query_stride_averages_every_sth_query_row_by_hand():
