@@ -155,7 +155,7 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     size = int(flat.max()) + 1
     pairs = torch.bincount(flat, minlength=size).to(torch.float64)  # (D,)
     count = pairs.clamp_min(1)
-    row_mean, col_mean = logits.double().mean(-1), logits.double().mean(1)  # (H, Q), (H, K)
+    row_mean, col_mean = logits.mean(-1).double(), logits.mean(1).double()  # (H, Q), (H, K); no float64 copy
     by_distance = torch.zeros(h, size, device=dev, dtype=logits.dtype).index_add_(1, flat, logits.reshape(h, -1))
     by_distance = by_distance.double()
 
