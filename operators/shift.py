@@ -130,6 +130,23 @@ class BidirectionalSoftMask(Shift):
         return fit_positional_trend(logits, st.positions[b][est_rows], st.positions[b][vis_idx], self.params.iterations)
 
 
+def _smooth_length(n: int) -> int:
+    """The smallest length >= n whose only prime factors are 2, 3 and 5 (fast for the FFT; 6000 for 5899, where
+    the next power of two would be 8192)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
 def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, iterations: int) -> torch.Tensor:
     """Backfit ``logits`` (H, Q, K) ≈ a[q] + c[k] + t(|q_pos − k_pos|); return t as (H, D+1).
 
@@ -160,7 +177,7 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     by_distance = by_distance.double()
 
     span = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
-    n_fft = 1 << (2 * span - 1).bit_length()  # circular length without wrap-around for shifts in (-span, span)
+    n_fft = _smooth_length(2 * span - 1)  # circular length without wrap-around for shifts in (-span, span)
     fft, ifft = torch.fft.rfft, torch.fft.irfft
 
     def on_axis(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # (H, n) at positions -> (H, span)

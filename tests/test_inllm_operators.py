@@ -325,3 +325,18 @@ def test_a_query_stride_averages_every_sth_query_row_by_hand():
     assert not torch.allclose(score(), want, atol=1e-3)  # all ten rows give another average
     with pytest.raises(ConfigError, match="query_stride"):
         tp.build_operator("attention", queries="visual", query_stride=0)
+
+
+def test_masked_softmax_by_hand():
+    """Softmax over the allowed keys only (e^1, e^3 -> 0.1192, 0.8808), a row with no allowed key gives zeros,
+    and the mask broadcasts over heads."""
+    from tokenprune.state import masked_softmax
+
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [5.0, 1.0, 0.0]]).expand(2, 3, 3)
+    allowed = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    z = math.exp(5) + math.exp(1) + 1
+    want = torch.tensor([[math.exp(1) / (math.exp(1) + math.exp(3)), 0, math.exp(3) / (math.exp(1) + math.exp(3))],
+                         [0, 0, 0], [math.exp(5) / z, math.exp(1) / z, 1 / z]])
+    got = masked_softmax(x, allowed)
+    assert got.shape == (2, 3, 3) and not got.isnan().any()
+    assert torch.allclose(got, want.expand(2, 3, 3), atol=1e-6)

@@ -120,7 +120,9 @@ class Signals:
                 continue
             probs = self.attention_probs(b, rows)  # (H, Q, N)
             live = probs.sum(dim=(0, 2)) > 0
-            if bool(live.any()):
+            if bool(live.all()):
+                yield b, probs  # the common case: no copy of the block
+            elif bool(live.any()):
                 yield b, probs[:, live]
 
     def attention(self, queries: str = "last", heads: str = "mean", stride: int = 1) -> torch.Tensor:
@@ -274,12 +276,15 @@ class VisionSource:
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis restricted to ``allowed`` (broadcast); all-masked rows give zeros."""
-    x = logits.masked_fill(~allowed, float("-inf"))
-    m = x.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
-    e = torch.exp(x - m) * allowed
-    z = e.sum(dim=-1, keepdim=True)
-    return e / z.clamp_min(torch.finfo(x.dtype).tiny)
+    """Softmax over the last axis restricted to ``allowed`` (broadcast); all-masked rows give zeros.
+
+    One masked fill and torch's fused softmax; only when some row may attend to nothing (its softmax is NaN)
+    is a further pass spent to zero it."""
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    if bool(empty.any()):
+        probs = probs.masked_fill(empty, 0.0)
+    return probs
 
 
 @dataclass
