@@ -164,26 +164,27 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     """
     h, q, k = logits.shape
     dev, dtype = logits.device, logits.dtype
+    f64 = torch.float64 if dev.type != "mps" else torch.float32  # MPS has no float64
     q_pos, k_pos = q_pos.to(dev).long(), k_pos.to(dev).long()
     origin = torch.minimum(q_pos.min(), k_pos.min())
     q_pos, k_pos = q_pos - origin, k_pos - origin
     dist = (q_pos[:, None] - k_pos[None, :]).abs()  # (Q, K)
     flat = dist.reshape(-1)
     size = int(flat.max()) + 1
-    pairs = torch.bincount(flat, minlength=size).to(torch.float64)  # (D,)
+    pairs = torch.bincount(flat, minlength=size).to(f64)  # (D,)
     count = pairs.clamp_min(1)
-    row_mean, col_mean = logits.mean(-1).double(), logits.mean(1).double()  # (H, Q), (H, K); no float64 copy
+    row_mean, col_mean = logits.mean(-1).to(f64), logits.mean(1).to(f64)  # (H, Q), (H, K); no float64 copy
     by_distance = torch.zeros(h, size, device=dev, dtype=logits.dtype).index_add_(1, flat, logits.reshape(h, -1))
-    by_distance = by_distance.double()
+    by_distance = by_distance.to(f64)
 
     span = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
     n_fft = _smooth_length(2 * span - 1)  # circular length without wrap-around for shifts in (-span, span)
     fft, ifft = torch.fft.rfft, torch.fft.irfft
 
     def on_axis(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # (H, n) at positions -> (H, span)
-        return torch.zeros(values.shape[0], span, device=dev, dtype=torch.float64).index_add_(1, pos, values)
+        return torch.zeros(values.shape[0], span, device=dev, dtype=f64).index_add_(1, pos, values)
 
-    ones = torch.ones(1, dtype=torch.float64, device=dev)
+    ones = torch.ones(1, dtype=f64, device=dev)
     f_q = fft(on_axis(ones.expand(1, q), q_pos), n_fft)  # query count per position
     f_k = fft(on_axis(ones.expand(1, k), k_pos), n_fft)  # key count per position
 
@@ -198,14 +199,14 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
 
     def trend_spectrum(t: torch.Tensor) -> torch.Tensor:
         """The transform of t(|s|) on the circular axis (s and -s both)."""
-        sym = torch.zeros(h, n_fft, device=dev, dtype=torch.float64)
+        sym = torch.zeros(h, n_fft, device=dev, dtype=f64)
         sym[:, :size] = t
         sym[:, n_fft - size + 1:] = t[:, 1:].flip(-1)
         return fft(sym, n_fft)
 
     a = row_mean
-    c = torch.zeros(h, k, device=dev, dtype=torch.float64)
-    t = torch.zeros(h, size, device=dev, dtype=torch.float64)
+    c = torch.zeros(h, k, device=dev, dtype=f64)
+    t = torch.zeros(h, size, device=dev, dtype=f64)
     for _ in range(iterations):
         t = (by_distance - pair_sums(a, c)) / count
         f_t = trend_spectrum(t)  # Σ_other t(|p - p_other|) at every position p = conv(other's counts, t)
