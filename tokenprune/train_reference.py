@@ -254,7 +254,6 @@ def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor],
         allowed = (torch.arange(width, device=rows.device)[None, None, :] <= rows[..., None]) \
             & batch["attention_mask"].bool()[:, None, :]
         log_probs = scores.masked_fill(~allowed[:, None], float("-inf")).log_softmax(dim=-1)
-        probs = log_probs.exp()
         target = batch[key][:, :, slot].permute(0, 2, 1, 3)  # (B, h, T, L): each head's name
         use = (rows >= 0)[:, None] & target.any(dim=-1)
         if not use.any():
@@ -263,7 +262,7 @@ def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor],
             # from the log-softmax: a word the head ignores (p ~ 1e-18) still gets a gradient, which log(p + eps) loses
             nll = -(log_probs.masked_fill(~target, 0.0)).sum(dim=-1) / target.sum(dim=-1).clamp(min=1)
         else:
-            nll = -((probs * target.float()).sum(dim=-1) + 1e-6).log()  # (B, h, T)
+            nll = -((log_probs.exp() * target.float()).sum(dim=-1) + 1e-6).log()  # (B, h, T)
         terms.append(nll[use].mean())
     return torch.stack(terms).mean() if terms else rows.new_zeros((), dtype=torch.float)
 
