@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tokenprune as tp
 from tokenprune.attention import LogitsSource, query_rows
@@ -256,8 +257,8 @@ def test_standalone_state_without_attention_says_what_is_missing():
 
 
 def test_positional_trend_fit_recovers_a_planted_trend():
-    """Logits built exactly as a[q] + c[k] + t(|p_q - p_k|) (random a, c, t): the backfit returns t, centred
-    over the pairs, to machine precision; 8 rounds (ASAP's default) already within 1e-3."""
+    """Logits built exactly as a[q] + c[k] + t(|p_q - p_k|) (random a, c, t): the fit returns t, centred
+    over the pairs, to machine precision; 6 steps (ASAP's default) already within 1e-3."""
     from tokenprune.operators.shift import fit_positional_trend
 
     gen = torch.Generator().manual_seed(0)
@@ -271,37 +272,84 @@ def test_positional_trend_fit_recovers_a_planted_trend():
     logits = a[:, :, None] + c[:, None, :] + t[:, dist]
     want = t - t[:, dist.reshape(-1)].mean(-1, keepdim=True)
     assert torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 200), want, atol=1e-12)
-    assert torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 8), want, atol=1e-3)
+    assert torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 6), want, atol=1e-3)
 
 
-def test_positional_trend_fit_matches_the_backfitting_rounds_done_pair_by_pair():
-    """The fit works on positions laid out on an axis (FFT correlations); the reference here does each round
-    directly on the (H, Q, K) block of residuals: t(d) = mean over the pairs at d of (logit - a_q - c_k),
-    a_q = mean over keys of (logit - t - c_k), c_k = mean over queries of (logit - t - a_q). Positions are
-    scattered, interleaved and repeated (several tokens at one position, as M-RoPE gives), 3 rounds (far from
-    converged, so every round has to match)."""
+# Positions scattered, interleaved and repeated (several tokens at one position, as M-RoPE gives).
+_TREND_Q_POS = [5, 9, 9, 14, 40, 41, 70, 71, 72, 90]
+_TREND_K_POS = [0, 2, 2, 3, 7, 9, 11, 30, 31, 33, 33, 60, 61, 62, 88]
+
+
+def _trend_problem(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q_pos, k_pos = torch.tensor(_TREND_Q_POS), torch.tensor(_TREND_K_POS)
+    logits = torch.randn(3, len(q_pos), len(k_pos), generator=gen, dtype=torch.float64) * 3
+    dist = (q_pos[:, None] - k_pos[None, :]).abs()
+    return logits, q_pos, k_pos, dist, int(dist.max()) + 1
+
+
+def test_positional_trend_fit_converges_to_the_least_squares_solution_of_lstsq():
+    """Independent oracle: the explicit design matrix (one row per pair; query, key and distance indicator
+    columns) solved by torch.linalg.lstsq, head by head. Its t, centred over the pairs, is the fit's at
+    convergence. Distances no pair has get 0 (lstsq's minimum-norm solution gives them 0 as well)."""
     from tokenprune.operators.shift import fit_positional_trend
 
-    gen = torch.Generator().manual_seed(3)
-    h = 3
-    q_pos = torch.tensor([5, 9, 9, 14, 40, 41, 70, 71, 72, 90])
-    k_pos = torch.tensor([0, 2, 2, 3, 7, 9, 11, 30, 31, 33, 33, 60, 61, 62, 88])
-    logits = torch.randn(h, len(q_pos), len(k_pos), generator=gen, dtype=torch.float64) * 3
-    dist = (q_pos[:, None] - k_pos[None, :]).abs()
-    size = int(dist.max()) + 1
+    logits, q_pos, k_pos, dist, size = _trend_problem(3)
+    h, q, k = logits.shape
+    qi, ki = torch.meshgrid(torch.arange(q), torch.arange(k), indexing="ij")
+    design = torch.cat([F.one_hot(qi.flatten(), q), F.one_hot(ki.flatten(), k),
+                        F.one_hot(dist.flatten(), size)], dim=1).double()  # (Q·K, Q + K + D)
     pairs = torch.bincount(dist.flatten(), minlength=size).double()
-    a, c, t = logits.mean(-1), torch.zeros(h, len(k_pos), dtype=torch.float64), None
-    for _ in range(3):
-        resid = logits - a[:, :, None] - c[:, None, :]
-        t = torch.stack([torch.bincount(dist.flatten(), weights=r.flatten(), minlength=size) for r in resid])
-        t = t / pairs.clamp_min(1)
-        a = (logits - t[:, dist] - c[:, None, :]).mean(-1)
-        c = (logits - t[:, dist] - a[:, :, None]).mean(1)
-    want = t - (t * pairs).sum(-1, keepdim=True) / pairs.sum()
-    got = fit_positional_trend(logits, q_pos, k_pos, 3)
+    want = []
+    for head in range(h):
+        t = torch.linalg.lstsq(design, logits[head].flatten()[:, None], driver="gelsd").solution[q + k:, 0]
+        want.append(torch.where(pairs > 0, t - (t * pairs).sum() / pairs.sum(), torch.zeros_like(t)))
+    got = fit_positional_trend(logits, q_pos, k_pos, 300)
     assert got.shape == (h, size)
-    assert torch.allclose(got, want, atol=1e-9)
+    assert torch.allclose(got, torch.stack(want), atol=1e-8)
+    # the same keys as columns 1, 3, 5, ... of a wider block (the others junk), picked by ``keys``
+    wide = torch.full((h, q, 2 * k + 1), 1e3, dtype=torch.float64)
+    columns = torch.arange(1, 2 * k + 1, 2)
+    wide[:, :, columns] = logits
+    assert torch.allclose(fit_positional_trend(wide, q_pos, k_pos, 300, keys=columns), torch.stack(want), atol=1e-8)
+
+
+def test_positional_trend_fit_takes_the_conjugate_gradient_steps_of_the_dense_normal_equations():
+    """Each step, not only the limit: 3 steps of Jacobi-preconditioned CG on the dense normal equations
+    G = Zᵀ P Z, b = Zᵀ P L (Z: pair-to-distance indicator, P: double centring of the (Q, K) pair block),
+    built here as explicit matrices, equal the fit's 3 FFT-based steps (far from converged)."""
+    from tokenprune.operators.shift import fit_positional_trend
+
+    logits, q_pos, k_pos, dist, size = _trend_problem(5)
+    h, q, k = logits.shape
+    z = F.one_hot(dist.flatten(), size).double()  # (Q·K, D)
+
+    def centre(block):  # double centring of (Q, K) blocks, as (Q·K,) columns
+        block = block.reshape(q, k, -1)
+        block = block - block.mean(0, keepdim=True) - block.mean(1, keepdim=True) + block.mean((0, 1), keepdim=True)
+        return block.reshape(q * k, -1)
+
+    g = z.T @ centre(z)  # (D, D)
+    pairs = z.sum(0)
+    want = []
+    for head in range(h):
+        b = (z.T @ centre(logits[head].reshape(-1, 1)))[:, 0]
+        t = torch.zeros(size, dtype=torch.float64)
+        r = b.clone()
+        zr = r / pairs.clamp_min(1)
+        d = zr.clone()
+        for _ in range(3):
+            alpha = (r @ zr) / (d @ g @ d)
+            t = t + alpha * d
+            r_next = r - alpha * (g @ d)
+            zr_next = r_next / pairs.clamp_min(1)
+            d = zr_next + (r_next @ zr_next) / (r @ zr) * d
+            r, zr = r_next, zr_next
+        want.append(t - (t @ pairs) / pairs.sum())
+    want = torch.stack(want)
+    assert torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 3), want, atol=1e-9)
     assert torch.allclose(fit_positional_trend(logits.float(), q_pos, k_pos, 3), want.float(), atol=1e-4)
+    assert not torch.allclose(fit_positional_trend(logits, q_pos, k_pos, 300), want, atol=1e-3)  # not converged yet
 
 
 def test_a_query_stride_averages_every_sth_query_row_by_hand():

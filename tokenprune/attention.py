@@ -79,6 +79,18 @@ class LogitsSource(AttentionSource):
         return self._keys
 
 
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(H, Q, N) fp32 ``scale · q·k`` for queries (H, Q, hd) and keys (H_kv, N, hd), H a multiple of H_kv.
+
+    Grouped-query attention without repeating the keys: the queries of the H/H_kv heads that share a key
+    head (consecutive heads) are stacked into one matmul with it. The scale multiplies the queries, not the
+    (H, Q, N) product."""
+    h, n_q, hd = q.shape
+    h_kv = k.shape[0]
+    q = (q.float() * scale).reshape(h_kv, (h // h_kv) * n_q, hd)
+    return torch.matmul(q, k.float().transpose(-1, -2)).view(h, n_q, k.shape[1])
+
+
 class LayerAttentionSource(AttentionSource):
     """Logits recomputed from decoder layer ``layer``'s input ``hidden`` (B, N, D), via the adapter.
 
@@ -122,9 +134,7 @@ class LayerAttentionSource(AttentionSource):
         rows = rows.to(h.device)
         q = self.adapter.project_queries(self.layer, h, self.position_embeddings, rows[None], rotary=rotary,
                                          sample=sample)[0]  # (H, Q, hd)
-        k = self._all_keys(rotary, content_free)[sample]  # (H_kv, N, hd)
-        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-        return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.attention_scaling(self.layer)
+        return scaled_scores(q, self._all_keys(rotary, content_free)[sample], self.adapter.attention_scaling(self.layer))
 
     def keys(self):
         return self._all_keys(True, False)
@@ -212,6 +222,4 @@ class CrossAttentionSource(AttentionSource):
             raise ValueError("content-free logits are not defined for cross-attention (its keys are image features)")
         h = self.text_hidden[sample:sample + 1]
         q = self.adapter.project_cross_queries(self.layer, h, rows.to(h.device)[None])[0]  # (H, Q, hd)
-        k = self.keys()[sample]
-        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-        return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.attention_scaling(self.layer)
+        return scaled_scores(q, self.keys()[sample], self.adapter.attention_scaling(self.layer))

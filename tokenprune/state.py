@@ -84,6 +84,23 @@ class Signals:
         return self.cached(("rows", queries, sample), lambda: query_rows(
             queries, image, st.valid_mask[sample], st.hidden[sample]))
 
+    def logits(self, sample: int, rows: torch.Tensor, *, rotary: bool = True) -> torch.Tensor:
+        """(H, Q, N) fp32 raw logits (scaled q·k, unmasked) of query ``rows`` of ``sample``, from the source.
+
+        Computed once per stage: rows that run contiguously through a block computed earlier (the instruction
+        and strided visual rows of ASAP's trend fit, asked for again by its scorers) are a view of that block.
+        Callers must not change the result in place."""
+        blocks = self._cache.setdefault(("logit_blocks", sample, rotary), [])
+        n = rows.numel()
+        for block_rows, block in blocks:
+            starts = torch.nonzero(block_rows == rows[0]).flatten().tolist() if n else []
+            for start in starts:
+                if start + n <= block_rows.numel() and torch.equal(block_rows[start:start + n], rows):
+                    return block[:, start:start + n]
+        out = self._source().logits(sample, rows, rotary=rotary).float()
+        blocks.append((rows, out))
+        return out
+
     def attention_probs(self, sample: int, rows: torch.Tensor) -> torch.Tensor:
         """(H, Q, N) attention probabilities of ``rows`` of ``sample``, with the stage's shift corrections.
 
@@ -94,7 +111,7 @@ class Signals:
         st = self._state
         shifts = st.shifts
         rotary = all(s.rotary for s in shifts)
-        logits = self._source().logits(sample, rows, rotary=rotary).float()
+        logits = self.logits(sample, rows, rotary=rotary)
         n = st.num_tokens
         keys = torch.arange(n, device=logits.device)
         allowed = st.valid_mask[sample].to(logits.device)[None, :]
