@@ -115,9 +115,7 @@ class BidirectionalSoftMask(Shift):
         rows = ctx.rows.to(dev)
         row_visual = vis[rows]
         ctx.allowed = (ctx.allowed.to(dev) | (row_visual[:, None] & vis[None, :])) & vis[None, :]
-        pos = st.positions[b].to(dev)
-        dist = (pos[rows][:, None] - pos[None, :]).abs().clamp_max(trend.shape[-1] - 1)
-        ctx.logits = ctx.logits - trend[:, dist]
+        ctx.logits = ctx.logits - trend_at_pairs(trend, st.positions[b].to(dev), rows)
 
     def fit_trend(self, ctx: AttentionContext) -> torch.Tensor:
         """(H, D+1) positional trend t(d) of one sample, fitted on instruction + (every ``query_stride``-th)
@@ -129,6 +127,26 @@ class BidirectionalSoftMask(Shift):
         logits = signals.logits(b, est_rows, rotary=ctx.rotary)  # (H, Q, N); the visual scorer reuses its rows
         return fit_positional_trend(logits, st.positions[b][est_rows], st.positions[b][vis_idx], self.params.iterations,
                                     keys=vis_idx)
+
+
+def trend_at_pairs(trend: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(H, Q, N) ``trend[h, |positions[row] − positions[key]|]`` for query ``rows`` (Q,) and every key of a
+    sample (N tokens at ``positions``); distances beyond the table take its last value.
+
+    When the positions are consecutive (p_k = p_0 + k: no padding, 1-D RoPE) every row is a contiguous
+    window of the symmetric table ``t(|s|)``, so the result is a copy of Q windows per head; otherwise an
+    element-wise gather."""
+    h, size = trend.shape
+    n = positions.numel()
+    last = size - 1
+    if n > 0 and bool((positions == positions[0] + torch.arange(n, device=positions.device)).all()):
+        reach = n - 1  # |p_q - p_k| < n for keys and rows among the tokens
+        s = torch.arange(-reach, reach + 1, device=trend.device).abs().clamp_max(last)
+        table = trend.index_select(1, s)  # (H, 2n - 1): t(|s|) for s = -reach .. reach
+        # row q, key k: s = k - q, at table index (k - q) + reach, so row q is the window starting at reach - q
+        return table.unfold(1, n, 1)[:, reach - rows]
+    dist = (positions[rows][:, None] - positions[None, :]).abs().clamp_max(last)
+    return trend.index_select(1, dist.reshape(-1)).view(h, rows.numel(), n)
 
 
 def _smooth_length(n: int) -> int:

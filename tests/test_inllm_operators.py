@@ -388,3 +388,21 @@ def test_masked_softmax_by_hand():
     got = masked_softmax(x, allowed)
     assert got.shape == (2, 3, 3) and not got.isnan().any()
     assert torch.allclose(got, want.expand(2, 3, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [
+    list(range(7, 19)),  # consecutive: windows of the symmetric table
+    [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # left padding repeats a position: the element-wise gather
+    [0, 1, 2, 3, 3, 3, 4, 8, 9, 10, 11, 12],  # M-RoPE-like repeats and a jump
+])
+def test_trend_at_pairs_is_the_trend_at_each_query_key_distance(positions):
+    from tokenprune.operators.shift import trend_at_pairs
+
+    pos = torch.tensor(positions)
+    trend = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))  # distances 0..5; farther ones take t(5)
+    rows = torch.tensor([0, 4, 5, 11])
+    want = torch.empty(3, len(rows), len(pos))
+    for i, r in enumerate(rows.tolist()):
+        for k in range(len(pos)):
+            want[:, i, k] = trend[:, min(abs(positions[r] - positions[k]), 5)]
+    assert torch.equal(trend_at_pairs(trend, pos, rows), want)

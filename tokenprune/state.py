@@ -136,7 +136,7 @@ class Signals:
             if rows.numel() == 0:
                 continue
             probs = self.attention_probs(b, rows)  # (H, Q, N)
-            live = probs.sum(dim=(0, 2)) > 0
+            live = probs[0].sum(-1) > 0  # a row sums to 1 in every head, or is 0 in every head
             if bool(live.all()):
                 yield b, probs  # the common case: no copy of the block
             elif bool(live.any()):
@@ -156,7 +156,10 @@ class Signals:
         def compute() -> torch.Tensor:
             out = torch.zeros(st.visual_mask.shape, dtype=torch.float32, device=st.visual_mask.device)
             for b, probs in self._live_probs(queries, stride):
-                out[b] = reduce[heads](probs, dim=0).mean(0).to(out.device)
+                if heads == "mean":  # one pass over the block
+                    out[b] = probs.mean(dim=(0, 1)).to(out.device)
+                else:
+                    out[b] = reduce[heads](probs, dim=0).mean(0).to(out.device)
             return out
 
         return self.cached(("attention", queries, heads, stride, self._shift_key()), compute)
@@ -295,9 +298,11 @@ class VisionSource:
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis restricted to ``allowed`` (broadcast); all-masked rows give zeros.
 
-    One masked fill and torch's fused softmax; only when some row may attend to nothing (its softmax is NaN)
-    is a further pass spent to zero it."""
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    An additive (0 / −inf) mask of ``allowed``'s shape, broadcast in one add (cheaper than a masked fill of
+    the full block), then torch's fused softmax; only when some row may attend to nothing (its softmax is
+    NaN) is a further pass spent to zero it."""
+    mask = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits + mask, dim=-1)
     empty = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty.any()):
         probs = probs.masked_fill(empty, 0.0)
