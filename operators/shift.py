@@ -201,7 +201,7 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     k = k_pos.numel()
     origin = torch.minimum(q_pos.min(), k_pos.min())
     q_pos, k_pos = q_pos - origin, k_pos - origin
-    dist = (q_pos[:, None] - k_pos[None, :]).abs()  # (Q, K) distance of every pair
+    dist = (q_pos.int()[:, None] - k_pos.int()[None, :]).abs_().long()  # (Q, K) distance of every pair (int32 abs: faster)
     size = int(dist.max()) + 1
     pairs = torch.bincount(dist.reshape(-1), minlength=size).to(f64)  # (D,)
     if keys is None:
@@ -225,20 +225,34 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     n_q, n_k = on_axis(ones.expand(1, q), q_pos), on_axis(ones.expand(1, k), k_pos)  # (1, span) counts
     counts = fft(torch.stack([n_k, n_q]), n_fft)  # (2, 1, F)
 
+    # d's mirror shift -d sits at n_fft - d; d = 0 has no mirror (its column is taken once, then subtracted)
+    mirror = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.arange(n_fft - 1, n_fft - size, -1, device=dev)])
+
+    def fold(corr: torch.Tensor) -> torch.Tensor:
+        """(H, n_fft) sums at each signed shift -> (H, D) sums at each distance |shift|."""
+        out = corr[:, :size] + corr.index_select(1, mirror)
+        out[:, 0] -= corr[:, 0]
+        return out
+
     def pair_sums(per_query: torch.Tensor, per_key: torch.Tensor) -> torch.Tensor:
         """Σ over the pairs at each distance d of u_q + v_k, for u and v given as their sums at each position
         (H, span): u correlated with the key counts plus v with the query counts, one inverse transform."""
-        corr = ifft((fft(torch.stack([per_query, per_key]), n_fft).conj() * counts).sum(0), n_fft)  # shift -d at n_fft - d
-        out = corr[:, :size].clone()
-        out[:, 1:] += corr[:, n_fft - size + 1:].flip(-1)
-        return out
+        return fold(ifft((fft(torch.stack([per_query, per_key]), n_fft) * counts_conj).sum(0), n_fft))
+
+    # Per CG step, G is applied once: few, whole-array operations (a step's cost is mostly their number).
+    counts_conj = counts.conj().resolve_conj()  # correlation: the reversed sum, which the fold does not mind
+    twice_counts = 2 * counts
+    to_means = torch.stack([n_q / k, n_k / q])  # (2, 1, span): sums over keys (queries) at a query (key) -> means
+    pairs_per_block = pairs / (q * k)
 
     def normal_matrix_times(t: torch.Tensor) -> torch.Tensor:
         """G t = Zᵀ P Z t: the pairs' t, double centred, summed back per distance."""
-        f_t = 2 * fft(t, n_fft).real - t[:, :1]  # transform of t(|s|) on the circular axis (real: t is symmetric)
-        near = ifft(f_t * counts, n_fft)[..., :span]  # (2, H, span): Σ_keys t(|x - p_k|), Σ_queries t(|x - p_q|)
-        row_part, col_part = n_q * near[0] / k, n_k * near[1] / q  # row (column) means of Z t, on the axis
-        return pairs * t - pair_sums(row_part, col_part) + pairs * (t @ pairs)[:, None] / (q * k)
+        # the transform of t(|s|) on the circular axis is real: 2 Re(rfft(t)) - t(0); the 2 is in twice_counts
+        f_t = torch.sub(fft(t, n_fft).real, t[:, :1], alpha=0.5)
+        near = ifft(f_t * twice_counts, n_fft)  # (2, H, n_fft): Σ_keys t(|x - p_k|), Σ_queries t(|x - p_q|)
+        parts = near[..., :span] * to_means  # row (column) means of Z t, on the axis at the queries (keys)
+        sums = ifft((fft(parts, n_fft) * counts_conj).sum(0), n_fft)
+        return torch.addcmul(fold(sums).neg_(), pairs, t + t @ pairs_per_block[:, None])
 
     grand = row_mean.mean(-1, keepdim=True).to(f64)
     rhs = by_distance.to(f64) - pair_sums(on_axis(row_mean, q_pos), on_axis(col_mean, k_pos)) + pairs * grand
@@ -246,18 +260,18 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     t = torch.zeros(h, size, device=dev, dtype=f64)
     resid = rhs
     direction = precond = resid * inverse_count
-    rz = (resid * precond).sum(-1, keepdim=True)  # (H, 1)
+    rz = torch.linalg.vecdot(resid, precond)[:, None]  # (H, 1)
     zero = torch.zeros_like(rz)
     for i in range(iterations):
         g_dir = normal_matrix_times(direction)
-        curvature = (direction * g_dir).sum(-1, keepdim=True)
+        curvature = torch.linalg.vecdot(direction, g_dir)[:, None]
         step = torch.where(curvature > 0, rz / curvature, zero)  # 0 once a head has converged exactly
-        t = t + step * direction
+        t.addcmul_(step, direction)
         if i == iterations - 1:
             break
-        resid = resid - step * g_dir
+        resid = resid - step * g_dir if i == 0 else resid.addcmul_(step, g_dir, value=-1)  # rhs is not changed
         precond = resid * inverse_count
-        rz_next = (resid * precond).sum(-1, keepdim=True)
-        direction = precond + torch.where(rz > 0, rz_next / rz, zero) * direction
+        rz_next = torch.linalg.vecdot(resid, precond)[:, None]
+        direction = torch.addcmul(precond, torch.where(rz > 0, rz_next / rz, zero), direction)
         rz = rz_next
     return ((t - (t @ pairs / (q * k))[:, None]) * (pairs > 0)).to(dtype)

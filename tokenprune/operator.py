@@ -60,6 +60,11 @@ class TokenOperator(nn.Module):
     def forward(self, state: TokenState) -> TokenState:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def __call__(self, state: TokenState) -> TokenState:
+        # a named range in torch.profiler traces (``tokenprune.<op>``), so an operator's kernels can be told apart
+        with torch.profiler.record_function(f"tokenprune.{self.op_name or type(self).__name__}"):
+            return super().__call__(state)
+
     @classmethod
     def parse_params(cls, raw: Mapping[str, Any] | None, key: str | None = None) -> Any:
         """Validate ``raw`` against ``Params`` and return the dataclass instance.
