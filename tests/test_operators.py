@@ -105,3 +105,17 @@ def test_a_scorer_weighted_out_is_not_computed():
     state.signals = Signals(state, source=None)  # any attention request would now fail
     state = tp.build_operator("attention", weight=0.0, queries="visual")(state)
     assert torch.allclose(state.scores, torch.tensor([[0.2, 0.3, 0.5]]))
+
+
+def test_an_operator_runs_inside_a_profiler_range_named_after_it():
+    """So a torch.profiler trace of a pruned forward tells each operator's kernels apart."""
+    st = make_state([[0, 1, 1, 1, 1, 0]])
+    st.hidden = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(0))
+    scorer, topk = tp.build_operator("hidden_norm"), tp.build_operator("topk", keep=2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        topk(scorer(st))
+    ranges = [e for e in prof.events() if e.name.startswith("tokenprune.")]
+    assert [e.name for e in ranges] == ["tokenprune.hidden_norm", "tokenprune.topk"]
+    norm = next(e for e in prof.events() if e.name == "aten::linalg_vector_norm")
+    inside = ranges[0].time_range
+    assert inside.start <= norm.time_range.start and norm.time_range.end <= inside.end
