@@ -2,7 +2,9 @@
 from results (timings are never asserted: they belong to `make bench`, not to tests)."""
 
 import pytest
+import torch
 
+import tokenprune.bench as bench
 from tokenprune.bench import check_targets, load_bench_config, markdown, run_bench
 from tokenprune.errors import ConfigError
 
@@ -17,6 +19,18 @@ def test_bad_bench_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_bench_config(path)
     assert e.value.key == "variants.0"
+    path.write_text("models: [{name: m, path: reference, dtype: fp8}]\nvariants: [{name: u, pipeline: null}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_bench_config(path)
+    assert e.value.key == "models.0.dtype" and "bfloat16" in str(e.value)
+    path.write_text("models: [{name: m, path: reference}]\nvariants: [{name: u, pipeline: null, eager: true}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_bench_config(path)
+    assert e.value.key == "variants.0.eager" and "materialize_attention" in str(e.value)
+    path.write_text("models: [{name: m, path: reference}]\nvariants: [{name: u, pipeline: null, materialize_attention: 1}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_bench_config(path)
+    assert e.value.key == "variants.0.materialize_attention"
 
 
 def test_a_micro_benchmark_runs_and_its_counts_are_the_analytic_ones(tmp_path):
@@ -24,10 +38,13 @@ def test_a_micro_benchmark_runs_and_its_counts_are_the_analytic_ones(tmp_path):
     path.write_text(
         "models: [{name: next-micro, synthetic: llava_next, text: {hidden: 32, intermediate: 64, layers: 4, heads: 2}}]\n"
         "variants: [{name: unpruned, pipeline: null}, {name: fastv-0.25, pipeline: fastv, "
-        "overrides: [stages.0.operators.1.keep=0.25]}]\n"
+        "overrides: [stages.0.operators.1.keep=0.25]}, {name: reference-fastv-0.25, pipeline: fastv, "
+        "overrides: [stages.0.operators.1.keep=0.25], materialize_attention: [1]}]\n"
         "batch_sizes: [2]\nrepeats: 1\nwarmup: 0\nnew_tokens: 2\n")
     results = run_bench(load_bench_config(path), log=lambda *_: None)
-    base, fastv = results["rows"]
+    base, fastv, reference = results["rows"]
+    assert reference["visual_tokens_kept"] == fastv["visual_tokens_kept"]
+    assert reference["flops_reduction"] == fastv["flops_reduction"]
     assert base["visual_tokens"] == 576 + 48 * 48 + 48  # base tile + 4 anyres tiles (48x48) + a newline per row
     assert fastv["visual_tokens_kept"] == round(0.25 * base["visual_tokens"])
     assert base["flops_reduction"] == 0 and 0 < fastv["flops_reduction"] < 1
@@ -55,3 +72,48 @@ def test_targets_are_read_from_the_results():
     assert got["fastv-0.25 prefill speed-up >= 80% of FLOPs-ideal"] is True  # 2.0 / 2.2 = 91%
     assert got["fastv-0.25 KV bytes shrink with the tokens removed; decode tokens/s at batch 8 rises"] is True
     assert got["slow-0.25 KV bytes shrink with the tokens removed; decode tokens/s at batch 8 rises"] is False
+    assert not any("GPU" in t for t in got)  # the 3.5x aim is a GPU one
+    on_gpu = {t: ok for t, ok, _ in check_targets({"rows": rows, "machine": {"gpu": "NVIDIA H200"}}, "big")}
+    assert on_gpu["asap-0.25 prefill >= 3.5x faster than unpruned (GPU)"] is False  # x1.5
+
+
+@pytest.mark.parametrize("prompts", [None, [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9]]])  # left-padded (a mask), none
+def test_materialized_attention_layers_compute_what_sdpa_does_with_the_weights_materialised(monkeypatch, prompts):
+    """The FastV-style reference's layers: their attention really runs through the explicit softmax(QKᵀ)V (counted,
+    the (B, H, N, N) weights seen), the logits at the real tokens and the greedy generation equal the SDPA model's,
+    and the model is SDPA again afterwards."""
+    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava()
+    inputs = tiny_llava_inputs(model, prompts=prompts) if prompts else tiny_llava_inputs(model)
+    real = inputs["attention_mask"].bool()
+    seen = []
+
+    def counted(module, query, *args, **kwargs):
+        out, weights = materialized(module, query, *args, **kwargs)
+        seen.append((module.layer_idx, tuple(weights.shape)))
+        return out, weights
+
+    materialized = bench.materialized_attention
+    monkeypatch.setattr(bench, "materialized_attention", counted)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        want_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with bench.materialize_attention(model, [1, 2]):
+            got = model(**inputs).logits
+            n = inputs["input_ids"].shape[1]
+            assert seen == [(1, (2, 4, n, n)), (2, (2, 4, n, n))]
+            got_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        seen.clear()
+        model(**inputs)
+    assert seen == []  # restored
+    assert torch.allclose(got[real], want[real], atol=1e-4)
+    assert torch.equal(got_tokens, want_tokens)
+    with pytest.raises(ConfigError, match="4 decoder layers"), bench.materialize_attention(model, [4]):
+        pass
+
+
+def test_a_synthetic_model_is_built_in_the_dtype_asked_for():
+    model = bench.synthetic_llava_next({"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},
+                                       dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
