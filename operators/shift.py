@@ -115,7 +115,9 @@ class BidirectionalSoftMask(Shift):
         rows = ctx.rows.to(dev)
         row_visual = vis[rows]
         ctx.allowed = (ctx.allowed.to(dev) | (row_visual[:, None] & vis[None, :])) & vis[None, :]
-        ctx.logits = ctx.logits - trend_at_pairs(trend, st.positions[b].to(dev), rows)
+        bias = trend_at_pairs(trend, st.positions[b].to(dev), rows)  # a fresh tensor: the result is written into it
+        ctx.logits = torch.sub(ctx.logits, bias, out=bias)
+        ctx.owned = True
 
     def fit_trend(self, ctx: AttentionContext) -> torch.Tensor:
         """(H, D+1) positional trend t(d) of one sample, fitted on instruction + (every ``query_stride``-th)

@@ -388,6 +388,9 @@ def test_masked_softmax_by_hand():
     got = masked_softmax(x, allowed)
     assert got.shape == (2, 3, 3) and not got.isnan().any()
     assert torch.allclose(got, want.expand(2, 3, 3), atol=1e-6)
+    owned = x.clone()
+    assert torch.allclose(masked_softmax(owned, allowed, in_place=True), want.expand(2, 3, 3), atol=1e-6)
+    assert owned[0, 0, 1] == float("-inf") and torch.equal(x[0, 0], torch.tensor([1.0, 2.0, 3.0]))  # only the owned one
 
 
 @pytest.mark.parametrize("positions", [

@@ -33,6 +33,9 @@ class AttentionContext:
     logits: torch.Tensor
     allowed: torch.Tensor
     probs: torch.Tensor | None = None
+    #: True once ``logits`` is a tensor made for this computation (a shift replaced it): later steps may then
+    #: overwrite it instead of allocating another (H, Q, N) block. False while it may be the stage's cached logits.
+    owned: bool = False
 
 
 class Signals:
@@ -123,7 +126,7 @@ class Signals:
         ctx = AttentionContext(self, sample, rows, rotary, logits, allowed)
         for s in shifts:
             s.adjust_logits(ctx)
-        ctx.probs = masked_softmax(ctx.logits, ctx.allowed)
+        ctx.probs = masked_softmax(ctx.logits, ctx.allowed, in_place=ctx.owned)
         for s in shifts:
             s.adjust_probs(ctx)
         return ctx.probs
@@ -295,14 +298,14 @@ class VisionSource:
         return out
 
 
-def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """Softmax over the last axis restricted to ``allowed`` (broadcast); all-masked rows give zeros.
 
     An additive (0 / −inf) mask of ``allowed``'s shape, broadcast in one add (cheaper than a masked fill of
-    the full block), then torch's fused softmax; only when some row may attend to nothing (its softmax is
-    NaN) is a further pass spent to zero it."""
+    the full block; into ``logits`` itself with ``in_place``), then torch's fused softmax; only when some row
+    may attend to nothing (its softmax is NaN) is a further pass spent to zero it."""
     mask = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, float("-inf"))
-    probs = torch.softmax(logits + mask, dim=-1)
+    probs = torch.softmax(logits.add_(mask) if in_place else logits + mask, dim=-1)
     empty = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty.any()):
         probs = probs.masked_fill(empty, 0.0)
