@@ -128,3 +128,18 @@ def test_a_sweep_over_lmms_eval_tasks_is_refused_with_the_key(tmp_path):
     sweep.set = list(sweep.set) + ["data.lmms_eval=[pope]"]
     with pytest.raises(ConfigError, match=r"^data\.lmms_eval: a sweep evaluates items"):
         sweep.base_config(sweep.variants()[0])
+
+
+def test_a_variant_whose_config_changed_since_it_ran_runs_again_and_its_old_run_is_kept(tmp_path, tiny_folder, capsys):
+    path = sweep_file(tmp_path, tiny_folder, budget={"key": "stages.0.operators.1.keep", "values": [0.5]})
+    out = tmp_path / "out"
+    run_sweep(Sweep(path))
+    first = (out / "keep=0.5" / "metrics.json").read_text()
+    run_sweep(Sweep(path))  # the same sweep file: nothing runs again
+    assert (out / "keep=0.5" / "metrics.json").read_text() == first and not (out / ".stale").exists()
+    capsys.readouterr()
+    run_sweep(Sweep(path, ["stages.0.layer=3"]))  # the sweep file edited: FastV at layer 3 instead of 2
+    assert "its config changed since it ran (overrides: " in capsys.readouterr().out
+    assert (out / ".stale" / "keep=0.5.1" / "metrics.json").read_text() == first  # kept, not overwritten
+    rerun = yaml.safe_load((out / "keep=0.5" / "config.yaml").read_text())
+    assert rerun["resolved_pipeline"]["stages"][0]["layer"] == 3

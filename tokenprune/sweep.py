@@ -23,7 +23,9 @@ what differs from the base (``keep=0.25``, ``keep=0.25,op0=rope_free``, ``fastv,
 Each variant is a normal run directory under ``output_dir/<name>/<variant>``; the unpruned baseline
 runs once (a cache shared by the variants). A variant is done when its ``metrics.json`` exists (the run
 writes it last, atomically), so a killed sweep started again runs only what is missing; a variant that
-fails is recorded (``error.txt``, and its row in ``results.csv``) and the sweep goes on.
+fails is recorded (``error.txt``, and its row in ``results.csv``) and the sweep goes on. A finished variant
+whose config differs from the one it ran with (the sweep file was edited since) runs again, and its earlier
+run directory is moved to ``output_dir/.stale/`` (nothing is deleted).
 """
 
 from __future__ import annotations
@@ -244,6 +246,56 @@ def _shape_of(cfg):
     return LLMShape.from_config(getattr(config, "text_config", config), name=getattr(config, "model_type", "model"))
 
 
+def _changed_since_run(vdir: Path, cfg) -> str | None:
+    """Where the variant's run config (with its resolved pipeline) differs from the one its finished run wrote to
+    ``config.yaml`` (``"data.limit: 300 -> 500"``), or None. A sweep file edited after a run — a ``set`` key, a
+    budget value, an override — would otherwise be answered with the old run's results. Code changes, such as an
+    operator's defaults, are not seen: the config records what was asked for, not the defaults it ran with."""
+    from omegaconf import OmegaConf
+
+    from tokenprune.run import resolve_pipeline
+
+    stored_file = vdir / "config.yaml"
+    if not stored_file.is_file():
+        return None
+    try:
+        pipeline = resolve_pipeline(cfg)
+    except ConfigError:
+        return None  # the variant cannot run; its earlier result stands until the config is fixed
+    current = OmegaConf.to_container(cfg)
+    current["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
+        pipeline.config is not None else None
+    current = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(current))))
+    stored = OmegaConf.to_container(OmegaConf.load(stored_file))
+    return _first_difference(stored, current)
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f"{where}.{i}")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{where}: {_value_text(old)} -> {_value_text(new)}"
+
+
+def _set_aside(vdir: Path, output_dir: Path) -> Path:
+    """Move a variant's earlier run directory under ``output_dir/.stale/`` (never overwriting one kept before)."""
+    stale = output_dir / ".stale"
+    stale.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (stale / f"{vdir.name}.{n}").exists():
+        n += 1
+    return vdir.rename(stale / f"{vdir.name}.{n}")
+
+
 def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run every variant not yet done; write results.csv and accuracy_vs_flops.png. Returns (rows, baseline)."""
     from tokenprune.run import run
@@ -256,6 +308,11 @@ def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None
         done = vdir / "metrics.json"
         row: dict[str, Any] = {"variant": v.name, "pipeline": v.pipeline or "base",
                                **{k: _value_text(val) for k, val in v.values.items()}}
+        changed = _changed_since_run(vdir, sweep.base_config(v)) if done.is_file() else None
+        if changed is not None:
+            aside = _set_aside(vdir, sweep.output_dir)
+            print(f"[{v.name}] its config changed since it ran ({changed}): running it again; the earlier run is "
+                  f"kept in {aside}", flush=True)
         if done.is_file():
             metrics = json.loads(done.read_text())
             status = "done earlier"
