@@ -117,3 +117,14 @@ def test_a_synthetic_model_is_built_in_the_dtype_asked_for():
     model = bench.synthetic_llava_next({"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},
                                        dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_the_table_shows_the_gpu_peak_memory_and_a_dash_without_one():
+    row = {"model": "m", "variant": "unpruned", "batch": 1, "prefill_ms": 10.0, "prefill_speedup": 1.0,
+           "ideal_speedup": 1.0, "speedup_vs_ideal": 1.0, "operator_ms": 0.0, "operator_overhead": 0.0,
+           "decode_ms_per_token": 2.0, "tokens_per_s": 100.0, "kv_cache_bytes": 2048, "flops_reduction": 0.0}
+    machine = {"cpus": 2, "threads": 2, "platform": "p", "python": "3", "torch": "t"}
+    on_gpu = markdown({"machine": {**machine, "gpu": "G"}, "rows": [{**row, "peak_memory_bytes": 3 * 2**20}]}, "c", [])
+    assert "| 2 | 3.0 | 0.0% |" in on_gpu  # KV KiB, peak MiB, FLOPs reduction
+    on_cpu = markdown({"machine": machine, "rows": [{**row, "peak_memory_bytes": None}]}, "c", [])
+    assert "| 2 | — | 0.0% |" in on_cpu

@@ -337,15 +337,17 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
     lines = ["# Benchmarks", "", f"Produced by `{command}` on {m.get('gpu') or 'CPU'} ({m['cpus']} CPUs, {m['threads']} "
              f"torch threads; {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers "
              f"{m.get('transformers')}). Medians over the repetitions; every variant measured in the same process, "
-             "in alternation. Speed-ups are ratios of those medians.", "",
+             "in alternation. Speed-ups are ratios of those medians. Peak memory is the GPU's peak allocation during "
+             "a generate() call (— on a CPU, where no per-call peak is measured).", "",
              "| model | variant | batch | prefill ms | speed-up | FLOPs-ideal | of ideal | operators ms | overhead | "
-             "decode ms/tok | tokens/s | KV KiB/sample | FLOPs − |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "decode ms/tok | tokens/s | KV KiB/sample | peak MiB | FLOPs − |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | x{r['prefill_speedup']:.2f} | "
                      f"x{r['ideal_speedup']:.2f} | {r['speedup_vs_ideal']:.0%} | {r['operator_ms']:.1f} | "
                      f"{r['operator_overhead']:.1%} | {_f(r['decode_ms_per_token'])} | {r['tokens_per_s']:.1f} | "
-                     f"{r['kv_cache_bytes'] / 1024:.0f} | {r['flops_reduction']:.1%} |")
+                     f"{r['kv_cache_bytes'] / 1024:.0f} | {_f(_mib(r.get('peak_memory_bytes')))} | "
+                     f"{r['flops_reduction']:.1%} |")
     if targets:
         lines += ["", "## Targets", "", "| target | met | measured |", "| --- | --- | --- |"]
         lines += [f"| {t} | {'yes' if ok else '**no**'} | {v} |" for t, ok, v in targets]
@@ -354,6 +356,10 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
 
 def _f(v):
     return "—" if v is None else f"{v:.1f}"
+
+
+def _mib(v):
+    return None if v is None else v / 2**20
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:
