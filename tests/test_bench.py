@@ -9,28 +9,22 @@ from tokenprune.bench import check_targets, load_bench_config, markdown, run_ben
 from tokenprune.errors import ConfigError
 
 
-def test_bad_bench_configs_name_the_key(tmp_path):
+@pytest.mark.parametrize("models,variants,key,says", [
+    ("[{name: m, path: reference, synthetic: llava_next}]", "[{name: u, pipeline: null}]", "models.0",
+     "exactly one of path, synthetic"),
+    ("[{name: m, path: reference}]", "[{name: f, pipeline: fastv}]", "variants.0", "unpruned"),
+    ("[{name: m, path: reference, dtype: fp8}]", "[{name: u, pipeline: null}]", "models.0.dtype", "bfloat16"),
+    ("[{name: m, path: reference}]", "[{name: u, pipeline: null, eager: true}]", "variants.0.eager",
+     "materialize_attention"),
+    ("[{name: m, path: reference}]", "[{name: u, pipeline: null, materialize_attention: 1}]",
+     "variants.0.materialize_attention", "decoder layer indices"),
+])
+def test_bad_bench_configs_name_the_key(tmp_path, models, variants, key, says):
     path = tmp_path / "b.yaml"
-    path.write_text("models: [{name: m, path: reference, synthetic: llava_next}]\nvariants: [{name: u, pipeline: null}]\n")
+    path.write_text(f"models: {models}\nvariants: {variants}\n")
     with pytest.raises(ConfigError) as e:
         load_bench_config(path)
-    assert e.value.key == "models.0" and "exactly one of path, synthetic" in str(e.value)
-    path.write_text("models: [{name: m, path: reference}]\nvariants: [{name: f, pipeline: fastv}]\n")
-    with pytest.raises(ConfigError) as e:
-        load_bench_config(path)
-    assert e.value.key == "variants.0"
-    path.write_text("models: [{name: m, path: reference, dtype: fp8}]\nvariants: [{name: u, pipeline: null}]\n")
-    with pytest.raises(ConfigError) as e:
-        load_bench_config(path)
-    assert e.value.key == "models.0.dtype" and "bfloat16" in str(e.value)
-    path.write_text("models: [{name: m, path: reference}]\nvariants: [{name: u, pipeline: null, eager: true}]\n")
-    with pytest.raises(ConfigError) as e:
-        load_bench_config(path)
-    assert e.value.key == "variants.0.eager" and "materialize_attention" in str(e.value)
-    path.write_text("models: [{name: m, path: reference}]\nvariants: [{name: u, pipeline: null, materialize_attention: 1}]\n")
-    with pytest.raises(ConfigError) as e:
-        load_bench_config(path)
-    assert e.value.key == "variants.0.materialize_attention"
+    assert e.value.key == key and says in str(e.value)
 
 
 def test_a_micro_benchmark_runs_and_its_counts_are_the_analytic_ones(tmp_path):
