@@ -184,8 +184,8 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     each distance).
     CG needs far fewer steps than backfitting (alternating t / a, c updates) for the same accuracy:
     on logits captured from the reference model and from the bench's LLaVA-NeXT-like model, 4 steps
-    are within 0.4% (max |error| / max |t|) of the converged trend, where 8 backfitting rounds were
-    within 0.7–1.6% on the two slower cases. Distances never seen get 0; ``t`` is centred (mean 0 over
+    are within 0.4% (max |error| / max |t|) of the converged trend and 6 (the default) within 0.05%,
+    where 8 backfitting rounds were within 0.7–1.6% on the two slower cases (docs/methods/asap.md). Distances never seen get 0; ``t`` is centred (mean 0 over
     the pairs), since a constant in t is indistinguishable from one in a or c.
 
     The (H, Q, K) block is read once, for its row means, column means and per-distance sums. Applying G
@@ -236,13 +236,14 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
         out[:, 0] -= corr[:, 0]
         return out
 
+    counts_conj = counts.conj().resolve_conj()  # correlation: the reversed sum, which the fold does not mind
+
     def pair_sums(per_query: torch.Tensor, per_key: torch.Tensor) -> torch.Tensor:
         """Σ over the pairs at each distance d of u_q + v_k, for u and v given as their sums at each position
         (H, span): u correlated with the key counts plus v with the query counts, one inverse transform."""
         return fold(ifft((fft(torch.stack([per_query, per_key]), n_fft) * counts_conj).sum(0), n_fft))
 
     # Per CG step, G is applied once: few, whole-array operations (a step's cost is mostly their number).
-    counts_conj = counts.conj().resolve_conj()  # correlation: the reversed sum, which the fold does not mind
     twice_counts = 2 * counts
     to_means = torch.stack([n_q / k, n_k / q])  # (2, 1, span): sums over keys (queries) at a query (key) -> means
     pairs_per_block = pairs / (q * k)
@@ -260,7 +261,7 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     rhs = by_distance.to(f64) - pair_sums(on_axis(row_mean, q_pos), on_axis(col_mean, k_pos)) + pairs * grand
     inverse_count = torch.where(pairs > 0, 1 / pairs.clamp_min(1), 0.0)  # unseen distances stay at 0
     t = torch.zeros(h, size, device=dev, dtype=f64)
-    resid = rhs
+    resid = rhs.clone()  # updated in place
     direction = precond = resid * inverse_count
     rz = torch.linalg.vecdot(resid, precond)[:, None]  # (H, 1)
     zero = torch.zeros_like(rz)
@@ -271,7 +272,7 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
         t.addcmul_(step, direction)
         if i == iterations - 1:
             break
-        resid = resid - step * g_dir if i == 0 else resid.addcmul_(step, g_dir, value=-1)  # rhs is not changed
+        resid.addcmul_(step, g_dir, value=-1)
         precond = resid * inverse_count
         rz_next = torch.linalg.vecdot(resid, precond)[:, None]
         direction = torch.addcmul(precond, torch.where(rz > 0, rz_next / rz, zero), direction)
