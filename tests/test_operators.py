@@ -119,3 +119,25 @@ def test_an_operator_runs_inside_a_profiler_range_named_after_it():
     norm = next(e for e in prof.events() if e.name == "aten::linalg_vector_norm")
     inside = ranges[0].time_range
     assert inside.start <= norm.time_range.start and norm.time_range.end <= inside.end
+
+
+def test_a_stage_computes_a_block_of_logits_once_and_keeps_blocks_within_a_byte_budget():
+    """Rows that run contiguously through a block asked for before are read from it (the source is not asked
+    again); with the budget too small for the block, it is computed again."""
+    logits = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    class Counting(LogitsSource):
+        def logits(self, sample, rows, **kw):
+            calls.append(rows.tolist())
+            return super().logits(sample, rows, **kw)
+
+    for budget, want_calls in ((2**30, [[1, 3, 4, 5, 7]]), (0, [[1, 3, 4, 5, 7], [3, 4, 5]])):
+        calls.clear()
+        st = make_state([[1] * 8])
+        st.signals.source = Counting(logits)
+        st.signals.logit_cache_bytes = budget
+        st.signals.logits(0, torch.tensor([1, 3, 4, 5, 7]))
+        got = st.signals.logits(0, torch.tensor([3, 4, 5]))
+        assert torch.equal(got, logits[0][:, [3, 4, 5]])
+        assert calls == want_calls

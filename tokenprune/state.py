@@ -87,12 +87,18 @@ class Signals:
         return self.cached(("rows", queries, sample), lambda: query_rows(
             queries, image, st.valid_mask[sample], st.hidden[sample]))
 
+    #: Bytes of logit blocks a stage keeps for reuse (all samples together). A block that would exceed it is
+    #: computed and handed out but not kept: ASAP with every visual query at LLaVA-NeXT-7B scale makes a 1.1 GB
+    #: block per sample, and keeping a batch's worth until its visual scorer runs would cost more memory than
+    #: computing it again costs time.
+    logit_cache_bytes: int = 2**30
+
     def logits(self, sample: int, rows: torch.Tensor, *, rotary: bool = True) -> torch.Tensor:
         """(H, Q, N) fp32 raw logits (scaled q·k, unmasked) of query ``rows`` of ``sample``, from the source.
 
         Computed once per stage: rows that run contiguously through a block computed earlier (the instruction
-        and strided visual rows of ASAP's trend fit, asked for again by its scorers) are a view of that block.
-        Callers must not change the result in place."""
+        and strided visual rows of ASAP's trend fit, asked for again by its scorers) are a view of that block,
+        as long as the kept blocks fit in :attr:`logit_cache_bytes`. Callers must not change the result in place."""
         blocks = self._cache.setdefault(("logit_blocks", sample, rotary), [])
         n = rows.numel()
         for block_rows, block in blocks:
@@ -101,7 +107,11 @@ class Signals:
                 if start + n <= block_rows.numel() and torch.equal(block_rows[start:start + n], rows):
                     return block[:, start:start + n]
         out = self._source().logits(sample, rows, rotary=rotary).float()
-        blocks.append((rows, out))
+        size = out.numel() * out.element_size()
+        kept = self._cache.get(("logit_bytes",), 0)
+        if kept + size <= self.logit_cache_bytes:
+            blocks.append((rows, out))
+            self._cache[("logit_bytes",)] = kept + size
         return out
 
     def attention_probs(self, sample: int, rows: torch.Tensor) -> torch.Tensor:
