@@ -74,3 +74,20 @@ def test_unequal_kept_counts_in_a_batch_are_refused(llava_pair):
     pipe = tp.load_pipeline("fastv", ["stages.0.operators.1.keep=0.5"])
     with pytest.raises(Exception, match="keep|features"), torch.no_grad(), pipe.attach(model):
         model(**inputs)
+
+
+def test_time_operators_splits_the_stage_time_by_operator(llava_pair, batch):
+    """Off by default; on, each operator of the stage has its own entry, in order, within the stage's time."""
+    model = llava_pair["sdpa"]
+    pipe = tp.load_pipeline("asap", ["stages.0.operators.3.keep=8"])
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    assert pipe.trace[0].operator_ms_by_op == {}
+    pipe.time_operators = True
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    (t,) = pipe.trace
+    assert list(t.operator_ms_by_op) == ["0:bidirectional_soft_mask", "1:attention", "2:attention", "3:topk",
+                                         "4:weighted_soft_merge"]
+    assert all(ms >= 0 for ms in t.operator_ms_by_op.values())
+    assert sum(t.operator_ms_by_op.values()) <= t.operator_ms

@@ -37,13 +37,16 @@ def test_a_micro_benchmark_runs_and_its_counts_are_the_analytic_ones(tmp_path):
         "batch_sizes: [2]\nrepeats: 1\nwarmup: 0\nnew_tokens: 2\n")
     results = run_bench(load_bench_config(path), log=lambda *_: None)
     base, fastv, reference = results["rows"]
+    assert list(fastv["operator_ms_by_op"]) == ["0.0:attention", "0.1:topk"]  # stage 0's operators, in order
+    assert sum(fastv["operator_ms_by_op"].values()) <= fastv["operator_ms"] + 1e-6 and base["operator_ms_by_op"] == {}
     assert reference["visual_tokens_kept"] == fastv["visual_tokens_kept"]
     assert reference["flops_reduction"] == fastv["flops_reduction"]
     assert base["visual_tokens"] == 576 + 48 * 48 + 48  # base tile + 4 anyres tiles (48x48) + a newline per row
     assert fastv["visual_tokens_kept"] == round(0.25 * base["visual_tokens"])
     assert base["flops_reduction"] == 0 and 0 < fastv["flops_reduction"] < 1
     assert fastv["kv_ratio"] < 1.0  # layers 2-3 hold a quarter of the visual tokens
-    assert "| next-micro | fastv-0.25 | 2 |" in markdown(results, "tokenprune bench b.yaml", [])
+    table = markdown(results, "tokenprune bench b.yaml", [])
+    assert "| next-micro | fastv-0.25 | 2 |" in table and "| next-micro | fastv-0.25 | 2 | 0.0:attention " in table
 
 
 def test_targets_are_read_from_the_results():

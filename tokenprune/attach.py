@@ -402,6 +402,17 @@ class AttachedPipeline:
         )
         return state, visual_before
 
+    def _run_operators(self, stage, state: TokenState, like: torch.Tensor):
+        """Run a stage's operators: ``(state, clock of all of them, {"<i>:<op>": ms} when time_operators)``."""
+        by_op: dict[str, float] = {}
+        op_clock = None
+        if self.pipeline.time_operators:
+            def op_clock(i: int, op: nn.Module) -> _Stopwatch:
+                return _Stopwatch(like, into=by_op, label=f"{i}:{op.op_name}")
+        with torch.no_grad(), _Stopwatch(like) as clock:
+            state = stage(state, clock=op_clock)
+        return state, clock, by_op
+
     def _run_stage(self, stage_i: int, layer: int, hidden: torch.Tensor, ep: _Episode) -> torch.Tensor:
         stage = self.pipeline.stages[stage_i]
         b, n = hidden.shape[:2]
@@ -416,8 +427,7 @@ class AttachedPipeline:
         state.signals.vision = self._vision_source(ep)
         state.signals.vision_unavailable = self._vision_unavailable
         state.signals.guide = ep.guide
-        with torch.no_grad(), _Stopwatch(hidden) as clock:
-            state = stage(state)
+        state, clock, by_op = self._run_operators(stage, state, hidden)
         keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool) & live
         rel, new_live = ragged_keep_index(keep)
         new_index = cur.gather(1, rel)
@@ -429,7 +439,8 @@ class AttachedPipeline:
         self._carry_token_data(ep, stage.positions, state, rel)
         self.pipeline.runs[stage_i] += 1
         self.pipeline.trace.append(_trace(ep, stage_i, layer, state.valid_mask, visual_before, new_index, ep.live,
-                                          operator_ms=clock.ms, merged_into=_merges(state.merged_into, cur)))
+                                          operator_ms=clock.ms, merged_into=_merges(state.merged_into, cur),
+                                          operator_ms_by_op=by_op))
         return hidden
 
     def _carry_token_data(self, ep: _Episode, positions: str, state: TokenState, rel: torch.Tensor) -> None:
@@ -728,8 +739,7 @@ class AttachedPipeline:
                            sizes=torch.ones(b, m, device=hidden.device), layer=layer)
         state.signals = Signals(state, source=CrossAttentionSource(self.adapter, layer, hidden, image, ep.visual,
                                                                    ep.valid, allowed))
-        with torch.no_grad(), _Stopwatch(hidden) as clock:
-            state = stage(state)
+        state, clock, by_op = self._run_operators(stage, state, hidden)
         # Features no text token may see (padding tiles) are not visual, so selectors keep them: Mllama lets the
         # text rows before an image attend to every feature, so dropping them would change those rows.
         keep = state.keep_mask.to(device=hidden.device, dtype=torch.bool)
@@ -749,16 +759,18 @@ class AttachedPipeline:
             tokens_before=[m] * b, tokens_after=held.sum(1).tolist(),
             visual_before=valid.sum(1).tolist(), visual_after=after.sum(1).tolist(),
             kept=[row[h].tolist() for row, h in zip(index, held)],
-            operator_ms=clock.ms,
+            operator_ms=clock.ms, operator_ms_by_op=by_op,
         ))
 
 
 class _Stopwatch:
-    """Wall time of a block in ms (the device synchronised at both ends when ``like`` is on a GPU)."""
+    """Wall time of a block in ms (the device synchronised at both ends when ``like`` is on a GPU); with ``into``,
+    also stored there under ``label``."""
 
-    def __init__(self, like: torch.Tensor):
+    def __init__(self, like: torch.Tensor, into: dict[str, float] | None = None, label: str = ""):
         self._cuda = like.is_cuda
         self.ms = 0.0
+        self._into, self._label = into, label
 
     def _sync(self) -> None:
         if self._cuda:
@@ -772,6 +784,8 @@ class _Stopwatch:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.ms = (time.perf_counter() - self._t0) * 1000.0
+        if self._into is not None:
+            self._into[self._label] = self._into.get(self._label, 0.0) + self.ms
 
 
 class _CachedKeys(AttentionSource):

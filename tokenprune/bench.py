@@ -164,6 +164,8 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     return {"prefill_ms": steps[0], "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
             "tokens_per_s": b * new_tokens / (total / 1000.0), "kv_cache_bytes": cache_bytes(out.past_key_values) / b,
             "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": flops.reduction,
+            # per operator, "<stage>.<index>:<op>" (a lazy signal is charged to the first operator that asks for it)
+            "operator_ms_by_op": {f"{t.stage}.{k}": ms for t in prefill for k, ms in t.operator_ms_by_op.items()},
             "visual_tokens": v, "visual_tokens_kept": prefill[-1].visual_after[0] if prefill else v,
             # a kv_cache stage: the visual entries its layers' caches keep, averaged over the layers
             "kv_visual_kept": statistics.mean(t.visual_after[0] for t in kv) if (kv := [
@@ -180,6 +182,9 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     pipelines = {v.name: (load_pipeline(v.pipeline, list(v.get("overrides") or [])) if v.get("pipeline") else None)
                  for v in cfg.variants}
+    for p in pipelines.values():
+        if p is not None:
+            p.time_operators = True  # operator_ms_by_op (synchronises between operators on a GPU)
     rows: list[dict[str, Any]] = []
     for m in cfg.models:
         device = torch.device(m.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -277,10 +282,13 @@ class materialize_attention:  # noqa: N801 - used as a context manager, named fo
 
 
 def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for key in samples[0]:
         vals = [s[key] for s in samples if s[key] is not None]
-        out[key] = statistics.median(vals) if vals else None
+        if vals and isinstance(vals[0], dict):  # per-key medians (operator_ms_by_op)
+            out[key] = {k: statistics.median(v[k] for v in vals if k in v) for k in vals[0]}
+        else:
+            out[key] = statistics.median(vals) if vals else None
     return out
 
 
@@ -348,6 +356,13 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
                      f"{r['operator_overhead']:.1%} | {_f(r['decode_ms_per_token'])} | {r['tokens_per_s']:.1f} | "
                      f"{r['kv_cache_bytes'] / 1024:.0f} | {_f(_mib(r.get('peak_memory_bytes')))} | "
                      f"{r['flops_reduction']:.1%} |")
+    split = [r for r in results["rows"] if r.get("operator_ms_by_op")]
+    if split:
+        lines += ["", "Operator time by operator (ms per call of `generate()`, medians; a lazily computed signal is "
+                  "charged to the first operator that asks for it):", "", "| model | variant | batch | operators |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['variant']} | {r['batch']} | "
+                  + ", ".join(f"{k} {ms:.1f}" for k, ms in r["operator_ms_by_op"].items()) + " |" for r in split]
     if targets:
         lines += ["", "## Targets", "", "| target | met | measured |", "| --- | --- | --- |"]
         lines += [f"| {t} | {'yes' if ok else '**no**'} | {v} |" for t, ok, v in targets]

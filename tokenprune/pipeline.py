@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,9 +133,13 @@ class Stage(nn.Module):
                 kept += op.added_tokens(num_visual, kept)
         return kept
 
-    def forward(self, state: TokenState) -> TokenState:
-        for op in self.operators:
-            state = op(state)
+    def forward(self, state: TokenState, clock: Callable[[int, TokenOperator], AbstractContextManager] | None = None
+                ) -> TokenState:
+        """Run the operators in order; ``clock(i, op)``, when given, is a context each operator runs inside
+        (per-operator timing)."""
+        for i, op in enumerate(self.operators):
+            with clock(i, op) if clock is not None else nullcontext():
+                state = op(state)
         if state.keep_mask is None:
             raise RuntimeError(f"{self.key}: no selector set keep_mask")
         return state
@@ -158,6 +163,9 @@ class StageTrace:
     visual_after: list[int]
     kept: list[list[int]] = field(repr=False)
     operator_ms: float = 0.0  # wall time inside the stage's operators (GPU synchronised)
+    #: with ``pipeline.time_operators``: ``{"<index>:<op>": ms}`` for each operator (layer and cross-attention sites). A lazy
+    #: signal is charged to the first operator that asks for it (ASAP's trend fit to its instruction scorer).
+    operator_ms_by_op: dict[str, float] = field(default_factory=dict)
     #: ``prefill`` (tokens flowing on from ``layer``), ``kv_cache`` (what ``layer``'s cache holds after the
     #: prefill: counts are of cached entries) or ``decode`` (a re-pruning of ``layer``'s cache at decoding
     #: step ``step``).
@@ -184,6 +192,9 @@ class Pipeline(nn.Module):
         self.config = config
         self.trace: list[StageTrace] = []
         self.runs: list[int] = [0] * len(self.stages)
+        #: time each operator of a prefill stage on its own (``StageTrace.operator_ms_by_op``); on a GPU this
+        #: synchronises between operators, so it is off unless asked for (``tokenprune bench`` turns it on)
+        self.time_operators = False
 
     def attach(self, model: nn.Module, guide: nn.Module | None = None) -> AttachedPipeline:
         """Install the pipeline's hooks on ``model`` for the duration of a ``with`` block.
