@@ -248,7 +248,11 @@ class Shift(TokenOperator):
     rotary: ClassVar[bool] = True
 
     def adjust_logits(self, ctx: Any) -> None:
-        """Change ``ctx.logits`` (H, Q, N) / ``ctx.allowed`` (Q, N) in place; see :class:`AttentionContext`."""
+        """Change ``ctx.logits`` (H, Q, N) / ``ctx.allowed`` (Q, N); see :class:`AttentionContext`.
+
+        Replace ``ctx.logits`` with a new tensor (``ctx.logits = ctx.logits - bias``): it may be a view of the
+        stage's cached logits, which other scorers read. Only once ``ctx.owned`` is True (a shift made it) may it
+        be written in place; a shift that hands over a tensor of its own sets ``ctx.owned = True``."""
 
     def adjust_probs(self, ctx: Any) -> None:
         """Change ``ctx.probs`` (H, Q, N) in place."""

@@ -22,7 +22,8 @@ FEATURE_KINDS: tuple[str, ...] = ("hidden", "keys", "vision_keys")
 class AttentionContext:
     """What a shift correction sees and may change while one sample's attention rows are computed.
 
-    ``logits`` (H, Q, N) and ``allowed`` (Q, N) bool are changed in place by ``Shift.adjust_logits``;
+    ``logits`` (H, Q, N) and ``allowed`` (Q, N) bool are replaced by ``Shift.adjust_logits`` (``logits`` may be a
+    view of the stage's cached logits: never written in place unless ``owned``);
     ``probs`` (H, Q, N) is set after the softmax and changed by ``Shift.adjust_probs``.
     """
 
