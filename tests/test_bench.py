@@ -125,3 +125,21 @@ def test_the_table_shows_the_gpu_peak_memory_and_a_dash_without_one():
     assert "| 2 | 3.0 | 0.0% |" in on_gpu  # KV KiB, peak MiB, FLOPs reduction
     on_cpu = markdown({"machine": machine, "rows": [{**row, "peak_memory_bytes": None}]}, "c", [])
     assert "| 2 | — | 0.0% |" in on_cpu
+
+
+def test_a_synthetic_mllama_benchmark_counts_its_image_features_and_leaves_flops_unmodelled(tmp_path):
+    """LLaMA-3.2-Vision's image geometry (4 tiles of 560 px, 14-px patches: 4 x (40 x 40 + 1) features) with a micro
+    LLM; Trimmed Llama keeps fewer features and a smaller cross-attention cache; FLOPs, which do not model
+    cross-attention, are shown as not known rather than as 0."""
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "models: [{name: mllama-micro, synthetic: mllama, text: {hidden: 64, intermediate: 128, layers: 5, heads: 4, "
+        "kv_heads: 2}}]\nvariants: [{name: unpruned, pipeline: null}, {name: trimmed, pipeline: trimmed_llama}]\n"
+        "batch_sizes: [1]\nrepeats: 1\nwarmup: 0\nnew_tokens: 2\n")
+    results = run_bench(load_bench_config(path), log=lambda *_: None)
+    base, trimmed = results["rows"]
+    assert base["visual_tokens"] == trimmed["visual_tokens"] == 4 * (40 * 40 + 1)
+    assert 0 < trimmed["visual_tokens_kept"] < base["visual_tokens"] and trimmed["kv_ratio"] < 1.0
+    assert base["flops_reduction"] is None and trimmed["ideal_speedup"] is None
+    assert "| mllama-micro | trimmed | 1 |" in markdown(results, "c", check_targets(results, "mllama-micro"))
+    assert "| — | — |" in markdown(results, "c", [])  # FLOPs-ideal and of-ideal not known
