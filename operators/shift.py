@@ -203,17 +203,22 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     k = k_pos.numel()
     origin = torch.minimum(q_pos.min(), k_pos.min())
     q_pos, k_pos = q_pos - origin, k_pos - origin
-    dist = (q_pos.int()[:, None] - k_pos.int()[None, :]).abs_().long()  # (Q, K) distance of every pair (int32 abs: faster)
-    size = int(dist.max()) + 1
-    pairs = torch.bincount(dist.reshape(-1), minlength=size).to(f64)  # (D,)
+    size = int(torch.maximum(q_pos.max() - k_pos.min(), k_pos.max() - q_pos.min())) + 1  # largest distance + 1
     if keys is None:
         row_mean, col_mean = logits.mean(-1), logits.mean(1)  # (H, Q), (H, K)
+        column_pos, other = k_pos.int(), None
     else:  # columns outside ``keys`` go to a last, discarded distance bin
         keys = keys.to(dev)
         weight = torch.zeros(n, device=dev, dtype=logits.dtype).index_fill_(0, keys, 1.0 / k)
         row_mean, col_mean = logits @ weight, logits.mean(1)[:, keys]
-        dist = torch.full((q, n), size, device=dev, dtype=dist.dtype).index_copy_(1, keys, dist)
-    by_distance = torch.zeros(h, size + 1, device=dev, dtype=logits.dtype).index_add_(1, dist.reshape(-1),
+        column_pos = torch.zeros(n, device=dev, dtype=torch.int32).index_copy_(0, keys, k_pos.int())
+        other = torch.ones(n, device=dev, dtype=torch.bool).index_fill_(0, keys, False)
+    dist = (q_pos.int()[:, None] - column_pos[None, :]).abs_()  # (Q, columns); int32: faster
+    if other is not None:
+        dist.masked_fill_(other[None, :], size)
+    dist = dist.reshape(-1).long()
+    pairs = torch.bincount(dist, minlength=size + 1)[:size].to(f64)  # (D,)
+    by_distance = torch.zeros(h, size + 1, device=dev, dtype=logits.dtype).index_add_(1, dist,
                                                                                         logits.reshape(h, -1))[:, :size]
 
     span = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
