@@ -130,7 +130,7 @@ def _quiet_lmms_eval() -> None:
 
 def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     """The run (module docstring); returns metrics.json."""
-    from tokenprune.run import _digest, _write_atomic, model_identity, resolve_pipeline
+    from tokenprune.run import _digest, _write_atomic, model_identity, resolve_pipeline, resolved_config_yaml
 
     spec = lmms_eval_spec(cfg.data)
     pipeline = resolve_pipeline(cfg)  # config errors before lmms-eval or the model load
@@ -176,10 +176,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(pipeline=name, model=str(m.path), data="lmms_eval:" + ",".join(spec["tasks"]), limit=limit,
                    baseline_cached=from_cache)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg)
-    resolved["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
-        pipeline.config is not None else None
-    _write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    _write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
     _write_atomic(out / "lmms_eval_results.json", json.dumps({"unpruned": baseline, name: pruned}, indent=1) + "\n")
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     metrics["output_dir"] = str(out)

@@ -192,7 +192,7 @@ class Pipeline(nn.Module):
         self.config = config
         self.trace: list[StageTrace] = []
         self.runs: list[int] = [0] * len(self.stages)
-        #: time each operator of a prefill stage on its own (``StageTrace.operator_ms_by_op``); on a GPU this
+        #: time each operator of a stage on its own (``StageTrace.operator_ms_by_op``); on a GPU this
         #: synchronises between operators, so it is off unless asked for (``tokenprune bench`` turns it on)
         self.time_operators = False
 

@@ -439,10 +439,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    baseline_cached=from_cache)
     if _is_global_zero():
         out.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg)
-        resolved["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
-            pipeline.config is not None else None
-        _write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        _write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
         _write_jsonl(out / "predictions.jsonl", [
             {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"]}
             for r, b, it in zip(records, baseline, items)])
@@ -450,6 +447,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def resolved_config_yaml(cfg: DictConfig, pipeline) -> str:
+    """A run directory's ``config.yaml``: the run config plus ``resolved_pipeline`` (the pipeline's config after
+    its overrides; None for the unpruned model). The sweep compares it to tell whether a finished run is stale."""
+    resolved = OmegaConf.to_container(cfg)
+    resolved["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
+        pipeline.config is not None else None
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
 
 
 def _correct(record: Mapping[str, Any], item: Mapping[str, Any]) -> float:

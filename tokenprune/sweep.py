@@ -253,7 +253,7 @@ def _changed_since_run(vdir: Path, cfg) -> str | None:
     operator's defaults, are not seen: the config records what was asked for, not the defaults it ran with."""
     from omegaconf import OmegaConf
 
-    from tokenprune.run import resolve_pipeline
+    from tokenprune.run import resolve_pipeline, resolved_config_yaml
 
     stored_file = vdir / "config.yaml"
     if not stored_file.is_file():
@@ -262,10 +262,7 @@ def _changed_since_run(vdir: Path, cfg) -> str | None:
         pipeline = resolve_pipeline(cfg)
     except ConfigError:
         return None  # the variant cannot run; its earlier result stands until the config is fixed
-    current = OmegaConf.to_container(cfg)
-    current["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
-        pipeline.config is not None else None
-    current = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(current))))
+    current = OmegaConf.to_container(OmegaConf.create(resolved_config_yaml(cfg, pipeline)))
     stored = OmegaConf.to_container(OmegaConf.load(stored_file))
     return _first_difference(stored, current)
 
