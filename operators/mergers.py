@@ -76,7 +76,7 @@ class WeightedSoftMerge(Merger):
                 state.merge_record(b)[pruned] = kept[idx[:, 0]]  # the token that takes most of it
                 contrib = mass[pruned][:, None] * w  # (P, n)
                 flat = idx.reshape(-1)
-                num = (mass[kept][:, None] * hk).index_add_(0, flat, (contrib[..., None] * hp[:, None, :]).flatten(0, 1))
+                num = _add_spread(mass[kept][:, None] * hk, idx, contrib, hp)
                 den = mass[kept].clone().index_add_(0, flat, contrib.reshape(-1))
                 grown = (w * sizes[b, pruned].to(w.device)[:, None]).reshape(-1)
                 size_k = sizes[b, kept].clone().index_add_(0, flat.to(sizes.device), grown.to(sizes.dtype))
@@ -93,6 +93,24 @@ class WeightedSoftMerge(Merger):
         state.hidden, state.sizes = hidden, sizes
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
         return state
+
+
+def _add_spread(out: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                sparse: bool | None = None) -> torch.Tensor:
+    """``out[idx[j, r]] += weight[j, r] * rows[j]`` for every j and r: ``out`` (K, D) plus Wᵀ ``rows`` with the
+    sparse (P, K) weights W holding ``weight`` (P, n) at columns ``idx`` (P, n).
+
+    One sparse-dense product (P·n·D multiply-adds, no (P, n, D) intermediate) where torch has it; on other
+    devices (or with ``sparse=False``) one index_add per neighbour rank."""
+    p, n = idx.shape
+    if out.device.type in ("cpu", "cuda") if sparse is None else sparse:
+        source = torch.arange(p, device=idx.device).repeat_interleave(n)
+        w = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), source]), weight.reshape(-1).to(rows.dtype),
+                                    (out.shape[0], p), check_invariants=False)  # indices in range by construction
+        return torch.addmm(out, w, rows)
+    for r in range(n):
+        out.index_add_(0, idx[:, r], rows * weight[:, r:r + 1])
+    return out
 
 
 @register_operator("bipartite")

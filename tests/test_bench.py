@@ -18,6 +18,13 @@ from tokenprune.errors import ConfigError
      "materialize_attention"),
     ("[{name: m, path: reference}]", "[{name: u, pipeline: null, materialize_attention: 1}]",
      "variants.0.materialize_attention", "decoder layer indices"),
+    ("[{name: m, path: reference, variants: [u, f]}]", "[{name: u, pipeline: null}]", "models.0.variants",
+     "unknown variant 'f'; allowed: u"),
+    ("[{name: m, path: reference, variants: [f]}]", "[{name: u, pipeline: null}, {name: f, pipeline: fastv}]",
+     "models.0.variants", "must include the unpruned variant 'u'"),
+    ("[{name: m, path: reference, batch_sizes: [0]}]", "[{name: u, pipeline: null}]", "models.0.batch_sizes",
+     "batch sizes >= 1"),
+    ("[{name: m, path: reference, repeats: two}]", "[{name: u, pipeline: null}]", "models.0.repeats", "integer >= 1"),
 ])
 def test_bad_bench_configs_name_the_key(tmp_path, models, variants, key, says):
     path = tmp_path / "b.yaml"
@@ -52,7 +59,7 @@ def test_a_micro_benchmark_runs_and_its_counts_are_the_analytic_ones(tmp_path):
 def test_targets_are_read_from_the_results():
     rows = [
         {"model": "big", "variant": "unpruned", "batch": 1, "operator_overhead": 0.0, "prefill_speedup": 1.0,
-         "ideal_speedup": 1.0, "speedup_vs_ideal": 1.0},
+         "ideal_speedup": 1.0, "speedup_vs_ideal": 1.0, "visual_tokens": 2928},
         {"model": "big", "variant": "fastv-0.25", "batch": 1, "operator_overhead": 0.01, "prefill_speedup": 2.0,
          "ideal_speedup": 2.2, "speedup_vs_ideal": 2.0 / 2.2},
         {"model": "big", "variant": "asap-0.25", "batch": 1, "operator_overhead": 0.05, "prefill_speedup": 1.5,
@@ -62,16 +69,46 @@ def test_targets_are_read_from_the_results():
          "visual_tokens": 100, "visual_tokens_kept": 25},
         {"model": "big", "variant": "slow-0.25", "batch": 8, "kv_ratio": 0.5, "decode_ms_per_token": 61.0,
          "visual_tokens": 100, "visual_tokens_kept": 25},
+        # 576 visual tokens: not a model the targets are read on
+        {"model": "small", "variant": "unpruned", "batch": 1, "operator_overhead": 0.0, "visual_tokens": 576},
+        {"model": "small", "variant": "asap-0.25", "batch": 1, "operator_overhead": 0.5, "visual_tokens": 576},
+        # 2928 visual tokens at batch 1 only: overheads read, no batch-8 decode target
+        {"model": "wide", "variant": "unpruned", "batch": 1, "operator_overhead": 0.0, "visual_tokens": 2928,
+         "kv_ratio": 1.0, "decode_ms_per_token": 60.0},
+        {"model": "wide", "variant": "asap-0.25", "batch": 1, "operator_overhead": 0.02, "visual_tokens": 2928,
+         "speedup_vs_ideal": None, "kv_ratio": 0.5, "decode_ms_per_token": 61.0, "visual_tokens_kept": 700},
     ]
-    got = {t: ok for t, ok, _ in check_targets({"rows": rows}, "big")}
-    assert got["operator overhead of fastv-0.25 <= 3% of unpruned prefill"] is True
-    assert got["operator overhead of asap-0.25 <= 3% of unpruned prefill"] is False
-    assert got["fastv-0.25 prefill speed-up >= 80% of FLOPs-ideal"] is True  # 2.0 / 2.2 = 91%
-    assert got["fastv-0.25 KV bytes shrink with the tokens removed; decode tokens/s at batch 8 rises"] is True
-    assert got["slow-0.25 KV bytes shrink with the tokens removed; decode tokens/s at batch 8 rises"] is False
-    assert not any("GPU" in t for t in got)  # the 3.5x aim is a GPU one
+    got = {t: ok for t, ok, _ in check_targets({"rows": rows})}
+    assert got.pop("big: operator overhead of fastv-0.25 <= 3% of unpruned prefill") is True
+    assert got.pop("big: operator overhead of asap-0.25 <= 3% of unpruned prefill") is False
+    assert got.pop("big: fastv-0.25 prefill speed-up >= 80% of FLOPs-ideal") is True  # 2.0 / 2.2 = 91%
+    assert got.pop("big: fastv-0.25 KV bytes shrink with the tokens removed; decode tokens/s at batch 8 rises") is True
+    assert got.pop("big: slow-0.25 KV bytes shrink with the tokens removed; decode tokens/s at batch 8 rises") is False
+    assert got.pop("wide: operator overhead of asap-0.25 <= 3% of unpruned prefill") is True
+    assert got == {}  # nothing on "small", no GPU aim without a GPU, no decode target at batch 1
     on_gpu = {t: ok for t, ok, _ in check_targets({"rows": rows, "machine": {"gpu": "NVIDIA H200"}}, "big")}
-    assert on_gpu["asap-0.25 prefill >= 3.5x faster than unpruned (GPU)"] is False  # x1.5
+    assert on_gpu["big: asap-0.25 prefill >= 3.5x faster than unpruned (GPU)"] is False  # x1.5
+    assert {t.split(":")[0] for t, _, _ in check_targets({"rows": rows[6:8]})} == {"small"}  # no big model: the last one
+
+
+def test_a_model_runs_its_own_batch_sizes_repeats_and_variants(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "_measure", lambda model, inputs, pipeline, new_tokens, shape: calls.append(
+        (inputs["input_ids"].shape[0], pipeline is None)) or {"prefill_ms": 1.0, "decode_ms_per_token": 1.0,
+                                                             "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
+                                                             "operator_ms": 0.0, "flops_reduction": 0.0})
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "models: [{name: a, synthetic: llava_next, text: {hidden: 16, intermediate: 32, layers: 3, heads: 2}},\n"
+        "         {name: b, synthetic: llava_next, text: {hidden: 16, intermediate: 32, layers: 3, heads: 2},\n"
+        "          batch_sizes: [3], repeats: 2, variants: [unpruned]}]\n"
+        "variants: [{name: unpruned, pipeline: null}, {name: fastv, pipeline: fastv}]\n"
+        "batch_sizes: [1, 2]\nrepeats: 1\nwarmup: 1\n")
+    rows = run_bench(load_bench_config(path), log=lambda *_: None)["rows"]
+    assert [(r["model"], r["variant"], r["batch"]) for r in rows] == [
+        ("a", "unpruned", 1), ("a", "fastv", 1), ("a", "unpruned", 2), ("a", "fastv", 2), ("b", "unpruned", 3)]
+    # model a: (warmup 1 + repeats 1) x 2 variants at batch 1, then at batch 2; model b: (1 + 2) x unpruned at batch 3
+    assert calls == [(1, True), (1, False)] * 2 + [(2, True), (2, False)] * 2 + [(3, True)] * 3
 
 
 @pytest.mark.parametrize("prompts", [None, [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9]]])  # left-padded (a mask), none

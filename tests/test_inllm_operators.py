@@ -102,6 +102,21 @@ def test_bipartite_merges_the_obvious_pairs():
         tp.build_operator("bipartite", keep=2, features="hidden")(state_of([[1] * 6], hidden=h[None].clone()))
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_spreading_pruned_rows_over_their_neighbours_adds_each_weighted_row_once(sparse):
+    from tokenprune.operators.mergers import _add_spread
+
+    g = torch.Generator().manual_seed(0)
+    rows, out = torch.randn(5, 3, generator=g), torch.randn(4, 3, generator=g)
+    idx = torch.tensor([[0, 2], [2, 3], [1, 0], [2, 1], [3, 2]])  # kept token 2 is reached four times
+    weight = torch.rand(5, 2, generator=g)
+    expected = out.clone()
+    for j in range(5):
+        for r in range(2):
+            expected[idx[j, r]] += weight[j, r] * rows[j]
+    torch.testing.assert_close(_add_spread(out.clone(), idx, weight, rows, sparse=sparse), expected)
+
+
 def test_weighted_soft_merge_weights_by_hand():
     # kept visual tokens k1, k2; pruned p; a text token that must not be touched
     k1, k2, p, text = [1.0, 0.0], [0.0, 1.0], [3.0, 1.0], [5.0, 5.0]
