@@ -9,6 +9,8 @@ every ``attention`` scorer after it computes its scores through it.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +128,10 @@ class BidirectionalSoftMask(Shift):
         st = signals.state
         vis_idx = signals.query_rows("visual", b)
         est_rows = torch.cat([signals.query_rows("instruction", b), vis_idx[::self.params.query_stride]])
-        logits = signals.logits(b, est_rows, rotary=ctx.rotary)  # (H, Q, N); the visual scorer reuses its rows
+        # in chunks of rows, each kept (within the stage's budget) for the scorers, which ask for the same chunks
+        chunks = signals.row_chunks(b, signals.query_rows("instruction", b), rotary=ctx.rotary) + \
+            signals.row_chunks(b, vis_idx[::self.params.query_stride], rotary=ctx.rotary)
+        logits = (signals.logits(b, rows, rotary=ctx.rotary) for rows in chunks if rows.numel())  # (H, Q_i, N)
         return fit_positional_trend(logits, st.positions[b][est_rows], st.positions[b][vis_idx], self.params.iterations,
                                     keys=vis_idx)
 
@@ -168,12 +173,14 @@ def _smooth_length(n: int) -> int:
     return best
 
 
-def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, iterations: int,
-                         keys: torch.Tensor | None = None) -> torch.Tensor:
+def fit_positional_trend(logits: torch.Tensor | Iterable[torch.Tensor], q_pos: torch.Tensor, k_pos: torch.Tensor,
+                         iterations: int, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares fit of ``logits`` (H, Q, K) ≈ a[q] + c[k] + t(|q_pos − k_pos|); return t as (H, D+1).
 
     With ``keys`` (K,), ``logits`` is (H, Q, N) and the fit reads its columns ``keys`` only (at positions
-    ``k_pos``), without copying them out.
+    ``k_pos``), without copying them out. ``logits`` may also be an iterable of (H, Q_i, ·) blocks whose rows,
+    in order, are the Q rows: the fit then never holds more than one block (thousands of query rows at a
+    7B model's 32 heads are a gigabyte).
 
     Every (query, key) pair is one observation, so a and c are a complete two-way layout and drop out
     exactly by double centring (subtracting row and column means, adding the grand mean). What is
@@ -196,30 +203,41 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     ``tests/test_inllm_operators.py`` checks the steps against CG on the dense matrices and the
     converged fit against ``torch.linalg.lstsq`` on the explicit design matrix.
     """
-    h, q, n = logits.shape
-    dev, dtype = logits.device, logits.dtype
+    blocks = iter([logits] if isinstance(logits, torch.Tensor) else logits)
+    first = next(blocks)
+    h, n, dev, dtype = first.shape[0], first.shape[-1], first.device, first.dtype
     f64 = torch.float64 if dev.type != "mps" else torch.float32  # MPS has no float64
     q_pos, k_pos = q_pos.to(dev).long(), k_pos.to(dev).long()
-    k = k_pos.numel()
+    q, k = q_pos.numel(), k_pos.numel()
     origin = torch.minimum(q_pos.min(), k_pos.min())
     q_pos, k_pos = q_pos - origin, k_pos - origin
     size = int(torch.maximum(q_pos.max() - k_pos.min(), k_pos.max() - q_pos.min())) + 1  # largest distance + 1
     if keys is None:
-        row_mean, col_mean = logits.mean(-1), logits.mean(1)  # (H, Q), (H, K)
-        column_pos, other = k_pos.int(), None
+        column_pos, other, weight = k_pos.int(), None, None
     else:  # columns outside ``keys`` go to a last, discarded distance bin
         keys = keys.to(dev)
-        weight = torch.zeros(n, device=dev, dtype=logits.dtype).index_fill_(0, keys, 1.0 / k)
-        row_mean, col_mean = logits @ weight, logits.mean(1)[:, keys]
+        weight = torch.zeros(n, device=dev, dtype=dtype).index_fill_(0, keys, 1.0 / k)
         column_pos = torch.zeros(n, device=dev, dtype=torch.int32).index_copy_(0, keys, k_pos.int())
         other = torch.ones(n, device=dev, dtype=torch.bool).index_fill_(0, keys, False)
-    dist = (q_pos.int()[:, None] - column_pos[None, :]).abs_()  # (Q, columns); int32: faster
-    if other is not None:
-        dist.masked_fill_(other[None, :], size)
-    dist = dist.reshape(-1).long()
-    pairs = torch.bincount(dist, minlength=size + 1)[:size].to(f64)  # (D,)
-    by_distance = torch.zeros(h, size + 1, device=dev, dtype=logits.dtype).index_add_(1, dist,
-                                                                                        logits.reshape(h, -1))[:, :size]
+    row_means, col_sum, done = [], torch.zeros(h, n, device=dev, dtype=dtype), 0
+    pairs = torch.zeros(size + 1, device=dev, dtype=torch.long)
+    by_distance = torch.zeros(h, size + 1, device=dev, dtype=dtype)
+    for block in itertools.chain([first], blocks):  # the row means, column sums and per-distance sums
+        rows = block.shape[1]
+        row_means.append(block.mean(-1) if weight is None else block @ weight)  # (H, rows)
+        col_sum += block.sum(1)
+        dist = (q_pos[done:done + rows].int()[:, None] - column_pos[None, :]).abs_()  # (rows, columns); int32: faster
+        if other is not None:
+            dist.masked_fill_(other[None, :], size)
+        dist = dist.reshape(-1).long()
+        pairs += torch.bincount(dist, minlength=size + 1)
+        by_distance.index_add_(1, dist, block.reshape(h, -1))
+        done += rows
+    if done != q:
+        raise ValueError(f"the logit blocks hold {done} query rows; q_pos has {q}")
+    row_mean = torch.cat(row_means, 1)
+    col_mean = (col_sum if keys is None else col_sum[:, keys]) / q
+    pairs, by_distance = pairs[:size].to(f64), by_distance[:, :size]
 
     span = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
     n_fft = _smooth_length(2 * span - 1)  # circular length without wrap-around for shifts in (-span, span)
@@ -265,8 +283,17 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     grand = row_mean.mean(-1, keepdim=True).to(f64)
     rhs = by_distance.to(f64) - pair_sums(on_axis(row_mean, q_pos), on_axis(col_mean, k_pos)) + pairs * grand
     inverse_count = torch.where(pairs > 0, 1 / pairs.clamp_min(1), 0.0)  # unseen distances stay at 0
+    # G is singular: a constant added to t over the seen distances is a constant on every pair, which the double
+    # centring removes. The residual is kept orthogonal to that direction (rounding feeds it otherwise, and CG run
+    # past convergence then drifts along it and loses the rest: 20 steps on a 13 x 10 float32 block gave 20x t).
+    seen = (pairs > 0).to(f64)
+    seen_unit = seen / seen.sum().clamp_min(1).sqrt()
+
+    def off_null(r: torch.Tensor) -> torch.Tensor:
+        return r.sub_((r @ seen_unit)[:, None] * seen_unit)
+
     t = torch.zeros(h, size, device=dev, dtype=f64)
-    resid = rhs.clone()  # updated in place
+    resid = off_null(rhs.clone())  # updated in place
     direction = precond = resid * inverse_count
     rz = torch.linalg.vecdot(resid, precond)[:, None]  # (H, 1)
     zero = torch.zeros_like(rz)
@@ -277,7 +304,7 @@ def fit_positional_trend(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
         t.addcmul_(step, direction)
         if i == iterations - 1:
             break
-        resid.addcmul_(step, g_dir, value=-1)
+        off_null(resid.addcmul_(step, g_dir, value=-1))
         precond = resid * inverse_count
         rz_next = torch.linalg.vecdot(resid, precond)[:, None]
         direction = torch.addcmul(precond, torch.where(rz > 0, rz_next / rz, zero), direction)

@@ -327,6 +327,47 @@ def test_positional_trend_fit_converges_to_the_least_squares_solution_of_lstsq()
     columns = torch.arange(1, 2 * k + 1, 2)
     wide[:, :, columns] = logits
     assert torch.allclose(fit_positional_trend(wide, q_pos, k_pos, 300, keys=columns), torch.stack(want), atol=1e-8)
+    # the same block handed over in chunks of rows (1, then 2, then the rest)
+    chunks = (wide[:, :1], wide[:, 1:3], wide[:, 3:])
+    assert torch.allclose(fit_positional_trend(iter(chunks), q_pos, k_pos, 300, keys=columns), torch.stack(want),
+                          atol=1e-8)
+    with pytest.raises(ValueError, match="hold 3 query rows"):
+        fit_positional_trend(iter(chunks[:2]), q_pos, k_pos, 300, keys=columns)
+
+
+@pytest.mark.parametrize("chunk_bytes,cache_bytes", [(2**24, 2**30), (1, 2**30), (1, 0)])
+def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_bytes):
+    """ASAP end to end on given logits: the trend t from torch.linalg.lstsq on the explicit design matrix of the
+    (instruction + visual rows) x visual keys block, subtracted from the logits; instruction rows and visual rows
+    (which see every visual key) take a softmax over the visual keys only; each scorer is the mean over heads and
+    rows, weighted 0.5 + 0.5. The same whatever the chunks of rows the stage computes the blocks in (down to one
+    row a chunk) and whether it keeps them."""
+    gen = torch.Generator().manual_seed(3)
+    n, h = 15, 2
+    visual = torch.zeros(n, dtype=torch.bool)
+    visual[2:12] = True
+    logits = torch.randn(1, h, n, n, generator=gen, dtype=torch.float64) * 2
+    vis, instr = torch.arange(2, 12), torch.arange(12, 15)
+    rows = torch.cat([instr, vis])
+    block = logits[0][:, rows][:, :, vis]  # (H, 13, 10)
+    qi, ki = torch.meshgrid(torch.arange(13), torch.arange(10), indexing="ij")
+    dist = (rows[:, None] - vis[None, :]).abs()
+    size = int(dist.max()) + 1
+    design = torch.cat([F.one_hot(qi.flatten(), 13), F.one_hot(ki.flatten(), 10),
+                        F.one_hot(dist.flatten(), size)], dim=1).double()
+    want = torch.zeros(n, dtype=torch.float64)
+    for head in range(h):
+        t = torch.linalg.lstsq(design, block[head].flatten()[:, None], driver="gelsd").solution[23:, 0]
+        probs = (block[head] - t[dist]).softmax(-1)  # (13, 10): a constant in t cancels in each row's softmax
+        want[vis] += 0.5 * (probs[:3].mean(0) + probs[3:].mean(0)) / h
+
+    st = TokenState.from_tensors(torch.zeros(1, n, 4), visual[None], attention=LogitsSource(logits.float()))
+    st.signals.chunk_bytes, st.signals.logit_cache_bytes = chunk_bytes, cache_bytes
+    for op in (tp.build_operator("bidirectional_soft_mask", iterations=60),
+               tp.build_operator("attention", queries="instruction", weight=0.5),
+               tp.build_operator("attention", queries="visual", weight=0.5)):
+        st = op(st)
+    assert torch.allclose(st.scores[0].double(), want, atol=1e-5)
 
 
 def test_positional_trend_fit_takes_the_conjugate_gradient_steps_of_the_dense_normal_equations():

@@ -93,6 +93,20 @@ class Signals:
     #: block per sample, and keeping a batch's worth until its visual scorer runs would cost more memory than
     #: computing it again costs time.
     logit_cache_bytes: int = 2**30
+    #: Largest (H, Q, N) fp32 block of logits or probabilities the attention signals make at once: more query
+    #: rows run in chunks of rows (:meth:`row_chunks`), so a few thousand visual queries never make one
+    #: gigabyte-sized block (ASAP's visual scorer at LLaVA-NeXT-7B width: 32 heads x 2928 rows x 2943 keys).
+    chunk_bytes: int = 16 * 2**20
+
+    def row_chunks(self, sample: int, rows: torch.Tensor, *, rotary: bool = True) -> list[torch.Tensor]:
+        """``rows`` split, in order, into chunks whose (H, rows, N) fp32 logits hold at most :attr:`chunk_bytes`
+        (at least one row a chunk). The same rows always split the same way, so blocks cached by one operator are
+        found again by the next."""
+        if rows.numel() == 0:
+            return [rows]
+        heads, keys = self.cached(("block_shape", sample, rotary), lambda: tuple(
+            self._source().logits(sample, rows[:1], rotary=rotary).shape[::2]))  # (H, 1, N): H and N
+        return list(rows.split(max(1, self.chunk_bytes // (4 * heads * keys))))
 
     def logits(self, sample: int, rows: torch.Tensor, *, rotary: bool = True) -> torch.Tensor:
         """(H, Q, N) fp32 raw logits (scaled q·k, unmasked) of query ``rows`` of ``sample``, from the source.
@@ -101,6 +115,10 @@ class Signals:
         and strided visual rows of ASAP's trend fit, asked for again by its scorers) are a view of that block,
         as long as the kept blocks fit in :attr:`logit_cache_bytes`. Callers must not change the result in place."""
         blocks = self._cache.setdefault(("logit_blocks", sample, rotary), [])
+        whole = self._cache.setdefault(("logit_block_of_rows", sample, rotary), {})  # the same rows again: a lookup
+        exact = whole.get(tuple(rows.tolist()))
+        if exact is not None:
+            return exact
         n = rows.numel()
         for block_rows, block in blocks:
             starts = torch.nonzero(block_rows == rows[0]).flatten().tolist() if n else []
@@ -112,6 +130,7 @@ class Signals:
         kept = self._cache.get(("logit_bytes",), 0)
         if kept + size <= self.logit_cache_bytes:
             blocks.append((rows, out))
+            whole[tuple(rows.tolist())] = out
             self._cache[("logit_bytes",)] = kept + size
         return out
 
@@ -144,17 +163,19 @@ class Signals:
 
     def _live_probs(self, queries: str, stride: int = 1):
         """Per sample with query rows: (b, probs (H, Q', N)) of its rows (every ``stride``-th of the set, in
-        sequence order) that may attend to some key."""
+        sequence order) that may attend to some key, in chunks of rows (:meth:`row_chunks`); a sample may come
+        several times, once per chunk."""
         for b in range(self._state.batch_size):
             rows = self.query_rows(queries, b)[::stride]
             if rows.numel() == 0:
                 continue
-            probs = self.attention_probs(b, rows)  # (H, Q, N)
-            live = probs[0].sum(-1) > 0  # a row sums to 1 in every head, or is 0 in every head
-            if bool(live.all()):
-                yield b, probs  # the common case: no copy of the block
-            elif bool(live.any()):
-                yield b, probs[:, live]
+            for chunk in self.row_chunks(b, rows, rotary=all(s.rotary for s in self._state.shifts)):
+                probs = self.attention_probs(b, chunk)  # (H, Q, N)
+                live = probs[0].sum(-1) > 0  # a row sums to 1 in every head, or is 0 in every head
+                if bool(live.all()):
+                    yield b, probs  # the common case: no copy of the block
+                elif bool(live.any()):
+                    yield b, probs[:, live]
 
     def attention(self, queries: str = "last", heads: str = "mean", stride: int = 1) -> torch.Tensor:
         """(B, N) attention each token receives from the query set, reduced over heads, averaged over queries.
@@ -169,12 +190,14 @@ class Signals:
 
         def compute() -> torch.Tensor:
             out = torch.zeros(st.visual_mask.shape, dtype=torch.float32, device=st.visual_mask.device)
+            rows = torch.zeros(st.batch_size, dtype=torch.float32)  # live query rows summed per sample
             for b, probs in self._live_probs(queries, stride):
                 if heads == "mean":  # one pass over the block
-                    out[b] = probs.mean(dim=(0, 1)).to(out.device)
+                    out[b] += probs.sum(dim=(0, 1)).div_(probs.shape[0]).to(out.device)
                 else:
-                    out[b] = reduce[heads](probs, dim=0).mean(0).to(out.device)
-            return out
+                    out[b] += reduce[heads](probs, dim=0).sum(0).to(out.device)
+                rows[b] += probs.shape[1]
+            return out / rows.clamp_min(1).to(out.device)[:, None]
 
         return self.cached(("attention", queries, heads, stride, self._shift_key()), compute)
 
@@ -187,13 +210,15 @@ class Signals:
 
         def compute() -> torch.Tensor:
             out: torch.Tensor | None = None
+            rows = torch.zeros(st.batch_size, dtype=torch.float32)
             for b, probs in self._live_probs(queries):
                 if out is None:
                     out = torch.zeros(st.batch_size, probs.shape[0], st.num_tokens, device=st.visual_mask.device)
-                out[b] = probs.mean(1).to(out.device)
+                out[b] += probs.sum(1).to(out.device)
+                rows[b] += probs.shape[1]
             if out is None:
                 raise RuntimeError(f"no sample of this batch has query rows of set {queries!r}")
-            return out
+            return out / rows.clamp_min(1).to(out.device)[:, None, None]
 
         return self.cached(("attention_heads", queries, self._shift_key()), compute)
 
