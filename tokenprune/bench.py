@@ -13,14 +13,17 @@ visual tokens plus newline tokens, with the LLM given by ``text`` — scaled dow
 LLaVA-NeXT-7B's real shape on a GPU; the vision tower is always a small one), or ``synthetic: mllama``
 (LLaMA-3.2-Vision's image geometry, 4 tiles of 560 px = 6404 image features, and the LLM ``text``; its
 FLOPs are not modelled and read as unknown). ``dtype``
-(float32, bfloat16, float16) and ``device`` place the model; a synthetic model is built there directly.
+(float32, bfloat16, float16) and ``device`` place the model; a synthetic model is built there directly. A model
+may set its own ``batch_sizes``, ``repeats`` and ``variants`` (names; the unpruned one included): a model at
+LLaVA-NeXT-7B's width runs batch 1 and a few variants on a CPU.
 
 A variant's ``materialize_attention: [layers]`` runs those decoder layers' attention as an explicit
 ``softmax(QKᵀ)V`` with the (B, H, N, N) weights materialised (:func:`materialized_attention`): with
 ``pipeline: fastv`` and layer K−1 this is the FastV-style reference, which reads layer K−1's attention map
 from an eager forward (Chen et al., ECCV 2024), against tokenprune's recomputed rows.
 
-Targets (docs/benchmarks.md) are checked from the results by :func:`check_targets`, never by timed tests.
+Targets (docs/benchmarks.md) are checked from the results by :func:`check_targets`, never by timed tests, on every
+model at 2880 visual tokens or more (:func:`target_models`).
 """
 
 from __future__ import annotations
