@@ -127,10 +127,10 @@ class BidirectionalSoftMask(Shift):
         signals, b = ctx.signals, ctx.sample
         st = signals.state
         vis_idx = signals.query_rows("visual", b)
-        est_rows = torch.cat([signals.query_rows("instruction", b), vis_idx[::self.params.query_stride]])
+        instruction, visual = signals.query_rows("instruction", b), vis_idx[::self.params.query_stride]
+        est_rows = torch.cat([instruction, visual])
         # in chunks of rows, each kept (within the stage's budget) for the scorers, which ask for the same chunks
-        chunks = signals.row_chunks(b, signals.query_rows("instruction", b), rotary=ctx.rotary) + \
-            signals.row_chunks(b, vis_idx[::self.params.query_stride], rotary=ctx.rotary)
+        chunks = signals.row_chunks(b, instruction, rotary=ctx.rotary) + signals.row_chunks(b, visual, rotary=ctx.rotary)
         logits = (signals.logits(b, rows, rotary=ctx.rotary) for rows in chunks if rows.numel())  # (H, Q_i, N)
         return fit_positional_trend(logits, st.positions[b][est_rows], st.positions[b][vis_idx], self.params.iterations,
                                     keys=vis_idx)

@@ -73,17 +73,15 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> DictConfig
             raise ConfigError(f"models.{i}.synthetic", f"{m.get('synthetic')!r}; allowed: {', '.join(SYNTHETIC)}")
         if m.get("dtype") is not None and m.get("dtype") not in DTYPES:
             raise ConfigError(f"models.{i}.dtype", f"{m.get('dtype')!r}; allowed: {', '.join(DTYPES)}")
-        sizes = m.get("batch_sizes")
-        sizes = OmegaConf.to_container(sizes) if OmegaConf.is_config(sizes) else sizes
+        sizes = _plain(m.get("batch_sizes"))
         if sizes is not None and not (isinstance(sizes, list) and sizes and
                                       all(isinstance(x, int) and x >= 1 for x in sizes)):
             raise ConfigError(f"models.{i}.batch_sizes", f"{sizes!r}; allowed: a list of batch sizes >= 1")
         if m.get("repeats") is not None and not (isinstance(m.repeats, int) and m.repeats >= 1):
             raise ConfigError(f"models.{i}.repeats", f"{m.repeats!r}; allowed: an integer >= 1")
         names = [v.get("name") for v in cfg.variants]
-        own = m.get("variants")
+        own = _plain(m.get("variants"))
         if own is not None:
-            own = OmegaConf.to_container(own) if OmegaConf.is_config(own) else own
             if not isinstance(own, list) or not own:
                 raise ConfigError(f"models.{i}.variants", f"{own!r}; allowed: a list of variant names ({', '.join(names)})")
             unknown_names = [x for x in own if x not in names]
@@ -97,12 +95,17 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> DictConfig
         if bad:
             raise ConfigError(f"variants.{i}.{sorted(bad)[0]}",
                               f"unknown variant key; allowed: {', '.join(sorted(_VARIANT_KEYS))}")
-        layers = OmegaConf.to_container(v).get("materialize_attention") or []
+        layers = _plain(v.get("materialize_attention")) or []
         if not isinstance(layers, list) or not all(isinstance(x, int) and x >= 0 for x in layers):
             raise ConfigError(f"variants.{i}.materialize_attention", f"{layers!r}; allowed: a list of decoder layer indices")
     if cfg.variants[0].get("pipeline") is not None:
         raise ConfigError("variants.0", "the first variant must be the unpruned model (pipeline: null)")
     return cfg
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain Python (lists and dicts out of OmegaConf's containers)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def synthetic_llava_next(text: dict[str, int], seed: int = 0, dtype: torch.dtype | None = None,

@@ -89,9 +89,9 @@ class Signals:
             queries, image, st.valid_mask[sample], st.hidden[sample]))
 
     #: Bytes of logit blocks a stage keeps for reuse (all samples together). A block that would exceed it is
-    #: computed and handed out but not kept: ASAP with every visual query at LLaVA-NeXT-7B scale makes a 1.1 GB
-    #: block per sample, and keeping a batch's worth until its visual scorer runs would cost more memory than
-    #: computing it again costs time.
+    #: computed and handed out but not kept: ASAP with every visual query at LLaVA-NeXT-7B scale makes 1.1 GB of
+    #: chunks per sample, and keeping a batch's worth until its visual scorer runs would cost more memory than
+    #: computing them again costs time.
     logit_cache_bytes: int = 2**30
     #: Largest (H, Q, N) fp32 block of logits or probabilities the attention signals make at once: more query
     #: rows run in chunks of rows (:meth:`row_chunks`), so a few thousand visual queries never make one
@@ -190,14 +190,14 @@ class Signals:
 
         def compute() -> torch.Tensor:
             out = torch.zeros(st.visual_mask.shape, dtype=torch.float32, device=st.visual_mask.device)
-            rows = torch.zeros(st.batch_size, dtype=torch.float32)  # live query rows summed per sample
+            n_rows = torch.zeros(st.batch_size, dtype=torch.float32)  # live query rows per sample
             for b, probs in self._live_probs(queries, stride):
                 if heads == "mean":  # one pass over the block
                     out[b] += probs.sum(dim=(0, 1)).div_(probs.shape[0]).to(out.device)
                 else:
                     out[b] += reduce[heads](probs, dim=0).sum(0).to(out.device)
-                rows[b] += probs.shape[1]
-            return out / rows.clamp_min(1).to(out.device)[:, None]
+                n_rows[b] += probs.shape[1]
+            return out / n_rows.clamp_min(1).to(out.device)[:, None]
 
         return self.cached(("attention", queries, heads, stride, self._shift_key()), compute)
 
@@ -210,15 +210,15 @@ class Signals:
 
         def compute() -> torch.Tensor:
             out: torch.Tensor | None = None
-            rows = torch.zeros(st.batch_size, dtype=torch.float32)
+            n_rows = torch.zeros(st.batch_size, dtype=torch.float32)  # live query rows per sample
             for b, probs in self._live_probs(queries):
                 if out is None:
                     out = torch.zeros(st.batch_size, probs.shape[0], st.num_tokens, device=st.visual_mask.device)
                 out[b] += probs.sum(1).to(out.device)
-                rows[b] += probs.shape[1]
+                n_rows[b] += probs.shape[1]
             if out is None:
                 raise RuntimeError(f"no sample of this batch has query rows of set {queries!r}")
-            return out / rows.clamp_min(1).to(out.device)[:, None, None]
+            return out / n_rows.clamp_min(1).to(out.device)[:, None, None]
 
         return self.cached(("attention_heads", queries, self._shift_key()), compute)
 
