@@ -123,12 +123,18 @@ class BidirectionalSoftMask(Shift):
 
     def fit_trend(self, ctx: AttentionContext) -> torch.Tensor:
         """(H, D+1) positional trend t(d) of one sample, fitted on instruction + (every ``query_stride``-th)
-        visual queries × visual keys."""
+        visual queries × visual keys: from the queries and keys when the source gives them (no logit block is
+        formed), else from the logits in chunks of rows."""
         signals, b = ctx.signals, ctx.sample
         st = signals.state
         vis_idx = signals.query_rows("visual", b)
         instruction, visual = signals.query_rows("instruction", b), vis_idx[::self.params.query_stride]
         est_rows = torch.cat([instruction, visual])
+        q_and_k = signals.queries_and_keys(b, est_rows, rotary=ctx.rotary)
+        if q_and_k is not None:
+            queries, keys = q_and_k
+            return fit_positional_trend_qk(queries, keys[:, vis_idx.to(keys.device)], st.positions[b][est_rows],
+                                           st.positions[b][vis_idx], self.params.iterations)
         # in chunks of rows, each kept (within the stage's budget) for the scorers, which ask for the same chunks
         chunks = signals.row_chunks(b, instruction, rotary=ctx.rotary) + signals.row_chunks(b, visual, rotary=ctx.rotary)
         logits = (signals.logits(b, rows, rotary=ctx.rotary) for rows in chunks if rows.numel())  # (H, Q_i, N)
@@ -173,6 +179,53 @@ def _smooth_length(n: int) -> int:
     return best
 
 
+class _PositionAxis:
+    """The integer position axis of a trend fit: query and key positions, shifted to start at 0, their counts
+    on the axis and their transforms, and the FFT helpers the fit's sums share.
+
+    A circular axis of ``n_fft`` >= 2·span − 1 holds every signed shift in (−span, span) without wrap-around;
+    ``fold`` turns sums at signed shifts into sums at distances |shift|."""
+
+    def __init__(self, q_pos: torch.Tensor, k_pos: torch.Tensor, device: torch.device):
+        self.dev = device
+        self.f64 = torch.float64 if device.type != "mps" else torch.float32  # MPS has no float64
+        q_pos, k_pos = q_pos.to(device).long(), k_pos.to(device).long()
+        self.q, self.k = q_pos.numel(), k_pos.numel()
+        origin = torch.minimum(q_pos.min(), k_pos.min())
+        self.q_pos, self.k_pos = q_pos - origin, k_pos - origin
+        # largest distance + 1
+        self.size = int(torch.maximum(self.q_pos.max() - self.k_pos.min(), self.k_pos.max() - self.q_pos.min())) + 1
+        self.span = int(torch.maximum(self.q_pos.max(), self.k_pos.max())) + 1
+        self.n_fft = _smooth_length(2 * self.span - 1)
+        ones = torch.ones(1, dtype=self.f64, device=device)
+        self.n_q, self.n_k = self.on_axis(ones.expand(1, self.q), self.q_pos), self.on_axis(ones.expand(1, self.k), self.k_pos)
+        self.counts = self.fft(torch.stack([self.n_k, self.n_q]))  # (2, 1, F)
+        # correlation: the reversed sum, which the fold does not mind
+        self.counts_conj = self.counts.conj().resolve_conj()
+        # d's mirror shift -d sits at n_fft - d; d = 0 has no mirror (its column is taken once, then subtracted)
+        self.mirror = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
+                                 torch.arange(self.n_fft - 1, self.n_fft - self.size, -1, device=device)])
+        # pairs at each distance: the query counts correlated with the key counts (integers; rounding is exact)
+        self.pairs = self.fold(self.ifft(self.counts[1] * self.counts_conj[0]))[0].round()  # (D,)
+
+    def fft(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(x, self.n_fft)
+
+    def ifft(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft(x, self.n_fft)
+
+    def on_axis(self, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(..., n) values at positions ``pos`` (n,) summed onto the axis: (..., span), float64."""
+        out = torch.zeros(*values.shape[:-1], self.span, device=self.dev, dtype=self.f64)
+        return out.index_add_(out.dim() - 1, pos, values.to(self.f64))
+
+    def fold(self, corr: torch.Tensor) -> torch.Tensor:
+        """(..., n_fft) sums at each signed shift -> (..., D) sums at each distance |shift|."""
+        out = corr[..., :self.size] + corr.index_select(-1, self.mirror)
+        out[..., 0] -= corr[..., 0]
+        return out
+
+
 def fit_positional_trend(logits: torch.Tensor | Iterable[torch.Tensor], q_pos: torch.Tensor, k_pos: torch.Tensor,
                          iterations: int, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares fit of ``logits`` (H, Q, K) ≈ a[q] + c[k] + t(|q_pos − k_pos|); return t as (H, D+1).
@@ -180,7 +233,8 @@ def fit_positional_trend(logits: torch.Tensor | Iterable[torch.Tensor], q_pos: t
     With ``keys`` (K,), ``logits`` is (H, Q, N) and the fit reads its columns ``keys`` only (at positions
     ``k_pos``), without copying them out. ``logits`` may also be an iterable of (H, Q_i, ·) blocks whose rows,
     in order, are the Q rows: the fit then never holds more than one block (thousands of query rows at a
-    7B model's 32 heads are a gigabyte).
+    7B model's 32 heads are a gigabyte). When the logits are q·k products, :func:`fit_positional_trend_qk`
+    fits the same t from the queries and keys without forming the block.
 
     Every (query, key) pair is one observation, so a and c are a complete two-way layout and drop out
     exactly by double centring (subtracting row and column means, adding the grand mean). What is
@@ -192,13 +246,14 @@ def fit_positional_trend(logits: torch.Tensor | Iterable[torch.Tensor], q_pos: t
     CG needs far fewer steps than backfitting (alternating t / a, c updates) for the same accuracy:
     on logits captured from the reference model and from the bench's LLaVA-NeXT-like model, 4 steps
     are within 0.4% (max |error| / max |t|) of the converged trend and 6 (the default) within 0.05%,
-    where 8 backfitting rounds were within 0.7–1.6% on the two slower cases (docs/methods/asap.md). Distances never seen get 0; ``t`` is centred (mean 0 over
-    the pairs), since a constant in t is indistinguishable from one in a or c.
+    where 8 backfitting rounds were within 0.7–1.6% on the two slower cases (docs/methods/asap.md). Distances
+    never seen get 0; ``t`` is centred (mean 0 over the pairs), since a constant in t is indistinguishable
+    from one in a or c.
 
-    The (H, Q, K) block is read once, for its row means, column means and per-distance sums. Applying G
-    needs sums over the pairs — ``Σ_k t(|p_q − p_k|)`` for every query (and key), then ``Σ_{pairs at
-    d}`` of such per-query (per-key) values — which are convolutions and correlations with the query
-    and key counts along the integer position axis. They are computed with FFTs in float64, so a step
+    The (H, Q, K) block is read once, for its row means, column means and per-distance sums: b needs nothing
+    else. Applying G needs sums over the pairs — ``Σ_k t(|p_q − p_k|)`` for every query (and key), then
+    ``Σ_{pairs at d}`` of such per-query (per-key) values — which are convolutions and correlations with the
+    query and key counts along the integer position axis. They are computed with FFTs in float64, so a step
     costs four batched FFTs of length ~2P for P positions, O(H · P log P), whatever Q and K are.
     ``tests/test_inllm_operators.py`` checks the steps against CG on the dense matrices and the
     converged fit against ``torch.linalg.lstsq`` on the explicit design matrix.
@@ -206,21 +261,16 @@ def fit_positional_trend(logits: torch.Tensor | Iterable[torch.Tensor], q_pos: t
     blocks = iter([logits] if isinstance(logits, torch.Tensor) else logits)
     first = next(blocks)
     h, n, dev, dtype = first.shape[0], first.shape[-1], first.device, first.dtype
-    f64 = torch.float64 if dev.type != "mps" else torch.float32  # MPS has no float64
-    q_pos, k_pos = q_pos.to(dev).long(), k_pos.to(dev).long()
-    q, k = q_pos.numel(), k_pos.numel()
-    origin = torch.minimum(q_pos.min(), k_pos.min())
-    q_pos, k_pos = q_pos - origin, k_pos - origin
-    size = int(torch.maximum(q_pos.max() - k_pos.min(), k_pos.max() - q_pos.min())) + 1  # largest distance + 1
+    axis = _PositionAxis(q_pos, k_pos, dev)
+    q_pos, size, q, k = axis.q_pos, axis.size, axis.q, axis.k
     if keys is None:
-        column_pos, other, weight = k_pos.int(), None, None
+        column_pos, other, weight = axis.k_pos.int(), None, None
     else:  # columns outside ``keys`` go to a last, discarded distance bin
         keys = keys.to(dev)
         weight = torch.zeros(n, device=dev, dtype=dtype).index_fill_(0, keys, 1.0 / k)
-        column_pos = torch.zeros(n, device=dev, dtype=torch.int32).index_copy_(0, keys, k_pos.int())
+        column_pos = torch.zeros(n, device=dev, dtype=torch.int32).index_copy_(0, keys, axis.k_pos.int())
         other = torch.ones(n, device=dev, dtype=torch.bool).index_fill_(0, keys, False)
     row_means, col_sum, done = [], torch.zeros(h, n, device=dev, dtype=dtype), 0
-    pairs = torch.zeros(size + 1, device=dev, dtype=torch.long)
     by_distance = torch.zeros(h, size + 1, device=dev, dtype=dtype)
     for block in itertools.chain([first], blocks):  # the row means, column sums and per-distance sums
         rows = block.shape[1]
@@ -229,59 +279,85 @@ def fit_positional_trend(logits: torch.Tensor | Iterable[torch.Tensor], q_pos: t
         dist = (q_pos[done:done + rows].int()[:, None] - column_pos[None, :]).abs_()  # (rows, columns); int32: faster
         if other is not None:
             dist.masked_fill_(other[None, :], size)
-        dist = dist.reshape(-1).long()
-        pairs += torch.bincount(dist, minlength=size + 1)
-        by_distance.index_add_(1, dist, block.reshape(h, -1))
+        by_distance.index_add_(1, dist.reshape(-1).long(), block.reshape(h, -1))
         done += rows
     if done != q:
         raise ValueError(f"the logit blocks hold {done} query rows; q_pos has {q}")
-    row_mean = torch.cat(row_means, 1)
     col_mean = (col_sum if keys is None else col_sum[:, keys]) / q
-    pairs, by_distance = pairs[:size].to(f64), by_distance[:, :size]
+    return _solve_positional_trend(axis, torch.cat(row_means, 1), col_mean, by_distance[:, :size], iterations, dtype)
 
-    span = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
-    n_fft = _smooth_length(2 * span - 1)  # circular length without wrap-around for shifts in (-span, span)
-    fft, ifft = torch.fft.rfft, torch.fft.irfft
 
-    def on_axis(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # (H, n) at positions -> (H, span)
-        return torch.zeros(values.shape[0], span, device=dev, dtype=f64).index_add_(1, pos, values.to(f64))
+#: Bytes of float64/complex128 position-axis blocks :func:`fit_positional_trend_qk` makes at once.
+QK_FIT_CHUNK_BYTES = 64 * 2**20
 
-    ones = torch.ones(1, dtype=f64, device=dev)
-    n_q, n_k = on_axis(ones.expand(1, q), q_pos), on_axis(ones.expand(1, k), k_pos)  # (1, span) counts
-    counts = fft(torch.stack([n_k, n_q]), n_fft)  # (2, 1, F)
 
-    # d's mirror shift -d sits at n_fft - d; d = 0 has no mirror (its column is taken once, then subtracted)
-    mirror = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.arange(n_fft - 1, n_fft - size, -1, device=dev)])
+def fit_positional_trend_qk(queries: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                            iterations: int) -> torch.Tensor:
+    """:func:`fit_positional_trend` of the logits ``queries @ keysᵀ`` without forming them: the same t (H, D+1).
 
-    def fold(corr: torch.Tensor) -> torch.Tensor:
-        """(H, n_fft) sums at each signed shift -> (H, D) sums at each distance |shift|."""
-        out = corr[:, :size] + corr.index_select(1, mirror)
-        out[:, 0] -= corr[:, 0]
-        return out
+    ``queries`` (H, Q, hd) are scaled (the logit is their dot product with a key), ``keys`` (H_kv, K, hd), H a
+    multiple of H_kv (grouped-query attention: consecutive query heads share a key head).
 
-    counts_conj = counts.conj().resolve_conj()  # correlation: the reversed sum, which the fold does not mind
+    The fit reads the logit block only through three linear statistics, and each is cheap for a bilinear
+    block: the row means are ``q · mean(k)``, the column means ``mean(q) · k``, and the sum over the pairs at
+    distance d, ``Σ_{|p_q − p_k| = d} q · k``, is the cross-correlation of the queries with the keys along the
+    position axis, summed over the head dimension — one FFT per query and key channel, O(H · hd · P log P)
+    for P positions instead of the O(H · Q · K · hd) of the block (at LLaVA-NeXT-7B width, 2928 visual
+    queries: about 2 GFLOP of FFTs instead of 70 GFLOP of products, and no gigabyte of logits). Float64
+    throughout, so the sums are more exact than the float32 block's. Tested against the block's fit.
+    """
+    h, _, hd = queries.shape
+    h_kv = keys.shape[0]
+    group = h // h_kv
+    dev, dtype = queries.device, queries.dtype
+    axis = _PositionAxis(q_pos, k_pos, dev)
+    q64, k64 = queries.to(axis.f64), keys.to(axis.f64)
+    key_mean = k64.mean(1).repeat_interleave(group, 0)  # (H, hd)
+    query_mean = q64.mean(1).view(h_kv, group, hd)
+    row_mean = torch.einsum("hqd,hd->hq", q64, key_mean)
+    col_mean = torch.einsum("gjd,gkd->gjk", query_mean, k64).reshape(h, -1)
+    by_distance = torch.empty(h, axis.size, device=dev, dtype=axis.f64)
+    per_key_head = (group + 1) * hd * (axis.n_fft + 2) * 8 * 2  # bytes of one key head's axis blocks and transforms
+    step = max(1, min(h_kv, QK_FIT_CHUNK_BYTES // per_key_head))
+    for g0 in range(0, h_kv, step):
+        g1 = min(h_kv, g0 + step)
+        key_t = axis.fft(axis.on_axis(k64[g0:g1].transpose(1, 2), axis.k_pos))  # (g, hd, F)
+        query_t = axis.fft(axis.on_axis(q64[g0 * group:g1 * group].transpose(1, 2), axis.q_pos))  # (g·group, hd, F)
+        cross = (query_t.view(g1 - g0, group, hd, -1) * key_t.conj()[:, None]).sum(2)  # (g, group, F)
+        by_distance[g0 * group:g1 * group] = axis.fold(axis.ifft(cross.reshape((g1 - g0) * group, -1)))
+    return _solve_positional_trend(axis, row_mean, col_mean, by_distance, iterations, dtype)
+
+
+def _solve_positional_trend(axis: _PositionAxis, row_mean: torch.Tensor, col_mean: torch.Tensor,
+                            by_distance: torch.Tensor, iterations: int, dtype: torch.dtype) -> torch.Tensor:
+    """t (H, D) from the block's row means (H, Q), column means (H, K) and per-distance sums (H, D): the normal
+    equations ``G t = b`` solved by preconditioned CG (see :func:`fit_positional_trend`)."""
+    h, dev, f64 = row_mean.shape[0], axis.dev, axis.f64
+    q, k, span, size, pairs = axis.q, axis.k, axis.span, axis.size, axis.pairs
+    counts_conj, fft, ifft, fold = axis.counts_conj, axis.fft, axis.ifft, axis.fold
 
     def pair_sums(per_query: torch.Tensor, per_key: torch.Tensor) -> torch.Tensor:
         """Σ over the pairs at each distance d of u_q + v_k, for u and v given as their sums at each position
         (H, span): u correlated with the key counts plus v with the query counts, one inverse transform."""
-        return fold(ifft((fft(torch.stack([per_query, per_key]), n_fft) * counts_conj).sum(0), n_fft))
+        return fold(ifft((fft(torch.stack([per_query, per_key])) * counts_conj).sum(0)))
 
     # Per CG step, G is applied once: few, whole-array operations (a step's cost is mostly their number).
-    twice_counts = 2 * counts
-    to_means = torch.stack([n_q / k, n_k / q])  # (2, 1, span): sums over keys (queries) at a query (key) -> means
+    twice_counts = 2 * axis.counts
+    to_means = torch.stack([axis.n_q / k, axis.n_k / q])  # (2, 1, span): sums over keys (queries) -> means
     pairs_per_block = pairs / (q * k)
 
     def normal_matrix_times(t: torch.Tensor) -> torch.Tensor:
         """G t = Zᵀ P Z t: the pairs' t, double centred, summed back per distance."""
         # the transform of t(|s|) on the circular axis is real: 2 Re(rfft(t)) - t(0); the 2 is in twice_counts
-        f_t = torch.sub(fft(t, n_fft).real, t[:, :1], alpha=0.5)
-        near = ifft(f_t * twice_counts, n_fft)  # (2, H, n_fft): Σ_keys t(|x - p_k|), Σ_queries t(|x - p_q|)
+        f_t = torch.sub(fft(t).real, t[:, :1], alpha=0.5)
+        near = ifft(f_t * twice_counts)  # (2, H, n_fft): Σ_keys t(|x - p_k|), Σ_queries t(|x - p_q|)
         parts = near[..., :span] * to_means  # row (column) means of Z t, on the axis at the queries (keys)
-        sums = ifft((fft(parts, n_fft) * counts_conj).sum(0), n_fft)
+        sums = ifft((fft(parts) * counts_conj).sum(0))
         return torch.addcmul(fold(sums).neg_(), pairs, t + t @ pairs_per_block[:, None])
 
     grand = row_mean.mean(-1, keepdim=True).to(f64)
-    rhs = by_distance.to(f64) - pair_sums(on_axis(row_mean, q_pos), on_axis(col_mean, k_pos)) + pairs * grand
+    rhs = (by_distance.to(f64) - pair_sums(axis.on_axis(row_mean, axis.q_pos), axis.on_axis(col_mean, axis.k_pos))
+           + pairs * grand)
     inverse_count = torch.where(pairs > 0, 1 / pairs.clamp_min(1), 0.0)  # unseen distances stay at 0
     # G is singular: a constant added to t over the seen distances is a constant on every pair, which the double
     # centring removes. The residual is kept orthogonal to that direction (rounding feeds it otherwise, and CG run

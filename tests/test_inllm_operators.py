@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenprune as tp
-from tokenprune.attention import LogitsSource, query_rows
+from tokenprune.attention import LogitsSource, QueryKeySource, query_rows
 from tokenprune.errors import ConfigError
 from tokenprune.state import TokenState
 
@@ -335,18 +335,50 @@ def test_positional_trend_fit_converges_to_the_least_squares_solution_of_lstsq()
         fit_positional_trend(iter(chunks[:2]), q_pos, k_pos, 300, keys=columns)
 
 
-@pytest.mark.parametrize("chunk_bytes,cache_bytes", [(2**24, 2**30), (1, 2**30), (1, 0)])
-def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_bytes):
+@pytest.mark.parametrize("heads,key_heads,chunk", [(4, 4, 2**26), (6, 2, 2**26), (6, 2, 1)])
+def test_trend_fit_from_queries_and_keys_is_the_fit_of_their_product(heads, key_heads, chunk, monkeypatch):
+    """The q/k fit never forms the logits; its reference is the block fit of the explicit product q·kᵀ (each
+    query head with its key head under grouped-query attention, keys repeated by hand), at the scattered,
+    repeated positions — after 3 CG steps (the same iterates) and converged. ``chunk`` = 1 byte: one key head
+    at a time through the FFTs."""
+    import tokenprune.operators.shift as shift
+
+    monkeypatch.setattr(shift, "QK_FIT_CHUNK_BYTES", chunk)
+    gen = torch.Generator().manual_seed(11)
+    q_pos, k_pos = torch.tensor(_TREND_Q_POS), torch.tensor(_TREND_K_POS)
+    queries = torch.randn(heads, len(q_pos), 8, generator=gen, dtype=torch.float64)
+    keys = torch.randn(key_heads, len(k_pos), 8, generator=gen, dtype=torch.float64)
+    repeated = keys[torch.arange(heads) // (heads // key_heads)]  # (H, K, hd): key head of each query head
+    logits = torch.einsum("hqd,hkd->hqk", queries, repeated)
+    for steps in (3, 300):
+        want = shift.fit_positional_trend(logits, q_pos, k_pos, steps)
+        assert torch.allclose(shift.fit_positional_trend_qk(queries, keys, q_pos, k_pos, steps), want, atol=1e-9)
+    # float32 in, float32 out, within float32 rounding of the block's fit
+    got = shift.fit_positional_trend_qk(queries.float(), keys.float(), q_pos, k_pos, 300)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_bytes,cache_bytes,source", [(2**24, 2**30, "logits"), (1, 2**30, "logits"),
+                                                             (1, 0, "logits"), (2**24, 2**30, "queries and keys"),
+                                                             (1, 0, "queries and keys")])
+def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_bytes, source):
     """ASAP end to end on given logits: the trend t from torch.linalg.lstsq on the explicit design matrix of the
     (instruction + visual rows) x visual keys block, subtracted from the logits; instruction rows and visual rows
     (which see every visual key) take a softmax over the visual keys only; each scorer is the mean over heads and
     rows, weighted 0.5 + 0.5. The same whatever the chunks of rows the stage computes the blocks in (down to one
-    row a chunk) and whether it keeps them."""
+    row a chunk) and whether it keeps them, and whether the stage is given the logits or queries and keys (whose
+    scaled product, by hand, is the block: the trend is then fitted without forming it)."""
     gen = torch.Generator().manual_seed(3)
     n, h = 15, 2
     visual = torch.zeros(n, dtype=torch.bool)
     visual[2:12] = True
-    logits = torch.randn(1, h, n, n, generator=gen, dtype=torch.float64) * 2
+    queries, keys = torch.randn(1, h, n, 4, generator=gen), torch.randn(1, 1, n, 4, generator=gen)
+    if source == "logits":
+        logits = torch.randn(1, h, n, n, generator=gen, dtype=torch.float64) * 2
+        given = LogitsSource(logits.float())
+    else:  # two query heads share one key head; the default scale 1/sqrt(hd) = 1/2 undoes the 2
+        logits = torch.stack([queries[0, i].double() @ keys[0, 0].double().T for i in range(h)])[None]
+        given = QueryKeySource(queries * 2, keys)
     vis, instr = torch.arange(2, 12), torch.arange(12, 15)
     rows = torch.cat([instr, vis])
     block = logits[0][:, rows][:, :, vis]  # (H, 13, 10)
@@ -361,7 +393,7 @@ def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_
         probs = (block[head] - t[dist]).softmax(-1)  # (13, 10): a constant in t cancels in each row's softmax
         want[vis] += 0.5 * (probs[:3].mean(0) + probs[3:].mean(0)) / h
 
-    st = TokenState.from_tensors(torch.zeros(1, n, 4), visual[None], attention=LogitsSource(logits.float()))
+    st = TokenState.from_tensors(torch.zeros(1, n, 4), visual[None], attention=given)
     st.signals.chunk_bytes, st.signals.logit_cache_bytes = chunk_bytes, cache_bytes
     for op in (tp.build_operator("bidirectional_soft_mask", iterations=60),
                tp.build_operator("attention", queries="instruction", weight=0.5),

@@ -59,6 +59,7 @@ class _Capture:
     layer: int
     hidden: torch.Tensor
     position_embeddings: Any
+    queries: torch.Tensor | None = None  # the layer's query projection of ``hidden``, from its own forward
 
 
 class _Episode:
@@ -175,6 +176,9 @@ class AttachedPipeline:
                                                                                            with_kwargs=True))
                 for i, layer in enumerate(self.adapter.layers):
                     self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+                    projection = self.adapter.query_projection(i) if i in self._capture_layers else None
+                    if projection is not None:
+                        self._handles.append(projection.register_forward_hook(self._query_capture_hook(i)))
                     if i in self._kv_layers:
                         self._handles.append(layer.register_forward_hook(self._kv_layer_post_hook(i)))
         except BaseException:
@@ -340,6 +344,16 @@ class AttachedPipeline:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _query_capture_hook(self, layer: int):
+        """Keep the query projection that ``layer`` computes in its own forward, for the stage after it: its
+        attention signals then gather the queries they need instead of projecting them again (at thousands of
+        visual queries and a 7B model's width, that projection costs as much as the products themselves)."""
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            ep = self._episode
+            if ep is not None and ep.capture is not None and ep.capture.layer == layer and isinstance(output, torch.Tensor):
+                ep.capture.queries = output
+        return hook
+
     def _frame_kwargs(self, ep: _Episode, hidden: torch.Tensor) -> dict[str, Any]:
         """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage)."""
         if ep.frame is not None and ep.frame[0] is ep.index:
@@ -423,7 +437,7 @@ class AttachedPipeline:
         if capture is not None and capture.layer == layer - 1:
             state.signals.source = LayerAttentionSource(
                 self.adapter, layer - 1, capture.hidden, capture.position_embeddings, state.valid_mask,
-                cached_keys=self.adapter.cached_keys(ep.cache, layer - 1))
+                cached_keys=self.adapter.cached_keys(ep.cache, layer - 1), projected_queries=capture.queries)
         state.signals.vision = self._vision_source(ep)
         state.signals.vision_unavailable = self._vision_unavailable
         state.signals.guide = ep.guide

@@ -40,6 +40,16 @@ class AttentionSource:
         """(B, H_kv, N, hd) keys of the source layer (rotary applied), or None if the source has none."""
         return None
 
+    def scaled_queries(self, sample: int, rows: torch.Tensor, *, rotary: bool = True) -> torch.Tensor | None:
+        """(H, Q, hd) fp32 queries of ``rows`` of ``sample`` times the attention scale, so that :meth:`logits` is
+        their product with :meth:`logit_keys`; None when the source has logits only. Operators that need only
+        linear statistics of the logits (ASAP's trend fit) compute them from queries and keys, without the block."""
+        return None
+
+    def logit_keys(self, sample: int, *, rotary: bool = True) -> torch.Tensor | None:
+        """(H_kv, N, hd) fp32 keys of every token of ``sample`` (see :meth:`scaled_queries`), or None."""
+        return None
+
     def layer_input(self) -> torch.Tensor | None:
         """(B, N, D) hidden states entering the source layer, or None if the source has none."""
         return None
@@ -79,7 +89,7 @@ class LogitsSource(AttentionSource):
         return self._keys
 
 
-def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """(H, Q, N) fp32 ``scale · q·k`` for queries (H, Q, hd) and keys (H_kv, N, hd), H a multiple of H_kv.
 
     Grouped-query attention without repeating the keys: the queries of the H/H_kv heads that share a key
@@ -87,20 +97,62 @@ def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     (H, Q, N) product."""
     h, n_q, hd = q.shape
     h_kv = k.shape[0]
-    q = (q.float() * scale).reshape(h_kv, (h // h_kv) * n_q, hd)
-    return torch.matmul(q, k.float().transpose(-1, -2)).view(h, n_q, k.shape[1])
+    q = q.float() if scale == 1.0 else q.float() * scale
+    return torch.matmul(q.reshape(h_kv, (h // h_kv) * n_q, hd), k.float().transpose(-1, -2)).view(h, n_q, k.shape[1])
+
+
+class QueryKeySource(AttentionSource):
+    """Logits as the product of given queries (B, H, N, hd) and keys (B, H_kv, N, hd), times ``scale``
+    (default 1/sqrt(hd)), rotary already applied.
+
+    For notebooks and tests, like :class:`LogitsSource`, but operators that need only linear statistics of
+    the logits (ASAP's trend fit) read them from the queries and keys without forming the (N×N) block."""
+
+    def __init__(self, queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None):
+        if queries.dim() != 4 or keys.dim() != 4 or queries.shape[2] != keys.shape[2] or \
+                queries.shape[-1] != keys.shape[-1] or queries.shape[1] % keys.shape[1]:
+            raise ValueError(f"QueryKeySource needs queries (B, H, N, hd) and keys (B, H_kv, N, hd), H a multiple "
+                             f"of H_kv; got {tuple(queries.shape)} and {tuple(keys.shape)}")
+        self._queries, self._keys = queries, keys
+        self.scale = queries.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def _rotary_only(self, rotary: bool) -> None:
+        if not rotary:
+            raise ValueError("this QueryKeySource has rotary queries and keys only")
+
+    def scaled_queries(self, sample, rows, *, rotary=True):
+        self._rotary_only(rotary)
+        return self._queries[sample][:, rows.to(self._queries.device)].float() * self.scale
+
+    def logit_keys(self, sample, *, rotary=True):
+        self._rotary_only(rotary)
+        return self._keys[sample].float()
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        if content_free:
+            raise ValueError("this QueryKeySource has no content-free logits")
+        return scaled_scores(self.scaled_queries(sample, rows, rotary=rotary), self.logit_keys(sample, rotary=rotary))
+
+    def keys(self):
+        return self._keys
 
 
 class LayerAttentionSource(AttentionSource):
     """Logits recomputed from decoder layer ``layer``'s input ``hidden`` (B, N, D), via the adapter.
 
     Keys are computed once for all tokens (or taken from the layer's KV cache when it holds
-    exactly these tokens); queries only for the rows asked for.
+    exactly these tokens); queries only for the rows asked for (gathered from the layer's own query
+    projection when the attach machinery captured it in the forward, ``projected_queries``).
     """
 
     def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
-                 valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None):
+                 valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None,
+                 projected_queries: torch.Tensor | None = None):
         self.adapter = adapter
+        #: (B, N, H·hd) the layer's query projection of ``hidden`` captured in the model's own forward (before any
+        #: query norm and the rotary embedding), so that queries are gathered, not projected again; or None.
+        self.projected_queries = projected_queries if projected_queries is not None and \
+            projected_queries.shape[:2] == hidden.shape[:2] else None
         self.layer = layer
         self.hidden = hidden
         self.position_embeddings = position_embeddings
@@ -129,12 +181,23 @@ class LayerAttentionSource(AttentionSource):
                                                             self.position_embeddings, rotary=rotary)
         return self._keys[key]
 
-    def logits(self, sample, rows, *, rotary=True, content_free=False):
+    def _queries(self, sample: int, rows: torch.Tensor, rotary: bool, content_free: bool) -> torch.Tensor:
         h = self._input(content_free)[sample:sample + 1]
-        rows = rows.to(h.device)
-        q = self.adapter.project_queries(self.layer, h, self.position_embeddings, rows[None], rotary=rotary,
-                                         sample=sample)[0]  # (H, Q, hd)
+        projected = None
+        if self.projected_queries is not None and not content_free:
+            projected = self.projected_queries[sample:sample + 1]
+        return self.adapter.project_queries(self.layer, h, self.position_embeddings, rows.to(h.device)[None],
+                                            rotary=rotary, sample=sample, projected=projected)[0]  # (H, Q, hd)
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        q = self._queries(sample, rows, rotary, content_free)
         return scaled_scores(q, self._all_keys(rotary, content_free)[sample], self.adapter.attention_scaling(self.layer))
+
+    def scaled_queries(self, sample, rows, *, rotary=True):
+        return self._queries(sample, rows, rotary, False).float() * self.adapter.attention_scaling(self.layer)
+
+    def logit_keys(self, sample, *, rotary=True):
+        return self._all_keys(rotary, False)[sample].float()
 
     def keys(self):
         return self._all_keys(True, False)

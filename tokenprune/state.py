@@ -134,6 +134,15 @@ class Signals:
             self._cache[("logit_bytes",)] = kept + size
         return out
 
+    def queries_and_keys(self, sample: int, rows: torch.Tensor, *,
+                         rotary: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(queries (H, Q, hd), keys (H_kv, N, hd))`` fp32 whose product is :meth:`logits` of ``rows`` of
+        ``sample`` (the queries carry the attention scale), or None when the source gives logits only."""
+        source = self._source()
+        queries = source.scaled_queries(sample, rows, rotary=rotary)
+        keys = source.logit_keys(sample, rotary=rotary) if queries is not None else None
+        return None if keys is None else (queries, keys)
+
     def attention_probs(self, sample: int, rows: torch.Tensor) -> torch.Tensor:
         """(H, Q, N) attention probabilities of ``rows`` of ``sample``, with the stage's shift corrections.
 

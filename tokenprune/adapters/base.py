@@ -175,12 +175,19 @@ class ModelAdapter:
 
     # --- signals -----------------------------------------------------------------------------
     def project_queries(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, rows: torch.Tensor, *,
-                        rotary: bool = True, sample: int = 0) -> torch.Tensor:
+                        rotary: bool = True, sample: int = 0, projected: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, Q, hd) queries of ``layer`` for rows ``rows`` (B, Q) of its input ``hidden`` (B, N, D).
 
         ``hidden`` may be one sample of the batch: ``sample`` says which, to pick its rotary angles.
+        ``projected`` (B, N, H·hd): the output of :meth:`query_projection` for ``hidden``, captured in the
+        model's forward; the rows are then gathered from it instead of projected again.
         """
         raise NotImplementedError
+
+    def query_projection(self, layer: int) -> nn.Module | None:
+        """The module of ``layer`` whose output is its queries before any query norm and the rotary embedding
+        (B, N, H·hd) — captured in the forward so that attention signals need not project them again — or None."""
+        return None
 
     def project_keys(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, *,
                      rotary: bool = True) -> torch.Tensor:
@@ -204,12 +211,15 @@ def _rows_of(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
 class LlamaStyleAdapter(ModelAdapter):
     """Shared by LVLMs whose LLM layers are Llama-style: ``input_layernorm``, ``self_attn.{q,k}_proj``, RoPE."""
 
-    def project_queries(self, layer, hidden, position_embeddings, rows, *, rotary=True, sample=0):
+    def project_queries(self, layer, hidden, position_embeddings, rows, *, rotary=True, sample=0, projected=None):
         block = self.layers[layer]
         attn = block.self_attn
         b = hidden.shape[0]
-        h = block.input_layernorm(gather_tokens(hidden, rows))  # per-token norm: only the rows asked for
-        q = attn.q_proj(h).view(b, rows.shape[1], -1, attn.head_dim)
+        if projected is not None:
+            q = gather_tokens(projected, rows)
+        else:
+            q = attn.q_proj(block.input_layernorm(gather_tokens(hidden, rows)))  # per-token norm: the rows only
+        q = q.view(b, rows.shape[1], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
@@ -217,6 +227,9 @@ class LlamaStyleAdapter(ModelAdapter):
             cos, sin = (gather_tokens(_rows_of(t, sample, b), rows) for t in position_embeddings)
             q = apply_rope(q, cos, sin)
         return q
+
+    def query_projection(self, layer):
+        return self.layers[layer].self_attn.q_proj
 
     def project_keys(self, layer, hidden, position_embeddings, *, rotary=True):
         block = self.layers[layer]
