@@ -25,6 +25,8 @@ from tokenprune.errors import ConfigError
     ("[{name: m, path: reference, batch_sizes: [0]}]", "[{name: u, pipeline: null}]", "models.0.batch_sizes",
      "batch sizes >= 1"),
     ("[{name: m, path: reference, repeats: two}]", "[{name: u, pipeline: null}]", "models.0.repeats", "integer >= 1"),
+    ("[{name: m, synthetic: llava_next, text: {layers: 4}, full_layers: 2}]", "[{name: u, pipeline: null}]",
+     "models.0.full_layers", "the model's own number of layers (4)"),
 ])
 def test_bad_bench_configs_name_the_key(tmp_path, models, variants, key, says):
     path = tmp_path / "b.yaml"
@@ -180,3 +182,49 @@ def test_a_synthetic_mllama_benchmark_counts_its_image_features_and_leaves_flops
     assert base["flops_reduction"] is None and trimmed["ideal_speedup"] is None
     assert "| mllama-micro | trimmed | 1 |" in markdown(results, "c", check_targets(results, "mllama-micro"))
     assert "| — | — |" in markdown(results, "c", [])  # FLOPs-ideal and of-ideal not known
+
+
+def test_a_depth_cut_model_projects_its_prefill_to_the_full_depth(tmp_path, monkeypatch):
+    """``full_layers``: the unpruned prefill (median 100 ms) plus the 29 missing layers at the per-layer time
+    (20 ms) = 680 ms; fastv's 10.2 ms of operators are 1.5% of it (10.2% of the measured prefill), and the overhead
+    target reads the former on that model."""
+    samples = iter([100.0, 10.0, 90.0, 10.0, 110.0, 10.0])  # unpruned / fastv prefill ms, in alternation
+
+    def fake_measure(model, inputs, pipeline, new_tokens, shape):
+        return {"prefill_ms": next(samples), "decode_ms_per_token": 1.0, "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
+                "operator_ms": 0.0 if pipeline is None else 10.2, "flops_reduction": 0.0, "visual_tokens": 2928}
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    monkeypatch.setattr(bench, "_decoder_layer_ms", lambda model, inputs, runs: 20.0)
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "models: [{name: cut, synthetic: llava_next, text: {hidden: 16, intermediate: 32, layers: 3, heads: 2},\n"
+        "          full_layers: 32}]\n"
+        "variants: [{name: unpruned, pipeline: null}, {name: fastv-0.25, pipeline: fastv}]\n"
+        "batch_sizes: [1]\nrepeats: 3\nwarmup: 0\n")
+    results = run_bench(load_bench_config(path), log=lambda *_: None)
+    base, fastv = results["rows"]
+    assert base["full_depth_prefill_ms"] == fastv["full_depth_prefill_ms"] == 100.0 + 29 * 20.0
+    assert fastv["operator_overhead_full_depth"] == pytest.approx(10.2 / 680.0)
+    assert fastv["operator_overhead"] == pytest.approx(0.102)
+    (target, met, measured), = [t for t in check_targets(results) if "overhead" in t[0]]
+    assert met and target.startswith("cut: operator overhead of fastv-0.25 <= 3% of unpruned prefill (at 32 layers")
+    assert measured == "1.50% (10.20% of the measured prefill)"
+    assert "| cut | fastv-0.25 | 1 | 20.0 | 32 | 680 | 10.2 | 1.50% |" in markdown(results, "b", [])
+
+
+def test_the_decoder_layer_clock_is_the_mean_time_of_one_layer_per_forward(monkeypatch):
+    """A fake clock that advances 1 s at every reading: each layer reads it at its start and end, so each layer
+    takes exactly 1 s whatever the model computes, and the mean per layer is 1000 ms (not the 4 layers' sum)."""
+    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+
+    class Clock:
+        t = 0.0
+
+        def perf_counter(self):
+            self.t += 1.0
+            return self.t
+
+    model = tiny_llava("sdpa", layers=4)
+    monkeypatch.setattr(bench, "time", Clock())
+    assert bench._decoder_layer_ms(model, tiny_llava_inputs(model), runs=2) == 1000.0

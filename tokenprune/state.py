@@ -89,10 +89,11 @@ class Signals:
             queries, image, st.valid_mask[sample], st.hidden[sample]))
 
     #: Bytes of logit blocks a stage keeps for reuse (all samples together). A block that would exceed it is
-    #: computed and handed out but not kept: ASAP with every visual query at LLaVA-NeXT-7B scale makes 1.1 GB of
-    #: chunks per sample, and keeping a batch's worth until its visual scorer runs would cost more memory than
-    #: computing them again costs time.
-    logit_cache_bytes: int = 2**30
+    #: computed and handed out but not kept. Small: the big blocks (every visual query, chunk by chunk) are read
+    #: once — ASAP's trend fit reads queries and keys, not logits, when the source gives them — and keeping them
+    #: costs more than it saves: on a CPU every kept 16 MiB chunk is fresh pages for the next one (at
+    #: LLaVA-NeXT-7B width, keeping up to 1 GiB made ASAP's visual scorer 3x slower: 2.9 s vs 0.9 s).
+    logit_cache_bytes: int = 64 * 2**20
     #: Largest (H, Q, N) fp32 block of logits or probabilities the attention signals make at once: more query
     #: rows run in chunks of rows (:meth:`row_chunks`), so a few thousand visual queries never make one
     #: gigabyte-sized block (ASAP's visual scorer at LLaVA-NeXT-7B width: 32 heads x 2928 rows x 2943 keys).
