@@ -361,7 +361,7 @@ def test_trend_fit_from_queries_and_keys_is_the_fit_of_their_product(heads, key_
 @pytest.mark.parametrize("chunk_bytes,cache_bytes,source", [(2**24, 2**30, "logits"), (1, 2**30, "logits"),
                                                              (1, 0, "logits"), (2**24, 2**30, "queries and keys"),
                                                              (1, 0, "queries and keys")])
-def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_bytes, source):
+def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_bytes, source, monkeypatch):
     """ASAP end to end on given logits: the trend t from torch.linalg.lstsq on the explicit design matrix of the
     (instruction + visual rows) x visual keys block, subtracted from the logits; instruction rows and visual rows
     (which see every visual key) take a softmax over the visual keys only; each scorer is the mean over heads and
@@ -379,6 +379,11 @@ def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_
     else:  # two query heads share one key head; the default scale 1/sqrt(hd) = 1/2 undoes the 2
         logits = torch.stack([queries[0, i].double() @ keys[0, 0].double().T for i in range(h)])[None]
         given = QueryKeySource(queries * 2, keys)
+        import tokenprune.operators.shift as shift
+
+        fitted = []  # the trend from the queries and keys (at this size the block would be cheaper: forced)
+        monkeypatch.setattr(shift, "qk_fit_is_cheaper", lambda *a: True)
+        monkeypatch.setattr(shift, "fit_positional_trend", lambda *a, **k: fitted.append(a))
     vis, instr = torch.arange(2, 12), torch.arange(12, 15)
     rows = torch.cat([instr, vis])
     block = logits[0][:, rows][:, :, vis]  # (H, 13, 10)
@@ -400,6 +405,21 @@ def test_asap_scores_are_the_trend_corrected_softmax_by_hand(chunk_bytes, cache_
                tp.build_operator("attention", queries="visual", weight=0.5)):
         st = op(st)
     assert torch.allclose(st.scores[0].double(), want, atol=1e-5)
+    if source != "logits":
+        assert fitted == []  # the block fit was never asked
+
+
+def test_the_trend_fit_forms_the_logit_block_only_when_that_is_cheaper():
+    """By the cost rule's constants, by hand: 2940 visual rows x 2928 keys, 32 heads of 128, positions spanning 2950
+    (an FFT of 6000 points): the block costs 32·2940·2928·(128/70 + 4) = 1.60e9, the transforms 64·128·6000·7 =
+    3.44e8 -> queries and keys. 107 rows: the block 5.85e7 -> the block. Grouped-query attention (8 key heads)
+    makes the transforms cheaper: 40·128·6000·7 = 2.15e8, still above a 107-row block."""
+    from tokenprune.operators.shift import qk_fit_is_cheaper
+
+    assert qk_fit_is_cheaper(2940, 2928, 32, 32, 128, 2950)
+    assert not qk_fit_is_cheaper(107, 2928, 32, 32, 128, 2950)
+    assert not qk_fit_is_cheaper(107, 2928, 32, 8, 128, 2950)
+    assert qk_fit_is_cheaper(1000, 2928, 32, 8, 128, 2950)  # block 5.45e8 > 2.15e8
 
 
 def test_positional_trend_fit_takes_the_conjugate_gradient_steps_of_the_dense_normal_equations():
