@@ -174,29 +174,3 @@ def test_pruning_before_the_llm_equals_masked_reference(llava_pair, batch, impl)
     for got, want in zip(out.logits, ref_logits):
         assert torch.allclose(got.float(), want, atol=1e-4)
 
-
-def test_attention_signals_gather_the_layers_own_query_projection(llava_pair, batch, monkeypatch):
-    """The stage's queries come from the query projection the layer before the site ran in its own forward:
-    that projection runs once per forward (the model's call, none by the signals), and ASAP keeps the same
-    tokens as when the signals project the queries again themselves (the capture turned off)."""
-    from tokenprune.adapters.base import LlamaStyleAdapter
-
-    model = llava_pair["sdpa"]
-    calls = []
-    handle = model.model.language_model.layers[1].self_attn.q_proj.register_forward_hook(
-        lambda m, a, o: calls.append(a[0].shape[1]))
-    try:
-        captured = tp.load_pipeline("asap")
-        with torch.no_grad(), captured.attach(model):
-            model(**batch)
-        assert calls == [batch["input_ids"].shape[1]]  # the model's own projection of every token, only
-        monkeypatch.setattr(LlamaStyleAdapter, "query_projection", lambda self, layer: None)
-        calls.clear()
-        projected = tp.load_pipeline("asap")
-        with torch.no_grad(), projected.attach(model):
-            model(**batch)
-        assert len(calls) > 1  # the signals projected the queries again
-    finally:
-        handle.remove()
-    assert captured.trace[0].kept == projected.trace[0].kept
-    assert all(a < b for a, b in zip(captured.trace[0].visual_after, captured.trace[0].visual_before))
