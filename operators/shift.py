@@ -106,20 +106,17 @@ class BidirectionalSoftMask(Shift):
             if not isinstance(self.query_stride, int) or self.query_stride < 1:
                 raise ParamError("query_stride", f"must be an integer >= 1, got {self.query_stride!r}")
 
-    def adjust_logits(self, ctx: AttentionContext) -> None:
+    def logit_bias(self, ctx: AttentionContext) -> torch.Tensor | None:
         st = ctx.signals.state
         b = ctx.sample
-        dev = ctx.logits.device
-        vis = (st.visual_mask[b] & st.valid_mask[b]).to(dev)
+        vis = st.visual_mask[b] & st.valid_mask[b]
         if not bool(vis.any()):
-            return
+            return None
         trend = ctx.signals.cached(("soft_mask_trend", b, ctx.rotary, self.cache_key()), lambda: self.fit_trend(ctx))
-        rows = ctx.rows.to(dev)
-        row_visual = vis[rows]
-        ctx.allowed = (ctx.allowed.to(dev) | (row_visual[:, None] & vis[None, :])) & vis[None, :]
-        bias = trend_at_pairs(trend, st.positions[b].to(dev), rows)  # a fresh tensor: the result is written into it
-        ctx.logits = torch.sub(ctx.logits, bias, out=bias)
-        ctx.owned = True
+        rows = ctx.rows.to(vis.device)
+        ctx.allowed = (ctx.allowed | (vis[rows][:, None] & vis[None, :])) & vis[None, :]
+        # -t at every pair: a fresh tensor, into which the caller writes the mask and the logits
+        return trend_at_pairs(trend.neg(), st.positions[b].to(trend.device), rows.to(trend.device))
 
     def fit_trend(self, ctx: AttentionContext) -> torch.Tensor:
         """(H, D+1) positional trend t(d) of one sample, fitted on instruction + (every ``query_stride``-th)

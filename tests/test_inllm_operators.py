@@ -499,6 +499,14 @@ def test_masked_softmax_by_hand():
     owned = x.clone()
     assert torch.allclose(masked_softmax(owned, allowed, in_place=True), want.expand(2, 3, 3), atol=1e-6)
     assert owned[0, 0, 1] == float("-inf") and torch.equal(x[0, 0], torch.tensor([1.0, 2.0, 3.0]))  # only the owned one
+    # the mask written into a bias beforehand (rows allowing different keys: a masked fill), then no mask added
+    from tokenprune.state import _mask_into
+
+    biased = _mask_into(x.clone(), allowed)
+    assert torch.equal(torch.isinf(biased[0]), ~allowed)
+    assert torch.allclose(masked_softmax(biased, allowed, in_place=True, masked=True), want.expand(2, 3, 3), atol=1e-6)
+    same_keys = torch.tensor([[True, False, True]]).expand(3, 3)  # every row the same keys: a column fill
+    assert torch.equal(torch.isinf(_mask_into(x.clone(), same_keys)[1]), ~same_keys)
 
 
 @pytest.mark.parametrize("positions", [

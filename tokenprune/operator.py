@@ -238,21 +238,29 @@ class Shift(TokenOperator):
 
     A shift does not score: it registers itself on the state, and every attention signal the
     stage's scorers ask for afterwards is computed through it. A subclass may score with q/k before
-    the rotary embedding (``rotary = False``), change the logits or the mask before the softmax
-    (:meth:`adjust_logits`) or the probabilities after it (:meth:`adjust_probs`). Several shifts
-    compose in the order listed.
+    the rotary embedding (``rotary = False``), add a bias to the logits and change the mask before they are
+    computed (:meth:`logit_bias`: the bias then rides in the q·kᵀ product), change the logits or the mask
+    after (:meth:`adjust_logits`) or the probabilities after the softmax (:meth:`adjust_probs`). Several
+    shifts compose in the order listed.
     """
 
     kind = "shift"
     #: False: attention logits are taken before the rotary embedding.
     rotary: ClassVar[bool] = True
 
+    def logit_bias(self, ctx: Any) -> torch.Tensor | None:
+        """An additive (H, Q, N) bias for the logits of ``ctx.rows``, asked for before they are computed
+        (``ctx.logits`` is None); it may also replace ``ctx.allowed``. Return a tensor of its own: the caller
+        writes the mask and the logits into it. None: no bias."""
+        return None
+
     def adjust_logits(self, ctx: Any) -> None:
         """Change ``ctx.logits`` (H, Q, N) / ``ctx.allowed`` (Q, N); see :class:`AttentionContext`.
 
         Replace ``ctx.logits`` with a new tensor (``ctx.logits = ctx.logits - bias``): it may be a view of the
         stage's cached logits, which other scorers read. Only once ``ctx.owned`` is True (a shift made it) may it
-        be written in place; a shift that hands over a tensor of its own sets ``ctx.owned = True``."""
+        be written in place; a shift that hands over a tensor of its own sets ``ctx.owned = True``, and one that
+        replaces ``ctx.allowed`` sets ``ctx.mask_changed = True``."""
 
     def adjust_probs(self, ctx: Any) -> None:
         """Change ``ctx.probs`` (H, Q, N) in place."""

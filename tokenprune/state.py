@@ -22,8 +22,10 @@ FEATURE_KINDS: tuple[str, ...] = ("hidden", "keys", "vision_keys")
 class AttentionContext:
     """What a shift correction sees and may change while one sample's attention rows are computed.
 
-    ``logits`` (H, Q, N) and ``allowed`` (Q, N) bool are replaced by ``Shift.adjust_logits`` (``logits`` may be a
-    view of the stage's cached logits: never written in place unless ``owned``);
+    ``Shift.logit_bias`` runs first, while ``logits`` is still None, and may replace ``allowed`` (Q, N) bool;
+    then ``logits`` (H, Q, N) — with the biases and, when some shift gave one, −inf where not allowed — is
+    set, and ``Shift.adjust_logits`` may replace both (``logits`` may be a view of the stage's cached logits:
+    never written in place unless ``owned``; a shift that changes ``allowed`` there sets ``mask_changed``);
     ``probs`` (H, Q, N) is set after the softmax and changed by ``Shift.adjust_probs``.
     """
 
@@ -31,12 +33,14 @@ class AttentionContext:
     sample: int
     rows: torch.Tensor
     rotary: bool
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     allowed: torch.Tensor
     probs: torch.Tensor | None = None
     #: True once ``logits`` is a tensor made for this computation (a shift replaced it): later steps may then
     #: overwrite it instead of allocating another (H, Q, N) block. False while it may be the stage's cached logits.
     owned: bool = False
+    #: Set by an ``adjust_logits`` that changes ``allowed``: the mask then goes in again before the softmax.
+    mask_changed: bool = False
 
 
 class Signals:
@@ -115,25 +119,46 @@ class Signals:
         Computed once per stage: rows that run contiguously through a block computed earlier (the instruction
         and strided visual rows of ASAP's trend fit, asked for again by its scorers) are a view of that block,
         as long as the kept blocks fit in :attr:`logit_cache_bytes`. Callers must not change the result in place."""
-        blocks = self._cache.setdefault(("logit_blocks", sample, rotary), [])
-        whole = self._cache.setdefault(("logit_block_of_rows", sample, rotary), {})  # the same rows again: a lookup
-        exact = whole.get(tuple(rows.tolist()))
-        if exact is not None:
+        kept = self._kept_logits(sample, rows, rotary)
+        if kept is not None:
+            return kept
+        out = self._source().logits(sample, rows, rotary=rotary).float()
+        size = out.numel() * out.element_size()
+        total = self._cache.get(("logit_bytes",), 0)
+        if total + size <= self.logit_cache_bytes:
+            self._cache.setdefault(("logit_blocks", sample, rotary), []).append((rows, out))
+            self._cache.setdefault(("logit_block_of_rows", sample, rotary), {})[tuple(rows.tolist())] = out
+            self._cache[("logit_bytes",)] = total + size
+        return out
+
+    def _kept_logits(self, sample: int, rows: torch.Tensor, rotary: bool) -> torch.Tensor | None:
+        """The logits of ``rows`` from a block this stage keeps (a view), or None."""
+        exact = self._cache.get(("logit_block_of_rows", sample, rotary), {}).get(tuple(rows.tolist()))
+        if exact is not None:  # the same rows again: a lookup
             return exact
         n = rows.numel()
-        for block_rows, block in blocks:
+        for block_rows, block in self._cache.get(("logit_blocks", sample, rotary), []):
             starts = torch.nonzero(block_rows == rows[0]).flatten().tolist() if n else []
             for start in starts:
                 if start + n <= block_rows.numel() and torch.equal(block_rows[start:start + n], rows):
                     return block[:, start:start + n]
-        out = self._source().logits(sample, rows, rotary=rotary).float()
-        size = out.numel() * out.element_size()
-        kept = self._cache.get(("logit_bytes",), 0)
-        if kept + size <= self.logit_cache_bytes:
-            blocks.append((rows, out))
-            whole[tuple(rows.tolist())] = out
-            self._cache[("logit_bytes",)] = kept + size
-        return out
+        return None
+
+    def _biased_logits(self, sample: int, rows: torch.Tensor, rotary: bool, bias: torch.Tensor) -> torch.Tensor:
+        """``logits + bias`` for ``rows``, written into ``bias`` (H, Q, N): from a kept block when there is one,
+        else fused into the q·kᵀ product (one GEMM that reads the bias, no separate logit block) when the source
+        gives queries and keys, else added to the source's logits."""
+        kept = self._kept_logits(sample, rows, rotary)
+        if kept is not None:
+            return bias.add_(kept.to(bias.device))
+        q_and_k = self.queries_and_keys(sample, rows, rotary=rotary)
+        if q_and_k is None:
+            return bias.add_(self.logits(sample, rows, rotary=rotary).to(bias.device))
+        queries, keys = q_and_k
+        h, n_q, hd = queries.shape
+        h_kv = keys.shape[0]  # grouped-query attention: the heads sharing a key head stacked into one product
+        bias.view(h_kv, (h // h_kv) * n_q, -1).baddbmm_(queries.reshape(h_kv, -1, hd), keys.transpose(-1, -2))
+        return bias
 
     def queries_and_keys(self, sample: int, rows: torch.Tensor, *,
                          rotary: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -154,19 +179,31 @@ class Signals:
         st = self._state
         shifts = st.shifts
         rotary = all(s.rotary for s in shifts)
-        logits = self.logits(sample, rows, rotary=rotary)
-        n = st.num_tokens
-        keys = torch.arange(n, device=logits.device)
-        allowed = st.valid_mask[sample].to(logits.device)[None, :]
+        dev = st.valid_mask.device
+        keys = torch.arange(st.num_tokens, device=dev)
+        allowed = st.valid_mask[sample][None, :]
         given = self._source().allowed(sample, rows)
         if given is None:
-            allowed = allowed & (keys[None, :] <= rows.to(logits.device)[:, None])  # causal, in sequence order
+            allowed = allowed & (keys[None, :] <= rows.to(dev)[:, None])  # causal, in sequence order
         else:
-            allowed = allowed & given.to(logits.device)
-        ctx = AttentionContext(self, sample, rows, rotary, logits, allowed)
+            allowed = allowed & given.to(dev)
+        ctx = AttentionContext(self, sample, rows, rotary, None, allowed)
+        bias = None
+        for s in shifts:
+            b = s.logit_bias(ctx)
+            if b is not None:
+                bias = b if bias is None else bias.add_(b.to(bias.device))
+        masked = False
+        if bias is None:
+            ctx.logits = self.logits(sample, rows, rotary=rotary)
+        else:  # the mask goes into the bias too, so the softmax needs no pass of its own for it
+            ctx.logits = self._biased_logits(sample, rows, rotary, _mask_into(bias, ctx.allowed))
+            ctx.owned = masked = True
+        ctx.allowed = ctx.allowed.to(ctx.logits.device)
         for s in shifts:
             s.adjust_logits(ctx)
-        ctx.probs = masked_softmax(ctx.logits, ctx.allowed, in_place=ctx.owned)
+            masked = masked and not ctx.mask_changed
+        ctx.probs = masked_softmax(ctx.logits, ctx.allowed, in_place=ctx.owned, masked=masked)
         for s in shifts:
             s.adjust_probs(ctx)
         return ctx.probs
@@ -344,14 +381,28 @@ class VisionSource:
         return out
 
 
-def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+def _mask_into(bias: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``bias`` (H, Q, N) with −inf where ``allowed`` (Q, N) is False, in place: a fill of the disallowed columns
+    when every row allows the same keys (ASAP's visual block), else one masked fill."""
+    allowed = allowed.to(bias.device)
+    if bool((allowed == allowed[:1]).all()):
+        return bias.index_fill_(-1, (~allowed[0]).nonzero().flatten(), float("-inf"))
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor, in_place: bool = False,
+                   masked: bool = False) -> torch.Tensor:
     """Softmax over the last axis restricted to ``allowed`` (broadcast); all-masked rows give zeros.
 
     An additive (0 / −inf) mask of ``allowed``'s shape, broadcast in one add (cheaper than a masked fill of
     the full block; into ``logits`` itself with ``in_place``), then torch's fused softmax; only when some row
-    may attend to nothing (its softmax is NaN) is a further pass spent to zero it."""
-    mask = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, float("-inf"))
-    probs = torch.softmax(logits.add_(mask) if in_place else logits + mask, dim=-1)
+    may attend to nothing (its softmax is NaN) is a further pass spent to zero it. ``masked``: the logits
+    already hold −inf wherever ``allowed`` is False, so no mask is added."""
+    if masked:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        mask = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(logits.add_(mask) if in_place else logits + mask, dim=-1)
     empty = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty.any()):
         probs = probs.masked_fill(empty, 0.0)
