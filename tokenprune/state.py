@@ -155,6 +155,7 @@ class Signals:
         if q_and_k is None:
             return bias.add_(self.logits(sample, rows, rotary=rotary).to(bias.device))
         queries, keys = q_and_k
+        bias = bias.contiguous()  # a no-op for the shifts' fresh blocks; the GEMM writes through a view of it
         h, n_q, hd = queries.shape
         h_kv = keys.shape[0]  # grouped-query attention: the heads sharing a key head stacked into one product
         bias.view(h_kv, (h // h_kv) * n_q, -1).baddbmm_(queries.reshape(h_kv, -1, hd), keys.transpose(-1, -2))
