@@ -509,6 +509,42 @@ def test_masked_softmax_by_hand():
     assert torch.equal(torch.isinf(_mask_into(x.clone(), same_keys)[1]), ~same_keys)
 
 
+def test_a_shift_bias_before_the_logits_and_a_mask_replaced_after_them_by_hand():
+    """The last row (3) of hand logits [0, 1, 2, 3] sees keys 0-3. A shift's ``logit_bias`` adds 2 to key 0 and
+    drops key 2 from the mask; softmax over keys 0, 1, 3 of [2, 1, 3]. A second shift's ``adjust_logits`` then
+    replaces the mask without key 3: the replaced mask goes in again, softmax over keys 0, 1 of [2, 1]."""
+    from tokenprune.operator import Shift
+
+    class Bias(Shift):
+        op_name = "test_bias"
+
+        def logit_bias(self, ctx):
+            ctx.allowed = ctx.allowed & (torch.arange(4) != 2)[None, :]
+            bias = torch.zeros(1, ctx.rows.numel(), 4)
+            bias[..., 0] = 2.0
+            return bias
+
+    class DropLast(Shift):
+        op_name = "test_drop_last"
+
+        def adjust_logits(self, ctx):
+            ctx.allowed = ctx.allowed & (torch.arange(4) != 3)[None, :].to(ctx.allowed.device)
+
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(1, 1, 4, 4).clone()
+
+    def scores(*shifts):
+        st = TokenState.from_tensors(torch.zeros(1, 4, 2), torch.ones(1, 4, dtype=torch.bool),
+                                     attention=LogitsSource(logits))
+        for op in shifts:
+            st = op(st)
+        return st.signals.attention(queries="last")[0]
+
+    z = math.exp(2) + math.exp(1) + math.exp(3)
+    assert torch.allclose(scores(Bias()), torch.tensor([math.exp(2) / z, math.exp(1) / z, 0, math.exp(3) / z]))
+    z = math.exp(2) + math.exp(1)
+    assert torch.allclose(scores(Bias(), DropLast()), torch.tensor([math.exp(2) / z, math.exp(1) / z, 0, 0]))
+
+
 @pytest.mark.parametrize("positions", [
     list(range(7, 19)),  # consecutive: windows of the symmetric table
     [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # left padding repeats a position: the element-wise gather

@@ -173,4 +173,3 @@ def test_pruning_before_the_llm_equals_masked_reference(llava_pair, batch, impl)
     assert torch.equal(out.sequences[:, -STEPS:], tokens)
     for got, want in zip(out.logits, ref_logits):
         assert torch.allclose(got.float(), want, atol=1e-4)
-

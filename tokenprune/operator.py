@@ -259,8 +259,8 @@ class Shift(TokenOperator):
 
         Replace ``ctx.logits`` with a new tensor (``ctx.logits = ctx.logits - bias``): it may be a view of the
         stage's cached logits, which other scorers read. Only once ``ctx.owned`` is True (a shift made it) may it
-        be written in place; a shift that hands over a tensor of its own sets ``ctx.owned = True``, and one that
-        replaces ``ctx.allowed`` sets ``ctx.mask_changed = True``."""
+        be written in place; a shift that hands over a tensor of its own sets ``ctx.owned = True``. Replace
+        ``ctx.allowed`` too, never change it in place (a replaced mask is applied again before the softmax)."""
 
     def adjust_probs(self, ctx: Any) -> None:
         """Change ``ctx.probs`` (H, Q, N) in place."""

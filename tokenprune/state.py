@@ -25,7 +25,7 @@ class AttentionContext:
     ``Shift.logit_bias`` runs first, while ``logits`` is still None, and may replace ``allowed`` (Q, N) bool;
     then ``logits`` (H, Q, N) — with the biases and, when some shift gave one, −inf where not allowed — is
     set, and ``Shift.adjust_logits`` may replace both (``logits`` may be a view of the stage's cached logits:
-    never written in place unless ``owned``; a shift that changes ``allowed`` there sets ``mask_changed``);
+    never written in place unless ``owned``; a replaced ``allowed`` is applied again before the softmax);
     ``probs`` (H, Q, N) is set after the softmax and changed by ``Shift.adjust_probs``.
     """
 
@@ -39,8 +39,6 @@ class AttentionContext:
     #: True once ``logits`` is a tensor made for this computation (a shift replaced it): later steps may then
     #: overwrite it instead of allocating another (H, Q, N) block. False while it may be the stage's cached logits.
     owned: bool = False
-    #: Set by an ``adjust_logits`` that changes ``allowed``: the mask then goes in again before the softmax.
-    mask_changed: bool = False
 
 
 class Signals:
@@ -194,17 +192,17 @@ class Signals:
             b = s.logit_bias(ctx)
             if b is not None:
                 bias = b if bias is None else bias.add_(b.to(bias.device))
-        masked = False
         if bias is None:
             ctx.logits = self.logits(sample, rows, rotary=rotary)
         else:  # the mask goes into the bias too, so the softmax needs no pass of its own for it
             ctx.logits = self._biased_logits(sample, rows, rotary, _mask_into(bias, ctx.allowed))
-            ctx.owned = masked = True
+            ctx.owned = True
         ctx.allowed = ctx.allowed.to(ctx.logits.device)
+        folded = ctx.allowed if bias is not None else None
         for s in shifts:
             s.adjust_logits(ctx)
-            masked = masked and not ctx.mask_changed
-        ctx.probs = masked_softmax(ctx.logits, ctx.allowed, in_place=ctx.owned, masked=masked)
+        # the mask folded into the logits, unless a shift replaced it after them: then it goes in again
+        ctx.probs = masked_softmax(ctx.logits, ctx.allowed, in_place=ctx.owned, masked=ctx.allowed is folded)
         for s in shifts:
             s.adjust_probs(ctx)
         return ctx.probs
