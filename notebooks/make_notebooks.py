@@ -15,8 +15,9 @@ MODEL = '''import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import tokenprune as tp
-from tokenprune import reference, viz
-from tokenprune.data import shapes
+from tokenprune.measure import viz
+from tokenprune.reference import model as reference
+from tokenprune.reference import shapes
 
 torch.manual_seed(0)
 folder = reference.path()  # the shipped reference model (docs/reference_model.md)
@@ -31,7 +32,7 @@ ATTENTION = [
                       "`shapes` test items: text→image attention across layers, the attention shift and its "
                       "correction, and which tokens `asap`, `fastv`, `visionzip` and `random` keep at the same "
                       "budget, with the answer each gives. Attention rows are recomputed from each layer's "
-                      "input (`tokenprune.viz`), exactly as the pruning operators compute them."),
+                      "input (`tokenprune.measure.viz`), exactly as the pruning operators compute them."),
     new_code_cell(MODEL),
     new_code_cell('''items = shapes.load_split("test")[:3]
 def encode(item):
@@ -92,11 +93,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tokenprune.sweep import Sweep, run_sweep
+from tokenprune.eval.sweep import Sweep, run_sweep
 
 sweep_dir = Path(os.environ.get("SWEEP_DIR", "runs/sweeps/asap"))
 if not (sweep_dir / "results.csv").exists():
-    from tokenprune import reference
+    from tokenprune.reference import model as reference
     model_path = str(reference.path())
     import yaml
     sweep_dir = Path("runs/sweeps/notebook_demo")

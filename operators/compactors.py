@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenprune.operator import Compactor
-from tokenprune.registry import register_operator
-from tokenprune.state import TokenState
+from tokenprune.core.operator import Compactor
+from tokenprune.core.registry import register_operator
+from tokenprune.core.state import TokenState
 
 
 @register_operator("kv_compact")

@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tokenprune.budget import check_keep, resolve_keep
-from tokenprune.operator import FeatureKind, FeatureUser, Merger, ParamError
-from tokenprune.registry import register_operator
-from tokenprune.state import TokenState
+from tokenprune.core.budget import check_keep, resolve_keep
+from tokenprune.core.operator import FeatureKind, FeatureUser, Merger, ParamError
+from tokenprune.core.registry import register_operator
+from tokenprune.core.state import TokenState
 
 
 @register_operator("drop")

@@ -9,9 +9,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tokenprune.operator import ParamError, Scorer, ScorerParams
-from tokenprune.registry import register_operator
-from tokenprune.state import TokenState
+from tokenprune.core.operator import ParamError, Scorer, ScorerParams
+from tokenprune.core.registry import register_operator
+from tokenprune.core.state import TokenState
 
 
 @register_operator("attention")

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenprune.attention import QUERY_SETS
-from tokenprune.budget import check_keep, rank_within_visual, resolve_keep
-from tokenprune.errors import ConfigError
-from tokenprune.operator import FeatureKind, FeatureUser, ParamError, Selector
-from tokenprune.registry import build_operator, get_operator_class, register_operator
-from tokenprune.state import TokenState
+from tokenprune.core.attention import QUERY_SETS
+from tokenprune.core.budget import check_keep, rank_within_visual, resolve_keep
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.operator import FeatureKind, FeatureUser, ParamError, Selector
+from tokenprune.core.registry import build_operator, get_operator_class, register_operator
+from tokenprune.core.state import TokenState
 
 
 @register_operator("topk")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenprune.operator import ParamError, Shift
-from tokenprune.registry import register_operator
-from tokenprune.state import AttentionContext, masked_softmax
+from tokenprune.core.operator import ParamError, Shift
+from tokenprune.core.registry import register_operator
+from tokenprune.core.state import AttentionContext, masked_softmax
 
 
 @register_operator("none")

@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def llava_pair():
     """The same tiny random LLaVA weights under SDPA and under eager attention."""
-    from tokenprune.tiny import tiny_llava
+    from tokenprune.reference.tiny import tiny_llava
 
     sdpa = tiny_llava("sdpa", layers=4)
     eager = tiny_llava("eager", layers=4)
@@ -22,7 +22,7 @@ def llava_pair():
 
 @pytest.fixture()
 def batch(llava_pair):
-    from tokenprune.tiny import tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava_inputs
 
     return tiny_llava_inputs(llava_pair["sdpa"])
 
@@ -31,7 +31,7 @@ def batch(llava_pair):
 def tiny_folder(tmp_path_factory):
     """A random-init model of the reference architecture (576 visual tokens), saved with its processor: a
     model folder for `tokenprune run` / `sweep` tests (its answers are noise, its shapes are real)."""
-    from tokenprune.reference import ReferenceSize, build_model, build_processor
+    from tokenprune.reference.model import ReferenceSize, build_model, build_processor
 
     path = tmp_path_factory.mktemp("tinyref")
     build_model(ReferenceSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=4,

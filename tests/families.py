@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from tokenprune import tiny
+from tokenprune.reference import tiny
 
 
 @functools.cache

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.tiny import tiny_llava_inputs
+from tokenprune.reference.tiny import tiny_llava_inputs
 
 
 def hook_count(model):

@@ -4,9 +4,9 @@ from results (timings are never asserted: they belong to `make bench`, not to te
 import pytest
 import torch
 
-import tokenprune.bench as bench
-from tokenprune.bench import check_targets, load_bench_config, markdown, run_bench
-from tokenprune.errors import ConfigError
+import tokenprune.eval.bench as bench
+from tokenprune.core.errors import ConfigError
+from tokenprune.eval.bench import check_targets, load_bench_config, markdown, run_bench
 
 
 @pytest.mark.parametrize("models,variants,key,says", [
@@ -118,7 +118,7 @@ def test_materialized_attention_layers_compute_what_sdpa_does_with_the_weights_m
     """The FastV-style reference's layers: their attention really runs through the explicit softmax(QKᵀ)V (counted,
     the (B, H, N, N) weights seen), the logits at the real tokens and the greedy generation equal the SDPA model's,
     and the model is SDPA again afterwards."""
-    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
     model = tiny_llava()
     inputs = tiny_llava_inputs(model, prompts=prompts) if prompts else tiny_llava_inputs(model)
@@ -216,7 +216,7 @@ def test_a_depth_cut_model_projects_its_prefill_to_the_full_depth(tmp_path, monk
 def test_the_decoder_layer_clock_is_the_mean_time_of_one_layer_per_forward(monkeypatch):
     """A fake clock that advances 1 s at every reading: each layer reads it at its start and end, so each layer
     takes exactly 1 s whatever the model computes, and the mean per layer is 1000 ms (not the 4 layers' sum)."""
-    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
     class Clock:
         t = 0.0

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,22 +27,22 @@ NOT_PIPELINES = {"experiments/train_reference.yaml"}
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml")))
 def test_every_shipped_yaml_loads_and_validates(path):
     if path in NOT_PIPELINES:
-        from tokenprune.train_reference import load_config
+        from tokenprune.reference.train import load_config
 
         assert load_config(REPO / path).optim.max_steps >= 1  # the training config: unknown keys would raise
         return
     import yaml
 
     if path.startswith("experiments/bench"):  # bench.yaml, bench_kv.yaml, bench_gpu.yaml
-        from tokenprune.bench import load_bench_config
+        from tokenprune.eval.bench import load_bench_config
 
         cfg = load_bench_config(REPO / path)
         for v in cfg.variants[1:]:
             tp.load_pipeline(v.pipeline, list(v.get("overrides") or []))
         return
     if path.startswith("experiments/ablations/"):  # a sweep: every variant's run config and pipeline
-        from tokenprune.run import resolve_pipeline
-        from tokenprune.sweep import Sweep
+        from tokenprune.eval.run import resolve_pipeline
+        from tokenprune.eval.sweep import Sweep
 
         sweep = Sweep(REPO / path)
         variants = sweep.variants()
@@ -51,7 +51,7 @@ def test_every_shipped_yaml_loads_and_validates(path):
             assert resolve_pipeline(sweep.base_config(v)) is not None, v.name
         return
     if "stages" not in yaml.safe_load((REPO / path).read_text()):  # a run config (tokenprune run)
-        from tokenprune.run import load_run_config, resolve_pipeline
+        from tokenprune.eval.run import load_run_config, resolve_pipeline
 
         pipe = resolve_pipeline(load_run_config(REPO / path))  # unknown keys and a bad pipeline would raise
     else:

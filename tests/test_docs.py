@@ -32,7 +32,9 @@ def plugin_module(tmp_path, monkeypatch):
     (tmp_path / "my_operators.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
-    from tokenprune import registry  # leave the registry as it was (docs/operators.md lists the shipped ones)
+    from tokenprune.core import (
+        registry,  # leave the registry as it was (docs/operators.md lists the shipped ones)
+    )
 
     registry._REGISTRY.pop("centre_bias", None)
     sys.modules.pop("my_operators", None)
@@ -54,7 +56,7 @@ def test_every_yaml_snippet_loads_and_validates(path, text, plugin_module):
 
 @torch.no_grad()
 def test_the_plugin_example_keeps_the_centre_of_the_grid(plugin_module):
-    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
     (pipeline,) = [t for t in blocks(REPO / "docs" / "plugins.md", "yaml")]
     pipe = tp.load_pipeline(yaml.safe_load(pipeline))
@@ -70,6 +72,6 @@ def test_the_plugin_example_keeps_the_centre_of_the_grid(plugin_module):
         first = int(visual[b].nonzero()[0])
         kept_visual = [i - first for i in pipe.trace[0].kept[b] if visual[b, i]]
         assert kept_visual == centre
-    with pytest.raises(tp.errors.ConfigError, match=r"stages\.0\.operators\.0\.power: must be > 0"):
+    with pytest.raises(tp.ConfigError, match=r"stages\.0\.operators\.0\.power: must be > 0"):
         tp.load_pipeline({"plugins": ["my_operators"], "stages": [{"layer": 0, "operators": [
             {"op": "centre_bias", "power": -1.0}, {"op": "topk"}]}]})

@@ -7,7 +7,7 @@ from families import inputs, pair, sample_alone
 from reference import reference_greedy, reference_prefill_logits
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 STEPS = 3
 FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl"]

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenprune as tp
 from tokenprune.cli import main
-from tokenprune.flops import BUILTIN_SHAPES, LLMShape, parse_shape, pipeline_flops
-from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+from tokenprune.measure.flops import BUILTIN_SHAPES, LLMShape, parse_shape, pipeline_flops
+from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
 
 def fastv_pipe(k, r):
@@ -91,7 +91,7 @@ def test_cli_flops_json(capsys):
 def test_mergers_that_add_tokens_count_in_the_budget():
     """VisionZip keeps 54 dominant + 10 contextual of 576; SparseVLM's recycling adds 10% of each stage's
     dropped tokens back as cluster tokens (by hand: 192+38, 153+8, 81+8)."""
-    from tokenprune.flops import layer_token_counts
+    from tokenprune.measure.flops import layer_token_counts
 
     counts = layer_token_counts(tp.load_pipeline("visionzip"), 32, 640, 576)
     assert counts[0] == (640 - 576 + 64, 64)

@@ -5,8 +5,8 @@ import torch
 from families import pair as family_pair
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
-from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+from tokenprune.core.errors import ConfigError
+from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import tokenprune as tp
-from tokenprune.attention import LogitsSource, QueryKeySource, query_rows
-from tokenprune.errors import ConfigError
-from tokenprune.state import TokenState
+from tokenprune.core.attention import LogitsSource, QueryKeySource, query_rows
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.state import TokenState
 
 
 def state_of(visual, scores=None, hidden=None, **kw):
@@ -486,7 +486,7 @@ def test_a_query_stride_averages_every_sth_query_row_by_hand():
 def test_masked_softmax_by_hand():
     """Softmax over the allowed keys only (e^1, e^3 -> 0.1192, 0.8808), a row with no allowed key gives zeros,
     and the mask broadcasts over heads."""
-    from tokenprune.state import masked_softmax
+    from tokenprune.core.state import masked_softmax
 
     x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [5.0, 1.0, 0.0]]).expand(2, 3, 3)
     allowed = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
@@ -500,7 +500,7 @@ def test_masked_softmax_by_hand():
     assert torch.allclose(masked_softmax(owned, allowed, in_place=True), want.expand(2, 3, 3), atol=1e-6)
     assert owned[0, 0, 1] == float("-inf") and torch.equal(x[0, 0], torch.tensor([1.0, 2.0, 3.0]))  # only the owned one
     # the mask written into a bias beforehand (rows allowing different keys: a masked fill), then no mask added
-    from tokenprune.state import _mask_into
+    from tokenprune.core.state import _mask_into
 
     biased = _mask_into(x.clone(), allowed)
     assert torch.equal(torch.isinf(biased[0]), ~allowed)
@@ -513,7 +513,7 @@ def test_a_shift_bias_before_the_logits_and_a_mask_replaced_after_them_by_hand()
     """The last row (3) of hand logits [0, 1, 2, 3] sees keys 0-3. A shift's ``logit_bias`` adds 2 to key 0 and
     drops key 2 from the mask; softmax over keys 0, 1, 3 of [2, 1, 3]. A second shift's ``adjust_logits`` then
     replaces the mask without key 3: the replaced mask goes in again, softmax over keys 0, 1 of [2, 1]."""
-    from tokenprune.operator import Shift
+    from tokenprune.core.operator import Shift
 
     class Bias(Shift):
         op_name = "test_bias"

@@ -7,9 +7,9 @@ import torch
 from reference import fastv_reference_kept, reference_kv_greedy
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
-from tokenprune.kv_cache import adaptive_weights, allocate
-from tokenprune.state import TokenState
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.kv_cache import adaptive_weights, allocate
+from tokenprune.core.state import TokenState
 
 STEPS = 4
 N_VISUAL = 64  # tiny LLaVA: 8x8 patches
@@ -190,17 +190,17 @@ def test_named_scores_give_separate_budgets():
     state = TokenState.from_tensors(torch.zeros(1, 7, 4), vis)
     state.add_scores(torch.tensor([[0, 9, 8, 1, 1, 1, 1.0]]), into="cross")
     state.add_scores(torch.tensor([[0, 9, 1, 1, 7, 6, 1.0]]), into="self")
-    sel = tp.registry.build_operator("union", of=[{"op": "topk", "keep": 2, "scores": "cross"},
+    sel = tp.build_operator("union", of=[{"op": "topk", "keep": 2, "scores": "cross"},
                                                   {"op": "topk", "keep": 2, "scores": "self"}])
     assert sel(state).keep_mask.tolist() == [[True, True, True, False, True, False, False]]
     with pytest.raises(RuntimeError, match=r"no scores 'other'.*present: 'cross', 'self'"):
-        tp.registry.build_operator("topk", keep=2, scores="other")(state)
+        tp.build_operator("topk", keep=2, scores="other")(state)
 
 
 def test_elite_window_drops_the_inconsistent_rows():
     """Three window rows agree on token 2, one looks at token 4: with elite 0.75 the odd row is left out and the
     score is the mean of the three (hand-computed softmax rows)."""
-    from tokenprune.attention import LogitsSource
+    from tokenprune.core.attention import LogitsSource
 
     n = 9  # [bos, v1..v4, t5..t8]: visual 1-4, the instruction is 5-8
     vis = torch.tensor([[False, True, True, True, True, False, False, False, False]])
@@ -208,7 +208,7 @@ def test_elite_window_drops_the_inconsistent_rows():
     for row, hot in ((5, 2), (6, 2), (7, 4), (8, 2)):
         logits[0, 0, row, hot] = 3.0
     state = TokenState.from_tensors(torch.zeros(1, n, 4), vis, attention=LogitsSource(logits))
-    op = tp.registry.build_operator("elite_window", window=4, elite=0.75)
+    op = tp.build_operator("elite_window", window=4, elite=0.75)
     got = op(state).scores[0]
 
     def row(r, hot):  # softmax over keys 0..r with one key at logit 3
@@ -253,7 +253,7 @@ def test_layers_beyond_the_depth_name_the_key(llava_pair):
 
 
 def test_mllama_refuses_the_kv_cache_site():
-    from tokenprune.tiny import tiny_mllama
+    from tokenprune.reference.tiny import tiny_mllama
 
     with pytest.raises(ConfigError, match="cross_attention"):
         kv_pipe().attach(tiny_mllama())

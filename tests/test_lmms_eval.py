@@ -16,8 +16,8 @@ import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is installed by `make install` (--no-deps)")
 
-from tokenprune.data import shapes  # noqa: E402
-from tokenprune.errors import ConfigError  # noqa: E402
+from tokenprune.core.errors import ConfigError  # noqa: E402
+from tokenprune.reference import shapes  # noqa: E402
 
 LIMIT = 12
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -25,7 +25,7 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASE
 
 @pytest.fixture(scope="module")
 def task_folder(tmp_path_factory):
-    from tokenprune.lmms_tasks import write_shapes_task
+    from tokenprune.eval.lmms_tasks import write_shapes_task
 
     return write_shapes_task(tmp_path_factory.mktemp("lmms_tasks"), "test", LIMIT)
 
@@ -35,7 +35,7 @@ def stock():
     """The shipped reference model and processor through the Auto classes, with no tokenprune code."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from tokenprune import reference
+    from tokenprune.reference import model as reference
 
     return AutoModelForImageTextToText.from_pretrained(reference.path()).eval(), \
         AutoProcessor.from_pretrained(reference.path())
@@ -52,7 +52,7 @@ def hand_scores(model, processor, pipeline=None) -> dict[str, float]:
     by hand (the reference chat template's format)."""
     import contextlib
 
-    from tokenprune.evaluation import normalize_answer
+    from tokenprune.eval.scoring import normalize_answer
 
     items = shapes.load_split("test", size=LIMIT)
     correct, yes_no = [], []
@@ -76,8 +76,8 @@ def by_hand(stock):
 
 
 def test_the_core_never_imports_lmms_eval():
-    code = ("import sys; import tokenprune, tokenprune.run, tokenprune.cli, tokenprune.pipeline, tokenprune.sweep, "
-            "tokenprune.bench, tokenprune.lmms_tasks, tokenprune.lmms_eval_run, tokenprune.lmms_eval_entry; "
+    code = ("import sys; import tokenprune, tokenprune.eval.run, tokenprune.cli, tokenprune.pipeline, tokenprune.eval.sweep, "
+            "tokenprune.eval.bench, tokenprune.eval.lmms_tasks, tokenprune.eval.lmms_eval_run, tokenprune.eval.lmms_eval_entry; "
             "import tokenprune.operators; print('lmms_eval' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
     assert out.stdout.strip() == "False"
@@ -86,7 +86,7 @@ def test_the_core_never_imports_lmms_eval():
 def test_lmms_eval_finds_the_model_through_its_entry_point():
     from lmms_eval.models import get_model
 
-    from tokenprune.lmms_eval_model import TokenPrune
+    from tokenprune.eval.lmms_eval_model import TokenPrune
 
     assert get_model("tokenprune") is TokenPrune
 
@@ -132,7 +132,7 @@ def test_loglikelihood_with_a_pipeline_is_the_pruned_forward_by_hand(task_folder
     """Pruned: each choice's value is lmms-eval's loss, minus the log-softmax of the last logits of the pruned
     forward over the context alone (the answer is one token, and must not take part in choosing the visual
     tokens), and is_greedy says whether argmax gives the answer; overrides separated by ';' reach the pipeline."""
-    from tokenprune.lmms_eval_model import TokenPrune
+    from tokenprune.eval.lmms_eval_model import TokenPrune
     from tokenprune.pipeline import load_pipeline
 
     lm = TokenPrune.create_from_arg_string("pretrained=reference,pipeline=fastv,overrides=stages.0.layer=1;"
@@ -165,7 +165,7 @@ def test_a_multi_token_continuation_is_scored_token_by_token(task_folder, stock)
     stock forward over context + continuation (teacher forcing, by hand)."""
     from lmms_eval.api.instance import Instance
 
-    from tokenprune.lmms_eval_model import TokenPrune
+    from tokenprune.eval.lmms_eval_model import TokenPrune
 
     instances, docs = _requests(task_folder, "shapes_yes_no")
     lm = TokenPrune(pretrained="reference")
@@ -190,7 +190,7 @@ def test_a_multi_token_continuation_is_scored_token_by_token(task_folder, stock)
 def test_generate_until_returns_lmms_eval_order_across_groups_and_batches(task_folder):
     """Requests with different generation settings are batched apart and answered in their own order: the
     same texts as one request at a time; `until` cuts the text."""
-    from tokenprune.lmms_eval_model import TokenPrune
+    from tokenprune.eval.lmms_eval_model import TokenPrune
 
     instances, docs = _requests(task_folder, "shapes_vqa")
     for i, inst in enumerate(instances):  # two groups, interleaved
@@ -214,7 +214,7 @@ def test_loglikelihood_pairs_survive_lmms_eval_response_handling():
     from lmms_eval.api.instance import unwrap_generation_output
     from lmms_eval.api.reasoning import strip_reasoning_tags
 
-    from tokenprune.lmms_eval_model import _loglikelihood_result
+    from tokenprune.eval.lmms_eval_model import _loglikelihood_result
 
     pair = _loglikelihood_result(-1.25, True)
     text, _ = unwrap_generation_output(pair)
@@ -234,7 +234,7 @@ def test_loglikelihood_pairs_survive_lmms_eval_response_handling():
     ("pretrained=/no/such/folder", "model_args.pretrained"),
 ])
 def test_bad_model_args_name_the_argument(args, key):
-    from tokenprune.lmms_eval_model import TokenPrune
+    from tokenprune.eval.lmms_eval_model import TokenPrune
 
     with pytest.raises(ConfigError) as e:
         TokenPrune.create_from_arg_string(args)
@@ -242,7 +242,7 @@ def test_bad_model_args_name_the_argument(args, key):
 
 
 def _run_config(tmp_path, task_folder, *extra):
-    from tokenprune.run import load_run_config
+    from tokenprune.eval.run import load_run_config
 
     return load_run_config("experiments/asap_shapes.yaml", [
         f"data.lmms_eval={{tasks: [shapes_vqa, shapes_yes_no], include_path: {task_folder}}}",
@@ -250,8 +250,8 @@ def _run_config(tmp_path, task_folder, *extra):
 
 
 def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tmp_path, task_folder, by_hand, stock):
+    from tokenprune.eval.run import run
     from tokenprune.pipeline import load_pipeline
-    from tokenprune.run import run
 
     overrides = ["stages.0.layer=1", "stages.0.operators.1.keep=0.01"]  # 6 of 576 visual tokens
     metrics = run(_run_config(tmp_path, task_folder, "pipeline=fastv", f"overrides=[{','.join(overrides)}]"))
@@ -280,8 +280,8 @@ def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tm
     ("{tasks: [shapes_vqa], include_path: TASKS, metrics: {gqa: exact_match}}", "data.lmms_eval.metrics.gqa"),
 ])
 def test_bad_lmms_eval_data_names_the_key_before_loading_a_model(tmp_path, task_folder, spec, key, monkeypatch):
-    from tokenprune import run as run_module
-    from tokenprune.run import load_run_config, run
+    from tokenprune.eval import run as run_module
+    from tokenprune.eval.run import load_run_config, run
 
     monkeypatch.setattr(run_module, "_load_model", lambda cfg: pytest.fail("loaded a model"))
     cfg = load_run_config(None, [f"data.lmms_eval={spec.replace('TASKS', str(task_folder))}",

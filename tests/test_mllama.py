@@ -8,8 +8,8 @@ import torch
 from reference import hidden_image_features, pruned_features
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
-from tokenprune.tiny import tiny_llava, tiny_mllama, tiny_mllama_inputs
+from tokenprune.core.errors import ConfigError
+from tokenprune.reference.tiny import tiny_llava, tiny_mllama, tiny_mllama_inputs
 
 STEPS = 3
 FEATURES = 4 * 17  # 4 tiles x (16 patches + CLS)

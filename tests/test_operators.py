@@ -3,9 +3,9 @@
 import torch
 
 import tokenprune as tp
-from tokenprune.attention import LogitsSource
-from tokenprune.budget import resolve_keep
-from tokenprune.state import Signals, TokenState
+from tokenprune.core.attention import LogitsSource
+from tokenprune.core.budget import resolve_keep
+from tokenprune.core.state import Signals, TokenState
 
 
 def make_state(visual_rows, scores=None):

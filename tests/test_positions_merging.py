@@ -6,7 +6,7 @@ import torch
 from reference import generate_positions, hidden_at_layer, reference_from_site
 
 import tokenprune as tp
-from tokenprune.state import TokenState
+from tokenprune.core.state import TokenState
 
 SITE = 2
 
@@ -97,7 +97,7 @@ def test_cached_decoding_equals_rerunning_the_prefill(llava_pair, batch, impl, c
 @torch.no_grad()
 def test_cached_decoding_without_padding(llava_pair, case):
     """One unpadded sample under SDPA: the LLM passes no mask, so the bias needs a built one."""
-    from tokenprune.tiny import tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava_inputs
 
     model = llava_pair["sdpa"]
     check_cached_against_reprefill(model, pipeline(*CASES[case]), tiny_llava_inputs(model, prompts=[[10, 11, 12]]), case)

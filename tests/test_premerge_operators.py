@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.state import TokenState, VisionSource
+from tokenprune.core.state import TokenState
+from tokenprune.runtime.sources import VisionSource
 
 
 def state_of(visual, scores=None, hidden=None):

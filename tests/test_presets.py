@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.config import preset_names
-from tokenprune.errors import ConfigError
-from tokenprune.flops import parse_shape, pipeline_flops
+from tokenprune.core.config import preset_names
+from tokenprune.core.errors import ConfigError
+from tokenprune.measure.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
            "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl", "topv"]
@@ -36,7 +36,7 @@ def no_eager(monkeypatch):
 
 
 def test_the_eager_guard_catches_eager_attention(no_eager):
-    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
     model = tiny_llava("eager", layers=2)
     with pytest.raises(AssertionError, match="eager attention ran"):
@@ -46,7 +46,7 @@ def test_the_eager_guard_catches_eager_attention(no_eager):
 @pytest.fixture(scope="module")
 def llava32():
     """A 32-layer tiny LLaVA (the depth of a 7B LLM, so every preset's layers exist)."""
-    from tokenprune.tiny import tiny_llava
+    from tokenprune.reference.tiny import tiny_llava
 
     return tiny_llava("sdpa", layers=32, vision_layers=4)
 
@@ -58,7 +58,7 @@ def test_every_method_has_a_preset():
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
 def test_preset_runs_and_generates(llava32, name, no_eager):
-    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
     pipe = tp.load_pipeline(name)
     inputs = tiny_llava_inputs(llava32)  # a padded batch of two (adaptive budgets keep different counts)
@@ -80,7 +80,12 @@ def test_preset_runs_and_generates(llava32, name, no_eager):
 @pytest.fixture(scope="module")
 def family32():
     """32-layer tiny LLaVA-NeXT and Qwen2-VL, so every preset's layers exist."""
-    from tokenprune.tiny import tiny_llava_next, tiny_llava_next_inputs, tiny_qwen2_vl, tiny_qwen2_vl_inputs
+    from tokenprune.reference.tiny import (
+        tiny_llava_next,
+        tiny_llava_next_inputs,
+        tiny_qwen2_vl,
+        tiny_qwen2_vl_inputs,
+    )
 
     nxt, qwen = tiny_llava_next("sdpa", layers=32), tiny_qwen2_vl("sdpa", layers=32)
     return {"llava_next": (nxt, tiny_llava_next_inputs(nxt)), "qwen2_vl": (qwen, tiny_qwen2_vl_inputs(qwen))}
@@ -170,7 +175,7 @@ def test_asap_ablations_are_one_override(llava_pair, batch, override):
 @torch.no_grad()
 def test_kv_cache_preset_runs_on_each_family(llava32, family32, family, name, no_eager):
     """Every KV-cache preset compresses the caches of a 32-layer model of each decoder-only family and decodes."""
-    from tokenprune.tiny import tiny_llava_inputs
+    from tokenprune.reference.tiny import tiny_llava_inputs
 
     model, inputs = (llava32, tiny_llava_inputs(llava32)) if family == "llava" else family32[family]
     pipe = tp.load_pipeline(name)

@@ -5,7 +5,7 @@ import torch
 from reference import reference_greedy
 
 import tokenprune as tp
-from tokenprune.masks import mask_key_columns, ragged_keep_index
+from tokenprune.core.masks import mask_key_columns, ragged_keep_index
 
 STEPS = 4
 

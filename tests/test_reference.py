@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from tokenprune import reference
-from tokenprune.data import shapes
+from tokenprune.reference import model as reference
+from tokenprune.reference import shapes
 
 
 def test_tokenizer_covers_the_benchmark_without_unknown_words():
@@ -33,7 +33,7 @@ def test_processor_expands_the_image_to_576_tokens_in_the_chat_template():
 def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from tokenprune.train_reference import load_config, train
+    from tokenprune.reference.train import load_config, train
 
     micro = ["model.vision_hidden=16", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=32",
              "model.text_layers=2", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
@@ -58,8 +58,8 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
 def test_a_bad_training_key_is_named():
     import pytest
 
-    from tokenprune.errors import ConfigError
-    from tokenprune.train_reference import load_config
+    from tokenprune.core.errors import ConfigError
+    from tokenprune.reference.train import load_config
 
     with pytest.raises(ConfigError, match="optim.max_steps: must be >= 1, got 0"):
         load_config("experiments/train_reference.yaml", ["optim.max_steps=0"])
@@ -110,7 +110,7 @@ def test_the_shipped_model_answers_the_first_100_test_items():
     docs/reference_model.md)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from tokenprune.train_reference import answer_accuracy
+    from tokenprune.reference.train import answer_accuracy
 
     folder = reference.path()
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -122,7 +122,7 @@ def test_the_shipped_model_answers_the_first_100_test_items():
 def test_size_curriculum_draws_larger_shapes_early_then_the_benchmarks():
     import pytest
 
-    from tokenprune.train_reference import ShapesStream
+    from tokenprune.reference.train import ShapesStream
 
     stream = ShapesStream(None, 0, 2, curriculum=[{"until": 3, "sizes": [110, 150]}, {"until": 5, "sizes": [60, 90]}])
     assert [stream.sizes_at(b) for b in (0, 2, 3, 4, 5, 99)] == [(110, 150)] * 2 + [(60, 90)] * 2 + [(20, 60)] * 2
@@ -136,7 +136,7 @@ def test_training_batches_match_the_processor():
     """encode() builds pixels and ids without the processor's PIL path; they must be what it gives."""
     import torch
 
-    from tokenprune.train_reference import encode
+    from tokenprune.reference.train import encode
 
     proc = reference.build_processor()
     items = [shapes.make_item(f"enc/{i}", shapes.TYPES[i], 0) for i in range(5)]
@@ -153,7 +153,7 @@ def test_training_batches_match_the_processor():
 def test_patch_targets_by_hand():
     import torch
 
-    from tokenprune.train_reference import patch_targets
+    from tokenprune.reference.train import patch_targets
 
     # a red square, 28 px, centred at (24, 24): pixels 10..37 on both axes; per axis the 14-px patches
     # 0, 1, 2 hold 4, 14 and 10 of its pixels, so a patch's share is the product of (4, 14, 10) / 14.
@@ -186,7 +186,7 @@ def test_vision_positions_start_as_2d_sine_cosine_codes():
 
 
 def test_describe_lists_every_shape_in_reading_order():
-    from tokenprune.train_reference import ShapesStream, describe
+    from tokenprune.reference.train import ShapesStream, describe
 
     item = {"image": None, "question": "q", "answer": "a", "type": "color", "shapes": [
         {"kind": "square", "color": "red", "cx": 300, "cy": 200, "size": 30},
@@ -205,7 +205,7 @@ def test_describe_lists_every_shape_in_reading_order():
 def test_more_turns_ask_other_types_about_the_same_scene_with_right_answers():
     import re
 
-    from tokenprune.train_reference import encode, more_turns
+    from tokenprune.reference.train import encode, more_turns
 
     item = shapes.make_item("turns/0", "color", 0)
     scene = item["shapes"]
@@ -238,7 +238,7 @@ def test_more_turns_ask_other_types_about_the_same_scene_with_right_answers():
 
 
 def test_more_turns_go_round_the_types_without_repeating_a_question():
-    from tokenprune.train_reference import more_turns
+    from tokenprune.reference.train import more_turns
 
     item = shapes.make_item("turns/1", "exist", 0)
     got = more_turns(item, 10, "turns/1/more")["more"]
@@ -254,8 +254,8 @@ def test_more_turns_go_round_the_types_without_repeating_a_question():
 
 def test_align_loss_on_centre_patches_ignores_the_rest_of_the_shape():
     """patches=center: 1 - cos against E[colour] + E[kind] on the centre patches only (hand-built tokens)."""
-    from tokenprune.reference import vocabulary
-    from tokenprune.train_reference import align_loss
+    from tokenprune.reference.model import vocabulary
+    from tokenprune.reference.train import align_loss
 
     vocab = vocabulary()
     emb = torch.randn(len(vocab), 8)
@@ -272,7 +272,7 @@ def test_align_loss_on_centre_patches_ignores_the_rest_of_the_shape():
 
 
 def test_named_shapes_reads_colour_and_kind_words_by_hand():
-    from tokenprune.train_reference import named_shapes
+    from tokenprune.reference.train import named_shapes
 
     scene = [{"kind": "circle", "color": "red"}, {"kind": "circle", "color": "blue"}, {"kind": "square", "color": "red"}]
     pick = lambda q: [[(d["color"], d["kind"]) for d in m] for m in named_shapes(q, scene)]  # noqa: E731
@@ -286,7 +286,7 @@ def test_named_shapes_reads_colour_and_kind_words_by_hand():
 
 
 def _hinted_batch(n_turns=4, absent="none"):
-    from tokenprune.train_reference import describe, encode, more_turns
+    from tokenprune.reference.train import describe, encode, more_turns
 
     proc = reference.build_processor()
     items = [more_turns(shapes.make_item(f"hint/{i}", shapes.TYPES[i % 5], i), n_turns, f"hint/{i}/more")
@@ -354,7 +354,7 @@ def test_hint_targets_are_the_answer_rows_named_words_and_their_shapes(absent):
 
 
 def test_shape_patches_by_hand():
-    from tokenprune.train_reference import shape_patches
+    from tokenprune.reference.train import shape_patches
 
     # a 28-px square centred on (41, 41): pixels 27..54, i.e. patches 1..3 on both axes (14 px each):
     # patch 1 (14..27) holds one column (1/14 < 1/4, off), 2 (28..41) and 3 (42..55, 13 px) are covered
@@ -368,7 +368,7 @@ def test_shape_patches_by_hand():
 def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model(gather):
     """hint_loss recomputes two layers' attention rows; the reference is the eager model's own attention maps.
     ``gather="split"``: the gather term is the mean over the name's words of -log(attention on each word)."""
-    from tokenprune.train_reference import hint_loss
+    from tokenprune.reference.train import hint_loss
 
     proc, items, batch = _hinted_batch(absent="first_token")
     hints = {k: batch.pop(k) for k in list(batch) if k.startswith("hint_")}

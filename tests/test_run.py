@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
-from tokenprune.evaluation import load_items, normalize_answer, relative_score, summarize, vqa_accuracy
-from tokenprune.run import load_run_config, run
+from tokenprune.core.errors import ConfigError
+from tokenprune.eval.run import load_run_config, run
+from tokenprune.eval.scoring import load_items, normalize_answer, relative_score, summarize, vqa_accuracy
 
 QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]
 
@@ -115,8 +115,8 @@ def test_keeping_everything_reproduces_the_baseline_and_the_cache_is_reused(tmp_
 
 
 def test_flops_reduction_is_the_analytic_one_with_the_real_token_counts(tmp_path, tiny_folder):
-    from tokenprune.flops import LLMShape, pipeline_flops
-    from tokenprune.reference import prompt
+    from tokenprune.measure.flops import LLMShape, pipeline_flops
+    from tokenprune.reference.model import prompt
 
     metrics = run(config(tmp_path, tiny_folder, "pipeline=fastv"))
     from transformers import AutoConfig, AutoProcessor
@@ -144,8 +144,8 @@ def test_exact_flops_convention_matches_torch_flop_counter():
     attention, whose matmuls the counter sees), unpruned and with tokens dropped at layer 2."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tokenprune.flops import LLMShape, measured_flops
-    from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+    from tokenprune.measure.flops import LLMShape, measured_flops
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
     model = tiny_llava("eager", layers=4)
     inputs = {k: v[:1] for k, v in tiny_llava_inputs(model).items()}  # one sample: no padding
@@ -229,8 +229,8 @@ def test_a_kv_cache_method_keeps_the_prefill_flops_and_cuts_the_prompt_kv(tmp_pa
     layers, the text plus L x round(0.1 x 576) = L x 58 visual entries per item (adaptive budgets, exact total)."""
     from transformers import AutoConfig, AutoProcessor
 
-    from tokenprune.flops import LLMShape
-    from tokenprune.reference import prompt
+    from tokenprune.measure.flops import LLMShape
+    from tokenprune.reference.model import prompt
 
     metrics = run(config(tmp_path, tiny_folder, "pipeline=aircache"))
     proc = AutoProcessor.from_pretrained(tiny_folder)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from tokenprune.data import shapes as S
+from tokenprune.reference import shapes as S
 
 TEST_DIGEST = "2c0d0d7dfdde2449eec3977c2159fba48515eb743689f49aaa4410374f9391a3"
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from tokenprune.errors import ConfigError
-from tokenprune.sweep import Sweep, run_sweep
+from tokenprune.core.errors import ConfigError
+from tokenprune.eval.sweep import Sweep, run_sweep
 
 REPO_BASE = "experiments/asap_shapes.yaml"
 
@@ -65,7 +65,7 @@ def test_dry_run_lists_variants_and_flops_without_running(tmp_path, tiny_folder)
     assert lines[0].startswith("2 variants of mini")
     base = next(line for line in lines if line.strip().startswith("keep=0.5 "))
     # fastv keep 0.5 at layer 2 of 4 on 640 tokens (576 visual): the analytic reduction, computed here by hand
-    from tokenprune.flops import LLMShape, layer_flops
+    from tokenprune.measure.flops import LLMShape, layer_flops
 
     shape = LLMShape(name="t", layers=4, hidden=64, intermediate=128, heads=2, kv_heads=1, head_dim=32)
     expected = 1 - (2 * layer_flops(640, shape, "exact") + 2 * layer_flops(352, shape, "exact")) / (
@@ -104,7 +104,7 @@ def test_a_killed_sweep_resumes_and_failures_are_recorded(tmp_path, tiny_folder)
 
 
 def test_results_markdown_table_by_hand():
-    from tokenprune.sweep import results_markdown
+    from tokenprune.eval.sweep import results_markdown
 
     rows = [{"variant": "keep=0.5", "pipeline": "base", "accuracy": 0.875, "relative_score": 97.2222,
              "fidelity": 0.9, "flops_reduction": 0.4123, "equivalent_visual_tokens": 250.0, "prefill_ms": 12.34,
@@ -122,7 +122,7 @@ def test_results_markdown_table_by_hand():
 
 
 def test_a_sweep_over_lmms_eval_tasks_is_refused_with_the_key(tmp_path):
-    from tokenprune.sweep import Sweep
+    from tokenprune.eval.sweep import Sweep
 
     sweep = Sweep(sweep_file(tmp_path, "x", grid={"stages.0.operators.1.keep": [0.5]}))
     sweep.set = list(sweep.set) + ["data.lmms_eval=[pope]"]

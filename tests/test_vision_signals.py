@@ -7,7 +7,7 @@ from families import pair as family_pair
 from reference import reference_greedy
 
 import tokenprune as tp
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 STEPS = 3
 

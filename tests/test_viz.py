@@ -1,4 +1,4 @@
-"""tokenprune.viz against independent references: the eager model's own attention maps, the model's own
+"""tokenprune.measure.viz against independent references: the eager model's own attention maps, the model's own
 placement of LLaVA-NeXT's newline vector, and hand-computed values."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune import viz
-from tokenprune.tiny import (
+from tokenprune.measure import viz
+from tokenprune.reference.tiny import (
     tiny_llava,
     tiny_llava_inputs,
     tiny_llava_next,
@@ -128,13 +128,13 @@ def test_bad_arguments_are_named():
 def test_merges_are_traced_and_coloured_by_their_target(tmp_path):
     """nearest_mean on hand-made features: tokens 2 and 3 are closest to kept token 1, token 5 to kept token 4;
     the trace says so in input-frame indices, and the plot's groups follow."""
-    from tokenprune.state import TokenState
+    from tokenprune.core.state import TokenState
 
     feats = torch.tensor([[0.0, 0, 1], [1, 0, 0], [0.9, 0.1, 0], [1, 0.2, 0], [0, 1, 0], [0.1, 1, 0]])
     vis = torch.tensor([[False, True, True, True, True, True]])
     state = TokenState.from_tensors(feats[None], vis)
     state.keep_mask = torch.tensor([[True, True, False, False, True, False]])
-    state = tp.registry.build_operator("nearest_mean")(state)
+    state = tp.build_operator("nearest_mean")(state)
     assert state.merged_into[0].tolist() == [-1, -1, 1, 1, -1, 4]
 
     model = tiny_llava("sdpa")

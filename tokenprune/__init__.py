@@ -1,7 +1,7 @@
 """tokenprune: visual-token pruning for vision-language models as YAML pipelines of small operators."""
 
-from tokenprune.errors import ConfigError, PipelineRuntimeError
-from tokenprune.operator import (
+from tokenprune.core.errors import ConfigError, PipelineRuntimeError
+from tokenprune.core.operator import (
     KINDS,
     Compactor,
     Merger,
@@ -10,9 +10,11 @@ from tokenprune.operator import (
     Shift,
     TokenOperator,
 )
-from tokenprune.pipeline import Pipeline, Stage, StageTrace, load_pipeline, resolve_pipeline_config
-from tokenprune.registry import build_operator, register_operator, registered_operators
-from tokenprune.state import Signals, TokenState
+from tokenprune.core.registry import build_operator, register_operator, registered_operators
+from tokenprune.core.stage import Stage
+from tokenprune.core.state import Signals, TokenState
+from tokenprune.core.trace import StageTrace
+from tokenprune.pipeline import Pipeline, load_pipeline, resolve_pipeline_config
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokenprune.errors import ConfigError
-from tokenprune.masks import expand_batch, gather_tokens
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.masks import expand_batch, gather_tokens
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class ModelAdapter:
         self.model = model
 
     def validate_pipeline(self, pipeline: Any) -> None:
-        """Raise :class:`~tokenprune.errors.ConfigError` for a stage this family cannot run."""
+        """Raise :class:`~tokenprune.core.errors.ConfigError` for a stage this family cannot run."""
         for stage in pipeline.stages:
             if stage.cross_attention and not self.cross_attention_layers:
                 raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {self.family}: it has no "

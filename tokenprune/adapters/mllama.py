@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter
-from tokenprune.errors import ConfigError
-from tokenprune.masks import expand_batch, gather_tokens
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.masks import expand_batch, gather_tokens
 
 
 class MllamaAdapter(ModelAdapter):

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from tokenprune.adapters import get_adapter
-from tokenprune.attention import LayerAttentionSource
-from tokenprune.registry import build_operator
-from tokenprune.state import TokenState
+from tokenprune.core.registry import build_operator
+from tokenprune.core.state import TokenState
+from tokenprune.runtime.sources import LayerAttentionSource
 
 HEADS = ("mean", "max")
 

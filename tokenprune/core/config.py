@@ -16,12 +16,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
 #: The site of a stage on the image features of a cross-attention model (Mllama), instead of a decoder layer.
 CROSS_ATTENTION = "cross_attention"
-#: The site after the prefill: each decoder layer's cached visual keys/values (see tokenprune/kv_cache.py).
+#: The site after the prefill: each decoder layer's cached visual keys/values (see tokenprune/core/kv_cache.py).
 KV_CACHE = "kv_cache"
 STAGE_KEYS = ("layer", "positions", "protect", "cache", "operators")
 

@@ -16,7 +16,7 @@ from the pruned cache, as it would be generated. Requests are built
 with the processor's chat template, the images before the text, as ``tokenprune run`` builds them; lmms-eval's
 ``<image>`` placeholders in the context are dropped (the template places the images).
 
-lmms-eval finds this class through the entry point in :mod:`tokenprune.lmms_eval_entry`; the rest of
+lmms-eval finds this class through the entry point in :mod:`tokenprune.eval.lmms_eval_entry`; the rest of
 tokenprune never imports this module. See docs/lmms_eval.md.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from lmms_eval.api.model import lmms
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 MODEL_ARGS = ("pretrained", "pipeline", "overrides", "dtype", "attn_implementation", "device", "device_map",
               "batch_size", "max_batch_size", "trust_remote_code", "max_new_tokens")
@@ -68,7 +68,7 @@ class TokenPrune(lmms):
             key = sorted(unknown)[0]
             raise ConfigError(f"model_args.{key}", f"unknown argument (given {unknown[key]!r}); allowed: "
                                                    f"{', '.join(MODEL_ARGS)}")
-        from tokenprune.run import DTYPES, _load_model, resolve_pipeline_spec
+        from tokenprune.eval.run import DTYPES, _load_model, resolve_pipeline_spec
 
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -189,7 +189,7 @@ class TokenPrune(lmms):
 
     def _prepare(self, context: str, doc_to_visual, doc_id: int, task: str, split: str) -> tuple[str, list]:
         """(prompt through the chat template, RGB images) of one request."""
-        from tokenprune.run import build_prompt
+        from tokenprune.eval.run import build_prompt
 
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
         images = [v.convert("RGB") for v in (visuals or []) if v is not None]

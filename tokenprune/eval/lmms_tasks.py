@@ -1,4 +1,4 @@
-"""Local lmms-eval tasks built from the shapes benchmark (tokenprune.data.shapes), for offline runs of the
+"""Local lmms-eval tasks built from the shapes benchmark (tokenprune.reference.shapes), for offline runs of the
 lmms-eval integration: ``tokenprune lmms-task FOLDER`` writes, in FOLDER,
 
 - ``data/``: the split as a ``datasets`` folder (``save_to_disk``; columns id, image, question, answer, type);
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 VQA_TASK = "shapes_vqa"
 YES_NO_TASK = "shapes_yes_no"
@@ -37,7 +37,7 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
     """Exact match after the benchmark's normalisation (``tokenprune run``'s own scoring), under ``accuracy`` and
     under ``<type>_accuracy``."""
-    from tokenprune.evaluation import item_score
+    from tokenprune.eval.scoring import item_score
 
     score = item_score(results[0], {"answer": doc["answer"], "metric": "exact_match"})
     entry = {"type": doc["type"], "score": score}
@@ -45,7 +45,7 @@ def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
 
 
 def question_types() -> tuple[str, ...]:
-    from tokenprune.data.shapes import TYPES
+    from tokenprune.reference.shapes import TYPES
 
     return TYPES
 
@@ -56,10 +56,10 @@ def mean_score(results: list[dict], kind: str | None = None) -> float:
     return sum(scores) / len(scores) if scores else float("nan")
 
 
-_UTILS = '''"""Written by `tokenprune lmms-task` (tokenprune/lmms_tasks.py): the functions the task YAML files name."""
+_UTILS = '''"""Written by `tokenprune lmms-task` (tokenprune/eval/lmms_tasks.py): the functions the task YAML files name."""
 from functools import partial
 
-from tokenprune.lmms_tasks import doc_to_text, doc_to_visual, mean_score, process_results  # noqa: F401
+from tokenprune.eval.lmms_tasks import doc_to_text, doc_to_visual, mean_score, process_results  # noqa: F401
 
 
 def aggregate_accuracy(results):
@@ -103,7 +103,7 @@ def write_shapes_task(folder: str | Path, split: str = "test", limit: int | None
     """Write the shapes tasks (module docstring) for ``split`` (its first ``limit`` items) into ``folder``."""
     import datasets
 
-    from tokenprune.data import shapes
+    from tokenprune.reference import shapes
 
     if split not in shapes.SPLIT_SIZES:
         raise ConfigError("split", f"shapes split {split!r}; allowed: {', '.join(shapes.SPLIT_SIZES)}")

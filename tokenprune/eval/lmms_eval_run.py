@@ -1,6 +1,6 @@
 """``tokenprune run`` on lmms-eval tasks: ``data: {lmms_eval: [pope, gqa]}`` (or ``{tasks: [...], include_path:
 FOLDER, metrics: {task: metric}}``) evaluates the unpruned model and the pipeline on each task through lmms-eval
-(the ``tokenprune`` model of :mod:`tokenprune.lmms_eval_model`, loaded once) and reports, per task, both scores
+(the ``tokenprune`` model of :mod:`tokenprune.eval.lmms_eval_model`, loaded once) and reports, per task, both scores
 and the relative score the papers report: pruned / unpruned x 100, averaged over the tasks.
 
 The unpruned results are cached like ``tokenprune run``'s baseline (``baseline_cache``), keyed by the model, the
@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 SPEC_KEYS = ("tasks", "include_path", "metrics")
 
@@ -130,7 +130,13 @@ def _quiet_lmms_eval() -> None:
 
 def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     """The run (module docstring); returns metrics.json."""
-    from tokenprune.run import _digest, _write_atomic, model_identity, resolve_pipeline, resolved_config_yaml
+    from tokenprune.eval.run import (
+        _digest,
+        _write_atomic,
+        model_identity,
+        resolve_pipeline,
+        resolved_config_yaml,
+    )
 
     spec = lmms_eval_spec(cfg.data)
     pipeline = resolve_pipeline(cfg)  # config errors before lmms-eval or the model load
@@ -138,7 +144,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
         from lmms_eval.tasks import TaskManager
     except ImportError:
         raise ConfigError("data.lmms_eval", "needs lmms-eval: pip install 'tokenprune-lvlm[lmms]'") from None
-    from tokenprune.lmms_eval_model import TokenPrune
+    from tokenprune.eval.lmms_eval_model import TokenPrune
 
     _quiet_lmms_eval()
     task_manager = TaskManager("WARNING", include_path=spec["include_path"])

@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 METRICS = ("exact_match", "vqa", "yes_no")
 SOURCES = ("shapes", "jsonl", "datasets")
 
 def normalize_answer(text: str) -> str:
     """Lower case, punctuation removed, articles dropped, number words as digits, spaces collapsed."""
-    from tokenprune.data.shapes import normalize_words
+    from tokenprune.reference.shapes import normalize_words
 
     return " ".join(normalize_words(text))
 
@@ -93,7 +93,7 @@ def load_items(data: Mapping[str, Any], key: str = "data") -> list[dict[str, Any
     if metric not in METRICS:
         raise ConfigError(f"{key}.metric", f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
     if source == "shapes":
-        from tokenprune.data import shapes
+        from tokenprune.reference import shapes
 
         split = data.get("split", "test")
         if split not in shapes.SPLIT_SIZES:

@@ -11,7 +11,7 @@ How it rides the forward (see docs/concepts.md):
   ``cat(kept, prefill_len..total_len)``. A compactor may trim the cache of earlier layers too.
 
 Scores that need attention are recomputed for the few query rows that matter from the previous
-layer's input (see :class:`~tokenprune.attention.LayerAttentionSource`), so the model keeps SDPA.
+layer's input (see :class:`~tokenprune.runtime.sources.LayerAttentionSource`), so the model keeps SDPA.
 
 When the samples of a batch keep different numbers of tokens, the shorter ones are left-filled with
 masked filler slots (``_Episode.live``). A ``cross_attention`` stage (Mllama) instead runs in the
@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
-from tokenprune.attention import AttentionSource, CrossAttentionSource, LayerAttentionSource
-from tokenprune.budget import keep_top_visual, resolve_keep
-from tokenprune.errors import ConfigError, PipelineRuntimeError
-from tokenprune.guide import GuideModel, guide_signal
-from tokenprune.kv_cache import adaptive_weights, allocate, flatten_entries, unflatten_entries
-from tokenprune.masks import (
+from tokenprune.core.budget import keep_top_visual, resolve_keep
+from tokenprune.core.errors import ConfigError, PipelineRuntimeError
+from tokenprune.core.kv_cache import adaptive_weights, allocate, flatten_entries, unflatten_entries
+from tokenprune.core.masks import (
     decode_key_index,
     expand_batch,
     full_causal_mask,
@@ -44,8 +43,11 @@ from tokenprune.masks import (
     mask_key_columns,
     ragged_keep_index,
 )
-from tokenprune.pipeline import Pipeline, StageTrace
-from tokenprune.state import Signals, TokenState, VisionSource
+from tokenprune.core.stage import Stage
+from tokenprune.core.state import Signals, TokenState
+from tokenprune.core.trace import StageTrace
+from tokenprune.runtime.guide import GuideModel, guide_signal
+from tokenprune.runtime.sources import CachedKeys, CrossAttentionSource, LayerAttentionSource, VisionSource
 
 
 def _cache_kwarg(kwargs: dict) -> Any:
@@ -115,10 +117,20 @@ class _Episode:
         return valid if self.live is None else valid & self.live
 
 
+class RunnablePipeline(Protocol):
+    """What the runtime reads and writes of a :class:`~tokenprune.pipeline.Pipeline`."""
+
+    stages: Sequence[Stage]
+    name: str
+    trace: list[StageTrace]
+    runs: list[int]
+    time_operators: bool
+
+
 class AttachedPipeline:
     """Context manager returned by :meth:`Pipeline.attach`; removes its hooks on exit, always."""
 
-    def __init__(self, pipeline: Pipeline, model: nn.Module, guide: nn.Module | None = None):
+    def __init__(self, pipeline: RunnablePipeline, model: nn.Module, guide: nn.Module | None = None):
         self.pipeline = pipeline
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
@@ -540,7 +552,7 @@ class AttachedPipeline:
             state, visual_before = self._stage_state(stage, layer, flat, ep, cur, rec["live"], rec["sizes"],
                                                      rec["positions"])
             state.scores, state.named_scores = rec["scores"], dict(rec["named"])
-            state.signals.source = _CachedKeys(keys)
+            state.signals.source = CachedKeys(keys)
             with torch.no_grad(), _Stopwatch(flat) as clock:
                 ops = stage.select_operators()
                 if budgets is not None:  # adaptive: the topk selector with this layer's per-sample budget
@@ -575,7 +587,7 @@ class AttachedPipeline:
 
     def _adaptive_budgets(self, stage, layers: list[int], ep: _Episode) -> torch.Tensor:
         """(B, L) visual entries each compressed layer keeps per sample: the topk's budget times the number of
-        layers, shared out by :func:`~tokenprune.kv_cache.adaptive_weights`."""
+        layers, shared out by :func:`~tokenprune.core.kv_cache.adaptive_weights`."""
         sel = stage.selector
         b = ep.visual.shape[0]
         out = torch.zeros(b, len(layers), dtype=torch.long)
@@ -800,16 +812,6 @@ class _Stopwatch:
         self.ms = (time.perf_counter() - self._t0) * 1000.0
         if self._into is not None:
             self._into[self._label] = self._into.get(self._label, 0.0) + self.ms
-
-
-class _CachedKeys(AttentionSource):
-    """A kv_cache stage's source after the prefill: the layer's cached keys (``features("keys")``)."""
-
-    def __init__(self, keys: torch.Tensor):
-        self._k = keys
-
-    def keys(self):
-        return self._k
 
 
 def _merges(merged_into: torch.Tensor | None, index: torch.Tensor) -> list[dict[int, int]]:

@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from tokenprune.flops import LLMShape, pipeline_flops
+from tokenprune.measure.flops import LLMShape, pipeline_flops
 from tokenprune.pipeline import load_pipeline
-from tokenprune.tiny import tiny_llava, tiny_llava_inputs
+from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
 
 def run_demo(pipeline: str = "fastv", overrides: tuple[str, ...] = (), new_tokens: int = 8) -> str:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tokenprune.operator import ParamError
+from tokenprune.core.operator import ParamError
 
 
 def check_keep(keep: float | int, field: str = "keep") -> None:

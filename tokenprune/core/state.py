@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from tokenprune.attention import AttentionSource, query_rows
+from tokenprune.core.attention import AttentionSource, VisionSignalSource, query_rows
 
-if TYPE_CHECKING:
-    from tokenprune.operator import Shift
+
+class AttentionShift(Protocol):
+    """How :class:`Signals` sees a shift correction (:class:`~tokenprune.core.operator.Shift` implements it)."""
+
+    rotary: bool
+
+    def logit_bias(self, ctx: AttentionContext) -> torch.Tensor | None: ...
+
+    def adjust_logits(self, ctx: AttentionContext) -> None: ...
+
+    def adjust_probs(self, ctx: AttentionContext) -> None: ...
 
 
 #: What ``Signals.features`` can give (similarity features for diversity, matching and merging).
@@ -46,7 +55,7 @@ class Signals:
 
     Operators ask for what they need (``state.signals.attention(queries="last")``); nothing is
     computed for a pipeline that does not ask. Attention comes from an
-    :class:`~tokenprune.attention.AttentionSource` that the attach machinery (or a notebook)
+    :class:`~tokenprune.core.attention.AttentionSource` that the attach machinery (or a notebook)
     supplies; operators never touch the model.
     """
 
@@ -54,7 +63,7 @@ class Signals:
         self._state = state
         self.source = source
         #: Vision-tower signals (CLS attention, keys), when the model's adapter gives them.
-        self.vision: VisionSource | None = None
+        self.vision: VisionSignalSource | None = None
         self.vision_unavailable: str | None = None  # the adapter's reason, when it cannot give them
         #: ``(queries, heads) -> (B, N_input)`` attention of a small guide model (SGL), when one is attached.
         self.guide: Callable[[str, str], torch.Tensor] | None = None
@@ -78,7 +87,7 @@ class Signals:
         return self.source
 
     def query_rows(self, queries: str, sample: int) -> torch.Tensor:
-        """(Q,) query rows of ``sample`` in set ``queries`` (see :func:`tokenprune.attention.query_rows`)."""
+        """(Q,) query rows of ``sample`` in set ``queries`` (see :func:`tokenprune.core.attention.query_rows`)."""
         st = self._state
         if self.source is not None:
             rows = self.source.query_rows(queries, sample)
@@ -279,12 +288,12 @@ class Signals:
             self._state.source_index.device).gather(1, self._state.source_index))
 
     # --- vision-tower signals ------------------------------------------------------------------
-    def _vision(self) -> VisionSource:
+    def _vision(self) -> VisionSignalSource:
         if self.vision is None:
             if self.vision_unavailable:
                 raise RuntimeError(f"vision-tower signals are not available: {self.vision_unavailable}")
             raise RuntimeError("vision-tower signals need a model's vision tower: attach the pipeline to a model "
-                               "whose adapter gives them (or set state.signals.vision to a VisionSource)")
+                               "whose adapter gives them (or set state.signals.vision to a VisionSignalSource)")
         return self.vision
 
     def vision_cls_attention(self, layer: int = -2, heads: str = "mean") -> torch.Tensor:
@@ -336,48 +345,6 @@ class Signals:
         """(B, N) L2 norm of each token's key at the source layer, averaged over key heads."""
         return self.cached(("key_norms",), lambda: self.keys().float().norm(dim=-1).mean(dim=1).to(
             self._state.visual_mask.device))
-
-
-class VisionSource:
-    """Vision-tower signals recomputed from the inputs of the tower's layers, captured during the prefill.
-
-    ``inputs[l]`` is the input of vision layer ``l`` (images, tokens, D); ``patch_of`` (B, N_input) maps
-    each visual token of the model's input to its row in the flattened (images x patches) features
-    (-1 elsewhere). Queries and keys come from the adapter, which knows the tower.
-    """
-
-    def __init__(self, adapter: Any, inputs: dict[int, torch.Tensor], patch_of: torch.Tensor, num_layers: int):
-        self.adapter = adapter
-        self.inputs = inputs
-        self.patch_of = patch_of
-        self.num_layers = num_layers
-
-    def _input(self, layer: int) -> tuple[int, torch.Tensor]:
-        idx = layer + self.num_layers if layer < 0 else layer
-        if idx not in self.inputs:
-            raise ValueError(f"vision layer {layer} does not exist: the tower has {self.num_layers} layers "
-                             f"(allowed: {-self.num_layers}..{self.num_layers - 1})")
-        return idx, self.inputs[idx]
-
-    def cls_attention(self, layer: int) -> torch.Tensor:
-        """(images * P, H) CLS attention per patch row."""
-        idx, h = self._input(layer)
-        probs = self.adapter.vision_cls_attention(idx, h)  # (images, H, P)
-        return probs.permute(0, 2, 1).reshape(-1, probs.shape[1])
-
-    def keys(self, layer: int) -> torch.Tensor:
-        """(images * P, H, hd) patch keys per patch row."""
-        idx, h = self._input(layer)
-        k = self.adapter.vision_keys(idx, h)  # (images, H, P, hd)
-        return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
-
-    def to_tokens(self, rows: torch.Tensor, source_index: torch.Tensor, fill: float) -> torch.Tensor:
-        """Per-patch-row values ``rows`` (R, ...) laid out on a stage's tokens (B, N, ...)."""
-        patch = self.patch_of.to(source_index.device).gather(1, source_index)  # (B, N)
-        out = torch.full((*patch.shape, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
-        hit = patch >= 0
-        out[hit] = rows[patch[hit]]
-        return out
 
 
 def _mask_into(bias: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -452,7 +419,7 @@ class TokenState:
     scores: torch.Tensor | None = None
     named_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     keep_mask: torch.Tensor | None = None
-    shifts: list[Shift] = field(default_factory=list)
+    shifts: list[AttentionShift] = field(default_factory=list)
     compact_kv_before_site: bool = False
     proportional_attention: bool = False
     protected_mask: torch.Tensor | None = None
@@ -472,7 +439,7 @@ class TokenState:
 
         ``hidden`` (B, N, D); ``visual_mask`` (B, N) bool; padding defaults to none, positions to
         ``0..N-1``, sizes to 1; ``attention`` supplies attention signals (e.g. a
-        :class:`~tokenprune.attention.LogitsSource`).
+        :class:`~tokenprune.core.attention.LogitsSource`).
         """
         visual_mask = torch.as_tensor(visual_mask, dtype=torch.bool)
         if hidden.dim() != 3 or hidden.shape[:2] != visual_mask.shape:

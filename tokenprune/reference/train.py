@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.data import shapes
-from tokenprune.errors import ConfigError
-from tokenprune.reference import ReferenceSize, build_model, build_processor, prompt
+from tokenprune.core.errors import ConfigError
+from tokenprune.reference import shapes
+from tokenprune.reference.model import ReferenceSize, build_model, build_processor, prompt
 
 DEFAULTS = {
     "seed": 0,
@@ -205,7 +205,7 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
     than measuring their area) and (embedding of its colour word + of its kind word)."""
     import torch.nn.functional as F
 
-    from tokenprune.reference import vocabulary
+    from tokenprune.reference.model import vocabulary
 
     vocab = vocabulary()
     color_ids = torch.tensor([vocab.index(c) for c in shapes.COLORS], device=tokens.device)

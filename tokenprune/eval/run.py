@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.errors import ConfigError
-from tokenprune.evaluation import data_digest, load_items, open_image, relative_score, summarize
+from tokenprune.core.errors import ConfigError
+from tokenprune.eval.scoring import data_digest, load_items, open_image, relative_score, summarize
 
 DEFAULTS: dict[str, Any] = {
     "model": {"path": "reference", "dtype": "float32", "attn_implementation": "sdpa", "device_map": None,
@@ -120,7 +120,7 @@ def _load_model(model_cfg: Mapping[str, Any]):
 
     path = str(model_cfg["path"])
     if path == "reference":
-        from tokenprune import reference
+        from tokenprune.reference import model as reference
 
         path = str(reference.path())
     kwargs = {"dtype": getattr(torch, model_cfg["dtype"]), "attn_implementation": model_cfg["attn_implementation"],
@@ -141,7 +141,7 @@ def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What identifies the weights for the baseline cache: a folder's files (names, sizes, mtimes), else the id."""
     path = str(model_cfg["path"])
     if path == "reference":
-        from tokenprune import reference
+        from tokenprune.reference import model as reference
 
         path = str(reference.path())
     ident: dict[str, Any] = {"path": str(Path(path).resolve()) if Path(path).is_dir() else path,
@@ -211,7 +211,7 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     """Greedy answers for ``items`` with ``pipeline`` attached (None: unpruned) and what it cost, per item."""
     from transformers import LogitsProcessorList
 
-    from tokenprune.flops import measured_flops
+    from tokenprune.measure.flops import measured_flops
 
     prompts = [build_prompt(processor, it["question"]) for it in items]
     images = [open_image(it["image"]) for it in items]
@@ -402,11 +402,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the pipeline and the (cached) unpruned baseline; write the run directory; return metrics.json.
-    With ``data.lmms_eval`` the evaluation is lmms-eval's (:mod:`tokenprune.lmms_eval_run`)."""
+    With ``data.lmms_eval`` the evaluation is lmms-eval's (:mod:`tokenprune.eval.lmms_eval_run`)."""
     import pytorch_lightning as pl
 
     if cfg.data.lmms_eval is not None:
-        from tokenprune.lmms_eval_run import run_lmms_eval
+        from tokenprune.eval.lmms_eval_run import run_lmms_eval
 
         return run_lmms_eval(cfg)
     pipeline = resolve_pipeline(cfg)  # config errors before any model is loaded
@@ -459,7 +459,7 @@ def resolved_config_yaml(cfg: DictConfig, pipeline) -> str:
 
 
 def _correct(record: Mapping[str, Any], item: Mapping[str, Any]) -> float:
-    from tokenprune.evaluation import item_score
+    from tokenprune.eval.scoring import item_score
 
     return item_score(record["prediction"], item)
 
@@ -471,7 +471,7 @@ def _data_name(cfg: DictConfig) -> str:
 
 
 def _llm_shape(model):
-    from tokenprune.flops import LLMShape
+    from tokenprune.measure.flops import LLMShape
 
     text = getattr(model.config, "text_config", model.config)
     try:

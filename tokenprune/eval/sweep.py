@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 SWEEP_KEYS = {"name", "base", "set", "budget", "grid", "swap", "variants", "methods", "output_dir"}
 RESULT_COLUMNS = ["variant", "pipeline", "accuracy", "relative_score", "fidelity", "flops_reduction",
@@ -127,7 +127,7 @@ class Sweep:
 
     def base_config(self, variant: Variant):
         """The variant's run config (defaults, base, ``set``, its own values)."""
-        from tokenprune.run import DEFAULTS, load_run_config
+        from tokenprune.eval.run import DEFAULTS, load_run_config
 
         base_path = None
         overrides: list[str] = []
@@ -156,7 +156,7 @@ class Sweep:
 
     def variants(self) -> list[Variant]:
         """Every variant, in a stable order; names are unique."""
-        from tokenprune.run import DEFAULTS
+        from tokenprune.eval.run import DEFAULTS
 
         run_keys = set(DEFAULTS)
 
@@ -210,8 +210,8 @@ class Sweep:
 def dry_run(sweep: Sweep, tokens: int = 640, visual: int = 576) -> list[dict[str, Any]]:
     """Each variant with its analytic FLOPs reduction on the model's LLM shape (``tokens`` of which ``visual``),
     nothing run; a variant whose config is wrong shows its error."""
-    from tokenprune.flops import pipeline_flops
-    from tokenprune.run import resolve_pipeline
+    from tokenprune.eval.run import resolve_pipeline
+    from tokenprune.measure.flops import pipeline_flops
 
     rows = []
     for v in sweep.variants():
@@ -232,12 +232,12 @@ def _shape_of(cfg):
     """The LLM shape from the model's config.json (no weights loaded), or None."""
     from transformers import AutoConfig
 
-    from tokenprune.flops import LLMShape
+    from tokenprune.measure.flops import LLMShape
 
     path = str(cfg.model.path)
     try:
         if path == "reference":
-            from tokenprune import reference
+            from tokenprune.reference import model as reference
 
             path = str(reference.path())
         config = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
@@ -253,7 +253,7 @@ def _changed_since_run(vdir: Path, cfg) -> str | None:
     operator's defaults, are not seen: the config records what was asked for, not the defaults it ran with."""
     from omegaconf import OmegaConf
 
-    from tokenprune.run import resolve_pipeline, resolved_config_yaml
+    from tokenprune.eval.run import resolve_pipeline, resolved_config_yaml
 
     stored_file = vdir / "config.yaml"
     if not stored_file.is_file():
@@ -295,7 +295,7 @@ def _set_aside(vdir: Path, output_dir: Path) -> Path:
 
 def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run every variant not yet done; write results.csv and accuracy_vs_flops.png. Returns (rows, baseline)."""
-    from tokenprune.run import run
+    from tokenprune.eval.run import run
 
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -7,7 +7,7 @@ them with the ordinary operators:
 
 - **scoring** runs inside the prefill, in the pre-hook of every compressed layer, on the tokens
   that layer is about to cache, with that layer's *own* attention recomputed for the query rows
-  the scorers ask for (:class:`~tokenprune.attention.LayerAttentionSource` at the layer itself);
+  the scorers ask for (:class:`~tokenprune.runtime.sources.LayerAttentionSource` at the layer itself);
 - **selection and merging** run once the prefill has finished, per layer, on a state whose
   ``hidden`` is the cached ``[keys | values]`` of each token (heads concatenated) and whose
   ``features("keys")`` are the cached keys, so a merger averages cache entries;
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 BUDGETS = ("uniform", "adaptive")
 
@@ -61,8 +61,8 @@ class CacheSettings:
     @classmethod
     def parse(cls, raw: Any, key: str) -> CacheSettings:
         """Settings from the YAML mapping at ``key`` (None: defaults); errors name the key."""
-        from tokenprune.budget import check_keep
-        from tokenprune.operator import ParamError
+        from tokenprune.core.budget import check_keep
+        from tokenprune.core.operator import ParamError
 
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
@@ -192,7 +192,7 @@ def allocate(weights: torch.Tensor, total: int, caps: list[int], floor: int = 1)
 
 def uniform_total(keep: float | int, num_visual: int, num_layers: int) -> int:
     """The adaptive budget's total: what a uniform ``keep`` would keep over ``num_layers`` layers."""
-    from tokenprune.budget import resolve_keep
+    from tokenprune.core.budget import resolve_keep
 
     return resolve_keep(keep, num_visual) * num_layers
 

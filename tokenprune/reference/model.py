@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenprune.data import shapes
+from tokenprune.reference import shapes
 
 if TYPE_CHECKING:
     import torch
 
 #: Where the trained reference model lives (inside the package, so an install carries it).
-REFERENCE_DIR = Path(__file__).parent / "reference_model"
+REFERENCE_DIR = Path(__file__).parent / "checkpoint"
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 _PROMPT_WORDS = ("USER ASSISTANT : ? . , what color is the how many are there a an on left or right at top bottom "

@@ -1,14 +1,15 @@
-"""The operator registry: operators are found by name, never by import strings from YAML."""
+"""The operator registry: operators are found by name, never by import strings from YAML.
+
+The built-in operators register when :mod:`tokenprune` is imported (its ``__init__`` imports
+:mod:`tokenprune.operators`), which any import of this module does first."""
 
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tokenprune.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tokenprune.operator import TokenOperator
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.operator import KINDS, TokenOperator
 
 _REGISTRY: dict[str, type[TokenOperator]] = {}
 
@@ -19,7 +20,6 @@ def register_operator(name: str):
     >>> @register_operator("key_norm")
     ... class KeyNormScorer(Scorer): ...
     """
-    from tokenprune.operator import KINDS, TokenOperator
 
     def decorator(cls: type[TokenOperator]) -> type[TokenOperator]:
         if not (isinstance(cls, type) and issubclass(cls, TokenOperator)):
@@ -36,21 +36,13 @@ def register_operator(name: str):
     return decorator
 
 
-def _ensure_builtins() -> None:
-    import tokenprune.operators  # noqa: F401  (registers the built-in operators)
-
-
 def registered_operators() -> dict[str, type[TokenOperator]]:
     """Every registered operator class by name, sorted by kind then name."""
-    from tokenprune.operator import KINDS
-
-    _ensure_builtins()
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (KINDS.index(kv[1].kind), kv[0])))
 
 
 def get_operator_class(name: Any, key: str = "op") -> type[TokenOperator]:
     """Look an operator up by name; an unknown name raises a :class:`ConfigError` with suggestions."""
-    _ensure_builtins()
     if not isinstance(name, str):
         raise ConfigError(key, f"operator name must be a string, got {name!r}")
     if name not in _REGISTRY:

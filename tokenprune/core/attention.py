@@ -4,25 +4,21 @@ A stage's attention signals are recomputed, never read from an eager forward. An
 :class:`AttentionSource` gives raw (unmasked, pre-softmax) attention logits of chosen query rows
 against every token of the stage, per sample:
 
-- :class:`LayerAttentionSource` recomputes them from a decoder layer's input with that layer's
-  own projections (through the model's adapter), for just the rows asked for. It can also give
-  them *before* the rotary embedding (``rotary=False``) and for a *content-free* input (the same
-  vector at every position; ``content_free=True``), which the attention-shift corrections use.
+- :class:`~tokenprune.runtime.sources.LayerAttentionSource` recomputes them from a decoder layer's
+  input with that layer's own projections (through the model's adapter), for just the rows asked
+  for. It can also give them *before* the rotary embedding (``rotary=False``) and for a
+  *content-free* input (the same vector at every position; ``content_free=True``), which the
+  attention-shift corrections use. It lives with the runtime, which knows the model.
 - :class:`LogitsSource` wraps logits you already have (synthetic ones in tests, or ones captured
   elsewhere in a notebook), so every operator can run standalone on a hand-built ``TokenState``.
 
 Masking (causal, padding, the bidirectional visual block), softmax and shift corrections happen
-in :class:`tokenprune.state.Signals`, the same way for every source.
+in :class:`tokenprune.core.state.Signals`, the same way for every source.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
-
-if TYPE_CHECKING:
-    from tokenprune.adapters.base import ModelAdapter
 
 #: Query sets an attention scorer can ask for (see :func:`query_rows`).
 QUERY_SETS: tuple[str, ...] = ("last", "text", "instruction", "raters", "visual", "all")
@@ -137,75 +133,6 @@ class QueryKeySource(AttentionSource):
         return self._keys
 
 
-class LayerAttentionSource(AttentionSource):
-    """Logits recomputed from decoder layer ``layer``'s input ``hidden`` (B, N, D), via the adapter.
-
-    Keys are computed once for all tokens (or taken from the layer's KV cache when it holds
-    exactly these tokens); queries only for the rows asked for (gathered from the layer's own query
-    projection when the attach machinery captured it in the forward, ``projected_queries``).
-    """
-
-    def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
-                 valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None,
-                 projected_queries: torch.Tensor | None = None):
-        self.adapter = adapter
-        #: (B, N, H·hd) the layer's query projection of ``hidden`` captured in the model's own forward (before any
-        #: query norm and the rotary embedding), so that queries are gathered, not projected again; or None.
-        self.projected_queries = projected_queries if projected_queries is not None and \
-            projected_queries.shape[:2] == hidden.shape[:2] else None
-        self.layer = layer
-        self.hidden = hidden
-        self.position_embeddings = position_embeddings
-        self.valid_mask = valid_mask
-        self._cached_keys = cached_keys if cached_keys is not None and cached_keys.shape[-2] == hidden.shape[1] else None
-        self._keys: dict[tuple[bool, bool], torch.Tensor] = {}
-        self._content_free_hidden: torch.Tensor | None = None
-
-    def _input(self, content_free: bool) -> torch.Tensor:
-        if not content_free:
-            return self.hidden
-        if self._content_free_hidden is None:
-            # The same vector at every position: the mean hidden state of each sample's real tokens.
-            w = self.valid_mask.to(self.hidden.dtype)[..., None]
-            mean = (self.hidden * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
-            self._content_free_hidden = mean.expand_as(self.hidden)
-        return self._content_free_hidden
-
-    def _all_keys(self, rotary: bool, content_free: bool) -> torch.Tensor:
-        key = (rotary, content_free)
-        if key not in self._keys:
-            if rotary and not content_free and self._cached_keys is not None:
-                self._keys[key] = self._cached_keys
-            else:
-                self._keys[key] = self.adapter.project_keys(self.layer, self._input(content_free),
-                                                            self.position_embeddings, rotary=rotary)
-        return self._keys[key]
-
-    def _queries(self, sample: int, rows: torch.Tensor, rotary: bool, content_free: bool) -> torch.Tensor:
-        h = self._input(content_free)[sample:sample + 1]
-        projected = None
-        if self.projected_queries is not None and not content_free:
-            projected = self.projected_queries[sample:sample + 1]
-        return self.adapter.project_queries(self.layer, h, self.position_embeddings, rows.to(h.device)[None],
-                                            rotary=rotary, sample=sample, projected=projected)[0]  # (H, Q, hd)
-
-    def logits(self, sample, rows, *, rotary=True, content_free=False):
-        q = self._queries(sample, rows, rotary, content_free)
-        return scaled_scores(q, self._all_keys(rotary, content_free)[sample], self.adapter.attention_scaling(self.layer))
-
-    def scaled_queries(self, sample, rows, *, rotary=True):
-        return self._queries(sample, rows, rotary, False).float() * self.adapter.attention_scaling(self.layer)
-
-    def logit_keys(self, sample, *, rotary=True):
-        return self._all_keys(rotary, False)[sample].float()
-
-    def keys(self):
-        return self._all_keys(True, False)
-
-    def layer_input(self):
-        return self.hidden
-
-
 def query_rows(name: str, visual: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """(Q,) indices of one sample's query rows of set ``name`` (see :data:`QUERY_SETS`).
 
@@ -243,46 +170,25 @@ def query_rows(name: str, visual: torch.Tensor, valid: torch.Tensor, hidden: tor
     raise ValueError(f"queries={name!r}; allowed: {', '.join(QUERY_SETS)}")
 
 
-class CrossAttentionSource(AttentionSource):
-    """Cross-attention logits of the text queries of a cross-attention layer against image features.
+class VisionSignalSource:
+    """Vision-tower signals per patch row of the flattened (images x patches) features; subclasses give
+    :meth:`cls_attention` and :meth:`keys`. ``patch_of`` (B, N_input) maps each visual token of the model's
+    input to its patch row (-1 elsewhere)."""
 
-    At a ``cross_attention`` site (Mllama) the stage's tokens are the image features; the queries
-    are the text tokens entering the first cross-attention layer, projected with that layer's own
-    weights (through the adapter; no rotary embedding: cross-attention has none). Query sets refer
-    to the text sequence: ``text``/``all`` are the real text tokens that can see an image, ``last``
-    the final real token, ``instruction`` the text after the last image token. A query row may
-    attend to the image features its cross-attention mask allows.
+    patch_of: torch.Tensor
 
-    ``text_visual``/``text_valid`` (B, S): the image placeholders and real tokens of the text;
-    ``allowed_mask`` (B, S, M) bool: which image feature each text token may attend to.
-    """
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """(images * P, H) attention of the CLS query to each patch row at vision ``layer``."""
+        raise NotImplementedError
 
-    def __init__(self, adapter: ModelAdapter, layer: int, text_hidden: torch.Tensor, image: torch.Tensor,
-                 text_visual: torch.Tensor, text_valid: torch.Tensor, allowed_mask: torch.Tensor):
-        self.adapter = adapter
-        self.layer = layer
-        self.text_hidden = text_hidden
-        self.image = image
-        self.text_visual = text_visual
-        self.text_valid = text_valid
-        self.allowed_mask = allowed_mask
-        self._keys: torch.Tensor | None = None
+    def keys(self, layer: int) -> torch.Tensor:
+        """(images * P, H, hd) patch keys per patch row at vision ``layer``."""
+        raise NotImplementedError
 
-    def keys(self):
-        if self._keys is None:
-            self._keys = self.adapter.project_cross_keys(self.layer, self.image)
-        return self._keys
-
-    def query_rows(self, name, sample):
-        sees_image = self.allowed_mask[sample].any(dim=-1)
-        return query_rows(name, self.text_visual[sample], self.text_valid[sample] & sees_image)
-
-    def allowed(self, sample, rows):
-        return self.allowed_mask[sample][rows.to(self.allowed_mask.device)]
-
-    def logits(self, sample, rows, *, rotary=True, content_free=False):
-        if content_free:
-            raise ValueError("content-free logits are not defined for cross-attention (its keys are image features)")
-        h = self.text_hidden[sample:sample + 1]
-        q = self.adapter.project_cross_queries(self.layer, h, rows.to(h.device)[None])[0]  # (H, Q, hd)
-        return scaled_scores(q, self.keys()[sample], self.adapter.attention_scaling(self.layer))
+    def to_tokens(self, rows: torch.Tensor, source_index: torch.Tensor, fill: float) -> torch.Tensor:
+        """Per-patch-row values ``rows`` (R, ...) laid out on a stage's tokens (B, N, ...)."""
+        patch = self.patch_of.to(source_index.device).gather(1, source_index)  # (B, N)
+        out = torch.full((*patch.shape, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
+        hit = patch >= 0
+        out[hit] = rows[patch[hit]]
+        return out

@@ -1,5 +1,5 @@
 """The entry point (group ``lmms_eval.models``, declared in setup.cfg) through which lmms-eval finds the model
-``tokenprune`` (:class:`tokenprune.lmms_eval_model.TokenPrune`): no fork of lmms-eval and no patch.
+``tokenprune`` (:class:`tokenprune.eval.lmms_eval_model.TokenPrune`): no fork of lmms-eval and no patch.
 
 lmms-eval loads this module while it builds its model registry; only then is ``lmms_eval`` imported. The rest of
 tokenprune never imports it (a test checks), so lmms-eval stays an optional extra (``tokenprune-lvlm[lmms]``).
@@ -8,7 +8,7 @@ tokenprune never imports it (a test checks), so lmms-eval stays an optional extr
 from __future__ import annotations
 
 MODEL_ID = "tokenprune"
-CLASS_PATH = "tokenprune.lmms_eval_model.TokenPrune"
+CLASS_PATH = "tokenprune.eval.lmms_eval_model.TokenPrune"
 
 
 def manifests():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 from tokenprune.pipeline import Pipeline
 
 CONVENTIONS = ("fastv", "exact")

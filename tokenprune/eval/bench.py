@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.errors import ConfigError
+from tokenprune.core.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
     "models": [],
@@ -150,7 +150,7 @@ def synthetic_mllama(text: dict[str, Any], seed: int = 0, dtype: torch.dtype | N
     ignored)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    from tokenprune.tiny import TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN, TINY_PAD
+    from tokenprune.reference.tiny import TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN, TINY_PAD
 
     torch.manual_seed(seed)
     vision = dict(hidden_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=128,
@@ -183,7 +183,7 @@ SYNTHETIC = {"llava_next": synthetic_llava_next, "mllama": synthetic_mllama}
 def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
     """``batch`` identical-length prompts, each with one image — LLaVA-NeXT: 672×672 (all anyres tiles); Mllama: 4
     tiles — and ``words`` text tokens."""
-    from tokenprune.tiny import tiny_llava_next_inputs, tiny_mllama_inputs
+    from tokenprune.reference.tiny import tiny_llava_next_inputs, tiny_mllama_inputs
 
     prompts = [[10 + i % 100 for i in range(words)]] * batch
     if model.config.model_type == "mllama":
@@ -192,8 +192,8 @@ def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
 
 
 def _reference_inputs(processor, batch: int) -> dict[str, torch.Tensor]:
-    from tokenprune.data import shapes
-    from tokenprune.run import build_prompt
+    from tokenprune.eval.run import build_prompt
+    from tokenprune.reference import shapes
 
     items = shapes.load_split("test", size=batch)
     processor.tokenizer.padding_side = "left"
@@ -206,7 +206,7 @@ def _load(model_cfg, device: torch.device) -> tuple[Any, Any]:
         build = SYNTHETIC[model_cfg.synthetic]
         return build(OmegaConf.to_container(model_cfg.text), dtype=DTYPES[model_cfg.get("dtype") or "float32"],
                      device=device), None
-    from tokenprune.run import load_model
+    from tokenprune.eval.run import load_model
 
     return load_model({"path": model_cfg.path, "dtype": model_cfg.get("dtype", "float32"),
                        "attn_implementation": "sdpa", "device_map": None, "trust_remote_code": False})
@@ -215,8 +215,8 @@ def _load(model_cfg, device: torch.device) -> tuple[Any, Any]:
 def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
-    from tokenprune.flops import measured_flops
-    from tokenprune.run import _Clock, cache_bytes
+    from tokenprune.eval.run import _Clock, cache_bytes
+    from tokenprune.measure.flops import measured_flops
 
     device = next(model.parameters()).device
     clock = _Clock(device)
@@ -291,7 +291,7 @@ def _decoder_layer_ms(model, inputs, runs: int) -> float:
 
 def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
     """Measure every (model, variant, batch size); returns ``{"machine", "rows": [...]}``."""
-    from tokenprune.flops import LLMShape
+    from tokenprune.measure.flops import LLMShape
     from tokenprune.pipeline import load_pipeline
 
     if cfg.threads:

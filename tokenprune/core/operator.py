@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from tokenprune.errors import ConfigError
-from tokenprune.state import TokenState
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.state import AttentionContext, TokenState
 
 #: The operator kinds, in the order a stage must list them: shift* → scorer* → selector (or a selecting merger) → merger? → compactor?
 KINDS: tuple[str, ...] = ("shift", "scorer", "selector", "merger", "compactor")
@@ -40,7 +40,7 @@ class TokenOperator(nn.Module):
     Subclasses set ``kind`` (one of :data:`KINDS`), a nested ``Params`` dataclass (the typed
     parameters, which double as the operator's OmegaConf schema), and implement
     ``forward(state) -> state``. They never touch the model: everything they read comes from the
-    :class:`~tokenprune.state.TokenState` and its lazy signals.
+    :class:`~tokenprune.core.state.TokenState` and its lazy signals.
     """
 
     kind: ClassVar[str] = ""
@@ -141,7 +141,7 @@ class ScorerParams:
     into: str = ""  # "" adds to the stage's scores; a name keeps a separate score set (a selector's scores: NAME)
 
 
-#: Values of a ``features`` parameter (see :meth:`tokenprune.state.Signals.features`).
+#: Values of a ``features`` parameter (see :meth:`tokenprune.core.state.Signals.features`).
 FeatureKind = Literal["hidden", "keys", "vision_keys"]
 
 
@@ -248,13 +248,13 @@ class Shift(TokenOperator):
     #: False: attention logits are taken before the rotary embedding.
     rotary: ClassVar[bool] = True
 
-    def logit_bias(self, ctx: Any) -> torch.Tensor | None:
+    def logit_bias(self, ctx: AttentionContext) -> torch.Tensor | None:
         """An additive (H, Q, N) bias for the logits of ``ctx.rows``, asked for before they are computed
         (``ctx.logits`` is None); it may also replace ``ctx.allowed``. Return a tensor of its own: the caller
         writes the mask and the logits into it. None: no bias."""
         return None
 
-    def adjust_logits(self, ctx: Any) -> None:
+    def adjust_logits(self, ctx: AttentionContext) -> None:
         """Change ``ctx.logits`` (H, Q, N) / ``ctx.allowed`` (Q, N); see :class:`AttentionContext`.
 
         Replace ``ctx.logits`` with a new tensor (``ctx.logits = ctx.logits - bias``): it may be a view of the
@@ -262,7 +262,7 @@ class Shift(TokenOperator):
         be written in place; a shift that hands over a tensor of its own sets ``ctx.owned = True``. Replace
         ``ctx.allowed`` too, never change it in place (a replaced mask is applied again before the softmax)."""
 
-    def adjust_probs(self, ctx: Any) -> None:
+    def adjust_probs(self, ctx: AttentionContext) -> None:
         """Change ``ctx.probs`` (H, Q, N) in place."""
 
     def cache_key(self) -> tuple:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import get_adapter
-from tokenprune.attention import LayerAttentionSource
-from tokenprune.errors import PipelineRuntimeError
-from tokenprune.state import Signals, TokenState
+from tokenprune.core.errors import PipelineRuntimeError
+from tokenprune.core.state import Signals, TokenState
+from tokenprune.runtime.sources import LayerAttentionSource
 
 
 class GuideModel:

@@ -1,1 +1,0 @@
-"""Benchmarks that ship with tokenprune (no download needed)."""

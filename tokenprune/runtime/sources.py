@@ -1,0 +1,175 @@
+"""Attention and vision-tower sources backed by a live model (through its adapter).
+
+The stage's runtime builds them from what it captured in the forward: a decoder layer's input
+(:class:`LayerAttentionSource`), the text entering Mllama's first cross-attention layer
+(:class:`CrossAttentionSource`), the inputs of the vision tower's layers (:class:`VisionSource`), or a
+layer's cached keys after the prefill (:class:`CachedKeys`). Operators see them only through
+:class:`~tokenprune.core.state.Signals`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tokenprune.adapters.base import ModelAdapter
+from tokenprune.core.attention import AttentionSource, VisionSignalSource, query_rows, scaled_scores
+
+
+class LayerAttentionSource(AttentionSource):
+    """Logits recomputed from decoder layer ``layer``'s input ``hidden`` (B, N, D), via the adapter.
+
+    Keys are computed once for all tokens (or taken from the layer's KV cache when it holds
+    exactly these tokens); queries only for the rows asked for (gathered from the layer's own query
+    projection when the attach machinery captured it in the forward, ``projected_queries``).
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
+                 valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None,
+                 projected_queries: torch.Tensor | None = None):
+        self.adapter = adapter
+        #: (B, N, H·hd) the layer's query projection of ``hidden`` captured in the model's own forward (before any
+        #: query norm and the rotary embedding), so that queries are gathered, not projected again; or None.
+        self.projected_queries = projected_queries if projected_queries is not None and \
+            projected_queries.shape[:2] == hidden.shape[:2] else None
+        self.layer = layer
+        self.hidden = hidden
+        self.position_embeddings = position_embeddings
+        self.valid_mask = valid_mask
+        self._cached_keys = cached_keys if cached_keys is not None and cached_keys.shape[-2] == hidden.shape[1] else None
+        self._keys: dict[tuple[bool, bool], torch.Tensor] = {}
+        self._content_free_hidden: torch.Tensor | None = None
+
+    def _input(self, content_free: bool) -> torch.Tensor:
+        if not content_free:
+            return self.hidden
+        if self._content_free_hidden is None:
+            # The same vector at every position: the mean hidden state of each sample's real tokens.
+            w = self.valid_mask.to(self.hidden.dtype)[..., None]
+            mean = (self.hidden * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+            self._content_free_hidden = mean.expand_as(self.hidden)
+        return self._content_free_hidden
+
+    def _all_keys(self, rotary: bool, content_free: bool) -> torch.Tensor:
+        key = (rotary, content_free)
+        if key not in self._keys:
+            if rotary and not content_free and self._cached_keys is not None:
+                self._keys[key] = self._cached_keys
+            else:
+                self._keys[key] = self.adapter.project_keys(self.layer, self._input(content_free),
+                                                            self.position_embeddings, rotary=rotary)
+        return self._keys[key]
+
+    def _queries(self, sample: int, rows: torch.Tensor, rotary: bool, content_free: bool) -> torch.Tensor:
+        h = self._input(content_free)[sample:sample + 1]
+        projected = None
+        if self.projected_queries is not None and not content_free:
+            projected = self.projected_queries[sample:sample + 1]
+        return self.adapter.project_queries(self.layer, h, self.position_embeddings, rows.to(h.device)[None],
+                                            rotary=rotary, sample=sample, projected=projected)[0]  # (H, Q, hd)
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        q = self._queries(sample, rows, rotary, content_free)
+        return scaled_scores(q, self._all_keys(rotary, content_free)[sample], self.adapter.attention_scaling(self.layer))
+
+    def scaled_queries(self, sample, rows, *, rotary=True):
+        return self._queries(sample, rows, rotary, False).float() * self.adapter.attention_scaling(self.layer)
+
+    def logit_keys(self, sample, *, rotary=True):
+        return self._all_keys(rotary, False)[sample].float()
+
+    def keys(self):
+        return self._all_keys(True, False)
+
+    def layer_input(self):
+        return self.hidden
+
+
+class CrossAttentionSource(AttentionSource):
+    """Cross-attention logits of the text queries of a cross-attention layer against image features.
+
+    At a ``cross_attention`` site (Mllama) the stage's tokens are the image features; the queries
+    are the text tokens entering the first cross-attention layer, projected with that layer's own
+    weights (through the adapter; no rotary embedding: cross-attention has none). Query sets refer
+    to the text sequence: ``text``/``all`` are the real text tokens that can see an image, ``last``
+    the final real token, ``instruction`` the text after the last image token. A query row may
+    attend to the image features its cross-attention mask allows.
+
+    ``text_visual``/``text_valid`` (B, S): the image placeholders and real tokens of the text;
+    ``allowed_mask`` (B, S, M) bool: which image feature each text token may attend to.
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, text_hidden: torch.Tensor, image: torch.Tensor,
+                 text_visual: torch.Tensor, text_valid: torch.Tensor, allowed_mask: torch.Tensor):
+        self.adapter = adapter
+        self.layer = layer
+        self.text_hidden = text_hidden
+        self.image = image
+        self.text_visual = text_visual
+        self.text_valid = text_valid
+        self.allowed_mask = allowed_mask
+        self._keys: torch.Tensor | None = None
+
+    def keys(self):
+        if self._keys is None:
+            self._keys = self.adapter.project_cross_keys(self.layer, self.image)
+        return self._keys
+
+    def query_rows(self, name, sample):
+        sees_image = self.allowed_mask[sample].any(dim=-1)
+        return query_rows(name, self.text_visual[sample], self.text_valid[sample] & sees_image)
+
+    def allowed(self, sample, rows):
+        return self.allowed_mask[sample][rows.to(self.allowed_mask.device)]
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        if content_free:
+            raise ValueError("content-free logits are not defined for cross-attention (its keys are image features)")
+        h = self.text_hidden[sample:sample + 1]
+        q = self.adapter.project_cross_queries(self.layer, h, rows.to(h.device)[None])[0]  # (H, Q, hd)
+        return scaled_scores(q, self.keys()[sample], self.adapter.attention_scaling(self.layer))
+
+
+class VisionSource(VisionSignalSource):
+    """Vision-tower signals recomputed from the inputs of the tower's layers, captured during the prefill.
+
+    ``inputs[l]`` is the input of vision layer ``l`` (images, tokens, D); ``patch_of`` (B, N_input) maps
+    each visual token of the model's input to its row in the flattened (images x patches) features
+    (-1 elsewhere). Queries and keys come from the adapter, which knows the tower.
+    """
+
+    def __init__(self, adapter: ModelAdapter, inputs: dict[int, torch.Tensor], patch_of: torch.Tensor, num_layers: int):
+        self.adapter = adapter
+        self.inputs = inputs
+        self.patch_of = patch_of
+        self.num_layers = num_layers
+
+    def _input(self, layer: int) -> tuple[int, torch.Tensor]:
+        idx = layer + self.num_layers if layer < 0 else layer
+        if idx not in self.inputs:
+            raise ValueError(f"vision layer {layer} does not exist: the tower has {self.num_layers} layers "
+                             f"(allowed: {-self.num_layers}..{self.num_layers - 1})")
+        return idx, self.inputs[idx]
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """(images * P, H) CLS attention per patch row."""
+        idx, h = self._input(layer)
+        probs = self.adapter.vision_cls_attention(idx, h)  # (images, H, P)
+        return probs.permute(0, 2, 1).reshape(-1, probs.shape[1])
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(images * P, H, hd) patch keys per patch row."""
+        idx, h = self._input(layer)
+        k = self.adapter.vision_keys(idx, h)  # (images, H, P, hd)
+        return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+
+
+class CachedKeys(AttentionSource):
+    """A kv_cache stage's source after the prefill: the layer's cached keys (``features("keys")``)."""
+
+    def __init__(self, keys: torch.Tensor):
+        self._k = keys
+
+    def keys(self):
+        return self._k
