@@ -41,7 +41,7 @@ def test_every_shipped_yaml_loads_and_validates(path):
             tp.load_pipeline(v.pipeline, list(v.get("overrides") or []))
         return
     if path.startswith("experiments/ablations/"):  # a sweep: every variant's run config and pipeline
-        from tokenprune.eval.run import resolve_pipeline
+        from tokenprune.eval.run_config import resolve_pipeline
         from tokenprune.eval.sweep import Sweep
 
         sweep = Sweep(REPO / path)
@@ -51,7 +51,7 @@ def test_every_shipped_yaml_loads_and_validates(path):
             assert resolve_pipeline(sweep.base_config(v)) is not None, v.name
         return
     if "stages" not in yaml.safe_load((REPO / path).read_text()):  # a run config (tokenprune run)
-        from tokenprune.eval.run import load_run_config, resolve_pipeline
+        from tokenprune.eval.run_config import load_run_config, resolve_pipeline
 
         pipe = resolve_pipeline(load_run_config(REPO / path))  # unknown keys and a bad pipeline would raise
     else:

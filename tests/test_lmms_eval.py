@@ -242,7 +242,7 @@ def test_bad_model_args_name_the_argument(args, key):
 
 
 def _run_config(tmp_path, task_folder, *extra):
-    from tokenprune.eval.run import load_run_config
+    from tokenprune.eval.run_config import load_run_config
 
     return load_run_config("experiments/asap_shapes.yaml", [
         f"data.lmms_eval={{tasks: [shapes_vqa, shapes_yes_no], include_path: {task_folder}}}",
@@ -280,10 +280,11 @@ def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tm
     ("{tasks: [shapes_vqa], include_path: TASKS, metrics: {gqa: exact_match}}", "data.lmms_eval.metrics.gqa"),
 ])
 def test_bad_lmms_eval_data_names_the_key_before_loading_a_model(tmp_path, task_folder, spec, key, monkeypatch):
-    from tokenprune.eval import run as run_module
-    from tokenprune.eval.run import load_run_config, run
+    from tokenprune.eval import models as run_models
+    from tokenprune.eval.run import run
+    from tokenprune.eval.run_config import load_run_config
 
-    monkeypatch.setattr(run_module, "_load_model", lambda cfg: pytest.fail("loaded a model"))
+    monkeypatch.setattr(run_models, "open_model", lambda cfg: pytest.fail("loaded a model"))
     cfg = load_run_config(None, [f"data.lmms_eval={spec.replace('TASKS', str(task_folder))}",
                                  f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError) as e:

@@ -10,7 +10,8 @@ import torch
 
 import tokenprune as tp
 from tokenprune.core.errors import ConfigError
-from tokenprune.eval.run import load_run_config, run
+from tokenprune.eval.run import run
+from tokenprune.eval.run_config import load_run_config
 from tokenprune.eval.scoring import load_items, normalize_answer, relative_score, summarize, vqa_accuracy
 
 QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]

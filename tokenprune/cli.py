@@ -123,7 +123,8 @@ def _cmd_lmms_task(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from tokenprune.eval.run import load_run_config, run, summary_table
+    from tokenprune.eval.run import run, summary_table
+    from tokenprune.eval.run_config import load_run_config
 
     metrics = run(load_run_config(args.config, args.overrides))
     if "per_task" in metrics:  # lmms-eval tasks

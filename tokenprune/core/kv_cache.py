@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from tokenprune.core.budget import check_keep, resolve_keep
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.operator import ParamError
 
 BUDGETS = ("uniform", "adaptive")
 
@@ -61,8 +63,6 @@ class CacheSettings:
     @classmethod
     def parse(cls, raw: Any, key: str) -> CacheSettings:
         """Settings from the YAML mapping at ``key`` (None: defaults); errors name the key."""
-        from tokenprune.core.budget import check_keep
-        from tokenprune.core.operator import ParamError
 
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
@@ -192,7 +192,6 @@ def allocate(weights: torch.Tensor, total: int, caps: list[int], floor: int = 1)
 
 def uniform_total(keep: float | int, num_visual: int, num_layers: int) -> int:
     """The adaptive budget's total: what a uniform ``keep`` would keep over ``num_layers`` layers."""
-    from tokenprune.core.budget import resolve_keep
 
     return resolve_keep(keep, num_visual) * num_layers
 

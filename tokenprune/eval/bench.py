@@ -31,7 +31,9 @@ model at 2880 visual tokens or more (:func:`target_models`).
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,7 +43,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.adapters import get_adapter
 from tokenprune.core.errors import ConfigError
+from tokenprune.eval.models import build_prompt, load_model
+from tokenprune.measure.flops import LLMShape, measured_flops
+from tokenprune.measure.memory import cache_bytes
+from tokenprune.measure.timing import StepClock
+from tokenprune.pipeline import load_pipeline
+from tokenprune.reference import shapes
+from tokenprune.reference.tiny import (
+    TINY_BOS,
+    TINY_EOS,
+    TINY_IMAGE_TOKEN,
+    TINY_PAD,
+    tiny_llava_next_inputs,
+    tiny_mllama_inputs,
+)
 
 DEFAULTS: dict[str, Any] = {
     "models": [],
@@ -150,8 +167,6 @@ def synthetic_mllama(text: dict[str, Any], seed: int = 0, dtype: torch.dtype | N
     ignored)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    from tokenprune.reference.tiny import TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN, TINY_PAD
-
     torch.manual_seed(seed)
     vision = dict(hidden_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=128,
                   vision_output_dim=192, image_size=560, patch_size=14, max_num_tiles=4,
@@ -183,7 +198,6 @@ SYNTHETIC = {"llava_next": synthetic_llava_next, "mllama": synthetic_mllama}
 def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
     """``batch`` identical-length prompts, each with one image — LLaVA-NeXT: 672×672 (all anyres tiles); Mllama: 4
     tiles — and ``words`` text tokens."""
-    from tokenprune.reference.tiny import tiny_llava_next_inputs, tiny_mllama_inputs
 
     prompts = [[10 + i % 100 for i in range(words)]] * batch
     if model.config.model_type == "mllama":
@@ -192,8 +206,6 @@ def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
 
 
 def _reference_inputs(processor, batch: int) -> dict[str, torch.Tensor]:
-    from tokenprune.eval.run import build_prompt
-    from tokenprune.reference import shapes
 
     items = shapes.load_split("test", size=batch)
     processor.tokenizer.padding_side = "left"
@@ -206,7 +218,6 @@ def _load(model_cfg, device: torch.device) -> tuple[Any, Any]:
         build = SYNTHETIC[model_cfg.synthetic]
         return build(OmegaConf.to_container(model_cfg.text), dtype=DTYPES[model_cfg.get("dtype") or "float32"],
                      device=device), None
-    from tokenprune.eval.run import load_model
 
     return load_model({"path": model_cfg.path, "dtype": model_cfg.get("dtype", "float32"),
                        "attn_implementation": "sdpa", "device_map": None, "trust_remote_code": False})
@@ -215,11 +226,8 @@ def _load(model_cfg, device: torch.device) -> tuple[Any, Any]:
 def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
-    from tokenprune.eval.run import _Clock, cache_bytes
-    from tokenprune.measure.flops import measured_flops
-
     device = next(model.parameters()).device
-    clock = _Clock(device)
+    clock = StepClock(device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
     if device.type == "cuda":
@@ -262,7 +270,6 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
 def _decoder_layer_ms(model, inputs, runs: int) -> float:
     """Mean wall time of one decoder layer in a prefill forward of ``inputs`` (ms; the median over ``runs``
     forwards), timed by hooks on the LLM's layers in forwards of their own (not the measured ones)."""
-    from tokenprune.adapters import get_adapter
 
     layers = get_adapter(model).layers
     cuda = next(model.parameters()).is_cuda
@@ -291,8 +298,6 @@ def _decoder_layer_ms(model, inputs, runs: int) -> float:
 
 def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
     """Measure every (model, variant, batch size); returns ``{"machine", "rows": [...]}``."""
-    from tokenprune.measure.flops import LLMShape
-    from tokenprune.pipeline import load_pipeline
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -386,11 +391,8 @@ class materialize_attention:  # noqa: N801 - used as a context manager, named fo
     def __enter__(self):
         if not self.layers:
             return self
-        import copy
 
         from transformers import AttentionInterface
-
-        from tokenprune.adapters import get_adapter
 
         AttentionInterface.register("tokenprune_materialized", materialized_attention)
         decoder = get_adapter(self.model).layers
@@ -422,7 +424,6 @@ def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    import os
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "threads": torch.get_num_threads()}

@@ -22,6 +22,8 @@ tokenprune never imports this module. See docs/lmms_eval.md.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 from typing import Any
 
@@ -29,6 +31,9 @@ import torch
 from lmms_eval.api.model import lmms
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.eval import models
+from tokenprune.eval.models import build_prompt
+from tokenprune.eval.run_config import DTYPES, resolve_pipeline_spec
 
 MODEL_ARGS = ("pretrained", "pipeline", "overrides", "dtype", "attn_implementation", "device", "device_map",
               "batch_size", "max_batch_size", "trust_remote_code", "max_new_tokens")
@@ -68,7 +73,6 @@ class TokenPrune(lmms):
             key = sorted(unknown)[0]
             raise ConfigError(f"model_args.{key}", f"unknown argument (given {unknown[key]!r}); allowed: "
                                                    f"{', '.join(MODEL_ARGS)}")
-        from tokenprune.eval.run import DTYPES, _load_model, resolve_pipeline_spec
 
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -86,7 +90,7 @@ class TokenPrune(lmms):
         self.model_config = {"path": str(pretrained), "dtype": dtype, "attn_implementation": attn_implementation,
                              "device_map": device_map, "trust_remote_code": bool(trust_remote_code)}
         try:
-            self.model, self.processor = _load_model(self.model_config)
+            self.model, self.processor = models.open_model(self.model_config)
         except ConfigError as e:
             raise ConfigError("model_args.pretrained", e.detail) from None
         if device_map is None:
@@ -175,7 +179,6 @@ class TokenPrune(lmms):
     def clean(self) -> None:
         """lmms-eval calls this after its requests: drops the model unless ``keep_loaded``."""
         if self.keep_loaded:
-            import gc
 
             gc.collect()
             if torch.cuda.is_available():
@@ -189,7 +192,6 @@ class TokenPrune(lmms):
 
     def _prepare(self, context: str, doc_to_visual, doc_id: int, task: str, split: str) -> tuple[str, list]:
         """(prompt through the chat template, RGB images) of one request."""
-        from tokenprune.eval.run import build_prompt
 
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
         images = [v.convert("RGB") for v in (visuals or []) if v is not None]
@@ -208,7 +210,6 @@ class TokenPrune(lmms):
                 for k, v in enc.items()}
 
     def _attached(self):
-        import contextlib
 
         return self.pipeline.attach(self.model) if self.pipeline is not None else contextlib.nullcontext()
 

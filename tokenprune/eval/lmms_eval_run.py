@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.eval.files import digest, write_atomic
+from tokenprune.eval.models import model_identity
+from tokenprune.eval.run_config import resolve_pipeline, resolved_config_yaml
 
 SPEC_KEYS = ("tasks", "include_path", "metrics")
 
@@ -120,7 +124,6 @@ def evaluate(lm, tasks: list[str], task_manager, limit: int | None, batch_size: 
 
 def _quiet_lmms_eval() -> None:
     """lmms-eval logs through loguru at DEBUG while indexing its ~300 task folders: keep warnings and up."""
-    import sys
 
     from loguru import logger
 
@@ -130,13 +133,6 @@ def _quiet_lmms_eval() -> None:
 
 def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     """The run (module docstring); returns metrics.json."""
-    from tokenprune.eval.run import (
-        _digest,
-        _write_atomic,
-        model_identity,
-        resolve_pipeline,
-        resolved_config_yaml,
-    )
 
     spec = lmms_eval_spec(cfg.data)
     pipeline = resolve_pipeline(cfg)  # config errors before lmms-eval or the model load
@@ -163,7 +159,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     limit = cfg.data.limit
     baseline, cache_file, from_cache = None, None, False
     if cfg.baseline_cache:
-        key = _digest({"model": model_identity(cfg.model), "lmms_eval": spec, "limit": limit,
+        key = digest({"model": model_identity(cfg.model), "lmms_eval": spec, "limit": limit,
                        "batch_size": cfg.batch_size, "max_new_tokens": cfg.generation.max_new_tokens})
         cache_file = Path(cfg.baseline_cache) / f"{key}.lmms_eval.json"
         if cache_file.is_file():
@@ -172,7 +168,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
         baseline = evaluate(lm, spec["tasks"], task_manager, limit, cfg.batch_size)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(cache_file, json.dumps(baseline, indent=1))
+            write_atomic(cache_file, json.dumps(baseline, indent=1))
     if pipeline is not None:
         lm.pipeline = pipeline
         pruned = evaluate(lm, spec["tasks"], task_manager, limit, cfg.batch_size)
@@ -182,9 +178,9 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(pipeline=name, model=str(m.path), data="lmms_eval:" + ",".join(spec["tasks"]), limit=limit,
                    baseline_cached=from_cache)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
-    _write_atomic(out / "lmms_eval_results.json", json.dumps({"unpruned": baseline, name: pruned}, indent=1) + "\n")
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
+    write_atomic(out / "lmms_eval_results.json", json.dumps({"unpruned": baseline, name: pruned}, indent=1) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     metrics["output_dir"] = str(out)
     return metrics
 

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.eval.scoring import item_score
+from tokenprune.reference import shapes
+from tokenprune.reference.shapes import TYPES
 
 VQA_TASK = "shapes_vqa"
 YES_NO_TASK = "shapes_yes_no"
@@ -37,7 +40,6 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
     """Exact match after the benchmark's normalisation (``tokenprune run``'s own scoring), under ``accuracy`` and
     under ``<type>_accuracy``."""
-    from tokenprune.eval.scoring import item_score
 
     score = item_score(results[0], {"answer": doc["answer"], "metric": "exact_match"})
     entry = {"type": doc["type"], "score": score}
@@ -45,7 +47,6 @@ def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
 
 
 def question_types() -> tuple[str, ...]:
-    from tokenprune.reference.shapes import TYPES
 
     return TYPES
 
@@ -102,8 +103,6 @@ def _yes_no_yaml(data: Path) -> str:
 def write_shapes_task(folder: str | Path, split: str = "test", limit: int | None = None) -> Path:
     """Write the shapes tasks (module docstring) for ``split`` (its first ``limit`` items) into ``folder``."""
     import datasets
-
-    from tokenprune.reference import shapes
 
     if split not in shapes.SPLIT_SIZES:
         raise ConfigError("split", f"shapes split {split!r}; allowed: {', '.join(shapes.SPLIT_SIZES)}")

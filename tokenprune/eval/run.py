@@ -12,206 +12,31 @@ docs/metrics.md for every metric.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.core.errors import ConfigError
-from tokenprune.eval.scoring import data_digest, load_items, open_image, relative_score, summarize
-
-DEFAULTS: dict[str, Any] = {
-    "model": {"path": "reference", "dtype": "float32", "attn_implementation": "sdpa", "device_map": None,
-              "trust_remote_code": False},
-    "data": {"source": "shapes", "split": "test", "limit": None, "path": None, "metric": None,
-             "lmms_eval": None},  # lmms-eval tasks instead of items: a list, or {tasks, include_path, metrics}
-    "pipeline": "asap",  # a preset name, a YAML path, or an inline mapping
-    "overrides": [],  # KEY=VALUE overrides of the pipeline
-    "generation": {"max_new_tokens": 4, "do_sample": False},
-    "batch_size": 16,
-    "seed": 0,
-    "flops_convention": "exact",
-    "trainer": {"accelerator": "auto", "devices": 1, "strategy": "auto", "precision": "32-true"},
-    "logging": {"wandb": {"mode": "offline", "project": "tokenprune", "group": None, "tags": []},
-                "progress_bar": True, "samples": 20},
-    "output_dir": None,  # null: runs/<pipeline>-<time>
-    "baseline_cache": "runs/.baselines",  # null: no cache
-}
-DTYPES = ("float32", "float16", "bfloat16")
-WANDB_MODES = ("offline", "online", "disabled")
-
-
-def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Defaults, then the YAML file, then ``KEY=VALUE`` overrides; checked, with errors naming the key."""
-    cfg = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(cfg, True)
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(None, f"no such run config: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigError:
-        raise
-    except Exception as e:  # OmegaConf names the key
-        raise ConfigError(None, f"run config{f' {path}' if path else ''}: {e}") from None
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError("model.dtype", f"{cfg.model.dtype!r}; allowed: {', '.join(DTYPES)}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ConfigError("batch_size", f"must be a positive integer, got {cfg.batch_size!r}")
-    if cfg.logging.wandb.mode not in WANDB_MODES:
-        raise ConfigError("logging.wandb.mode", f"{cfg.logging.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
-    if cfg.flops_convention not in ("fastv", "exact"):
-        raise ConfigError("flops_convention", f"{cfg.flops_convention!r}; allowed: fastv, exact")
-    if cfg.data.path and path is not None and not Path(cfg.data.path).is_absolute():
-        relative = Path(path).parent / cfg.data.path  # a data path relative to the config file, when it is there
-        if relative.exists():
-            cfg.data.path = str(relative)
-    spec = cfg.data.lmms_eval
-    if isinstance(spec, DictConfig) and spec.get("include_path") and path is not None \
-            and not Path(spec.include_path).is_absolute() and (Path(path).parent / spec.include_path).exists():
-        spec.include_path = str(Path(path).parent / spec.include_path)
-    return cfg
-
-
-def resolve_pipeline(cfg: DictConfig):
-    """The run's pipeline (validated), or None for ``pipeline: none``."""
-    return resolve_pipeline_spec(cfg.pipeline, list(cfg.overrides))
-
-
-def resolve_pipeline_spec(spec: Any, overrides: list[str], key: str = "pipeline"):
-    """The pipeline ``spec`` names (a preset name, a YAML path or a mapping; None or ``none``: no pipeline), with
-    ``overrides``; errors are reported under ``key``."""
-    from tokenprune.pipeline import load_pipeline
-
-    if spec is None or spec == "none":
-        return None
-    try:
-        return load_pipeline(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec, overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{key}{'.' + e.key if e.key else ''}", e.detail) from None
-
-
-# --- the model --------------------------------------------------------------------------------------
-
-_LOADED: dict[str, Any] = {}  # the last model loaded, so the variants of a sweep load it once
-
-
-def load_model(model_cfg: Mapping[str, Any]):
-    """(model, processor) through the Auto classes; ``path: reference`` is the shipped reference model.
-    The last model loaded is kept and returned again for the same ``model`` section (a sweep's variants)."""
-    key = json.dumps(dict(model_cfg), sort_keys=True, default=str)
-    if key not in _LOADED:
-        _LOADED.clear()
-        _LOADED[key] = _load_model(model_cfg)
-    return _LOADED[key]
-
-
-def _load_model(model_cfg: Mapping[str, Any]):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = str(model_cfg["path"])
-    if path == "reference":
-        from tokenprune.reference import model as reference
-
-        path = str(reference.path())
-    kwargs = {"dtype": getattr(torch, model_cfg["dtype"]), "attn_implementation": model_cfg["attn_implementation"],
-              "trust_remote_code": bool(model_cfg["trust_remote_code"])}
-    if model_cfg.get("device_map"):
-        kwargs["device_map"] = model_cfg["device_map"]
-    local = Path(path).is_dir()
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=local, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=local,
-                                                  trust_remote_code=bool(model_cfg["trust_remote_code"]))
-    except OSError as e:
-        raise ConfigError("model.path", f"cannot load {path!r}: {e}") from None
-    return model.eval(), processor
-
-
-def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What identifies the weights for the baseline cache: a folder's files (names, sizes, mtimes), else the id."""
-    path = str(model_cfg["path"])
-    if path == "reference":
-        from tokenprune.reference import model as reference
-
-        path = str(reference.path())
-    ident: dict[str, Any] = {"path": str(Path(path).resolve()) if Path(path).is_dir() else path,
-                             "dtype": model_cfg["dtype"], "attn": model_cfg["attn_implementation"]}
-    if Path(path).is_dir():
-        ident["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir()
-                                if p.is_file())
-    return ident
-
-
-def build_prompt(processor, question: str, images: int = 1) -> str:
-    """The model's chat template around ``images`` images (before the text) and ``question``, ending where the
-    answer starts."""
-    return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": question}]}],
-        add_generation_prompt=True)
-
+from tokenprune.eval.files import digest, write_atomic, write_jsonl
+from tokenprune.eval.lmms_eval_run import run_lmms_eval
+from tokenprune.eval.models import build_prompt, load_model, model_identity
+from tokenprune.eval.run_config import resolve_pipeline, resolved_config_yaml
+from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
+from tokenprune.measure.flops import LLMShape, measured_flops
+from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
+from tokenprune.measure.timing import StepClock
 
 # --- one batch --------------------------------------------------------------------------------------
-
-class _Clock:
-    """A logits processor that stamps the time of every generation step (CUDA events on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.stamps: list[Any] = []
-
-    def start(self) -> None:
-        self.stamps = [self._now()]
-
-    def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(self._now())
-        return scores
-
-    def intervals_ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.stamps, self.stamps[1:])]
-        return [(b - a) * 1000.0 for a, b in zip(self.stamps, self.stamps[1:])]
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of the keys and values a KV cache holds (every layer; padding slots included)."""
-    total = 0
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-    for kv in cache:  # legacy tuples
-        total += sum(t.numel() * t.element_size() for t in kv if isinstance(t, torch.Tensor))
-    return total
-
 
 def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, generation: Mapping[str, Any],
                    shape, flops_convention: str) -> list[dict[str, Any]]:
     """Greedy answers for ``items`` with ``pipeline`` attached (None: unpruned) and what it cost, per item."""
     from transformers import LogitsProcessorList
-
-    from tokenprune.measure.flops import measured_flops
 
     prompts = [build_prompt(processor, it["question"]) for it in items]
     images = [open_image(it["image"]) for it in items]
@@ -219,7 +44,7 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    clock = _Clock(device)
+    clock = StepClock(device)
     gen = dict(generation)
     new_tokens = int(gen.pop("max_new_tokens"))
     if device.type == "cuda":
@@ -240,7 +65,7 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     decode_ms = statistics.median(steps[1:]) if len(steps) > 1 else float("nan")
     kv = cache_bytes(out.past_key_values) // len(items) if out.past_key_values is not None else 0  # padded, fallback
     dtype_bytes = next(model.parameters()).element_size()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     prompt_len = enc["input_ids"].shape[1]
     texts = processor.tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
     image_id = getattr(model.config, "image_token_id", None)
@@ -265,34 +90,6 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
                        kv_cache_bytes=prompt_kv_bytes(rep.per_layer_tokens, trace, pipeline, b, shape, dtype_bytes))
         records.append(rec)
     return records
-
-
-def prompt_kv_bytes(per_layer_tokens: list[int], trace, pipeline, sample: int, shape, dtype_bytes: int) -> int:
-    """Bytes of one sample's prompt keys and values after the prefill: the tokens each layer holds (what entered
-    it; a ``kv_compact`` stage also trims the layers before its site to its kept tokens; a ``kv_cache`` stage
-    cuts each layer it compresses) times 2 x KV heads x head dim x the element size. Padding and the filler
-    slots of ragged batches are not counted; decoding-time re-pruning (later) is not either."""
-    held = list(per_layer_tokens)
-    for t in trace:
-        if t.site == "kv_cache":
-            held[t.layer] = min(held[t.layer], t.tokens_after[sample])
-            continue
-        if t.site != "prefill":
-            continue
-        stage = pipeline.stages[t.stage]
-        if any(getattr(op, "kind", None) == "compactor" and getattr(op.params, "earlier_layers", False)
-               for op in stage.operators):
-            for layer in range(min(t.layer, len(held))):
-                held[layer] = min(held[layer], t.tokens_after[sample])
-    return int(sum(held) * 2 * shape.kv_heads * shape.head_dim * dtype_bytes)
-
-
-def _peak_rss() -> int:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 # --- the Lightning loop -----------------------------------------------------------------------------
@@ -386,27 +183,12 @@ def run_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], i
 
 # --- the run ----------------------------------------------------------------------------------------
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the pipeline and the (cached) unpruned baseline; write the run directory; return metrics.json.
     With ``data.lmms_eval`` the evaluation is lmms-eval's (:mod:`tokenprune.eval.lmms_eval_run`)."""
     import pytorch_lightning as pl
 
     if cfg.data.lmms_eval is not None:
-        from tokenprune.eval.lmms_eval_run import run_lmms_eval
 
         return run_lmms_eval(cfg)
     pipeline = resolve_pipeline(cfg)  # config errors before any model is loaded
@@ -421,7 +203,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cache_file = None
     from_cache = False
     if cfg.baseline_cache:
-        key = _digest({"model": model_identity(cfg.model), "data": data_digest(items),
+        key = digest({"model": model_identity(cfg.model), "data": data_digest(items),
                        "generation": OmegaConf.to_container(cfg.generation), "batch_size": cfg.batch_size,
                        "convention": cfg.flops_convention})
         cache_file = Path(cfg.baseline_cache) / f"{key}.jsonl"
@@ -432,34 +214,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         baseline = predict(cfg, model, processor, items, None, shape)
         if cache_file is not None and _is_global_zero():
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            _write_jsonl(cache_file, baseline)
+            write_jsonl(cache_file, baseline)
     records = predict(cfg, model, processor, items, pipeline, shape) if pipeline is not None else baseline
     metrics = run_metrics(records, baseline, items, pipeline)
     metrics.update(pipeline=name, model=str(cfg.model.path), data=_data_name(cfg), flops_convention=cfg.flops_convention,
                    baseline_cached=from_cache)
     if _is_global_zero():
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
-        _write_jsonl(out / "predictions.jsonl", [
+        write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
+        write_jsonl(out / "predictions.jsonl", [
             {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"]}
             for r, b, it in zip(records, baseline, items)])
         _log_wandb(cfg, metrics, records, baseline, out)
-        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     metrics["output_dir"] = str(out)
     return metrics
 
 
-def resolved_config_yaml(cfg: DictConfig, pipeline) -> str:
-    """A run directory's ``config.yaml``: the run config plus ``resolved_pipeline`` (the pipeline's config after
-    its overrides; None for the unpruned model). The sweep compares it to tell whether a finished run is stale."""
-    resolved = OmegaConf.to_container(cfg)
-    resolved["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
-        pipeline.config is not None else None
-    return OmegaConf.to_yaml(OmegaConf.create(resolved))
-
-
 def _correct(record: Mapping[str, Any], item: Mapping[str, Any]) -> float:
-    from tokenprune.eval.scoring import item_score
 
     return item_score(record["prediction"], item)
 
@@ -471,7 +243,6 @@ def _data_name(cfg: DictConfig) -> str:
 
 
 def _llm_shape(model):
-    from tokenprune.measure.flops import LLMShape
 
     text = getattr(model.config, "text_config", model.config)
     try:

@@ -13,14 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from tokenprune.core.errors import ConfigError
+from tokenprune.reference import shapes
+from tokenprune.reference.shapes import normalize_words
 
 METRICS = ("exact_match", "vqa", "yes_no")
 SOURCES = ("shapes", "jsonl", "datasets")
 
 def normalize_answer(text: str) -> str:
     """Lower case, punctuation removed, articles dropped, number words as digits, spaces collapsed."""
-    from tokenprune.reference.shapes import normalize_words
 
     return " ".join(normalize_words(text))
 
@@ -93,7 +97,6 @@ def load_items(data: Mapping[str, Any], key: str = "data") -> list[dict[str, Any
     if metric not in METRICS:
         raise ConfigError(f"{key}.metric", f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
     if source == "shapes":
-        from tokenprune.reference import shapes
 
         split = data.get("split", "test")
         if split not in shapes.SPLIT_SIZES:
@@ -196,7 +199,6 @@ def _load_jsonl(path: Path, metric: str) -> list[dict[str, Any]]:
 
 def open_image(image):
     """A PIL RGB image from an item's ``image`` (a PIL image or a path)."""
-    from PIL import Image
 
     if isinstance(image, (str, Path)):
         with Image.open(image) as im:
@@ -206,7 +208,6 @@ def open_image(image):
 
 def data_digest(items: list[Mapping[str, Any]]) -> str:
     """sha256 over every item's id, question, answer, metric and image (pixels, or the file's bytes)."""
-    import numpy as np
 
     h = hashlib.sha256()
     for it in items:

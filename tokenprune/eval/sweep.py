@@ -41,8 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.eval.run import run
+from tokenprune.eval.run_config import DEFAULTS, load_run_config, resolve_pipeline, resolved_config_yaml
+from tokenprune.measure.flops import LLMShape, pipeline_flops
+from tokenprune.reference import model as reference
 
 SWEEP_KEYS = {"name", "base", "set", "budget", "grid", "swap", "variants", "methods", "output_dir"}
 RESULT_COLUMNS = ["variant", "pipeline", "accuracy", "relative_score", "fidelity", "flops_reduction",
@@ -127,7 +132,6 @@ class Sweep:
 
     def base_config(self, variant: Variant):
         """The variant's run config (defaults, base, ``set``, its own values)."""
-        from tokenprune.eval.run import DEFAULTS, load_run_config
 
         base_path = None
         overrides: list[str] = []
@@ -156,7 +160,6 @@ class Sweep:
 
     def variants(self) -> list[Variant]:
         """Every variant, in a stable order; names are unique."""
-        from tokenprune.eval.run import DEFAULTS
 
         run_keys = set(DEFAULTS)
 
@@ -210,8 +213,6 @@ class Sweep:
 def dry_run(sweep: Sweep, tokens: int = 640, visual: int = 576) -> list[dict[str, Any]]:
     """Each variant with its analytic FLOPs reduction on the model's LLM shape (``tokens`` of which ``visual``),
     nothing run; a variant whose config is wrong shows its error."""
-    from tokenprune.eval.run import resolve_pipeline
-    from tokenprune.measure.flops import pipeline_flops
 
     rows = []
     for v in sweep.variants():
@@ -232,12 +233,9 @@ def _shape_of(cfg):
     """The LLM shape from the model's config.json (no weights loaded), or None."""
     from transformers import AutoConfig
 
-    from tokenprune.measure.flops import LLMShape
-
     path = str(cfg.model.path)
     try:
         if path == "reference":
-            from tokenprune.reference import model as reference
 
             path = str(reference.path())
         config = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
@@ -251,9 +249,6 @@ def _changed_since_run(vdir: Path, cfg) -> str | None:
     ``config.yaml`` (``"data.limit: 300 -> 500"``), or None. A sweep file edited after a run — a ``set`` key, a
     budget value, an override — would otherwise be answered with the old run's results. Code changes, such as an
     operator's defaults, are not seen: the config records what was asked for, not the defaults it ran with."""
-    from omegaconf import OmegaConf
-
-    from tokenprune.eval.run import resolve_pipeline, resolved_config_yaml
 
     stored_file = vdir / "config.yaml"
     if not stored_file.is_file():
@@ -295,7 +290,6 @@ def _set_aside(vdir: Path, output_dir: Path) -> Path:
 
 def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run every variant not yet done; write results.csv and accuracy_vs_flops.png. Returns (rows, baseline)."""
-    from tokenprune.eval.run import run
 
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     rows = []

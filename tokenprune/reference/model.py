@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from tokenprune.reference import shapes
 
 if TYPE_CHECKING:
@@ -104,7 +106,6 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     """(side * side, dim) fixed 2-D sine-cosine position codes, row-major: half the channels encode the
     row, half the column, each with ``dim // 4`` geometric frequencies (He et al., "Masked Autoencoders
     Are Scalable Vision Learners", 2022, after Vaswani et al. 2017)."""
-    import torch
 
     quarter = dim // 4
     freq = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
@@ -118,7 +119,6 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
 
 def build_model(size: ReferenceSize | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised reference ``LlavaForConditionalGeneration`` (336 px, patch 14: 576 visual tokens)."""
-    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     size = size or ReferenceSize()

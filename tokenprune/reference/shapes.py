@@ -61,7 +61,7 @@ class Shape:
         return f"{self.color} {self.kind}"
 
 
-class _Rng:
+class Rng:
     """Deterministic choices from ``random.Random(seed).random()`` only (stable across Python versions)."""
 
     def __init__(self, seed: str):
@@ -80,7 +80,7 @@ class _Rng:
         return self._r.random() < p
 
 
-def _mask(shape: Shape) -> tuple[np.ndarray, int, int]:
+def shape_mask(shape: Shape) -> tuple[np.ndarray, int, int]:
     """(mask, top, left) of a shape's pixels within its bounding box, by integer geometry."""
     s = shape.size
     y, x = np.mgrid[0:s, 0:s]
@@ -103,7 +103,7 @@ def _mask(shape: Shape) -> tuple[np.ndarray, int, int]:
     return m, shape.cy - s // 2, shape.cx - s // 2
 
 
-def _background(rng: _Rng) -> np.ndarray:
+def _background(rng: Rng) -> np.ndarray:
     base = np.array([rng.between(20, 70)] * 3, dtype=np.int32)
     img = np.broadcast_to(base, (SIZE, SIZE, 3)).copy()
     if rng.chance(0.5):  # texture: faint diagonal stripes or a checkerboard
@@ -118,7 +118,7 @@ def _background(rng: _Rng) -> np.ndarray:
 SIZES = (20, 60)
 
 
-def _place(rng: _Rng, n: int, kinds: tuple[str, ...] = KINDS, sizes: tuple[int, int] = SIZES) -> list[Shape]:
+def _place(rng: Rng, n: int, kinds: tuple[str, ...] = KINDS, sizes: tuple[int, int] = SIZES) -> list[Shape]:
     shapes: list[Shape] = []
     tries = 0
     while len(shapes) < n and tries < 2000:
@@ -132,11 +132,11 @@ def _place(rng: _Rng, n: int, kinds: tuple[str, ...] = KINDS, sizes: tuple[int, 
     return shapes
 
 
-def render(shapes: list[Shape], rng: _Rng) -> np.ndarray:
+def render(shapes: list[Shape], rng: Rng) -> np.ndarray:
     """(336, 336, 3) uint8 image of ``shapes`` on a background drawn from ``rng``."""
     img = _background(rng)
     for sh in shapes:
-        m, top, left = _mask(sh)
+        m, top, left = shape_mask(sh)
         region = img[top:top + sh.size, left:left + sh.size]
         region[m] = COLORS[sh.color]
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -147,7 +147,7 @@ def _unique(shapes: list[Shape]) -> list[Shape]:
     return [s for s in shapes if sum(o.name == s.name for o in shapes) == 1]
 
 
-def _question(qtype: str, shapes: list[Shape], rng: _Rng, variant: int) -> tuple[str, str] | None:
+def question(qtype: str, shapes: list[Shape], rng: Rng, variant: int) -> tuple[str, str] | None:
     """(question, answer) of type ``qtype`` about ``shapes``, or None if the image cannot carry one.
 
     ``variant`` (the item's rank among those of its type) balances the answers where the draw alone
@@ -203,11 +203,11 @@ def make_item(seed: str, qtype: str, variant: int = 0, sizes: tuple[int, int] = 
     larger shapes fewer may fit (the question always describes the image drawn)."""
     if not 4 <= sizes[0] <= sizes[1] <= SIZE // 2:
         raise ValueError(f"sizes={tuple(sizes)}: need 4 <= min <= max <= {SIZE // 2}")
-    rng = _Rng(seed)
+    rng = Rng(seed)
     for _ in range(100):
         kinds = (rng.choice(KINDS), rng.choice(KINDS)) if qtype == "count" else KINDS
         shapes = _place(rng, rng.between(1, 6), kinds, tuple(sizes))
-        qa = _question(qtype, shapes, rng, variant)
+        qa = question(qtype, shapes, rng, variant)
         if qa is not None:
             image = render(shapes, rng)
             return {"image": Image.fromarray(image), "question": qa[0], "answer": qa[1], "type": qtype,

@@ -16,12 +16,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.adapters import get_adapter
 from tokenprune.core.errors import ConfigError
 from tokenprune.reference import shapes
-from tokenprune.reference.model import ReferenceSize, build_model, build_processor, prompt
+from tokenprune.reference.model import ReferenceSize, build_model, build_processor, prompt, vocabulary
 
 DEFAULTS = {
     "seed": 0,
@@ -142,7 +145,7 @@ def patch_targets(items: list[dict]) -> dict[str, torch.Tensor]:
 def shape_patches(sh: shapes.Shape) -> torch.Tensor:
     """(576,) bool: the patches a shape covers (>= 1/4 of their pixels; a small shape still marks its best-covered
     patch), row-major like the visual tokens."""
-    m, top, left = shapes._mask(sh)
+    m, top, left = shapes.shape_mask(sh)
     cover = torch.zeros(shapes.SIZE, shapes.SIZE)
     cover[top:top + sh.size, left:left + sh.size] = torch.from_numpy(m).float()
     frac = cover.view(GRID, _PATCH, GRID, _PATCH).mean(dim=(1, 3)).flatten()
@@ -182,7 +185,6 @@ class PatchHead(torch.nn.Module):
         self.linear = torch.nn.Linear(width, len(shapes.COLORS) + 1 + len(shapes.KINDS) + 1 + 1 + 2)
 
     def loss(self, tokens: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        import torch.nn.functional as F
 
         out = self.linear(tokens.float())
         c, k = len(shapes.COLORS) + 1, len(shapes.KINDS) + 1
@@ -203,9 +205,6 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
     """1 - cosine between the visual token of each shape patch (``patches="shape"``) or of each shape's centre
     patch only (``"center"``: one token per shape, so attention mass on matching tokens counts shapes rather
     than measuring their area) and (embedding of its colour word + of its kind word)."""
-    import torch.nn.functional as F
-
-    from tokenprune.reference.model import vocabulary
 
     vocab = vocabulary()
     color_ids = torch.tensor([vocab.index(c) for c in shapes.COLORS], device=tokens.device)
@@ -238,7 +237,6 @@ def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor],
     kind (with ``"mass"`` a head can satisfy the hint with the kind word alone, and did).
     ``captured[layer]`` is that layer's input (hidden states and rotary embeddings); the attention rows are
     recomputed from it as the model computes them (causal, no padding keys) with tokenprune's own adapter."""
-    from tokenprune.adapters import get_adapter
 
     adapter = get_adapter(model)
     rows = batch["hint_row"]
@@ -270,7 +268,6 @@ def hint_loss(model, captured: dict[int, tuple], batch: dict[str, torch.Tensor],
 def pixel_values(processor, image) -> torch.Tensor:
     """(1, 3, 336, 336) pixels of a 336×336 RGB image as ``processor``'s image processor gives them (its resize
     and centre crop are the identity at that size, so only rescale and normalise remain; a test checks it)."""
-    import numpy as np
 
     ip = processor.image_processor
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) * ip.rescale_factor
@@ -388,13 +385,13 @@ def more_turns(item: dict, turns: int, seed: str) -> dict:
     the benchmark's own question rules in rounds over the question types (the other types first, then the
     item's own), skipping types the scene cannot carry and repeated questions."""
     scene = [shapes.Shape(**d) for d in item["shapes"]]
-    rng = shapes._Rng(seed)
+    rng = shapes.Rng(seed)
     order = [t for t in shapes.TYPES if t != item["type"]] + [item["type"]]
     more: list[tuple[str, str]] = []
     for qtype in itertools.islice(itertools.cycle(order), 2 * (turns - 1)):  # rounds over the types
         if len(more) >= turns - 1:
             break
-        qa = shapes._question(qtype, scene, rng, rng.below(4))
+        qa = shapes.question(qtype, scene, rng, rng.below(4))
         if qa is not None and qa not in more and qa[0] != item["question"]:
             more.append(qa)
     return {**item, "more": more}
