@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenprune.core.attention import QUERY_SETS
-from tokenprune.core.budget import check_keep, rank_within_visual, resolve_keep
+from tokenprune.core.budget import check_keep, keep_top_visual, rank_within_visual, resolve_keep
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.operator import FeatureKind, FeatureUser, ParamError, Selector
 from tokenprune.core.registry import build_operator, get_operator_class, register_operator
@@ -34,15 +34,21 @@ class TopK(Selector):
         def __post_init__(self) -> None:
             check_keep(self.keep)
 
+    takes_counts = True
+
     def expected_kept(self, num_visual: int) -> int:
         return resolve_keep(self.params.keep, num_visual)
 
+    def ranking(self, state: TokenState) -> torch.Tensor:
+        return state.score_set(self.params.scores)
+
     def select(self, state: TokenState) -> torch.Tensor:
-        visual = state.visual_mask
-        keep = ~visual
-        rank = rank_within_visual(state.score_set(self.params.scores), visual)
-        budgets = torch.tensor([self.expected_kept(int(v)) for v in state.num_visual().tolist()], device=rank.device)
-        return keep | (visual & (rank < budgets[:, None]))
+        budgets = torch.tensor([self.expected_kept(int(v)) for v in state.num_visual().tolist()])
+        return keep_top_visual(self.ranking(state), state.visual_mask, budgets)
+
+    def select_counts(self, state: TokenState, counts: torch.Tensor) -> TokenState:
+        state.keep_mask = keep_top_visual(self.ranking(state), state.visual_mask, counts)
+        return state
 
 
 @register_operator("cumulative_mass")

@@ -87,7 +87,9 @@ def test_kv_bytes_after_prefill_match_the_budget(llava_pair, batch):
     for b in range(2):
         assert sum(t.visual_after[b] for t in traces) == 4 * 10
     for t, layer in zip(traces, out.past_key_values.layers):
-        assert layer.keys.shape[-2] == n - N_VISUAL + max(t.visual_after)  # the longer sample; the other is filled
+        # each sample's real text and its kept visual entries, padding dropped; the shorter sample is filled
+        real = [int(batch["attention_mask"][b].sum()) - N_VISUAL + t.visual_after[b] for b in range(2)]
+        assert layer.keys.shape[-2] == max(real)
 
 
 def test_padded_batch_equals_each_sample_alone(llava_pair, batch):
@@ -151,12 +153,13 @@ def test_merging_writes_importance_weighted_means_into_the_cache(llava_pair, bat
     pruned = torch.tensor([i for i in visual.tolist() if i not in top.tolist()])
     unit = torch.nn.functional.normalize(flat, dim=1)
     owner = top[(unit[pruned] @ unit[top].T).argmax(1)]
-    kept_rows = [i for i in range(flat.shape[0]) if i not in pruned.tolist()]
+    real = one["attention_mask"][0].bool()  # padding entries leave the cache with the pruned ones
+    kept_rows = [i for i in range(flat.shape[0]) if bool(real[i]) and i not in pruned.tolist()]
     got_flat = torch.cat([got.keys[0].transpose(0, 1).flatten(1), got.values[0].transpose(0, 1).flatten(1)], dim=1)
     assert got_flat.shape[0] == len(kept_rows)
     assert len(set(owner.tolist())) > 1  # several anchors take merged entries
     for row, i in enumerate(kept_rows):
-        if i not in top.tolist():  # text (and padding) entries are left as they are
+        if i not in top.tolist():  # text entries are left as they are
             assert torch.equal(got_flat[row], flat[i]), i
             continue
         group = [i] + pruned[owner == i].tolist()

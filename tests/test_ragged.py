@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from families import pair, sample_alone
 from reference import reference_greedy
 
 import tokenprune as tp
+from tokenprune.adapters import get_adapter
 from tokenprune.core.masks import mask_key_columns, ragged_keep_index
+from tokenprune.reference import tiny
 
 STEPS = 4
 
@@ -80,3 +83,38 @@ def test_ragged_batch_equals_each_sample_alone(llava_pair, batch, stages):
             for t_alone, t_together in zip(pipe.trace, traces):
                 assert [i + offset for i in t_alone.kept[0]] == t_together.kept[b]
             assert torch.equal(gen[0], together[b])
+
+
+def test_padding_leaves_the_batch_at_the_first_stage():
+    """Left padding is not a kept token: after the site the batch carries as many slots as the most real tokens
+    any sample keeps, in the layers after the site and in their caches. Qwen2-VL, a large image with a short
+    question (108 tokens, 100 visual) beside a small image with a long one (48 tokens, 4 visual: 60 padding);
+    FastV keeps 4 visual tokens each, so by hand the samples keep 108 - 100 + 4 = 12 and 48 - 4 + 4 = 48 real
+    tokens, and 48 slots flow on (108 if padding were kept). Each sample's logits and generation equal it alone."""
+    model = pair("qwen2_vl")["sdpa"]
+    batch = tiny.tiny_qwen2_vl_inputs(model, grids=[(20, 20), (4, 4)], prompts=[[10, 11, 12, 13], list(range(10, 50))])
+    assert batch["attention_mask"].sum(1).tolist() == [108, 48] and batch["input_ids"].shape[1] == 108
+    pipe = tp.load_pipeline("fastv", ["stages.0.operators.1.keep=4"])
+    entering = {}
+    layers = get_adapter(model).layers
+    with torch.no_grad(), pipe.attach(model):  # hooks after the pipeline's: each layer's input as it runs
+        handles = [layers[i].register_forward_pre_hook(
+            lambda m, a, kw, i=i: entering.__setitem__(i, (a[0] if a else kw["hidden_states"]).shape[1]),
+            with_kwargs=True) for i in range(4)]
+        try:
+            out = model(**batch, use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+    assert pipe.trace[0].layer == 2 and pipe.trace[0].tokens_after == [12, 48]
+    assert entering == {0: 108, 1: 108, 2: 48, 3: 48}
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [108, 108, 48, 48]
+    with torch.no_grad(), pipe.attach(model):
+        gen = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
+    for b in range(2):
+        one = sample_alone("qwen2_vl", batch, b)
+        with torch.no_grad(), pipe.attach(model):
+            alone = model(**one).logits[0, -1]
+            gen_alone = model.generate(**one, max_new_tokens=STEPS, do_sample=False)
+        assert torch.allclose(out.logits[b, -1], alone, atol=1e-4), b
+        assert torch.equal(gen[b, -STEPS:], gen_alone[0, -STEPS:]), b

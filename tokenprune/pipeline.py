@@ -13,14 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tokenprune.core.config import (
-    CROSS_ATTENTION,
-    KV_CACHE,
     apply_overrides,
     import_plugins,
     load_source,
     validate_pipeline_config,
 )
-from tokenprune.core.errors import ConfigError
 from tokenprune.core.registry import build_operator
 from tokenprune.core.stage import Stage
 from tokenprune.core.trace import StageTrace
@@ -53,19 +50,8 @@ class Pipeline(nn.Module):
 
     def validate_for_depth(self, num_layers: int) -> None:
         """Check every site against a model with ``num_layers`` decoder layers."""
-        for i, stage in enumerate(self.stages):
-            if stage.cross_attention:
-                continue
-            if stage.kv_cache:
-                stage.cache.layer_list(num_layers, f"stages.{i}.cache")
-                sl = stage.cache.decode.score_layer
-                if sl is not None and sl >= num_layers:
-                    raise ConfigError(f"stages.{i}.cache.decode.score_layer", f"{sl} is beyond the model's depth: "
-                                      f"it has {num_layers} decoder layers")
-                continue
-            if stage.layer >= num_layers:
-                raise ConfigError(f"stages.{i}.layer", f"{stage.layer} is beyond the model's depth: "
-                                  f"it has {num_layers} decoder layers, so layer must be in 0..{num_layers - 1}")
+        for stage in self.stages:
+            stage.check_depth(num_layers)
 
     def report(self) -> str:
         """Per-stage kept counts of the last prefill, one line per stage."""
@@ -88,11 +74,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         ops = []
         for j, op_cfg in enumerate(raw["operators"]):
             params = {k: v for k, v in op_cfg.items() if k != "op"}
-            op = build_operator(op_cfg["op"], _key=f"stages.{i}.operators.{j}.op", **params)
-            if raw["layer"] not in (CROSS_ATTENTION, KV_CACHE) and raw["layer"] < op.min_layer:
-                raise ConfigError(f"stages.{i}.layer", f"operator {op.op_name!r} (stages.{i}.operators.{j}) needs the "
-                                  f"decoder layer before its site, so layer must be >= {op.min_layer}; got {raw['layer']}")
-            ops.append(op)
+            ops.append(build_operator(op_cfg["op"], _key=f"stages.{i}.operators.{j}.op", **params))
         stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep"),
                             protect=raw.get("protect", ()), cache=raw.get("cache")))
     return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)

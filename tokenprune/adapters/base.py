@@ -9,6 +9,7 @@ from torch import nn
 
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.masks import expand_batch, gather_tokens
+from tokenprune.core.sites import CrossAttentionSite
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -41,16 +42,22 @@ class ModelAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def validate_pipeline(self, pipeline: Any) -> None:
-        """Raise :class:`~tokenprune.core.errors.ConfigError` for a stage this family cannot run."""
+    def validate_pipeline(self, pipeline: Any, guide: bool = False) -> None:
+        """Raise :class:`~tokenprune.core.errors.ConfigError` for a stage this model cannot run: a site or cache
+        layer beyond its depth, a site or signal the family does not have, or an operator that needs a guide
+        model when none is given (``guide``). The pipeline's own checks ran when it was built."""
         for stage in pipeline.stages:
-            if stage.cross_attention and not self.cross_attention_layers:
+            stage.check_depth(self.num_layers)
+            if isinstance(stage.site, CrossAttentionSite) and not self.cross_attention_layers:
                 raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {self.family}: it has no "
                                   f"cross-attention layers; allowed: a decoder layer 0..{self.num_layers - 1}")
             for j, op in enumerate(stage.operators):
                 if getattr(op, "needs_guide", False) and self.vision_tower() is None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs the images of each "
                                       f"forward for its guide model, which tokenprune cannot recover for {self.family} yet")
+                if getattr(op, "needs_guide", False) and not guide:
+                    raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs a guide model: "
+                                      "pipeline.attach(model, guide=small_model)")
                 reason = self.vision_signals_unavailable()
                 if getattr(op, "needs_vision", False) and reason is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs vision-tower signals, "
@@ -62,6 +69,10 @@ class ModelAdapter:
             if stage.positions == "renumber" and not self.supports_renumber:
                 raise ConfigError(f"{stage.key}.positions", f"'renumber' is not supported for {self.family} "
                                   f"({self.positions_note}); allowed here: keep")
+
+    #: Whether the visual tokens sit in the decoder's sequence (False: they enter through cross-attention, which
+    #: analytic FLOPs do not model).
+    decoder_only: ClassVar[bool] = True
 
     # --- structure ---------------------------------------------------------------------------
     @property
@@ -111,6 +122,23 @@ class ModelAdapter:
         """Per sample, (rows, cols) of its visual tokens in raster order if known, from the forward's
         keyword arguments; None where unknown (a square grid is then assumed)."""
         return None
+
+    def visual_token_counts(self, inputs: dict) -> list[int]:
+        """Per sample, the visual tokens a forward of ``inputs`` (the processor's output) holds: the image
+        placeholders of ``input_ids`` (cross-attention models: the image features the cross-attention reads)."""
+        return self.visual_mask(inputs["input_ids"]).sum(1).tolist()
+
+    def image_panels(self, inputs: dict, sample: int) -> list[tuple[str, torch.Tensor]]:
+        """``sample``'s visual tokens laid out as images: ``[(name, cells)]``, ``cells`` (rows, cols) long holding
+        the index of the visual token (among the sample's visual tokens) drawn at each cell (-1: none). The
+        default is one square grid."""
+        n = int(self.visual_mask(inputs["input_ids"][sample:sample + 1]).sum())
+        if n == 0:
+            raise ValueError(f"sample {sample} holds no visual tokens")
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"sample {sample}: {n} visual tokens form no square grid")
+        return [("image", torch.arange(n).view(side, side))]
 
     # --- vision-tower signals ----------------------------------------------------------------
     def vision_layers(self) -> nn.ModuleList | None:
@@ -162,6 +190,13 @@ class ModelAdapter:
         keys = getattr(cache.layers[layer], "keys", None)
         return keys if isinstance(keys, torch.Tensor) and keys.numel() else None
 
+    def cached_values(self, cache: Any, layer: int) -> torch.Tensor | None:
+        """(B, H_kv, T, hd) values cached by ``layer``, or None."""
+        if cache is None or not hasattr(cache, "layers") or layer >= len(cache.layers):
+            return None
+        values = getattr(cache.layers[layer], "values", None)
+        return values if isinstance(values, torch.Tensor) and values.numel() else None
+
     def select_cache_entries(self, cache: Any, layer: int, index: torch.Tensor) -> None:
         """Keep only the cached entries ``index`` (B, K) of ``layer``."""
         entry = cache.layers[layer]
@@ -197,6 +232,10 @@ class ModelAdapter:
     def attention_scaling(self, layer: int) -> float:
         """The factor ``layer`` multiplies q·k by (1/sqrt(head_dim) unless the model says otherwise)."""
         raise NotImplementedError
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder ``layer`` (its ``config`` names the attention implementation)."""
+        return self.layers[layer].self_attn
 
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         """The LLM's rotary ``(cos, sin)`` for ``position_ids`` (B, N), as its layers take them."""

@@ -30,6 +30,28 @@ class LlavaNextAdapter(LlavaAdapter):
         return ("the anyres layout of LLaVA-NeXT (base tile, unpadded tile grid, newlines) is not mapped back to "
                 "vision-tower patches yet")
 
+    def image_panels(self, inputs: dict, sample: int) -> list[tuple[str, torch.Tensor]]:
+        """The base tile, then the unpadded anyres grid (each row closed by a newline token, which has no cell)."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
+
+        n = int(self.visual_mask(inputs["input_ids"][sample:sample + 1]).sum())
+        if n == 0:
+            raise ValueError(f"sample {sample} holds no visual tokens")
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        base = side * side
+        rest = n - base
+        size = [int(x) for x in inputs["image_sizes"][sample]]
+        gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        rows = int(unpad_image(torch.zeros(1, gh * side, gw * side), torch.tensor(size)).shape[1])
+        if rest <= 0 or rest % rows:
+            raise ValueError(f"sample {sample}: {rest} anyres tokens do not form {rows} rows closed by newlines")
+        grid = torch.arange(base, n).view(rows, rest // rows)[:, :-1]  # drop the newline column
+        return [("base", torch.arange(base).view(side, side)), ("anyres", grid.clone())]
+
     def mark_token_kinds(self, embeds: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         newline = self.model.model.image_newline.to(embeds.dtype)
         return {"image_newline": visual & (embeds == newline).all(dim=-1)}

@@ -10,6 +10,7 @@ from torch import nn
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.masks import expand_batch, gather_tokens
+from tokenprune.core.sites import CrossAttentionSite
 
 
 class MllamaAdapter(ModelAdapter):
@@ -32,14 +33,22 @@ class MllamaAdapter(ModelAdapter):
     def cross_attention_layers(self) -> list[int]:
         return sorted(int(i) for i in self.language_model.cross_attention_layers)
 
-    def validate_pipeline(self, pipeline) -> None:
-        super().validate_pipeline(pipeline)
+    def validate_pipeline(self, pipeline, guide: bool = False) -> None:
+        super().validate_pipeline(pipeline, guide)
         for stage in pipeline.stages:
-            if not stage.cross_attention:
+            if not isinstance(stage.site, CrossAttentionSite):
                 raise ConfigError(
                     f"{stage.key}.layer", f"got {stage.layer!r}, but the decoder sequence of {self.family} holds no "
                     f"visual tokens (images enter only through its cross-attention layers "
                     f"{self.cross_attention_layers}); allowed: cross_attention")
+
+    decoder_only = False
+
+    def visual_token_counts(self, inputs: dict) -> list[int]:
+        """The image features each sample's cross-attention layers read: tiles x (patches + CLS)."""
+        vision = self.model.config.vision_config
+        per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
+        return [int(tiles.sum()) * per_tile for tiles in inputs["aspect_ratio_mask"]]
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The ``<|image|>`` placeholders of the text (one per image; not the image features themselves)."""

@@ -37,6 +37,18 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
         cfg = self.model.config
         return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
 
+    def image_panels(self, inputs: dict, sample: int) -> list[tuple[str, torch.Tensor]]:
+        """One image per sample: each visual token merges ``spatial_merge_size``² patches of its grid."""
+        if "image_grid_thw" not in inputs:
+            return super().image_panels(inputs, sample)
+        n = int(self.visual_mask(inputs["input_ids"][sample:sample + 1]).sum())
+        merge = self.model.config.vision_config.spatial_merge_size
+        t, h, w = (int(x) for x in inputs["image_grid_thw"][sample])
+        grid = (t * h // merge, w // merge)
+        if grid[0] * grid[1] != n:
+            raise ValueError(f"sample {sample}: grid {grid} does not hold its {n} visual tokens")
+        return [("image", torch.arange(n).view(*grid))]
+
     def visual_grids(self, kwargs: dict, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
         if kwargs.get("video_grid_thw") is not None:
             return None

@@ -17,12 +17,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.sites import KV_CACHE, CrossAttentionSite, KVCacheSite, LayerSite, site_of
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
 #: The site of a stage on the image features of a cross-attention model (Mllama), instead of a decoder layer.
-CROSS_ATTENTION = "cross_attention"
 #: The site after the prefill: each decoder layer's cached visual keys/values (see tokenprune/core/kv_cache.py).
-KV_CACHE = "kv_cache"
 STAGE_KEYS = ("layer", "positions", "protect", "cache", "operators")
 
 
@@ -135,28 +134,21 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
             if key not in STAGE_KEYS:
                 raise ConfigError(f"{where}.{key}", f"unknown stage key; allowed: {', '.join(STAGE_KEYS)}")
         layer = stage.get("layer")
-        if layer == CROSS_ATTENTION:
-            if len(plain) > 1:
-                raise ConfigError(f"{where}.layer", "a 'cross_attention' stage must be the pipeline's only stage "
-                                  "(in a cross-attention model images enter the LLM only there)")
-            continue_checks = False
-        elif layer == KV_CACHE:
-            if i != len(plain) - 1:
-                raise ConfigError(f"{where}.layer", f"a '{KV_CACHE}' stage runs after the prefill, so it must be the "
-                                  f"pipeline's last stage (it is stage {i} of {len(plain)})")
-            continue_checks = False
-        elif isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ConfigError(f"{where}.layer", f"must be an integer >= 0 (0 = before the LLM), "
-                              f"'{CROSS_ATTENTION}' (the image features of a cross-attention model) or '{KV_CACHE}' "
-                              f"(each layer's KV cache after the prefill), got {layer!r}")
-        else:
-            continue_checks = True
-        if "cache" in stage and layer != KV_CACHE:
+        site = site_of(layer, f"{where}.layer")
+        if isinstance(site, CrossAttentionSite) and len(plain) > 1:
+            raise ConfigError(f"{where}.layer", "a 'cross_attention' stage must be the pipeline's only stage "
+                              "(in a cross-attention model images enter the LLM only there)")
+        if isinstance(site, KVCacheSite) and i != len(plain) - 1:
+            raise ConfigError(f"{where}.layer", f"a '{KV_CACHE}' stage runs after the prefill, so it must be the "
+                              f"pipeline's last stage (it is stage {i} of {len(plain)})")
+        if "cache" in stage and not isinstance(site, KVCacheSite):
             raise ConfigError(f"{where}.cache", f"only a '{KV_CACHE}' stage takes cache settings (this stage's layer "
                               f"is {layer!r})")
-        if continue_checks and layer <= previous:
-            raise ConfigError(f"{where}.layer", f"stages must have strictly increasing layers; {layer} follows {previous}")
-        previous = layer if continue_checks else previous
+        if isinstance(site, LayerSite):
+            if site.layer <= previous:
+                raise ConfigError(f"{where}.layer", f"stages must have strictly increasing layers; {layer} follows "
+                                  f"{previous}")
+            previous = site.layer
         if stage.get("positions", "keep") not in ("keep", "renumber"):
             raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: keep, renumber")
         protect = stage.get("protect", [])

@@ -192,6 +192,9 @@ class Selector(TokenOperator):
     kind = "selector"
     #: False for selectors that ignore scores (a uniform grid): the stage then needs no scorer.
     needs_scores: ClassVar[bool] = True
+    #: True for selectors whose budget is a per-sample count that can be set from outside
+    #: (:meth:`select_counts`): a kv_cache stage's adaptive budgets share it out across layers.
+    takes_counts: ClassVar[bool] = False
 
     def select(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -199,6 +202,15 @@ class Selector(TokenOperator):
     def expected_kept(self, num_visual: int) -> int:
         """Visual tokens this selector keeps out of ``num_visual`` (for analytic FLOPs)."""
         raise NotImplementedError(f"{self.op_name} has no analytic budget")
+
+    def ranking(self, state: TokenState) -> torch.Tensor:
+        """(B, N) the scores this selector ranks tokens by (selectors that take counts)."""
+        raise NotImplementedError(f"{self.op_name} does not rank by one score")
+
+    def select_counts(self, state: TokenState, counts: torch.Tensor) -> TokenState:
+        """Keep the ``counts[b]`` best visual tokens of each sample by :meth:`ranking` (selectors that take
+        counts; the runtime's adaptive budgets set them)."""
+        raise NotImplementedError(f"{self.op_name} takes no per-sample counts")
 
     def forward(self, state: TokenState) -> TokenState:
         if self.needs_scores and state.scores is None and not state.named_scores:

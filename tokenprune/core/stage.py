@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
+import torch
 from torch import nn
 
-from tokenprune.core.config import CROSS_ATTENTION, KV_CACHE
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.kv_cache import CacheSettings
-from tokenprune.core.operator import KINDS, TokenOperator
+from tokenprune.core.operator import KINDS, Selector, TokenOperator
+from tokenprune.core.registry import registered_operators
+from tokenprune.core.sites import KV_CACHE, KVCacheSite, LayerSite, Site, site_of
 from tokenprune.core.state import TokenState
 
 #: Values of a stage's ``positions`` key.
@@ -21,35 +23,40 @@ _RANK = {k: i for i, k in enumerate(KINDS)}
 
 
 class Stage(nn.Module):
-    """A site (before decoder layer ``layer``; 0 = before the LLM; ``"cross_attention"``, the image
-    features every cross-attention layer of Mllama reads; or ``"kv_cache"``, every layer's cached
-    visual keys/values after the prefill) and its ordered operators.
+    """A site (:mod:`tokenprune.core.sites`: ``layer`` is a decoder layer index — 0 = before the LLM —,
+    ``"cross_attention"``, the image features every cross-attention layer of Mllama reads, or ``"kv_cache"``,
+    every layer's cached visual keys/values after the prefill) and its ordered operators.
 
     ``positions``: ``keep`` (kept tokens keep their position ids, FastV) or ``renumber`` (the
     surviving tokens are numbered contiguously from the site on, PyramidDrop). ``cache``: the
     :class:`~tokenprune.core.kv_cache.CacheSettings` of a ``kv_cache`` stage.
     """
 
-    def __init__(self, layer: int | str, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
+    def __init__(self, layer: int | str | Site, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
                  protect: Iterable[str] = (), cache: CacheSettings | dict | None = None):
         super().__init__()
-        self.layer = layer
+        #: Where the stage runs.
+        self.site: Site = site_of(layer, f"{key}.layer")
+        #: The site as YAML writes it: a decoder layer index, ``cross_attention`` or ``kv_cache``.
+        self.layer = self.site.value
         self.protect = tuple(protect)
-        #: True for the ``cross_attention`` site (image features of a cross-attention model).
-        self.cross_attention = layer == CROSS_ATTENTION
-        #: True for the ``kv_cache`` site (each layer's KV cache, compressed after the prefill).
-        self.kv_cache = layer == KV_CACHE
         self.operators = nn.ModuleList(operators)
         self.key = key
         if positions not in POSITIONS:
             raise ConfigError(f"{key}.positions", f"got {positions!r}; allowed: {', '.join(POSITIONS)}")
         self.positions = positions
-        if cache is not None and not self.kv_cache:
-            raise ConfigError(f"{key}.cache", f"only a '{KV_CACHE}' stage takes cache settings (layer is {layer!r})")
-        self.cache = cache if isinstance(cache, CacheSettings) else CacheSettings.parse(cache, f"{key}.cache") \
-            if self.kv_cache else None
+        kv = isinstance(self.site, KVCacheSite)
+        if cache is not None and not kv:
+            raise ConfigError(f"{key}.cache", f"only a '{KV_CACHE}' stage takes cache settings (layer is "
+                              f"{self.layer!r})")
+        self.cache = (cache if isinstance(cache, CacheSettings) else CacheSettings.parse(cache, f"{key}.cache")) \
+            if kv else None
         self._validate_order()
-        if self.kv_cache:
+        for j, op in enumerate(self.operators):
+            if isinstance(self.site, LayerSite) and self.site.layer < op.min_layer:
+                raise ConfigError(f"{key}.layer", f"operator {op.op_name!r} ({key}.operators.{j}) needs the decoder "
+                                  f"layer before its site, so layer must be >= {op.min_layer}; got {self.site.layer}")
+        if kv:
             self._validate_kv()
 
     def _validate_kv(self) -> None:
@@ -63,9 +70,22 @@ class Stage(nn.Module):
             if getattr(op, "needs_vision", False) or getattr(op, "needs_guide", False):
                 raise ConfigError(f"{self.key}.operators.{j}", f"{op.op_name!r} reads the vision tower or a guide "
                                   "model, which a kv_cache stage does not capture; score with the layer's attention")
-        if self.cache.budget == "adaptive" and self.selector.op_name != "topk":
-            raise ConfigError(f"{self.key}.cache.budget", "adaptive budgets re-share a topk selector's budget "
-                              f"across layers; this stage's selector is {self.selector.op_name!r}")
+        sel = self.selector
+        if self.cache.budget == "adaptive" and not (isinstance(sel, Selector) and sel.takes_counts):
+            takers = [n for n, c in registered_operators().items() if issubclass(c, Selector) and c.takes_counts]
+            raise ConfigError(f"{self.key}.cache.budget", "adaptive budgets re-share the selector's budget across "
+                              f"layers as per-sample counts; this stage's selector is {sel.op_name!r}, which takes "
+                              f"none (selectors that do: {', '.join(takers)})")
+
+    def check_depth(self, num_layers: int) -> None:
+        """Raise :class:`ConfigError` if the stage's site or cache layers do not exist in an LLM of ``num_layers``."""
+        self.site.check_depth(num_layers, f"{self.key}.layer")
+        if self.cache is not None:
+            self.cache.layer_list(num_layers, f"{self.key}.cache")
+            sl = self.cache.decode.score_layer
+            if sl is not None and sl >= num_layers:
+                raise ConfigError(f"{self.key}.cache.decode.score_layer", f"{sl} is beyond the model's depth: it has "
+                                  f"{num_layers} decoder layers")
 
     def score_operators(self) -> list[TokenOperator]:
         """The shifts and scorers (a kv_cache stage runs them inside the prefill)."""
@@ -74,6 +94,21 @@ class Stage(nn.Module):
     def select_operators(self) -> list[TokenOperator]:
         """The selector and merger (a kv_cache stage runs them once the prefill is done)."""
         return [op for op in self.operators if op.kind not in ("shift", "scorer")]
+
+    def select(self, state: TokenState, counts: torch.Tensor | None = None) -> TokenState:
+        """Run the selector and merger on a scored state; ``counts`` (B,), when given, is how many visual tokens
+        each sample keeps (the selector must take counts: :attr:`Selector.takes_counts`)."""
+        for op in self.select_operators():
+            if counts is not None and op is self.selector:
+                state = op.select_counts(state, counts)
+            else:
+                state = op(state)
+        return state
+
+    @property
+    def merges(self) -> bool:
+        """Whether a merger folds dropped tokens into kept ones (a kv_cache stage then writes merged entries)."""
+        return any(op.kind == "merger" for op in self.operators)
 
     def _validate_order(self) -> None:
         """Check the operator order; the error names the first operator that breaks it."""

@@ -195,12 +195,11 @@ def synthetic_mllama(text: dict[str, Any], seed: int = 0, dtype: torch.dtype | N
 SYNTHETIC = {"llava_next": synthetic_llava_next, "mllama": synthetic_mllama}
 
 
-def _synthetic_inputs(model, batch: int, words: int) -> dict[str, torch.Tensor]:
-    """``batch`` identical-length prompts, each with one image — LLaVA-NeXT: 672×672 (all anyres tiles); Mllama: 4
-    tiles — and ``words`` text tokens."""
-
+def _synthetic_inputs(model, kind: str, batch: int, words: int) -> dict[str, torch.Tensor]:
+    """``batch`` identical-length prompts, each with one image — ``llava_next``: 672×672 (all anyres tiles);
+    ``mllama``: 4 tiles — and ``words`` text tokens."""
     prompts = [[10 + i % 100 for i in range(words)]] * batch
-    if model.config.model_type == "mllama":
+    if kind == "mllama":
         return tiny_mllama_inputs(model, tiles=[4] * batch, prompts=prompts)
     return tiny_llava_next_inputs(model, image_sizes=[(672, 672)] * batch, prompts=prompts)
 
@@ -247,12 +246,10 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     b = inputs["input_ids"].shape[0]
     n = int(inputs["attention_mask"][0].sum())
     prefill = [t for t in trace if t.site == "prefill"]
-    if model.config.model_type == "mllama":  # visual tokens: the image features the cross-attention layers read
-        vision = model.config.vision_config
-        v = int(inputs["aspect_ratio_mask"][0].sum()) * ((vision.image_size // vision.patch_size) ** 2 + 1)
-        reduction = None  # analytic FLOPs do not model cross-attention yet (docs/flops.md)
-    else:
-        v = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    adapter = get_adapter(model)
+    v = adapter.visual_token_counts(inputs)[0]
+    reduction = None  # analytic FLOPs do not model cross-attention yet (docs/flops.md)
+    if adapter.decoder_only:
         reduction = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in prefill],
                                    "exact").reduction
     return {"prefill_ms": steps[0], "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
@@ -311,12 +308,12 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
         device = torch.device(m.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, processor = _load(m, device)
         model.to(device)
-        shape = None if model.config.model_type == "mllama" else LLMShape.from_config(model.config.text_config,
-                                                                                           name=m.name)
+        shape = LLMShape.from_config(model.config.text_config, name=m.name) if get_adapter(model).decoder_only \
+            else None
         variants = [v for v in cfg.variants if m.get("variants") is None or v.name in m.variants]
         repeats = cfg.repeats if m.get("repeats") is None else int(m.repeats)
         for batch in (m.get("batch_sizes") or cfg.batch_sizes):
-            inputs = _synthetic_inputs(model, batch, cfg.prompt_words) if m.get("synthetic") else \
+            inputs = _synthetic_inputs(model, m.synthetic, batch, cfg.prompt_words) if m.get("synthetic") else \
                 _reference_inputs(processor, batch)
             inputs = {k: t.to(device) for k, t in inputs.items()}
             samples: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
@@ -395,11 +392,12 @@ class materialize_attention:  # noqa: N801 - used as a context manager, named fo
         from transformers import AttentionInterface
 
         AttentionInterface.register("tokenprune_materialized", materialized_attention)
-        decoder = get_adapter(self.model).layers
+        adapter = get_adapter(self.model)
         for i in self.layers:
-            if i >= len(decoder):
-                raise ConfigError("materialize_attention", f"layer {i}; the model has {len(decoder)} decoder layers")
-            attn = decoder[i].self_attn
+            if i >= adapter.num_layers:
+                raise ConfigError("materialize_attention", f"layer {i}; the model has {adapter.num_layers} decoder "
+                                  "layers")
+            attn = adapter.attention_module(i)
             self.saved.append((attn, attn.config))
             attn.config = copy.copy(attn.config)
             attn.config._attn_implementation = "tokenprune_materialized"

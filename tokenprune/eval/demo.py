@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from tokenprune.adapters import get_adapter
 from tokenprune.measure.flops import LLMShape, pipeline_flops
 from tokenprune.pipeline import load_pipeline
 from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
@@ -28,7 +29,7 @@ def run_demo(pipeline: str = "fastv", overrides: tuple[str, ...] = (), new_token
             tokens = model.generate(**inputs, **gen)[:, -new_tokens:]
         t2 = time.perf_counter()
     valid = inputs["attention_mask"].sum(1).tolist()
-    visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    visual = get_adapter(model).visual_token_counts(inputs)
     shape = LLMShape.from_config(model.config.text_config, name="tiny")
     lines = [f"tokenprune demo: pipeline {pipe.name!r} on a tiny random-init LLaVA "
              f"({shape.layers} layers, SDPA), batch of {len(valid)} left-padded prompts", ""]

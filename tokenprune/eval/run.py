@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.adapters import get_adapter
+from tokenprune.core.sites import KVCacheSite
 from tokenprune.eval.files import digest, write_atomic, write_jsonl
 from tokenprune.eval.lmms_eval_run import run_lmms_eval
 from tokenprune.eval.models import build_prompt, load_model, model_identity
@@ -68,11 +70,11 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     prompt_len = enc["input_ids"].shape[1]
     texts = processor.tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
-    image_id = getattr(model.config, "image_token_id", None)
+    visual_counts = get_adapter(model).visual_token_counts(enc)
     records = []
     for b, (it, text) in enumerate(zip(items, texts)):
         n_tokens = int(enc["attention_mask"][b].sum()) if "attention_mask" in enc else prompt_len
-        n_visual = int((enc["input_ids"][b] == image_id).sum()) if image_id is not None else 0
+        n_visual = visual_counts[b]
         prefill = [t for t in trace if t.site == "prefill"]  # kv_cache/decode traces do not change the prefill
         stages = [(t.layer, t.tokens_after[b], t.visual_after[b]) for t in prefill if isinstance(t.layer, int)]
         rec: dict[str, Any] = {
@@ -164,7 +166,7 @@ def run_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], i
                        equivalent_visual_tokens=_mean([r["equivalent_visual_tokens"] for r in records]))
     else:
         metrics.update(flops=None, baseline_flops=None, flops_reduction=None, equivalent_visual_tokens=None)
-    stages = sum(not s.kv_cache for s in pipeline.stages) if pipeline is not None else 0
+    stages = sum(not isinstance(s.site, KVCacheSite) for s in pipeline.stages) if pipeline is not None else 0
     metrics["visual_tokens"] = _mean([r["visual_tokens"] for r in records])
     metrics["visual_tokens_kept"] = [_mean([r["visual_tokens_kept"][s] for r in records
                                             if len(r["visual_tokens_kept"]) > s]) for s in range(stages)]

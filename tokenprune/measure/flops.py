@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.sites import CrossAttentionSite
 from tokenprune.pipeline import Pipeline
 
 CONVENTIONS = ("fastv", "exact")
@@ -107,10 +108,11 @@ def layer_token_counts(pipeline: Pipeline | None, num_layers: int, n_tokens: int
     if pipeline is not None:
         pipeline.validate_for_depth(num_layers)
         for i, stage in enumerate(pipeline.stages):
-            if stage.cross_attention:
+            if isinstance(stage.site, CrossAttentionSite):
                 raise ConfigError(f"stages.{i}.layer", "analytic FLOPs model decoder-only LVLMs; a 'cross_attention' "
                                   "site (Mllama) is not modelled yet")
-        sites = {stage.layer: (i, stage) for i, stage in enumerate(pipeline.stages)}
+        sites = {stage.site.decoder_layer: (i, stage) for i, stage in enumerate(pipeline.stages)
+                 if stage.site.decoder_layer is not None}
     counts, n, v = [], n_tokens, n_visual
     for layer in range(num_layers):
         if layer in sites:

@@ -58,46 +58,8 @@ class Panel:
 
 
 def image_panels(model, inputs: dict, sample: int = 0) -> list[Panel]:
-    """The panels of ``sample``'s visual tokens (one image per sample)."""
-    adapter = get_adapter(model)
-    ids = inputs["input_ids"][sample:sample + 1]
-    visual = adapter.visual_mask(ids)[0]
-    n = int(visual.sum())
-    if n == 0:
-        raise ValueError(f"sample {sample} holds no visual tokens")
-    if adapter.family == "LLaVA-NeXT":  # base tile, then the unpadded anyres grid, each row closed by a newline
-        cfg = model.config
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        base = side * side
-        rest = n - base
-        rows = _anyres_rows(model, inputs, sample, side)
-        if rest <= 0 or rest % rows:
-            raise ValueError(f"sample {sample}: {rest} anyres tokens do not form {rows} rows closed by newlines")
-        grid = torch.arange(base, n).view(rows, rest // rows)[:, :-1]  # drop the newline column
-        return [Panel("base", torch.arange(base).view(side, side)), Panel("anyres", grid.clone())]
-    if "image_grid_thw" in inputs:  # Qwen2-VL: each visual token merges merge x merge patches
-        merge = model.config.vision_config.spatial_merge_size
-        t, h, w = (int(x) for x in inputs["image_grid_thw"][sample])
-        grid = (t * h // merge, w // merge)
-    else:
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f"sample {sample}: {n} visual tokens form no square grid")
-        grid = (side, side)
-    if grid[0] * grid[1] != n:
-        raise ValueError(f"sample {sample}: grid {grid} does not hold its {n} visual tokens")
-    return [Panel("image", torch.arange(n).view(*grid))]
-
-
-def _anyres_rows(model, inputs: dict, sample: int, side: int) -> int | None:
-    """Rows of LLaVA-NeXT's unpadded anyres grid for ``sample``: its number of newline tokens."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    cfg = model.config
-    size = [int(x) for x in inputs["image_sizes"][sample]]
-    gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-    dummy = torch.zeros(1, gh * side, gw * side)
-    return int(unpad_image(dummy, torch.tensor(size)).shape[1])
+    """The panels of ``sample``'s visual tokens (one image per sample), as the model's adapter lays them out."""
+    return [Panel(name, cells) for name, cells in get_adapter(model).image_panels(inputs, sample)]
 
 
 @torch.no_grad()

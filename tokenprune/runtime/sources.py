@@ -165,6 +165,39 @@ class VisionSource(VisionSignalSource):
         return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
 
 
+class DecodeQuerySource(AttentionSource):
+    """The attention of a decoding step's last token at decoder ``layer`` over every entry the layer has cached.
+
+    The stage's tokens are the cached entries (B, T) — the held prompt entries, then the tokens decoded so far —
+    and the one query (set ``last``) is the last token of the step's input ``hidden`` (B, q, D), projected with
+    the layer's own weights and rotary ``position_embeddings``; it may attend to every valid entry.
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
+                 keys: torch.Tensor):
+        self.adapter, self.layer, self.hidden, self.position_embeddings, self._keys = \
+            adapter, layer, hidden, position_embeddings, keys
+
+    def query_rows(self, name, sample):
+        if name != "last":
+            raise ValueError(f"a decoding step's attention has the query set 'last' only; got {name!r}")
+        return torch.zeros(1, dtype=torch.long, device=self._keys.device)
+
+    def allowed(self, sample, rows):
+        return torch.ones(rows.shape[0], self._keys.shape[2], dtype=torch.bool, device=self._keys.device)
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        if content_free or not rotary:
+            raise ValueError("a decoding step's attention is given with the rotary embedding and content only")
+        h = self.hidden[sample:sample + 1]
+        last = torch.full((1, 1), h.shape[1] - 1, device=h.device)
+        q = self.adapter.project_queries(self.layer, h, self.position_embeddings, last, sample=sample)[0]  # (H, 1, hd)
+        return scaled_scores(q, self._keys[sample], self.adapter.attention_scaling(self.layer))
+
+    def keys(self):
+        return self._keys
+
+
 class CachedKeys(AttentionSource):
     """A kv_cache stage's source after the prefill: the layer's cached keys (``features("keys")``)."""
 

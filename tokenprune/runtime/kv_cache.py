@@ -1,0 +1,173 @@
+"""The runtime of a ``kv_cache`` stage (:class:`~tokenprune.core.sites.KVCacheSite`).
+
+The prefill runs whole. Right after each named layer has run, the stage's shifts and scorers score the
+tokens that layer just cached, with the layer's own attention (its cached keys, queries recomputed from its
+input). Once the forward has returned, the selector (and merger) choose each layer's entries and the layer's
+cache is cut to them — uniform budgets per layer, or adaptive ones shared out across layers
+(:func:`~tokenprune.core.kv_cache.adaptive_weights`). With ``decode`` settings, chosen decoding steps cut
+each layer's held visual entries again, by the attention the current token pays them (MINT).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.core.budget import keep_top_visual, resolve_keep
+from tokenprune.core.errors import PipelineRuntimeError
+from tokenprune.core.kv_cache import adaptive_weights, allocate, flatten_entries, unflatten_entries
+from tokenprune.core.masks import gather_tokens
+from tokenprune.core.state import TokenState
+from tokenprune.runtime.episode import Episode, KVRecord
+from tokenprune.runtime.site import SiteRuntime, keep_index, merges
+from tokenprune.runtime.sources import CachedKeys, DecodeQuerySource, LayerAttentionSource
+from tokenprune.runtime.timing import Stopwatch
+
+
+class KVCacheRuntime(SiteRuntime):
+    """Scores each named layer's cache in the prefill, cuts it after the forward, re-prunes while decoding."""
+
+    def __init__(self, index, stage, attached):
+        super().__init__(index, stage, attached)
+        self.layers = set(stage.cache.layer_list(self.adapter.num_layers, f"{stage.key}.cache"))
+        self.decode_steps = set(stage.cache.decode.steps)
+
+    def install(self) -> list[Any]:
+        return [self.adapter.layers[i].register_forward_hook(self._layer_post_hook(i)) for i in sorted(self.layers)]
+
+    def layer_ready(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
+        if layer in self.layers:  # scored in the layer's forward hook, once its keys are in the cache
+            ep.kv_pending[layer] = (hidden, kwargs.get("position_embeddings"))
+
+    def _layer_post_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            ep = self.attached.episode
+            if ep is not None and ep.phase == "prefill" and layer in ep.kv_pending:
+                hidden, pe = ep.kv_pending.pop(layer)
+                self._score_layer(layer, hidden, pe, ep)
+
+        return hook
+
+    def _score_layer(self, layer: int, hidden: torch.Tensor, position_embeddings: Any, ep: Episode) -> None:
+        """Run the stage's shifts and scorers on the tokens ``layer`` has just cached, with the layer's own
+        attention: its cached keys, and queries recomputed from its input for the rows asked for."""
+        flow = ep.flow
+        b, n = hidden.shape[:2]
+        cur = flow.index if flow.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        state, _ = self.stage_state(layer, hidden, ep, cur, flow.live, flow.sizes, flow.positions)
+        state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask,
+                                                    cached_keys=self.adapter.cached_keys(ep.cache, layer))
+        state, ms, _ = self.run_operators(state, hidden, self.stage.score_operators())
+        ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms)
+
+    def after_forward(self, ep: Episode) -> None:
+        if ep.phase == "prefill" and ep.kv:
+            self._compress(ep)
+
+    def _compress(self, ep: Episode) -> None:
+        """After the prefill: select (and merge) each compressed layer's cached entries and cut its cache."""
+        stage = self.stage
+        if ep.cache is None:  # a forward without a cache (use_cache=False): nothing to compress
+            ep.kv = {}
+            return
+        layers = sorted(ep.kv)
+        states = {}
+        for layer in layers:
+            rec = ep.kv[layer]
+            keys = self.adapter.cached_keys(ep.cache, layer)
+            if keys is None:
+                raise PipelineRuntimeError(f"{stage.key}: layer {layer} has no KV cache after the prefill "
+                                           "(generate(..., use_cache=True) keeps one)")
+            if keys.shape[2] != rec.index.shape[1]:
+                raise PipelineRuntimeError(f"{stage.key}: layer {layer} caches {keys.shape[2]} entries but "
+                                           f"{rec.index.shape[1]} tokens entered it")
+            values = self.adapter.cached_values(ep.cache, layer)
+            state, visual_before = self.stage_state(layer, flatten_entries(keys, values), ep, rec.index, rec.live,
+                                                    rec.sizes, rec.positions)
+            state.scores, state.named_scores = rec.scores, dict(rec.named_scores)
+            state.signals.source = CachedKeys(keys)
+            states[layer] = (state, visual_before, keys, values)
+        counts = self._adaptive_counts([states[layer][0] for layer in layers]) \
+            if stage.cache.budget == "adaptive" else None
+        for li, layer in enumerate(layers):
+            rec = ep.kv[layer]
+            state, visual_before, keys, values = states[layer]
+            with torch.no_grad(), Stopwatch(state.hidden) as clock:
+                state = stage.select(state, None if counts is None else counts[:, li])
+            rel, new_live = keep_index(state.keep_mask, state.valid_mask)
+            entries = None
+            if stage.merges:
+                k, v = unflatten_entries(gather_tokens(state.hidden, rel), keys.shape[1], keys.shape[3])
+                entries = (k.to(keys.dtype), v.to(values.dtype))
+            bias = gather_tokens(state.sizes.float(), rel).clamp_min(1e-6).log() if state.proportional_attention \
+                else "gather"
+            new_index = rec.index.gather(1, rel)
+            ep.cut(self.adapter, layer, rel, new_index, new_live, bias=bias, entries=entries)
+            self.trace(ep, layer, state.valid_mask, visual_before, new_index, new_live, site="kv_cache",
+                       operator_ms=rec.ms + clock.ms, merged_into=merges(state.merged_into, rec.index))
+        self.attached.pipeline.runs[self.index] += 1
+        ep.kv = {}
+
+    def _adaptive_counts(self, states: list[TokenState]) -> torch.Tensor:
+        """(B, L) visual entries each compressed layer keeps per sample: the selector's budget times the number of
+        layers, shared out by :func:`~tokenprune.core.kv_cache.adaptive_weights`."""
+        sel = self.stage.selector
+        b = states[0].batch_size
+        out = torch.zeros(b, len(states), dtype=torch.long)
+        for i in range(b):
+            visual = [s.visual_mask[i] for s in states]
+            scores = [sel.ranking(s)[i][v] for s, v in zip(states, visual)]
+            caps = [int(v.sum()) for v in visual]
+            total = sum(sel.expected_kept(c) for c in caps)
+            out[i] = torch.tensor(allocate(adaptive_weights(scores), total, caps))
+        return out
+
+    # --- decoding-time re-pruning ----------------------------------------------------------------
+    def decode_layer(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
+        if layer in self.layers and ep.decode_step in self.decode_steps:
+            self._reprune(layer, ep, hidden, kwargs)
+
+    def _reprune(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Decoding-time re-pruning (MINT): keep the held visual entries of ``layer``'s cache that the current
+        token attends to most (at this layer, or at ``decode.score_layer``)."""
+        dec = self.stage.cache.decode
+        keys = self.adapter.cached_keys(ep.cache, layer)
+        if keys is None:
+            return
+        b, _, t, _ = keys.shape
+        held = ep.held_at(layer)
+        index = held.index if held.index is not None else \
+            torch.arange(ep.prefill_len, device=keys.device).expand(b, ep.prefill_len)
+        k_p = index.shape[1]
+        valid = ep.real(index, held.live)
+        if dec.score_layer is None or layer == dec.score_layer:
+            pe = kwargs.get("position_embeddings") if held.shift is None else \
+                self.attached.stream.shifted_decode_positions(layer, ep, hidden, kwargs)[1]
+            # every cached entry: the held prompt entries, then the tokens decoded so far
+            allowed = torch.cat([valid, torch.ones(b, t - k_p, dtype=torch.bool, device=keys.device)], dim=1)
+            entries = torch.cat([index, torch.arange(ep.prefill_len, ep.prefill_len + t - k_p,
+                                                     device=keys.device).expand(b, t - k_p)], dim=1)
+            state = TokenState(hidden=keys.transpose(1, 2).flatten(2), visual_mask=torch.zeros_like(allowed),
+                               valid_mask=allowed, positions=entries, source_index=entries,
+                               sizes=torch.ones(b, t, device=keys.device), layer=layer)
+            state.signals.source = DecodeQuerySource(self.adapter, layer, hidden, pe, keys)
+            with torch.no_grad():
+                probs = state.signals.attention("last", "mean")  # (B, T): heads averaged
+            full = torch.full((b, ep.prefill_len), float("-inf"), device=keys.device)
+            full.scatter_(1, index, probs[:, :k_p].to(full.device).masked_fill(~valid, float("-inf")))
+            if dec.score_layer is not None:
+                ep.decode_scores = full
+        else:
+            if ep.decode_scores is None:  # layers before score_layer keep what they hold
+                return
+            full = ep.decode_scores
+        visual = ep.visual.gather(1, index) & valid
+        counts = torch.tensor([resolve_keep(dec.keep, int(v)) for v in visual.sum(1).tolist()], device=index.device)
+        keep = keep_top_visual(full.gather(1, index), visual, counts)
+        rel, new_live = keep_index(keep, valid)
+        rest = torch.arange(k_p, t, device=index.device).expand(b, t - k_p)
+        bias = gather_tokens(held.bias, rel) if held.bias is not None else None  # the bias covers the prompt part
+        ep.cut(self.adapter, layer, torch.cat([rel, rest], dim=1), index.gather(1, rel), new_live, bias=bias)
+        self.trace(ep, layer, valid, visual, ep.held[layer].index, new_live, site="decode", step=ep.decode_step)

@@ -1,0 +1,202 @@
+"""The decoder stream: every decoder layer's keyword arguments kept consistent with the tokens it runs on.
+
+The LLM builds the causal mask, the position ids and the rotary cos/sin once for the whole prompt. After a
+stage has pruned the token stream, each later layer's pre-hook gathers them to the kept tokens (kept tokens
+keep their positions unless a stage renumbers them). In a decoding step, a layer whose cache holds fewer
+prompt entries than the prompt gets a mask whose key columns are ``cat(held, prefill_len..total_len)``, with
+filler slots masked and any proportional-attention bias added. Site runtimes are called at each layer
+(:class:`~tokenprune.runtime.site.SiteRuntime`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.base import ModelAdapter
+from tokenprune.core.errors import PipelineRuntimeError
+from tokenprune.core.masks import (
+    decode_key_index,
+    expand_batch,
+    full_causal_mask,
+    gather_mask,
+    gather_tokens,
+    mask_key_columns,
+)
+from tokenprune.runtime.episode import Capture, Episode, FullFrame
+from tokenprune.runtime.site import SiteRuntime
+
+
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's input hidden states, from its forward pre-hook's arguments."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def cache_argument(kwargs: dict) -> Any:
+    """The KV cache a forward was given: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def add_key_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, adapter: ModelAdapter) -> torch.Tensor:
+    """An additive 4-D mask: ``mask`` (bool or additive) plus ``bias`` (B, K) on its first K key columns."""
+    if mask.dim() != 4:
+        raise PipelineRuntimeError("proportional attention needs SDPA or eager attention (a 4-D mask); "
+                                   f"this model runs {adapter.attn_implementation}")
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    pad = mask.shape[-1] - bias.shape[1]
+    full = torch.nn.functional.pad(bias.to(mask.dtype), (0, pad))
+    return mask + full[:, None, None, :]
+
+
+class DecoderStream:
+    """The LLM's and its decoder layers' pre-hooks; calls each site runtime at each layer."""
+
+    def __init__(self, attached: Any, sites: list[SiteRuntime], capture_layers: set[int]):
+        self.attached = attached
+        self.adapter: ModelAdapter = attached.adapter
+        self.sites = sites
+        self.capture_layers = capture_layers  # layers whose input a stage right after them reads
+
+    def install(self) -> list[Any]:
+        handles = [self.adapter.language_model.register_forward_pre_hook(self._llm_pre_hook, with_kwargs=True)]
+        for i, layer in enumerate(self.adapter.layers):
+            handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        return handles
+
+    # --- the LLM -----------------------------------------------------------------------------
+    def _llm_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        ep = self.attached.episode
+        if ep is None or ep.phase != "decode" or not ep.short_first_cache:
+            return None
+        # The first layer's cache holds only kept tokens, so the LLM would size its mask and positions from a
+        # short cache: hand it the full-frame mask and positions instead; each layer then gathers.
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1]
+        total = ep.seen + q
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(embeds.shape[0], total, dtype=torch.long, device=embeds.device)
+        if mask.dim() == 2:
+            if mask.shape[1] != total:
+                raise PipelineRuntimeError(f"attention_mask has {mask.shape[1]} columns; expected {total} (all tokens so far)")
+            if self.adapter.mask_format == "2d":
+                raise PipelineRuntimeError("trimming the first layer's cache is not supported with FlashAttention yet")
+            kwargs["attention_mask"] = full_causal_mask(mask, q, self.adapter.mask_format, embeds.dtype)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = (ep.seen + torch.arange(q, device=embeds.device))[None]
+        return args, kwargs
+
+    # --- each decoder layer ------------------------------------------------------------------
+    def _layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            ep = self.attached.episode
+            if ep is None:
+                return None
+            if ep.phase == "decode":
+                hidden = layer_hidden(args, kwargs)
+                for site in self.sites:
+                    site.decode_layer(layer, ep, hidden, kwargs)
+                return self._decode_layer(layer, ep, args, kwargs)
+            return self._prefill_layer(layer, ep, args, kwargs)
+
+        return hook
+
+    def _prefill_layer(self, layer: int, ep: Episode, args: tuple, kwargs: dict):
+        hidden = layer_hidden(args, kwargs)
+        if ep.full is None:
+            ep.kinds = self.adapter.mark_token_kinds(hidden, ep.visual)
+            if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
+                ep.cache = cache_argument(kwargs)
+            b, n = ep.visual.shape
+            pos = kwargs.get("position_ids")
+            given = pos is not None
+            if pos is None:
+                pos = torch.arange(n, device=hidden.device)[None]
+            ep.full = FullFrame(expand_batch(pos, b), kwargs.get("position_embeddings"), kwargs.get("attention_mask"),
+                                given)
+        for site in self.sites:
+            hidden = site.prefill_layer(layer, ep, hidden)
+        if ep.flow.index is not None:
+            kwargs.update(self.frame_kwargs(ep, hidden))
+        for site in self.sites:
+            site.layer_ready(layer, ep, hidden, kwargs)
+        ep.record(layer)
+        if layer in self.capture_layers:
+            ep.capture = Capture(layer, hidden, kwargs.get("position_embeddings"))
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def frame_kwargs(self, ep: Episode, hidden: torch.Tensor) -> dict[str, Any]:
+        """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage)."""
+        flow = ep.flow
+        if ep.frame is not None and ep.frame[0] is flow.index:
+            return ep.frame[1]
+        idx = flow.index
+        pe = ep.full.position_embeddings
+        if flow.renumbered:
+            out: dict[str, Any] = {"position_ids": flow.positions}
+            if pe is not None:
+                out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, flow.positions)
+        else:
+            out = {"position_ids": ep.full.position_ids.gather(1, idx)} if ep.full.positions_given else {}
+            if pe is not None:
+                out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
+        mask = ep.full.attention_mask
+        mask = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
+        if mask is None and (flow.key_bias is not None or flow.live is not None):
+            mask = full_causal_mask(ep.valid_now(), idx.shape[1], "bool", hidden.dtype)
+        elif flow.live is not None:
+            mask = mask_key_columns(mask, flow.live)
+        if flow.key_bias is not None:
+            mask = add_key_bias(mask, flow.key_bias, hidden.dtype, self.adapter)
+        out["attention_mask"] = mask
+        ep.frame = (idx, out)
+        return out
+
+    # --- decoding ----------------------------------------------------------------------------
+    def _decode_layer(self, layer: int, ep: Episode, args: tuple, kwargs: dict):
+        held = ep.held_at(layer)
+        mask = kwargs.get("attention_mask")
+        if held.index is None and held.bias is None and held.shift is None:
+            return None
+        if held.index is not None and (mask is not None or held.bias is not None or held.live is not None):
+            key = id(held.index)
+            if key not in ep.decode_masks:
+                total = ep.seen + ep.query_len
+                if mask is None:  # SDPA without padding: build the causal mask to carry the bias
+                    mask = full_causal_mask(torch.ones(held.index.shape[0], total, dtype=torch.long,
+                                                       device=held.index.device), ep.query_len, "bool", torch.float32)
+                    mask = gather_mask(mask, None, decode_key_index(held.index, ep.prefill_len, total))
+                else:
+                    mask = gather_mask(mask, None, decode_key_index(held.index, ep.prefill_len, mask.shape[-1]))
+                if held.live is not None:
+                    mask = mask_key_columns(mask, held.live)
+                if held.bias is not None:
+                    mask = add_key_bias(mask, held.bias, layer_hidden(args, kwargs).dtype, self.adapter)
+                ep.decode_masks[key] = mask
+            kwargs["attention_mask"] = ep.decode_masks[key]
+        if held.shift is not None:
+            pos, pe = self.shifted_decode_positions(layer, ep, layer_hidden(args, kwargs), kwargs)
+            kwargs["position_ids"] = pos
+            kwargs["position_embeddings"] = pe
+        return args, kwargs
+
+    def shifted_decode_positions(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict):
+        """(position ids, rotary cos/sin) of the decoding tokens at ``layer``, after a renumbering stage moved its
+        positions down by the layer's held shift (computed once per step and shift)."""
+        shift = ep.held_at(layer).shift
+        key = id(shift)
+        if key not in ep.decode_pe:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
+            pos = expand_batch(pos, shift.shape[0]) - shift[:, None]
+            ep.decode_pe[key] = (pos, self.adapter.rotary_embeddings(hidden, pos))
+        return ep.decode_pe[key]
