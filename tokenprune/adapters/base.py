@@ -23,6 +23,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder (or vision) layer's input hidden states, from its forward pre-hook's arguments."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 class ModelAdapter:
     """Everything tokenprune needs to know about one model family.
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tokenprune.adapters import get_adapter
+from tokenprune.adapters.base import layer_hidden
 from tokenprune.core.registry import build_operator
 from tokenprune.core.state import TokenState
 from tokenprune.runtime.sources import LayerAttentionSource
@@ -80,7 +81,7 @@ def text_to_image_attention(model, inputs: dict, layers: list[int], queries: str
 
     def hook(layer):
         def grab(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_hidden(args, kwargs)
             captured[layer] = (hidden, kwargs.get("position_embeddings"))
         return grab
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.adapters import get_adapter
+from tokenprune.adapters.base import layer_hidden
 from tokenprune.core.errors import ConfigError
 from tokenprune.reference import shapes
 from tokenprune.reference.model import ReferenceSize, build_model, build_processor, prompt, vocabulary
@@ -459,7 +460,7 @@ def _lightning_module(cfg: DictConfig, processor):
                 layers = self.model.model.language_model.layers
                 for layer in (hints.gather_layer, hints.retrieve_layer):
                     def grab(module, args, kwargs, layer=layer):
-                        hidden = args[0] if args else kwargs["hidden_states"]
+                        hidden = layer_hidden(args, kwargs)
                         captured[layer] = (hidden, kwargs["position_embeddings"])
                     hooks.append(layers[layer].register_forward_pre_hook(grab, with_kwargs=True))
             try:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
+from tokenprune.adapters.base import layer_hidden
 from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.core.sites import CrossAttentionSite, KVCacheSite, LayerSite
 from tokenprune.core.stage import Stage
@@ -37,7 +38,7 @@ from tokenprune.runtime.kv_cache import KVCacheRuntime
 from tokenprune.runtime.layer_site import LayerSiteRuntime
 from tokenprune.runtime.site import SiteRuntime
 from tokenprune.runtime.sources import VisionSource
-from tokenprune.runtime.stream import DecoderStream, cache_argument, layer_hidden
+from tokenprune.runtime.stream import DecoderStream, cache_argument
 
 
 class RunnablePipeline(Protocol):

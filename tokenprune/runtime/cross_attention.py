@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenprune.adapters.base import layer_hidden
 from tokenprune.core.masks import gather_mask, gather_tokens, mask_key_columns, ragged_keep_index
 from tokenprune.core.state import Signals, TokenState
 from tokenprune.core.trace import StageTrace
 from tokenprune.runtime.episode import CrossCut, Episode
 from tokenprune.runtime.site import SiteRuntime
 from tokenprune.runtime.sources import CrossAttentionSource
-from tokenprune.runtime.stream import add_key_bias, cache_argument, layer_hidden
+from tokenprune.runtime.stream import add_key_bias, cache_argument
 
 
 class CrossAttentionRuntime(SiteRuntime):

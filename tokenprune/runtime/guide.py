@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import get_adapter
+from tokenprune.adapters.base import layer_hidden
 from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.core.state import Signals, TokenState
 from tokenprune.runtime.sources import LayerAttentionSource
@@ -41,7 +42,7 @@ class GuideModel:
 
         def capture(i: int):
             def hook(module, args, kwargs):
-                captured[i] = (args[0] if args else kwargs["hidden_states"], kwargs.get("position_embeddings"))
+                captured[i] = (layer_hidden(args, kwargs), kwargs.get("position_embeddings"))
             return hook
 
         handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)

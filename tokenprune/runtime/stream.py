@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.base import ModelAdapter, layer_hidden
 from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.core.masks import (
     decode_key_index,
@@ -27,11 +27,6 @@ from tokenprune.core.masks import (
 )
 from tokenprune.runtime.episode import Capture, Episode, FullFrame
 from tokenprune.runtime.site import SiteRuntime
-
-
-def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A decoder layer's input hidden states, from its forward pre-hook's arguments."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def cache_argument(kwargs: dict) -> Any:
