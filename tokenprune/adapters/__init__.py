@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.base import ModelAdapter, ModelFacts
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.mllama import MllamaAdapter
@@ -15,15 +15,20 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 }
 
 
+def adapter_class(config: object, what: str = "") -> type[ModelAdapter]:
+    """The adapter class for a model with ``config``, chosen from ``config.model_type`` (``what``: the model, for
+    the message)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise TypeError(f"no tokenprune adapter for model_type {model_type!r}{f' ({what})' if what else ''}; "
+                        f"supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[model_type]
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, chosen from ``model.config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise TypeError(
-            f"no tokenprune adapter for model_type {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type](model)
+    return adapter_class(getattr(model, "config", None), type(model).__name__)(model)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "MllamaAdapter", "ModelAdapter", "Qwen2VLAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter",
+           "adapter_class", "get_adapter"]

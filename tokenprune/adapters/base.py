@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (B, H, N, hd) by per-token ``cos``/``sin`` (B, N, hd)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model-dependent checks of a pipeline read (:meth:`ModelAdapter.check_pipeline`): from
+    ``config.json`` before any weights load, or from the loaded model."""
+
+    #: Decoder layers of the LLM.
+    num_layers: int
+    #: The LLM's cross-attention layers (Mllama); empty for decoder-only LVLMs.
+    cross_attention_layers: tuple[int, ...] = ()
+    #: Why the model cannot give vision-tower signals; None: it can.
+    vision_signals: str | None = None
+    #: Why the images of each forward cannot be recovered for a guide model; None: they can.
+    guide_images: str | None = None
 
 
 def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -47,33 +63,75 @@ class ModelAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
 
+    # --- what a pipeline's model-dependent checks read -----------------------------------------
+    @classmethod
+    def facts_from_config(cls, config: Any) -> ModelFacts:
+        """The :class:`ModelFacts` that ``config`` (the model's ``config.json``) states, before any weights load."""
+        text = getattr(config, "text_config", None) or config
+        return ModelFacts(num_layers=int(text.num_hidden_layers),
+                          cross_attention_layers=tuple(cls.cross_attention_layers_from_config(config)),
+                          vision_signals=cls.vision_signals_from_config(config),
+                          guide_images=cls.guide_images_from_config(config))
+
+    def facts(self) -> ModelFacts:
+        """The :class:`ModelFacts` of the loaded model (its layers as built, its vision tower as loaded)."""
+        return ModelFacts(num_layers=self.num_layers, cross_attention_layers=tuple(self.cross_attention_layers),
+                          vision_signals=self.vision_signals_unavailable(),
+                          guide_images=self.guide_images_from_config(self.model.config) or (
+                              None if self.vision_tower() is not None else
+                              "it has no vision tower that takes the model's image input"))
+
+    @classmethod
+    def cross_attention_layers_from_config(cls, config: Any) -> list[int]:
+        """The cross-attention layers ``config`` lists (Mllama); none for decoder-only LVLMs."""
+        return []
+
+    @classmethod
+    def vision_signals_from_config(cls, config: Any) -> str | None:
+        """Why this family cannot give vision-tower signals, as far as ``config`` tells; None if it can (the
+        loaded model may still refuse, :meth:`vision_signals_unavailable`)."""
+        return f"{cls.family} has no vision-tower signals in tokenprune yet"
+
+    @classmethod
+    def guide_images_from_config(cls, config: Any) -> str | None:
+        """Why the images of each forward cannot be recovered for a guide model, as far as ``config`` tells;
+        None if they can."""
+        return "its image inputs are not mapped to a vision tower yet"
+
     def validate_pipeline(self, pipeline: Any, guide: bool = False) -> None:
-        """Raise :class:`~tokenprune.core.errors.ConfigError` for a stage this model cannot run: a site or cache
-        layer beyond its depth, a site or signal the family does not have, or an operator that needs a guide
-        model when none is given (``guide``). The pipeline's own checks ran when it was built."""
+        """:meth:`check_pipeline` against the loaded model's :meth:`facts`."""
+        self.check_pipeline(self.facts(), pipeline, guide)
+
+    @classmethod
+    def check_pipeline(cls, facts: ModelFacts, pipeline: Any, guide: bool = False) -> None:
+        """Raise :class:`~tokenprune.core.errors.ConfigError` for a stage a model with ``facts`` cannot run: a
+        site or cache layer beyond its depth, a site or signal the family does not have, or an operator that
+        needs a guide model when none is given (``guide``). The pipeline's own checks ran when it was built;
+        this is every check that depends on the model, and it needs only ``config.json``
+        (:meth:`facts_from_config`) or the loaded model (:meth:`facts`)."""
         for stage in pipeline.stages:
-            stage.check_depth(self.num_layers)
-            if isinstance(stage.site, CrossAttentionSite) and not self.cross_attention_layers:
-                raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {self.family}: it has no "
-                                  f"cross-attention layers; allowed: a decoder layer 0..{self.num_layers - 1}")
+            stage.check_depth(facts.num_layers)
+            if isinstance(stage.site, CrossAttentionSite) and not facts.cross_attention_layers:
+                raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {cls.family}: it has no "
+                                  f"cross-attention layers; allowed: a decoder layer 0..{facts.num_layers - 1}")
             for j, op in enumerate(stage.operators):
-                if getattr(op, "needs_guide", False) and self.vision_tower() is None:
+                if getattr(op, "needs_guide", False) and facts.guide_images is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs the images of each "
-                                      f"forward for its guide model, which tokenprune cannot recover for {self.family} yet")
+                                      f"forward for its guide model, which tokenprune cannot recover for {cls.family}: "
+                                      f"{facts.guide_images}")
                 if getattr(op, "needs_guide", False) and not guide:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs a guide model: "
                                       "pipeline.attach(model, guide=small_model)")
-                reason = self.vision_signals_unavailable()
-                if getattr(op, "needs_vision", False) and reason is not None:
+                if getattr(op, "needs_vision", False) and facts.vision_signals is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs vision-tower signals, "
-                                      f"which {self.family} cannot give: {reason}")
+                                      f"which {cls.family} cannot give: {facts.vision_signals}")
             for kind in stage.protect:
-                if kind not in self.token_kinds:
-                    raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {self.family}; "
-                                      f"allowed: {', '.join(self.token_kinds) or '(none)'}")
-            if stage.positions == "renumber" and not self.supports_renumber:
-                raise ConfigError(f"{stage.key}.positions", f"'renumber' is not supported for {self.family} "
-                                  f"({self.positions_note}); allowed here: keep")
+                if kind not in cls.token_kinds:
+                    raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {cls.family}; "
+                                      f"allowed: {', '.join(cls.token_kinds) or '(none)'}")
+            if stage.positions == "renumber" and not cls.supports_renumber:
+                raise ConfigError(f"{stage.key}.positions", f"'renumber' is not supported for {cls.family} "
+                                  f"({cls.positions_note}); allowed here: keep")
 
     #: Whether the visual tokens sit in the decoder's sequence (False: they enter through cross-attention, which
     #: analytic FLOPs do not model).
@@ -95,7 +153,7 @@ class ModelAdapter:
     @property
     def cross_attention_layers(self) -> list[int]:
         """Indices of the LLM's cross-attention layers (Mllama); empty for decoder-only LVLMs."""
-        return []
+        return self.cross_attention_layers_from_config(self.model.config)
 
     @property
     def attn_implementation(self) -> str:
@@ -151,8 +209,8 @@ class ModelAdapter:
         return None
 
     def vision_signals_unavailable(self) -> str | None:
-        """Why this family cannot give vision-tower signals (CLS attention, vision keys), or None if it can."""
-        return f"{self.family} has no vision-tower signals in tokenprune yet"
+        """Why this model cannot give vision-tower signals (CLS attention, vision keys), or None if it can."""
+        return self.vision_signals_from_config(self.model.config)
 
     def vision_patch_map(self, visual: torch.Tensor) -> torch.Tensor:
         """(B, N) long: for each visual input token, its row in the flattened (images x patches) vision

@@ -38,7 +38,18 @@ class LlavaAdapter(LlamaStyleAdapter):
         encoder = getattr(model, "encoder", None)
         return getattr(encoder, "layers", None)
 
+    @classmethod
+    def vision_signals_from_config(cls, config) -> str | None:
+        return None  # a CLIP-like tower gives them; only the loaded tower tells (vision_signals_unavailable)
+
+    @classmethod
+    def guide_images_from_config(cls, config) -> str | None:
+        return None  # the tower's input is the model's pixel_values
+
     def vision_signals_unavailable(self) -> str | None:
+        reason = self.vision_signals_from_config(self.model.config)
+        if reason is not None:
+            return reason
         if self.vision_layers() is None or not hasattr(self.vision_layers()[0], "self_attn"):
             return f"the vision tower of this {self.family} model is not CLIP-like (encoder.layers[i].self_attn)"
         return None

@@ -24,9 +24,14 @@ class LlavaNextAdapter(LlavaAdapter):
     token_kinds = ("image_newline",)
 
     def vision_tower(self):
-        return None  # the tower sees flattened tiles; the image sizes a guide needs are not recoverable
+        return None
 
-    def vision_signals_unavailable(self) -> str | None:
+    @classmethod
+    def guide_images_from_config(cls, config) -> str | None:
+        return "its vision tower sees flattened anyres tiles; the image sizes a guide model needs are not recoverable"
+
+    @classmethod
+    def vision_signals_from_config(cls, config) -> str | None:
         return ("the anyres layout of LLaVA-NeXT (base tile, unpadded tile grid, newlines) is not mapped back to "
                 "vision-tower patches yet")
 

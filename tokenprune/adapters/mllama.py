@@ -29,18 +29,19 @@ class MllamaAdapter(ModelAdapter):
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
 
-    @property
-    def cross_attention_layers(self) -> list[int]:
-        return sorted(int(i) for i in self.language_model.cross_attention_layers)
+    @classmethod
+    def cross_attention_layers_from_config(cls, config) -> list[int]:
+        return sorted(int(i) for i in config.text_config.cross_attention_layers)
 
-    def validate_pipeline(self, pipeline, guide: bool = False) -> None:
-        super().validate_pipeline(pipeline, guide)
+    @classmethod
+    def check_pipeline(cls, facts, pipeline, guide: bool = False) -> None:
+        super().check_pipeline(facts, pipeline, guide)
         for stage in pipeline.stages:
             if not isinstance(stage.site, CrossAttentionSite):
                 raise ConfigError(
-                    f"{stage.key}.layer", f"got {stage.layer!r}, but the decoder sequence of {self.family} holds no "
+                    f"{stage.key}.layer", f"got {stage.layer!r}, but the decoder sequence of {cls.family} holds no "
                     f"visual tokens (images enter only through its cross-attention layers "
-                    f"{self.cross_attention_layers}); allowed: cross_attention")
+                    f"{list(facts.cross_attention_layers)}); allowed: cross_attention")
 
     decoder_only = False
 

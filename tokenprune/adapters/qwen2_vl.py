@@ -69,7 +69,8 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             grids.append(mine[0] if len(mine) == 1 and taken == n else None)
         return grids
 
-    def vision_signals_unavailable(self) -> str | None:
+    @classmethod
+    def vision_signals_from_config(cls, config) -> str | None:
         return ("the Qwen2-VL vision tower has no CLS token, and each visual token merges 2x2 patches; "
                 "its vision signals are not mapped yet")
 

@@ -88,7 +88,9 @@ class TokenPrune(lmms):
             raise ConfigError("model_args.dtype", f"{dtype!r}; allowed: {', '.join(DTYPES)}")
         self.pipeline = resolve_pipeline_spec(pipeline, split_overrides(overrides), key="model_args.pipeline")
         self.model_config = {"path": str(pretrained), "dtype": dtype, "attn_implementation": attn_implementation,
-                             "device_map": device_map, "trust_remote_code": bool(trust_remote_code)}
+                             "device_map": device_map, "trust_remote_code": trust_remote_code}
+        models.check_pipeline_for_model(models.read_model_config(self.model_config, key="model_args.pretrained"),
+                                        self.pipeline, key="model_args.pipeline")
         try:
             self.model, self.processor = models.open_model(self.model_config)
         except ConfigError as e:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tokenprune.core.errors import ConfigError
 from tokenprune.eval.files import digest, write_atomic
-from tokenprune.eval.models import model_identity
+from tokenprune.eval.models import check_pipeline_for_model, model_identity, read_model_config
 from tokenprune.eval.run_config import resolve_pipeline, resolved_config_yaml
 
 SPEC_KEYS = ("tasks", "include_path", "metrics")
@@ -136,6 +136,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
 
     spec = lmms_eval_spec(cfg.data)
     pipeline = resolve_pipeline(cfg)  # config errors before lmms-eval or the model load
+    check_pipeline_for_model(read_model_config(cfg.model), pipeline)
     try:
         from lmms_eval.tasks import TaskManager
     except ImportError:
@@ -153,7 +154,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir or f"runs/{name}-lmms-{time.strftime('%Y%m%d-%H%M%S')}")
     m = cfg.model
     lm = TokenPrune(pretrained=str(m.path), pipeline="none", dtype=m.dtype, attn_implementation=m.attn_implementation,
-                    device_map=m.device_map, trust_remote_code=bool(m.trust_remote_code), batch_size=cfg.batch_size,
+                    device_map=m.device_map, trust_remote_code=m.trust_remote_code is True, batch_size=cfg.batch_size,
                     max_new_tokens=int(cfg.generation.max_new_tokens))
     lm.keep_loaded = True  # evaluated twice (unpruned, pruned)
     limit = cfg.data.limit

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from tokenprune.adapters import ADAPTERS, adapter_class, get_adapter
 from tokenprune.core.errors import ConfigError
 from tokenprune.reference import model as reference
 
@@ -27,21 +28,84 @@ def load_model(model_cfg: Mapping[str, Any]):
     return _LOADED[key]
 
 
+def model_path(model_cfg: Mapping[str, Any]) -> str:
+    """The folder or hub id ``model.path`` names (``reference``: the shipped reference model's folder)."""
+    path = str(model_cfg["path"])
+    return str(reference.path()) if path == "reference" else path
+
+
+def _is_local(path: str) -> bool:
+    """Whether ``path`` names a folder rather than a hub id (``name`` or ``org/name``)."""
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def read_model_config(model_cfg: Mapping[str, Any], key: str = "model.path"):
+    """The model's ``config.json`` as transformers reads it, before any weights load; a missing folder, a folder
+    without ``config.json``, a model that needs its own code while ``trust_remote_code`` is off, and a model_type
+    tokenprune has no adapter for are each one :class:`ConfigError` under ``key``."""
+    path = model_path(model_cfg)
+    local = _is_local(path)
+    folder = Path(path).expanduser()
+    if local and not folder.is_dir():
+        raise ConfigError(key, f"no such model folder: {path} (a folder with config.json and the weights, or a "
+                               f"Hugging Face hub id such as llava-hf/llava-1.5-7b-hf)")
+    if local and not (folder / "config.json").is_file():
+        raise ConfigError(key, f"{path} holds no config.json: a Hugging Face checkpoint folder has config.json, "
+                               f"the weights (*.safetensors) and the processor files")
+    trust = model_cfg.get("trust_remote_code", False) is True
+    if local:
+        try:
+            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(key, f"{folder / 'config.json'} is not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(key, f"{folder / 'config.json'} is not a JSON object")
+        if raw.get("model_type") not in ADAPTERS and raw.get("auto_map") and not trust:
+            raise ConfigError("model.trust_remote_code" if key == "model.path" else key,
+                              f"{path} (model_type {raw.get('model_type')!r}) needs its own code (config.json has "
+                              f"auto_map), which runs only with trust_remote_code: true; tokenprune's adapters "
+                              f"cover model_type {', '.join(sorted(ADAPTERS))}")
+    try:
+        config = AutoConfig.from_pretrained(str(folder) if local else path, local_files_only=local,
+                                            trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(key, f"cannot read the config of {path!r}: {str(e).splitlines()[0]}") from None
+    try:
+        adapter_class(config, path)
+    except TypeError as e:
+        raise ConfigError(key, f"{e} (tokenprune prunes the visual tokens of vision-language models)") from None
+    return config
+
+
+def check_pipeline_for_model(model_or_config, pipeline, key: str = "pipeline") -> None:
+    """Every model-dependent check of ``pipeline`` (depth, sites, signals, token kinds, positions) against the
+    model's config (:func:`read_model_config`), before any weights load, or against the loaded model."""
+    if pipeline is None:
+        return
+    if isinstance(model_or_config, torch.nn.Module):
+        adapter = get_adapter(model_or_config)
+        cls, facts = type(adapter), adapter.facts()
+    else:
+        cls = adapter_class(model_or_config)
+        facts = cls.facts_from_config(model_or_config)
+    try:
+        cls.check_pipeline(facts, pipeline, guide=False)
+    except ConfigError as e:
+        raise ConfigError(f"{key}{'.' + e.key if e.key else ''}", e.detail) from None
+
+
 def open_model(model_cfg: Mapping[str, Any]):
     """(model, processor) loaded afresh (see :func:`load_model`)."""
-    path = str(model_cfg["path"])
-    if path == "reference":
-
-        path = str(reference.path())
+    path = model_path(model_cfg)
     kwargs = {"dtype": getattr(torch, model_cfg["dtype"]), "attn_implementation": model_cfg["attn_implementation"],
-              "trust_remote_code": bool(model_cfg["trust_remote_code"])}
+              "trust_remote_code": model_cfg["trust_remote_code"] is True}
     if model_cfg.get("device_map"):
         kwargs["device_map"] = model_cfg["device_map"]
     local = Path(path).is_dir()
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=local, **kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=local,
-                                                  trust_remote_code=bool(model_cfg["trust_remote_code"]))
+                                                  trust_remote_code=model_cfg["trust_remote_code"] is True)
     except OSError as e:
         raise ConfigError("model.path", f"cannot load {path!r}: {e}") from None
     return model.eval(), processor
@@ -49,10 +113,7 @@ def open_model(model_cfg: Mapping[str, Any]):
 
 def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What identifies the weights for the baseline cache: a folder's files (names, sizes, mtimes), else the id."""
-    path = str(model_cfg["path"])
-    if path == "reference":
-
-        path = str(reference.path())
+    path = model_path(model_cfg)
     ident: dict[str, Any] = {"path": str(Path(path).resolve()) if Path(path).is_dir() else path,
                              "dtype": model_cfg["dtype"], "attn": model_cfg["attn_implementation"]}
     if Path(path).is_dir():

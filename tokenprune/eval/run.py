@@ -26,7 +26,13 @@ from tokenprune.adapters import get_adapter
 from tokenprune.core.sites import KVCacheSite
 from tokenprune.eval.files import digest, write_atomic, write_jsonl
 from tokenprune.eval.lmms_eval_run import run_lmms_eval
-from tokenprune.eval.models import build_prompt, load_model, model_identity
+from tokenprune.eval.models import (
+    build_prompt,
+    check_pipeline_for_model,
+    load_model,
+    model_identity,
+    read_model_config,
+)
 from tokenprune.eval.run_config import resolve_pipeline, resolved_config_yaml
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
 from tokenprune.measure.flops import LLMShape, measured_flops
@@ -198,7 +204,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, verbose=False)
     name = pipeline.name if pipeline is not None else "unpruned"
     out = Path(cfg.output_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_pipeline_for_model(read_model_config(cfg.model), pipeline)  # config.json alone: before the weights load
     model, processor = load_model(OmegaConf.to_container(cfg.model))
+    check_pipeline_for_model(model, pipeline)  # the loaded model: before the baseline runs
     shape = _llm_shape(model)
 
     baseline = None
