@@ -12,12 +12,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.sites import KV_CACHE, CrossAttentionSite, KVCacheSite, LayerSite, site_of
+from tokenprune.core.yaml_files import parse_yaml, read_yaml, refuse_interpolation
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
 #: The site of a stage on the image features of a cross-attention model (Mllama), instead of a decoder layer.
@@ -35,10 +35,12 @@ def preset_names() -> list[str]:
 
 
 def load_source(source: str | Path | Mapping | DictConfig) -> DictConfig:
-    """A pipeline config from a dict, a DictConfig, a YAML file or a preset name."""
+    """A pipeline config from a dict, a DictConfig, a YAML file or a preset name. A pipeline takes no
+    interpolation (``${...}``): a shared pipeline file must not read the environment into results."""
     if isinstance(source, DictConfig):
-        return source.copy()
+        source = OmegaConf.to_container(source, resolve=False)
     if isinstance(source, Mapping):
+        refuse_interpolation(dict(source))
         return OmegaConf.create(dict(source))
     text = str(source)
     path = Path(text)
@@ -50,12 +52,10 @@ def load_source(source: str | Path | Mapping | DictConfig) -> DictConfig:
             close = difflib.get_close_matches(text, preset_names(), n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
             raise ConfigError(None, f"pipeline {text!r} is neither a file nor a preset; {hint}presets: {', '.join(preset_names())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(None, f"{path}: not valid YAML ({e})") from None
+    data = read_yaml(path, "pipeline")
     if not isinstance(data, dict):
         raise ConfigError(None, f"{path}: a pipeline is a mapping with keys {', '.join(PIPELINE_KEYS)}, got {type(data).__name__}")
+    refuse_interpolation(data)
     return OmegaConf.create(data)
 
 
@@ -63,20 +63,31 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     """Apply ``KEY=VALUE`` overrides; keys are dotted paths, list items by number
     (``stages.0.operators.1.keep=0.25``); values are parsed as YAML (``{op: random, seed: 3}``)."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "an override is KEY=VALUE, e.g. stages.0.operators.1.keep=0.25")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        key, value = parse_override(item, "stages.0.operators.1.keep=0.25")
+        refuse_interpolation(value, key)
         _check_override_path(cfg, key)
         try:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as e:
             raise ConfigError(key, f"cannot set to {value!r}: {str(e).splitlines()[0]}") from None
     return cfg
+
+
+def parse_override(item: Any, example: str) -> tuple[str, Any]:
+    """``(key, value)`` of one ``KEY=VALUE`` override, the value parsed as YAML (a string if it is not YAML)."""
+    if isinstance(item, str) and "=" not in item and item.strip():
+        raise ConfigError(item.strip(), f"an override is KEY=VALUE, e.g. {example}")
+    if not isinstance(item, str) or not item.split("=", 1)[0].strip():
+        raise ConfigError(None, f"override {item!r} names no key: an override is KEY=VALUE, e.g. {example}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = parse_yaml(raw, f"override {key}") if raw.strip() else None
+    except ConfigError as e:
+        if "given twice" in e.detail:
+            raise ConfigError(key, e.detail.split(": not valid YAML, ", 1)[-1]) from None
+        value = raw
+    return key, value
 
 
 def _check_override_path(cfg: DictConfig, key: str) -> None:
