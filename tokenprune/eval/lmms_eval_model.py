@@ -31,13 +31,33 @@ import torch
 from lmms_eval.api.model import lmms
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.values import Bool, Int, ListOf, OneOf, Optional, Str, check_schema
 from tokenprune.eval import models
 from tokenprune.eval.models import build_prompt
-from tokenprune.eval.run_config import DTYPES, resolve_pipeline_spec
+from tokenprune.eval.run_config import ATTENTION, DTYPES, resolve_pipeline_spec
 
-MODEL_ARGS = ("pretrained", "pipeline", "overrides", "dtype", "attn_implementation", "device", "device_map",
-              "batch_size", "max_batch_size", "trust_remote_code", "max_new_tokens")
 IMAGE_PLACEHOLDER = "<image>"
+#: The type of each model argument. lmms-eval has already turned ``true``/``false`` (any case) into booleans and
+#: digits into integers, so ``trust_remote_code=no`` arrives as the string ``'no'`` and is refused.
+MODEL_ARG_TYPES = {
+    "pretrained": Str(), "pipeline": Str(), "overrides": OneOf(Str(), ListOf(Str())), "dtype": Optional(Str(DTYPES)),
+    "attn_implementation": Str(ATTENTION), "device": Optional(Str()), "device_map": Optional(Str()),
+    "batch_size": OneOf(Int(1), Str()), "max_batch_size": Optional(Int(1)), "trust_remote_code": Bool(),
+    "max_new_tokens": Int(1),
+}
+MODEL_ARGS = tuple(MODEL_ARG_TYPES)
+
+
+def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` typed (:data:`MODEL_ARG_TYPES`); errors name ``model_args.KEY``. ``overrides`` may be empty."""
+    args = {k: v for k, v in args.items() if not (k == "overrides" and v in ("", None))}
+    if isinstance(args.get("pretrained"), int) and not isinstance(args["pretrained"], bool):
+        args["pretrained"] = str(args["pretrained"])  # a folder named by digits
+    out = check_schema(args, MODEL_ARG_TYPES, "model_args.")
+    batch = out.get("batch_size", 1)
+    if isinstance(batch, str) and not (batch.isdigit() and int(batch) >= 1):
+        raise ConfigError("model_args.batch_size", f"must be a positive integer, got {batch!r}")
+    return out
 
 
 def split_overrides(overrides: str | list | tuple | None) -> list[str]:
@@ -69,23 +89,14 @@ class TokenPrune(lmms):
                  device_map: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  trust_remote_code: bool = False, max_new_tokens: int = 128, **unknown: Any) -> None:
         super().__init__()
-        if unknown:
-            key = sorted(unknown)[0]
-            raise ConfigError(f"model_args.{key}", f"unknown argument (given {unknown[key]!r}); allowed: "
-                                                   f"{', '.join(MODEL_ARGS)}")
-
-        try:
-            self.batch_size_per_gpu = int(batch_size)
-        except (TypeError, ValueError):
-            raise ConfigError("model_args.batch_size", f"must be a positive integer, got {batch_size!r}") from None
-        if self.batch_size_per_gpu < 1:
-            raise ConfigError("model_args.batch_size", f"must be a positive integer, got {batch_size!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConfigError("model_args.max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}")
+        given = dict(pretrained=pretrained, pipeline=pipeline, overrides=overrides, dtype=dtype,
+                     attn_implementation=attn_implementation, device=device, device_map=device_map,
+                     batch_size=batch_size, max_batch_size=max_batch_size, trust_remote_code=trust_remote_code,
+                     max_new_tokens=max_new_tokens, **unknown)
+        args = check_model_args(given)
+        self.batch_size_per_gpu = int(args["batch_size"])
         cuda = torch.cuda.is_available()
-        dtype = dtype or ("bfloat16" if cuda else "float32")
-        if dtype not in DTYPES:
-            raise ConfigError("model_args.dtype", f"{dtype!r}; allowed: {', '.join(DTYPES)}")
+        dtype = args["dtype"] or ("bfloat16" if cuda else "float32")
         self.pipeline = resolve_pipeline_spec(pipeline, split_overrides(overrides), key="model_args.pipeline")
         self.model_config = {"path": str(pretrained), "dtype": dtype, "attn_implementation": attn_implementation,
                              "device_map": device_map, "trust_remote_code": trust_remote_code}

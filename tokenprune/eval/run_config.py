@@ -1,15 +1,40 @@
-"""The run config: defaults, the YAML file, overrides, checked with errors naming the key; and the pipeline it
-names."""
+"""The run config: defaults, the YAML file, overrides, each value typed and checked with errors naming the key;
+and the pipeline it names.
+
+Every key is typed (:mod:`tokenprune.core.values`): a quoted ``'false'`` is not a boolean, ``'8'`` not an
+integer. The run config is the user's own file, so it may refer to its own keys (``output_dir:
+runs/${pipeline}``); resolvers (``${oc.env:HOME}``, any ``${name:...}``) are refused, so no value reads the
+environment.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+import difflib
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from tokenprune.core.config import parse_override
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.values import (
+    Bool,
+    Float,
+    Int,
+    ListOf,
+    MappingOf,
+    OneOf,
+    Optional,
+    Spec,
+    Str,
+    check_schema,
+)
+from tokenprune.core.yaml_files import read_yaml
+from tokenprune.eval.scoring import METRICS, SOURCES
 from tokenprune.pipeline import load_pipeline
 
 DEFAULTS: dict[str, Any] = {
@@ -27,44 +52,176 @@ DEFAULTS: dict[str, Any] = {
     "logging": {"wandb": {"mode": "offline", "project": "tokenprune", "group": None, "tags": []},
                 "progress_bar": True, "samples": 20},
     "output_dir": None,  # null: runs/<pipeline>-<time>
+    "overwrite": False,  # replace the finished results of another run in output_dir
     "baseline_cache": "runs/.baselines",  # null: no cache
 }
 DTYPES = ("float32", "float16", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
+              "ddp_find_unused_parameters_false", "fsdp", "single_device")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
+#: The options of ``model.generate()`` a run accepts under ``generation:``. Beam search (``num_beams``) is left
+#: out: a beam multiplies the batch after the prefill, and the per-item costs (KV bytes, kept tokens) would be
+#: a beam's, not the item's.
+GENERATION: dict[str, Spec] = {
+    "max_new_tokens": Int(1), "min_new_tokens": Int(0), "do_sample": Bool(), "temperature": Float(above=0),
+    "top_p": Float(above=0, maximum=1), "top_k": Int(0), "repetition_penalty": Float(above=0),
+    "no_repeat_ngram_size": Int(0),
+}
+SCHEMA: dict[str, Any] = {
+    "model": {"path": Str(), "dtype": Str(DTYPES), "attn_implementation": Str(ATTENTION),
+              "device_map": Optional(OneOf(Str(), MappingOf())), "trust_remote_code": Bool()},
+    "data": {"source": Str(SOURCES), "split": Optional(Str()), "limit": Optional(Int(1)), "path": Optional(Str()),
+             "metric": Optional(Str(METRICS)),
+             "lmms_eval": Optional(OneOf(Str(), ListOf(Str()), MappingOf()))},
+    "pipeline": Optional(OneOf(Str(), MappingOf())),
+    "overrides": ListOf(Str()),
+    "generation": GENERATION,
+    "batch_size": Int(1),
+    "seed": Int(0, 2**32 - 1),
+    "flops_convention": Str(("exact", "fastv")),
+    "trainer": {"accelerator": Str(ACCELERATORS), "devices": OneOf(Int(1), Str(("auto",)), ListOf(Int(0))),
+                "strategy": Str(STRATEGIES), "precision": OneOf(Str(PRECISIONS), Int(16, 64))},
+    "logging": {"wandb": {"mode": Str(WANDB_MODES), "project": Str(), "group": Optional(Str()),
+                          "tags": ListOf(Str())},
+                "progress_bar": Bool(), "samples": Int(0)},
+    "output_dir": Optional(Str()),
+    "overwrite": Bool(),
+    "baseline_cache": Optional(Str()),
+}
+#: ``${name:...}``: an OmegaConf resolver (``oc.env``, ``oc.decode``, ...), never allowed.
+_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")
 
 
 def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> DictConfig:
     """Defaults, then the YAML file, then ``KEY=VALUE`` overrides; checked, with errors naming the key."""
-    cfg = OmegaConf.create(DEFAULTS)
+    data: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        raw = read_yaml(path, "run config")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(None, f"run config {path}: must be a mapping of keys ({', '.join(SCHEMA)}), "
+                                    f"got {type(raw).__name__}")
+        check_schema(raw, _loose(SCHEMA))  # unknown keys named here, before the merge
+        _merge(data, raw)
+    for item in overrides:
+        key, value = parse_override(item, "generation.max_new_tokens=8")
+        _set(data, key, value)
+    if isinstance(data.get("generation"), Mapping) and "num_beams" in data["generation"]:
+        raise ConfigError("generation.num_beams", "beam search is not supported: a beam multiplies the batch after "
+                                                  "the prefill, so per-item costs would be a beam's; allowed: "
+                                                  + ", ".join(GENERATION))
+    _refuse_resolvers(data, "")
+    data = _resolve(data)
+    data = check_schema(data, SCHEMA)
+    gen = data["generation"]
+    if gen.get("min_new_tokens", 0) > gen["max_new_tokens"]:
+        raise ConfigError("generation.min_new_tokens", f"{gen['min_new_tokens']} is more than "
+                                                       f"generation.max_new_tokens ({gen['max_new_tokens']})")
+    cfg = OmegaConf.create(data)
     OmegaConf.set_struct(cfg, True)
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(None, f"no such run config: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigError:
-        raise
-    except Exception as e:  # OmegaConf names the key
-        raise ConfigError(None, f"run config{f' {path}' if path else ''}: {e}") from None
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError("model.dtype", f"{cfg.model.dtype!r}; allowed: {', '.join(DTYPES)}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ConfigError("batch_size", f"must be a positive integer, got {cfg.batch_size!r}")
-    if cfg.logging.wandb.mode not in WANDB_MODES:
-        raise ConfigError("logging.wandb.mode", f"{cfg.logging.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
-    if cfg.flops_convention not in ("fastv", "exact"):
-        raise ConfigError("flops_convention", f"{cfg.flops_convention!r}; allowed: fastv, exact")
     if cfg.data.path and path is not None and not Path(cfg.data.path).is_absolute():
         relative = Path(path).parent / cfg.data.path  # a data path relative to the config file, when it is there
         if relative.exists():
             cfg.data.path = str(relative)
     spec = cfg.data.lmms_eval
-    if isinstance(spec, DictConfig) and spec.get("include_path") and path is not None \
+    if isinstance(spec, DictConfig) and isinstance(spec.get("include_path"), str) and path is not None \
             and not Path(spec.include_path).is_absolute() and (Path(path).parent / spec.include_path).exists():
         spec.include_path = str(Path(path).parent / spec.include_path)
     return cfg
+
+
+def _loose(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` with every value accepted: only the key names are checked (types after the merge)."""
+    return {k: _loose(v) if isinstance(v, Mapping) else Spec() for k, v in schema.items()}
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA) -> None:
+    """``new`` merged into ``into``: a section (a mapping in the schema) key by key, any other key replaced."""
+    for k, v in new.items():
+        if isinstance(schema.get(k), Mapping) and isinstance(v, Mapping) and isinstance(into.get(k), dict):
+            _merge(into[k], v, schema[k])
+        else:
+            into[k] = copy.deepcopy(v)
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    """One override: ``key`` a dotted path of the schema (below a free mapping such as an inline pipeline, any
+    path)."""
+    parts = key.split(".")
+    node, schema = data, SCHEMA
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if schema is not None:
+            if part not in schema:
+                close = difflib.get_close_matches(part, list(schema), n=1)
+                prefix = ".".join(parts[:i])
+                hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+                raise ConfigError(here, f"unknown key{hint}; allowed{' in ' + prefix if prefix else ''}: "
+                                        f"{', '.join(schema)}")
+            sub = schema[part]
+            if last:
+                if isinstance(sub, Mapping) and isinstance(value, Mapping) and isinstance(node.get(part), dict):
+                    _merge(node[part], value, sub)
+                else:
+                    node[part] = value
+                return
+            if isinstance(sub, Mapping):
+                schema = sub
+            elif _takes_mapping(sub):
+                schema = None
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+            else:
+                raise ConfigError(here, f"is a single value ({sub.allowed}), not a section: set {here}=VALUE")
+        elif last:
+            node[part] = value
+            return
+        elif not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+
+
+def _takes_mapping(spec: Spec) -> bool:
+    if isinstance(spec, MappingOf):
+        return True
+    inner = getattr(spec, "spec", None) or None
+    specs = getattr(spec, "specs", ()) + ((inner,) if inner is not None else ())
+    return any(_takes_mapping(s) for s in specs)
+
+
+def _refuse_resolvers(data: Any, where: str) -> None:
+    if isinstance(data, str):
+        if _RESOLVER.search(data):
+            raise ConfigError(where or None, f"{data!r}: resolvers (${{name:...}}, such as oc.env) are not allowed; "
+                                             "a run config may refer only to its own keys, ${key.path}")
+    elif isinstance(data, Mapping):
+        for k, v in data.items():
+            _refuse_resolvers(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _refuse_resolvers(v, f"{where}.{i}" if where else str(i))
+
+
+def _resolve(data: dict[str, Any]) -> dict[str, Any]:
+    """``${key.path}`` references replaced by the values they name; an error names the key that refers."""
+    if "${" not in repr(data):
+        return data
+    cfg = OmegaConf.create(data)
+    out: dict[str, Any] = {}
+    for key in data:
+        try:
+            out[key] = OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) \
+                or OmegaConf.is_list(cfg[key]) else cfg[key]
+        except OmegaConfBaseException as e:
+            where = getattr(e, "full_key", None) or key
+            message = str(e).splitlines()[0]
+            raise ConfigError(str(where), f"interpolation failed: {message}") from None
+    return out
 
 
 def resolve_pipeline(cfg: DictConfig):
