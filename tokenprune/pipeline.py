@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -66,9 +67,10 @@ class Pipeline(nn.Module):
         return "\n".join(lines)
 
 
-def build_pipeline(cfg: DictConfig) -> Pipeline:
-    """Validate a pipeline config and build its operators."""
-    import_plugins(cfg.get("plugins"))
+def build_pipeline(cfg: DictConfig, plugin_folders: Iterable[str | Path] = ()) -> Pipeline:
+    """Validate a pipeline config and build its operators (``plugin_folders``: where plugins are looked up
+    first, besides the working directory)."""
+    import_plugins(cfg.get("plugins"), plugin_folders)
     stages = []
     for i, raw in enumerate(validate_pipeline_config(cfg)):
         ops = []
@@ -83,7 +85,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
 def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
     """The config of ``source`` with ``overrides`` applied, validated and with operator defaults filled in."""
     cfg = apply_overrides(load_source(source), overrides)
-    pipeline = build_pipeline(cfg)
+    pipeline = build_pipeline(cfg, _source_folder(source))
     resolved = {"name": pipeline.name}
     if cfg.get("plugins"):
         resolved["plugins"] = list(cfg.plugins)
@@ -103,5 +105,12 @@ def load_pipeline(source: str | Path | Mapping | DictConfig, overrides: Iterable
     >>> pipe = load_pipeline("fastv", ["stages.0.operators.1.keep=0.25"])
     """
     cfg = apply_overrides(load_source(source), overrides)
-    return build_pipeline(cfg)
+    return build_pipeline(cfg, _source_folder(source))
+
+
+def _source_folder(source: Any) -> list[Path]:
+    """The folder of a pipeline given as a YAML file (its plugins are looked up there)."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        return [Path(source).parent]
+    return []
 

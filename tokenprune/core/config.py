@@ -8,6 +8,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.resources
+import importlib.util
+import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -110,17 +113,73 @@ def _check_override_path(cfg: DictConfig, key: str) -> None:
         raise ConfigError(key, f"list index {last!r} out of range; the list has {len(node)} item(s)")
 
 
-def import_plugins(plugins: Any) -> None:
-    """Import user modules that register operators (``plugins: [my_package.my_ops]``)."""
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+PLUGIN_HELP = ("a plugin is a Python module whose import registers operators with @register_operator(...); "
+               "see docs/plugins.md")
+
+
+def import_plugins(plugins: Any, folders: Iterable[str | Path] = (), key: str = "plugins") -> None:
+    """Import the user modules ``plugins`` names (``plugins: [my_ops]``), each of which must register at least
+    one operator. A module is looked up in ``folders`` (the pipeline file's folder), then the working directory,
+    then ``sys.path``. Before a module is imported its source must mention ``register_operator``, so a
+    ``plugins:`` entry cannot be used to import (and run) an arbitrary installed module."""
     if plugins is None:
         return
     if not isinstance(plugins, (list, ListConfig)) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError("plugins", f"a list of importable module names, got {plugins!r}")
+        raise ConfigError(key, f"a list of module names, got {plugins!r}; {PLUGIN_HELP}")
+    from tokenprune.core.registry import registered_operators
+
+    search = [str(Path(f).resolve()) for f in folders] + [str(Path.cwd())]
     for i, name in enumerate(plugins):
+        where = key if key.startswith("-") else f"{key}.{i}"
+        if not _MODULE_NAME.match(name):
+            raise ConfigError(where, f"{name!r} is not a module name (my_ops, my_package.my_ops); {PLUGIN_HELP}")
+        added = [d for d in search if d not in sys.path]
+        sys.path[:0] = added
         try:
+            _check_plugin_source(name, where)
             importlib.import_module(name)
+        except ConfigError:
+            raise
+        except SyntaxError as e:
+            raise ConfigError(where, f"{name!r} has a syntax error: {e.msg} ({e.filename}, line {e.lineno})") from None
         except ImportError as e:
-            raise ConfigError(f"plugins.{i}", f"cannot import {name!r}: {e}") from None
+            raise ConfigError(where, f"cannot import {name!r}: {e} (looked in {', '.join(search)} and "
+                                     "the installed packages)") from None
+        except ValueError as e:
+            if "already registered" in str(e):
+                raise ConfigError(where, f"{name!r}: {e}; rename the plugin's operator") from None
+            raise ConfigError(where, f"importing {name!r} failed: ValueError: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a plugin's own error, reported in one line
+            raise ConfigError(where, f"importing {name!r} failed: {type(e).__name__}: {e}") from None
+        finally:
+            for d in added:
+                if d in sys.path:
+                    sys.path.remove(d)
+        if not any(cls.__module__ == name or cls.__module__.startswith(name + ".")
+                   for cls in registered_operators().values()):
+            raise ConfigError(where, f"{name!r} registers no operator; {PLUGIN_HELP}")
+
+
+def _check_plugin_source(name: str, where: str) -> None:
+    """Refuse, before importing it, a module whose source does not mention ``register_operator``."""
+    if name in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ImportError(f"no module named {name!r}")
+    origin = spec.origin
+    if origin and origin.endswith(".py") and Path(origin).is_file():
+        try:
+            text = Path(origin).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(where, f"{name!r}: cannot read {origin}: {e}") from None
+        if "register_operator" in text:
+            return
+    raise ConfigError(where, f"{name!r} ({origin or 'no source file'}) does not register operators; {PLUGIN_HELP}")
 
 
 def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
