@@ -268,7 +268,7 @@ def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tm
     assert not metrics["baseline_cached"]
     written = json.loads((Path(metrics["output_dir"]) / "metrics.json").read_text())
     assert written["per_task"] == metrics["per_task"]
-    again = run(_run_config(tmp_path, task_folder, "pipeline=none"))
+    again = run(_run_config(tmp_path, task_folder, "pipeline=none", f"output_dir={tmp_path / 'unpruned'}"))
     assert again["baseline_cached"] and again["relative_score"] == pytest.approx(100.0)
 
 

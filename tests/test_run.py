@@ -110,7 +110,7 @@ def test_keeping_everything_reproduces_the_baseline_and_the_cache_is_reused(tmp_
     assert all(r["prediction"] == r["baseline_prediction"] for r in rows)
     assert "pipeline" in (out / "config.yaml").read_text()
 
-    second = run(config(tmp_path, tiny_folder, "pipeline=fastv"))
+    second = run(config(tmp_path, tiny_folder, "pipeline=fastv", f"output_dir={tmp_path / 'second'}"))
     assert second["baseline_cached"] and second["baseline_accuracy"] == first["baseline_accuracy"]
     assert second["visual_tokens_kept"] == [288.0]
 

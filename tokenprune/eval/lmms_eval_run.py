@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tokenprune.core.errors import ConfigError
 from tokenprune.eval.files import digest, write_atomic
 from tokenprune.eval.models import check_pipeline_for_model, model_identity, read_model_config
-from tokenprune.eval.run_config import resolve_pipeline, resolved_config_yaml
+from tokenprune.eval.run_config import (
+    FINISHED,
+    finished_run,
+    resolve_pipeline,
+    resolved_config_yaml,
+    run_directory,
+)
 
 SPEC_KEYS = ("tasks", "include_path", "metrics")
 
@@ -135,8 +140,19 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     """The run (module docstring); returns metrics.json."""
 
     spec = lmms_eval_spec(cfg.data)
+    other = sorted(k for k in cfg.generation if k not in ("max_new_tokens", "do_sample"))
+    if other or cfg.generation.do_sample:
+        key = other[0] if other else "do_sample"
+        raise ConfigError(f"generation.{key}", "an lmms-eval run takes generation.max_new_tokens only (each task "
+                                               "sets its own generation options)")
     pipeline = resolve_pipeline(cfg)  # config errors before lmms-eval or the model load
     check_pipeline_for_model(read_model_config(cfg.model), pipeline)
+    name = pipeline.name if pipeline is not None else "unpruned"
+    out = run_directory(cfg, f"{name}-lmms")
+    config_text = resolved_config_yaml(cfg, pipeline)
+    done = finished_run(out, config_text, cfg.overwrite)
+    if done is not None:
+        return {**done, "output_dir": str(out), "finished_earlier": True}
     try:
         from lmms_eval.tasks import TaskManager
     except ImportError:
@@ -150,8 +166,6 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("data.lmms_eval.tasks", f"unknown lmms-eval task {unknown[0]!r}"
                                                   + (f" (include_path {spec['include_path']})" if spec["include_path"]
                                                      else " (a local task needs data.lmms_eval.include_path)"))
-    name = pipeline.name if pipeline is not None else "unpruned"
-    out = Path(cfg.output_dir or f"runs/{name}-lmms-{time.strftime('%Y%m%d-%H%M%S')}")
     m = cfg.model
     lm = TokenPrune(pretrained=str(m.path), pipeline="none", dtype=m.dtype, attn_implementation=m.attn_implementation,
                     device_map=m.device_map, trust_remote_code=m.trust_remote_code is True, batch_size=cfg.batch_size,
@@ -161,10 +175,11 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     baseline, cache_file, from_cache = None, None, False
     if cfg.baseline_cache:
         key = digest({"model": model_identity(cfg.model), "lmms_eval": spec, "limit": limit,
-                       "batch_size": cfg.batch_size, "max_new_tokens": cfg.generation.max_new_tokens})
+                       "batch_size": cfg.batch_size, "max_new_tokens": cfg.generation.max_new_tokens,
+                       "seed": cfg.seed})
         cache_file = Path(cfg.baseline_cache) / f"{key}.lmms_eval.json"
-        if cache_file.is_file():
-            baseline, from_cache = json.loads(cache_file.read_text()), True
+        baseline = _read_cached_results(cache_file, spec["tasks"])
+        from_cache = baseline is not None
     if baseline is None:
         baseline = evaluate(lm, spec["tasks"], task_manager, limit, cfg.batch_size)
         if cache_file is not None:
@@ -179,11 +194,31 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(pipeline=name, model=str(m.path), data="lmms_eval:" + ",".join(spec["tasks"]), limit=limit,
                    baseline_cached=from_cache)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
+    (out / FINISHED).unlink(missing_ok=True)
+    write_atomic(out / "config.yaml", config_text)
     write_atomic(out / "lmms_eval_results.json", json.dumps({"unpruned": baseline, name: pruned}, indent=1) + "\n")
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def _read_cached_results(path: Path, tasks: list[str]) -> dict[str, Any] | None:
+    """Cached unpruned results with an entry per task; None (computed again, said on stderr) when missing or
+    damaged."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data, why = None, f"unreadable ({type(e).__name__})"
+    else:
+        missing = [t for t in tasks if not isinstance(data, dict) or t not in data]
+        why = f"no results for {missing[0]}" if missing else None
+    if why:
+        print(f"tokenprune: baseline cache {path} is damaged ({why}); evaluating the unpruned model again",
+              file=sys.stderr)
+        return None
+    return data
 
 
 def summary_table(metrics: Mapping[str, Any]) -> str:

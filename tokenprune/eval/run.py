@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.adapters import get_adapter
 from tokenprune.core.sites import KVCacheSite
-from tokenprune.eval.files import digest, write_atomic, write_jsonl
+from tokenprune.eval.files import digest, read_cached_records, write_atomic, write_jsonl
 from tokenprune.eval.lmms_eval_run import run_lmms_eval
 from tokenprune.eval.models import (
     build_prompt,
@@ -33,7 +33,13 @@ from tokenprune.eval.models import (
     model_identity,
     read_model_config,
 )
-from tokenprune.eval.run_config import resolve_pipeline, resolved_config_yaml
+from tokenprune.eval.run_config import (
+    FINISHED,
+    finished_run,
+    resolve_pipeline,
+    resolved_config_yaml,
+    run_directory,
+)
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
 from tokenprune.measure.flops import LLMShape, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
@@ -200,10 +206,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return run_lmms_eval(cfg)
     pipeline = resolve_pipeline(cfg)  # config errors before any model is loaded
+    name = pipeline.name if pipeline is not None else "unpruned"
+    out = run_directory(cfg, name)
+    config_text = resolved_config_yaml(cfg, pipeline)
+    done = finished_run(out, config_text, cfg.overwrite)
+    if done is not None:  # this same run finished before (a rerun after it was killed at the very end)
+        return {**done, "output_dir": str(out), "finished_earlier": True}
     items = load_items(cfg.data)
     pl.seed_everything(cfg.seed, verbose=False)
-    name = pipeline.name if pipeline is not None else "unpruned"
-    out = Path(cfg.output_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_pipeline_for_model(read_model_config(cfg.model), pipeline)  # config.json alone: before the weights load
     model, processor = load_model(OmegaConf.to_container(cfg.model))
     check_pipeline_for_model(model, pipeline)  # the loaded model: before the baseline runs
@@ -213,13 +223,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cache_file = None
     from_cache = False
     if cfg.baseline_cache:
-        key = digest({"model": model_identity(cfg.model), "data": data_digest(items),
-                       "generation": OmegaConf.to_container(cfg.generation), "batch_size": cfg.batch_size,
-                       "convention": cfg.flops_convention})
-        cache_file = Path(cfg.baseline_cache) / f"{key}.jsonl"
-        if cache_file.is_file():
-            baseline = [json.loads(line) for line in cache_file.read_text().splitlines()]
-            from_cache = True
+        cache_file = Path(cfg.baseline_cache) / f"{baseline_key(cfg, items)}.jsonl"
+        baseline, damage = read_cached_records(cache_file, [it["id"] for it in items], RECORD_KEYS)
+        from_cache = baseline is not None
+        if damage:
+            print(f"tokenprune: baseline cache {cache_file} is damaged ({damage}); computing the baseline again",
+                  file=sys.stderr)
     if baseline is None:
         baseline = predict(cfg, model, processor, items, None, shape)
         if cache_file is not None and _is_global_zero():
@@ -231,7 +240,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    baseline_cached=from_cache)
     if _is_global_zero():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.yaml", resolved_config_yaml(cfg, pipeline))
+        (out / FINISHED).unlink(missing_ok=True)  # overwrite: the old results go only once the new ones exist
+        write_atomic(out / "config.yaml", config_text)
         write_jsonl(out / "predictions.jsonl", [
             {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"]}
             for r, b, it in zip(records, baseline, items)])
@@ -239,6 +249,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     metrics["output_dir"] = str(out)
     return metrics
+
+
+#: What a baseline record needs for the metrics (a cached one is checked for them).
+RECORD_KEYS = ("id", "prediction", "visual_tokens", "visual_tokens_kept", "kv_visual_entries_kept", "prefill_ms",
+               "decode_ms_per_token", "kv_cache_bytes", "peak_memory_bytes", "operator_ms")
+
+
+def baseline_key(cfg: DictConfig, items: list[dict[str, Any]]) -> str:
+    """The baseline cache's key: everything the unpruned records depend on (the weights, the items, generation,
+    batch size, FLOPs convention, precision, seed)."""
+    return digest({"model": model_identity(cfg.model), "data": data_digest(items),
+                   "generation": OmegaConf.to_container(cfg.generation), "batch_size": cfg.batch_size,
+                   "convention": cfg.flops_convention, "precision": str(cfg.trainer.precision), "seed": cfg.seed})
 
 
 def _correct(record: Mapping[str, Any], item: Mapping[str, Any]) -> float:
@@ -309,6 +332,9 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
                  f"operator ms / batch {num(metrics['operator_ms'], '{:.2f}')}")
     if metrics.get("baseline_cached"):
         lines.append("(unpruned baseline read from the cache)")
+    if metrics.get("finished_earlier"):
+        lines.append(f"(this run had finished: read from {metrics['output_dir']}/metrics.json; overwrite=true "
+                     "runs it again)")
     return "\n".join(lines)
 
 

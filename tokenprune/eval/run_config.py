@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -248,3 +251,56 @@ def resolved_config_yaml(cfg: DictConfig, pipeline) -> str:
     resolved["resolved_pipeline"] = OmegaConf.to_container(pipeline.config) if pipeline is not None and \
         pipeline.config is not None else None
     return OmegaConf.to_yaml(OmegaConf.create(resolved))
+
+
+FINISHED = "metrics.json"  # written last: a run directory holding it is a finished run
+
+
+def run_directory(cfg: DictConfig, name: str) -> Path:
+    """The run's directory, checked before any model loads: ``output_dir``, or (null) a new
+    ``runs/<name>-<date-time>``. A directory that cannot be created is an error naming ``output_dir``, as is
+    one holding another finished run, unless ``overwrite: true``; so is a ``baseline_cache`` that is not a
+    folder. A finished run of this same config is fine (the caller reads it back)."""
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+    else:
+        stem = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out, n = Path(stem), 2
+        while out.exists():
+            out, n = Path(f"{stem}-{n}"), n + 1
+    writable_folder(out, "output_dir")
+    if cfg.baseline_cache:
+        writable_folder(Path(cfg.baseline_cache), "baseline_cache")
+    return out
+
+
+def finished_run(out: Path, config_text: str, overwrite: bool) -> dict[str, Any] | None:
+    """The metrics of the finished run in ``out`` when its ``config.yaml`` is ``config_text`` (the same run);
+    None when ``out`` holds no finished run, or holds one and ``overwrite`` is true. Another finished run is an
+    error: its results are never replaced silently."""
+    done = out / FINISHED
+    if not done.is_file() or overwrite:
+        return None
+    previous = out / "config.yaml"
+    if previous.is_file() and previous.read_text() == config_text:
+        try:
+            return json.loads(done.read_text())
+        except json.JSONDecodeError:
+            return None  # a damaged metrics.json is computed again
+    raise ConfigError("output_dir", f"{out} holds the finished results of another run ({FINISHED}); set "
+                                    "overwrite=true to replace them, or choose another output_dir")
+
+
+def writable_folder(path: Path, key: str) -> None:
+    """``path`` is a folder, or one that can be created: not a file, no file above it, writable."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"{path} is a file, not a folder")
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(key, f"{path} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{path}: cannot write in {parent}")
