@@ -108,8 +108,7 @@ def load_items(data: Mapping[str, Any], key: str = "data") -> list[dict[str, Any
         path = data.get("path")
         if not path:
             raise ConfigError(f"{key}.path", "a JSONL data source needs a path")
-        items = _load_jsonl(Path(path), metric)
-        return items[:limit] if limit else items
+        return _load_jsonl(Path(path), metric, limit)
     if source == "datasets":
         path = data.get("path")
         if not path:
@@ -142,10 +141,12 @@ def _load_datasets_folder(path: Path, split: str | None, metric: str, limit: int
         raise ConfigError("data.path", f"{path}: missing column(s) {', '.join(sorted(missing))} "
                           f"(a dataset needs image, question, answer; it has {', '.join(ds.column_names)})")
     items = []
-    for i, row in enumerate(ds):
-        if limit and i >= limit:
-            break
+    for i in range(min(len(ds), limit) if limit else len(ds)):
         where = f"{path}, row {i}"
+        try:
+            row = ds[i]  # an Image feature decodes here
+        except Exception as e:  # noqa: BLE001 - datasets/PIL raise many kinds for a damaged row
+            raise ConfigError("data.path", f"{where}: does not decode ({type(e).__name__}: {e})") from None
         for field in ("image", "question", "answer"):
             if row.get(field) in (None, "", []):
                 raise ConfigError("data.path", f"{where}: missing {field!r}")
@@ -155,25 +156,43 @@ def _load_datasets_folder(path: Path, split: str | None, metric: str, limit: int
         image = row["image"]
         if isinstance(image, str):
             image = (path / image).resolve()
-            if not image.is_file():
-                raise ConfigError("data.path", f"{where}: image file not found: {image}")
+            check_image_file(image, where)
             image = str(image)
+        elif isinstance(image, Image.Image):
+            try:
+                image.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ConfigError("data.path", f"{where}: the image does not decode ({type(e).__name__}: {e})") \
+                    from None
+        else:
+            raise ConfigError("data.path", f"{where}: 'image' must be an Image feature or a file path, got "
+                                           f"{type(image).__name__}")
         items.append({"id": str(row.get("id") or f"{path.name}-{i}"), "image": image, "question": str(row["question"]),
                       "answer": row["answer"], "type": str(row.get("type") or "all"), "metric": row_metric})
     if not items:
         raise ConfigError("data.path", f"{path}: no rows")
+    _check_unique_ids(items, path)
     return items
 
 
-def _load_jsonl(path: Path, metric: str) -> list[dict[str, Any]]:
-    """Rows ``{image, question, answer[, type, metric, id]}``; image paths are relative to the file."""
+def _load_jsonl(path: Path, metric: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``{image, question, answer[, type, metric, id]}``; image paths are relative to the file; the first
+    ``limit`` rows."""
+    if path.is_dir():
+        raise ConfigError("data.path", f"{path} is a folder, not a JSONL file")
     if not path.is_file():
         raise ConfigError("data.path", f"no such file: {path}")
-    items = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    items: list[dict[str, Any]] = []
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if limit and len(items) >= limit:
+            break
+        where = f"{path}, row {line_no}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("data.path", f"{where}: not UTF-8 text (byte {e.start})") from None
         if not line.strip():
             continue
-        where = f"{path}, row {line_no}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -183,18 +202,49 @@ def _load_jsonl(path: Path, metric: str) -> list[dict[str, Any]]:
         for field in ("image", "question", "answer"):
             if row.get(field) in (None, "", []):
                 raise ConfigError("data.path", f"{where}: missing {field!r} (a row needs image, question, answer)")
+        _check_row_types(row, where)
         row_metric = row.get("metric", metric)
         if row_metric not in METRICS:
             raise ConfigError("data.path", f"{where}: unknown metric {row_metric!r}; allowed: {', '.join(METRICS)}")
         image = (path.parent / row["image"]).resolve()
-        if not image.is_file():
-            raise ConfigError("data.path", f"{where}: image file not found: {image}")
+        check_image_file(image, where)
         items.append({"id": str(row.get("id", f"{path.stem}-{line_no}")), "image": str(image),
-                      "question": str(row["question"]), "answer": row["answer"],
+                      "question": row["question"], "answer": row["answer"],
                       "type": str(row.get("type", "all")), "metric": row_metric})
     if not items:
         raise ConfigError("data.path", f"{path}: no rows")
+    _check_unique_ids(items, path)
     return items
+
+
+def _check_row_types(row: Mapping[str, Any], where: str) -> None:
+    if not isinstance(row["image"], str):
+        raise ConfigError("data.path", f"{where}: 'image' must be a file path (a string), got {row['image']!r}")
+    if not isinstance(row["question"], str):
+        raise ConfigError("data.path", f"{where}: 'question' must be a string, got {row['question']!r}")
+    answer = row["answer"]
+    if not (isinstance(answer, str) or (isinstance(answer, list) and all(isinstance(a, str) for a in answer))):
+        raise ConfigError("data.path", f"{where}: 'answer' must be a string or a list of strings, got {answer!r}")
+
+
+def _check_unique_ids(items: list[dict[str, Any]], path: Path) -> None:
+    seen: set[str] = set()
+    for it in items:
+        if it["id"] in seen:
+            raise ConfigError("data.path", f"{path}: id {it['id']!r} is given to two rows (ids must be unique)")
+        seen.add(it["id"])
+
+
+def check_image_file(image: Path, where: str) -> None:
+    """``image`` exists and decodes (every pixel read, so a truncated file is caught before the model loads)."""
+    if not image.is_file():
+        raise ConfigError("data.path", f"{where}: image file not found: {image}")
+    try:
+        with Image.open(image) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ConfigError("data.path", f"{where}: image {image} does not decode ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 def open_image(image):
