@@ -60,7 +60,7 @@ def test_dry_run_lists_variants_and_flops_without_running(tmp_path, tiny_folder)
                       swap={"stages.0.operators.0": [{"op": "nope"}]})
     out = subprocess.run([sys.executable, "-m", "tokenprune.cli", "sweep", str(path), "--dry-run"],
                          capture_output=True, text=True)
-    assert out.returncode == 1, out.stderr  # one variant's config is wrong
+    assert out.returncode == 2, out.stderr  # one variant's config is wrong: bad input
     lines = out.stdout.splitlines()
     assert lines[0].startswith("2 variants of mini")
     base = next(line for line in lines if line.strip().startswith("keep=0.5 "))
@@ -75,14 +75,25 @@ def test_dry_run_lists_variants_and_flops_without_running(tmp_path, tiny_folder)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_killed_sweep_resumes_and_failures_are_recorded(tmp_path, tiny_folder):
+def test_a_killed_sweep_resumes_and_failures_are_recorded(tmp_path, tiny_folder, monkeypatch):
+    from tokenprune.eval import sweep as sweep_module
+
+    real_run = sweep_module.run
+
+    def run_or_fail(cfg):  # a variant that fails while running (not a config error): recorded, the sweep goes on
+        if cfg.output_dir.endswith("op0=random"):
+            raise RuntimeError("out of memory (simulated)")
+        return real_run(cfg)
+
+    monkeypatch.setattr(sweep_module, "run", run_or_fail)
     path = sweep_file(tmp_path, tiny_folder, budget={"key": "stages.0.operators.1.keep", "values": [0.5, 0.25]},
-                      swap={"stages.0.operators.0": [{"op": "nope"}]})
+                      swap={"stages.0.operators.0": [{"op": "random"}]})
     rows, baseline = run_sweep(Sweep(path))
     out = tmp_path / "out"
-    assert [r["variant"] for r in rows] == ["keep=0.5", "keep=0.5,op0=nope", "keep=0.25", "keep=0.25,op0=nope"]
+    assert [r["variant"] for r in rows] == ["keep=0.5", "keep=0.5,op0=random", "keep=0.25", "keep=0.25,op0=random"]
     assert [bool(r["error"]) for r in rows] == [False, True, False, True]
-    assert "unknown operator 'nope'" in (out / "keep=0.5,op0=nope" / "error.txt").read_text()
+    assert rows[0]["pipeline"] == "fastv"  # the base pipeline's name, not "base"
+    assert "out of memory (simulated)" in (out / "keep=0.5,op0=random" / "error.txt").read_text()
     with (out / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in table] == [r["variant"] for r in rows]
@@ -97,10 +108,20 @@ def test_a_killed_sweep_resumes_and_failures_are_recorded(tmp_path, tiny_folder)
     first_mtime = done.stat().st_mtime_ns
     (out / "keep=0.25" / "metrics.json").unlink()
     rows2, _ = run_sweep(Sweep(path))
+    assert [bool(r["error"]) for r in rows2] == [False, True, False, True]
     assert done.stat().st_mtime_ns == first_mtime  # finished variants are not run again
     again = json.loads((out / "keep=0.25" / "metrics.json").read_text())
     assert again["visual_tokens_kept"] == [144.0] and again["baseline_cached"]
     assert [r["accuracy"] for r in rows2 if not r["error"]] == [r["accuracy"] for r in rows if not r["error"]]
+
+
+def test_a_variant_with_a_config_error_stops_the_sweep_before_anything_runs(tmp_path, tiny_folder):
+    path = sweep_file(tmp_path, tiny_folder, budget={"key": "stages.0.operators.1.keep", "values": [0.5]},
+                      swap={"stages.0.operators.0": [{"op": "nope"}]})
+    with pytest.raises(ConfigError) as e:
+        run_sweep(Sweep(path))
+    assert e.value.key == "pipeline.stages.0.operators.0.op" and "variant keep=0.5,op0=nope" in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
 
 
 def test_results_markdown_table_by_hand():

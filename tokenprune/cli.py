@@ -153,9 +153,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         rows = dry_run(sweep, args.tokens, args.visual)
         print(f"{len(rows)} variants of {sweep.name} (FLOPs reduction at {args.tokens} tokens, {args.visual} visual):")
         for r in rows:
-            red = "adaptive/—" if r["flops_reduction"] is None else f"{r['flops_reduction']:.1%}"
+            red = "—" if r["error"] else "adaptive" if r["flops_reduction"] is None else f"{r['flops_reduction']:.1%}"
             print(f"  {r['variant']:<50} {r['pipeline']:<14} {red:>10}  {r['error']}")
-        return 1 if any(r["error"] for r in rows) else 0
+        return 2 if any(r["error"] for r in rows) else 0
     rows, baseline = run_sweep(sweep)
     print(summary(rows, baseline))
     print(f"results: {sweep.output_dir / 'results.csv'}, plot: {sweep.output_dir / 'accuracy_vs_flops.png'}")

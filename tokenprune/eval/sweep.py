@@ -41,15 +41,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.core.config import parse_override
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.values import ListOf, MappingOf, OneOf, Str, check_schema
+from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
+from tokenprune.eval.models import check_pipeline_for_model, read_model_config
 from tokenprune.eval.run import run
-from tokenprune.eval.run_config import DEFAULTS, load_run_config, resolve_pipeline, resolved_config_yaml
+from tokenprune.eval.run_config import (
+    DEFAULTS,
+    load_run_config,
+    resolve_pipeline,
+    resolved_config_yaml,
+    writable_folder,
+)
 from tokenprune.measure.flops import LLMShape, pipeline_flops
 from tokenprune.reference import model as reference
 
-SWEEP_KEYS = {"name", "base", "set", "budget", "grid", "swap", "variants", "methods", "output_dir"}
+SWEEP_SCHEMA = {"name": Str(), "base": OneOf(Str(), MappingOf()), "set": ListOf(Str()), "budget": MappingOf(),
+                "grid": MappingOf(), "swap": MappingOf(), "variants": MappingOf(), "methods": MappingOf(),
+                "output_dir": Str()}
 RESULT_COLUMNS = ["variant", "pipeline", "accuracy", "relative_score", "fidelity", "flops_reduction",
                   "equivalent_visual_tokens", "prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "error"]
 
@@ -93,42 +105,85 @@ class Sweep:
 
     def __init__(self, path: str | Path, extra_set: list[str] = ()):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ConfigError(None, f"no such sweep file: {path}")
-        raw = yaml.safe_load(self.path.read_text()) or {}
+        raw = read_yaml(self.path, "sweep file")
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(None, f"{path}: a sweep file is a mapping")
-        unknown = set(raw) - SWEEP_KEYS
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown sweep key in {path}; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+            raise ConfigError(None, f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_SCHEMA)}, got "
+                                    f"{type(raw).__name__}")
+        refuse_interpolation(raw, what="a sweep file")
+        raw = check_schema(raw, SWEEP_SCHEMA)
         self.name = str(raw.get("name") or self.path.stem)
         self.base = raw.get("base")
         if self.base is None:
             raise ConfigError("base", f"{path}: a sweep needs a base run config (a path or a mapping)")
-        self.set = list(raw.get("set") or []) + list(extra_set)
+        self.set = list(raw.get("set") or [])
+        self.set += list(extra_set)
+        for item in self.set:
+            parse_override(item, "data.limit=100")  # KEY=VALUE, or an error naming the item
         self.budget = raw.get("budget")
-        if self.budget is not None and (not isinstance(self.budget, dict) or set(self.budget) != {"key", "values"}):
+        if self.budget is not None and set(self.budget) != {"key", "values"}:
             raise ConfigError("budget", f"must be {{key: KEY, values: [...]}}, got {self.budget!r}")
+        if self.budget is not None:
+            if not isinstance(self.budget["key"], str) or not self.budget["key"]:
+                raise ConfigError("budget.key", f"must be a dotted key, got {self.budget['key']!r}")
+            values = self.budget["values"]
+            if not isinstance(values, list) or not values:
+                raise ConfigError("budget.values", f"must be a non-empty list of numbers, got {values!r}")
+            for i, value in enumerate(values):
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"budget.values.{i}", f"must be a number > 0, got {value!r}")
         self.grid = self._mapping_of_lists(raw, "grid")
         self.swap = self._mapping_of_lists(raw, "swap")
         self.named = raw.get("variants") or {}
+        for name, changes in self.named.items():
+            if not isinstance(changes, dict) or not changes:
+                raise ConfigError(f"variants.{name}", f"must be a mapping of KEY: VALUE, got {changes!r}")
         self.methods = raw.get("methods") or {}
         for name, spec in self.methods.items():
             if not isinstance(spec, dict) or not set(spec) <= {"set", "budget"}:
                 raise ConfigError(f"methods.{name}", f"must be {{set: {{KEY: VALUE}}, budget: {{KEY: FACTOR}}}}, got {spec!r}")
-            if spec.get("budget") and self.budget is None:
+            if spec.get("set") is not None and not isinstance(spec["set"], dict):
+                raise ConfigError(f"methods.{name}.set", f"must be a mapping of KEY: VALUE, got {spec['set']!r}")
+            budget = spec.get("budget")
+            if budget is not None and not isinstance(budget, dict):
+                raise ConfigError(f"methods.{name}.budget", f"must be a mapping of KEY: FACTOR, got {budget!r}")
+            for key, factor in (budget or {}).items():
+                if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+                    raise ConfigError(f"methods.{name}.budget.{key}", f"a factor of the budget: a number > 0, got "
+                                                                      f"{factor!r}")
+            if budget and self.budget is None:
                 raise ConfigError(f"methods.{name}.budget", "needs a top-level budget: {key, values}")
         self.output_dir = Path(raw.get("output_dir") or f"runs/sweeps/{self.name}")
 
     @staticmethod
     def _mapping_of_lists(raw: dict, key: str) -> dict[str, list]:
         section = raw.get(key) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(key, f"must be a mapping of KEY: [values], got {section!r}")
         for k, v in section.items():
             if not isinstance(v, list) or not v:
                 raise ConfigError(f"{key}.{k}", f"must be a non-empty list of values, got {v!r}")
         return section
+
+    def check(self) -> list[tuple[Variant, DictConfig, Any]]:
+        """Every variant with its run config and pipeline, all built before anything runs: a variant's error
+        (a typo in ``set``, a bad value on an axis) is a :class:`ConfigError` naming the variant and the key.
+        The pipeline keys of ``set`` are checked against the base pipeline even where a method replaces it."""
+        out = []
+        for v in self.variants():
+            try:
+                cfg = self.base_config(v)
+                pipe = resolve_pipeline(cfg)
+                check_pipeline_for_model(read_model_config(cfg.model), pipe)
+                if v.pipeline is not None and self._pipeline_sets():
+                    base = self.base_config(Variant(name="base", pipeline=None, values={}))
+                    resolve_pipeline(base)
+            except ConfigError as e:
+                raise ConfigError(e.key, f"{e.detail} (variant {v.name})") from None
+            out.append((v, cfg, pipe))
+        return out
+
+    def _pipeline_sets(self) -> list[str]:
+        return [s for s in self.set if s.split("=", 1)[0].split(".")[0] not in DEFAULTS]
 
     def base_config(self, variant: Variant):
         """The variant's run config (defaults, base, ``set``, its own values)."""
@@ -141,9 +196,8 @@ class Sweep:
             overrides = [f"{k}={_value_text(v)}" for k, v in self.base.items()]  # each section whole
         else:
             raise ConfigError("base", f"a run config path or mapping, got {self.base!r}")
-        run_keys = set(DEFAULTS)
-        sets = [s for s in self.set if s.split("=", 1)[0].split(".")[0] in run_keys]
-        pipeline_sets = [s for s in self.set if s not in sets]
+        pipeline_sets = self._pipeline_sets()
+        sets = [s for s in self.set if s not in pipeline_sets]
         cfg = load_run_config(base_path, overrides + sets + variant.run_overrides)
         if cfg.data.lmms_eval is not None:
             raise ConfigError("data.lmms_eval", "a sweep evaluates items (data.source shapes, jsonl or datasets); "
@@ -216,10 +270,12 @@ def dry_run(sweep: Sweep, tokens: int = 640, visual: int = 576) -> list[dict[str
 
     rows = []
     for v in sweep.variants():
-        row: dict[str, Any] = {"variant": v.name, "pipeline": v.pipeline or "base", "flops_reduction": None, "error": ""}
+        row: dict[str, Any] = {"variant": v.name, "pipeline": v.pipeline or _base_label(sweep), "flops_reduction": None,
+                               "error": ""}
         try:
             cfg = sweep.base_config(v)
             pipe = resolve_pipeline(cfg)
+            row["pipeline"] = _label(v, pipe)
             shape = _shape_of(cfg)
             if pipe is not None and shape is not None:
                 row["flops_reduction"] = pipeline_flops(pipe, shape, tokens, visual, cfg.flops_convention).reduction
@@ -227,6 +283,18 @@ def dry_run(sweep: Sweep, tokens: int = 640, visual: int = 576) -> list[dict[str
             row["error"] = str(e)
         rows.append(row)
     return rows
+
+
+def _label(variant: Variant, pipeline) -> str:
+    """What a variant's row and plot marker are labelled: its method, or the base pipeline's name."""
+    if variant.pipeline is not None:
+        return variant.pipeline
+    return pipeline.name if pipeline is not None else "unpruned"
+
+
+def _base_label(sweep: Sweep) -> str:
+    base = sweep.base if isinstance(sweep.base, str) else "base"
+    return Path(base).stem if isinstance(sweep.base, str) else base
 
 
 def _shape_of(cfg):
@@ -291,15 +359,17 @@ def _set_aside(vdir: Path, output_dir: Path) -> Path:
 def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run every variant not yet done; write results.csv and accuracy_vs_flops.png. Returns (rows, baseline)."""
 
+    checked = sweep.check()  # every variant's config and pipeline before anything runs
+    writable_folder(sweep.output_dir, "output_dir")
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     baseline = None
-    for v in sweep.variants():
+    for v, cfg, pipe in checked:
         vdir = sweep.output_dir / v.name
         done = vdir / "metrics.json"
-        row: dict[str, Any] = {"variant": v.name, "pipeline": v.pipeline or "base",
+        row: dict[str, Any] = {"variant": v.name, "pipeline": _label(v, pipe),
                                **{k: _value_text(val) for k, val in v.values.items()}}
-        changed = _changed_since_run(vdir, sweep.base_config(v)) if done.is_file() else None
+        changed = _changed_since_run(vdir, cfg) if done.is_file() else None
         if changed is not None:
             aside = _set_aside(vdir, sweep.output_dir)
             print(f"[{v.name}] its config changed since it ran ({changed}): running it again; the earlier run is "
@@ -309,7 +379,7 @@ def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None
             status = "done earlier"
         else:
             try:
-                metrics = run(sweep.base_config(v))
+                metrics = run(cfg)
                 (vdir / "error.txt").unlink(missing_ok=True)
                 status = "ran"
             except Exception as e:  # noqa: BLE001 - a failed variant is recorded and the sweep goes on
@@ -385,13 +455,23 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], baseline: dict[str, Any] 
     groups: dict[str, list] = {}
     for r in pts:
         groups.setdefault(r["pipeline"], []).append(r)
-    for name, rs in sorted(groups.items()):
-        ax.scatter([100 * r["flops_reduction"] for r in rs], [100 * r["accuracy"] for r in rs], label=name, s=28)
-        for r in rs:
-            ax.annotate(r["variant"], (100 * r["flops_reduction"], 100 * r["accuracy"]), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
+    markers = "osD^vP*XhH<>"
+    for i, (name, rs) in enumerate(groups.items()):  # the sweep's order: the base pipeline first
+        # hollow markers of different shapes, so variants at the same point stay visible
+        ax.scatter([100 * r["flops_reduction"] for r in rs], [100 * r["accuracy"] for r in rs], label=name, s=36,
+                   marker=markers[i % len(markers)], facecolors="none", edgecolors=f"C{i % 10}", linewidths=1.2)
+    at: dict[tuple[float, float], list[str]] = {}  # variants at one point share one label, one name a line
+    for r in pts:
+        at.setdefault((round(100 * r["flops_reduction"], 1), round(100 * r["accuracy"], 1)), []).append(r["variant"])
+    for (x, y), names in at.items():
+        # of points close together, the highest is labelled above, the others below, so labels do not overprint
+        near = [q for q in at if abs(q[0] - x) < 4 and abs(q[1] - y) < 3]
+        above = y >= max(q[1] for q in near)
+        ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(4, 3 if above else -3),
+                    textcoords="offset points", va="bottom" if above else "top")
     if baseline and baseline.get("accuracy") is not None:
         ax.scatter([0], [100 * baseline["accuracy"]], marker="*", s=140, color="black", label="unpruned")
+    ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
     ax.set_xlabel("LLM prefill FLOPs reduction (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -403,16 +483,16 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], baseline: dict[str, Any] 
 
 
 def summary(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
-    lines = [f"{'variant':<44}{'accuracy':>9}{'rel.':>7}{'fidel.':>8}{'FLOPs -':>9}{'prefill ms':>11}"]
+    lines = [f"{'variant':<44}{'accuracy':>9}{'rel.':>7}{'fidel.':>8}{'FLOPs red.':>11}{'prefill ms':>11}"]
     if baseline:
-        lines.append(f"{'unpruned':<44}{_pct(baseline.get('accuracy')):>9}{'100.0':>7}{'':>8}{'0.0%':>9}"
+        lines.append(f"{'unpruned':<44}{_pct(baseline.get('accuracy')):>9}{'100.0':>7}{'':>8}{'0.0%':>11}"
                      f"{_num(baseline.get('prefill_ms')):>11}")
     for r in rows:
         if r.get("error"):
             lines.append(f"{r['variant']:<44}  FAILED: {r['error'][:60]}")
             continue
         lines.append(f"{r['variant']:<44}{_pct(r['accuracy']):>9}{_num(r['relative_score']):>7}"
-                     f"{_pct(r['fidelity']):>8}{_pct(r['flops_reduction']):>9}{_num(r['prefill_ms']):>11}")
+                     f"{_pct(r['fidelity']):>8}{_pct(r['flops_reduction']):>11}{_num(r['prefill_ms']):>11}")
     return "\n".join(lines)
 
 
