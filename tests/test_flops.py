@@ -77,7 +77,8 @@ def test_shapes_and_errors():
 
 
 def test_cli_flops_json(capsys):
-    assert main(["flops", "fastv", "--shape", "llava-1.5-7b", "--tokens", "576", "--visual", "576", "--json"]) == 0
+    assert main(["flops", "fastv", "--shape", "llava-1.5-7b", "--tokens", "576", "--visual", "576",
+                 "--convention", "fastv", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"flops", "baseline_flops", "reduction", "equivalent_visual_tokens"}
     assert out["baseline_flops"] == 32 * 93_314_875_392

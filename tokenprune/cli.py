@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.sites import KVCacheSite
 
 
 def _cmd_ops(args: argparse.Namespace) -> None:
@@ -89,22 +90,46 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_flops(args: argparse.Namespace) -> None:
-    from tokenprune.measure.flops import parse_shape, pipeline_flops
+    from tokenprune.measure.flops import pipeline_flops
     from tokenprune.pipeline import load_pipeline
 
-    shape = parse_shape(args.shape)
     if args.tokens < 1:
         raise ConfigError("--tokens", f"must be >= 1, got {args.tokens}")
+    if not 0 <= args.visual <= args.tokens:
+        raise ConfigError("--visual", f"must be in 0..--tokens ({args.tokens}), got {args.visual}")
     pipe = load_pipeline(_pipeline_source(args.pipeline), args.overrides)
+    shape = _flops_shape(args.shape)
     report = pipeline_flops(pipe, shape, args.tokens, args.visual, args.convention)
     if args.json:
         print(json.dumps(report.as_json()))
         return
     print(f"pipeline {pipe.name!r} on {shape.name} ({shape.layers} layers, d={shape.hidden}, m={shape.intermediate}), "
           f"{args.tokens} prompt tokens of which {args.visual} visual, {args.convention} convention")
-    print(f"  FLOPs:      {report.flops / 1e12:.4f} T  (unpruned {report.baseline_flops / 1e12:.4f} T)")
+    scale, unit = (1e12, "T") if report.baseline_flops >= 1e12 else (1e9, "G")
+    print(f"  FLOPs:      {report.flops / scale:.4f} {unit}  (unpruned {report.baseline_flops / scale:.4f} {unit})")
     print(f"  reduction:  {report.reduction:.2%}")
     print(f"  layer-averaged visual tokens: {report.equivalent_visual_tokens:.1f} of {args.visual}")
+    if pipe.stages and all(isinstance(s.site, KVCacheSite) for s in pipe.stages):
+        print("  (every stage compresses the KV cache after the prefill: no prefill FLOPs are saved; the saving is "
+              "KV memory and decode reads, measured by `tokenprune run` and `tokenprune bench`)")
+
+
+def _flops_shape(spec: str):
+    """``--shape``: a built-in name, ``reference`` or a model folder (its config.json), or ``d=..,m=..``."""
+    from tokenprune.measure.flops import BUILTIN_SHAPES, LLMShape, parse_shape
+
+    if spec in BUILTIN_SHAPES or "=" in spec:
+        return parse_shape(spec)
+    from tokenprune.eval.models import read_model_config
+
+    if spec != "reference" and not Path(spec).is_dir():
+        return parse_shape(spec)  # the error lists the built-in shapes
+    config = read_model_config({"path": spec, "trust_remote_code": False}, key="--shape")
+    text = getattr(config, "text_config", config)
+    try:
+        return LLMShape.from_config(text, name=spec if spec == "reference" else Path(spec).name)
+    except (AttributeError, TypeError) as e:
+        raise ConfigError("--shape", f"{spec}: its config.json gives no decoder shape ({e})") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -210,10 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="analytic LLM prefill FLOPs of a pipeline")
     _pipeline_arguments(p)
-    p.add_argument("--shape", required=True, help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2-vl-7b, or d=..,m=..,layers=..")
+    p.add_argument("--shape", default="reference", help="reference (default), a model folder, llava-1.5-7b, "
+                   "llava-1.5-13b, llava-next-7b, qwen2-vl-7b, or d=..,m=..,layers=..")
     p.add_argument("--tokens", type=int, required=True, help="prompt length N")
     p.add_argument("--visual", type=int, required=True, help="visual tokens V among the N (a contiguous block)")
-    p.add_argument("--convention", choices=("fastv", "exact"), default="fastv")
+    p.add_argument("--convention", choices=("exact", "fastv"), default="exact",
+                   help="exact (default, as tokenprune run reports) or fastv (FastV's formula, to compare with papers)")
     p.add_argument("--json", action="store_true", help="print {flops, baseline_flops, reduction, equivalent_visual_tokens}")
     p.set_defaults(func=_cmd_flops)
 
