@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from torch import nn
 
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.state import AttentionContext, TokenState
+from tokenprune.core.values import given as given_text
 
 #: The operator kinds, in the order a stage must list them: shift* → scorer* → selector (or a selecting merger) → merger? → compactor?
 KINDS: tuple[str, ...] = ("shift", "scorer", "selector", "merger", "compactor")
@@ -87,6 +89,8 @@ class TokenOperator(nn.Module):
         for name, value in raw.items():
             if isinstance(value, bool) and hints.get(name) not in (bool, Any):
                 raise ConfigError(where(name), f"expected {_type_name(hints.get(name))}, got boolean {value!r}")
+            if isinstance(value, str) and _scalar_only(hints.get(name)):  # OmegaConf would read 'yes' as true
+                raise ConfigError(where(name), f"expected {_type_name(hints.get(name))}, got {given_text(value)}")
         try:
             schema = OmegaConf.structured(cls.Params)
             merged = OmegaConf.merge(schema, raw)
@@ -96,9 +100,9 @@ class TokenOperator(nn.Module):
         except OmegaConfBaseException as e:
             field = getattr(e, "full_key", None) or ""
             given = raw.get(field.split(".")[0], None) if field else None
-            msg = str(e).splitlines()[0]
             expected = _type_name(hints.get(field)) if field in hints else "a valid value"
-            raise ConfigError(where(field) if field else key, f"{msg}; expected {expected}, got {given!r}") from None
+            shown = given_text(given) if field else str(e).splitlines()[0]
+            raise ConfigError(where(field) if field else key, f"expected {expected}, got {shown}") from None
 
     @classmethod
     def param_table(cls) -> list[tuple[str, str, Any]]:
@@ -119,6 +123,13 @@ class TokenOperator(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.params).items())
+
+
+def _scalar_only(hint: Any) -> bool:
+    """A parameter whose type is numbers or booleans only (no string is a valid value)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    args = tuple(a for a in args if a is not type(None))
+    return bool(args) and all(a in (int, float, bool) for a in args)
 
 
 def _type_name(tp: Any) -> str:

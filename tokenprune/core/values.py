@@ -122,9 +122,9 @@ class Optional(Spec):
 class OneOf(Spec):
     """The first of ``specs`` that accepts the value (each is tried; the message lists them all)."""
 
-    def __init__(self, *specs: Spec):
+    def __init__(self, *specs: Spec, allowed: str | None = None):
         self.specs = specs
-        self.allowed = " or ".join(s.allowed for s in specs)
+        self.allowed = allowed or " or ".join(s.allowed for s in specs)
 
     def check(self, value, key):
         for spec in self.specs:

@@ -85,7 +85,9 @@ SCHEMA: dict[str, Any] = {
     "batch_size": Int(1),
     "seed": Int(0, 2**32 - 1),
     "flops_convention": Str(("exact", "fastv")),
-    "trainer": {"accelerator": Str(ACCELERATORS), "devices": OneOf(Int(1), Str(("auto",)), ListOf(Int(0))),
+    "trainer": {"accelerator": Str(ACCELERATORS), "devices": OneOf(Int(1), Str(("auto",)), ListOf(Int(0)),
+                                                             allowed="a positive integer, auto, or a list of device "
+                                                                     "indices"),
                 "strategy": Str(STRATEGIES), "precision": OneOf(Str(PRECISIONS), Int(16, 64))},
     "logging": {"wandb": {"mode": Str(WANDB_MODES), "project": Str(), "group": Optional(Str()),
                           "tags": ListOf(Str())},
@@ -108,15 +110,16 @@ def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> D
         if not isinstance(raw, Mapping):
             raise ConfigError(None, f"run config {path}: must be a mapping of keys ({', '.join(SCHEMA)}), "
                                     f"got {type(raw).__name__}")
+        if isinstance(raw.get("generation"), Mapping) and "num_beams" in raw["generation"]:
+            _refuse_beams()
         check_schema(raw, _loose(SCHEMA))  # unknown keys named here, before the merge
         _merge(data, raw)
     for item in overrides:
         key, value = parse_override(item, "generation.max_new_tokens=8")
+        if key == "generation.num_beams" or (key == "generation" and isinstance(value, Mapping)
+                                             and "num_beams" in value):
+            _refuse_beams()
         _set(data, key, value)
-    if isinstance(data.get("generation"), Mapping) and "num_beams" in data["generation"]:
-        raise ConfigError("generation.num_beams", "beam search is not supported: a beam multiplies the batch after "
-                                                  "the prefill, so per-item costs would be a beam's; allowed: "
-                                                  + ", ".join(GENERATION))
     _refuse_resolvers(data, "")
     data = _resolve(data)
     data = check_schema(data, SCHEMA)
@@ -135,6 +138,12 @@ def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> D
             and not Path(spec.include_path).is_absolute() and (Path(path).parent / spec.include_path).exists():
         spec.include_path = str(Path(path).parent / spec.include_path)
     return cfg
+
+
+def _refuse_beams():
+    raise ConfigError("generation.num_beams", "beam search is not supported: a beam multiplies the batch after the "
+                                              "prefill, so per-item costs would be a beam's; allowed in generation: "
+                                              + ", ".join(GENERATION))
 
 
 def _loose(schema: Mapping[str, Any]) -> dict[str, Any]:
