@@ -244,3 +244,104 @@ def test_a_kv_cache_method_keeps_the_prefill_flops_and_cuts_the_prompt_kv(tmp_pa
     assert metrics["visual_tokens_kept"] == []  # no prefill stage
     expected = sum(shape.layers * (n - 576 + 58) for n in lengths) / 6 * per_token
     assert metrics["kv_cache_bytes"] == pytest.approx(expected)
+
+
+# --- killed and resumed; two runs sharing one baseline cache -------------------------------------------------
+
+TIMINGS = {"prefill_ms", "baseline_prefill_ms", "decode_ms_per_token", "baseline_decode_ms_per_token", "operator_ms",
+           "peak_memory_bytes", "baseline_cached", "finished_earlier", "output_dir"}
+
+
+def _results(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at one point of a run (not an Exception: nothing may catch it)."""
+
+
+@pytest.mark.parametrize("point", ["baseline", "pruned", "config.yaml", "predictions.jsonl", "metrics.json"])
+def test_a_run_killed_at_any_point_finishes_on_rerun_with_the_same_metrics(tmp_path, tiny_folder, monkeypatch, point):
+    from tokenprune.eval import run as run_module
+
+    reference = _results(run(config(tmp_path / "ref", tiny_folder, "pipeline=fastv")))
+    calls = {"predict": 0}
+    real_predict, real_write = run_module.predict, run_module.write_atomic
+
+    def predict(*args, **kwargs):
+        calls["predict"] += 1
+        if (point, calls["predict"]) in (("baseline", 1), ("pruned", 2)):
+            raise Killed
+        return real_predict(*args, **kwargs)
+
+    def write_atomic(path, text):
+        real_write(path, text)
+        if path.name == point:
+            raise Killed
+
+    monkeypatch.setattr(run_module, "predict", predict)
+    monkeypatch.setattr(run_module, "write_atomic", write_atomic)
+    monkeypatch.setattr(run_module, "write_jsonl", lambda path, rows: write_atomic(
+        path, "".join(json.dumps(r, default=str) + "\n" for r in rows)))
+    with pytest.raises(Killed):
+        run(config(tmp_path, tiny_folder, "pipeline=fastv"))
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    assert (out / "metrics.json").exists() == (point == "metrics.json")  # written last: absent means unfinished
+    again = run(config(tmp_path, tiny_folder, "pipeline=fastv"))
+    assert _results(again) == reference
+    assert again.get("finished_earlier", False) == (point == "metrics.json")
+    assert _results(json.loads((out / "metrics.json").read_text())) == reference
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and not list(out.glob("*.tmp"))
+
+
+def test_a_damaged_baseline_cache_is_computed_again(tmp_path, tiny_folder, capsys):
+    reference = _results(run(config(tmp_path / "ref", tiny_folder, "pipeline=fastv")))
+    (cache,) = (tmp_path / "ref" / "cache").glob("*.jsonl")
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # truncated mid-record
+    again = run(config(tmp_path / "ref", tiny_folder, "pipeline=fastv", f"output_dir={tmp_path / 'again'}"))
+    assert "is damaged" in capsys.readouterr().err and not again["baseline_cached"]
+    assert _results(again) == reference and len(cache.read_text().splitlines()) == 6
+
+
+def test_two_runs_sharing_a_baseline_cache_at_once(tmp_path, tiny_folder):
+    def start(name):
+        return subprocess.Popen(
+            [sys.executable, "-m", "tokenprune.cli", "run", "experiments/asap_shapes.yaml", f"model.path={tiny_folder}",
+             "data.limit=6", "batch_size=2", "pipeline=fastv", f"output_dir={tmp_path / name}",
+             f"baseline_cache={tmp_path / 'cache'}", "trainer.accelerator=cpu", *QUIET],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start("a"), start("b")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in "ab")
+    assert _results(a) == _results(b)
+    (cache,) = (tmp_path / "cache").glob("*.jsonl")
+    assert [json.loads(line)["id"] for line in cache.read_text().splitlines()] == [f"shapes-test-{i}" for i in range(6)]
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_a_run_killed_by_sigkill_after_its_baseline_resumes_from_the_cache(tmp_path, tiny_folder):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "tokenprune.cli", "run", "experiments/asap_shapes.yaml", f"model.path={tiny_folder}",
+            "data.limit=12", "batch_size=1", "pipeline=fastv", f"output_dir={tmp_path / 'run'}",
+            f"baseline_cache={tmp_path / 'cache'}", "trainer.accelerator=cpu", *QUIET]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((tmp_path / "cache").glob("*.jsonl")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # during the pruned run (or, on a fast machine, after it)
+    proc.wait()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    reference = run(load_run_config("experiments/asap_shapes.yaml", [
+        f"model.path={tiny_folder}", "data.limit=12", "batch_size=1", "pipeline=fastv",
+        f"output_dir={tmp_path / 'ref'}", "baseline_cache=null", *QUIET]))
+    assert _results(metrics) == _results(reference) and metrics["baseline_cached"]
