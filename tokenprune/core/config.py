@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.registry import registered_operators
 from tokenprune.core.sites import KV_CACHE, CrossAttentionSite, KVCacheSite, LayerSite, site_of
 from tokenprune.core.yaml_files import parse_yaml, read_yaml, refuse_interpolation
 
@@ -127,8 +128,6 @@ def import_plugins(plugins: Any, folders: Iterable[str | Path] = (), key: str = 
         return
     if not isinstance(plugins, (list, ListConfig)) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(key, f"a list of module names, got {plugins!r}; {PLUGIN_HELP}")
-    from tokenprune.core.registry import registered_operators
-
     search = [str(Path(f).resolve()) for f in folders] + [str(Path.cwd())]
     for i, name in enumerate(plugins):
         where = key if key.startswith("-") else f"{key}.{i}"

@@ -7,7 +7,7 @@ the pipeline attached (``trainer:`` settings; with several devices the data is s
 predictions gathered). The unpruned baseline is cached by a digest of (model, data, generation, batch
 size, dtype), so a second run on the same data reuses it. Each run writes its own directory:
 ``config.yaml`` (resolved), ``predictions.jsonl``, ``metrics.json`` (written last, atomically); see
-docs/metrics.md for every metric.
+docs/run.md ("Metrics") for every metric.
 """
 
 from __future__ import annotations
