@@ -345,3 +345,17 @@ def test_a_run_killed_by_sigkill_after_its_baseline_resumes_from_the_cache(tmp_p
         f"model.path={tiny_folder}", "data.limit=12", "batch_size=1", "pipeline=fastv",
         f"output_dir={tmp_path / 'ref'}", "baseline_cache=null", *QUIET]))
     assert _results(metrics) == _results(reference) and metrics["baseline_cached"]
+
+
+def test_the_run_command_keeps_library_notices_off_unless_verbose(tmp_path, tiny_folder):
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "tokenprune.cli", "run", "experiments/asap_shapes.yaml",
+                               f"model.path={tiny_folder}", "data.limit=2", "batch_size=2", "pipeline=fastv",
+                               f"output_dir={tmp_path / ('v' if extra else 'q')}", "baseline_cache=null",
+                               "trainer.accelerator=cpu", *QUIET, *extra], capture_output=True, text=True, timeout=300)
+
+    quiet, verbose = cli(), cli("--verbose")
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert "GPU available" in verbose.stderr  # Lightning's banner: the check below is not void
+    assert "GPU available" not in quiet.stderr and "Tip:" not in quiet.stderr and "deprecated" not in quiet.stderr
+    assert "accuracy" in quiet.stdout

@@ -156,10 +156,31 @@ def _cmd_lmms_task(args: argparse.Namespace) -> None:
           f"--include_path {folder} --tasks {VQA_TASK},{YES_NO_TASK}")
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Lightning's banners and tips, transformers' notices and deprecation warnings off, unless ``--verbose``."""
+    if verbose:
+        return
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("WANDB_SILENT", "true")  # no W&B summary block before the table
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from tokenprune.eval.run import run, summary_table
     from tokenprune.eval.run_config import load_run_config
 
+    _quiet_libraries(args.verbose)
     metrics = run(load_run_config(args.config, args.overrides))
     if "per_task" in metrics:  # lmms-eval tasks
         from tokenprune.eval.lmms_eval_run import summary_table as lmms_table
@@ -173,6 +194,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from tokenprune.eval.sweep import Sweep, dry_run, run_sweep, summary
 
+    _quiet_libraries(args.verbose)
     sweep = Sweep(args.file, args.set)
     if args.dry_run:
         rows = dry_run(sweep, args.tokens, args.visual)
@@ -247,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="evaluate a pipeline and the unpruned model on a dataset (a run config)")
     p.add_argument("config", help="run YAML (experiments/asap_shapes.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--verbose", action="store_true", help="keep the libraries' notices and warnings")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sweep", help="run an ablation study (resumable): results.csv, a table and a plot")
@@ -255,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the variants and their FLOPs; run nothing")
     p.add_argument("--tokens", type=int, default=640, help="prompt length for --dry-run FLOPs")
     p.add_argument("--visual", type=int, default=576, help="visual tokens for --dry-run FLOPs")
+    p.add_argument("--verbose", action="store_true", help="keep the libraries' notices and warnings")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("bench", help="time the unpruned model and pipelines (prefill, decode, KV, operators)")
