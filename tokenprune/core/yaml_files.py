@@ -5,6 +5,7 @@ into results."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from typing import Any
 import yaml
 
 from tokenprune.core.errors import ConfigError
+
+#: ``${name:...}``: an OmegaConf resolver (``oc.env``, ``oc.decode``, ...).
+_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -73,15 +77,19 @@ def read_yaml(path: str | Path, what: str = "") -> Any:
     return parse_yaml(text, label)
 
 
-def refuse_interpolation(data: Any, where: str = "", what: str = "a pipeline") -> None:
-    """Raise :class:`ConfigError` at the first string holding ``${`` (an OmegaConf interpolation or resolver)."""
+def refuse_interpolation(data: Any, where: str = "", what: str = "a pipeline", resolvers_only: bool = False) -> None:
+    """Raise :class:`ConfigError` at the first string holding ``${`` (an OmegaConf interpolation or resolver);
+    ``resolvers_only``: only at a resolver (``${name:...}``, such as ``oc.env``), references to keys allowed."""
     if isinstance(data, str):
-        if "${" in data:
+        if resolvers_only and _RESOLVER.search(data):
+            raise ConfigError(where or None, f"{data!r}: resolvers (${{name:...}}, such as oc.env) are not allowed; "
+                                             f"{what} may refer only to its own keys, ${{key.path}}")
+        if not resolvers_only and "${" in data:
             raise ConfigError(where or None, f"{data!r}: interpolation (${{...}}) is not allowed in {what}; "
                                              "write the value itself")
     elif isinstance(data, Mapping):
         for k, v in data.items():
-            refuse_interpolation(v, f"{where}.{k}" if where else str(k), what)
+            refuse_interpolation(v, f"{where}.{k}" if where else str(k), what, resolvers_only)
     elif isinstance(data, (list, tuple)):
         for i, v in enumerate(data):
-            refuse_interpolation(v, f"{where}.{i}" if where else str(i), what)
+            refuse_interpolation(v, f"{where}.{i}" if where else str(i), what, resolvers_only)

@@ -13,7 +13,6 @@ import copy
 import difflib
 import json
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,7 +35,7 @@ from tokenprune.core.values import (
     Str,
     check_schema,
 )
-from tokenprune.core.yaml_files import read_yaml
+from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.scoring import METRICS, SOURCES
 from tokenprune.pipeline import load_pipeline
 
@@ -96,8 +95,6 @@ SCHEMA: dict[str, Any] = {
     "overwrite": Bool(),
     "baseline_cache": Optional(Str()),
 }
-#: ``${name:...}``: an OmegaConf resolver (``oc.env``, ``oc.decode``, ...), never allowed.
-_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")
 
 
 def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -120,7 +117,7 @@ def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> D
                                              and "num_beams" in value):
             _refuse_beams()
         _set(data, key, value)
-    _refuse_resolvers(data, "")
+    refuse_interpolation(data, what="a run config", resolvers_only=True)
     data = _resolve(data)
     data = check_schema(data, SCHEMA)
     gen = data["generation"]
@@ -201,22 +198,9 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
 def _takes_mapping(spec: Spec) -> bool:
     if isinstance(spec, MappingOf):
         return True
-    inner = getattr(spec, "spec", None) or None
-    specs = getattr(spec, "specs", ()) + ((inner,) if inner is not None else ())
+    inner = getattr(spec, "spec", None)  # Optional's
+    specs = getattr(spec, "specs", ()) + ((inner,) if inner is not None else ())  # OneOf's
     return any(_takes_mapping(s) for s in specs)
-
-
-def _refuse_resolvers(data: Any, where: str) -> None:
-    if isinstance(data, str):
-        if _RESOLVER.search(data):
-            raise ConfigError(where or None, f"{data!r}: resolvers (${{name:...}}, such as oc.env) are not allowed; "
-                                             "a run config may refer only to its own keys, ${key.path}")
-    elif isinstance(data, Mapping):
-        for k, v in data.items():
-            _refuse_resolvers(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            _refuse_resolvers(v, f"{where}.{i}" if where else str(i))
 
 
 def _resolve(data: dict[str, Any]) -> dict[str, Any]:

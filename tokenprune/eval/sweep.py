@@ -169,14 +169,16 @@ class Sweep:
         (a typo in ``set``, a bad value on an axis) is a :class:`ConfigError` naming the variant and the key.
         The pipeline keys of ``set`` are checked against the base pipeline even where a method replaces it."""
         out = []
+        if self._pipeline_sets():
+            try:
+                resolve_pipeline(self.base_config(Variant(name="base", pipeline=None, values={})))
+            except ConfigError as e:
+                raise ConfigError(e.key, f"{e.detail} (variant base)") from None
         for v in self.variants():
             try:
                 cfg = self.base_config(v)
                 pipe = resolve_pipeline(cfg)
                 check_pipeline_for_model(read_model_config(cfg.model), pipe)
-                if v.pipeline is not None and self._pipeline_sets():
-                    base = self.base_config(Variant(name="base", pipeline=None, values={}))
-                    resolve_pipeline(base)
             except ConfigError as e:
                 raise ConfigError(e.key, f"{e.detail} (variant {v.name})") from None
             out.append((v, cfg, pipe))
@@ -235,9 +237,7 @@ class Sweep:
             for key, alternatives in self.swap.items():
                 for alt in alternatives:
                     out.append(make(None, {**point, key: alt}, label + [_short(key, alt)]))
-            for name, changes in self.named.items():
-                if not isinstance(changes, dict):
-                    raise ConfigError(f"variants.{name}", f"must be a mapping of KEY: VALUE, got {changes!r}")
+            for name, changes in self.named.items():  # each a mapping (checked when the file was read)
                 out.append(make(None, {**point, **changes}, label + [str(name)]))
             for method, spec in self.methods.items():
                 values = dict(spec.get("set") or {})
@@ -293,8 +293,7 @@ def _label(variant: Variant, pipeline) -> str:
 
 
 def _base_label(sweep: Sweep) -> str:
-    base = sweep.base if isinstance(sweep.base, str) else "base"
-    return Path(base).stem if isinstance(sweep.base, str) else base
+    return Path(sweep.base).stem if isinstance(sweep.base, str) else "base"
 
 
 def _shape_of(cfg):
