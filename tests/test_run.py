@@ -356,6 +356,22 @@ def test_the_run_command_keeps_library_notices_off_unless_verbose(tmp_path, tiny
 
     quiet, verbose = cli(), cli("--verbose")
     assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
-    assert "GPU available" in verbose.stderr  # Lightning's banner: the check below is not void
-    assert "GPU available" not in quiet.stderr and "Tip:" not in quiet.stderr and "deprecated" not in quiet.stderr
+    assert "GPU available" in verbose.stderr and "Loading weights" in verbose.stderr  # the checks below are not void
+    assert "GPU available" not in quiet.stderr and "Loading weights" not in quiet.stderr and "Tip:" not in quiet.stderr and "deprecated" not in quiet.stderr
     assert "accuracy" in quiet.stdout
+
+
+def test_the_run_command_labels_one_progress_bar_per_phase(tmp_path, tiny_folder):
+    args = [sys.executable, "-m", "tokenprune.cli", "run", "experiments/asap_shapes.yaml", f"model.path={tiny_folder}",
+            "data.limit=2", "batch_size=1", "pipeline=fastv", f"output_dir={tmp_path / 'r'}",
+            f"baseline_cache={tmp_path / 'cache'}", "trainer.accelerator=cpu", "logging.wandb.mode=disabled",
+            "logging.progress_bar=true"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    bars = first.stdout + first.stderr
+    assert "baseline (unpruned): 100%" in bars and "fastv: 100%" in bars.split("baseline (unpruned)", 1)[1]
+    assert "Predicting" not in bars and "DataLoader" not in bars  # Lightning's unlabelled default
+    # a rerun takes the baseline from the cache: only the pipeline's bar is drawn
+    again = subprocess.run([*args, "overwrite=true"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "baseline (unpruned)" not in again.stdout + again.stderr and "fastv: 100%" in again.stdout + again.stderr

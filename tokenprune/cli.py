@@ -157,7 +157,8 @@ def _cmd_lmms_task(args: argparse.Namespace) -> None:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """Lightning's banners and tips, transformers' notices and deprecation warnings off, unless ``--verbose``."""
+    """Lightning's banners and tips, transformers' notices and weight-loading bar, deprecation warnings off,
+    unless ``--verbose``."""
     if verbose:
         return
     import logging
@@ -172,6 +173,7 @@ def _quiet_libraries(verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights": the phases' own bars are the ones to read
     for category in (DeprecationWarning, FutureWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
 

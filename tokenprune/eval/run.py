@@ -108,9 +108,23 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
 
 # --- the Lightning loop -----------------------------------------------------------------------------
 
-def predict(cfg: DictConfig, model, processor, items: list[dict[str, Any]], pipeline, shape) -> list[dict[str, Any]]:
-    """Run ``generate_batch`` over ``items`` in a Lightning predict loop (sharded across devices, gathered)."""
+def predict(cfg: DictConfig, model, processor, items: list[dict[str, Any]], pipeline, shape,
+            phase: str = "") -> list[dict[str, Any]]:
+    """Run ``generate_batch`` over ``items`` in a Lightning predict loop (sharded across devices, gathered).
+    ``phase`` labels the progress bar (``baseline``, or the pipeline's name)."""
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    class PhaseBar(TQDMProgressBar):
+        @property
+        def predict_description(self) -> str:
+            return phase or "Predicting"
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if self.has_dataloader_changed(dataloader_idx):  # the label alone, not "<label> DataLoader 0"
+                total = self.total_predict_batches_current_dataloader
+                self.predict_progress_bar.reset(total=None if total == float("inf") else int(total))
+                self.predict_progress_bar.set_description(self.predict_description)
 
     class Predictor(pl.LightningModule):
         def __init__(self):
@@ -130,7 +144,7 @@ def predict(cfg: DictConfig, model, processor, items: list[dict[str, Any]], pipe
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                          strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=False,
                          enable_progress_bar=bool(cfg.logging.progress_bar), enable_model_summary=False,
-                         enable_checkpointing=False)
+                         enable_checkpointing=False, callbacks=[PhaseBar()] if cfg.logging.progress_bar else [])
     batches = trainer.predict(Predictor(), dataloaders=loader) or []
     records = [r for batch in batches for r in batch]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -230,11 +244,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"tokenprune: baseline cache {cache_file} is damaged ({damage}); computing the baseline again",
                   file=sys.stderr)
     if baseline is None:
-        baseline = predict(cfg, model, processor, items, None, shape)
+        baseline = predict(cfg, model, processor, items, None, shape, "baseline (unpruned)")
         if cache_file is not None and _is_global_zero():
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(cache_file, baseline)
-    records = predict(cfg, model, processor, items, pipeline, shape) if pipeline is not None else baseline
+    records = predict(cfg, model, processor, items, pipeline, shape, name) if pipeline is not None else baseline
     metrics = run_metrics(records, baseline, items, pipeline)
     metrics.update(pipeline=name, model=str(cfg.model.path), data=_data_name(cfg), flops_convention=cfg.flops_convention,
                    baseline_cached=from_cache)
