@@ -26,6 +26,18 @@ def test_ops_lists_every_operator_with_parameters(capsys):
         assert line in out
 
 
+def test_output_piped_into_a_reader_that_has_gone_ends_without_a_traceback():
+    # `tokenprune ops | head -1` once head has exited: the pipe's read end is closed before anything is written
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run([str(SCRIPT), "ops"], stdout=write, stderr=subprocess.PIPE, cwd=REPO, timeout=120)
+    finally:
+        os.close(write)
+    assert out.returncode == 141  # 128 + SIGPIPE, what the shell reports for such a writer
+    assert out.stderr == b""
+
+
 def test_show_prints_the_resolved_config(capsys):
     assert main(["show", "fastv", "stages.0.operators.1.keep=0.25"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)

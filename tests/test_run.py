@@ -192,13 +192,21 @@ def test_two_cpu_processes_give_the_same_metrics_as_one(tmp_path, tiny_folder):
     assert rows == [f"shapes-test-{i}" for i in range(6)]  # gathered from both shards, in order, once each
 
 
-def test_wandb_offline_run_is_written_next_to_the_run(tmp_path, tiny_folder):
+def test_wandb_offline_run_is_written_next_to_the_run(tmp_path, tiny_folder, capfd):
     cfg = load_run_config("experiments/asap_shapes.yaml", [
         f"model.path={tiny_folder}", "data.limit=2", "batch_size=2", f"output_dir={tmp_path / 'run'}",
         "baseline_cache=null", "logging.progress_bar=false", "pipeline=fastv"])
     assert cfg.logging.wandb.mode == "offline"  # the shipped default: nothing leaves the machine
     run(cfg)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the predictions table holds what predictions.jsonl holds, row for row
+    table, = (tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/predictions_*.table.json")
+    table = json.loads(table.read_text())
+    written = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert table["columns"] == ["id", "question", "answer", "prediction", "unpruned"]
+    assert [row[0] for row in table["data"]] == [r["id"] for r in written]
+    assert [row[3] for row in table["data"]] == [r["prediction"] for r in written]
+    assert "anonymous" not in capfd.readouterr().err  # no deprecated W&B setting passed
 
 
 def test_a_local_datasets_folder_is_read_and_checked(tmp_path):

@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tokenprune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tokenprune ops | head`: the reader left; stop quietly as other Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 141  # 128 + SIGPIPE, the shell's code for a writer whose reader closed
     return int(code or 0)
 
 

@@ -302,16 +302,15 @@ def _log_wandb(cfg: DictConfig, metrics: dict[str, Any], records, baseline, out:
     w = cfg.logging.wandb
     if w.mode == "disabled":
         return
-    from pytorch_lightning.loggers import WandbLogger
+    import wandb  # wandb directly: Lightning's logger passes a deprecated setting W&B warns about on every run
 
-    logger = WandbLogger(project=w.project, group=w.group, tags=list(w.tags), save_dir=str(out),
-                         offline=w.mode == "offline", name=out.name)
-    logger.log_hyperparams(OmegaConf.to_container(cfg))
-    logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    run = wandb.init(project=w.project, group=w.group, tags=list(w.tags), dir=str(out), mode=w.mode,
+                     name=out.name, config=OmegaConf.to_container(cfg), reinit="finish_previous")
+    run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
     rows = [[r["id"], r["question"], str(r["answer"]), r["prediction"], b["prediction"]]
             for r, b in list(zip(records, baseline))[: int(cfg.logging.samples)]]
-    logger.log_table(key="predictions", columns=["id", "question", "answer", "prediction", "unpruned"], data=rows)
-    logger.experiment.finish()
+    run.log({"predictions": wandb.Table(columns=["id", "question", "answer", "prediction", "unpruned"], data=rows)})
+    run.finish()
 
 
 def summary_table(metrics: Mapping[str, Any]) -> str:
