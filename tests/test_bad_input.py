@@ -9,8 +9,10 @@ import pytest
 
 from tokenprune.cli import main
 from tokenprune.core.errors import ConfigError
+from tokenprune.eval import bench as bench_module
 from tokenprune.eval import models
 from tokenprune.eval import run as run_module
+from tokenprune.reference import train as train_module
 
 QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]
 CANARY = "CANARY_WAS_RUN"
@@ -128,6 +130,25 @@ def d(tmp_path_factory, tiny_folder):
                                              "methods: {fastv: {budget: {stages.0.operators.1.keep: lots}}}\n")
     write("s_method_set_list.yaml", sweep_ok + "methods: {fastv: {set: [a]}}\n")
     write("s_env.yaml", sweep_ok + "variants: {v: {stages.0.operators.3.keep: '${oc.env:HOME}'}}\n")
+    # bench configs
+    bench_ok = "models: [{name: r, path: reference}]\nvariants: [{name: u, pipeline: null}, {name: f, pipeline: fastv}]\n"
+    write("b_ok.yaml", bench_ok)
+    write("b_tag.yaml", f"repeats: !!python/object/apply:os.system ['touch {canary}']\n" + bench_ok)
+    write("b_syntax.yaml", "models: [{name: r\n")
+    write("b_list.yaml", "- models\n")
+    write("b_unknown.yaml", bench_ok + "repeat: 3\n")
+    write("b_repeats_str.yaml", bench_ok + "repeats: '3'\n")
+    write("b_threads_bool.yaml", bench_ok + "threads: true\n")
+    write("b_env.yaml", "models: [{name: r, path: '${oc.env:HOME}'}]\nvariants: [{name: u, pipeline: null}]\n")
+    write("b_variant_key.yaml", "models: [{name: r, path: reference}]\nvariants: [{name: u, pipeline: null, "
+                                "overide: [x]}]\n")
+    write("b_pipeline_typo.yaml", "models: [{name: r, path: reference}]\nvariants: [{name: u, pipeline: null}, "
+                                  "{name: f, pipeline: fastvv}]\n")
+    # training configs
+    write("t_tag.yaml", f"seed: !!python/object/apply:os.system ['touch {canary}']\n")
+    write("t_unknown.yaml", "optim: {learning_rate: 1}\n")
+    write("t_wandb_str.yaml", "logging: {wandb: 'false'}\n")
+    write("t_env.yaml", "output_dir: ${oc.env:HOME}\n")
     write("s_dup.yaml", sweep_ok + "name: again\n")
     write("s_list.yaml", "- a\n")
     write("s_no_base.yaml", "name: s\n")
@@ -328,7 +349,42 @@ SWEEP = [
     ("sweep-output-is-file", lambda d: ["sweep", str(d / "s_out_file.yaml")], "output_dir"),
 ]
 
-CASES = SHOW + FLOPS + RUN + SWEEP
+BENCH = [
+    ("bench-missing", lambda d: ["bench", str(d / "no_bench.yaml")], "no_bench.yaml"),
+    ("bench-tag", lambda d: ["bench", str(d / "b_tag.yaml")], "b_tag.yaml"),
+    ("bench-syntax", lambda d: ["bench", str(d / "b_syntax.yaml")], "b_syntax.yaml"),
+    ("bench-list", lambda d: ["bench", str(d / "b_list.yaml")], "b_list.yaml"),
+    ("bench-unknown", lambda d: ["bench", str(d / "b_unknown.yaml")], "repeat"),
+    ("bench-repeats-string", lambda d: ["bench", str(d / "b_repeats_str.yaml")], "repeats"),
+    ("bench-threads-bool", lambda d: ["bench", str(d / "b_threads_bool.yaml")], "threads"),
+    ("bench-env", lambda d: ["bench", str(d / "b_env.yaml")], "models.0.path"),
+    ("bench-variant-key", lambda d: ["bench", str(d / "b_variant_key.yaml")], "variants.0.overide"),
+    ("bench-pipeline-typo", lambda d: ["bench", str(d / "b_pipeline_typo.yaml")], "fastvv"),
+    ("bench-override-type", lambda d: ["bench", str(d / "b_ok.yaml"), "warmup=-1"], "warmup"),
+    ("bench-override-string", lambda d: ["bench", str(d / "b_ok.yaml"), "new_tokens='8'"], "new_tokens"),
+    ("bench-override-list-index", lambda d: ["bench", str(d / "b_ok.yaml"), "models.0.batch_sizes=[0]"],
+     "models.0.batch_sizes.0"),
+    ("bench-json-is-dir", lambda d: ["bench", str(d / "b_ok.yaml"), "--json", str(d / "m_empty")], "--json"),
+    ("bench-markdown-below-file", lambda d: ["bench", str(d / "b_ok.yaml"), "--markdown", str(d / "a_file" / "b.md")],
+     "--markdown"),
+]
+
+TRAIN = [
+    ("train-missing", lambda d: ["train-reference", str(d / "no_train.yaml")], "no_train.yaml"),
+    ("train-tag", lambda d: ["train-reference", str(d / "t_tag.yaml")], "t_tag.yaml"),
+    ("train-unknown", lambda d: ["train-reference", str(d / "t_unknown.yaml")], "optim.learning_rate"),
+    ("train-wandb-string", lambda d: ["train-reference", str(d / "t_wandb_str.yaml")], "logging.wandb"),
+    ("train-env", lambda d: ["train-reference", str(d / "t_env.yaml")], "output_dir"),
+    ("train-override-string", lambda d: ["train-reference", str(REPO / "experiments" / "train_reference.yaml"), "seed='1'"], "seed"),
+    ("train-output-is-file", lambda d: ["train-reference", str(REPO / "experiments" / "train_reference.yaml"),
+                                        f"output_dir={d / 'a_file'}"], "output_dir"),
+    ("train-export-shipped", lambda d: ["train-reference", str(REPO / "experiments" / "train_reference.yaml"),
+                                        f"output_dir={d / 'train_out'}",
+                                        f"export_dir={REPO / 'tokenprune' / 'reference' / 'checkpoint'}"],
+     "export_dir"),
+]
+
+CASES = SHOW + FLOPS + RUN + SWEEP + BENCH + TRAIN
 
 
 @pytest.fixture
@@ -338,6 +394,8 @@ def guarded(monkeypatch):
         raise AssertionError("a model was loaded before the error")
     monkeypatch.setattr(models, "open_model", refuse)
     monkeypatch.setattr(run_module, "load_model", refuse)
+    monkeypatch.setattr(bench_module, "load_model", refuse)
+    monkeypatch.setattr(train_module, "build_model", refuse)
 
 
 def _snapshot(d):
@@ -367,7 +425,7 @@ def test_malformed_input_is_one_line_exit_2(case, argv, key, d, guarded, capsys,
 
 def test_the_corpus_is_large_and_covers_each_command():
     assert len(CASES) + len(MODEL_ARGS) >= 100
-    assert {c[0].split("-")[0] for c in CASES} >= {"show", "flops", "run", "sweep", "ops"}
+    assert {c[0].split("-")[0] for c in CASES} >= {"show", "flops", "run", "sweep", "ops", "bench", "train"}
 
 
 # --- lmms-eval's model_args, parsed by lmms-eval itself -------------------------------------------------------

@@ -61,7 +61,7 @@ def test_a_bad_training_key_is_named():
     from tokenprune.core.errors import ConfigError
     from tokenprune.reference.train import load_config
 
-    with pytest.raises(ConfigError, match="optim.max_steps: must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="optim.max_steps: must be a positive integer, got 0"):
         load_config("experiments/train_reference.yaml", ["optim.max_steps=0"])
     with pytest.raises(ConfigError, match="optim.learning_rate"):
         load_config("experiments/train_reference.yaml", ["optim.learning_rate=1"])
@@ -71,11 +71,11 @@ def test_a_bad_training_key_is_named():
         load_config("experiments/train_reference.yaml", ["attention_hints.retrieve_layer=4"])
     with pytest.raises(ConfigError, match="attention_hints.retrieve_layer: must come after gather_layer=2"):
         load_config("experiments/train_reference.yaml", ["attention_hints.gather_layer=2"])
-    with pytest.raises(ConfigError, match=r"attention_hints.heads: must be 1..4 \(model.text_heads\); got 0"):
-        load_config("experiments/train_reference.yaml", ["attention_hints.heads=0"])
-    with pytest.raises(ConfigError, match=r"attention_hints.absent: must be one of none, first_token; got .sink."):
+    with pytest.raises(ConfigError, match=r"attention_hints.heads: must be 1..4 \(model.text_heads\); got 5"):
+        load_config("experiments/train_reference.yaml", ["attention_hints.heads=5"])
+    with pytest.raises(ConfigError, match=r"attention_hints.absent: .sink.; allowed: none, first_token"):
         load_config("experiments/train_reference.yaml", ["attention_hints.absent=sink"])
-    with pytest.raises(ConfigError, match=r"attention_hints.gather: must be one of mass, split; got .words."):
+    with pytest.raises(ConfigError, match=r"attention_hints.gather: .words.; allowed: mass, split"):
         load_config("experiments/train_reference.yaml", ["attention_hints.gather=words"])
 
 
@@ -403,3 +403,32 @@ def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model(gather):
                             terms.append(-torch.log(attn[b, head, row, cols].sum() + 1e-6))
         per_layer.append(torch.stack(terms).mean())
     assert float(got) == pytest.approx(float(torch.stack(per_layer).mean()), rel=1e-4)
+
+
+def test_the_training_config_is_typed_and_its_outputs_checked_before_training(tmp_path):
+    import pytest
+
+    from tokenprune.core.errors import ConfigError
+    from tokenprune.reference import model as reference
+    from tokenprune.reference.train import load_config
+
+    cases = [
+        ("logging.wandb='false'", "logging.wandb: must be true or false, got 'false' .a string"),
+        ("data.batch_size='16'", "data.batch_size: must be a positive integer, got '16' .a string"),
+        ("optim.lr=-1", "optim.lr: must be a number > 0, got -1"),
+        ("accelerator=tpu", "accelerator: 'tpu' .did you mean 'gpu'.*allowed: auto, cpu, gpu, cuda, mps"),
+        ("output_dir=${oc.env:HOME}", "output_dir: .*oc.env:HOME.*interpolation .* is not allowed in a training config"),
+        ("curriculum=[{until: 10, sizes: [60, 20]}]", r"curriculum.0.sizes: must be \[MIN, MAX\]"),
+        ("curriculum=[{until: 10}]", "curriculum.0.sizes: missing"),
+        (f"export_dir={reference.path()}", "export_dir: .* already holds a model; set overwrite_export=true"),
+    ]
+    (tmp_path / "a_file").write_text("x")
+    cases += [(f"output_dir={tmp_path / 'a_file'}", "output_dir: .* is a file, not a folder"),
+              (f"export_dir={tmp_path / 'a_file' / 'm'}", "export_dir: .* cannot be created: .* is a file")]
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config("experiments/train_reference.yaml", [f"output_dir={tmp_path / 'run'}", override])
+    # replacing the shipped model is one explicit key away (nothing is trained here: load_config only checks)
+    cfg = load_config("experiments/train_reference.yaml", [f"export_dir={reference.path()}", "overwrite_export=true"])
+    assert cfg.overwrite_export is True and cfg.export_dir == str(reference.path())
+    assert load_config("experiments/train_reference.yaml").export_dir is None  # the shipped config keeps it

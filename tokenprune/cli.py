@@ -12,6 +12,12 @@ from tokenprune.core.errors import ConfigError
 from tokenprune.core.sites import KVCacheSite
 
 
+def _cmd_matrix(args: argparse.Namespace) -> None:
+    from tokenprune.eval.matrix import matrix_markdown
+
+    print(matrix_markdown(), end="")
+
+
 def _cmd_ops(args: argparse.Namespace) -> None:
     from tokenprune.core.config import import_plugins
     from tokenprune.core.registry import registered_operators
@@ -148,8 +154,14 @@ def _cmd_train_reference(args: argparse.Namespace) -> None:
 
 
 def _cmd_lmms_task(args: argparse.Namespace) -> None:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(None, "lmms-task needs the datasets package: pip install 'tokenprune-lvlm[datasets]'") \
+            from None
     from tokenprune.eval.lmms_tasks import VQA_TASK, YES_NO_TASK, write_shapes_task
 
+    datasets.disable_progress_bars()  # two "Saving the dataset" bars for a write that takes a second
     folder = write_shapes_task(args.folder, args.split, args.limit)
     print(f"wrote the lmms-eval tasks {VQA_TASK} and {YES_NO_TASK} to {folder}; run them with\n"
           f"  lmms-eval --model tokenprune --model_args pretrained=reference,pipeline=asap "
@@ -216,9 +228,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    from tokenprune.core.paths import writable_file
     from tokenprune.eval.bench import check_targets, load_bench_config, markdown, run_bench, write_json
 
     cfg = load_bench_config(args.config, args.overrides)
+    for option, target in (("--json", args.json), ("--markdown", args.markdown)):
+        if target:  # before the measuring: a path that cannot be written would lose the whole run
+            writable_file(Path(target), option)
     results = run_bench(cfg)
     targets = check_targets(results)  # on the models at >= 2880 visual tokens
     for target, ok, measured in targets:
@@ -228,6 +244,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.markdown:
         command = " ".join(["tokenprune bench", args.config, *args.overrides] +
                            (["--json", args.json] if args.json else []) + ["--markdown", args.markdown])
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown(results, command, targets))
 
 
@@ -252,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugins", nargs="+", metavar="MODULE", help="import these plugin modules first (their "
                    "operators are listed too); looked up in the working directory, then the installed packages")
     p.set_defaults(func=_cmd_ops)
+
+    p = sub.add_parser("matrix", help="which preset runs on which model family, and why a cell is refused "
+                                      "(the table in docs/families.md)")
+    p.set_defaults(func=_cmd_matrix)
 
     p = sub.add_parser("show", help="print the resolved, validated pipeline config")
     _pipeline_arguments(p)

@@ -63,12 +63,14 @@ def load_source(source: str | Path | Mapping | DictConfig) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str], example: str = "stages.0.operators.1.keep=0.25",
+                    what: str = "a pipeline") -> DictConfig:
     """Apply ``KEY=VALUE`` overrides; keys are dotted paths, list items by number
-    (``stages.0.operators.1.keep=0.25``); values are parsed as YAML (``{op: random, seed: 3}``)."""
+    (``stages.0.operators.1.keep=0.25``); values are parsed as YAML (``{op: random, seed: 3}``), with no
+    interpolation. ``example`` and ``what`` (the config's kind) are for messages."""
     for item in overrides:
-        key, value = parse_override(item, "stages.0.operators.1.keep=0.25")
-        refuse_interpolation(value, key)
+        key, value = parse_override(item, example)
+        refuse_interpolation(value, key, what=what)
         _check_override_path(cfg, key)
         try:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)

@@ -136,8 +136,7 @@ class OneOf(Spec):
 class ListOf(Spec):
     def __init__(self, item: Spec):
         self.item = item
-        self.allowed = f"a list of {item.allowed.removeprefix('a ').removeprefix('an ')}s" \
-            if item.allowed.startswith(("a ", "an ")) else f"a list ({item.allowed})"
+        self.allowed = f"a list, each {item.allowed}"
 
     def accepts(self, value):
         return isinstance(value, list)
@@ -154,6 +153,25 @@ class MappingOf(Spec):
 
     def accepts(self, value):
         return isinstance(value, Mapping)
+
+
+class Fields(Spec):
+    """A mapping checked against its own ``schema`` (as :func:`check_schema`), for mappings inside lists
+    (``models: [{name, path, ...}]``); ``required``: keys it must have."""
+
+    def __init__(self, schema: Mapping[str, Any], required: Sequence[str] = ()):
+        self.schema, self.required = schema, tuple(required)
+        self.allowed = f"a mapping with keys {', '.join(schema)}"
+
+    def accepts(self, value):
+        return isinstance(value, Mapping)
+
+    def check(self, value, key):
+        super().check(value, key)
+        for name in self.required:
+            if name not in value:
+                raise ConfigError(f"{key}.{name}", "missing; it is required here")
+        return check_schema(value, self.schema, f"{key}.")
 
 
 def check_schema(data: Any, schema: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,6 +25,9 @@ A variant's ``materialize_attention: [layers]`` runs those decoder layers' atten
 ``pipeline: fastv`` and layer K−1 this is the FastV-style reference, which reads layer K−1's attention map
 from an eager forward (Chen et al., ECCV 2024), against tokenprune's recomputed rows.
 
+The config is checked whole before any model loads (:data:`SCHEMA`: every key typed, unknown keys and
+interpolation refused, errors naming the key), and so are the ``--json`` and ``--markdown`` paths.
+
 Targets (docs/benchmarks.md) are checked from the results by :func:`check_targets`, never by timed tests, on every
 model at 2880 visual tokens or more (:func:`target_models`).
 """
@@ -42,9 +45,24 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tokenprune.adapters import get_adapter
+from tokenprune.core.config import apply_overrides
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.values import (
+    Fields,
+    Int,
+    ListOf,
+    MappingOf,
+    OneOf,
+    Optional,
+    Spec,
+    Str,
+    check_schema,
+    given,
+)
+from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model
 from tokenprune.measure.flops import LLMShape, measured_flops
 from tokenprune.measure.memory import cache_bytes
@@ -70,45 +88,60 @@ DEFAULTS: dict[str, Any] = {
     "prompt_words": 12,  # synthetic models: text tokens after the image
     "threads": None,  # torch.set_num_threads when set
 }
-_MODEL_KEYS = {"name", "path", "synthetic", "text", "dtype", "device",
-               "batch_sizes", "repeats", "variants",  # this model's own (a big model runs fewer)
-               "full_layers"}  # the depth of the real model a depth-cut model stands for
-_VARIANT_KEYS = {"name", "pipeline", "overrides", "materialize_attention"}
+#: ``synthetic:`` model kinds of a bench config (builders in :data:`SYNTHETIC`)
+SYNTHETIC_NAMES = ("llava_next", "mllama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_TEXT = {"hidden": Int(1), "intermediate": Int(1), "layers": Int(1), "heads": Int(1), "kv_heads": Int(1),
+         "cross_attention_layers": ListOf(Int(0))}
+SCHEMA: dict[str, Any] = {
+    "models": ListOf(Fields({
+        "name": Str(), "path": Optional(Str()), "synthetic": Optional(Str(tuple(SYNTHETIC_NAMES))),
+        "text": Optional(Fields(_TEXT, required=("hidden", "intermediate", "layers", "heads"))),
+        "dtype": Optional(Str(tuple(DTYPES))), "device": Optional(Str()),
+        "batch_sizes": Optional(ListOf(Int(1))), "repeats": Optional(Int(1)), "variants": Optional(ListOf(Str())),
+        "full_layers": Optional(Int(1))}, required=("name",))),
+    "variants": ListOf(Fields({"name": Str(), "pipeline": Optional(OneOf(Str(), MappingOf())),
+                               "overrides": Optional(ListOf(Str())),
+                               "materialize_attention": Optional(ListOf(Int(0)))}, required=("name",))),
+    "batch_sizes": ListOf(Int(1)), "repeats": Int(1), "warmup": Int(0), "new_tokens": Int(1),
+    "prompt_words": Int(1), "threads": Optional(Int(1)),
+}
+
+
 def load_bench_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], f"unknown bench key; allowed: {', '.join(sorted(DEFAULTS))}")
-    if not cfg.models or not cfg.variants:
-        raise ConfigError("models" if not cfg.models else "variants", "a benchmark needs at least one")
-    for i, m in enumerate(cfg.models):
-        bad = set(m) - _MODEL_KEYS
-        if bad:
-            raise ConfigError(f"models.{i}.{sorted(bad)[0]}", f"unknown model key; allowed: {', '.join(sorted(_MODEL_KEYS))}")
+    """Defaults, the YAML file (read strictly, no interpolation), then ``KEY=VALUE`` overrides; every value typed
+    and checked (:mod:`tokenprune.core.values`), with errors naming the key, before any model loads."""
+    raw = read_yaml(path, "bench config")
+    if not isinstance(raw, dict):
+        raise ConfigError(None, f"bench config {path}: must be a mapping of keys ({', '.join(SCHEMA)}), "
+                                f"got {given(raw)}")
+    refuse_interpolation(raw, what="a bench config")
+    check_schema(raw, _keys_only(SCHEMA))  # unknown top-level keys named before the merge
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(raw))
+    except OmegaConfBaseException as e:  # a section given as a value (models: 3), say
+        raise ConfigError(getattr(e, "full_key", None) or None, str(e).splitlines()[0]) from None
+    apply_overrides(merged, overrides, example="repeats=3", what="a bench config")
+    data = check_schema(OmegaConf.to_container(merged), SCHEMA)
+    if not data["models"] or not data["variants"]:
+        raise ConfigError("models" if not data["models"] else "variants", "a benchmark needs at least one")
+    names = [v["name"] for v in data["variants"]]
+    for i, m in enumerate(data["models"]):
         if bool(m.get("path")) == bool(m.get("synthetic")):
             raise ConfigError(f"models.{i}", "give exactly one of path, synthetic")
-        if m.get("synthetic") not in (None, *SYNTHETIC):
-            raise ConfigError(f"models.{i}.synthetic", f"{m.get('synthetic')!r}; allowed: {', '.join(SYNTHETIC)}")
-        if m.get("dtype") is not None and m.get("dtype") not in DTYPES:
-            raise ConfigError(f"models.{i}.dtype", f"{m.get('dtype')!r}; allowed: {', '.join(DTYPES)}")
-        sizes = _plain(m.get("batch_sizes"))
-        if sizes is not None and not (isinstance(sizes, list) and sizes and
-                                      all(isinstance(x, int) and x >= 1 for x in sizes)):
-            raise ConfigError(f"models.{i}.batch_sizes", f"{sizes!r}; allowed: a list of batch sizes >= 1")
-        if m.get("repeats") is not None and not (isinstance(m.repeats, int) and m.repeats >= 1):
-            raise ConfigError(f"models.{i}.repeats", f"{m.repeats!r}; allowed: an integer >= 1")
-        layers = (_plain(m.get("text")) or {}).get("layers") if m.get("synthetic") else None
+        if m.get("synthetic") and not m.get("text"):
+            raise ConfigError(f"models.{i}.text", "a synthetic model needs its LLM shape: {hidden, intermediate, "
+                                                  "layers, heads}")
+        layers = m["text"]["layers"] if m.get("synthetic") else None
         full = m.get("full_layers")
-        if full is not None and not (isinstance(full, int) and full >= max(1, layers or 1)):
+        if full is not None and full < (layers or 1):
             raise ConfigError(f"models.{i}.full_layers", f"{full!r}; allowed: an integer >= the model's own number of "
                               f"layers{f' ({layers})' if layers else ''}")
-        names = [v.get("name") for v in cfg.variants]
-        own = _plain(m.get("variants"))
+        own = m.get("variants")
         if own is not None:
-            if not isinstance(own, list) or not own:
+            if not own:
                 raise ConfigError(f"models.{i}.variants", f"{own!r}; allowed: a list of variant names ({', '.join(names)})")
             unknown_names = [x for x in own if x not in names]
             if unknown_names:
@@ -116,17 +149,15 @@ def load_bench_config(path: str | Path, overrides: list[str] = ()) -> DictConfig
             if names[0] not in own:
                 raise ConfigError(f"models.{i}.variants", f"must include the unpruned variant {names[0]!r} (speed-ups and "
                                   "overheads are relative to it)")
-    for i, v in enumerate(cfg.variants):
-        bad = set(v) - _VARIANT_KEYS
-        if bad:
-            raise ConfigError(f"variants.{i}.{sorted(bad)[0]}",
-                              f"unknown variant key; allowed: {', '.join(sorted(_VARIANT_KEYS))}")
-        layers = _plain(v.get("materialize_attention")) or []
-        if not isinstance(layers, list) or not all(isinstance(x, int) and x >= 0 for x in layers):
-            raise ConfigError(f"variants.{i}.materialize_attention", f"{layers!r}; allowed: a list of decoder layer indices")
-    if cfg.variants[0].get("pipeline") is not None:
+    if len(set(names)) != len(names):
+        raise ConfigError("variants", f"variant names must differ; {names}")
+    if data["variants"][0].get("pipeline") is not None:
         raise ConfigError("variants.0", "the first variant must be the unpruned model (pipeline: null)")
-    return cfg
+    return OmegaConf.create(data)
+
+
+def _keys_only(schema: dict[str, Any]) -> dict[str, Any]:
+    return {k: Spec() for k in schema}
 
 
 def _plain(value: Any) -> Any:
@@ -192,7 +223,7 @@ def synthetic_mllama(text: dict[str, Any], seed: int = 0, dtype: torch.dtype | N
 
 
 #: ``synthetic:`` model builders of a bench config
-SYNTHETIC = {"llava_next": synthetic_llava_next, "mllama": synthetic_mllama}
+SYNTHETIC = dict(zip(SYNTHETIC_NAMES, (synthetic_llava_next, synthetic_mllama)))
 
 
 def _synthetic_inputs(model, kind: str, batch: int, words: int) -> dict[str, torch.Tensor]:
@@ -554,4 +585,5 @@ def _mib(v):
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(results, indent=2) + "\n")

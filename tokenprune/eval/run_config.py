@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tokenprune.core.config import parse_override
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.paths import writable_folder
 from tokenprune.core.values import (
     Bool,
     Float,
@@ -284,16 +284,3 @@ def finished_run(out: Path, config_text: str, overwrite: bool) -> dict[str, Any]
                                     "overwrite=true to replace them, or choose another output_dir")
 
 
-def writable_folder(path: Path, key: str) -> None:
-    """``path`` is a folder, or one that can be created: not a file, no file above it, writable."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(key, f"{path} is a file, not a folder")
-    parent = path
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(key, f"{path} cannot be created: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(key, f"{path}: cannot write in {parent}")

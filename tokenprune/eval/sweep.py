@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.core.config import parse_override
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.paths import writable_folder
 from tokenprune.core.values import ListOf, MappingOf, OneOf, Str, check_schema
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import check_pipeline_for_model, read_model_config
@@ -54,7 +55,6 @@ from tokenprune.eval.run_config import (
     load_run_config,
     resolve_pipeline,
     resolved_config_yaml,
-    writable_folder,
 )
 from tokenprune.measure.flops import LLMShape, pipeline_flops
 from tokenprune.reference import model as reference

@@ -11,6 +11,7 @@ Uses a GPU when one is available (``accelerator: auto``).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from pathlib import Path
@@ -23,7 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.adapters import get_adapter
 from tokenprune.adapters.base import layer_hidden
+from tokenprune.core.config import apply_overrides
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.paths import writable_folder
+from tokenprune.core.values import Bool, Fields, Float, Int, ListOf, Optional, Str, check_schema, given
+from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.reference import shapes
 from tokenprune.reference.model import ReferenceSize, build_model, build_processor, prompt, vocabulary
 
@@ -72,28 +77,64 @@ DEFAULTS = {
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
     "accelerator": "auto",
+    "overwrite_export": False,  # replace a model already in export_dir (outside output_dir)
 }
 
 
+def _schema() -> dict[str, Any]:
+    """Every key of the training config, typed (:mod:`tokenprune.core.values`)."""
+    step, weight = Int(0), Float(minimum=0)
+    return {
+        "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export_dir": Optional(Str()),
+        "model": {f: Int(1) for f in ReferenceSize.__dataclass_fields__},
+        "data": {"batch_size": Int(1), "num_workers": Int(0)},
+        "optim": {"lr": Float(above=0), "vision_lr": Optional(Float(above=0)), "weight_decay": weight,
+                  "warmup_steps": step, "max_steps": Int(1)},
+        "curriculum": ListOf(Fields({"until": step, "sizes": ListOf(Int(1))}, required=("until", "sizes"))),
+        "aux_weight": weight, "vision_warmup_steps": step,
+        "describe": {"share": Float(0, 1), "from_step": step},
+        "align": {"weight": weight, "from_step": step, "patches": Str(("shape", "center"))},
+        "multi_turn": {"turns": Int(1), "from_step": step},
+        "attention_hints": {"weight": weight, "from_step": step, "heads": Int(1), "gather_layer": Int(0),
+                            "retrieve_layer": Int(0), "absent": Str(HINT_ABSENT), "gather": Str(HINT_GATHER)},
+        "checkpoint_every": Int(1),
+        "val": {"every": step, "items": Int(1)},
+        "logging": {"wandb": Bool(), "project": Str(), "offline": Bool(), "every": Int(1)},
+        "accelerator": Str(("auto", "cpu", "gpu", "cuda", "mps")),
+        "overwrite_export": Bool(),
+    }
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
-    """The training config: defaults, then the YAML file, then ``KEY=VALUE`` overrides; unknown keys are errors."""
-    cfg = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(cfg, True)
+    """The training config: defaults, then the YAML file (read strictly), then ``KEY=VALUE`` overrides; every
+    key typed and checked (unknown keys, a quoted ``'false'``, a resolver are errors naming the key), and the
+    output folders checked before anything is built."""
+
+    schema = _schema()
+    raw: Any = {}
+    if path is not None:
+        raw = read_yaml(path, "training config")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(None, f"training config {path}: must be a mapping of keys, got {given(raw)}")
+    refuse_interpolation(raw, what="a training config")
     try:
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as e:  # OmegaConf names the key
-        raise ConfigError(None, f"training config: {e}") from None
-    if cfg.data.batch_size < 1:
-        raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+        cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(raw))
+    except Exception as e:  # noqa: BLE001 - a section given as a value (optim: 3), say; OmegaConf names the key
+        raise ConfigError(getattr(e, "full_key", None) or None, f"training config: {str(e).splitlines()[0]}") \
+            from None
+    apply_overrides(cfg, overrides, example="optim.max_steps=100", what="a training config")
+    cfg = OmegaConf.create(check_schema(OmegaConf.to_container(cfg), schema))
+    OmegaConf.set_struct(cfg, True)
     for i, c in enumerate(cfg.curriculum):
-        if set(c) != {"until", "sizes"} or len(c.sizes) != 2:
-            raise ConfigError(f"curriculum.{i}", f"must be {{until: STEP, sizes: [MIN, MAX]}}, got {OmegaConf.to_container(c)}")
+        if len(c.sizes) != 2 or c.sizes[0] > c.sizes[1]:
+            raise ConfigError(f"curriculum.{i}.sizes", f"must be [MIN, MAX] shape sizes in px, got "
+                                                       f"{OmegaConf.to_container(c.sizes)}")
     if cfg.vision_warmup_steps and not cfg.aux_weight:
         raise ConfigError("vision_warmup_steps", f"trains on the auxiliary patch loss only, so it needs aux_weight > 0 "
                           f"(got vision_warmup_steps={cfg.vision_warmup_steps}, aux_weight={cfg.aux_weight})")
+    _check_outputs(cfg)
     hints = cfg.attention_hints
     if hints.weight:
         layers = cfg.model.text_layers
@@ -103,16 +144,36 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         if hints.gather_layer >= hints.retrieve_layer:
             raise ConfigError("attention_hints.retrieve_layer", f"must come after gather_layer={hints.gather_layer} "
                               f"(the question is gathered first, then the image is read); got {hints.retrieve_layer}")
-        if hints.absent not in HINT_ABSENT:
-            raise ConfigError("attention_hints.absent", f"must be one of {', '.join(HINT_ABSENT)}; got {hints.absent!r}")
-        if hints.gather not in HINT_GATHER:
-            raise ConfigError("attention_hints.gather", f"must be one of {', '.join(HINT_GATHER)}; got {hints.gather!r}")
         if not 1 <= hints.heads <= cfg.model.text_heads:
             raise ConfigError("attention_hints.heads", f"must be 1..{cfg.model.text_heads} (model.text_heads); "
                               f"got {hints.heads}")
-    if cfg.optim.max_steps < 1:
-        raise ConfigError("optim.max_steps", f"must be >= 1, got {cfg.optim.max_steps}")
     return cfg
+
+
+#: Written into an export: the run (``output_dir``) that exported it, and its steps.
+EXPORT_RECORD = "tokenprune_training.json"
+
+
+def _exported_by(export: Path) -> str | None:
+    try:
+        return json.loads((export / EXPORT_RECORD).read_text()).get("output_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_outputs(cfg: DictConfig) -> None:
+    """``output_dir`` and ``export_dir`` writable folders, and an ``export_dir`` that already holds a model another
+    run did not export (the shipped checkpoint, say) kept unless ``overwrite_export: true``: checked before hours of
+    training. A run exports again into its own export (resuming a finished run)."""
+    out = Path(cfg.output_dir)
+    writable_folder(out, "output_dir")
+    if cfg.export_dir is None:
+        return
+    export = Path(cfg.export_dir)
+    writable_folder(export, "export_dir")
+    if (export / "config.json").exists() and not cfg.overwrite_export and _exported_by(export) != str(out.resolve()):
+        raise ConfigError("export_dir", f"{export} already holds a model; set overwrite_export=true to replace it, "
+                                        "or choose another export_dir")
 
 
 GRID = 24  # patches per side (336 px / 14)
@@ -562,5 +623,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     export = Path(cfg.export_dir) if cfg.export_dir else out / "model"
     module.model.save_pretrained(export)
     processor.save_pretrained(export)
+    (export / EXPORT_RECORD).write_text(json.dumps({"output_dir": str(out.resolve()), "steps": trainer.global_step})
+                                        + "\n")
     val = answer_accuracy(module.model.eval(), processor, module.val_items)
     return {"export_dir": str(export), "steps": trainer.global_step, "val": val}
