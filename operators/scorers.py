@@ -122,6 +122,10 @@ class ClsAttention(Scorer):
 
     needs_vision = True
 
+    @property
+    def needs_grid(self) -> bool:  # type: ignore[override]
+        return self.params.window > 0  # a window max-pools the map on the patch grid
+
     @dataclass
     class Params(ScorerParams):
         layer: int = -2  # vision-tower encoder layer (negative: from the end)
@@ -309,6 +313,8 @@ class SinkhornContribution(Scorer):
     TopV then keeps a uniform subset of the pruned tokens; the ``topv`` preset does that with
     ``union`` of ``topk`` and ``uniform_grid``.
     """
+
+    needs_grid = True  # the spatial cost term reads each token's (row, col)
 
     @dataclass
     class Params(ScorerParams):

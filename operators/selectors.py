@@ -113,6 +113,7 @@ class UniformGrid(Selector):
     """
 
     needs_scores = False
+    needs_grid = True
 
     @dataclass
     class Params:
@@ -188,6 +189,18 @@ class Union(Selector):
     @property
     def needs_scores(self) -> bool:  # type: ignore[override]
         return any(getattr(s, "needs_scores", True) for s in self.selectors)
+
+    @property
+    def needs_grid(self) -> bool:  # type: ignore[override]
+        return any(s.needs_grid for s in self.selectors)
+
+    @property
+    def needs_vision(self) -> bool:  # type: ignore[override]
+        return any(s.needs_vision for s in self.selectors)
+
+    @property
+    def min_layer(self) -> int:  # type: ignore[override]
+        return max((s.min_layer for s in self.selectors), default=0)
 
     def expected_kept(self, num_visual: int) -> int:
         raise NotImplementedError("union's budget depends on the overlap of its selectors")

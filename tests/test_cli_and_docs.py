@@ -109,3 +109,43 @@ def test_normal_install_maps_operators_and_presets(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert lines[0].startswith(str(target)) and lines[1] == "2"
+
+
+def test_lmms_task_without_the_datasets_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    assert main(["lmms-task", str(tmp_path / "tasks")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tokenprune: error: lmms-task needs the datasets package: pip install 'tokenprune-lvlm[datasets]'"]
+    assert not (tmp_path / "tasks").exists()
+
+
+def test_the_method_family_matrix_in_the_docs_is_what_the_code_says(capsys):
+    from tokenprune.eval.matrix import matrix_markdown
+
+    text = (REPO / "docs" / "families.md").read_text()
+    table = text.split("<!-- matrix:start -->\n", 1)[1].split("<!-- matrix:end -->", 1)[0]
+    assert table == matrix_markdown(), "docs/families.md's matrix is stale: paste `tokenprune matrix` between its markers"
+    assert main(["matrix"]) == 0 and capsys.readouterr().out == table
+
+
+def test_a_refused_matrix_cell_is_refused_by_attach_and_a_running_one_attaches():
+    # independent of the matrix code: the tiny models of the families, attached for real
+    import tokenprune as tp
+    from tokenprune.core.errors import ConfigError
+    from tokenprune.eval.matrix import method_family_matrix
+    from tokenprune.reference.tiny import tiny_llava_next, tiny_qwen2_vl
+
+    cells = {(c.preset, c.family.split(" (")[0]): c.refused for c in method_family_matrix()}
+    models = {"LLaVA-NeXT": tiny_llava_next("sdpa", layers=32), "Qwen2-VL / Qwen2.5-VL": tiny_qwen2_vl("sdpa", layers=32)}
+    for (preset, family), refused in cells.items():
+        if family not in models:
+            continue
+        pipe = tp.load_pipeline(preset)
+        if refused is None:
+            with pipe.attach(models[family], guide=models[family]):
+                pass
+        else:
+            with pytest.raises(ConfigError) as e:
+                pipe.attach(models[family], guide=models[family])
+            said, listed = (t.split("; allowed")[0] for t in (e.value.detail, refused[1:]))  # depths differ
+            assert said.endswith(listed), (preset, family)

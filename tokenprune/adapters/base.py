@@ -37,6 +37,8 @@ class ModelFacts:
     vision_signals: str | None = None
     #: Why the images of each forward cannot be recovered for a guide model; None: they can.
     guide_images: str | None = None
+    #: Why a sample's visual tokens form no single raster grid; None: they do.
+    visual_grid: str | None = None
 
 
 def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -71,7 +73,8 @@ class ModelAdapter:
         return ModelFacts(num_layers=int(text.num_hidden_layers),
                           cross_attention_layers=tuple(cls.cross_attention_layers_from_config(config)),
                           vision_signals=cls.vision_signals_from_config(config),
-                          guide_images=cls.guide_images_from_config(config))
+                          guide_images=cls.guide_images_from_config(config),
+                          visual_grid=cls.visual_grid_from_config(config))
 
     def facts(self) -> ModelFacts:
         """The :class:`ModelFacts` of the loaded model (its layers as built, its vision tower as loaded)."""
@@ -79,7 +82,8 @@ class ModelAdapter:
                           vision_signals=self.vision_signals_unavailable(),
                           guide_images=self.guide_images_from_config(self.model.config) or (
                               None if self.vision_tower() is not None else
-                              "it has no vision tower that takes the model's image input"))
+                              "it has no vision tower that takes the model's image input"),
+                          visual_grid=self.visual_grid_from_config(self.model.config))
 
     @classmethod
     def cross_attention_layers_from_config(cls, config: Any) -> list[int]:
@@ -91,6 +95,12 @@ class ModelAdapter:
         """Why this family cannot give vision-tower signals, as far as ``config`` tells; None if it can (the
         loaded model may still refuse, :meth:`vision_signals_unavailable`)."""
         return f"{cls.family} has no vision-tower signals in tokenprune yet"
+
+    @classmethod
+    def visual_grid_from_config(cls, config: Any) -> str | None:
+        """Why a sample's visual tokens form no single raster grid in this family; None if they do (one image's
+        patches in raster order, :meth:`visual_grids`)."""
+        return None
 
     @classmethod
     def guide_images_from_config(cls, config: Any) -> str | None:
@@ -125,6 +135,9 @@ class ModelAdapter:
                 if getattr(op, "needs_vision", False) and facts.vision_signals is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs vision-tower signals, "
                                       f"which {cls.family} cannot give: {facts.vision_signals}")
+                if getattr(op, "needs_grid", False) and facts.visual_grid is not None:
+                    raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} lays the visual tokens out "
+                                      f"as one grid, which {cls.family} has not: {facts.visual_grid}")
             for kind in stage.protect:
                 if kind not in cls.token_kinds:
                     raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {cls.family}; "

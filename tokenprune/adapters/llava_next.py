@@ -31,6 +31,11 @@ class LlavaNextAdapter(LlavaAdapter):
         return "its vision tower sees flattened anyres tiles; the image sizes a guide model needs are not recoverable"
 
     @classmethod
+    def visual_grid_from_config(cls, config) -> str | None:
+        return ("a sample's visual tokens are a base tile and an unpadded anyres tile grid with newline tokens, "
+                "and per-tile grids are not mapped yet")
+
+    @classmethod
     def vision_signals_from_config(cls, config) -> str | None:
         return ("the anyres layout of LLaVA-NeXT (base tile, unpadded tile grid, newlines) is not mapped back to "
                 "vision-tower patches yet")

@@ -52,6 +52,8 @@ class TokenOperator(nn.Module):
     needs_vision: ClassVar[bool] = False
     #: True for operators that read a guide model's attention (attach with ``guide=``).
     needs_guide: ClassVar[bool] = False
+    #: True for operators that lay each sample's visual tokens out as one raster grid (rows x cols).
+    needs_grid: ClassVar[bool] = False
     #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
     min_layer: ClassVar[int] = 0
 

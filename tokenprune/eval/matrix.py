@@ -1,0 +1,86 @@
+"""The method × family matrix: which preset runs on which model family, and why a cell refuses.
+
+Each cell is the answer of the family adapter's own model checks (:meth:`ModelAdapter.check_pipeline`, the
+checks ``pipeline.attach`` runs) for the preset on a configuration of that family at a real checkpoint's
+geometry (built from ``transformers``' config classes; no weights), with a guide model given. So the matrix
+is what tokenprune does, not a list kept by hand: ``tokenprune matrix --markdown`` writes the table in
+docs/families.md, and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tokenprune.adapters import adapter_class
+from tokenprune.core.config import preset_names
+from tokenprune.core.errors import ConfigError
+from tokenprune.pipeline import load_pipeline
+
+
+def family_configs() -> dict[str, Any]:
+    """One configuration per family, at the geometry of the checkpoint named in the key (no weights)."""
+    from transformers import LlavaConfig, LlavaNextConfig, MllamaConfig, Qwen2_5_VLConfig
+
+    return {
+        "LLaVA-1.5 (llava-1.5-7b)": LlavaConfig(),
+        "LLaVA-NeXT (llava-v1.6-vicuna-7b)": LlavaNextConfig(),
+        "Qwen2-VL / Qwen2.5-VL (Qwen2.5-VL-7B)": Qwen2_5_VLConfig(text_config={"num_hidden_layers": 28}),
+        "LLaMA-3.2-Vision (11B)": MllamaConfig(),
+    }
+
+
+@dataclass(frozen=True)
+class Cell:
+    preset: str
+    family: str
+    #: None: the preset runs on the family; else why it is refused: the error ``attach`` raises, without the key
+    #: and the value given (so that presets refused for one reason share it).
+    refused: str | None
+
+
+def method_family_matrix() -> list[Cell]:
+    """Every (preset, family) cell, presets in name order, families as :func:`family_configs` lists them."""
+    configs = family_configs()
+    cells = []
+    for name in preset_names():
+        pipe = load_pipeline(name)
+        for family, config in configs.items():
+            adapter = adapter_class(config)
+            try:
+                adapter.check_pipeline(adapter.facts_from_config(config), pipe, guide=True)
+                refused = None
+            except ConfigError as e:
+                refused = _reason(e.detail)
+            cells.append(Cell(name, family, refused))
+    return cells
+
+
+def _reason(detail: str) -> str:
+    detail = re.sub(r"^got [^,]+, but ", "", detail)
+    return detail[:1].upper() + detail[1:]
+
+
+def matrix_markdown(cells: list[Cell] | None = None) -> str:
+    """The matrix as a markdown table (✓ runs; a number: refused, the reason listed under the table)."""
+    cells = method_family_matrix() if cells is None else cells
+    families = list(dict.fromkeys(c.family for c in cells))
+    presets = list(dict.fromkeys(c.preset for c in cells))
+    reasons: dict[str, int] = {}
+    at = {(c.preset, c.family): c for c in cells}
+    lines = ["| preset | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for p in presets:
+        row = []
+        for f in families:
+            why = at[(p, f)].refused
+            if why is None:
+                row.append("✓")
+            else:
+                n = reasons.setdefault(why, len(reasons) + 1)
+                row.append(f"refused ({n})")
+        lines.append(f"| {p} | " + " | ".join(row) + " |")
+    runs = sum(c.refused is None for c in cells)
+    lines += ["", f"{runs} of {len(cells)} cells run. Why the others are refused (what `attach` says):", ""]
+    lines += [f"{n}. {why}" for why, n in reasons.items()]
+    return "\n".join(lines) + "\n"
