@@ -249,7 +249,8 @@ def _run_config(tmp_path, task_folder, *extra):
         f"output_dir={tmp_path / 'run'}", f"baseline_cache={tmp_path / 'cache'}", "batch_size=6", *extra])
 
 
-def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tmp_path, task_folder, by_hand, stock):
+def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tmp_path, task_folder, by_hand, stock,
+                                                                            capfd):
     from tokenprune.eval.run import run
     from tokenprune.pipeline import load_pipeline
 
@@ -268,8 +269,11 @@ def test_run_reports_relative_scores_per_task_and_caches_the_unpruned_results(tm
     assert not metrics["baseline_cached"]
     written = json.loads((Path(metrics["output_dir"]) / "metrics.json").read_text())
     assert written["per_task"] == metrics["per_task"]
+    phases = [line for line in capfd.readouterr().err.splitlines() if ": lmms-eval " in line]
+    assert phases == ["baseline (unpruned): lmms-eval shapes_vqa, shapes_yes_no", "fastv: lmms-eval shapes_vqa, shapes_yes_no"]
     again = run(_run_config(tmp_path, task_folder, "pipeline=none", f"output_dir={tmp_path / 'unpruned'}"))
     assert again["baseline_cached"] and again["relative_score"] == pytest.approx(100.0)
+    assert ": lmms-eval " not in capfd.readouterr().err  # the cached baseline is not evaluated again
 
 
 @pytest.mark.parametrize("spec, key", [

@@ -180,13 +180,19 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
         cache_file = Path(cfg.baseline_cache) / f"{key}.lmms_eval.json"
         baseline = _read_cached_results(cache_file, spec["tasks"])
         from_cache = baseline is not None
+    def phase(label: str) -> None:  # lmms-eval draws its own unlabelled bars: say whose they are
+        if cfg.logging.progress_bar:
+            print(f"{label}: lmms-eval {', '.join(spec['tasks'])}", file=sys.stderr, flush=True)
+
     if baseline is None:
+        phase("baseline (unpruned)")
         baseline = evaluate(lm, spec["tasks"], task_manager, limit, cfg.batch_size)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(cache_file, json.dumps(baseline, indent=1))
     if pipeline is not None:
         lm.pipeline = pipeline
+        phase(name)
         pruned = evaluate(lm, spec["tasks"], task_manager, limit, cfg.batch_size)
     else:
         pruned = baseline
