@@ -46,6 +46,9 @@ def _next_images(batch, b):
 
 BUILDERS = {
     "llava_next": (lambda impl: tiny.tiny_llava_next(impl, layers=4), tiny.tiny_llava_next_inputs, _next_images),
+    # a Mistral LLM whose 48-token window is far shorter than the ~250-token prompts
+    "llava_next_sliding": (lambda impl: tiny.tiny_llava_next(impl, layers=4, sliding_window=48),
+                           tiny.tiny_llava_next_inputs, _next_images),
     "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
     "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     "qwen2_5_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2.5"), tiny.tiny_qwen2_vl_inputs,

@@ -13,10 +13,11 @@ import torch
 
 
 @contextlib.contextmanager
-def hidden_keys(model, layers_hidden: dict[int, torch.Tensor]):
+def hidden_keys(model, layers_hidden: dict[int, torch.Tensor], total: int | None = None):
     """While active, layer l's attention cannot see the key columns where ``layers_hidden[l]`` (B, T) is True.
 
-    Columns beyond the tensor's width (tokens fed later) stay visible.
+    Columns beyond the tensor's width (tokens fed later) stay visible. A mask narrower than the sequence so far
+    (a sliding-window layer's decoding mask, ``total``: the tokens fed so far) holds its last columns.
     """
     lm = model.model.language_model
     handles = []
@@ -26,8 +27,10 @@ def hidden_keys(model, layers_hidden: dict[int, torch.Tensor]):
             mask = kwargs["attention_mask"]
             assert mask is not None and mask.dim() == 4 and mask.is_floating_point(), "reference needs eager masks"
             t = mask.shape[-1]
-            cols = torch.zeros(hidden.shape[0], t, dtype=torch.bool)
-            cols[:, : hidden.shape[1]] = hidden[:, :t]
+            start = 0 if total is None else total - t  # the sequence index of the mask's first column
+            frame = torch.zeros(hidden.shape[0], max(start + t, hidden.shape[1]), dtype=torch.bool)
+            frame[:, : hidden.shape[1]] = hidden
+            cols = frame[:, start:start + t]
             extra = torch.zeros(cols.shape, dtype=mask.dtype).masked_fill(cols, torch.finfo(mask.dtype).min)
             kwargs["attention_mask"] = (mask + extra[:, None, None, :]).clamp(min=torch.finfo(mask.dtype).min)
             return args, kwargs
@@ -86,7 +89,7 @@ def masked_greedy(model, inputs: dict, steps: int, prefill_hidden: dict, decode_
     tokens = [logits[-1].argmax(-1)]
     for step in range(1, steps):
         am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
-        with hidden_keys(model, decode_hidden(step)):
+        with hidden_keys(model, decode_hidden(step), total=am.shape[1]):
             out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
                         past_key_values=cache, use_cache=True)
         cache = out.past_key_values

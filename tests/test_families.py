@@ -10,7 +10,7 @@ import tokenprune as tp
 from tokenprune.core.errors import ConfigError
 
 STEPS = 3
-FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_next_sliding"]
 
 
 def attention_topk(keep=0.5, layer=2, compact=False, scorer=None):

@@ -168,6 +168,16 @@ class ModelAdapter:
         """Indices of the LLM's cross-attention layers (Mllama); empty for decoder-only LVLMs."""
         return self.cross_attention_layers_from_config(self.model.config)
 
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of decoder ``layer`` (a query at sequence index q sees keys at q-W+1..q), or None
+        for full attention: the attention module's own ``sliding_window`` (Qwen2, layers that interleave), else
+        the text config's (Mistral, every layer)."""
+        attn = getattr(self.layers[layer], "self_attn", None)
+        if attn is not None and hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        text = getattr(self.model.config, "text_config", None) or self.model.config
+        return getattr(text, "sliding_window", None)
+
     @property
     def attn_implementation(self) -> str:
         return getattr(self.language_model.config, "_attn_implementation", None) or "eager"

@@ -115,7 +115,7 @@ class Episode:
     held: dict[int, Held] = field(default_factory=dict)  # per layer, what its prefill cache holds
     full: FullFrame | None = None
     #: the layer kwargs of ``flow.index``, gathered once per stage: (index, kwargs)
-    frame: tuple[torch.Tensor, dict[str, Any]] | None = None
+    frame: tuple[torch.Tensor, dict[str, Any], Any] | None = None  # (index, kwargs, the layer mask they came from)
     capture: Capture | None = None
     #: True once the first layer's cache is shorter than the prompt: the LLM must then be handed full-frame masks
     short_first_cache: bool = False

@@ -47,6 +47,25 @@ def add_key_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, ada
     return mask + full[:, None, None, :]
 
 
+def keep_whole_windows(cache: Any) -> None:
+    """Sliding-window cache layers that have not been filled yet replaced by whole ones.
+
+    transformers' sliding cache keeps a layer's last W-1 entries by count, and its masks count positions from
+    there; once a stage has removed entries, neither maps onto the original sequence any more. A whole layer
+    keeps every entry the pipeline kept, and the masks (the LLM's own for layers nothing was removed from,
+    :meth:`DecoderStream.window_decode_mask` for the others) apply the window in original sequence indices.
+    The cost: a sliding layer's cache is not cut back to W-1 entries."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(layers):
+        if getattr(layer, "is_sliding", False) and not getattr(layer, "is_initialized", True) \
+                and type(layer).__name__ == "DynamicSlidingWindowLayer":
+            layers[i] = DynamicLayer()
+
+
 class DecoderStream:
     """The LLM's and its decoder layers' pre-hooks; calls each site runtime at each layer."""
 
@@ -106,6 +125,7 @@ class DecoderStream:
             ep.kinds = self.adapter.mark_token_kinds(hidden, ep.visual)
             if ep.cache is None:  # the LLM made its own cache (use_cache without past_key_values)
                 ep.cache = cache_argument(kwargs)
+            keep_whole_windows(ep.cache)
             b, n = ep.visual.shape
             pos = kwargs.get("position_ids")
             given = pos is not None
@@ -116,7 +136,7 @@ class DecoderStream:
         for site in self.sites:
             hidden = site.prefill_layer(layer, ep, hidden)
         if ep.flow.index is not None:
-            kwargs.update(self.frame_kwargs(ep, hidden))
+            kwargs.update(self.frame_kwargs(ep, hidden, kwargs.get("attention_mask")))
         for site in self.sites:
             site.layer_ready(layer, ep, hidden, kwargs)
         ep.record(layer)
@@ -128,10 +148,13 @@ class DecoderStream:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def frame_kwargs(self, ep: Episode, hidden: torch.Tensor) -> dict[str, Any]:
-        """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage)."""
+    def frame_kwargs(self, ep: Episode, hidden: torch.Tensor, layer_mask: Any = None) -> dict[str, Any]:
+        """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage and mask).
+
+        ``layer_mask`` is the full-frame mask the LLM built for this layer: layers of one model may differ (a
+        sliding-window layer next to a full one), and each keeps its own window in original positions."""
         flow = ep.flow
-        if ep.frame is not None and ep.frame[0] is flow.index:
+        if ep.frame is not None and ep.frame[0] is flow.index and ep.frame[2] is layer_mask:
             return ep.frame[1]
         idx = flow.index
         pe = ep.full.position_embeddings
@@ -143,7 +166,7 @@ class DecoderStream:
             out = {"position_ids": ep.full.position_ids.gather(1, idx)} if ep.full.positions_given else {}
             if pe is not None:
                 out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
-        mask = ep.full.attention_mask
+        mask = layer_mask
         mask = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
         if mask is None and (flow.key_bias is not None or flow.live is not None):
             mask = full_causal_mask(ep.valid_now(), idx.shape[1], "bool", hidden.dtype)
@@ -152,7 +175,7 @@ class DecoderStream:
         if flow.key_bias is not None:
             mask = add_key_bias(mask, flow.key_bias, hidden.dtype, self.adapter)
         out["attention_mask"] = mask
-        ep.frame = (idx, out)
+        ep.frame = (idx, out, layer_mask)
         return out
 
     # --- decoding ----------------------------------------------------------------------------
@@ -161,7 +184,13 @@ class DecoderStream:
         mask = kwargs.get("attention_mask")
         if held.index is None and held.bias is None and held.shift is None:
             return None
-        if held.index is not None and (mask is not None or held.bias is not None or held.live is not None):
+        window = self.adapter.sliding_window(layer)
+        if held.index is not None and window is not None:
+            key = ("window", id(held.index))
+            if key not in ep.decode_masks:
+                ep.decode_masks[key] = self.window_decode_mask(layer, ep, window, layer_hidden(args, kwargs).dtype)
+            kwargs["attention_mask"] = ep.decode_masks[key]
+        elif held.index is not None and (mask is not None or held.bias is not None or held.live is not None):
             key = id(held.index)
             if key not in ep.decode_masks:
                 total = ep.seen + ep.query_len
@@ -182,6 +211,35 @@ class DecoderStream:
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = pe
         return args, kwargs
+
+    def window_decode_mask(self, layer: int, ep: Episode, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """The 4-D decoding mask of a sliding-window ``layer`` whose prompt entries were pruned.
+
+        The window is the unpruned model's, in original sequence indices: a query at index q sees the held keys
+        at q-W+1..q (the cache keeps them all, :func:`keep_whole_windows`). Columns: the cache's entries, then
+        the step's own tokens."""
+        held = ep.held_at(layer)
+        total = ep.seen + ep.query_len
+        keys = decode_key_index(held.index, ep.prefill_len, total)  # every entry fed to the layer, in order
+        b, fed = keys.shape
+        layer_cache = ep.cache.layers[layer] if ep.cache is not None and hasattr(ep.cache, "layers") else None
+        cached = layer_cache.keys.shape[-2] if getattr(layer_cache, "keys", None) is not None else fed - ep.query_len
+        width = min(cached + ep.query_len, fed)
+        keys = keys[:, -width:]
+        ones = torch.ones(b, fed - held.index.shape[1], dtype=torch.bool, device=keys.device)
+        live = torch.cat([held.live, ones], 1)[:, -width:] if held.live is not None else None
+        valid = torch.cat([ep.valid, torch.ones(b, total - ep.valid.shape[1], dtype=torch.bool, device=keys.device)], 1)
+        real = valid.gather(1, keys) if live is None else valid.gather(1, keys) & live
+        q = torch.arange(ep.seen, total, device=keys.device)[None, :, None]
+        k = keys[:, None, :]
+        allowed = (real[:, None, :] & (k <= q) & (k > q - window))[:, None]  # (B, 1, Q, width)
+        if held.bias is not None:
+            bias = torch.nn.functional.pad(held.bias, (0, fed - held.bias.shape[1]))[:, -width:]
+            out = torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
+            return out + bias.to(dtype)[:, None, None, :]
+        if self.adapter.mask_format == "bool":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def shifted_decode_positions(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict):
         """(position ids, rotary cos/sin) of the decoding tokens at ``layer``, after a renumbering stage moved its
