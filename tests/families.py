@@ -51,6 +51,9 @@ BUILDERS = {
                            tiny.tiny_llava_next_inputs, _next_images),
     "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
     "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
+    # Qwen2's use_sliding_window: layers 0-1 attend to everything, layers 2-3 within 16 tokens
+    "qwen2_vl_sliding": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2", sliding_window=16,
+                                                         window_from=2), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     "qwen2_5_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2.5"), tiny.tiny_qwen2_vl_inputs,
                    _qwen_images),
 }

@@ -4,13 +4,13 @@ against the independent masked eager reference of ``reference.py``."""
 import pytest
 import torch
 from families import inputs, pair, sample_alone
-from reference import reference_greedy, reference_prefill_logits
+from reference import fastv_reference_kept, reference_greedy, reference_prefill_logits
 
 import tokenprune as tp
 from tokenprune.core.errors import ConfigError
 
 STEPS = 3
-FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_next_sliding"]
+FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_next_sliding", "qwen2_vl_sliding"]
 
 
 def attention_topk(keep=0.5, layer=2, compact=False, scorer=None):
@@ -220,3 +220,18 @@ def test_attention_signals_gather_the_layers_own_query_projection(family, monkey
         handle.remove()
     assert captured.trace[0].kept == projected.trace[0].kept
     assert all(a < b for a, b in zip(captured.trace[0].visual_after, captured.trace[0].visual_before))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_fastv_on_a_sliding_window_layer_ranks_what_its_query_sees(impl):
+    """The scorer applies the window its layer applies: FastV's choice is the eager model's own attention map's."""
+    model, batch = pair("llava_next_sliding")[impl], inputs("llava_next_sliding")
+    pipe = tp.load_pipeline("fastv", ["stages.0.operators.1.keep=16"])
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    kept = pipe.trace[0].kept
+    assert kept == fastv_reference_kept(pair("llava_next_sliding")["eager"], batch, site=2, keep=16)
+    visual = batch["input_ids"] == model.config.image_token_id
+    last, window = batch["input_ids"].shape[1] - 1, model.config.text_config.sliding_window
+    for b, row in enumerate(kept):  # every kept visual token is one the last query can see at layer 1
+        assert all(i > last - window for i in row if visual[b, i]), (b, row)

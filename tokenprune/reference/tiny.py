@@ -71,10 +71,11 @@ def tiny_llava_inputs(model: nn.Module, prompts: list[list[int]] | None = None, 
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: str = "2", seed: int = 0,
-                  init_std: float = 0.2) -> nn.Module:
+                  init_std: float = 0.2, sliding_window: int | None = None, window_from: int = 0) -> nn.Module:
     """A ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
     (``"2.5"``): a 1-layer vision tower (patch 7, 2x2 merge) and a ``layers``-layer LLM (hidden 64,
-    4 heads, 2 KV heads, M-RoPE sections [2, 3, 3])."""
+    4 heads, 2 KV heads, M-RoPE sections [2, 3, 3]); with ``sliding_window``, Qwen2's ``use_sliding_window``:
+    layers from ``window_from`` on attend within the window, the ones before it to everything."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -87,6 +88,8 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
                 num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=1024,
                 initializer_range=init_std, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    if sliding_window is not None:
+        text.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=window_from)
     vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2,
                   in_channels=3, initializer_range=init_std)
     ids = dict(image_token_id=TINY_IMAGE_TOKEN, video_token_id=TINY_VIDEO_TOKEN,

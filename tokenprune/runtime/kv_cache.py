@@ -58,7 +58,8 @@ class KVCacheRuntime(SiteRuntime):
         cur = flow.index if flow.index is not None else torch.arange(n, device=hidden.device).expand(b, n)
         state, _ = self.stage_state(layer, hidden, ep, cur, flow.live, flow.sizes, flow.positions)
         state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask,
-                                                    cached_keys=self.adapter.cached_keys(ep.cache, layer))
+                                                    cached_keys=self.adapter.cached_keys(ep.cache, layer),
+                                                    window=self.adapter.sliding_window(layer), source_index=cur)
         state, ms, _ = self.run_operators(state, hidden, self.stage.score_operators())
         ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms)
 

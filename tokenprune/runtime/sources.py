@@ -22,13 +22,18 @@ class LayerAttentionSource(AttentionSource):
 
     Keys are computed once for all tokens (or taken from the layer's KV cache when it holds
     exactly these tokens); queries only for the rows asked for (gathered from the layer's own query
-    projection when the attach machinery captured it in the forward, ``projected_queries``).
+    projection when the attach machinery captured it in the forward, ``projected_queries``). On a
+    sliding-window layer (``window``; ``source_index`` (B, N): the tokens' original sequence indices) a query
+    may attend only to the keys its layer lets it see, as in the model's own forward.
     """
 
     def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
                  valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None,
-                 projected_queries: torch.Tensor | None = None):
+                 projected_queries: torch.Tensor | None = None, window: int | None = None,
+                 source_index: torch.Tensor | None = None):
         self.adapter = adapter
+        self.window = window if source_index is not None else None
+        self.source_index = source_index
         #: (B, N, H·hd) the layer's query projection of ``hidden`` captured in the model's own forward (before any
         #: query norm and the rotary embedding), so that queries are gathered, not projected again; or None.
         self.projected_queries = projected_queries if projected_queries is not None and \
@@ -84,6 +89,14 @@ class LayerAttentionSource(AttentionSource):
 
     def layer_input(self):
         return self.hidden
+
+    def allowed(self, sample, rows):
+        if self.window is None:
+            return None
+        src = self.source_index[sample]
+        rows = rows.to(src.device)
+        causal = torch.arange(src.shape[0], device=src.device)[None, :] <= rows[:, None]
+        return causal & (src[None, :] > src[rows][:, None] - self.window)  # the layer's window, original indices
 
 
 class CrossAttentionSource(AttentionSource):
