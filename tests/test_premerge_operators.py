@@ -121,8 +121,11 @@ class _Tower:
     def __init__(self, probs):
         self.probs = probs
 
-    def vision_cls_attention(self, layer, hidden):
-        return self.probs
+    def vision_signal_layer(self, layer):
+        return layer
+
+    def vision_cls_attention(self, layer, captured, tower=None):
+        return self.probs[0].T  # (patch rows, heads)
 
 
 def test_cls_attention_window_normalises_within_each_window():

@@ -95,10 +95,114 @@ def test_vision_layer_out_of_range_is_named(llava_pair, batch):
             llava_pair["sdpa"](**batch)
 
 
-@pytest.mark.parametrize("family,reason", [("qwen2_vl", "no CLS token"), ("llava_next", "anyres layout")])
+@pytest.mark.parametrize("family,reason", [("llava_next", "anyres layout")])
 def test_families_without_vision_signals_refuse_at_attach(family, reason):
     pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [
         {"op": "cls_attention"}, {"op": "topk", "keep": 0.5}]}]})
     with pytest.raises(ConfigError, match=rf"stages\.0\.operators\.0\.op: 'cls_attention' needs vision-tower "
                                           rf"signals, which .* cannot give: .*{reason}"):
         pipe.attach(family_pair(family)["sdpa"])
+
+
+# --- Qwen2-VL / Qwen2.5-VL: attention received, per merged 2x2 block ---------------------------
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def qwen_deep(request):
+    """A tiny Qwen2-VL / Qwen2.5-VL with a 4-block tower (2.5: full attention in blocks 1 and 3, 2x2-token windows
+    elsewhere), SDPA and eager with the same weights, and a batch whose two images have different grids."""
+    from tokenprune.reference.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
+
+    sdpa = tiny_qwen2_vl("sdpa", layers=2, version=request.param, vision_layers=4)
+    eager = tiny_qwen2_vl("eager", layers=2, version=request.param, vision_layers=4)
+    eager.load_state_dict(sdpa.state_dict())
+    return request.param, sdpa, eager, tiny_qwen2_vl_inputs(sdpa, grids=[(8, 8), (4, 12)])
+
+
+def eager_qwen_attention(monkeypatch, model, batch):
+    """The eager tower's own attention probabilities: {block: [one map per segment it attends within]}."""
+    import importlib
+
+    name = "qwen2_5_vl" if model.config.model_type == "qwen2_5_vl" else "qwen2_vl"
+    module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    stock, calls, running = module.eager_attention_forward, {}, []
+
+    def recording(*args, **kwargs):
+        out, weights = stock(*args, **kwargs)
+        calls.setdefault(running[-1], []).append(weights.detach().float())
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    handles = [blk.register_forward_pre_hook(lambda m, a, i=i: running.append(i))
+               for i, blk in enumerate(model.model.visual.blocks)]
+    with torch.no_grad():
+        model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def qwen_reference(model, calls, batch, block):
+    """Per LLM visual token (images in order), the attention its 2x2 patches receive at ``block`` (mean over the
+    image's query patches, summed over the 4 patches), read off the eager maps: (tokens, H)."""
+    grids = batch["image_grid_thw"].tolist()
+    full = getattr(model.config.vision_config, "fullatt_block_indexes", None)
+    assert full is None or block in full
+    maps = calls[block]
+    assert len(maps) == len(grids)  # a full-attention block attends within each image
+    rows = torch.cat([m[0].mean(1).T for m in maps])  # (patches, H) in the tower's order
+    units = rows.view(-1, 4, rows.shape[-1])
+    if full is not None:  # undo Qwen2.5-VL's window order with the model's own window index
+        from transformers.vision_utils import get_vision_window_index
+
+        v = model.config.vision_config
+        index, _ = get_vision_window_index(batch["image_grid_thw"], v.spatial_merge_size, v.window_size, v.patch_size)
+        units = units[torch.argsort(index)]
+    return units.sum(1)
+
+
+@pytest.mark.parametrize("layer,block", [(0, 0), (1, 1), (-2, 2), (3, 3)])
+def test_qwen_received_attention_equals_the_eager_towers_maps(qwen_deep, monkeypatch, layer, block):
+    version, sdpa, eager, batch = qwen_deep
+    if version == "2.5":
+        block = {0: 1, 1: 1, 2: 3, 3: 3}[block]  # a windowed block reads the next full-attention block
+    state, _ = capture_state(sdpa, batch, {"layer": 0, "operators": [{"op": "random"}, {"op": "topk", "keep": 1.0}]})
+    want = qwen_reference(eager, eager_qwen_attention(monkeypatch, eager, batch), batch, block)
+    visual = batch["input_ids"] == sdpa.config.image_token_id
+    got_mean = state.signals.vision_cls_attention(layer=layer, heads="mean")
+    got_sum = state.signals.vision_cls_attention(layer=layer, heads="sum")
+    counts = visual.sum(1).tolist()
+    assert counts == [16, 12]
+    for b, rows in enumerate(want.split(counts)):
+        assert torch.allclose(got_mean[b][visual[b]], rows.mean(-1), atol=1e-5)
+        assert torch.allclose(got_sum[b][visual[b]], rows.sum(-1), atol=1e-5)
+        assert bool((got_mean[b][~visual[b]] == 0).all())
+    assert torch.allclose(got_mean[visual].sum(), torch.tensor(2.0))  # each image's map sums to 1
+
+
+def test_qwen_vision_keys_are_the_patch_keys_averaged_per_merged_token(qwen_deep):
+    version, sdpa, eager, batch = qwen_deep
+    state, _ = capture_state(sdpa, batch, {"layer": 0, "operators": [{"op": "random"}, {"op": "topk", "keep": 1.0}]})
+    keys = state.signals.vision_keys(layer=1)  # (B, N, H, hd); block 1 attends over the whole image in both
+    tower = eager.model.visual
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = tower.blocks[1].register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        tower(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        handle.remove()
+        block = tower.blocks[1]
+        width = block.attn.qkv.out_features // 3
+        k = block.attn.qkv(block.norm1(seen["h"]))[:, width:2 * width]  # (q, k, v) stacked: the keys
+    units = k.view(-1, 4, k.shape[-1])
+    if version == "2.5":
+        from transformers.vision_utils import get_vision_window_index
+
+        v = eager.config.vision_config
+        index, _ = get_vision_window_index(batch["image_grid_thw"], v.spatial_merge_size, v.window_size, v.patch_size)
+        units = units[torch.argsort(index)]
+    want = units.mean(1)
+    visual = batch["input_ids"] == sdpa.config.image_token_id
+    assert torch.allclose(torch.cat([keys[b][visual[b]].flatten(1) for b in range(2)]), want, atol=1e-5)

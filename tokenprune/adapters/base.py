@@ -235,17 +235,48 @@ class ModelAdapter:
         """Why this model cannot give vision-tower signals (CLS attention, vision keys), or None if it can."""
         return self.vision_signals_from_config(self.model.config)
 
-    def vision_patch_map(self, visual: torch.Tensor) -> torch.Tensor:
-        """(B, N) long: for each visual input token, its row in the flattened (images x patches) vision
-        features (-1 on other tokens)."""
+    def vision_layer_capture(self, layer: int, args: tuple, kwargs: dict) -> Any:
+        """What vision signals need of vision ``layer``'s call, from its forward pre-hook: its input hidden states
+        (and, for towers that take them, the per-call keyword arguments: segment bounds, rotary angles)."""
+        return layer_hidden(args, kwargs)
+
+    def vision_signal_tower(self) -> nn.Module | None:
+        """The tower module whose call's arguments vision signals also need (Qwen2-VL: the image grids), or None."""
+        return None
+
+    def vision_tower_capture(self, args: tuple, kwargs: dict) -> Any:
+        """What vision signals need of the :meth:`vision_signal_tower` call (its forward pre-hook's arguments)."""
+        return None
+
+    def vision_signal_layer(self, layer: int) -> int:
+        """The vision layer a signal asked at ``layer`` (0-based, already range-checked) is read from: ``layer``
+        itself, unless the family reads it elsewhere (Qwen2.5-VL: a windowed block's next full-attention block)."""
+        return layer
+
+    def vision_patch_map(self, visual: torch.Tensor, tower: Any = None) -> torch.Tensor:
+        """(B, N) long: for each visual input token, its row among the vision signal rows (-1 on other tokens);
+        ``tower`` is :meth:`vision_tower_capture`'s record of the tower call. The default: the visual tokens, in
+        order over the batch, are the rows in order (one row per visual token, none left over)."""
+        rows = self.vision_signal_rows(tower)
+        count = int(visual.sum())
+        if rows is not None and rows != count:
+            raise ValueError(f"the vision tower gave {rows} feature rows but the prompt holds {count} visual tokens")
+        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        out[visual] = torch.arange(count, device=visual.device)
+        return out
+
+    def vision_signal_rows(self, tower: Any) -> int | None:
+        """How many signal rows the latest tower call gives, if the adapter knows (for the check above)."""
+        return None
+
+    def vision_cls_attention(self, layer: int, captured: Any, tower: Any = None) -> torch.Tensor:
+        """(R, H) per signal row (:meth:`vision_patch_map`), the attention it receives at vision ``layer`` from the
+        tower's summary query: the CLS token where the tower has one; from ``captured``, the layer's
+        :meth:`vision_layer_capture`."""
         raise NotImplementedError
 
-    def vision_cls_attention(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """(images, H, P) attention of the CLS query over the patch tokens at vision ``layer``, from its input."""
-        raise NotImplementedError
-
-    def vision_keys(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """(images, H, P, hd) keys of the patch tokens at vision ``layer``, from its input ``hidden``."""
+    def vision_keys(self, layer: int, captured: Any, tower: Any = None) -> torch.Tensor:
+        """(R, H, hd) per signal row, its keys at vision ``layer``, from the layer's :meth:`vision_layer_capture`."""
         raise NotImplementedError
 
     def vision_tower(self) -> nn.Module | None:

@@ -62,14 +62,12 @@ class LlavaAdapter(LlamaStyleAdapter):
             return patches + 1, 0
         return patches, 1
 
-    def vision_patch_map(self, visual: torch.Tensor) -> torch.Tensor:
+    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
         per_image, _ = self._tokens_per_image()
         counts = visual.sum(1)
         if bool((counts % per_image != 0).any()):
             raise ValueError(f"visual tokens per sample {counts.tolist()} are not whole images of {per_image} tokens")
-        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
-        out[visual] = torch.arange(int(counts.sum()), device=visual.device)
-        return out
+        return super().vision_patch_map(visual, tower)
 
     def _qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         block = self.vision_layers()[layer]
@@ -80,13 +78,25 @@ class LlavaAdapter(LlamaStyleAdapter):
         k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
         return q, k, float(attn.scale)
 
-    def vision_cls_attention(self, layer, hidden):
-        q, k, scale = self._qk(layer, hidden)
+    def vision_cls_attention(self, layer, captured, tower=None):
+        q, k, scale = self._qk(layer, captured)
         probs = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)[:, :, 0]
         _, first = self._tokens_per_image()
-        return probs[:, :, first:]
+        probs = probs[:, :, first:]  # (images, H, P)
+        return probs.permute(0, 2, 1).reshape(-1, probs.shape[1])
 
-    def vision_keys(self, layer, hidden):
-        _, k, _ = self._qk(layer, hidden)
+    def vision_keys(self, layer, captured, tower=None):
+        _, k, _ = self._qk(layer, captured)
         _, first = self._tokens_per_image()
-        return k[:, :, first:]
+        k = k[:, :, first:]  # (images, H, P, hd)
+        return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+
+    def vision_signal_tower(self):
+        return self._tower()
+
+    def vision_tower_capture(self, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        return None if pixels is None else int(pixels.shape[0])  # images the tower saw
+
+    def vision_signal_rows(self, tower):
+        return None if tower is None else tower * self._tokens_per_image()[0]

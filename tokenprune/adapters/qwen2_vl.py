@@ -7,7 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter
+from tokenprune.adapters.base import LlamaStyleAdapter, layer_hidden, rotate_half
+
+#: Query rows per chunk when vision attention is recomputed (bounds the (H, rows, patches) probabilities).
+_QUERY_CHUNK = 1024
 
 
 class Qwen2VLAdapter(LlamaStyleAdapter):
@@ -22,6 +25,19 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     The visual grid of a sample with one image is its ``image_grid_thw`` (h, w) divided by the
     spatial merge size.
+
+    **Vision-tower signals.** The tower has no CLS token. What stands for the CLS attention of a CLIP tower
+    (the ``cls_attention`` scorer, VisionZip, PruMerge+, VScan) is the attention each patch *receives* at a
+    vision block: the block's attention probabilities, recomputed from its captured input with its own
+    weights and 2-D rotary angles, averaged over the query patches of the patch's own image (video: frame) —
+    the segment the block attends within — and summed over the ``spatial_merge_size``² patches that the merger
+    turns into one LLM visual token (so per image and head the values sum to 1, as a CLS row does). Vision
+    keys are the patch keys before the rotary embedding (content only), averaged over the same patches.
+    Qwen2.5-VL attends within windows in every block but ``fullatt_block_indexes``; a windowed block's
+    attention is not over the image, so a signal asked at a windowed block is read at the next full-attention
+    block (the last one if none follows): with the 7B tower's full blocks 7, 15, 23, 31, layer -2 (block 30)
+    reads block 31 and layer 2 reads block 7. The tower's window order of the patches is undone with the
+    image grids of its call.
     """
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
@@ -71,8 +87,103 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     @classmethod
     def vision_signals_from_config(cls, config) -> str | None:
-        return ("the Qwen2-VL vision tower has no CLS token, and each visual token merges 2x2 patches; "
-                "its vision signals are not mapped yet")
+        v = config.vision_config
+        if getattr(v, "fullatt_block_indexes", None) is not None and not v.fullatt_block_indexes:
+            return "its vision tower has no full-attention block (fullatt_block_indexes is empty)"
+        return None
+
+    # --- vision-tower signals -------------------------------------------------------------------
+    def _tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    def vision_layers(self) -> nn.ModuleList | None:
+        return getattr(self._tower(), "blocks", None)
+
+    def vision_signals_unavailable(self) -> str | None:
+        reason = self.vision_signals_from_config(self.model.config)
+        if reason is not None:
+            return reason
+        blocks = self.vision_layers()
+        if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "qkv"):
+            return f"the vision tower of this {self.family} model is not Qwen2-VL's (blocks[i].attn.qkv)"
+        return None
+
+    def vision_signal_tower(self) -> nn.Module | None:
+        return self._tower()
+
+    def vision_tower_capture(self, args, kwargs):
+        return kwargs.get("grid_thw", args[1] if len(args) > 1 else None)  # (images, 3) patch grids of the call
+
+    def vision_layer_capture(self, layer, args, kwargs):
+        return layer_hidden(args, kwargs), kwargs["cu_seqlens"], kwargs["position_embeddings"]
+
+    def _full_blocks(self) -> list[int] | None:
+        """Qwen2.5-VL's full-attention blocks; None where every block attends over the whole image (Qwen2-VL)."""
+        full = getattr(self.model.config.vision_config, "fullatt_block_indexes", None)
+        return None if full is None else sorted(int(i) for i in full)
+
+    def vision_signal_layer(self, layer: int) -> int:
+        full = self._full_blocks()
+        if full is None or layer in full:
+            return layer
+        later = [i for i in full if i >= layer]
+        return later[0] if later else full[-1]
+
+    @property
+    def _merge_unit(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size ** 2
+
+    def vision_signal_rows(self, tower):
+        return None if tower is None else int(tower.prod(-1).sum()) // self._merge_unit
+
+    def _unwindow(self, tower: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Merge units in the tower's (window) order -> in the LLM's order: the inverse of the window index."""
+        if self._full_blocks() is None:
+            return None
+        if tower is None:
+            raise ValueError("the image grids of the vision tower's call were not captured")
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.model.config.vision_config
+        index, _ = get_vision_window_index(tower, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                           patch_size=v.patch_size)
+        return torch.argsort(index.to(device))
+
+    def _per_token(self, rows: torch.Tensor, tower, reduce: str) -> torch.Tensor:
+        """Per-patch rows (S, ...) in the tower's order -> per LLM visual token (S / unit, ...)."""
+        unit = self._merge_unit
+        units = rows.reshape(rows.shape[0] // unit, unit, *rows.shape[1:])
+        order = self._unwindow(tower, rows.device)
+        if order is not None:
+            units = units[order]
+        return units.sum(1) if reduce == "sum" else units.mean(1)
+
+    def _qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.vision_layers()[layer]
+        attn = block.attn
+        n = hidden.shape[0]
+        q, k, _ = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        return q, k  # (S, H, hd), before the rotary embedding
+
+    def vision_cls_attention(self, layer, captured, tower=None):
+        hidden, cu_seqlens, (cos, sin) = captured
+        q, k = self._qk(layer, hidden)
+        cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        q, k = (x.float() * cos + rotate_half(x.float()) * sin for x in (q, k))
+        scale = float(self.vision_layers()[layer].attn.scaling)
+        received = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)  # (S, H)
+        bounds = cu_seqlens.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):  # the images (frames) the block attends within
+            keys = k[a:b].transpose(0, 1)  # (H, n, hd)
+            for c in range(a, b, _QUERY_CHUNK):
+                qs = q[c:min(c + _QUERY_CHUNK, b)].transpose(0, 1)
+                received[a:b] += torch.softmax(qs @ keys.transpose(-1, -2) * scale, dim=-1).sum(1).T
+            received[a:b] /= b - a  # mean over the segment's queries
+        return self._per_token(received, tower, "sum")
+
+    def vision_keys(self, layer, captured, tower=None):
+        _, k = self._qk(layer, captured[0])
+        return self._per_token(k, tower, "mean")
 
     @staticmethod
     def _grids_from_positions(pos: torch.Tensor | None, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:

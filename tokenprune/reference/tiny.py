@@ -71,11 +71,14 @@ def tiny_llava_inputs(model: nn.Module, prompts: list[list[int]] | None = None, 
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: str = "2", seed: int = 0,
-                  init_std: float = 0.2, sliding_window: int | None = None, window_from: int = 0) -> nn.Module:
+                  init_std: float = 0.2, sliding_window: int | None = None, window_from: int = 0,
+                  vision_layers: int = 1) -> nn.Module:
     """A ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
-    (``"2.5"``): a 1-layer vision tower (patch 7, 2x2 merge) and a ``layers``-layer LLM (hidden 64,
-    4 heads, 2 KV heads, M-RoPE sections [2, 3, 3]); with ``sliding_window``, Qwen2's ``use_sliding_window``:
-    layers from ``window_from`` on attend within the window, the ones before it to everything."""
+    (``"2.5"``): a ``vision_layers``-block vision tower (patch 7, 2x2 merge; Qwen2.5-VL: windows of 2x2 merged
+    tokens, full attention in block 0 of a 1-block tower, else in the odd blocks) and a ``layers``-layer LLM
+    (hidden 64, 4 heads, 2 KV heads, M-RoPE sections [2, 3, 3]); with ``sliding_window``, Qwen2's
+    ``use_sliding_window``: layers from ``window_from`` on attend within the window, the ones before it to
+    everything."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -90,7 +93,7 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     if sliding_window is not None:
         text.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=window_from)
-    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2,
+    vision = dict(depth=vision_layers, hidden_size=32, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2,
                   in_channels=3, initializer_range=init_std)
     ids = dict(image_token_id=TINY_IMAGE_TOKEN, video_token_id=TINY_VIDEO_TOKEN,
                vision_start_token_id=TINY_VISION_START, vision_end_token_id=TINY_VISION_END)
@@ -100,7 +103,7 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
         cls = Qwen2VLForConditionalGeneration
     elif version == "2.5":
         vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=28,
-                      fullatt_block_indexes=[0])
+                      fullatt_block_indexes=[0] if vision_layers == 1 else list(range(1, vision_layers, 2)))
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
     else:

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
-from tokenprune.adapters.base import layer_hidden
 from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.core.sites import CrossAttentionSite, KVCacheSite, LayerSite
 from tokenprune.core.stage import Stage
@@ -81,7 +80,8 @@ class AttachedPipeline:
         self._forwards = 0
         # Inputs of the vision tower's layers in its latest forward (generate() runs the tower before the
         # prefill forward, so these are kept outside any episode), for vision-tower signals.
-        self._vision_inputs: dict[int, torch.Tensor] = {}
+        self._vision_inputs: dict[int, Any] = {}
+        self._vision_tower: Any = None
         self._vision_unavailable = self.adapter.vision_signals_unavailable()
 
     # --- context manager ---------------------------------------------------------------------
@@ -100,6 +100,9 @@ class AttachedPipeline:
                 if self._vision_unavailable is None:
                     for i, layer in enumerate(self.adapter.vision_layers()):
                         self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
+                    tower = self.adapter.vision_signal_tower()
+                    if tower is not None:
+                        self._handles.append(tower.register_forward_pre_hook(self._vision_tower_hook, with_kwargs=True))
                 self._handles.extend(self.stream.install())
             for site in self.sites:
                 self._handles.extend(site.install())
@@ -121,6 +124,7 @@ class AttachedPipeline:
         self._handles.clear()
         self.episode = None
         self._vision_inputs = {}
+        self._vision_tower = None
 
     # --- what the stages read beyond the decoder layers -----------------------------------------
     def _tower_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -130,9 +134,12 @@ class AttachedPipeline:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if layer == 0:
                 self._vision_inputs = {}
-            self._vision_inputs[layer] = layer_hidden(args, kwargs)
+            self._vision_inputs[layer] = self.adapter.vision_layer_capture(layer, args, kwargs)
 
         return hook
+
+    def _vision_tower_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._vision_tower = self.adapter.vision_tower_capture(args, kwargs)
 
     def vision_signals(self, state: TokenState, ep: Episode) -> None:
         """Give a stage's signals the vision tower's inputs of this prefill and the guide model, where there are."""
@@ -144,14 +151,12 @@ class AttachedPipeline:
         if self._vision_unavailable is not None or not self._vision_inputs:
             return None
         if ep.patch_of is None:
-            ep.patch_of = self.adapter.vision_patch_map(ep.visual)
-        rows = int((ep.patch_of >= 0).sum())
-        first = self._vision_inputs[min(self._vision_inputs)]
-        per_image = rows // max(first.shape[0], 1)
-        if per_image * first.shape[0] != rows:
-            raise PipelineRuntimeError(f"the vision tower saw {first.shape[0]} images but the prompt holds {rows} "
-                                       "visual tokens, not a whole number per image")
-        return VisionSource(self.adapter, self._vision_inputs, ep.patch_of, len(self.adapter.vision_layers()))
+            try:
+                ep.patch_of = self.adapter.vision_patch_map(ep.visual, self._vision_tower)
+            except ValueError as e:
+                raise PipelineRuntimeError(f"vision-tower signals: {e}") from None
+        return VisionSource(self.adapter, self._vision_inputs, ep.patch_of, len(self.adapter.vision_layers()),
+                            self._vision_tower)
 
     # --- the episode -------------------------------------------------------------------------
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -145,37 +145,41 @@ class CrossAttentionSource(AttentionSource):
 
 
 class VisionSource(VisionSignalSource):
-    """Vision-tower signals recomputed from the inputs of the tower's layers, captured during the prefill.
+    """Vision-tower signals recomputed from what the tower's layers were called with, captured during the prefill.
 
-    ``inputs[l]`` is the input of vision layer ``l`` (images, tokens, D); ``patch_of`` (B, N_input) maps
-    each visual token of the model's input to its row in the flattened (images x patches) features
-    (-1 elsewhere). Queries and keys come from the adapter, which knows the tower.
+    ``inputs[l]`` is the adapter's capture of vision layer ``l``'s call (its input hidden states, and what else the
+    tower passes it); ``tower`` the adapter's capture of the tower call itself (Qwen2-VL: the image grids), or
+    None; ``patch_of`` (B, N_input) maps each visual token of the model's input to its signal row (-1
+    elsewhere). Queries and keys come from the adapter, which knows the tower.
     """
 
-    def __init__(self, adapter: ModelAdapter, inputs: dict[int, torch.Tensor], patch_of: torch.Tensor, num_layers: int):
+    def __init__(self, adapter: ModelAdapter, inputs: dict[int, Any], patch_of: torch.Tensor, num_layers: int,
+                 tower: Any = None):
         self.adapter = adapter
         self.inputs = inputs
         self.patch_of = patch_of
         self.num_layers = num_layers
+        self.tower = tower
 
-    def _input(self, layer: int) -> tuple[int, torch.Tensor]:
+    def _input(self, layer: int) -> tuple[int, Any]:
         idx = layer + self.num_layers if layer < 0 else layer
-        if idx not in self.inputs:
+        if not 0 <= idx < self.num_layers:
             raise ValueError(f"vision layer {layer} does not exist: the tower has {self.num_layers} layers "
                              f"(allowed: {-self.num_layers}..{self.num_layers - 1})")
+        idx = self.adapter.vision_signal_layer(idx)
+        if idx not in self.inputs:
+            raise ValueError(f"vision layer {idx} did not run in this forward")
         return idx, self.inputs[idx]
 
     def cls_attention(self, layer: int) -> torch.Tensor:
-        """(images * P, H) CLS attention per patch row."""
-        idx, h = self._input(layer)
-        probs = self.adapter.vision_cls_attention(idx, h)  # (images, H, P)
-        return probs.permute(0, 2, 1).reshape(-1, probs.shape[1])
+        """(R, H) attention each signal row receives from the tower's summary query (CLS) at vision ``layer``."""
+        idx, captured = self._input(layer)
+        return self.adapter.vision_cls_attention(idx, captured, self.tower)
 
     def keys(self, layer: int) -> torch.Tensor:
-        """(images * P, H, hd) patch keys per patch row."""
-        idx, h = self._input(layer)
-        k = self.adapter.vision_keys(idx, h)  # (images, H, P, hd)
-        return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+        """(R, H, hd) keys per signal row at vision ``layer``."""
+        idx, captured = self._input(layer)
+        return self.adapter.vision_keys(idx, captured, self.tower)
 
 
 class DecodeQuerySource(AttentionSource):
