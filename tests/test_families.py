@@ -109,14 +109,6 @@ def test_sdpa_and_eager_agree(family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl"])
-def test_renumber_is_refused_for_mrope(family):
-    pipe = tp.load_pipeline({"stages": [{"layer": 2, "positions": "renumber", "operators": [
-        {"op": "attention"}, {"op": "topk", "keep": 0.5}]}]})
-    with pytest.raises(ConfigError, match=r"stages\.0\.positions: 'renumber' is not supported for Qwen2-VL"):
-        pipe.attach(pair(family)["sdpa"])
-
-
-@pytest.mark.parametrize("family", ["qwen2_vl"])
 def test_uniform_grid_uses_each_samples_image_grid(family):
     """Qwen grids differ per sample (4x4 and 3x5 merged tokens): uniform_grid reads each one."""
     model, batch = pair(family)["sdpa"], inputs(family)
@@ -159,10 +151,10 @@ def test_protect_names_an_unknown_kind():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_multi_stage_pipeline_batch_equals_each_sample_alone(family):
-    """PyramidDrop-style stages at layers 1 and 3 (renumbered where the family has 1-D positions), each
-    seeing what the earlier left, on a batch with different visual counts, with KV compaction."""
+    """PyramidDrop-style stages at layers 1 and 3, renumbered (M-RoPE too), each seeing what the earlier left, on
+    a batch with different visual counts, with KV compaction."""
     model, batch = pair(family)["sdpa"], inputs(family)
-    positions = "keep" if family.startswith("qwen") else "renumber"
+    positions = "renumber"
     pipe = tp.load_pipeline({"stages": [
         {"layer": 1, "positions": positions, "operators": [{"op": "attention"}, {"op": "topk", "keep": 0.5}]},
         {"layer": 3, "positions": positions, "operators": [{"op": "attention"}, {"op": "topk", "keep": 0.5},

@@ -65,3 +65,29 @@ def test_a_missing_guide_is_named(models):
 def test_families_whose_images_cannot_reach_a_guide_refuse():
     with pytest.raises(ConfigError, match=r"'guide_model' needs the images .* cannot recover for LLaVA-NeXT"):
         sgl().attach(family_pair("llava_next")["sdpa"], guide=family_pair("llava_next")["sdpa"])
+
+
+@pytest.mark.parametrize("run", ["forward", "generate"])
+def test_a_qwen_guide_sees_the_images_of_the_forward(run):
+    """On Qwen2-VL the guide's images (pixel patches and grids) are rebuilt from the large model's tower call:
+    the kept tokens are the top ones of the eager guide's own attention maps, summed over its layers."""
+    from tokenprune.reference.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
+
+    big = tiny_qwen2_vl("sdpa", layers=4, seed=0)
+    guide, guide_eager = tiny_qwen2_vl("sdpa", layers=3, seed=7), tiny_qwen2_vl("eager", layers=3, seed=7)
+    guide_eager.load_state_dict(guide.state_dict())
+    batch = tiny_qwen2_vl_inputs(big)
+    pipe = sgl(keep=6)
+    with torch.no_grad(), pipe.attach(big, guide=guide):
+        if run == "forward":
+            big(**batch)
+        else:
+            big.generate(**batch, max_new_tokens=2, do_sample=False)
+    with torch.no_grad():
+        att = guide_eager(**batch, output_attentions=True).attentions
+    total = sum(a[:, :, -1, :].float().mean(1) for a in att)
+    visual = batch["input_ids"] == big.config.image_token_id
+    for b in range(2):
+        vis = visual[b].nonzero().flatten()
+        top = set(vis[total[b, vis].argsort(descending=True, stable=True)[:6]].tolist())
+        assert set(pipe.trace[0].kept[b]) & set(vis.tolist()) == top

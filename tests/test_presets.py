@@ -14,8 +14,7 @@ from tokenprune.measure.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
            "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl", "topv"]
-#: Presets that read the vision tower (LLaVA-1.5 only) and the one for cross-attention models.
-VISION = {"visionzip", "prumerge_plus", "vscan", "sgl"}  # sgl: its guide needs the images (LLaVA-1.5 today)
+#: The preset for cross-attention models.
 CROSS = {"trimmed_llama"}
 #: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).
 KV = ["aircache", "csp", "elastic_cache", "mint"]
@@ -87,35 +86,51 @@ def family32():
         tiny_qwen2_vl_inputs,
     )
 
-    nxt, qwen = tiny_llava_next("sdpa", layers=32), tiny_qwen2_vl("sdpa", layers=32)
-    return {"llava_next": (nxt, tiny_llava_next_inputs(nxt)), "qwen2_vl": (qwen, tiny_qwen2_vl_inputs(qwen))}
+    nxt = tiny_llava_next("sdpa", layers=32)
+    qwen = tiny_qwen2_vl("sdpa", layers=32, vision_layers=4)
+    qwen25 = tiny_qwen2_vl("sdpa", layers=32, version="2.5", vision_layers=4)
+    return {"llava_next": (nxt, tiny_llava_next_inputs(nxt)), "qwen2_vl": (qwen, tiny_qwen2_vl_inputs(qwen)),
+            "qwen2_5_vl": (qwen25, tiny_qwen2_vl_inputs(qwen25)),
+            # small guide models (SGL) that tokenise images as the large ones do
+            "llava_next_guide": tiny_llava_next("sdpa", layers=2, seed=3),
+            "qwen2_vl_guide": tiny_qwen2_vl("sdpa", layers=2, seed=3),
+            "qwen2_5_vl_guide": tiny_qwen2_vl("sdpa", layers=2, version="2.5", seed=3)}
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+MATRIX_FAMILY = {"llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL / Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL / Qwen2.5-VL"}
+
+
+@pytest.fixture(scope="module")
+def refused():
+    """(preset, family) cells the method x family matrix refuses (tests/test_cli_and_docs.py checks that attach
+    refuses them, with the matrix's reason)."""
+    from tokenprune.eval.matrix import method_family_matrix
+
+    return {(c.preset, c.family.split(" (")[0]) for c in method_family_matrix() if c.refused}
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
-def test_preset_on_other_families(family32, family, name, no_eager):
-    """Every decoder-layer preset runs on LLaVA-NeXT and Qwen2-VL, or says clearly why it cannot."""
+def test_preset_on_other_families(family32, refused, family, name, no_eager):
+    """Every decoder-layer preset the matrix runs on LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL generates there under
+    the no-eager guard and prunes, with the analytic budget what ran."""
+    if (name, MATRIX_FAMILY[family]) in refused:
+        pytest.skip("refused on this family (the matrix says why)")
     model, inputs = family32[family]
     pipe = tp.load_pipeline(name)
-    renumbers = any(s.positions == "renumber" for s in pipe.stages)
-    if name in VISION:
-        with pytest.raises(ConfigError, match=r"needs (vision-tower signals|the images of each forward)"):
-            pipe.attach(model, guide=model)
-        return
-    if family == "qwen2_vl" and renumbers:
-        with pytest.raises(ConfigError, match=r"positions: 'renumber' is not supported for Qwen2-VL"):
-            pipe.attach(model)
-        return
-    if name in ("uniform", "feather", "topv") and family == "llava_next":  # visual grid: anyres tokens form none
-        with pytest.raises(ConfigError, match=r"lays the visual tokens out as one grid, which LLaVA-NeXT has not"):
-            pipe.attach(model)
-        return
-    with pipe.attach(model):
+    guide = {"guide": family32[f"{family}_guide"]} if name == "sgl" else {}
+    with pipe.attach(model, **guide):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     first, last = pipe.trace[0], pipe.trace[-1]
     assert sum(last.visual_after) < sum(first.visual_before), pipe.report()  # adaptive budgets may keep a sample whole
+    for stage, trace in zip(pipe.stages, pipe.trace):  # the analytic budget (FLOPs) is what actually ran
+        try:
+            expected = [stage.expected_kept(v) for v in trace.visual_before]
+        except NotImplementedError:
+            continue  # adaptive
+        assert trace.visual_after == expected, (stage.key, trace)
 
 
 def test_asap_cuts_78_to_82_percent_on_llava_next():

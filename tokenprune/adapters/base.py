@@ -59,6 +59,8 @@ class ModelAdapter:
     #: Whether ``positions: renumber`` makes sense (1-D positions); with False, say why in ``positions_note``.
     supports_renumber: ClassVar[bool] = True
     positions_note: ClassVar[str] = ""
+    #: Axes of the rotary positions (1; 3 for M-RoPE, whose renumbering :mod:`tokenprune.core.positions` defines).
+    rope_axes: ClassVar[int] = 1
     #: Kinds of visual token a stage can ``protect`` from pruning (LLaVA-NeXT: ``image_newline``).
     token_kinds: ClassVar[tuple[str, ...]] = ()
 
@@ -287,6 +289,11 @@ class ModelAdapter:
         """The model-level image keyword arguments, rebuilt from the vision tower's call; None if impossible."""
         return None
 
+    def guide_inputs(self, input_ids: torch.Tensor, image_inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a guide model's forward beyond ``input_ids`` and ``attention_mask``, from the
+        images :meth:`image_inputs_from_tower` rebuilt (Qwen2-VL adds ``mm_token_type_ids``)."""
+        return image_inputs
+
     #: Keyword arguments of the model's forward that carry images.
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
@@ -355,8 +362,14 @@ class ModelAdapter:
         return self.layers[layer].self_attn
 
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        """The LLM's rotary ``(cos, sin)`` for ``position_ids`` (B, N), as its layers take them."""
+        """The LLM's rotary ``(cos, sin)`` for ``position_ids`` (B, N; (A, B, N) with :attr:`rope_axes` A > 1), as
+        its layers take them."""
         raise NotImplementedError
+
+    def rope_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """(A, B, N) multi-axis rotary positions from the ``position_ids`` the model passes its LLM, for families
+        with :attr:`rope_axes` > 1; None where they are not there."""
+        return None
 
 
 def _rows_of(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:

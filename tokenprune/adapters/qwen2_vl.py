@@ -20,8 +20,9 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
     marks the same tokens; the model needs it to build positions). Every token has a 3-D
     (temporal, height, width) position; the model turns them into one rotary ``(cos, sin)`` per
     token before the decoder layers, so gathering cos/sin keeps each kept token's 3-D position,
-    and decoding continues from the model's own ``rope_deltas``. Renumbering positions has no
-    single meaning on a 3-D grid, so ``positions: renumber`` is refused.
+    and decoding continues from the model's own ``rope_deltas``. ``positions: renumber`` keeps each
+    image's kept tokens on their grid and closes the gaps around them (:mod:`tokenprune.core.positions`);
+    decoding then continues from the model's ``rope_deltas`` minus what the renumbering removed.
 
     The visual grid of a sample with one image is its ``image_grid_thw`` (h, w) divided by the
     spatial merge size.
@@ -42,8 +43,7 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     family = "Qwen2-VL / Qwen2.5-VL"
-    supports_renumber = False
-    positions_note = "3-D M-RoPE positions; kept tokens keep theirs"
+    rope_axes = 3
 
     @property
     def language_model(self) -> nn.Module:
@@ -110,6 +110,25 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     def vision_signal_tower(self) -> nn.Module | None:
         return self._tower()
+
+    # --- a guide model (SGL) sees the images of the forward: rebuilt from the tower's call --------
+    @classmethod
+    def guide_images_from_config(cls, config) -> str | None:
+        return None
+
+    def vision_tower(self) -> nn.Module | None:
+        return self._tower()
+
+    def image_inputs_from_tower(self, args, kwargs):
+        pixels = args[0] if args else kwargs.get("hidden_states")
+        grid = self.vision_tower_capture(args, kwargs)
+        return None if pixels is None or grid is None else {"pixel_values": pixels, "image_grid_thw": grid}
+
+    def guide_inputs(self, input_ids: torch.Tensor, image_inputs: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.model.config
+        if bool((input_ids == cfg.video_token_id).any()):
+            raise ValueError("a guide model for Qwen2-VL takes images only; this forward holds video tokens")
+        return {**image_inputs, "mm_token_type_ids": (input_ids == cfg.image_token_id).int()}
 
     def vision_tower_capture(self, args, kwargs):
         return kwargs.get("grid_thw", args[1] if len(args) > 1 else None)  # (images, 3) patch grids of the call
@@ -202,4 +221,13 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
         return grids
 
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        raise NotImplementedError("Qwen2-VL positions are 3-D; tokenprune keeps them and never recomputes rotary angles")
+        if position_ids.dim() != 3:
+            raise ValueError(f"Qwen2-VL rotary positions are (3, B, N); got shape {tuple(position_ids.shape)}")
+        return self.language_model.rotary_emb(hidden, position_ids)
+
+    def rope_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        if position_ids is None:
+            return None
+        if position_ids.dim() == 2:  # 1-D positions: the same on every axis (text only)
+            return position_ids[None].expand(3, -1, -1)
+        return position_ids[-3:]  # generate() puts the text positions first: (4, B, N)

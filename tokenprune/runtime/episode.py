@@ -48,8 +48,10 @@ class Flow:
     sizes: torch.Tensor | None = None
     #: (B, K) log-size attention bias, when some stage asked for proportional attention.
     key_bias: torch.Tensor | None = None
-    #: (B,) tokens removed by renumbering stages so far.
+    #: (B,) how far renumbering stages moved the positions after the prompt down (1-D: the tokens they removed).
     pos_shift: torch.Tensor | None = None
+    #: (A, B, K) multi-axis rotary positions of the flowing tokens once a stage renumbered them (M-RoPE), or None.
+    rope_positions: torch.Tensor | None = None
 
     def held(self) -> Held:
         """What a layer entered now will cache."""
@@ -129,6 +131,9 @@ class Episode:
     kv_pending: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)  # layer input until it ran
     decode_scores: torch.Tensor | None = None  # (B, N_prefill) of decode.score_layer, this step
     cross: CrossCut | None = None
+    #: (A, B, N) the multi-axis rotary positions the model gave its LLM for this forward (M-RoPE), or None.
+    rope: torch.Tensor | None = None
+    rope_prefill: torch.Tensor | None = None  # the prefill's, kept for renumbering stages
 
     def __post_init__(self) -> None:
         self.query_len = self.visual.shape[1]

@@ -45,10 +45,14 @@ class GuideModel:
                 captured[i] = (layer_hidden(args, kwargs), kwargs.get("position_embeddings"))
             return hook
 
+        try:
+            extra = self.adapter.guide_inputs(input_ids, image_inputs)
+        except ValueError as e:
+            raise PipelineRuntimeError(f"the guide model: {e}") from None
         handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
                    for i, layer in enumerate(self.adapter.layers)]
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **image_inputs)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         finally:
             for h in handles:
                 h.remove()

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.core.masks import gather_tokens
+from tokenprune.core.positions import gather_axes, renumber_grid_positions, visual_runs
 from tokenprune.core.sites import LayerSite
 from tokenprune.core.state import TokenState
 from tokenprune.runtime.episode import Episode
@@ -78,6 +80,8 @@ class LayerSiteRuntime(SiteRuntime):
         """Positions, sizes and the proportional-attention bias of the surviving tokens."""
         flow = ep.flow
         pos = gather_tokens(state.positions, rel)
+        if flow.rope_positions is not None:  # multi-axis positions an earlier stage renumbered: the kept ones'
+            flow.rope_positions = gather_axes(flow.rope_positions, rel)
         if self.stage.positions == "renumber":
             # Contiguous from the sequence's first position; decoding then continues right after the last
             # kept token, i.e. every full-frame position shifts down by the number of tokens removed so far.
@@ -86,11 +90,26 @@ class LayerSiteRuntime(SiteRuntime):
             valid = ep.valid_now()
             pos = torch.where(valid, first[:, None] + valid.long().cumsum(1) - 1, pos)
             flow.pos_shift = (full_valid.sum(1) - valid.sum(1)).to(pos.dtype)
+            if self.adapter.rope_axes > 1:
+                self._renumber_rope(ep, valid)
             flow.renumbered = True
         flow.positions = pos
         flow.sizes = gather_tokens(state.sizes.float(), rel)
         if state.proportional_attention or flow.key_bias is not None:
             flow.key_bias = flow.sizes.clamp_min(1e-6).log()
+
+    def _renumber_rope(self, ep: Episode, valid: torch.Tensor) -> None:
+        """Multi-axis (M-RoPE) renumbering of the flowing tokens, as :mod:`tokenprune.core.positions` defines it."""
+        flow, full = ep.flow, ep.rope_prefill
+        if full is None:
+            raise PipelineRuntimeError(f"positions: renumber on {self.adapter.family} needs the multi-axis positions "
+                                       "the model passes its LLM; this forward passed none")
+        full = full.expand(-1, ep.visual.shape[0], -1)
+        kept = flow.rope_positions if flow.rope_positions is not None else gather_axes(full, flow.index)
+        runs = visual_runs(ep.visual).gather(1, flow.index)
+        flow.rope_positions, nxt = renumber_grid_positions(kept, runs, valid)
+        unpruned = full.masked_fill(~ep.valid[None], torch.iinfo(full.dtype).min).amax(dim=(0, 2)) + 1
+        flow.pos_shift = (unpruned - nxt).to(flow.pos_shift.dtype)
 
     def _compact_earlier_layers(self, layer: int, new_index: torch.Tensor, new_live: torch.Tensor | None,
                                 ep: Episode) -> None:

@@ -84,6 +84,10 @@ class DecoderStream:
     # --- the LLM -----------------------------------------------------------------------------
     def _llm_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         ep = self.attached.episode
+        if ep is not None and self.adapter.rope_axes > 1:
+            ep.rope = self.adapter.rope_positions(kwargs.get("position_ids"))
+            if ep.phase == "prefill":
+                ep.rope_prefill = ep.rope
         if ep is None or ep.phase != "decode" or not ep.short_first_cache:
             return None
         # The first layer's cache holds only kept tokens, so the LLM would size its mask and positions from a
@@ -161,7 +165,8 @@ class DecoderStream:
         if flow.renumbered:
             out: dict[str, Any] = {"position_ids": flow.positions}
             if pe is not None:
-                out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, flow.positions)
+                rope = flow.rope_positions if flow.rope_positions is not None else flow.positions
+                out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, rope)
         else:
             out = {"position_ids": ep.full.position_ids.gather(1, idx)} if ep.full.positions_given else {}
             if pe is not None:
@@ -246,6 +251,12 @@ class DecoderStream:
         positions down by the layer's held shift (computed once per step and shift)."""
         shift = ep.held_at(layer).shift
         key = id(shift)
+        if key not in ep.decode_pe and self.adapter.rope_axes > 1:  # M-RoPE: the model's step positions, moved
+            if ep.rope is None:
+                raise PipelineRuntimeError(f"decoding after renumbered {self.adapter.family} positions needs the "
+                                           "multi-axis positions the model passes its LLM; none were passed")
+            rope = ep.rope - shift.to(ep.rope.dtype)[None, :, None]
+            ep.decode_pe[key] = (kwargs.get("position_ids"), self.adapter.rotary_embeddings(hidden, rope))
         if key not in ep.decode_pe:
             pos = kwargs.get("position_ids")
             if pos is None:
