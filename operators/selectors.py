@@ -136,6 +136,10 @@ class UniformGrid(Selector):
             raise NotImplementedError(f"uniform_grid needs the grid shape for {num_visual} visual tokens (not a square)")
         return self._count(side, side)
 
+    def expected_kept_in_grid(self, rows: int, cols: int) -> int:
+        """Cells kept of a rows x cols grid (a tile of a ``budget: per_tile`` stage)."""
+        return self._count(rows, cols)
+
     def grid_mask(self, rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
         """(rows*cols,) bool: the kept grid cells in raster order."""
         s, o = self.params.stride, self.params.offset

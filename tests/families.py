@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from tokenprune.reference import tiny
 
 
@@ -57,3 +59,22 @@ BUILDERS = {
     "qwen2_5_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2.5"), tiny.tiny_qwen2_vl_inputs,
                    _qwen_images),
 }
+
+
+def next_packed_rows(model, batch) -> tuple[torch.Tensor, list[int]]:
+    """LLaVA-NeXT: the tower row (tile x patches + patch) of each LLM visual token, images in order, -1 on
+    newlines — the model's own ``pack_image_features`` run on features that hold their row number —, and the
+    tiles the tower sees per image."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    p = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+             for s in batch["image_sizes"].tolist()]
+    feats, first = [], 0
+    for t in tiles:
+        feats.append(torch.arange(first * p, (first + t) * p, dtype=torch.float64).view(t, p, 1))
+        first += t
+    packed, _ = model.model.pack_image_features(feats, batch["image_sizes"], "default",
+                                                image_newline=torch.tensor([-1.0], dtype=torch.float64))
+    return torch.cat(packed)[:, 0].long(), tiles

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from families import pair as family_pair
 
 import tokenprune as tp
 from tokenprune.core.errors import ConfigError
@@ -63,20 +62,34 @@ def test_a_missing_guide_is_named(models):
 
 
 def test_families_whose_images_cannot_reach_a_guide_refuse():
-    with pytest.raises(ConfigError, match=r"'guide_model' needs the images .* cannot recover for LLaVA-NeXT"):
-        sgl().attach(family_pair("llava_next")["sdpa"], guide=family_pair("llava_next")["sdpa"])
+    with pytest.raises(ConfigError, match=r"'guide_model' needs the images .* cannot recover for LLaMA-3.2-Vision"):
+        from tokenprune.reference.tiny import tiny_mllama
+
+        model = tiny_mllama("sdpa")
+        tp.load_pipeline({"stages": [{"layer": "cross_attention", "operators": [
+            {"op": "guide_model"}, {"op": "topk", "keep": 0.5}]}]}).attach(model, guide=model)
 
 
+def _family(name, impl, layers, seed):
+    from tokenprune.reference import tiny
+
+    if name == "qwen2_vl":
+        return tiny.tiny_qwen2_vl(impl, layers=layers, seed=seed)
+    return tiny.tiny_llava_next(impl, layers=layers, seed=seed)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
 @pytest.mark.parametrize("run", ["forward", "generate"])
-def test_a_qwen_guide_sees_the_images_of_the_forward(run):
-    """On Qwen2-VL the guide's images (pixel patches and grids) are rebuilt from the large model's tower call:
-    the kept tokens are the top ones of the eager guide's own attention maps, summed over its layers."""
-    from tokenprune.reference.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
+def test_a_guide_sees_the_images_of_the_forward(family, run):
+    """The guide's images are rebuilt from the large model's image call (Qwen2-VL: pixel patches and grids from
+    the tower; LLaVA-NeXT: tiles and image sizes from get_image_features, which generate() runs before the
+    prefill): the kept tokens are the top ones of the eager guide's own attention maps, summed over its layers."""
+    from tokenprune.reference import tiny
 
-    big = tiny_qwen2_vl("sdpa", layers=4, seed=0)
-    guide, guide_eager = tiny_qwen2_vl("sdpa", layers=3, seed=7), tiny_qwen2_vl("eager", layers=3, seed=7)
+    big = _family(family, "sdpa", 4, 0)
+    guide, guide_eager = _family(family, "sdpa", 3, 7), _family(family, "eager", 3, 7)
     guide_eager.load_state_dict(guide.state_dict())
-    batch = tiny_qwen2_vl_inputs(big)
+    batch = tiny.tiny_qwen2_vl_inputs(big) if family == "qwen2_vl" else tiny.tiny_llava_next_inputs(big)
     pipe = sgl(keep=6)
     with torch.no_grad(), pipe.attach(big, guide=guide):
         if run == "forward":

@@ -3,6 +3,7 @@ attention maps and hidden states, and the layer-0 site end to end (a VisionZip-s
 
 import pytest
 import torch
+from families import next_packed_rows
 from families import pair as family_pair
 from reference import reference_greedy
 
@@ -95,13 +96,84 @@ def test_vision_layer_out_of_range_is_named(llava_pair, batch):
             llava_pair["sdpa"](**batch)
 
 
-@pytest.mark.parametrize("family,reason", [("llava_next", "anyres layout")])
-def test_families_without_vision_signals_refuse_at_attach(family, reason):
+def test_a_tower_that_packs_cls_features_refuses_at_attach():
+    from tokenprune.reference.tiny import tiny_llava_next
+
+    model = tiny_llava_next("sdpa", layers=2)
+    model.config.vision_feature_select_strategy = "full"
     pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [
         {"op": "cls_attention"}, {"op": "topk", "keep": 0.5}]}]})
-    with pytest.raises(ConfigError, match=rf"stages\.0\.operators\.0\.op: 'cls_attention' needs vision-tower "
-                                          rf"signals, which .* cannot give: .*{reason}"):
-        pipe.attach(family_pair(family)["sdpa"])
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.op: 'cls_attention' needs vision-tower "
+                                          r"signals, which LLaVA-NeXT cannot give: vision_feature_select_strategy"):
+        pipe.attach(model)
+
+
+# --- LLaVA-NeXT: per patch of each tile, laid out as the model packs its features ----------------
+
+@pytest.fixture(scope="module")
+def next_pair():
+    """A tiny LLaVA-NeXT (SDPA and eager, same weights) and a batch of a tall and a wide image: different anyres
+    grids, both unpadded (so the crop offsets matter), and different visual-token counts."""
+    pair = family_pair("llava_next")
+    from tokenprune.reference.tiny import tiny_llava_next_inputs
+
+    return pair, tiny_llava_next_inputs(pair["sdpa"], image_sizes=[(100, 60), (50, 110)])
+
+
+def next_tower(model, batch, tiles):
+    pixels = torch.cat([pv[:t] for pv, t in zip(batch["pixel_values"], tiles)])
+    with torch.no_grad():
+        return model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("layer", [-2, 1])
+def test_next_cls_attention_is_each_tiles_map_laid_out_as_the_model_packs(next_pair, layer):
+    """Every visual token reads its tile's eager CLS attention to its patch, at the cell the model's own feature
+    packing puts it (base tile, then the unpadded anyres grid); newline tokens read 0, as text does."""
+    pair, batch = next_pair
+    state, _ = capture_state(pair["sdpa"], batch, {"layer": 0, "operators": [
+        {"op": "random"}, {"op": "topk", "keep": 1.0}]})
+    rows, tiles = next_packed_rows(pair["sdpa"], batch)
+    out = next_tower(pair["eager"], batch, tiles)
+    att = out.attentions[layer][:, :, 0, 1:].float().mean(1).flatten()  # (tiles*patches,) heads averaged
+    visual = batch["input_ids"] == pair["sdpa"].config.image_token_id
+    got = state.signals.vision_cls_attention(layer=layer, heads="mean")[visual]
+    assert got.numel() == rows.numel() and bool((rows == -1).any())
+    assert torch.allclose(got[rows >= 0], att[rows[rows >= 0]], atol=1e-5)
+    assert bool((got[rows < 0] == 0).all())
+    keys = state.signals.vision_keys(layer=1)[visual].flatten(1)  # (visual tokens, H*hd)
+    tower = pair["eager"].model.vision_tower
+    block = getattr(tower, "vision_model", tower).encoder.layers[1]
+    with torch.no_grad():
+        k = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[1]))[:, 1:].flatten(0, 1)
+    assert torch.allclose(keys[rows >= 0], k[rows[rows >= 0]], atol=1e-5)
+
+
+def test_next_dominant_tokens_under_generate_equal_the_reference(next_pair):
+    """A VisionZip-style selection on LLaVA-NeXT inside generate() (which encodes the images before the prefill):
+    the eager tower's top CLS-attention patches are kept, and decoding equals the masked reference."""
+    pair, batch = next_pair
+    model = pair["sdpa"]
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "protect": ["image_newline"], "operators": [
+        {"op": "cls_attention", "layer": -2}, {"op": "topk", "keep": 40}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert "get_image_features" not in model.model.__dict__  # the wrapper is gone with the pipeline
+    rows, tiles = next_packed_rows(model, batch)
+    att = next_tower(pair["eager"], batch, tiles).attentions[-2][:, :, 0, 1:].float().mean(1).flatten()
+    visual = batch["input_ids"] == model.config.image_token_id
+    counts = visual.sum(1).tolist()
+    for b, r in enumerate(rows.split(counts)):
+        vis_idx = visual[b].nonzero().flatten()
+        patch = r >= 0
+        order = att[r[patch]].argsort(descending=True, stable=True)[:40]
+        want = set(vis_idx[patch][order].tolist()) | set(vis_idx[~patch].tolist())  # newlines protected
+        assert set(pipe.trace[0].kept[b]) & set(vis_idx.tolist()) == want
+    tokens, ref_logits = reference_greedy(pair["eager"], batch, 0, pipe.trace[0].kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)
 
 
 # --- Qwen2-VL / Qwen2.5-VL: attention received, per merged 2x2 block ---------------------------

@@ -78,7 +78,8 @@ def build_pipeline(cfg: DictConfig, plugin_folders: Iterable[str | Path] = ()) -
             params = {k: v for k, v in op_cfg.items() if k != "op"}
             ops.append(build_operator(op_cfg["op"], _key=f"stages.{i}.operators.{j}.op", **params))
         stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep"),
-                            protect=raw.get("protect", ()), cache=raw.get("cache")))
+                            protect=raw.get("protect", ()), cache=raw.get("cache"),
+                            budget=raw.get("budget", "per_image")))
     return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)
 
 
@@ -91,6 +92,7 @@ def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides
         resolved["plugins"] = list(cfg.plugins)
     resolved["stages"] = [
         {"layer": s.layer, "positions": s.positions, **({"protect": list(s.protect)} if s.protect else {}),
+         **({"budget": s.budget} if s.budget != "per_image" else {}),
          **({"cache": s.cache.as_dict()} if s.cache is not None else {}),
          "operators": [{"op": op.op_name, **OmegaConf.to_container(OmegaConf.structured(op.params))}
                                          for op in s.operators]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,9 +43,68 @@ class ModelFacts:
     visual_grid: str | None = None
 
 
+def tiles_of_images(visual: torch.Tensor, images: list[tuple[torch.Tensor, list[tuple[int, int]]]]
+                    ) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+    """Lay images' tiles onto a batch's visual tokens (images in order, sample after sample, as the model fills
+    its placeholders): ``images[i]`` is (the tile of each of image i's visual tokens, -1 in none; its tiles'
+    (rows, cols)). Returns :meth:`ModelAdapter.visual_tiles`' ``(tile_of, shapes)``, tiles numbered per sample."""
+    total = sum(t.numel() for t, _ in images)
+    if total != int(visual.sum()):
+        raise ValueError(f"the images of the tower's call lay out {total} visual tokens but the prompt holds "
+                         f"{int(visual.sum())}")
+    tile_of = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+    shapes: list[list[tuple[int, int]]] = []
+    i = 0
+    for b in range(visual.shape[0]):
+        idx = visual[b].nonzero().flatten()
+        parts: list[torch.Tensor] = []
+        mine: list[tuple[int, int]] = []
+        taken = 0
+        while taken < idx.numel():
+            tile, grids = images[i]
+            parts.append(torch.where(tile >= 0, tile + len(mine), -1))
+            mine.extend(grids)
+            taken += tile.numel()
+            i += 1
+        if taken != idx.numel():
+            raise ValueError(f"sample {b}'s {idx.numel()} visual tokens do not end where an image ends")
+        if parts:
+            tile_of[b, idx] = torch.cat(parts).to(visual.device)
+        shapes.append(mine)
+    return tile_of, shapes
+
+
 def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     """A decoder (or vision) layer's input hidden states, from its forward pre-hook's arguments."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+class MethodHook:
+    """Wraps ``obj.name`` (a bound method) on the instance so that ``fn(args, kwargs)`` runs before each call;
+    :meth:`remove` unwraps it (a wrapper left under a later one passes calls straight through)."""
+
+    def __init__(self, obj, name: str, fn):
+        self.obj, self.name, self.active = obj, name, True
+        self.had = name in obj.__dict__
+        self.previous = obj.__dict__.get(name)
+        inner = getattr(obj, name)
+
+        @functools.wraps(inner)  # callers read its signature (generate() picks the arguments to pass by it)
+        def wrapper(*args, **kwargs):
+            if self.active:
+                fn(args, kwargs)
+            return inner(*args, **kwargs)
+
+        self.wrapper = wrapper
+        setattr(obj, name, wrapper)
+
+    def remove(self) -> None:
+        self.active = False
+        if self.obj.__dict__.get(self.name) is self.wrapper:
+            if self.had:
+                setattr(self.obj, self.name, self.previous)
+            else:
+                delattr(self.obj, self.name)
 
 
 class ModelAdapter:
@@ -137,7 +198,7 @@ class ModelAdapter:
                 if getattr(op, "needs_vision", False) and facts.vision_signals is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs vision-tower signals, "
                                       f"which {cls.family} cannot give: {facts.vision_signals}")
-                if getattr(op, "needs_grid", False) and facts.visual_grid is not None:
+                if getattr(op, "needs_grid", False) and facts.visual_grid is not None and stage.budget != "per_tile":
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} lays the visual tokens out "
                                       f"as one grid, which {cls.family} has not: {facts.visual_grid}")
             for kind in stage.protect:
@@ -211,6 +272,25 @@ class ModelAdapter:
         keyword arguments; None where unknown (a square grid is then assumed)."""
         return None
 
+    def visual_tiles(self, visual: torch.Tensor, capture: Any, grids: list | None
+                     ) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+        """The tiles of each sample's visual tokens, for ``budget: per_tile`` stages: ``(tile_of, shapes)``, with
+        ``tile_of`` (B, N) long the tile of each token (-1: text, or a visual token in no tile) and
+        ``shapes[b][t]`` the (rows, cols) of sample b's tile t, whose tokens are in raster order. ``capture``
+        is :meth:`vision_tower_capture`'s record of the image call, ``grids`` :meth:`visual_grids`'. The
+        default: a sample's visual tokens are one tile, of its grid (or the square they form)."""
+        tile_of = torch.where(visual, 0, -1).long()
+        shapes = []
+        for b, n in enumerate(visual.sum(1).tolist()):
+            grid = grids[b] if grids is not None else None
+            if grid is None:
+                side = int(round(n ** 0.5))
+                if side * side != n:
+                    raise ValueError(f"sample {b}'s {n} visual tokens form no grid that tokenprune knows")
+                grid = (side, side)
+            shapes.append([tuple(grid)] if n else [])
+        return tile_of, shapes
+
     def visual_token_counts(self, inputs: dict) -> list[int]:
         """Per sample, the visual tokens a forward of ``inputs`` (the processor's output) holds: the image
         placeholders of ``input_ids`` (cross-attention models: the image features the cross-attention reads)."""
@@ -242,12 +322,18 @@ class ModelAdapter:
         (and, for towers that take them, the per-call keyword arguments: segment bounds, rotary angles)."""
         return layer_hidden(args, kwargs)
 
-    def vision_signal_tower(self) -> nn.Module | None:
-        """The tower module whose call's arguments vision signals also need (Qwen2-VL: the image grids), or None."""
-        return None
+    def hook_image_call(self, fn: Callable[[tuple, dict], None]) -> list[Any]:
+        """Have ``fn(args, kwargs)`` called with the arguments of every call that takes the model's image input
+        (by default the :meth:`vision_tower`'s forward, through a pre-hook) — also the one ``generate()`` makes
+        before the prefill. Returns removable handles."""
+        tower = self.vision_tower()
+        if tower is None:
+            return []
+        return [tower.register_forward_pre_hook(lambda module, args, kwargs: fn(args, kwargs), with_kwargs=True)]
 
     def vision_tower_capture(self, args: tuple, kwargs: dict) -> Any:
-        """What vision signals need of the :meth:`vision_signal_tower` call (its forward pre-hook's arguments)."""
+        """What vision signals need of the image call :meth:`hook_image_call` sees (Qwen2-VL: the image grids;
+        LLaVA-NeXT: the image sizes), from its arguments; None by default."""
         return None
 
     def vision_signal_layer(self, layer: int) -> int:

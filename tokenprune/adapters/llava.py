@@ -91,12 +91,22 @@ class LlavaAdapter(LlamaStyleAdapter):
         k = k[:, :, first:]  # (images, H, P, hd)
         return k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
 
-    def vision_signal_tower(self):
-        return self._tower()
-
     def vision_tower_capture(self, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
         return None if pixels is None else int(pixels.shape[0])  # images the tower saw
 
     def vision_signal_rows(self, tower):
         return None if tower is None else tower * self._tokens_per_image()[0]
+
+    def visual_tiles(self, visual, capture, grids):
+        """Every image is a tile: its patch tokens (in raster order) follow one another."""
+        per_image, _ = self._tokens_per_image()
+        side = int(round(per_image ** 0.5))
+        if side * side != per_image:
+            raise ValueError(f"an image's {per_image} visual tokens (its CLS feature kept) form no grid")
+        counts = visual.sum(1)
+        if bool((counts % per_image != 0).any()):
+            raise ValueError(f"visual tokens per sample {counts.tolist()} are not whole images of {per_image} tokens")
+        rank = visual.long().cumsum(1) - 1
+        tile_of = torch.where(visual, rank // per_image, -1)
+        return tile_of, [[(side, side)] * (int(n) // per_image) for n in counts.tolist()]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter, layer_hidden, rotate_half
+from tokenprune.adapters.base import LlamaStyleAdapter, layer_hidden, rotate_half, tiles_of_images
 
 #: Query rows per chunk when vision attention is recomputed (bounds the (H, rows, patches) probabilities).
 _QUERY_CHUNK = 1024
@@ -85,6 +85,19 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             grids.append(mine[0] if len(mine) == 1 and taken == n else None)
         return grids
 
+    def visual_tiles(self, visual, capture, grids):
+        """Every image is a tile, of its merged grid (h/m, w/m), images in order over the batch (the tower call's
+        ``grid_thw``)."""
+        if capture is None:
+            return super().visual_tiles(visual, capture, grids)
+        merge = self.model.config.vision_config.spatial_merge_size
+        sizes = []
+        for t, h, w in capture.tolist():
+            if t != 1:
+                raise ValueError(f"a tower input of {t} frames is a video; tiles are images")
+            sizes.append((h // merge, w // merge))
+        return tiles_of_images(visual, [(torch.zeros(r * c, dtype=torch.long), [(r, c)]) for r, c in sizes])
+
     @classmethod
     def vision_signals_from_config(cls, config) -> str | None:
         v = config.vision_config
@@ -107,9 +120,6 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
         if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "qkv"):
             return f"the vision tower of this {self.family} model is not Qwen2-VL's (blocks[i].attn.qkv)"
         return None
-
-    def vision_signal_tower(self) -> nn.Module | None:
-        return self._tower()
 
     # --- a guide model (SGL) sees the images of the forward: rebuilt from the tower's call --------
     @classmethod

@@ -26,7 +26,7 @@ from tokenprune.core.yaml_files import parse_yaml, read_yaml, refuse_interpolati
 PIPELINE_KEYS = ("name", "plugins", "stages")
 #: The site of a stage on the image features of a cross-attention model (Mllama), instead of a decoder layer.
 #: The site after the prefill: each decoder layer's cached visual keys/values (see tokenprune/core/kv_cache.py).
-STAGE_KEYS = ("layer", "positions", "protect", "cache", "operators")
+STAGE_KEYS = ("layer", "positions", "budget", "protect", "cache", "operators")
 
 
 def preset_dir() -> Path:
@@ -222,6 +222,8 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
             previous = site.layer
         if stage.get("positions", "keep") not in ("keep", "renumber"):
             raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: keep, renumber")
+        if stage.get("budget", "per_image") not in ("per_image", "per_tile"):
+            raise ConfigError(f"{where}.budget", f"got {stage['budget']!r}; allowed: per_image, per_tile")
         protect = stage.get("protect", [])
         if not isinstance(protect, list) or not all(isinstance(p, str) for p in protect):
             raise ConfigError(f"{where}.protect", f"must be a list of token kinds (e.g. [image_newline]), got {protect!r}")

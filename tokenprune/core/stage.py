@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -17,6 +18,8 @@ from tokenprune.core.state import TokenState
 
 #: Values of a stage's ``positions`` key.
 POSITIONS: tuple[str, ...] = ("keep", "renumber")
+#: Values of a stage's ``budget`` key.
+BUDGETS: tuple[str, ...] = ("per_image", "per_tile")
 
 ORDER_TEXT = "shift* → scorer* → selector → merger? → compactor?  (or shift* → a selecting merger → compactor?)"
 _RANK = {k: i for i, k in enumerate(KINDS)}
@@ -30,10 +33,15 @@ class Stage(nn.Module):
     ``positions``: ``keep`` (kept tokens keep their position ids, FastV) or ``renumber`` (the
     surviving tokens are numbered contiguously from the site on, PyramidDrop). ``cache``: the
     :class:`~tokenprune.core.kv_cache.CacheSettings` of a ``kv_cache`` stage.
+
+    ``budget``: ``per_image`` (the selector chooses among all of a sample's visual tokens) or ``per_tile``
+    (it chooses within each tile separately — LLaVA-NeXT's base tile and anyres grid, every image elsewhere —,
+    each with its own budget, as VisionZip and DART treat LLaVA-NeXT's sub-images; scorers that read the grid
+    run per tile too). Visual tokens outside every tile (LLaVA-NeXT's newline tokens) are then kept.
     """
 
     def __init__(self, layer: int | str | Site, operators: Iterable[TokenOperator], key: str = "stage", positions: str = "keep",
-                 protect: Iterable[str] = (), cache: CacheSettings | dict | None = None):
+                 protect: Iterable[str] = (), cache: CacheSettings | dict | None = None, budget: str = "per_image"):
         super().__init__()
         #: Where the stage runs.
         self.site: Site = site_of(layer, f"{key}.layer")
@@ -45,6 +53,9 @@ class Stage(nn.Module):
         if positions not in POSITIONS:
             raise ConfigError(f"{key}.positions", f"got {positions!r}; allowed: {', '.join(POSITIONS)}")
         self.positions = positions
+        if budget not in BUDGETS:
+            raise ConfigError(f"{key}.budget", f"got {budget!r}; allowed: {', '.join(BUDGETS)}")
+        self.budget = budget
         kv = isinstance(self.site, KVCacheSite)
         if cache is not None and not kv:
             raise ConfigError(f"{key}.cache", f"only a '{KV_CACHE}' stage takes cache settings (layer is "
@@ -52,12 +63,24 @@ class Stage(nn.Module):
         self.cache = (cache if isinstance(cache, CacheSettings) else CacheSettings.parse(cache, f"{key}.cache")) \
             if kv else None
         self._validate_order()
+        if budget == "per_tile":
+            self._validate_per_tile()
         for j, op in enumerate(self.operators):
             if isinstance(self.site, LayerSite) and self.site.layer < op.min_layer:
                 raise ConfigError(f"{key}.layer", f"operator {op.op_name!r} ({key}.operators.{j}) needs the decoder "
                                   f"layer before its site, so layer must be >= {op.min_layer}; got {self.site.layer}")
         if kv:
             self._validate_kv()
+
+    def _validate_per_tile(self) -> None:
+        if not isinstance(self.site, LayerSite):
+            raise ConfigError(f"{self.key}.budget", f"per-tile budgets split a decoder layer's visual tokens by tile; "
+                              f"this stage's site is {self.layer!r}; allowed here: per_image")
+        for j, op in enumerate(self.operators):
+            if getattr(op, "selects", False):
+                raise ConfigError(f"{self.key}.budget", f"per_tile splits the selector's budget, and merger "
+                                  f"{op.op_name!r} ({self.key}.operators.{j}) chooses its own tokens; allowed here: "
+                                  "per_image")
 
     def _validate_kv(self) -> None:
         if self.positions != "keep":
@@ -143,11 +166,20 @@ class Stage(nn.Module):
         """The operator that decides how many tokens survive: the selector, or a selecting merger."""
         return next(op for op in self.operators if op.kind == "selector" or getattr(op, "selects", False))
 
-    def expected_kept(self, num_visual: int) -> int:
+    def expected_kept(self, num_visual: int, tiles: list[tuple[int, int]] | None = None) -> int:
         """Visual tokens the stage keeps out of ``num_visual`` (analytic FLOPs): the selector's budget plus
-        the tokens a merger adds back (VisionZip's contextual tokens, SparseVLM's recycled clusters).
-        Raises NotImplementedError when the count depends on the input."""
-        kept = self.selector.expected_kept(num_visual)
+        the tokens a merger adds back (VisionZip's contextual tokens, SparseVLM's recycled clusters). With
+        ``budget: per_tile``, ``tiles`` lists the (rows, cols) of each tile (the visual tokens outside them are
+        kept); without it the image is taken as one tile. Raises NotImplementedError when the count depends on
+        the input."""
+        sel = self.selector
+        if self.budget == "per_tile" and tiles is not None:
+            kept = num_visual - sum(r * c for r, c in tiles)
+            for r, c in tiles:
+                kept += sel.expected_kept_in_grid(r, c) if hasattr(sel, "expected_kept_in_grid") else \
+                    sel.expected_kept(r * c)
+        else:
+            kept = sel.expected_kept(num_visual)
         for op in self.operators:
             if op.kind == "merger" and not getattr(op, "selects", False):
                 kept += op.added_tokens(num_visual, kept)
@@ -159,10 +191,53 @@ class Stage(nn.Module):
         (per-operator timing)."""
         for i, op in enumerate(self.operators):
             with clock(i, op) if clock is not None else nullcontext():
-                state = op(state)
+                if self.budget == "per_tile" and (op.kind == "selector" or
+                                                  (op.kind == "scorer" and getattr(op, "needs_grid", False))):
+                    state = per_tile(op, state)
+                else:
+                    state = op(state)
         if state.keep_mask is None:
             raise RuntimeError(f"{self.key}: no selector set keep_mask")
         return state
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}" + (f", cache={self.cache.as_dict()}" if self.cache is not None else "")
+
+
+def per_tile(op: TokenOperator, state: TokenState) -> TokenState:
+    """Run a selector, or a scorer that reads the grid, on each tile of ``state`` separately (``state.tiles``):
+    it sees one tile's visual tokens at a time, with that tile's grid; a scorer's scores are written at the
+    tile's tokens, a selector keeps what it keeps of each tile and every visual token outside the tiles."""
+    if state.tiles is None:
+        raise RuntimeError("a per_tile stage's tokens carry no tiles (the runtime sets state.tiles)")
+    visual = state.visual_mask
+    keep = ~visual | (state.tiles < 0)
+    delta: torch.Tensor | None = None
+    named: dict[str, torch.Tensor] = {}
+    most = max((len(g) for g in state.tile_grids or []), default=0)
+    for t in range(most):
+        group = visual & (state.tiles == t)
+        if not bool(group.any()):
+            continue
+        grids = [g[t] if t < len(g) else None for g in state.tile_grids]
+        sub = dataclasses.replace(state, visual_mask=group, grid=grids)
+        sub.signals = state.signals
+        if op.kind == "scorer":
+            sub.scores, sub.named_scores = None, {}
+            sub = op(sub)
+            if sub.scores is not None:
+                d = torch.where(group, sub.scores, 0.0)
+                delta = d if delta is None else delta + d
+            for name, sc in sub.named_scores.items():
+                d = torch.where(group, sc, 0.0)
+                named[name] = named[name] + d if name in named else d
+        else:
+            keep |= op(sub).keep_mask & group
+    if op.kind == "selector":
+        state.keep_mask = keep
+        return state
+    if delta is not None:
+        state.add_scores(delta)
+    for name, d in named.items():
+        state.add_scores(d, into=name)
+    return state

@@ -402,6 +402,9 @@ class TokenState:
       them as part of the image.
     - ``merged_into`` (B, N) long or None: for each token a merger folded into another, that token's
       index (-1 elsewhere; the strongest target of a soft merge); the trace reports it.
+    - ``tiles`` (B, N) long or None: the tile of each visual token (-1: in none), for stages with
+      ``budget: per_tile``; ``tile_grids[b][t]`` is the (rows, cols) of sample b's tile t, whose tokens
+      are in raster order.
     - ``proportional_attention``: set by a merger; layers after the site add ``log(size)`` to
       the attention logits of each key (ToMe's proportional attention).
 
@@ -424,6 +427,8 @@ class TokenState:
     proportional_attention: bool = False
     protected_mask: torch.Tensor | None = None
     merged_into: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    tile_grids: list[list[tuple[int, int]]] | None = None
     signals: Signals = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

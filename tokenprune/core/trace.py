@@ -31,6 +31,9 @@ class StageTrace:
     step: int = 0
     #: per sample, {merged token: the kept token it was merged into}, input-frame indices (mergers only)
     merged_into: list[dict[int, int]] = field(default_factory=list, repr=False)
+    #: per sample, the (rows, cols) of each tile the stage's per-tile budgets split the image into
+    #: (``budget: per_tile``; empty otherwise)
+    tiles: list[list[tuple[int, int]]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("stage", "layer", "tokens_before", "tokens_after",

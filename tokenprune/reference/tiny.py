@@ -141,10 +141,11 @@ def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None =
 
 
 def tiny_llava_next(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
-                    sliding_window: int | None = None) -> nn.Module:
-    """A ``LlavaNextForConditionalGeneration``: 56-px tiles of 7-px patches (64 tokens a tile), anyres
-    pinpoints 56x112, 112x56 and 112x112, and the same LLM as :func:`tiny_llava`; with ``sliding_window`` a
-    Mistral LLM of that shape whose every layer attends within the window (as llava-v1.6-mistral's base)."""
+                    sliding_window: int | None = None, vision_layers: int = 2) -> nn.Module:
+    """A ``LlavaNextForConditionalGeneration``: a CLIP tower of ``vision_layers`` layers on 56-px tiles of 7-px
+    patches (64 tokens a tile), anyres pinpoints 56x112, 112x56 and 112x112, and the same LLM as
+    :func:`tiny_llava`; with ``sliding_window`` a Mistral LLM of that shape whose every layer attends within the
+    window (as llava-v1.6-mistral's base)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -154,8 +155,8 @@ def tiny_llava_next(attn_implementation: str = "sdpa", layers: int = 4, seed: in
     )
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=56, patch_size=7, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=56, patch_size=7, projection_dim=32)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
                  pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, initializer_range=init_std)

@@ -94,15 +94,10 @@ class AttachedPipeline:
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
             if self.stream is not None:
-                if self._guide is not None:
-                    self._handles.append(self.adapter.vision_tower().register_forward_pre_hook(
-                        self._tower_hook, with_kwargs=True))
+                self._handles.extend(self.adapter.hook_image_call(self._image_call))
                 if self._vision_unavailable is None:
                     for i, layer in enumerate(self.adapter.vision_layers()):
                         self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
-                    tower = self.adapter.vision_signal_tower()
-                    if tower is not None:
-                        self._handles.append(tower.register_forward_pre_hook(self._vision_tower_hook, with_kwargs=True))
                 self._handles.extend(self.stream.install())
             for site in self.sites:
                 self._handles.extend(site.install())
@@ -127,8 +122,12 @@ class AttachedPipeline:
         self._vision_tower = None
 
     # --- what the stages read beyond the decoder layers -----------------------------------------
-    def _tower_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
+    def _image_call(self, args: tuple, kwargs: dict) -> None:
+        """The call that takes the images (:meth:`ModelAdapter.hook_image_call`): what the guide and the vision
+        signals need of it."""
+        if self._guide is not None:
+            self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
+        self._vision_tower = self.adapter.vision_tower_capture(args, kwargs)
 
     def _vision_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -137,9 +136,6 @@ class AttachedPipeline:
             self._vision_inputs[layer] = self.adapter.vision_layer_capture(layer, args, kwargs)
 
         return hook
-
-    def _vision_tower_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._vision_tower = self.adapter.vision_tower_capture(args, kwargs)
 
     def vision_signals(self, state: TokenState, ep: Episode) -> None:
         """Give a stage's signals the vision tower's inputs of this prefill and the guide model, where there are."""
@@ -157,6 +153,15 @@ class AttachedPipeline:
                 raise PipelineRuntimeError(f"vision-tower signals: {e}") from None
         return VisionSource(self.adapter, self._vision_inputs, ep.patch_of, len(self.adapter.vision_layers()),
                             self._vision_tower)
+
+    def tiles(self, ep: Episode) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+        """The tiles of this prefill's visual tokens (input frame), for ``budget: per_tile`` stages."""
+        if ep.tile_of is None:
+            try:
+                ep.tile_of, ep.tile_grids = self.adapter.visual_tiles(ep.visual, self._vision_tower, ep.grids)
+            except ValueError as e:
+                raise PipelineRuntimeError(f"per-tile budgets: {e}") from None
+        return ep.tile_of, ep.tile_grids
 
     # --- the episode -------------------------------------------------------------------------
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

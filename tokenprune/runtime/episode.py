@@ -126,6 +126,8 @@ class Episode:
     grids: list[tuple[int, int] | None] | None = None  # per sample (rows, cols) of its visual tokens
     kinds: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N) masks of the adapter's token kinds
     patch_of: torch.Tensor | None = None  # (B, N) row of each visual token in the vision features
+    tile_of: torch.Tensor | None = None  # (B, N) tile of each visual token (-1: none), for per-tile budgets
+    tile_grids: list[list[tuple[int, int]]] | None = None  # per sample, (rows, cols) of each tile
     guide: Any = None  # (queries, heads) -> (B, N) attention of the guide model, run on first use
     kv: dict[int, KVRecord] = field(default_factory=dict)  # kv_cache stage: per compressed layer, until cut
     kv_pending: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)  # layer input until it ran

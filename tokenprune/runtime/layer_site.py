@@ -73,7 +73,8 @@ class LayerSiteRuntime(SiteRuntime):
         self._carry_token_data(ep, state, rel)
         self.attached.pipeline.runs[self.index] += 1
         self.trace(ep, layer, state.valid_mask, visual_before, new_index, new_live, operator_ms=ms,
-                   merged_into=merges(state.merged_into, cur), operator_ms_by_op=by_op)
+                   merged_into=merges(state.merged_into, cur), operator_ms_by_op=by_op,
+                   tiles=[list(g) for g in state.tile_grids] if state.tile_grids is not None else [])
         return hidden
 
     def _carry_token_data(self, ep: Episode, state: TokenState, rel: torch.Tensor) -> None:

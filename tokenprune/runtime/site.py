@@ -98,6 +98,9 @@ class SiteRuntime:
             grid=ep.grids,
             protected_mask=protected,
         )
+        if self.stage.budget == "per_tile":
+            tile_of, state.tile_grids = self.attached.tiles(ep)
+            state.tiles = torch.where(live, tile_of.gather(1, cur), -1)
         return state, visual_before
 
     def trace(self, ep: Episode, layer: int, valid_before: torch.Tensor, visual_before: torch.Tensor,
