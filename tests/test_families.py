@@ -171,6 +171,35 @@ def test_multi_stage_pipeline_batch_equals_each_sample_alone(family):
             assert torch.equal(gen[0], together[b])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_tile_budgets_keep_all_identical_and_batch_equals_each_sample_alone(family):
+    """Oracles 1 and 3 with ``budget: per_tile`` (LLaVA-NeXT: base tile and every anyres crop; Qwen: each image):
+    keeping every token changes nothing, and a batch whose samples have different tiles keeps, per sample, what
+    the sample keeps alone, and generates the same."""
+    model, batch = pair(family)["sdpa"], inputs(family)
+
+    def per_tile(keep):
+        return tp.load_pipeline({"stages": [{"layer": 2, "budget": "per_tile", "operators": [
+            {"op": "attention"}, {"op": "topk", "keep": keep}]}]})
+
+    with torch.no_grad():
+        ref = model(**batch).logits
+        real = batch["attention_mask"].bool()  # padding rows hold fillers after a stage
+        with per_tile(1.0).attach(model):
+            assert torch.equal(model(**batch).logits[real], ref[real])
+        pipe = per_tile(0.5)
+        with pipe.attach(model):
+            together = generate(model, batch)[:, -STEPS:]
+            trace = pipe.trace[0]
+            assert trace.tiles[0] != trace.tiles[1]
+            for b in range(2):
+                gen = generate(model, sample_alone(family, batch, b))[:, -STEPS:]
+                offset = int((batch["attention_mask"][b] == 0).sum())
+                assert pipe.trace[0].tiles[0] == trace.tiles[b]
+                assert [i + offset for i in pipe.trace[0].kept[0]] == trace.kept[b]
+                assert torch.equal(gen[0], together[b])
+
+
 @pytest.mark.parametrize("family,keep,expect", [
     ("llava_next", 0.1, [24, 23]),  # round(0.1 * 240) and round(0.1 * 234)
     ("llava_next", 10, [10, 10]),  # a count is per sample too

@@ -177,3 +177,109 @@ def test_manual_cached_decoding_equals_masked_reference():
         want = run(pair()["eager"])
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-4)
+
+
+# --- vision-tower signals: each feature's own tile's CLS attention, at layer 0 = the image features ---------
+
+def eager_vision_maps(monkeypatch, model, inputs):
+    """The eager tower's own attention probabilities per vision layer (local layers, then global), and each
+    layer's input hidden states."""
+    import transformers.models.mllama.modeling_mllama as mm
+
+    stock, maps, running, inputs_of = mm.eager_attention_forward, {}, [], {}
+
+    def recording(*args, **kwargs):
+        out, weights = stock(*args, **kwargs)
+        maps[running[-1]] = weights.detach().float()
+        return out, weights
+
+    monkeypatch.setattr(mm, "eager_attention_forward", recording)
+    vm = model.model.vision_model
+    layers = [*vm.transformer.layers, *vm.global_transformer.layers]
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            running.append(i)
+            inputs_of[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        vm(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    for h in handles:
+        h.remove()
+    return maps, inputs_of, layers
+
+
+@pytest.mark.parametrize("layer,index", [(0, 0), (-2, 1), (-1, 2)])  # two local layers, then the global one
+def test_cls_attention_is_each_tiles_own_cls_row_of_the_eager_towers_map(monkeypatch, layer, index):
+    """Feature (tile t, token j) — j = 0 its CLS, then 16 patches — reads the eager tower's attention of tile t's
+    CLS query (the image's tiles are one sequence, 24 tokens a tile with padding) to it; keys likewise."""
+    model, inputs = pair()["sdpa"], batch()
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        needs_vision = True
+
+        def forward(self, state):
+            seen["state"] = state
+            return state
+
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "random"}, {"op": "topk", "keep": 1.0}]}]})
+    pipe.stages[0].operators.insert(0, Spy())
+    with torch.no_grad(), pipe.attach(model):
+        model(**inputs)
+    state = seen["state"]
+    got = state.signals.vision_cls_attention(layer=layer, heads="mean")  # (B, 68)
+    maps, inputs_of, layers = eager_vision_maps(monkeypatch, pair()["eager"], inputs)
+    probs = maps[index].mean(1)  # (B, 96, 96): 4 tiles x 24 tokens
+    want = torch.stack([torch.cat([probs[b, t * 24, t * 24:t * 24 + 17] for t in range(4)]) for b in range(2)])
+    assert torch.allclose(got, want, atol=1e-5)
+    keys = state.signals.vision_keys(layer=layer).flatten(2)  # (B, 68, H*hd)
+    block = layers[index]
+    with torch.no_grad():
+        k = block.self_attn.k_proj(block.input_layernorm(inputs_of[index])).view(2, 4, 24, -1)[:, :, :17]
+    assert torch.allclose(keys, k.reshape(2, 68, -1), atol=1e-5)
+
+
+def test_dominant_features_at_layer_0_equal_the_masked_reference(monkeypatch):
+    """`layer: 0` on Mllama is its image features: a VisionZip-style top-k by CLS attention keeps the eager
+    tower's top features per sample, and generate() equals the eager model with the others masked out of
+    every cross-attention layer."""
+    model, inputs = pair()["sdpa"], batch()
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [
+        {"op": "cls_attention", "layer": -1}, {"op": "topk", "keep": 8}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, inputs, output_logits=True, return_dict_in_generate=True)
+    kept = pipe.trace[0].kept
+    eager = pair()["eager"]
+    maps, _, _ = eager_vision_maps(monkeypatch, eager, inputs)
+    monkeypatch.undo()
+    probs = maps[2].mean(1)
+    valid_tiles = inputs["aspect_ratio_mask"][:, 0].tolist()  # padding tiles' features no text token sees
+    for b in range(2):
+        ref_att = torch.cat([probs[b, t * 24, t * 24:t * 24 + 17] for t in range(4)])
+        visible = torch.tensor([valid_tiles[b][j // 17] == 1 for j in range(68)])
+        order = torch.where(visible, ref_att, -1.0).argsort(descending=True, stable=True)[:8]
+        assert set(k for k in kept[b] if visible[k]) == set(order.tolist())
+    with torch.no_grad(), hidden_image_features(eager, pruned_features(FEATURES, kept)):
+        ref = generate(eager, inputs, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.logits, ref.logits):
+        assert torch.allclose(got.float(), want.float(), atol=1e-4)
+
+
+def test_per_tile_budgets_on_the_image_features():
+    """`budget: per_tile` on Mllama: each real tile's 4x4 patch grid keeps every second row and column, and every
+    CLS feature (in no tile) is kept."""
+    model, inputs = pair()["sdpa"], batch()
+    pipe = tp.load_pipeline({"stages": [{"layer": "cross_attention", "budget": "per_tile", "operators": [
+        {"op": "uniform_grid", "stride": 2}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        model(**inputs)
+    for b, tiles in enumerate([4, 2]):
+        want = set()
+        for t in range(tiles):
+            want |= {t * 17} | {t * 17 + 1 + r * 4 + c for r in (0, 2) for c in (0, 2)}
+        visible = set(range(tiles * 17))
+        assert set(pipe.trace[0].kept[b]) & visible == want

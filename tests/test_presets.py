@@ -134,6 +134,30 @@ def test_preset_on_other_families(family32, refused, family, name, no_eager):
         assert trace.visual_after == expected, (stage.key, trace)
 
 
+def mllama_presets() -> list[str]:
+    from tokenprune.eval.matrix import method_family_matrix
+
+    return sorted(c.preset for c in method_family_matrix() if c.family.startswith("LLaMA-3.2-Vision") and not c.refused)
+
+
+@pytest.mark.parametrize("name", mllama_presets())
+@torch.no_grad()
+def test_the_presets_the_matrix_runs_on_mllama_generate_there(name, no_eager):
+    """Every preset the matrix runs on LLaMA-3.2-Vision (trimmed_llama, and the pre-LLM ones at layer 0, its image
+    features) generates on a tiny Mllama under the no-eager guard and prunes the image features."""
+    from tokenprune.reference.tiny import tiny_mllama, tiny_mllama_inputs
+
+    assert {"trimmed_llama", "visionzip", "divprune"} <= set(mllama_presets())
+    model = tiny_mllama("sdpa")
+    inputs = tiny_mllama_inputs(model)
+    pipe = tp.load_pipeline(name)
+    with pipe.attach(model):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    trace = pipe.trace[0]
+    assert trace.layer == 1 and all(a < b for a, b in zip(trace.visual_after, trace.visual_before)), pipe.report()
+
+
 def test_asap_cuts_78_to_82_percent_on_llava_next():
     out = subprocess.run([sys.executable, "-m", "tokenprune.cli", "flops", "asap", "--shape", "llava-next-7b",
                           "--tokens", "2940", "--visual", "2880", "--convention", "fastv", "--json"], capture_output=True, text=True, check=True)

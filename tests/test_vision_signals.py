@@ -18,6 +18,8 @@ def capture_state(model, batch, stage):
     seen = {}
 
     class Spy(torch.nn.Module):
+        needs_vision = True  # the tower's layers are hooked for pipelines that read them
+
         def forward(self, state):
             seen["state"] = state
             return state

@@ -149,6 +149,12 @@ class ModelAdapter:
                           visual_grid=self.visual_grid_from_config(self.model.config))
 
     @classmethod
+    def resolve_site(cls, site: Any) -> Any:
+        """The site a stage's ``site`` runs at on this family: itself, unless the family reads it as another
+        (Mllama: ``layer: 0`` is its image features, the ``cross_attention`` site)."""
+        return site
+
+    @classmethod
     def cross_attention_layers_from_config(cls, config: Any) -> list[int]:
         """The cross-attention layers ``config`` lists (Mllama); none for decoder-only LVLMs."""
         return []
@@ -184,13 +190,13 @@ class ModelAdapter:
         (:meth:`facts_from_config`) or the loaded model (:meth:`facts`)."""
         for stage in pipeline.stages:
             stage.check_depth(facts.num_layers)
-            if isinstance(stage.site, CrossAttentionSite) and not facts.cross_attention_layers:
+            if isinstance(cls.resolve_site(stage.site), CrossAttentionSite) and not facts.cross_attention_layers:
                 raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {cls.family}: it has no "
                                   f"cross-attention layers; allowed: a decoder layer 0..{facts.num_layers - 1}")
             for j, op in enumerate(stage.operators):
                 if getattr(op, "needs_guide", False) and facts.guide_images is not None:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs the images of each "
-                                      f"forward for its guide model, which tokenprune cannot recover for {cls.family}: "
+                                      f"forward for its guide model, which {cls.family} cannot give: "
                                       f"{facts.guide_images}")
                 if getattr(op, "needs_guide", False) and not guide:
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} needs a guide model: "
@@ -290,6 +296,10 @@ class ModelAdapter:
                 grid = (side, side)
             shapes.append([tuple(grid)] if n else [])
         return tile_of, shapes
+
+    def feature_tiles(self, batch: int, features: int) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+        """:meth:`visual_tiles` for the image features (B, M) of a cross-attention stage (Mllama)."""
+        raise NotImplementedError(f"{self.family} has no cross-attention image features")
 
     def visual_token_counts(self, inputs: dict) -> list[int]:
         """Per sample, the visual tokens a forward of ``inputs`` (the processor's output) holds: the image

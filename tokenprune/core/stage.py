@@ -73,8 +73,8 @@ class Stage(nn.Module):
             self._validate_kv()
 
     def _validate_per_tile(self) -> None:
-        if not isinstance(self.site, LayerSite):
-            raise ConfigError(f"{self.key}.budget", f"per-tile budgets split a decoder layer's visual tokens by tile; "
+        if isinstance(self.site, KVCacheSite):
+            raise ConfigError(f"{self.key}.budget", f"per-tile budgets split a prefill's visual tokens by tile; "
                               f"this stage's site is {self.layer!r}; allowed here: per_image")
         for j, op in enumerate(self.operators):
             if getattr(op, "selects", False):
@@ -219,7 +219,8 @@ def per_tile(op: TokenOperator, state: TokenState) -> TokenState:
         group = visual & (state.tiles == t)
         if not bool(group.any()):
             continue
-        grids = [g[t] if t < len(g) else None for g in state.tile_grids]
+        present = group.any(dim=1).tolist()
+        grids = [g[t] if t < len(g) and present[b] else None for b, g in enumerate(state.tile_grids)]
         sub = dataclasses.replace(state, visual_mask=group, grid=grids)
         sub.signals = state.signals
         if op.kind == "scorer":

@@ -293,7 +293,8 @@ class Signals:
             if self.vision_unavailable:
                 raise RuntimeError(f"vision-tower signals are not available: {self.vision_unavailable}")
             raise RuntimeError("vision-tower signals need a model's vision tower: attach the pipeline to a model "
-                               "whose adapter gives them (or set state.signals.vision to a VisionSignalSource)")
+                               "whose adapter gives them, with an operator that declares needs_vision = True (or "
+                               "set state.signals.vision to a VisionSignalSource)")
         return self.vision
 
     def vision_cls_attention(self, layer: int = -2, heads: str = "mean") -> torch.Tensor:

@@ -69,7 +69,7 @@ class AttachedPipeline:
         needs_guide = any(getattr(op, "needs_guide", False) for s in pipeline.stages for op in s.operators)
         self._guide = GuideModel(guide) if guide is not None and needs_guide else None
         self._tower_inputs: dict[str, Any] | None = None  # the images of the latest tower call, for the guide
-        self.sites: list[SiteRuntime] = [RUNTIMES[type(stage.site)](i, stage, self)
+        self.sites: list[SiteRuntime] = [RUNTIMES[type(self.adapter.resolve_site(stage.site))](i, stage, self)
                                          for i, stage in enumerate(pipeline.stages)]
         capture = {s.stage.site.layer - 1 for s in self.sites
                    if isinstance(s, LayerSiteRuntime) and s.stage.site.layer >= 1}
@@ -83,6 +83,8 @@ class AttachedPipeline:
         self._vision_inputs: dict[int, Any] = {}
         self._vision_tower: Any = None
         self._vision_unavailable = self.adapter.vision_signals_unavailable()
+        # Vision layers are hooked only for pipelines that read them (their inputs stay held until the next forward).
+        self._needs_vision = any(getattr(op, "needs_vision", False) for s in pipeline.stages for op in s.operators)
 
     # --- context manager ---------------------------------------------------------------------
     def __enter__(self) -> AttachedPipeline:
@@ -93,11 +95,12 @@ class AttachedPipeline:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
-            if self.stream is not None:
+            if self.stream is not None or self._needs_vision:
                 self._handles.extend(self.adapter.hook_image_call(self._image_call))
-                if self._vision_unavailable is None:
-                    for i, layer in enumerate(self.adapter.vision_layers()):
-                        self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
+            if self._needs_vision and self._vision_unavailable is None:
+                for i, layer in enumerate(self.adapter.vision_layers()):
+                    self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
+            if self.stream is not None:
                 self._handles.extend(self.stream.install())
             for site in self.sites:
                 self._handles.extend(site.install())
@@ -142,6 +145,17 @@ class AttachedPipeline:
         state.signals.vision = self._vision_source(ep)
         state.signals.vision_unavailable = self._vision_unavailable
         state.signals.guide = ep.guide
+
+    def cross_vision_signals(self, state: TokenState) -> None:
+        """Give a cross-attention stage's signals the vision tower's inputs of this prefill: the stage's tokens are
+        the image features, one per signal row, in order over the batch."""
+        state.signals.vision_unavailable = self._vision_unavailable
+        if self._vision_unavailable is not None or not self._vision_inputs:
+            return
+        b, m = state.visual_mask.shape
+        rows = torch.arange(b * m, device=state.visual_mask.device).view(b, m)
+        state.signals.vision = VisionSource(self.adapter, self._vision_inputs, rows, len(self.adapter.vision_layers()),
+                                            self._vision_tower)
 
     def _vision_source(self, ep: Episode) -> VisionSource | None:
         if self._vision_unavailable is not None or not self._vision_inputs:

@@ -87,6 +87,10 @@ class CrossAttentionRuntime(SiteRuntime):
                            sizes=torch.ones(b, m, device=hidden.device), layer=layer)
         state.signals = Signals(state, source=CrossAttentionSource(self.adapter, layer, hidden, image, ep.visual,
                                                                    ep.valid, allowed))
+        self.attached.cross_vision_signals(state)
+        if self.stage.budget == "per_tile":
+            tile_of, state.tile_grids = self.adapter.feature_tiles(b, m)
+            state.tiles = tile_of.to(hidden.device)
         state, ms, by_op = self.run_operators(state, hidden)
         # Features no text token may see (padding tiles) are not visual, so selectors keep them: Mllama lets the
         # text rows before an image attend to every feature, so dropping them would change those rows.
