@@ -237,3 +237,24 @@ def test_the_decoder_layer_clock_is_the_mean_time_of_one_layer_per_forward(monke
     model = tiny_llava("sdpa", layers=4)
     monkeypatch.setattr(bench, "time", Clock())
     assert bench._decoder_layer_ms(model, tiny_llava_inputs(model), runs=2) == 1000.0
+
+
+def test_a_failing_variant_is_recorded_and_the_benchmark_goes_on(tmp_path):
+    """trimmed_llama cannot attach to a LLaVA-NeXT: its row says why, the variant after it is still measured,
+    and the targets skip it."""
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "models: [{name: next-micro, synthetic: llava_next, text: {hidden: 32, intermediate: 64, layers: 4, heads: 2}}]\n"
+        "variants: [{name: unpruned, pipeline: null}, {name: trimmed, pipeline: trimmed_llama}, "
+        "{name: fastv-0.25, pipeline: fastv, overrides: [stages.0.operators.1.keep=0.25]}]\n"
+        "batch_sizes: [1]\nrepeats: 1\nwarmup: 1\nnew_tokens: 2\n")
+    said = []
+    results = run_bench(load_bench_config(path), log=said.append)
+    base, trimmed, fastv = results["rows"]
+    assert trimmed["error"].startswith("ConfigError: stages.0.layer: 'cross_attention' is not a site of LLaVA-NeXT")
+    assert fastv["visual_tokens_kept"] == round(0.25 * base["visual_tokens"])
+    assert sum("trimmed" in line and "failed" in line for line in said) == 1  # once, not once per repeat
+    table = markdown(results, "tokenprune bench b.yaml", check_targets(results, "next-micro"))
+    row = next(line for line in table.splitlines() if line.startswith("| next-micro | trimmed | 1 |"))
+    assert "failed: ConfigError: stages.0.layer:" in row and row.count("|") == table.splitlines()[4].count("|")
+    assert not any("trimmed" in t for t, _, _ in check_targets(results, "next-micro"))

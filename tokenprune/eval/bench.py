@@ -49,7 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tokenprune.adapters import get_adapter
 from tokenprune.core.config import apply_overrides
-from tokenprune.core.errors import ConfigError
+from tokenprune.core.errors import ConfigError, PipelineRuntimeError
 from tokenprune.core.values import (
     Fields,
     Int,
@@ -348,10 +348,20 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                 _reference_inputs(processor, batch)
             inputs = {k: t.to(device) for k, t in inputs.items()}
             samples: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+            failed: dict[str, str] = {}  # a variant that fails is recorded and left out of the later repeats
             for r in range(cfg.warmup + repeats):
                 for v in variants:  # in alternation, so drifts in machine load hit every variant alike
-                    with materialize_attention(model, list(v.get("materialize_attention") or [])):
-                        res = _measure(model, inputs, pipelines[v.name], cfg.new_tokens, shape)
+                    if v.name in failed:
+                        continue
+                    try:
+                        with materialize_attention(model, list(v.get("materialize_attention") or [])):
+                            res = _measure(model, inputs, pipelines[v.name], cfg.new_tokens, shape)
+                    except (ConfigError, PipelineRuntimeError, RuntimeError, ValueError, NotImplementedError) as e:
+                        if v is variants[0]:
+                            raise  # the unpruned model is what every speed-up is read against
+                        failed[v.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        log(f"{m.name:<18} {v.name:<14} batch {batch}: failed ({failed[v.name]}); going on")
+                        continue
                     if r >= cfg.warmup:
                         samples[v.name].append(res)
             full = m.get("full_layers")
@@ -361,6 +371,9 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                     + (full - model.config.text_config.num_hidden_layers) * layer_ms
             base = None
             for v in variants:
+                if v.name in failed:
+                    rows.append({"model": m.name, "variant": v.name, "batch": batch, "error": failed[v.name]})
+                    continue
                 row = {"model": m.name, "variant": v.name, "batch": batch, **_medians(samples[v.name])}
                 if full is not None:
                     row.update(full_layers=full, layer_ms=layer_ms, full_depth_prefill_ms=full_prefill,
@@ -485,7 +498,8 @@ def check_targets(results: dict[str, Any], models: str | list[str] | None = None
     out = []
     for model in [models] if isinstance(models, str) else models:
         out += [(f"{model}: {t}", ok, v) for t, ok, v in _model_targets(
-            [r for r in results["rows"] if r["model"] == model], bool(results.get("machine", {}).get("gpu")),
+            [r for r in results["rows"] if r["model"] == model and not r.get("error")],
+            bool(results.get("machine", {}).get("gpu")),
             operator_variants, speedup_variant)]
     return out
 
@@ -539,12 +553,16 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
              "decode ms/tok | tokens/s | KV KiB/sample | peak MiB | FLOPs − |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | failed: {_cell(r['error'])} |"
+                         + " |" * 10)
+            continue
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | x{r['prefill_speedup']:.2f} | "
                      f"{_x(r['ideal_speedup'])} | {_pct(r['speedup_vs_ideal'], 0)} | {r['operator_ms']:.1f} | "
                      f"{r['operator_overhead']:.1%} | {_f(r['decode_ms_per_token'])} | {r['tokens_per_s']:.1f} | "
                      f"{r['kv_cache_bytes'] / 1024:.0f} | {_f(_mib(r.get('peak_memory_bytes')))} | "
                      f"{_pct(r['flops_reduction'], 1)} |")
-    deep = [r for r in results["rows"] if r.get("full_layers")]
+    deep = [r for r in results["rows"] if r.get("full_layers") and not r.get("error")]
     if deep:
         lines += ["", "Depth-cut models: the unpruned prefill projected to the real model's depth (the measured prefill "
                   "plus the missing decoder layers at the measured mean time per layer, timed in forwards of their "
@@ -566,6 +584,11 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
         lines += ["", "## Targets", "", "| target | met | measured |", "| --- | --- | --- |"]
         lines += [f"| {t} | {'yes' if ok else '**no**'} | {v} |" for t, ok, v in targets]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell (no pipes, no line breaks)."""
+    return " ".join(text.replace("|", "/").split())
 
 
 def _f(v):
