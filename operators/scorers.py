@@ -274,16 +274,37 @@ def unbalanced_sinkhorn(cost: torch.Tensor, source: torch.Tensor, target: torch.
     ``rho -> 0`` spreads each target's mass over the sources by ``exp(-cost/epsilon)`` alone. The
     scaling updates run in the log domain: ``log u = f * (log a - LSE_j(log K + log v))`` with
     ``f = rho / (rho + epsilon)``, then ``log v = log b - LSE_i(log K + log u)``.
+
+    Where ``exp(-cost / epsilon)`` stays inside float64's range (``|cost| / epsilon < 700``), the same updates
+    run as matrix-vector products on ``K`` itself (``u = (a / K v)^f``, ``v = b / Kᵀ u``): one exp instead of one
+    per entry and iteration. A scaling that leaves the range falls back to the log domain.
     """
-    log_k = -cost.double() / epsilon
-    log_a, log_b = source.double().log(), target.double().log()
+    scaled = cost.double() / epsilon
     f = 1.0 if rho is None else rho / (rho + epsilon)
+    if scaled.numel() and float(scaled.abs().max()) < 700:
+        k = torch.exp(-scaled)
+        a, b = source.double(), target.double()
+        u, v = torch.ones_like(a), torch.ones_like(b)
+        for _ in range(iterations):
+            u = (a / (k @ v)).pow(f)
+            v = b / (k.T @ u)
+        plan = u[:, None] * k * v[None, :]
+        if bool(torch.isfinite(plan).all()):
+            return plan.to(cost.dtype)
+    return _sinkhorn_log(scaled, source, target, f, iterations).to(cost.dtype)
+
+
+def _sinkhorn_log(scaled: torch.Tensor, source: torch.Tensor, target: torch.Tensor, f: float,
+                  iterations: int) -> torch.Tensor:
+    """:func:`unbalanced_sinkhorn`'s updates in the log domain (``scaled`` = cost / epsilon, float64)."""
+    log_k = -scaled
+    log_a, log_b = source.double().log(), target.double().log()
     log_u = torch.zeros_like(log_a)
     log_v = torch.zeros_like(log_b)
     for _ in range(iterations):
         log_u = f * (log_a - torch.logsumexp(log_k + log_v[None, :], dim=1))
         log_v = log_b - torch.logsumexp(log_k + log_u[:, None], dim=0)
-    return (log_u[:, None] + log_k + log_v[None, :]).exp().to(cost.dtype)
+    return (log_u[:, None] + log_k + log_v[None, :]).exp()
 
 
 @register_operator("sinkhorn")

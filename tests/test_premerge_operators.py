@@ -177,6 +177,23 @@ def test_unbalanced_sinkhorn_meets_the_target_marginal_and_relaxes_the_source_on
     assert torch.allclose(plan, torch.tensor(by_hand, dtype=torch.float64), atol=1e-9)
 
 
+@pytest.mark.parametrize("rho", [None, 0.1])
+def test_sinkhorn_in_matrix_vector_form_equals_the_log_domain_updates(rho):
+    """Cost / epsilon up to 80 (TopV's defaults: cost in [0, 4], epsilon 0.05) runs on K itself; the plan is the
+    log-domain one's, and a range beyond float64's (cost / epsilon = 1000) falls back to it."""
+    from tokenprune.operators.scorers import _sinkhorn_log, unbalanced_sinkhorn
+
+    gen = torch.Generator().manual_seed(1)
+    cost = 4 * torch.rand(40, 40, generator=gen, dtype=torch.float64)
+    mass = torch.full((40,), 1 / 40, dtype=torch.float64)
+    f = 1.0 if rho is None else rho / (rho + 0.05)
+    plan = unbalanced_sinkhorn(cost, mass, mass, epsilon=0.05, rho=rho, iterations=50)
+    assert torch.allclose(plan, _sinkhorn_log(cost / 0.05, mass, mass, f, 50), rtol=1e-9, atol=1e-15)
+    far = unbalanced_sinkhorn(cost, mass, mass, epsilon=0.004, rho=rho, iterations=20)
+    f = 1.0 if rho is None else rho / (rho + 0.004)
+    assert torch.equal(far, _sinkhorn_log(cost / 0.004, mass, mass, f, 20))
+
+
 def test_sinkhorn_scorer_prefers_the_centre_of_a_featureless_grid():
     # 3x3 visual grid with identical features: only the distances rank; the centre token costs least
     # to move everywhere and is nearest the centre, the corners cost most, symmetric ones tie.
