@@ -307,3 +307,11 @@ def test_a_model_with_an_overhead_target_checks_every_variant():
         ("m: operator overhead of csp <= 10% of unpruned prefill", False),  # no FLOPs cut: no speed-up target
         ("m: operator overhead of tome <= 10% of unpruned prefill", True),
         ("m: tome prefill speed-up >= 80% of FLOPs-ideal", False)]  # batch 8 is not checked
+
+
+def test_the_table_says_when_and_at_which_commit_it_was_measured():
+    results = {"machine": {"cpus": 2, "threads": 2, "platform": "p", "python": "3", "torch": "t", "date": "2026-12-04",
+                           "commit": "abc1234"}, "rows": []}
+    assert "Produced on 2026-12-04 at commit abc1234 by `tokenprune bench b.yaml`" in markdown(results, "tokenprune bench b.yaml", [])
+    commit = bench._commit()  # this checkout is a git clone
+    assert commit is None or len(commit.split("+")[0]) >= 7

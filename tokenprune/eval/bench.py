@@ -518,10 +518,28 @@ def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _commit() -> str | None:
+    """The checkout's commit (short hash, ``+changes`` when the tree differs from it), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
 def machine() -> dict[str, Any]:
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+            "commit": _commit()}
     try:
         import transformers
 
@@ -616,7 +634,8 @@ def _every_variant_targets(rows: list[dict[str, Any]], limit: float) -> list[tup
 
 def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, bool, str]]) -> str:
     m = results["machine"]
-    lines = ["# Benchmarks", "", f"Produced by `{command}` on {m.get('gpu') or 'CPU'} ({m['cpus']} CPUs, {m['threads']} "
+    when = f" on {m['date']}" + (f" at commit {m['commit']}" if m.get("commit") else "") if m.get("date") else ""
+    lines = ["# Benchmarks", "", f"Produced{when} by `{command}` on {m.get('gpu') or 'CPU'} ({m['cpus']} CPUs, {m['threads']} "
              f"torch threads; {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers "
              f"{m.get('transformers')}). Medians over the repetitions; every variant measured in the same process, "
              "in alternation. Speed-ups are ratios of those medians. Peak memory is the GPU's peak allocation during "
