@@ -33,13 +33,19 @@ def test_guide_ranks_tokens_by_its_attention_summed_over_layers(models, run):
             big(**batch)
         else:
             big.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert_guides_top(guide_eager, big, batch, pipe, 12)
+
+
+def assert_guides_top(guide_eager, big, batch, pipe, keep):
+    """The kept visual tokens of each sample are the top ``keep`` of the eager guide's attention maps: last query,
+    heads averaged, summed over all of its layers."""
     with torch.no_grad():
         att = guide_eager(**batch, output_attentions=True).attentions
     total = sum(a[:, :, -1, :].float().mean(1) for a in att)  # (B, N)
     visual = batch["input_ids"] == big.config.image_token_id
-    for b in range(2):
+    for b in range(visual.shape[0]):
         vis = visual[b].nonzero().flatten()
-        top = set(vis[total[b, vis].argsort(descending=True, stable=True)[:12]].tolist())
+        top = set(vis[total[b, vis].argsort(descending=True, stable=True)[:keep]].tolist())
         assert set(pipe.trace[0].kept[b]) & set(vis.tolist()) == top
 
 
@@ -96,11 +102,4 @@ def test_a_guide_sees_the_images_of_the_forward(family, run):
             big(**batch)
         else:
             big.generate(**batch, max_new_tokens=2, do_sample=False)
-    with torch.no_grad():
-        att = guide_eager(**batch, output_attentions=True).attentions
-    total = sum(a[:, :, -1, :].float().mean(1) for a in att)
-    visual = batch["input_ids"] == big.config.image_token_id
-    for b in range(2):
-        vis = visual[b].nonzero().flatten()
-        top = set(vis[total[b, vis].argsort(descending=True, stable=True)[:6]].tolist())
-        assert set(pipe.trace[0].kept[b]) & set(vis.tolist()) == top
+    assert_guides_top(guide_eager, big, batch, pipe, 6)

@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -301,19 +302,24 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
+def _clock(cuda: bool):
+    """A wall clock in seconds that waits for the GPU's queued work first when ``cuda``."""
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
+
+
 def _decoder_layer_ms(model, inputs, runs: int) -> float:
     """Mean wall time of one decoder layer in a prefill forward of ``inputs`` (ms; the median over ``runs``
     forwards), timed by hooks on the LLM's layers in forwards of their own (not the measured ones)."""
 
     layers = get_adapter(model).layers
-    cuda = next(model.parameters()).is_cuda
+    now = _clock(next(model.parameters()).is_cuda)
     starts: list[float] = []
     spent: list[float] = []
-
-    def now() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     handles = [m.register_forward_pre_hook(lambda *a: starts.append(now())) for m in layers]
     handles += [m.register_forward_hook(lambda *a: spent.append(now() - starts.pop())) for m in layers]
@@ -341,14 +347,9 @@ def _vision_ms(model, inputs, runs: int) -> float:
     tower = get_adapter(model).vision_tower()
     if tower is None:
         return 0.0
-    cuda = next(model.parameters()).is_cuda
+    now = _clock(next(model.parameters()).is_cuda)
     start: list[float] = []
     spent: list[float] = []
-
-    def now() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     def done(*args):
         spent.append(now() - start.pop())
@@ -520,8 +521,6 @@ def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _commit() -> str | None:
     """The checkout's commit (short hash, ``+changes`` when the tree differs from it), or None outside git."""
-    import subprocess
-
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
