@@ -337,22 +337,27 @@ class MaxMinDiversity(FeatureUser, Selector):
             k = self.expected_kept(idx.numel())
             if k == 0:
                 continue
-            chosen = max_min_greedy(1.0 - feats[b, idx] @ feats[b, idx].T, k)
+            f = feats[b, idx]
+            chosen = max_min_greedy(torch.mm(f, f.T).neg_().add_(1.0), k, owned=True)  # cosine distances
             keep[b, idx[chosen]] = True
         return keep
 
 
-def max_min_greedy(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` points chosen greedily for max–min diversity from a (P, P) distance matrix."""
+def max_min_greedy(dist: torch.Tensor, k: int, owned: bool = False) -> torch.Tensor:
+    """Indices of ``k`` points chosen greedily for max–min diversity from a (P, P) distance matrix (``owned``: the
+    caller hands the matrix over, so its diagonal may be overwritten in place)."""
     p = dist.shape[0]
     if p == 1:
         return torch.zeros(1, dtype=torch.long, device=dist.device)
-    off = dist.masked_fill(torch.eye(p, dtype=torch.bool, device=dist.device), float("inf"))
+    off = dist if owned else dist.clone()
+    off.diagonal().fill_(float("inf"))  # a point's own distance is not its nearest neighbour's
     chosen = [int(off.amin(1).argmax())]  # argmax returns the first of ties
-    nearest = dist[chosen[0]].clone()  # distance of every point to its nearest chosen one
+    # distance of every point to its nearest chosen one (the chosen ones are set aside below, so the diagonal's
+    # inf in place of 0 changes nothing)
+    nearest = off[chosen[0]].clone()
     for _ in range(k - 1):
         nearest[chosen] = float("-inf")
         nxt = int(nearest.argmax())
         chosen.append(nxt)
-        nearest = torch.minimum(nearest, dist[nxt])
+        nearest = torch.minimum(nearest, off[nxt])
     return torch.tensor(sorted(chosen), dtype=torch.long, device=dist.device)
