@@ -113,6 +113,57 @@ def _add_spread(out: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, rows
     return out
 
 
+@register_operator("nearest_position_merge")
+class NearestPositionMerge(Merger):
+    """Elastic Cache's merge: each dropped visual token folds into the kept visual token nearest to it in the
+    input sequence (the earlier one on a tie), and a kept token becomes the plain mean of itself and the tokens
+    folded into it.
+
+    Liu et al., "Efficient Inference of Vision Instruction-Following Models with Elastic Cache", ECCV 2024, as
+    the authors' public code merges each layer's cache (its anchors are the entries with the highest
+    attention received; the distance is in sequence positions, not in features). Sizes add up, so
+    ``proportional_attention`` can weigh a merged entry by how many it stands for; no feature similarity is
+    computed (a search among the kept positions per dropped token).
+    """
+
+    @dataclass
+    class Params:
+        proportional_attention: bool = False
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.keep_mask is None:
+            raise RuntimeError("nearest_position_merge needs a selector before it")
+        hidden = state.hidden.clone()
+        sizes = state.sizes.clone().float()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            kept = torch.nonzero(vis & state.keep_mask[b]).squeeze(1)
+            pruned = torch.nonzero(vis & ~state.keep_mask[b]).squeeze(1)
+            if kept.numel() == 0 or pruned.numel() == 0:
+                continue
+            target = nearest_by_position(state.source_index[b, kept], state.source_index[b, pruned])
+            total = hidden[b, kept].float().index_add_(0, target, hidden[b, pruned].float())
+            count = torch.ones(kept.numel(), device=hidden.device).index_add_(
+                0, target, torch.ones(pruned.numel(), device=hidden.device))
+            hidden[b, kept] = (total / count[:, None]).to(hidden.dtype)
+            sizes[b, kept] = sizes[b, kept].index_add_(0, target.to(sizes.device), sizes[b, pruned])
+            state.merge_record(b)[pruned] = kept[target]
+        state.hidden, state.sizes = hidden, sizes
+        state.proportional_attention = state.proportional_attention or self.params.proportional_attention
+        return state
+
+
+def nearest_by_position(kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """For each position in ``pruned``, the index (into ``kept``) of the nearest position in ``kept``; on a tie the
+    earlier one."""
+    order = torch.argsort(kept)
+    ordered = kept[order]
+    right = torch.searchsorted(ordered, pruned).clamp(max=ordered.numel() - 1)
+    left = (right - 1).clamp(min=0)
+    go_right = (ordered[right] - pruned).abs() < (pruned - ordered[left]).abs()
+    return order[torch.where(go_right, right, left)]
+
+
 @register_operator("bipartite")
 class Bipartite(Merger):
     """ToMe's bipartite soft matching: merge the most similar visual token pairs (chooses its own tokens).

@@ -95,6 +95,20 @@ def test_knn_merge_by_hand():
     assert torch.equal(st.hidden[0, 1:], hidden[0, 1:])
 
 
+def test_nearest_position_merge_by_hand():
+    # tokens 0 and 9 are text; visual 1..8 keep 2 and 6. 1 and 3 are next to 2; 4 is 2 from both (the earlier,
+    # 2, takes it); 5, 7, 8 go to 6. h2 <- (h1 + h2 + h3 + h4) / 4, h6 <- (h5 + h6 + h7 + h8) / 4, sizes 4 and 4.
+    hidden = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(1, 1, 3) ** 2
+    st = state_of([[0] + [1] * 8 + [0]], hidden=hidden)
+    st.keep_mask = torch.tensor([[True, False, True, False, False, False, True, False, False, True]])
+    st = tp.build_operator("nearest_position_merge")(st)
+    assert torch.allclose(st.hidden[0, 2], hidden[0, [1, 2, 3, 4]].mean(0))
+    assert torch.allclose(st.hidden[0, 6], hidden[0, [5, 6, 7, 8]].mean(0))
+    assert torch.equal(st.hidden[0, [0, 9]], hidden[0, [0, 9]])  # text untouched
+    assert st.sizes[0, 2] == 4 and st.sizes[0, 6] == 4
+    assert st.merged_into[0].tolist() == [-1, 2, -1, 2, 2, 6, -1, 6, 6, -1]
+
+
 @pytest.mark.parametrize("method,centre_b", [("dpc_knn", 4), ("kmeans", 5)])
 def test_cluster_merge_recycles_two_clusters(method, centre_b):
     # kept token 0; dropped 1..6 form two groups: A = {1,2,3} near the origin, B = {4,5,6} near (5, 5).
