@@ -60,8 +60,7 @@ class WeightedSoftMerge(Merger):
         scores = state.scores if state.scores is not None else torch.ones(state.visual_mask.shape)
         for b in range(state.batch_size):
             vis = state.visual_mask[b] & state.valid_mask[b]
-            kept = torch.nonzero(vis & state.keep_mask[b]).squeeze(1)
-            pruned = torch.nonzero(vis & ~state.keep_mask[b]).squeeze(1)
+            kept, pruned = kept_and_pruned(state, b)
             if kept.numel() == 0 or pruned.numel() == 0:
                 continue
             mass = scores[b].float().clamp_min(0).to(hidden.device)
@@ -95,6 +94,13 @@ class WeightedSoftMerge(Merger):
         return state
 
 
+def kept_and_pruned(state: TokenState, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real visual tokens of ``sample`` the selector kept, and those it dropped (indices, in order)."""
+    vis = state.visual_mask[sample] & state.valid_mask[sample]
+    return (torch.nonzero(vis & state.keep_mask[sample]).squeeze(1),
+            torch.nonzero(vis & ~state.keep_mask[sample]).squeeze(1))
+
+
 def _add_spread(out: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                 sparse: bool | None = None) -> torch.Tensor:
     """``out[idx[j, r]] += weight[j, r] * rows[j]`` for every j and r: ``out`` (K, D) plus Wᵀ ``rows`` with the
@@ -116,8 +122,9 @@ def _add_spread(out: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, rows
 @register_operator("nearest_position_merge")
 class NearestPositionMerge(Merger):
     """Elastic Cache's merge: each dropped visual token folds into the kept visual token nearest to it in the
-    input sequence (the earlier one on a tie), and a kept token becomes the plain mean of itself and the tokens
-    folded into it.
+    input sequence (the earlier one on a tie), and a kept token becomes the size-weighted mean of itself and the
+    tokens folded into it (:func:`merge_into`; with every size 1, as in a ``kv_cache`` stage of its own, the plain
+    mean the authors' code takes).
 
     Liu et al., "Efficient Inference of Vision Instruction-Following Models with Elastic Cache", ECCV 2024, as
     the authors' public code merges each layer's cache (its anchors are the entries with the highest
@@ -133,21 +140,13 @@ class NearestPositionMerge(Merger):
     def forward(self, state: TokenState) -> TokenState:
         if state.keep_mask is None:
             raise RuntimeError("nearest_position_merge needs a selector before it")
-        hidden = state.hidden.clone()
-        sizes = state.sizes.clone().float()
+        hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
         for b in range(state.batch_size):
-            vis = state.visual_mask[b] & state.valid_mask[b]
-            kept = torch.nonzero(vis & state.keep_mask[b]).squeeze(1)
-            pruned = torch.nonzero(vis & ~state.keep_mask[b]).squeeze(1)
+            kept, pruned = kept_and_pruned(state, b)
             if kept.numel() == 0 or pruned.numel() == 0:
                 continue
-            target = nearest_by_position(state.source_index[b, kept], state.source_index[b, pruned])
-            total = hidden[b, kept].float().index_add_(0, target, hidden[b, pruned].float())
-            count = torch.ones(kept.numel(), device=hidden.device).index_add_(
-                0, target, torch.ones(pruned.numel(), device=hidden.device))
-            hidden[b, kept] = (total / count[:, None]).to(hidden.dtype)
-            sizes[b, kept] = sizes[b, kept].index_add_(0, target.to(sizes.device), sizes[b, pruned])
-            state.merge_record(b)[pruned] = kept[target]
+            assign = nearest_by_position(state.source_index[b, kept], state.source_index[b, pruned])
+            merge_into(hidden[b], sizes[b], kept, pruned, assign, state.merge_record(b))
         state.hidden, state.sizes = hidden, sizes
         state.proportional_attention = state.proportional_attention or self.params.proportional_attention
         return state
@@ -266,9 +265,7 @@ class NearestMean(FeatureUser, Merger):
         feats = F.normalize(state.signals.features(self.params.features, self.params.vision_layer), dim=-1)
         hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
         for b in range(state.batch_size):
-            vis = state.visual_mask[b] & state.valid_mask[b]
-            kept = torch.nonzero(vis & state.keep_mask[b]).squeeze(1)
-            pruned = torch.nonzero(vis & ~state.keep_mask[b]).squeeze(1)
+            kept, pruned = kept_and_pruned(state, b)
             if kept.numel() == 0:
                 continue
             assign = (feats[b, pruned] @ feats[b, kept].T).argmax(dim=1)

@@ -222,3 +222,19 @@ def reference_kv_greedy(model, inputs: dict, kept_by_layer: dict[int, list[list[
         return {layer: pruned_columns(am.shape[1], kept, am) for layer, kept in kept_now.items()}
 
     return masked_greedy(model, inputs, steps, {}, hidden_at)
+
+
+def cached_and_reprefilled_logits(model, pipe, batch, step_kwargs, steps: int = 3):
+    """Per decoding step i of stock generate() under ``pipe``: (i, its logits (B, V), the last-token logits of a fresh
+    pruned prefill of the prompt plus the i tokens generated before it). ``step_kwargs(ids, attention_mask)``: the
+    forward's other keyword arguments (the images, and what the family needs besides)."""
+    with pipe.attach(model):
+        out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    for i in range(steps):
+        ids = torch.cat([batch["input_ids"], new[:, :i]], dim=1)
+        am = torch.cat([batch["attention_mask"], torch.ones_like(new[:, :i])], dim=1)
+        with pipe.attach(model):
+            fresh = model(input_ids=ids, attention_mask=am, **step_kwargs(ids, am))
+        yield i, out.logits[i], fresh.logits[:, -1]

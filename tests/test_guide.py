@@ -28,12 +28,16 @@ def test_guide_ranks_tokens_by_its_attention_summed_over_layers(models, run):
     big, guide, guide_eager = models
     batch = tiny_llava_inputs(big)
     pipe = sgl()
+    run_with_guide(big, guide, batch, pipe, run)
+    assert_guides_top(guide_eager, big, batch, pipe, 12)
+
+
+def run_with_guide(big, guide, batch, pipe, run):
     with torch.no_grad(), pipe.attach(big, guide=guide):
         if run == "forward":
             big(**batch)
         else:
             big.generate(**batch, max_new_tokens=2, do_sample=False)
-    assert_guides_top(guide_eager, big, batch, pipe, 12)
 
 
 def assert_guides_top(guide_eager, big, batch, pipe, keep):
@@ -97,9 +101,5 @@ def test_a_guide_sees_the_images_of_the_forward(family, run):
     guide_eager.load_state_dict(guide.state_dict())
     batch = tiny.tiny_qwen2_vl_inputs(big) if family == "qwen2_vl" else tiny.tiny_llava_next_inputs(big)
     pipe = sgl(keep=6)
-    with torch.no_grad(), pipe.attach(big, guide=guide):
-        if run == "forward":
-            big(**batch)
-        else:
-            big.generate(**batch, max_new_tokens=2, do_sample=False)
+    run_with_guide(big, guide, batch, pipe, run)
     assert_guides_top(guide_eager, big, batch, pipe, 6)

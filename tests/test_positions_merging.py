@@ -3,7 +3,7 @@ stock forward and ``generate()``, against hand-run layers and against re-running
 
 import pytest
 import torch
-from reference import generate_positions, hidden_at_layer, reference_from_site
+from reference import cached_and_reprefilled_logits, generate_positions, hidden_at_layer, reference_from_site
 
 import tokenprune as tp
 from tokenprune.core.state import TokenState
@@ -104,18 +104,11 @@ def test_cached_decoding_without_padding(llava_pair, case):
 
 
 def check_cached_against_reprefill(model, pipe, batch, case):
-    steps = 3
-    with pipe.attach(model):
-        out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-    new = out.sequences[:, batch["input_ids"].shape[1]:]
-    for i in range(steps):
-        ids = torch.cat([batch["input_ids"], new[:, :i]], dim=1)
-        am = torch.cat([batch["attention_mask"], torch.ones_like(new[:, :i])], dim=1)
-        pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
-        with pipe.attach(model):
-            fresh = model(input_ids=ids, attention_mask=am, pixel_values=batch["pixel_values"], position_ids=pos)
-        assert torch.allclose(out.logits[i].float(), fresh.logits[:, -1].float(), atol=1e-4), (case, i)
+    def step_kwargs(ids, am):
+        return {"pixel_values": batch["pixel_values"], "position_ids": (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)}
+
+    for i, cached, fresh in cached_and_reprefilled_logits(model, pipe, batch, step_kwargs):
+        assert torch.allclose(cached.float(), fresh.float(), atol=1e-4), (case, i)
 
 
 @torch.no_grad()

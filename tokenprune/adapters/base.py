@@ -117,9 +117,6 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: Human name of the family, for messages.
     family: ClassVar[str] = "this model"
-    #: Whether ``positions: renumber`` makes sense (1-D positions); with False, say why in ``positions_note``.
-    supports_renumber: ClassVar[bool] = True
-    positions_note: ClassVar[str] = ""
     #: Axes of the rotary positions (1; 3 for M-RoPE, whose renumbering :mod:`tokenprune.core.positions` defines).
     rope_axes: ClassVar[int] = 1
     #: Kinds of visual token a stage can ``protect`` from pruning (LLaVA-NeXT: ``image_newline``).
@@ -211,9 +208,6 @@ class ModelAdapter:
                 if kind not in cls.token_kinds:
                     raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {cls.family}; "
                                       f"allowed: {', '.join(cls.token_kinds) or '(none)'}")
-            if stage.positions == "renumber" and not cls.supports_renumber:
-                raise ConfigError(f"{stage.key}.positions", f"'renumber' is not supported for {cls.family} "
-                                  f"({cls.positions_note}); allowed here: keep")
 
     #: Whether the visual tokens sit in the decoder's sequence (False: they enter through cross-attention, which
     #: analytic FLOPs do not model).

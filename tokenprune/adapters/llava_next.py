@@ -74,9 +74,6 @@ class LlavaNextAdapter(LlavaAdapter):
         cfg = self.model.config
         return image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
 
-    def vision_signal_rows(self, tower):
-        return None if tower is None else sum(self._tiles(s) for s in tower) * self._side() ** 2
-
     def image_rows(self, size: tuple[int, int], first: int) -> torch.Tensor:
         """The signal row of each LLM visual token of one image of (height, width) ``size`` whose tiles are the
         tower's tiles ``first, first+1, ...``, -1 on its newline tokens: the base tile in raster order, then the
@@ -103,13 +100,20 @@ class LlavaNextAdapter(LlavaAdapter):
         kept = torch.cat([kept, torch.full((kept.shape[0], 1), -1, dtype=kept.dtype)], dim=1)
         return torch.cat([base, kept.flatten()])
 
-    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
-        if tower is None:
+    def _images_rows(self, sizes) -> list[tuple[torch.Tensor, int, int]]:
+        """For each image of the tower's call (its ``sizes``, in order): (:meth:`image_rows`, its first tile among
+        the call's tiles, its tile count)."""
+        if sizes is None:
             raise ValueError("the image sizes of the vision tower's call were not captured")
-        rows, first = [], 0
-        for size in tower:
-            rows.append(self.image_rows(size, first))
-            first += self._tiles(size)
+        out, first = [], 0
+        for size in sizes:
+            count = self._tiles(size)
+            out.append((self.image_rows(size, first), first, count))
+            first += count
+        return out
+
+    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
+        rows = [r for r, _, _ in self._images_rows(tower)]
         seq = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         count = int(visual.sum())
         if seq.numel() != count:
@@ -124,14 +128,10 @@ class LlavaNextAdapter(LlavaAdapter):
         keeps (a crop it removes whole is no tile) —, images in order over the batch; newline tokens are in
         none. A crop's tokens are not contiguous in the sequence (the canvas rows run across the crops), but in
         sequence order they are its grid's raster order."""
-        if capture is None:
-            raise ValueError("the image sizes of the vision tower's call were not captured")
         side = self._side()
         p = side * side
-        images, first = [], 0
-        for size in capture:
-            rows = self.image_rows(size, first)
-            count = self._tiles(size)
+        images = []
+        for rows, first, count in self._images_rows(capture):
             tile = torch.where(rows >= 0, rows // p - first, -1)
             present = [t for t in range(count) if bool((tile == t).any())]
             shapes = []
@@ -141,30 +141,24 @@ class LlavaNextAdapter(LlavaAdapter):
             renumber = torch.full((count + 1,), -1, dtype=torch.long)
             renumber[torch.tensor(present)] = torch.arange(len(present))
             images.append((renumber[tile], shapes))  # index -1 reads the last entry: -1
-            first += count
         return tiles_of_images(visual, images)
 
     def image_panels(self, inputs: dict, sample: int) -> list[tuple[str, torch.Tensor]]:
-        """The base tile, then the unpadded anyres grid (each row closed by a newline token, which has no cell)."""
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            unpad_image,
-        )
-
+        """The base tile, then the unpadded anyres grid (each row closed by a newline token, which has no cell),
+        as :meth:`image_rows` lays them out."""
         n = int(self.visual_mask(inputs["input_ids"][sample:sample + 1]).sum())
         if n == 0:
             raise ValueError(f"sample {sample} holds no visual tokens")
-        cfg = self.model.config
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        side = self._side()
         base = side * side
-        rest = n - base
-        size = [int(x) for x in inputs["image_sizes"][sample]]
-        gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        rows = int(unpad_image(torch.zeros(1, gh * side, gw * side), torch.tensor(size)).shape[1])
-        if rest <= 0 or rest % rows:
-            raise ValueError(f"sample {sample}: {rest} anyres tokens do not form {rows} rows closed by newlines")
-        grid = torch.arange(base, n).view(rows, rest // rows)[:, :-1]  # drop the newline column
-        return [("base", torch.arange(base).view(side, side)), ("anyres", grid.clone())]
+        rows = self.image_rows(tuple(int(x) for x in inputs["image_sizes"][sample]), 0)
+        if rows.numel() != n:
+            raise ValueError(f"sample {sample}: its image size lays out {rows.numel()} visual tokens, but it holds {n}")
+        panels = [("base", torch.arange(base).view(side, side))]
+        lines = int((rows[base:] < 0).sum())
+        if n - base > lines:  # the anyres grid, its newline column dropped
+            panels.append(("anyres", torch.arange(base, n).view(lines, -1)[:, :-1].clone()))
+        return panels
 
     def mark_token_kinds(self, embeds: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         newline = self.model.model.image_newline.to(embeds.dtype)

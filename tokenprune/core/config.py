@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.registry import registered_operators
 from tokenprune.core.sites import KV_CACHE, CrossAttentionSite, KVCacheSite, LayerSite, site_of
+from tokenprune.core.stage import BUDGETS, POSITIONS
 from tokenprune.core.yaml_files import parse_yaml, read_yaml, refuse_interpolation
 
 PIPELINE_KEYS = ("name", "plugins", "stages")
@@ -220,10 +221,10 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
                 raise ConfigError(f"{where}.layer", f"stages must have strictly increasing layers; {layer} follows "
                                   f"{previous}")
             previous = site.layer
-        if stage.get("positions", "keep") not in ("keep", "renumber"):
-            raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: keep, renumber")
-        if stage.get("budget", "per_image") not in ("per_image", "per_tile"):
-            raise ConfigError(f"{where}.budget", f"got {stage['budget']!r}; allowed: per_image, per_tile")
+        if stage.get("positions", "keep") not in POSITIONS:
+            raise ConfigError(f"{where}.positions", f"got {stage['positions']!r}; allowed: {', '.join(POSITIONS)}")
+        if stage.get("budget", "per_image") not in BUDGETS:
+            raise ConfigError(f"{where}.budget", f"got {stage['budget']!r}; allowed: {', '.join(BUDGETS)}")
         protect = stage.get("protect", [])
         if not isinstance(protect, list) or not all(isinstance(p, str) for p in protect):
             raise ConfigError(f"{where}.protect", f"must be a list of token kinds (e.g. [image_newline]), got {protect!r}")

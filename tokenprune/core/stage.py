@@ -35,7 +35,7 @@ class Stage(nn.Module):
     :class:`~tokenprune.core.kv_cache.CacheSettings` of a ``kv_cache`` stage.
 
     ``budget``: ``per_image`` (the selector chooses among all of a sample's visual tokens) or ``per_tile``
-    (it chooses within each tile separately — LLaVA-NeXT's base tile and anyres grid, every image elsewhere —,
+    (it chooses within each tile separately — LLaVA-NeXT's base tile and each anyres crop, every image elsewhere —,
     each with its own budget, as VisionZip and DART treat LLaVA-NeXT's sub-images; scorers that read the grid
     run per tile too). Visual tokens outside every tile (LLaVA-NeXT's newline tokens) are then kept.
     """
