@@ -315,3 +315,78 @@ def test_the_table_says_when_and_at_which_commit_it_was_measured():
     assert "Produced on 2026-12-04 at commit abc1234 by `tokenprune bench b.yaml`" in markdown(results, "tokenprune bench b.yaml", [])
     commit = bench._commit()  # this checkout is a git clone
     assert commit is None or len(commit.split("+")[0]) >= 7
+
+
+def test_the_count_ideal_replaces_each_cut_layers_time_by_its_time_at_the_kept_count():
+    """Hand-computed: 4 layers, a stock layer taking n ms at n tokens, the unpruned prefill 100 ms at 10 tokens.
+    One cut at layer 2 to 4 tokens saves (10 - 4) ms in layers 2 and 3: 88 ms. Two cuts (layer 1 to 6 tokens,
+    layer 3 to 2) save 4 + 4 + 8: 84 ms. A stage at layer 0 cuts every layer."""
+    ms = lambda n: float(n)  # noqa: E731
+    assert bench.count_ideal_prefill_ms(100.0, 10, {2: 4}, 4, ms) == 88.0
+    assert bench.count_ideal_prefill_ms(100.0, 10, {3: 2, 1: 6}, 4, ms) == 84.0
+    assert bench.count_ideal_prefill_ms(100.0, 10, {"0": 5}, 4, ms) == 80.0  # layer keys as JSON gives them
+    assert bench.count_ideal_prefill_ms(100.0, 10, {}, 4, ms) == 100.0
+
+
+def test_stock_layer_times_run_the_bare_llm_on_the_asked_count_once_per_count(monkeypatch):
+    """The stock LLM's layers see (batch, n, hidden) and nothing of a pipeline; each count is measured once; with a
+    clock advancing 1 s a reading, each layer takes 1000 ms."""
+    from tokenprune.reference.tiny import tiny_llava
+
+    class Clock:
+        t = 0.0
+
+        def perf_counter(self):
+            self.t += 1.0
+            return self.t
+
+    model = tiny_llava("sdpa", layers=3)
+    seen = []
+    first = bench.get_adapter(model).layers[0]
+    first.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(tuple(
+        (args[0] if args else kwargs["hidden_states"]).shape)), with_kwargs=True)
+    monkeypatch.setattr(bench, "time", Clock())
+    times = bench.StockLayerTimes(model, batch=2, runs=2)
+    assert times(7) == 1000.0 and times(7) == 1000.0 and times(5) == 1000.0
+    hidden = model.config.text_config.hidden_size
+    assert seen == [(2, 7, hidden)] * 2 + [(2, 5, hidden)] * 2
+
+
+def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
+    """``count_ideal: true``: the unpruned prefill takes 500 ms at 1000 tokens, a stock layer n/10 ms at n tokens; a
+    variant cutting layers 1..3 of 4 to 100 tokens saves 3 x (100 - 10) = 270 ms: count-ideal 230 ms, and its
+    measured 250 ms is 92% of it. The target line gives both ideals; the table has a row of its own."""
+    samples = iter([500.0, 250.0])
+
+    def fake_measure(model, inputs, pipeline, new_tokens, shape):
+        pruned = pipeline is not None
+        return {"prefill_ms": next(samples), "decode_ms_per_token": 1.0, "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
+                "operator_ms": 1.0 if pruned else 0.0, "kv_operator_ms": 0.0, "flops_reduction": 0.7 if pruned else 0.0,
+                "layer_tokens": {1: 100} if pruned else {}, "visual_tokens": 2928}
+
+    class FakeStock:
+        def __init__(self, model, batch, runs):
+            pass
+
+        def __call__(self, n):
+            return n / 10.0
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 0.0)
+    monkeypatch.setattr(bench, "StockLayerTimes", FakeStock)
+    monkeypatch.setattr(bench, "_synthetic_inputs", lambda model, kind, batch, words: {
+        "input_ids": torch.ones(1, 1000, dtype=torch.long), "attention_mask": torch.ones(1, 1000, dtype=torch.long)})
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "models: [{name: m, synthetic: llava_next, text: {hidden: 16, intermediate: 32, layers: 4, heads: 2},\n"
+        "          count_ideal: true, overhead_target: 0.1}]\n"
+        "variants: [{name: unpruned, pipeline: null}, {name: fastv, pipeline: fastv}]\n"
+        "batch_sizes: [1]\nrepeats: 1\nwarmup: 0\n")
+    results = run_bench(load_bench_config(path), log=lambda *_: None)
+    base, fastv = results["rows"]
+    assert base["count_ideal_prefill_ms"] == 500.0
+    assert fastv["count_ideal_prefill_ms"] == pytest.approx(230.0)
+    assert fastv["speedup_vs_count_ideal"] == pytest.approx(230.0 / 250.0)
+    (target, met, measured), = [t for t in check_targets(results) if "FLOPs-ideal" in t[0]]
+    assert not met and measured == "x2.00 of ideal x3.33 = 60% (count-ideal x2.17: 92% of it)"
+    assert "| m | fastv | 1 | 250.0 | 230.0 | x2.00 | x2.17 | x3.33 | 92% | 60% |" in markdown(results, "b", [])
