@@ -12,7 +12,7 @@ from torch import nn
 
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.masks import expand_batch, gather_tokens
-from tokenprune.core.sites import CrossAttentionSite
+from tokenprune.core.sites import CrossAttentionSite, KVCacheSite
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,12 @@ class ModelFacts:
     guide_images: str | None = None
     #: Why a sample's visual tokens form no single raster grid; None: they do.
     visual_grid: str | None = None
+    #: The mask convention of the LLM's attention (:func:`mask_format_of`); None: not known yet (before loading).
+    mask_format: str | None = None
+    #: The decoder layers that attend within a sliding window.
+    sliding_layers: tuple[int, ...] = ()
+    #: The attention implementation's name, for messages.
+    attn_implementation: str | None = None
 
 
 def tiles_of_images(visual: torch.Tensor, images: list[tuple[torch.Tensor, list[tuple[int, int]]]]
@@ -72,6 +78,28 @@ def tiles_of_images(visual: torch.Tensor, images: list[tuple[torch.Tensor, list[
             tile_of[b, idx] = torch.cat(parts).to(visual.device)
         shapes.append(mine)
     return tile_of, shapes
+
+
+def mask_format_of(impl: str) -> str:
+    """The mask convention of attention implementation ``impl``: ``bool``, ``additive`` or ``2d``
+    (:attr:`ModelAdapter.mask_format`)."""
+    if impl == "sdpa":
+        return "bool"
+    if impl == "eager":
+        return "additive"
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+
+    try:
+        fn = ALL_MASK_ATTENTION_FUNCTIONS[impl]
+    except KeyError:
+        fn = None
+    if fn is flash_attention_mask:
+        return "2d"
+    if fn is sdpa_mask:
+        return "bool"
+    if fn is None and "flash" in impl:
+        return "2d"
+    return "additive"
 
 
 def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -143,7 +171,9 @@ class ModelAdapter:
                           guide_images=self.guide_images_from_config(self.model.config) or (
                               None if self.vision_tower() is not None else
                               "it has no vision tower that takes the model's image input"),
-                          visual_grid=self.visual_grid_from_config(self.model.config))
+                          visual_grid=self.visual_grid_from_config(self.model.config),
+                          mask_format=self.mask_format, attn_implementation=self.attn_implementation,
+                          sliding_layers=tuple(i for i in range(self.num_layers) if self.sliding_window(i)))
 
     @classmethod
     def resolve_site(cls, site: Any) -> Any:
@@ -204,10 +234,31 @@ class ModelAdapter:
                 if getattr(op, "needs_grid", False) and facts.visual_grid is not None and stage.budget != "per_tile":
                     raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} lays the visual tokens out "
                                       f"as one grid, which {cls.family} has not: {facts.visual_grid}")
+            if facts.mask_format == "2d":
+                cls.check_flash_stage(facts, stage)
             for kind in stage.protect:
                 if kind not in cls.token_kinds:
                     raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {cls.family}; "
                                       f"allowed: {', '.join(cls.token_kinds) or '(none)'}")
+
+    @classmethod
+    def check_flash_stage(cls, facts: ModelFacts, stage: Any) -> None:
+        """Refuse what FlashAttention's convention (2-D padding masks, windows counted by the kernel) cannot carry:
+        proportional attention (a log-size bias on merged keys needs a 4-D mask) and pruning ahead of a
+        sliding-window layer (the kernel would count the window over the kept tokens, not the original positions)."""
+        impl = facts.attn_implementation or "FlashAttention"
+        for j, op in enumerate(stage.operators):
+            if getattr(getattr(op, "params", None), "proportional_attention", False):
+                raise ConfigError(f"{stage.key}.operators.{j}.proportional_attention",
+                                  f"{op.op_name!r} adds log(size) to merged keys' attention logits, which needs a 4-D "
+                                  f"mask; this model runs {impl}, which takes 2-D padding masks only; use "
+                                  "attn_implementation: sdpa (or eager), or proportional_attention: false")
+        first = 0 if isinstance(cls.resolve_site(stage.site), KVCacheSite) else stage.site.decoder_layer
+        later = [i for i in facts.sliding_layers if first is not None and i >= first]
+        if later:
+            raise ConfigError(f"{stage.key}.layer", f"{stage.site.value!r} prunes ahead of sliding-window layer "
+                              f"{later[0]}; under {impl} the kernel counts the window over the kept tokens, not the "
+                              "original positions, so the window would move; use attn_implementation: sdpa (or eager)")
 
     #: Whether the visual tokens sit in the decoder's sequence (False: they enter through cross-attention, which
     #: analytic FLOPs do not model).
@@ -247,13 +298,13 @@ class ModelAdapter:
 
     @property
     def mask_format(self) -> str:
-        """How the LLM's layers take their mask: ``bool`` (SDPA), ``additive`` (eager), ``2d`` (FlashAttention)."""
-        impl = self.attn_implementation
-        if impl == "sdpa":
-            return "bool"
-        if "flash" in impl:
-            return "2d"
-        return "additive"
+        """How the LLM's layers take their mask: ``bool`` (SDPA), ``additive`` (eager), ``2d`` (FlashAttention).
+
+        Read from the mask function the implementation is registered with in transformers' attention-mask
+        interface, so that any implementation of FlashAttention's convention (a hub kernel, a stand-in, a name
+        without "flash") is treated as one; an implementation registered with no mask function falls back to
+        transformers' own rule ("flash" in the name: FlashAttention)."""
+        return mask_format_of(self.attn_implementation)
 
     # --- inputs ------------------------------------------------------------------------------
     def input_ids(self, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -122,6 +122,9 @@ class Episode:
     #: True once the first layer's cache is shorter than the prompt: the LLM must then be handed full-frame masks
     short_first_cache: bool = False
     decode_masks: dict[Any, torch.Tensor] = field(default_factory=dict)  # per step, built once per held index
+    #: FlashAttention's convention after the first cache was trimmed: this step's full-frame 2-D padding mask (B, T),
+    #: from which each layer's own is gathered (None: nothing padded, every layer attends causally to its cache)
+    frame_mask_2d: torch.Tensor | None = None
     decode_pe: dict[int, Any] = field(default_factory=dict)  # per step and position shift
     grids: list[tuple[int, int] | None] | None = None  # per sample (rows, cols) of its visual tokens
     kinds: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N) masks of the adapter's token kinds

@@ -102,8 +102,12 @@ class DecoderStream:
             if mask.shape[1] != total:
                 raise PipelineRuntimeError(f"attention_mask has {mask.shape[1]} columns; expected {total} (all tokens so far)")
             if self.adapter.mask_format == "2d":
-                raise PipelineRuntimeError("trimming the first layer's cache is not supported with FlashAttention yet")
-            kwargs["attention_mask"] = full_causal_mask(mask, q, self.adapter.mask_format, embeds.dtype)
+                # FlashAttention takes a 2-D padding mask over a layer's keys; the LLM would cut the full frame's
+                # to the first layer's short cache, so it gets none and each layer gathers its own (_decode_layer)
+                ep.frame_mask_2d = None if bool(mask.all()) else mask.bool()
+                kwargs["attention_mask"] = None
+            else:
+                kwargs["attention_mask"] = full_causal_mask(mask, q, self.adapter.mask_format, embeds.dtype)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = (ep.seen + torch.arange(q, device=embeds.device))[None]
         return args, kwargs
@@ -173,7 +177,9 @@ class DecoderStream:
                 out["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
         mask = layer_mask
         mask = gather_mask(mask, idx if mask is not None and mask.dim() == 4 else None, idx)
-        if mask is None and (flow.key_bias is not None or flow.live is not None):
+        if mask is None and flow.live is not None and self.adapter.mask_format == "2d":
+            mask = ep.valid_now()  # FlashAttention: fillers leave with the padding when the batch is unpadded
+        elif mask is None and (flow.key_bias is not None or flow.live is not None):
             mask = full_causal_mask(ep.valid_now(), idx.shape[1], "bool", hidden.dtype)
         elif flow.live is not None:
             mask = mask_key_columns(mask, flow.live)
@@ -186,9 +192,11 @@ class DecoderStream:
     # --- decoding ----------------------------------------------------------------------------
     def _decode_layer(self, layer: int, ep: Episode, args: tuple, kwargs: dict):
         held = ep.held_at(layer)
+        if ep.frame_mask_2d is not None:  # FlashAttention after a trimmed first cache: the full frame's 2-D mask
+            kwargs["attention_mask"] = ep.frame_mask_2d
         mask = kwargs.get("attention_mask")
         if held.index is None and held.bias is None and held.shift is None:
-            return None
+            return args, kwargs
         window = self.adapter.sliding_window(layer)
         if held.index is not None and window is not None:
             key = ("window", id(held.index))
@@ -199,10 +207,11 @@ class DecoderStream:
             key = id(held.index)
             if key not in ep.decode_masks:
                 total = ep.seen + ep.query_len
-                if mask is None:  # SDPA without padding: build the causal mask to carry the bias
-                    mask = full_causal_mask(torch.ones(held.index.shape[0], total, dtype=torch.long,
-                                                       device=held.index.device), ep.query_len, "bool", torch.float32)
-                    mask = gather_mask(mask, None, decode_key_index(held.index, ep.prefill_len, total))
+                if mask is None:  # no padding: build the mask that carries the bias or the fillers
+                    ones = torch.ones(held.index.shape[0], total, dtype=torch.bool, device=held.index.device)
+                    if self.adapter.mask_format != "2d":  # SDPA: the 4-D causal one
+                        ones = full_causal_mask(ones, ep.query_len, "bool", torch.float32)
+                    mask = gather_mask(ones, None, decode_key_index(held.index, ep.prefill_len, total))
                 else:
                     mask = gather_mask(mask, None, decode_key_index(held.index, ep.prefill_len, mask.shape[-1]))
                 if held.live is not None:
