@@ -162,7 +162,19 @@ class ModelAdapter:
                           cross_attention_layers=tuple(cls.cross_attention_layers_from_config(config)),
                           vision_signals=cls.vision_signals_from_config(config),
                           guide_images=cls.guide_images_from_config(config),
-                          visual_grid=cls.visual_grid_from_config(config))
+                          visual_grid=cls.visual_grid_from_config(config),
+                          mask_format=mask_format_of(impl) if (impl := getattr(text, "_attn_implementation", None))
+                          else None, attn_implementation=impl, sliding_layers=cls.sliding_layers_from_config(config))
+
+    @classmethod
+    def sliding_layers_from_config(cls, config: Any) -> tuple[int, ...]:
+        """The decoder layers ``config`` has attend within a sliding window: those its ``layer_types`` name
+        ``sliding_attention``, or every layer when it sets a ``sliding_window`` and no layer types (Mistral)."""
+        text = getattr(config, "text_config", None) or config
+        types = getattr(text, "layer_types", None)
+        if types is not None:
+            return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        return tuple(range(int(text.num_hidden_layers))) if getattr(text, "sliding_window", None) else ()
 
     def facts(self) -> ModelFacts:
         """The :class:`ModelFacts` of the loaded model (its layers as built, its vision tower as loaded)."""
