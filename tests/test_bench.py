@@ -317,11 +317,11 @@ def test_the_table_says_when_and_at_which_commit_it_was_measured():
     assert commit is None or len(commit.split("+")[0]) >= 7
 
 
-def test_the_count_ideal_shrinks_the_prefill_by_the_stock_layers_time_ratio():
-    """Hand-computed: 4 layers, a stock layer taking n ms at n tokens (40 ms over 4 layers at 10 tokens), the
-    unpruned prefill 100 ms of which the vision tower's 20 stay. One cut at layer 2 to 4 tokens: 10+10+4+4 = 28 of
-    40, so 20 + 80 x 0.7 = 76 ms. Two cuts (layer 1 to 6 tokens, layer 3 to 2): 24 of 40, 68 ms. A stage at layer
-    0 to 5 tokens: 60 ms."""
+def test_the_count_ideal_scales_each_cut_layers_time_by_the_stock_layers_ratio():
+    """Hand-computed: 4 decoder layers of 20 ms each in a 100 ms prefill at 10 tokens (20 ms outside the layers stay),
+    a stock layer taking n ms at n tokens. One cut at layer 2 to 4 tokens: layers 2 and 3 take 20 x 4/10 = 8 ms, 76
+    ms. Two cuts (layer 1 to 6 tokens, layer 3 to 2): 100 - 20 x (0.4 + 0.4 + 0.8) = 68 ms. A stage at layer 0 to 5
+    tokens: 60 ms."""
     ms = lambda n: float(n)  # noqa: E731
     assert bench.count_ideal_prefill_ms(100.0, 20.0, 10, {2: 4}, 4, ms) == pytest.approx(76.0)
     assert bench.count_ideal_prefill_ms(100.0, 20.0, 10, {3: 2, 1: 6}, 4, ms) == pytest.approx(68.0)
@@ -355,11 +355,11 @@ def test_stock_layer_times_run_the_bare_llm_on_the_asked_count_once_per_count(mo
 
 
 def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
-    """``count_ideal: true``: the unpruned prefill takes 500 ms at 1000 tokens (no vision time), a stock layer n/10 ms
-    at n tokens; a variant cutting layers 1..3 of 4 to 100 tokens runs 100+10+10+10 = 130 of 400 ms of layers:
-    count-ideal 162.5 ms (x3.08), and its measured 200 ms is 81% of it, 75% of the FLOPs-ideal (x3.33). The target
+    """``count_ideal: true``: the unpruned prefill takes 500 ms at 1000 tokens, 100 ms in each of its 4 decoder layers;
+    a stock layer takes n/10 ms at n tokens. A variant cutting layers 1..3 to 100 tokens saves 3 x 100 x 0.9 = 270 ms:
+    count-ideal 230 ms (x2.17), and its measured 250 ms is 92% of it, 60% of the FLOPs-ideal (x3.33). The target
     line gives both ideals; the table has a row of its own."""
-    samples = iter([500.0, 200.0])
+    samples = iter([500.0, 250.0])
 
     def fake_measure(model, inputs, pipeline, new_tokens, shape):
         pruned = pipeline is not None
@@ -377,6 +377,7 @@ def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_measure", fake_measure)
     monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 0.0)
     monkeypatch.setattr(bench, "StockLayerTimes", FakeStock)
+    monkeypatch.setattr(bench, "_decoder_layer_ms", lambda model, inputs, runs: 100.0)
     monkeypatch.setattr(bench, "_synthetic_inputs", lambda model, kind, batch, words: {
         "input_ids": torch.ones(1, 1000, dtype=torch.long), "attention_mask": torch.ones(1, 1000, dtype=torch.long)})
     path = tmp_path / "b.yaml"
@@ -388,8 +389,8 @@ def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
     results = run_bench(load_bench_config(path), log=lambda *_: None)
     base, fastv = results["rows"]
     assert base["count_ideal_prefill_ms"] == 500.0
-    assert fastv["count_ideal_prefill_ms"] == pytest.approx(162.5)
-    assert fastv["speedup_vs_count_ideal"] == pytest.approx(162.5 / 200.0)
+    assert fastv["count_ideal_prefill_ms"] == pytest.approx(230.0)
+    assert fastv["speedup_vs_count_ideal"] == pytest.approx(230.0 / 250.0)
     (target, met, measured), = [t for t in check_targets(results) if "FLOPs-ideal" in t[0]]
-    assert not met and measured == "x2.50 of ideal x3.33 = 75% (count-ideal x3.08: 81% of it)"
-    assert "| m | fastv | 1 | 200.0 | 162.5 | x2.50 | x3.08 | x3.33 | 81% | 75% |" in markdown(results, "b", [])
+    assert not met and measured == "x2.00 of ideal x3.33 = 60% (count-ideal x2.17: 92% of it)"
+    assert "| m | fastv | 1 | 250.0 | 230.0 | x2.00 | x2.17 | x3.33 | 92% | 60% |" in markdown(results, "b", [])

@@ -21,7 +21,7 @@ operator overhead is also given against the prefill projected to that depth (the
 missing layers at the measured time per layer), which is what the overhead target reads on that model.
 ``count_ideal: true``: the stock LLM (no image, no pipeline) is also timed at each distinct token count the
 variants' layers run on, and each variant gets the count-ideal prefill (:func:`count_ideal_prefill_ms`): what a
-pruning that cost nothing itself would reach on this hardware. A speed-up short of the FLOPs-ideal but near the
+pruning that cost nothing itself would reach on this hardware, the parts outside the decoder layers unchanged. A speed-up short of the FLOPs-ideal but near the
 count-ideal is the hardware's rate at short sequences, not the pruning's cost.
 
 A variant's ``materialize_attention: [layers]`` runs those decoder layers' attention as an explicit
@@ -374,24 +374,25 @@ class StockLayerTimes:
         return self.ms[tokens]
 
 
-def count_ideal_prefill_ms(base_prefill_ms: float, fixed_ms: float, tokens: int, layer_tokens: dict[int, int],
+def count_ideal_prefill_ms(base_prefill_ms: float, model_layer_ms: float, tokens: int, layer_tokens: dict[int, int],
                            depth: int, layer_ms) -> float:
-    """The prefill a pruning that cost nothing itself would take, in the FLOPs-ideal's form with measured time in
-    place of FLOPs: ``fixed_ms`` (the vision tower) stays, the rest of the unpruned prefill shrinks by the stock
-    LLM's time at the variant's per-layer token counts over its time at ``tokens`` on every one of ``depth`` layers
-    (``layer_tokens``: ``{layer: tokens flowing on from it}``, a stage at layer L cutting layers L and later;
-    ``layer_ms(n)``: one stock layer's time at n tokens). Below the FLOPs-ideal where short sequences run below the
-    FLOP rate of long ones (the hardware's share of a miss); the gap from it to the measured prefill is the pruning's
-    own cost (operators, gathers, hooks)."""
+    """The prefill a pruning that cost nothing itself would take: the unpruned prefill with each of the ``depth``
+    decoder layers' time in it (``model_layer_ms``, measured in the model's own forwards at ``tokens`` tokens) scaled
+    by the stock LLM's time at the count that layer runs on over its time at ``tokens`` (``layer_ms(n)``: one stock
+    layer at n tokens; ``layer_tokens``: ``{layer: tokens flowing on from it}``, a stage at layer L cutting layers L
+    and later). Everything outside the decoder layers (the vision tower, the projector, the image features' packing,
+    the embedding, the head) stays as it was. Below the FLOPs-ideal where short sequences run below the FLOP rate of
+    long ones, and where the parts outside the layers are not negligible; the gap from it to the measured prefill is
+    the pruning's own cost (operators, gathers, hooks)."""
     cuts = sorted((int(k), int(v)) for k, v in layer_tokens.items())
-    pruned = 0.0
+    saved = 0.0
     for layer in range(depth):
         n = tokens
         for at, after in cuts:
             if at <= layer:
                 n = after
-        pruned += layer_ms(n)
-    return fixed_ms + (base_prefill_ms - fixed_ms) * pruned / (depth * layer_ms(tokens))
+        saved += model_layer_ms * (1.0 - layer_ms(n) / layer_ms(tokens))
+    return base_prefill_ms - saved
 
 
 class _TowerDone(Exception):
@@ -469,8 +470,9 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                         samples[v.name].append(res)
             full = m.get("full_layers")
             depth = model.config.text_config.num_hidden_layers
-            if full is not None:  # the prefill of the real depth: the measured one plus the missing layers' time
+            if full is not None or m.get("count_ideal"):  # one decoder layer's time in the model's own prefill
                 layer_ms = _decoder_layer_ms(model, inputs, repeats)
+            if full is not None:  # the prefill of the real depth: the measured one plus the missing layers' time
                 full_prefill = statistics.median(x["prefill_ms"] for x in samples[variants[0].name]) \
                     + (full - depth) * layer_ms
             vision_ms = _vision_ms(model, inputs, repeats)
@@ -499,8 +501,8 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                 row["speedup_vs_ideal"] = row["prefill_speedup"] / row["ideal_speedup"] if modelled else None
                 if stock is not None and row.get("layer_tokens") is not None:
                     row["count_ideal_prefill_ms"] = count_ideal_prefill_ms(
-                        base["prefill_ms"], min(vision_ms, base["prefill_ms"]), int(inputs["attention_mask"][0].sum()),
-                        row["layer_tokens"], depth, stock)
+                        base["prefill_ms"], layer_ms, int(inputs["attention_mask"][0].sum()), row["layer_tokens"], depth,
+                        stock)
                     row["count_ideal_speedup"] = base["prefill_ms"] / row["count_ideal_prefill_ms"]
                     row["speedup_vs_count_ideal"] = row["count_ideal_prefill_ms"] / row["prefill_ms"]
                 row["operator_overhead"] = row["operator_ms"] / base["prefill_ms"]
@@ -737,12 +739,13 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
                   f"{r['operator_overhead_full_depth']:.2%} |" for r in deep]
     counted = [r for r in results["rows"] if r.get("count_ideal_prefill_ms") is not None and not r.get("error")]
     if counted:
-        lines += ["", "Count-ideal: the FLOPs-ideal with measured time in place of FLOPs — the vision tower's time "
-                  "stays, the rest of the unpruned prefill shrinks by the stock LLM's time (no image, no pipeline, "
-                  "timed in forwards of its own at each token count) at the variant's per-layer token counts over "
-                  "its time at the full count: what a pruning that cost nothing itself would reach on this "
-                  "hardware. Below the FLOPs-ideal where short sequences run below the FLOP rate of long ones; the "
-                  "gap from it to the measured prefill is the pruning's own cost (operators, gathers, hooks).", "",
+        lines += ["", "Count-ideal: the unpruned prefill with each decoder layer's time in it scaled by the stock "
+                  "LLM's time (no image, no pipeline, timed in forwards of its own at each token count) at the count "
+                  "that layer runs on over its time at the full count; everything outside the decoder layers (vision "
+                  "tower, projector, feature packing, embedding, head) stays. What a pruning that cost nothing itself "
+                  "would reach on this hardware: below the FLOPs-ideal where short sequences run below the FLOP rate "
+                  "of long ones and where the parts outside the layers weigh; the gap from it to the measured prefill "
+                  "is the pruning's own cost (operators, gathers, hooks).", "",
                   "| model | variant | batch | prefill ms | count-ideal ms | speed-up | count-ideal | FLOPs-ideal | "
                   "of count-ideal | of FLOPs-ideal |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | "

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
-from tokenprune.core.errors import PipelineRuntimeError
+from tokenprune.core.errors import ConfigError, PipelineRuntimeError
 from tokenprune.core.sites import CrossAttentionSite, KVCacheSite, LayerSite
 from tokenprune.core.stage import Stage
 from tokenprune.core.state import TokenState
@@ -58,6 +58,28 @@ RUNTIMES: dict[type, type[SiteRuntime]] = {
 }
 
 
+def is_static_cache(cache: Any) -> bool:
+    """Whether ``cache`` preallocates its layers to a fixed length (transformers' static cache layers)."""
+    from transformers.cache_utils import StaticLayer
+
+    return any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", None) or ())
+
+
+def refuse_static_cache(implementation: Any, key: str, at_attach: bool = True) -> None:
+    """A static cache (``generate(cache_implementation="static")``, and ``torch.compile``'d generation built on
+    it) writes each layer's entries at fixed slots of a preallocated length: a layer whose cache holds only the
+    kept tokens, or is trimmed, has no such slots. Refused at attach when the model's generation config asks for
+    one (:class:`ConfigError`), else when the prefill is given one, before any layer runs."""
+    if implementation is None or "static" not in str(implementation):
+        return
+    detail = (f"{implementation!r}; a static cache preallocates every layer to one length and writes entries at fixed "
+              "slots, which a pruned or trimmed layer cache cannot follow; allowed with a pipeline: the default "
+              "dynamic cache (cache_implementation unset or 'dynamic')")
+    if at_attach:
+        raise ConfigError(key, detail)
+    raise PipelineRuntimeError(f"{key}: {detail}")
+
+
 class AttachedPipeline:
     """Context manager returned by :meth:`Pipeline.attach`; removes its hooks on exit, always."""
 
@@ -66,6 +88,8 @@ class AttachedPipeline:
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
         self.adapter.validate_pipeline(pipeline, guide=guide is not None)
+        refuse_static_cache(getattr(getattr(model, "generation_config", None), "cache_implementation", None),
+                            "generation_config.cache_implementation")
         needs_guide = any(getattr(op, "needs_guide", False) for s in pipeline.stages for op in s.operators)
         self._guide = GuideModel(guide) if guide is not None and needs_guide else None
         self._tower_inputs: dict[str, Any] | None = None  # the images of the latest tower call, for the guide
@@ -178,6 +202,22 @@ class AttachedPipeline:
         return ep.tile_of, ep.tile_grids
 
     # --- the episode -------------------------------------------------------------------------
+    def _follow_beams(self, ep: Episode) -> None:
+        """Beam search reorders the cache's batch rows between decoding steps (``cache.reorder_cache(beam_idx)``);
+        the episode's per-row record of what each layer's cache holds is reordered with them."""
+        cache = ep.cache
+        reorder = getattr(cache, "reorder_cache", None)
+        ep.follows_beams = True
+        if reorder is None:
+            return
+
+        def follow(beam_idx, *args, **kwargs):
+            if self.episode is ep:
+                ep.reorder_rows(beam_idx)
+            return reorder(beam_idx, *args, **kwargs)
+
+        cache.reorder_cache = follow
+
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._forwards += 1
         input_ids = self.adapter.input_ids(args, kwargs)
@@ -191,6 +231,8 @@ class AttachedPipeline:
         visual = self.adapter.visual_mask(input_ids)
         if past == 0:
             self.episode = None
+            if is_static_cache(cache):
+                refuse_static_cache("static", "cache_implementation", at_attach=False)
             if bool(visual.any()):
                 mask = kwargs.get("attention_mask")
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
@@ -216,6 +258,8 @@ class AttachedPipeline:
             return
         for site in self.sites:
             site.after_forward(ep)
+        if ep.cache is not None and not ep.follows_beams:
+            self._follow_beams(ep)
         ep.seen += ep.query_len
         ep.capture = None
         ep.frame = None

@@ -125,6 +125,7 @@ class Episode:
     #: FlashAttention's convention after the first cache was trimmed: this step's full-frame 2-D padding mask (B, T),
     #: from which each layer's own is gathered (None: nothing padded, every layer attends causally to its cache)
     frame_mask_2d: torch.Tensor | None = None
+    follows_beams: bool = False  # the cache's reorder_cache (beam search) reorders this episode's rows too
     decode_pe: dict[int, Any] = field(default_factory=dict)  # per step and position shift
     grids: list[tuple[int, int] | None] | None = None  # per sample (rows, cols) of its visual tokens
     kinds: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N) masks of the adapter's token kinds
@@ -167,6 +168,19 @@ class Episode:
         self.decode_pe = {}
         self.decode_step += 1
         self.decode_scores = None
+
+    def reorder_rows(self, beam_idx: torch.Tensor) -> None:
+        """Beam search moved the cache's batch rows (row r now holds what row ``beam_idx[r]`` held): what each layer's
+        cache holds, and each row's prompt, follow. A decoding-time re-pruning leaves the beams of one sample holding
+        different entries, so this is what keeps their masks on their own entries."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, beam_idx.to(t.device))
+
+        self.held = {layer: Held(pick(h.index), pick(h.live), pick(h.bias), pick(h.shift))
+                     for layer, h in self.held.items()}
+        self.valid, self.visual = pick(self.valid), pick(self.visual)
+        self.decode_masks.clear()
+        self.decode_pe.clear()
 
     def record(self, layer: int) -> None:
         """Layer ``layer`` is about to run in the prefill on the tokens flowing now: its cache will hold them."""
