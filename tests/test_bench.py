@@ -207,7 +207,7 @@ def test_a_depth_cut_model_projects_its_prefill_to_the_full_depth(tmp_path, monk
                 "flops_reduction": 0.0, "visual_tokens": 2928}
 
     monkeypatch.setattr(bench, "_measure", fake_measure)
-    monkeypatch.setattr(bench, "_decoder_layer_ms", lambda model, inputs, runs: 20.0)
+    monkeypatch.setattr(bench, "_decoder_layer_times", lambda model, inputs, runs: (20.0, 0.9))
     monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 0.0)
     path = tmp_path / "b.yaml"
     path.write_text(
@@ -243,7 +243,9 @@ def test_the_decoder_layer_clock_is_the_mean_time_of_one_layer_per_forward(monke
 
     model = tiny_llava("sdpa", layers=4)
     monkeypatch.setattr(bench, "time", Clock())
-    assert bench._decoder_layer_ms(model, tiny_llava_inputs(model), runs=2) == 1000.0
+    layer_ms, share = bench._decoder_layer_times(model, tiny_llava_inputs(model), runs=2)
+    assert layer_ms == 1000.0
+    assert share == pytest.approx(4 / 9)  # the forward's clock advances 9 s: its own 2 readings and 4 layers x 2
     # the vision tower reads it once at its start and once at its end: 1 s a forward, once per forward
     assert bench._vision_ms(model, tiny_llava_inputs(model), runs=2) == 1000.0
 
@@ -317,16 +319,16 @@ def test_the_table_says_when_and_at_which_commit_it_was_measured():
     assert commit is None or len(commit.split("+")[0]) >= 7
 
 
-def test_the_count_ideal_scales_each_cut_layers_time_by_the_stock_layers_ratio():
-    """Hand-computed: 4 decoder layers of 20 ms each in a 100 ms prefill at 10 tokens (20 ms outside the layers stay),
-    a stock layer taking n ms at n tokens. One cut at layer 2 to 4 tokens: layers 2 and 3 take 20 x 4/10 = 8 ms, 76
-    ms. Two cuts (layer 1 to 6 tokens, layer 3 to 2): 100 - 20 x (0.4 + 0.4 + 0.8) = 68 ms. A stage at layer 0 to 5
-    tokens: 60 ms."""
+def test_the_count_ideal_scales_the_layers_share_by_the_stock_layers_ratio():
+    """Hand-computed: a 100 ms prefill at 10 tokens spending 80% of a forward in its 4 decoder layers (20 ms outside
+    them stay), a stock layer taking n ms at n tokens. One cut at layer 2 to 4 tokens: the layers run at
+    (1 + 1 + 0.4 + 0.4) / 4 = 70% of their time, 100 x (1 - 0.8 x 0.3) = 76 ms. Two cuts (layer 1 to 6 tokens,
+    layer 3 to 2): 60%, 68 ms. A stage at layer 0 to 5 tokens: 60 ms."""
     ms = lambda n: float(n)  # noqa: E731
-    assert bench.count_ideal_prefill_ms(100.0, 20.0, 10, {2: 4}, 4, ms) == pytest.approx(76.0)
-    assert bench.count_ideal_prefill_ms(100.0, 20.0, 10, {3: 2, 1: 6}, 4, ms) == pytest.approx(68.0)
-    assert bench.count_ideal_prefill_ms(100.0, 20.0, 10, {"0": 5}, 4, ms) == pytest.approx(60.0)  # keys as JSON has them
-    assert bench.count_ideal_prefill_ms(100.0, 20.0, 10, {}, 4, ms) == pytest.approx(100.0)
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {2: 4}, 4, ms) == pytest.approx(76.0)
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {3: 2, 1: 6}, 4, ms) == pytest.approx(68.0)
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {"0": 5}, 4, ms) == pytest.approx(60.0)  # keys as JSON has them
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {}, 4, ms) == pytest.approx(100.0)
 
 
 def test_stock_layer_times_run_the_bare_llm_on_the_asked_count_once_per_count(monkeypatch):
@@ -355,8 +357,9 @@ def test_stock_layer_times_run_the_bare_llm_on_the_asked_count_once_per_count(mo
 
 
 def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
-    """``count_ideal: true``: the unpruned prefill takes 500 ms at 1000 tokens, 100 ms in each of its 4 decoder layers;
-    a stock layer takes n/10 ms at n tokens. A variant cutting layers 1..3 to 100 tokens saves 3 x 100 x 0.9 = 270 ms:
+    """``count_ideal: true``: the unpruned prefill takes 500 ms at 1000 tokens, 80% of a forward in its 4 decoder
+    layers; a stock layer takes n/10 ms at n tokens. A variant cutting layers 1..3 to 100 tokens runs its layers at
+    (1 + 3 x 0.1) / 4 = 32.5% of their time, 500 x (1 - 0.8 x 0.675) = 230 ms:
     count-ideal 230 ms (x2.17), and its measured 250 ms is 92% of it, 60% of the FLOPs-ideal (x3.33). The target
     line gives both ideals; the table has a row of its own."""
     samples = iter([500.0, 250.0])
@@ -377,7 +380,7 @@ def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_measure", fake_measure)
     monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 0.0)
     monkeypatch.setattr(bench, "StockLayerTimes", FakeStock)
-    monkeypatch.setattr(bench, "_decoder_layer_ms", lambda model, inputs, runs: 100.0)
+    monkeypatch.setattr(bench, "_decoder_layer_times", lambda model, inputs, runs: (100.0, 0.8))
     monkeypatch.setattr(bench, "_synthetic_inputs", lambda model, kind, batch, words: {
         "input_ids": torch.ones(1, 1000, dtype=torch.long), "attention_mask": torch.ones(1, 1000, dtype=torch.long)})
     path = tmp_path / "b.yaml"

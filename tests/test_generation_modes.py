@@ -153,3 +153,28 @@ def test_a_static_cache_is_refused_before_any_layer_runs(monkeypatch):
     monkeypatch.setattr(model.generation_config, "cache_implementation", "static")
     with pytest.raises(ConfigError, match=r"^generation_config\.cache_implementation: 'static'; a static cache"):
         fastv().attach(model)
+
+
+@torch.no_grad()
+def test_a_compiled_forward_runs_the_pipeline_as_the_masked_reference():
+    """``model.forward = torch.compile(model.forward)`` (TorchDynamo, with the ``eager`` backend to keep CI short:
+    tracing and graph breaks around tokenprune's hooks are what can go wrong, not code generation): FastV at layer 2
+    through generate() equals the masked eager reference."""
+    from reference import reference_greedy
+
+    model, batch = pair("llava")["sdpa"], inputs("llava")
+    torch._dynamo.reset()
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="eager")
+    try:
+        pipe = fastv()
+        with pipe.attach(model):
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+    tokens, ref_logits = reference_greedy(pair("llava")["eager"], batch, LAYER, pipe.trace[0].kept, 3)
+    assert torch.equal(out.sequences[:, -3:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)

@@ -322,32 +322,40 @@ def _clock(cuda: bool):
     return now
 
 
-def _layer_ms(layers, forward, runs: int, cuda: bool) -> float:
-    """Mean wall time of one of ``layers`` in a call of ``forward()`` (ms; the median over ``runs`` calls), timed by
-    hooks on the layers."""
+def _layer_times(layers, forward, runs: int, cuda: bool) -> tuple[float, float]:
+    """(mean wall time of one of ``layers`` in a call of ``forward()`` in ms, the share of the call's time spent in
+    them), medians over ``runs`` calls, timed by hooks on the layers."""
     now = _clock(cuda)
     starts: list[float] = []
     spent: list[float] = []
 
     handles = [m.register_forward_pre_hook(lambda *a: starts.append(now())) for m in layers]
     handles += [m.register_forward_hook(lambda *a: spent.append(now() - starts.pop())) for m in layers]
-    per_run = []
+    per_run, shares = [], []
     try:
         with torch.no_grad():
             for _ in range(runs):
                 spent.clear()
+                t0 = now()
                 forward()
+                total = now() - t0
                 per_run.append(1000.0 * sum(spent) / len(spent))
+                shares.append(sum(spent) / total)
     finally:
         for h in handles:
             h.remove()
-    return statistics.median(per_run)
+    return statistics.median(per_run), statistics.median(shares)
 
 
-def _decoder_layer_ms(model, inputs, runs: int) -> float:
-    """Mean wall time of one decoder layer in a prefill forward of ``inputs`` (ms; the median over ``runs``
-    forwards), timed by hooks on the LLM's layers in forwards of their own (not the measured ones)."""
-    return _layer_ms(get_adapter(model).layers, lambda: model(**inputs), runs, next(model.parameters()).is_cuda)
+def _layer_ms(layers, forward, runs: int, cuda: bool) -> float:
+    """Mean wall time of one of ``layers`` in a call of ``forward()`` (ms; the median over ``runs`` calls)."""
+    return _layer_times(layers, forward, runs, cuda)[0]
+
+
+def _decoder_layer_times(model, inputs, runs: int) -> tuple[float, float]:
+    """(mean wall time of one decoder layer in ms, the share of the forward spent in the decoder layers) in prefill
+    forwards of ``inputs`` of their own (not the measured ones), medians over ``runs``."""
+    return _layer_times(get_adapter(model).layers, lambda: model(**inputs), runs, next(model.parameters()).is_cuda)
 
 
 class StockLayerTimes:
@@ -374,25 +382,26 @@ class StockLayerTimes:
         return self.ms[tokens]
 
 
-def count_ideal_prefill_ms(base_prefill_ms: float, model_layer_ms: float, tokens: int, layer_tokens: dict[int, int],
+def count_ideal_prefill_ms(base_prefill_ms: float, layer_share: float, tokens: int, layer_tokens: dict[int, int],
                            depth: int, layer_ms) -> float:
-    """The prefill a pruning that cost nothing itself would take: the unpruned prefill with each of the ``depth``
-    decoder layers' time in it (``model_layer_ms``, measured in the model's own forwards at ``tokens`` tokens) scaled
-    by the stock LLM's time at the count that layer runs on over its time at ``tokens`` (``layer_ms(n)``: one stock
-    layer at n tokens; ``layer_tokens``: ``{layer: tokens flowing on from it}``, a stage at layer L cutting layers L
-    and later). Everything outside the decoder layers (the vision tower, the projector, the image features' packing,
-    the embedding, the head) stays as it was. Below the FLOPs-ideal where short sequences run below the FLOP rate of
-    long ones, and where the parts outside the layers are not negligible; the gap from it to the measured prefill is
-    the pruning's own cost (operators, gathers, hooks)."""
+    """The prefill a pruning that cost nothing itself would take: the unpruned prefill with the part spent in the
+    ``depth`` decoder layers (``layer_share`` of a forward, measured in the model's own forwards) scaled layer by
+    layer by the stock LLM's time at the count that layer runs on over its time at ``tokens`` (``layer_ms(n)``: one
+    stock layer at n tokens; ``layer_tokens``: ``{layer: tokens flowing on from it}``, a stage at layer L cutting
+    layers L and later). Everything outside the decoder layers (the vision tower, the projector, the image features'
+    packing, the embedding, the head) stays. Only ratios of times measured together enter, so timings taken at
+    different moments never subtract. Below the FLOPs-ideal where short sequences run below the FLOP rate of long
+    ones, and where the parts outside the layers are not negligible; the gap from it to the measured prefill is the
+    pruning's own cost (operators, gathers, hooks)."""
     cuts = sorted((int(k), int(v)) for k, v in layer_tokens.items())
-    saved = 0.0
+    ratio = 0.0
     for layer in range(depth):
         n = tokens
         for at, after in cuts:
             if at <= layer:
                 n = after
-        saved += model_layer_ms * (1.0 - layer_ms(n) / layer_ms(tokens))
-    return base_prefill_ms - saved
+        ratio += layer_ms(n) / layer_ms(tokens)
+    return base_prefill_ms * (1.0 - layer_share * (1.0 - ratio / depth))
 
 
 class _TowerDone(Exception):
@@ -471,7 +480,7 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
             full = m.get("full_layers")
             depth = model.config.text_config.num_hidden_layers
             if full is not None or m.get("count_ideal"):  # one decoder layer's time in the model's own prefill
-                layer_ms = _decoder_layer_ms(model, inputs, repeats)
+                layer_ms, layer_share = _decoder_layer_times(model, inputs, repeats)
             if full is not None:  # the prefill of the real depth: the measured one plus the missing layers' time
                 full_prefill = statistics.median(x["prefill_ms"] for x in samples[variants[0].name]) \
                     + (full - depth) * layer_ms
@@ -501,8 +510,8 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                 row["speedup_vs_ideal"] = row["prefill_speedup"] / row["ideal_speedup"] if modelled else None
                 if stock is not None and row.get("layer_tokens") is not None:
                     row["count_ideal_prefill_ms"] = count_ideal_prefill_ms(
-                        base["prefill_ms"], layer_ms, int(inputs["attention_mask"][0].sum()), row["layer_tokens"], depth,
-                        stock)
+                        base["prefill_ms"], layer_share, int(inputs["attention_mask"][0].sum()), row["layer_tokens"],
+                        depth, stock)
                     row["count_ideal_speedup"] = base["prefill_ms"] / row["count_ideal_prefill_ms"]
                     row["speedup_vs_count_ideal"] = row["count_ideal_prefill_ms"] / row["prefill_ms"]
                 row["operator_overhead"] = row["operator_ms"] / base["prefill_ms"]
