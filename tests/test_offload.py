@@ -14,15 +14,18 @@ import tokenprune as tp
 PRESETS = ["fastv", "asap", "visionzip", "mint", "random"]
 
 
-def _device_map(model) -> dict[str, str]:
-    """Everything on the CPU but every odd decoder layer, offloaded to disk."""
+def _device_map(model, how: str) -> dict[str, str]:
+    """``map``: everything on the CPU but every odd decoder layer, offloaded to disk; ``tower``: the vision tower and
+    every decoder layer on disk (vision-tower signals are recomputed from its layers' weights after its forward)."""
     inner = model.model
     keep = [name for name, _ in inner.named_children() if name != "language_model"]
-    out = {f"model.{name}": "cpu" for name in keep}
+    tower = {"vision_tower", "visual"} if how == "tower" else set()
+    out = {f"model.{name}": "disk" if name in tower else "cpu" for name in keep}
     out.update({f"model.{name}": "cpu" for name, _ in inner.named_parameters(recurse=False)})  # NeXT's image_newline
     lm = inner.language_model
     out.update({f"model.language_model.{name}": "cpu" for name, _ in lm.named_children() if name != "layers"})
-    out.update({f"model.language_model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(len(lm.layers))})
+    out.update({f"model.language_model.layers.{i}": "disk" if i % 2 or how == "tower" else "cpu"
+                for i in range(len(lm.layers))})
     out["lm_head"] = "cpu"
     return out
 
@@ -34,8 +37,8 @@ def offloaded(family: str, how: str, folder: str):
     model = pair(family)["sdpa"]
     saved = f"{folder}/{family}"
     model.save_pretrained(saved)
-    if how == "map":
-        kw = {"device_map": _device_map(model)}
+    if how in ("map", "tower"):
+        kw = {"device_map": _device_map(model, how)}
     else:  # "auto" with a CPU budget of 70% of the weights: the later decoder layers go to disk
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         kw = {"device_map": "auto", "max_memory": {"cpu": size * 7 // 10}}
@@ -75,6 +78,19 @@ def test_a_pipeline_on_an_offloaded_model_is_the_pipeline_without_offload(folder
     assert kept_a == kept_b
     assert torch.equal(a.sequences, b.sequences)
     assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize("preset", ["visionzip", "prumerge_plus", "asap"])
+@torch.no_grad()
+def test_a_pipeline_reading_an_offloaded_vision_tower_is_the_pipeline_without_offload(folder, preset):
+    model, batch = offloaded("llava", "tower", folder), inputs("llava")
+    assert model.hf_device_map["model.vision_tower"] == "disk"
+    runs = []
+    for m in (pair("llava")["sdpa"], model):
+        pipe = tp.load_pipeline(preset)
+        with pipe.attach(m):
+            runs.append((m.generate(**batch, max_new_tokens=3, do_sample=False), [t.kept for t in pipe.trace]))
+    assert runs[0][1] == runs[1][1] and torch.equal(runs[0][0], runs[1][0])
 
 
 @torch.no_grad()
