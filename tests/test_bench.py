@@ -229,20 +229,23 @@ def test_a_depth_cut_model_projects_its_prefill_to_the_full_depth(tmp_path, monk
     assert "| cut | fastv-0.25 | 1 | 20.0 | 32 | 680 | 10.2 | 1.50% |" in markdown(results, "b", [])
 
 
+class OneSecondClock:
+    """A stand-in for the ``time`` module whose clock advances 1 s at every reading."""
+
+    t = 0.0
+
+    def perf_counter(self):
+        self.t += 1.0
+        return self.t
+
+
 def test_the_decoder_layer_clock_is_the_mean_time_of_one_layer_per_forward(monkeypatch):
     """A fake clock that advances 1 s at every reading: each layer reads it at its start and end, so each layer
     takes exactly 1 s whatever the model computes, and the mean per layer is 1000 ms (not the 4 layers' sum)."""
     from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
-    class Clock:
-        t = 0.0
-
-        def perf_counter(self):
-            self.t += 1.0
-            return self.t
-
     model = tiny_llava("sdpa", layers=4)
-    monkeypatch.setattr(bench, "time", Clock())
+    monkeypatch.setattr(bench, "time", OneSecondClock())
     layer_ms, share = bench._decoder_layer_times(model, tiny_llava_inputs(model), runs=2)
     assert layer_ms == 1000.0
     assert share == pytest.approx(4 / 9)  # the forward's clock advances 9 s: its own 2 readings and 4 layers x 2
@@ -333,23 +336,15 @@ def test_the_count_ideal_scales_the_layers_share_by_the_stock_layers_ratio():
 
 def test_stock_layer_times_run_the_bare_llm_on_the_asked_count_once_per_count(monkeypatch):
     """The stock LLM's layers see (batch, n, hidden) and nothing of a pipeline; each count is measured once (after a
-    warm-up call); with a
-    clock advancing 1 s a reading, each layer takes 1000 ms."""
+    warm-up call); with a clock advancing 1 s a reading, each layer takes 1000 ms."""
     from tokenprune.reference.tiny import tiny_llava
-
-    class Clock:
-        t = 0.0
-
-        def perf_counter(self):
-            self.t += 1.0
-            return self.t
 
     model = tiny_llava("sdpa", layers=3)
     seen = []
     first = bench.get_adapter(model).layers[0]
     first.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(tuple(
         (args[0] if args else kwargs["hidden_states"]).shape)), with_kwargs=True)
-    monkeypatch.setattr(bench, "time", Clock())
+    monkeypatch.setattr(bench, "time", OneSecondClock())
     times = bench.StockLayerTimes(model, batch=2, runs=2)
     assert times(7) == 1000.0 and times(7) == 1000.0 and times(5) == 1000.0
     hidden = model.config.text_config.hidden_size
