@@ -324,14 +324,16 @@ def test_the_table_says_when_and_at_which_commit_it_was_measured():
 
 def test_the_count_ideal_scales_the_layers_share_by_the_stock_layers_ratio():
     """Hand-computed: a 100 ms prefill at 10 tokens spending 80% of a forward in its 4 decoder layers (20 ms outside
-    them stay), a stock layer taking n ms at n tokens. One cut at layer 2 to 4 tokens: the layers run at
+    them stay), a stock layer taking n ms at n tokens; each layer's count given (as measured_flops lays the trace's
+    cuts out). One cut at layer 2 to 4 tokens: the layers run at
     (1 + 1 + 0.4 + 0.4) / 4 = 70% of their time, 100 x (1 - 0.8 x 0.3) = 76 ms. Two cuts (layer 1 to 6 tokens,
     layer 3 to 2): 60%, 68 ms. A stage at layer 0 to 5 tokens: 60 ms."""
     ms = lambda n: float(n)  # noqa: E731
-    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {2: 4}, 4, ms) == pytest.approx(76.0)
-    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {3: 2, 1: 6}, 4, ms) == pytest.approx(68.0)
-    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {"0": 5}, 4, ms) == pytest.approx(60.0)  # keys as JSON has them
-    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, {}, 4, ms) == pytest.approx(100.0)
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, dict(enumerate([10, 10, 4, 4])), ms) == pytest.approx(76.0)
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, dict(enumerate([10, 6, 6, 2])), ms) == pytest.approx(68.0)
+    json_keys = {"0": 5, "1": 5, "2": 5, "3": 5}  # layer keys as JSON has them
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, json_keys, ms) == pytest.approx(60.0)
+    assert bench.count_ideal_prefill_ms(100.0, 0.8, 10, dict(enumerate([10] * 4)), ms) == pytest.approx(100.0)
 
 
 def test_stock_layer_times_run_the_bare_llm_on_the_asked_count_once_per_count(monkeypatch):
@@ -363,7 +365,7 @@ def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
         pruned = pipeline is not None
         return {"prefill_ms": next(samples), "decode_ms_per_token": 1.0, "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
                 "operator_ms": 1.0 if pruned else 0.0, "kv_operator_ms": 0.0, "flops_reduction": 0.7 if pruned else 0.0,
-                "layer_tokens": {1: 100} if pruned else {}, "visual_tokens": 2928}
+                "layer_tokens": dict(enumerate([1000, 100, 100, 100] if pruned else [1000] * 4)), "visual_tokens": 2928}
 
     class FakeStock:
         def __init__(self, model, batch, runs):

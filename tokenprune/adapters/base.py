@@ -83,10 +83,6 @@ def tiles_of_images(visual: torch.Tensor, images: list[tuple[torch.Tensor, list[
 def mask_format_of(impl: str) -> str:
     """The mask convention of attention implementation ``impl``: ``bool``, ``additive`` or ``2d``
     (:attr:`ModelAdapter.mask_format`)."""
-    if impl == "sdpa":
-        return "bool"
-    if impl == "eager":
-        return "additive"
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
 
     try:

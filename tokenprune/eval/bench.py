@@ -21,8 +21,9 @@ operator overhead is also given against the prefill projected to that depth (the
 missing layers at the measured time per layer), which is what the overhead target reads on that model.
 ``count_ideal: true``: the stock LLM (no image, no pipeline) is also timed at each distinct token count the
 variants' layers run on, and each variant gets the count-ideal prefill (:func:`count_ideal_prefill_ms`): what a
-pruning that cost nothing itself would reach on this hardware, the parts outside the decoder layers unchanged. A speed-up short of the FLOPs-ideal but near the
-count-ideal is the hardware's rate at short sequences, not the pruning's cost.
+pruning that cost nothing itself would reach on this hardware, the parts outside the decoder layers unchanged. A
+speed-up short of the FLOPs-ideal but near the count-ideal is the hardware's rate at short sequences, not the
+pruning's cost.
 
 A variant's ``materialize_attention: [layers]`` runs those decoder layers' attention as an explicit
 ``softmax(QKᵀ)V`` with the (B, H, N, N) weights materialised (:func:`materialized_attention`): with
@@ -292,19 +293,19 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     prefill = [t for t in trace if t.site == "prefill"]
     adapter = get_adapter(model)
     v = adapter.visual_token_counts(inputs)[0]
-    reduction = None  # analytic FLOPs do not model cross-attention yet (docs/flops.md)
+    report = None  # analytic FLOPs do not model cross-attention yet (docs/flops.md)
     if adapter.decoder_only:
-        reduction = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in prefill],
-                                   "exact").reduction
+        report = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in prefill],
+                                "exact")
     return {"prefill_ms": steps[0], "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
             "tokens_per_s": b * new_tokens / (total / 1000.0), "kv_cache_bytes": cache_bytes(out.past_key_values) / b,
-            "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": reduction,
+            "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": report.reduction if report else None,
             # the part spent scoring and cutting the caches of kv_cache stages, which grows with the layers compressed
             "kv_operator_ms": sum(t.operator_ms for t in trace if t.site == "kv_cache"),
             # per operator, "<stage>.<index>:<op>" (a lazy signal is charged to the first operator that asks for it)
             "operator_ms_by_op": {f"{t.stage}.{k}": ms for t in prefill for k, ms in t.operator_ms_by_op.items()},
-            # the tokens flowing on from each layer where a stage cut them (decoder layers; the count-ideal reads it)
-            "layer_tokens": {t.layer: t.tokens_after[0] for t in prefill} if adapter.decoder_only else None,
+            # {layer: the tokens it runs on} (decoder layers; the count-ideal reads it)
+            "layer_tokens": dict(enumerate(report.per_layer_tokens)) if report else None,
             "visual_tokens": v, "visual_tokens_kept": prefill[-1].visual_after[0] if prefill else v,
             # a kv_cache stage: the visual entries its layers' caches keep, averaged over the layers
             "kv_visual_kept": statistics.mean(t.visual_after[0] for t in kv) if (kv := [
@@ -347,11 +348,6 @@ def _layer_times(layers, forward, runs: int, cuda: bool) -> tuple[float, float]:
     return statistics.median(per_run), statistics.median(shares)
 
 
-def _layer_ms(layers, forward, runs: int, cuda: bool) -> float:
-    """Mean wall time of one of ``layers`` in a call of ``forward()`` (ms; the median over ``runs`` calls)."""
-    return _layer_times(layers, forward, runs, cuda)[0]
-
-
 def _decoder_layer_times(model, inputs, runs: int) -> tuple[float, float]:
     """(mean wall time of one decoder layer in ms, the share of the forward spent in the decoder layers) in prefill
     forwards of ``inputs`` of their own (not the measured ones), medians over ``runs``."""
@@ -377,31 +373,24 @@ class StockLayerTimes:
             lm = self.adapter.language_model
             with torch.no_grad():
                 lm(input_ids=ids, use_cache=False)  # a first call at a new length pays one-off allocations
-            self.ms[tokens] = _layer_ms(self.adapter.layers, lambda: lm(input_ids=ids, use_cache=False), self.runs,
-                                        self.cuda)
+            self.ms[tokens] = _layer_times(self.adapter.layers, lambda: lm(input_ids=ids, use_cache=False), self.runs,
+                                           self.cuda)[0]
         return self.ms[tokens]
 
 
 def count_ideal_prefill_ms(base_prefill_ms: float, layer_share: float, tokens: int, layer_tokens: dict[int, int],
-                           depth: int, layer_ms) -> float:
+                           layer_ms) -> float:
     """The prefill a pruning that cost nothing itself would take: the unpruned prefill with the part spent in the
-    ``depth`` decoder layers (``layer_share`` of a forward, measured in the model's own forwards) scaled layer by
-    layer by the stock LLM's time at the count that layer runs on over its time at ``tokens`` (``layer_ms(n)``: one
-    stock layer at n tokens; ``layer_tokens``: ``{layer: tokens flowing on from it}``, a stage at layer L cutting
-    layers L and later). Everything outside the decoder layers (the vision tower, the projector, the image features'
-    packing, the embedding, the head) stays. Only ratios of times measured together enter, so timings taken at
-    different moments never subtract. Below the FLOPs-ideal where short sequences run below the FLOP rate of long
+    decoder layers (``layer_share`` of a forward, measured in the model's own forwards) scaled layer by layer by the
+    stock LLM's time at the count that layer runs on over its time at ``tokens`` (``layer_tokens``: ``{layer: tokens
+    it runs on}`` for every decoder layer, :func:`~tokenprune.measure.flops.measured_flops`'s counts; ``layer_ms(n)``:
+    one stock layer at n tokens). Everything outside the decoder layers (the vision tower, the projector, the image
+    features' packing, the embedding, the head) stays. Only ratios of times measured together enter, so timings taken
+    at different moments never subtract. Below the FLOPs-ideal where short sequences run below the FLOP rate of long
     ones, and where the parts outside the layers are not negligible; the gap from it to the measured prefill is the
     pruning's own cost (operators, gathers, hooks)."""
-    cuts = sorted((int(k), int(v)) for k, v in layer_tokens.items())
-    ratio = 0.0
-    for layer in range(depth):
-        n = tokens
-        for at, after in cuts:
-            if at <= layer:
-                n = after
-        ratio += layer_ms(n) / layer_ms(tokens)
-    return base_prefill_ms * (1.0 - layer_share * (1.0 - ratio / depth))
+    ratio = statistics.mean(layer_ms(int(n)) / layer_ms(tokens) for n in layer_tokens.values())
+    return base_prefill_ms * (1.0 - layer_share * (1.0 - ratio))
 
 
 class _TowerDone(Exception):
@@ -511,7 +500,7 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                 if stock is not None and row.get("layer_tokens") is not None:
                     row["count_ideal_prefill_ms"] = count_ideal_prefill_ms(
                         base["prefill_ms"], layer_share, int(inputs["attention_mask"][0].sum()), row["layer_tokens"],
-                        depth, stock)
+                        stock)
                     row["count_ideal_speedup"] = base["prefill_ms"] / row["count_ideal_prefill_ms"]
                     row["speedup_vs_count_ideal"] = row["count_ideal_prefill_ms"] / row["prefill_ms"]
                 row["operator_overhead"] = row["operator_ms"] / base["prefill_ms"]
