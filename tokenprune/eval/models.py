@@ -4,6 +4,7 @@ what identifies its weights for the baseline cache."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from tokenprune.adapters import ADAPTERS, adapter_class, get_adapter
 from tokenprune.core.errors import ConfigError
 from tokenprune.reference import model as reference
+from tokenprune.reference.processors import has_torchvision, images_only
 
 _LOADED: dict[str, Any] = {}  # the last model loaded, so the variants of a sweep load it once
 
@@ -104,11 +106,42 @@ def open_model(model_cfg: Mapping[str, Any]):
     local = Path(path).is_dir()
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=local, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=local,
-                                                  trust_remote_code=model_cfg["trust_remote_code"] is True)
+        processor = load_processor(path, local, model_cfg["trust_remote_code"] is True)
     except OSError as e:
         raise ConfigError("model.path", f"cannot load {path!r}: {e}") from None
     return model.eval(), processor
+
+
+def load_processor(path: str, local: bool, trust_remote_code: bool = False):
+    """``AutoProcessor.from_pretrained(path)``; where that fails because torchvision is missing and the folder's
+    processor class has a video processor (Qwen2-VL, Qwen2.5-VL), the same class without it (images only,
+    :func:`tokenprune.reference.processors.images_only`), with a warning."""
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, AttributeError):
+        cls = None if has_torchvision() else _video_processor_class(path, local)
+        if cls is None:
+            raise
+    warnings.warn(f"torchvision is not installed: {cls.__name__} of {path} is loaded without its video processor "
+                  "(images work, videos do not)", stacklevel=3)
+    return images_only(cls).from_pretrained(path, local_files_only=local)
+
+
+def _video_processor_class(path: str, local: bool):
+    """The transformers processor class the checkpoint's processor config names, when it has a video processor."""
+    import transformers
+    from transformers.utils import cached_file
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        file = cached_file(path, name, local_files_only=local, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if file is None:
+            continue
+        cls = getattr(transformers, str(json.loads(Path(file).read_text(encoding="utf-8")).get("processor_class")),
+                      None)
+        if cls is not None and "video_processor" in cls.get_attributes():
+            return cls
+    return None
 
 
 def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     prompts = [build_prompt(processor, it["question"]) for it in items]
     images = [open_image(it["image"]) for it in items]
     processor.tokenizer.padding_side = "left"
-    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    # one list per sample: the processors of the families with several images a prompt (Mllama) need the nesting
+    enc = processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     clock = StepClock(device)

@@ -1,0 +1,194 @@
+"""Each family's real processor, built offline for the tiny models of :mod:`tokenprune.reference.tiny`.
+
+A checkpoint's processor is its image processor plus a tokenizer with the family's special tokens and chat
+template. The image processor classes need no hub files; only the tokenizer does. Here the tokenizer is
+word-level over the ``shapes`` benchmark's words (as the reference model's is) with the family's special tokens
+at the ids the tiny models use (:data:`tokenprune.reference.tiny.TINY_IMAGE_TOKEN` and the rest), so that
+``processor(images=..., text=...)`` gives a tiny model exactly the inputs a real checkpoint's processor gives the
+real model: LLaVA-NeXT's anyres tiles and ``image_sizes``, Qwen2-VL's and Qwen2.5-VL's dynamic-resolution patches,
+``image_grid_thw`` and ``mm_token_type_ids``, Mllama's tiles, aspect-ratio ids and masks and cross-attention mask.
+
+:func:`save_tiny` writes a tiny model and its processor to a folder that ``tokenprune run``, ``tokenprune sweep``
+and the lmms-eval model load with the Auto classes, like any checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenprune.reference import tiny
+from tokenprune.reference.model import vocabulary
+
+#: The families with a real processor here, and their tiny model builders.
+FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl", "mllama")
+
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %} {% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Qwen2-VL's ChatML layout (the real template also writes a default system turn; ours does not)
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# LLaMA-3.2-Vision's header layout, the image before the text as the real template places it
+_MLLAMA_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+#: Per family: the special tokens at fixed ids (those the tiny models' configs name), the other special tokens,
+#: the tokenizer's pad / bos / eos and the ``extra_special_tokens`` its processor reads, and the chat template.
+_SPECIALS: dict[str, dict[str, Any]] = {
+    "llava_next": {
+        "fixed": {"<pad>": tiny.TINY_PAD, "<s>": tiny.TINY_BOS, "</s>": tiny.TINY_EOS, "<image>": tiny.TINY_IMAGE_TOKEN},
+        "other": [], "pad": "<pad>", "bos": "<s>", "eos": "</s>", "extra": {"image_token": "<image>"},
+        "template": _LLAVA_TEMPLATE},
+    "qwen2_vl": {
+        "fixed": {"<|endoftext|>": tiny.TINY_PAD, "<|im_end|>": tiny.TINY_EOS, "<|image_pad|>": tiny.TINY_IMAGE_TOKEN,
+                  "<|video_pad|>": tiny.TINY_VIDEO_TOKEN, "<|vision_start|>": tiny.TINY_VISION_START,
+                  "<|vision_end|>": tiny.TINY_VISION_END},
+        "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
+        "extra": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+        "template": _QWEN_TEMPLATE},
+    "mllama": {
+        "fixed": {"<|finetune_right_pad_id|>": tiny.TINY_PAD, "<|begin_of_text|>": tiny.TINY_BOS,
+                  "<|eot_id|>": tiny.TINY_EOS, "<|image|>": tiny.TINY_IMAGE_TOKEN},
+        "other": ["<|start_header_id|>", "<|end_header_id|>"], "pad": "<|finetune_right_pad_id|>",
+        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": {"image_token": "<|image|>"},
+        "template": _MLLAMA_TEMPLATE},
+}
+_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
+
+#: Words of the chat templates beyond the benchmark's
+_ROLE_WORDS = ["user", "assistant", "system"]
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}; allowed: {', '.join(FAMILIES)}")
+
+
+def build_tokenizer(family: str):
+    """A word-level ``PreTrainedTokenizerFast`` of ``tiny.TINY_VOCAB`` ids: the family's special tokens at the ids
+    the tiny models' configs name, the benchmark's words and the template's role words in between, its chat
+    template, left padding."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    _check_family(family)
+    spec = _SPECIALS[family]
+    fixed: dict[str, int] = dict(spec["fixed"])
+    reference_specials = {"<pad>", "<s>", "</s>", "<unk>", "<image>"}
+    words = ["<unk>"] + spec["other"] + [w for w in vocabulary() if w not in reference_specials] + _ROLE_WORDS
+    free = (i for i in range(tiny.TINY_VOCAB) if i not in set(fixed.values()))
+    vocab = dict(fixed)
+    for w in words:
+        if w not in vocab:
+            vocab[w] = next(free)
+    # the rest of the embedding table's ids get placeholder names, so ids and vocabulary agree
+    for i in free:
+        vocab[f"<unused{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    specials = list(fixed) + spec["other"]
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=spec["pad"], bos_token=spec["bos"],
+                                   eos_token=spec["eos"], unk_token="<unk>", padding_side="left",
+                                   extra_special_tokens=dict(spec["extra"]))
+    fast.chat_template = spec["template"]
+    return fast
+
+
+def has_torchvision() -> bool:
+    """Whether torchvision imports: transformers' video processors (Qwen2-VL's, Qwen2.5-VL's) need it."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
+        return False
+    return True
+
+
+def images_only(processor_class):
+    """``processor_class`` (a processor with a video processor, e.g. ``Qwen2VLProcessor``) without its video
+    processor: built from, and loading, the image processor and the tokenizer alone; images work as with the full
+    class, videos do not. transformers cannot build such a processor at all without torchvision, which its video
+    processors need (the class check of every sub-processor fails); the name stays the class's own, so a folder it
+    saves loads with ``AutoProcessor`` where torchvision is installed."""
+    def get_attributes(cls):
+        return [a for a in processor_class.get_attributes() if a != "video_processor"]
+
+    return type(processor_class.__name__, (processor_class,),
+                {"get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__,
+                 "__doc__": f"{processor_class.__name__} without its video processor (images only)."})
+
+
+def build_processor(family: str, model_config):
+    """The family's processor class with its PIL image processor sized to ``model_config`` (a tiny model's
+    config: tile size, patch size, anyres pinpoints, merge size, tiles) and :func:`build_tokenizer`'s tokenizer."""
+    import transformers as tf
+
+    _check_family(family)
+    tokenizer = build_tokenizer(family)
+    template = _SPECIALS[family]["template"]
+    v = model_config.vision_config
+    if family == "llava_next":
+        tile = v.image_size
+        images = tf.LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                               image_grid_pinpoints=[list(p) for p in model_config.image_grid_pinpoints])
+        return tf.LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=v.patch_size,
+                                     vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+                                     image_token="<image>", num_additional_image_tokens=1, chat_template=template)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        unit = v.patch_size * v.spatial_merge_size  # the resize rounds each side to a multiple of this
+        # at most 8x8 merged tokens an image: a tiny model's inputs stay small
+        images = tf.Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                             temporal_patch_size=v.temporal_patch_size,
+                                             min_pixels=(2 * unit) ** 2, max_pixels=(8 * unit) ** 2)
+        cls = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+        if not has_torchvision():
+            return images_only(cls)(image_processor=images, tokenizer=tokenizer, chat_template=template)
+        video = tf.Qwen2VLVideoProcessor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                         temporal_patch_size=v.temporal_patch_size)
+        return cls(image_processor=images, tokenizer=tokenizer, video_processor=video, chat_template=template)
+    images = tf.MllamaImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                        max_image_tiles=v.max_num_tiles)
+    return tf.MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+
+
+def build_tiny(family: str, seed: int = 0, **kwargs):
+    """The family's tiny random-init model (:mod:`tokenprune.reference.tiny`) and its processor."""
+    _check_family(family)
+    if family == "llava_next":
+        model = tiny.tiny_llava_next(seed=seed, **kwargs)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        model = tiny.tiny_qwen2_vl(version="2" if family == "qwen2_vl" else "2.5", seed=seed, **kwargs)
+    else:
+        model = tiny.tiny_mllama(seed=seed, **kwargs)
+    return model, build_processor(family, model.config)
+
+
+def save_tiny(family: str, folder: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Write the family's tiny model (safetensors, config, generation config) and its processor to ``folder``: a
+    checkpoint folder the Auto classes load offline (``tokenprune run ... model.path=FOLDER``)."""
+    folder = Path(folder)
+    model, processor = build_tiny(family, seed=seed, **kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
