@@ -10,6 +10,7 @@ Uses a GPU when one is available (``accelerator: auto``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -29,10 +30,14 @@ from tokenprune.core.errors import ConfigError
 from tokenprune.core.paths import writable_folder
 from tokenprune.core.values import Bool, Fields, Float, Int, ListOf, Optional, Str, check_schema, given
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
+from tokenprune.reference import model as llava_reference
+from tokenprune.reference import qwen as qwen_reference
 from tokenprune.reference import shapes
-from tokenprune.reference.model import ReferenceSize, build_model, build_processor, prompt, vocabulary
+from tokenprune.reference.model import ReferenceSize, prompt
 
 DEFAULTS = {
+    # the architecture: "llava" (LLaVA-1.5 geometry, the default reference) or "qwen2_5_vl" (tokenprune/reference/qwen.py)
+    "family": "llava",
     "seed": 0,
     "output_dir": "runs/train_reference",
     "export_dir": None,  # null: output_dir/model
@@ -73,6 +78,11 @@ DEFAULTS = {
     # drop the colour); `gather: split` asks for an equal share on each word (-mean of log attention per word).
     "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1,
                         "absent": "none", "gather": "mass"},
+    # From step `from_step`, a linear head reads the hidden state of each shape's centre token at the input of LLM
+    # layer `layer` and predicts that shape's centre (x, y) (squared error, as the patch loss's position term): the
+    # LLM's first layers must write where a visual token is into it, from its M-RoPE position, since a rotary-only
+    # tower (Qwen's) cannot; the patch loss then asks the tower for no position. Dropped at export. 0: off.
+    "position_probe": {"weight": 0.0, "from_step": 0, "layer": 2},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -85,7 +95,7 @@ def _schema() -> dict[str, Any]:
     """Every key of the training config, typed (:mod:`tokenprune.core.values`)."""
     step, weight = Int(0), Float(minimum=0)
     return {
-        "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export_dir": Optional(Str()),
+        "family": Str(tuple(FAMILIES)), "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export_dir": Optional(Str()),
         "model": {f: Int(1) for f in ReferenceSize.__dataclass_fields__},
         "data": {"batch_size": Int(1), "num_workers": Int(0)},
         "optim": {"lr": Float(above=0), "vision_lr": Optional(Float(above=0)), "weight_decay": weight,
@@ -97,6 +107,7 @@ def _schema() -> dict[str, Any]:
         "multi_turn": {"turns": Int(1), "from_step": step},
         "attention_hints": {"weight": weight, "from_step": step, "heads": Int(1), "gather_layer": Int(0),
                             "retrieve_layer": Int(0), "absent": Str(HINT_ABSENT), "gather": Str(HINT_GATHER)},
+        "position_probe": {"weight": weight, "from_step": step, "layer": Int(0)},
         "checkpoint_every": Int(1),
         "val": {"every": step, "items": Int(1)},
         "logging": {"wandb": Bool(), "project": Str(), "offline": Bool(), "every": Int(1)},
@@ -135,6 +146,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         raise ConfigError("vision_warmup_steps", f"trains on the auxiliary patch loss only, so it needs aux_weight > 0 "
                           f"(got vision_warmup_steps={cfg.vision_warmup_steps}, aux_weight={cfg.aux_weight})")
     _check_outputs(cfg)
+    probe = cfg.position_probe
+    if probe.weight and not 0 <= probe.layer < cfg.model.text_layers:
+        raise ConfigError("position_probe.layer", f"must be a layer of the LLM, 0..{cfg.model.text_layers - 1}; "
+                                                  f"got {probe.layer}")
+    if probe.weight and not cfg.aux_weight:
+        raise ConfigError("position_probe.weight", "reads the patch loss's labels, so it needs aux_weight > 0 "
+                                                   f"(got position_probe.weight={probe.weight}, aux_weight=0)")
     hints = cfg.attention_hints
     if hints.weight:
         layers = cfg.model.text_layers
@@ -176,41 +194,138 @@ def _check_outputs(cfg: DictConfig) -> None:
                                         "or choose another export_dir")
 
 
-GRID = 24  # patches per side (336 px / 14)
-_PATCH = shapes.SIZE // GRID
+GRID = 24  # LLaVA reference: visual tokens (patches) per side (336 px / 14)
 
 
-def patch_targets(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Per-patch labels of each item's ``shapes`` on the 24×24 grid (row-major, like the visual tokens).
+class Family:
+    """What training needs to know of one reference architecture: its model and processor, its visual tokens
+    (``grid`` × ``grid``, row-major, each covering ``shapes.SIZE / grid`` px), its chat turns and answer ends, and
+    where its tower's output and parameters are."""
 
-    ``aux_color`` / ``aux_kind``: class of the shape covering most of the patch (≥ 1/4 of its pixels), else 0
-    (background); ``aux_center``: 1 on the patch holding a shape's centre; ``aux_xy``: that shape's centre in
-    [0, 1] (``nan`` on background patches).
+    name = "llava"
+    grid = GRID
+    size_class = ReferenceSize
+    #: the tower's tokens know where they are (LLaVA's position embeddings, 2-D sin-cos at init): the patch loss
+    #: asks them for their shape's centre; a rotary-only tower (Qwen's) cannot know it (relative positions only)
+    absolute_positions = True
+    turn = " USER: {q} ASSISTANT:"  # a later turn of the conversation (the chat template's format)
+    answer = " {a} </s>"
+
+    def build_model(self, size, seed: int):
+        return llava_reference.build_model(size, seed=seed)
+
+    def build_processor(self):
+        return llava_reference.build_processor()
+
+    def pixels(self, processor, items: list[dict]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.cat([pixel_values(processor, it["image"]) for it in items])}
+
+    def extra_inputs(self, processor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def tower_tokens(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, grid², D) visual tokens of the batch's images, the tower alone (the warm-up)."""
+        feats = model.model.get_image_features(
+            pixel_values=batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        feats = getattr(feats, "pooler_output", feats)
+        tokens = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        return tokens.reshape(len(batch["input_ids"]), self.grid ** 2, -1)
+
+    def token_module(self, model):
+        """The module whose output is the visual tokens the LLM reads (hooked in the joint steps)."""
+        return model.model.multi_modal_projector
+
+    def tokens_of(self, output, batch_size: int) -> torch.Tensor:
+        return output.reshape(batch_size, self.grid ** 2, -1)
+
+    def vision_modules(self, model) -> list[torch.nn.Module]:
+        return [model.model.vision_tower, model.model.multi_modal_projector]
+
+    def training_context(self):
+        """Where the training forwards run (a faster, exact path for the tower, where there is one)."""
+        return contextlib.nullcontext()
+
+
+class QwenFamily(Family):
+    """The Qwen2.5-VL reference: 144 visual tokens (12 × 12 merged cells of 28 px), ChatML turns."""
+
+    name = "qwen2_5_vl"
+    grid = qwen_reference.IMAGE_SIDE // (qwen_reference.PATCH * qwen_reference.MERGE)
+    size_class = qwen_reference.QwenReferenceSize
+    absolute_positions = False
+    turn = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+    answer = "{a}<|im_end|>"
+
+    def build_model(self, size, seed: int):
+        return qwen_reference.build_model(size, seed=seed)
+
+    def build_processor(self):
+        return qwen_reference.build_processor()
+
+    def pixels(self, processor, items: list[dict]) -> dict[str, torch.Tensor]:
+        out = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def extra_inputs(self, processor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mm_token_type_ids": (input_ids == processor.image_token_id).int()}
+
+    def tower_tokens(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        return self.tokens_of(out, len(batch["input_ids"]))
+
+    def token_module(self, model):
+        return model.model.visual
+
+    def tokens_of(self, output, batch_size: int) -> torch.Tensor:  # the tower's merged tokens, in raster order
+        tokens = output.pooler_output  # get_image_features splits it per image in place, after the hook ran
+        tokens = torch.cat(tokens) if isinstance(tokens, (list, tuple)) else tokens
+        return tokens.reshape(batch_size, self.grid ** 2, -1)
+
+    def vision_modules(self, model) -> list[torch.nn.Module]:
+        return [model.model.visual]  # the merger is part of it
+
+    def training_context(self):
+        return qwen_reference.batched_windows()
+
+
+#: The architectures ``train-reference`` trains, by the config's ``family``.
+FAMILIES = {f.name: f for f in (Family(), QwenFamily())}
+
+
+def patch_targets(items: list[dict], grid: int = GRID) -> dict[str, torch.Tensor]:
+    """Per-token labels of each item's ``shapes`` on the ``grid`` × ``grid`` visual tokens (row-major).
+
+    ``aux_color`` / ``aux_kind``: class of the shape covering most of the cell (≥ 1/4 of its pixels), else 0
+    (background); ``aux_center``: 1 on the cell holding a shape's centre; ``aux_xy``: that shape's centre in
+    [0, 1] (``nan`` on background cells).
     """
     colors, kinds = list(shapes.COLORS), list(shapes.KINDS)
+    cell = shapes.SIZE // grid
     n = len(items)
-    color = torch.zeros(n, GRID * GRID, dtype=torch.long)
-    kind = torch.zeros(n, GRID * GRID, dtype=torch.long)
-    center = torch.zeros(n, GRID * GRID)
-    xy = torch.full((n, GRID * GRID, 2), float("nan"))
+    color = torch.zeros(n, grid * grid, dtype=torch.long)
+    kind = torch.zeros(n, grid * grid, dtype=torch.long)
+    center = torch.zeros(n, grid * grid)
+    xy = torch.full((n, grid * grid, 2), float("nan"))
     for b, it in enumerate(items):
         for d in it["shapes"]:
             sh = shapes.Shape(**d)
-            on = shape_patches(sh)
+            on = shape_patches(sh, grid)
             color[b, on] = colors.index(sh.color) + 1
             kind[b, on] = kinds.index(sh.kind) + 1
             xy[b, on] = torch.tensor([sh.cx / shapes.SIZE, sh.cy / shapes.SIZE])
-            center[b, (sh.cy // _PATCH) * GRID + sh.cx // _PATCH] = 1.0
+            center[b, (sh.cy // cell) * grid + sh.cx // cell] = 1.0
     return {"aux_color": color, "aux_kind": kind, "aux_center": center, "aux_xy": xy}
 
 
-def shape_patches(sh: shapes.Shape) -> torch.Tensor:
-    """(576,) bool: the patches a shape covers (>= 1/4 of their pixels; a small shape still marks its best-covered
-    patch), row-major like the visual tokens."""
+def shape_patches(sh: shapes.Shape, grid: int = GRID) -> torch.Tensor:
+    """(grid²,) bool: the cells a shape covers (>= 1/4 of their pixels; a small shape still marks its best-covered
+    cell), row-major like the visual tokens."""
     m, top, left = shapes.shape_mask(sh)
+    cell = shapes.SIZE // grid
     cover = torch.zeros(shapes.SIZE, shapes.SIZE)
     cover[top:top + sh.size, left:left + sh.size] = torch.from_numpy(m).float()
-    frac = cover.view(GRID, _PATCH, GRID, _PATCH).mean(dim=(1, 3)).flatten()
+    frac = cover.view(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
     return (frac >= 0.25) | (frac == frac.max())
 
 
@@ -242,8 +357,9 @@ def _matching(words: list[str], name: tuple[int, ...], scene: list[dict]) -> lis
 class PatchHead(torch.nn.Module):
     """Training-only head on the visual tokens: colour (8), kind (6), centre (1) and centre (x, y) (2)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, xy: bool = True):
         super().__init__()
+        self.xy = xy  # ask each shape token for its shape's centre (only a tower with absolute positions can know)
         self.linear = torch.nn.Linear(width, len(shapes.COLORS) + 1 + len(shapes.KINDS) + 1 + 1 + 2)
 
     def loss(self, tokens: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -257,20 +373,21 @@ class PatchHead(torch.nn.Module):
             loss = loss + F.cross_entropy(kind[shape], batch["aux_kind"][shape])
         loss = loss + F.binary_cross_entropy_with_logits(center, batch["aux_center"], pos_weight=torch.tensor(20.0))
         on = ~batch["aux_xy"][..., 0].isnan()
-        if on.any():
+        if self.xy and on.any():
             loss = loss + 10 * F.mse_loss(xy.sigmoid()[on], batch["aux_xy"][on])
         return loss
 
 
 def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings: torch.Tensor,
-               patches: str = "shape") -> torch.Tensor:
+               patches: str = "shape", tokenizer=None) -> torch.Tensor:
     """1 - cosine between the visual token of each shape patch (``patches="shape"``) or of each shape's centre
     patch only (``"center"``: one token per shape, so attention mass on matching tokens counts shapes rather
-    than measuring their area) and (embedding of its colour word + of its kind word)."""
+    than measuring their area) and (embedding of its colour word + of its kind word); the words' ids from
+    ``tokenizer`` (default: the LLaVA reference's)."""
 
-    vocab = vocabulary()
-    color_ids = torch.tensor([vocab.index(c) for c in shapes.COLORS], device=tokens.device)
-    kind_ids = torch.tensor([vocab.index(k) for k in shapes.KINDS], device=tokens.device)
+    tokenizer = tokenizer or llava_reference.build_tokenizer()
+    color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(shapes.COLORS)), device=tokens.device)
+    kind_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(shapes.KINDS)), device=tokens.device)
     shape = batch["aux_kind"] > 0
     if patches == "center":
         shape = shape & (batch["aux_center"] > 0)
@@ -281,6 +398,21 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
     emb = embeddings.detach().float()
     target = emb[color_ids[batch["aux_color"][shape] - 1]] + emb[kind_ids[batch["aux_kind"][shape] - 1]]
     return (1 - F.cosine_similarity(tokens[shape].float(), target, dim=-1)).mean()
+
+
+def probe_loss(probe: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+               aux: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Squared error of ``probe``'s (x, y) (a sigmoid, in [0, 1] of the image) read from the hidden state (B, T, D)
+    of each shape's centre token (``aux_center``) against that shape's centre (``aux_xy``), ×10 as the patch
+    loss's position term. The visual tokens are the row's run of ``image_token_id`` (one image a row)."""
+    n = aux["aux_center"].shape[1]
+    start = (input_ids == image_token_id).int().argmax(dim=1)  # the first image token of each row
+    index = start[:, None] + torch.arange(n, device=input_ids.device)[None, :]
+    visual = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, n, D)
+    on = (aux["aux_center"] > 0) & ~aux["aux_xy"][..., 0].isnan()  # a centre its shape covers (a thin cross may not)
+    if not on.any():
+        return hidden.sum() * 0.0
+    return 10 * F.mse_loss(probe(visual[on].float()).sigmoid(), aux["aux_xy"][on])
 
 
 HINT_ABSENT = ("none", "first_token")
@@ -337,8 +469,10 @@ def pixel_values(processor, image) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-def encode(processor, items: list[dict], hints: bool = False, absent: str = "none") -> dict[str, torch.Tensor]:
-    """A training batch: prompt + " answer </s>", right-padded; labels only on the answer and </s>.
+def encode(processor, items: list[dict], hints: bool = False, absent: str = "none",
+           family: Family | None = None) -> dict[str, torch.Tensor]:
+    """A training batch of ``family``'s reference (default: LLaVA): prompt + answer and its end (" answer </s>";
+    Qwen: "answer<|im_end|>"), right-padded; labels only on the answer and its end.
 
     ``hints``: also the targets of the attention hints (``attention_hints`` in the config), per sample, turn
     and name (the first and the second shape the question names; a question naming one shape fills both):
@@ -348,24 +482,25 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
     is not the image, so that "no such shape" is learnt as such); ``"none"`` leaves no target. Descriptions
     get no hints.
     """
+    family = family or FAMILIES["llava"]
+    grid = family.grid
     tok = processor.tokenizer
     image_token = tok.convert_ids_to_tokens(processor.image_token_id) if hasattr(processor, "image_token_id") \
         else processor.image_token
-    pixels, rows, labels, turns = [], [], [], []
+    rows, labels, turns = [], [], []
     for it in items:
-        text = prompt(processor, it["question"]).replace(image_token, image_token * GRID * GRID)
+        text = prompt(processor, it["question"]).replace(image_token, image_token * grid * grid)
         row = tok(text, add_special_tokens=False)["input_ids"]
         label = [-100] * len(row)
-        pixels.append(pixel_values(processor, it["image"]))
         qas = [(it["question"], it["answer"], 0)] + [(q, a, None) for q, a in it.get("more", ())]
         spans = []
         for q, a, start in qas:  # further turns about the same image (the chat template's format)
             if start is None:
                 start = len(row)
-                turn = tok(f" USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                turn = tok(family.turn.format(q=q), add_special_tokens=False)["input_ids"]
                 row, label = row + turn, label + [-100] * len(turn)
             spans.append((q, start, len(row) - 1))  # the question's tokens, and the row that predicts the answer
-            answer = tok(f" {a} </s>", add_special_tokens=False)["input_ids"]
+            answer = tok(family.answer.format(a=a), add_special_tokens=False)["input_ids"]
             row, label = row + answer, label + answer
         rows.append(row)
         labels.append(label)
@@ -375,7 +510,8 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     label_t = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels), "labels": label_t}
+    batch = {"input_ids": input_ids, "attention_mask": mask, **family.pixels(processor, items), "labels": label_t,
+             **family.extra_inputs(processor, input_ids)}
     if hints:
         n, t = len(items), max(len(sp) for sp in turns)
         hint_row = torch.full((n, t), -1)
@@ -394,7 +530,7 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
                     name, match = names[min(s, len(names) - 1)], matches[min(s, len(names) - 1)]
                     gather[b, j, s, [start + i for i in name]] = True
                     for d in match:
-                        retrieve[b, j, s, image:image + GRID * GRID] |= shape_patches(shapes.Shape(**d))
+                        retrieve[b, j, s, image:image + grid * grid] |= shape_patches(shapes.Shape(**d), grid)
                     if not match and absent == "first_token":
                         retrieve[b, j, s, 0] = True
         batch.update(hint_row=hint_row, hint_gather=gather, hint_retrieve=retrieve)
@@ -410,8 +546,9 @@ class ShapesStream(torch.utils.data.IterableDataset):
 
     def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
                  targets: bool = False, describe: dict | None = None, multi_turn: dict | None = None,
-                 hints: bool = False, hint_absent: str = "none"):
+                 hints: bool = False, hint_absent: str = "none", family: Family | None = None):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+        self.family = family or FAMILIES["llava"]
         self.hints, self.hint_absent = hints, hint_absent  # add the attention hints' targets (encode(hints=True))
         self.describe_share = float((describe or {}).get("share", 0.0))
         self.describe_from = int((describe or {}).get("from_step", 0))
@@ -438,8 +575,8 @@ class ShapesStream(torch.utils.data.IterableDataset):
             if self.describe_share and b >= self.describe_from:
                 every = max(1, round(1 / self.describe_share))
                 items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
-            batch = encode(self.processor, items, hints=self.hints, absent=self.hint_absent)
-            yield {**batch, **patch_targets(items)} if self.targets else batch
+            batch = encode(self.processor, items, hints=self.hints, absent=self.hint_absent, family=self.family)
+            yield {**batch, **patch_targets(items, self.family.grid)} if self.targets else batch
 
 
 def more_turns(item: dict, turns: int, seed: str) -> dict:
@@ -491,41 +628,45 @@ def answer_accuracy(model, processor, items: list[dict], batch_size: int = 16) -
 def _lightning_module(cfg: DictConfig, processor):
     import pytorch_lightning as pl
 
+    family = FAMILIES[cfg.family]
+
     class ReferenceModule(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = build_model(ReferenceSize(**cfg.model), seed=cfg.seed)
+            self.model = family.build_model(family.size_class(**cfg.model), seed=cfg.seed)
             self.val_items = shapes.load_split("val", size=cfg.val["items"])
-            self.head = PatchHead(cfg.model.text_hidden) if cfg.aux_weight else None
+            self.head = PatchHead(cfg.model.text_hidden, xy=family.absolute_positions) if cfg.aux_weight else None
+            self.probe = torch.nn.Linear(cfg.model.text_hidden, 2) if cfg.position_probe.weight else None
 
         def training_step(self, batch, _):
             aux = {k: batch.pop(k) for k in list(batch) if k.startswith("aux_")}
             hint_batch = {k: batch.pop(k) for k in list(batch) if k.startswith("hint_")}
             if self.global_step < cfg.vision_warmup_steps:  # the tower alone, on the patch loss
-                feats = self.model.model.get_image_features(
-                    pixel_values=batch["pixel_values"], vision_feature_layer=self.model.config.vision_feature_layer,
-                    vision_feature_select_strategy=self.model.config.vision_feature_select_strategy)
-                feats = getattr(feats, "pooler_output", feats)
-                tokens = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-                aux_loss = self.head.loss(tokens.reshape(len(batch["input_ids"]), GRID * GRID, -1), aux)
+                with family.training_context():
+                    aux_loss = self.head.loss(family.tower_tokens(self.model, batch), aux)
                 self.log("train/aux_loss", aux_loss)
                 return cfg.aux_weight * aux_loss
             seen: list[torch.Tensor] = []
             hooks = []
             if self.head is not None:
-                hooks.append(self.model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o)))
+                hooks.append(family.token_module(self.model).register_forward_hook(lambda m, a, o: seen.append(o)))
             hints = cfg.attention_hints
             use_hints = bool(hints.weight) and self.global_step >= hints.from_step and bool(hint_batch)
             captured: dict[int, tuple] = {}
-            if use_hints:
+            probe = cfg.position_probe
+            use_probe = self.probe is not None and self.global_step >= probe.from_step
+            grab_layers = ((hints.gather_layer, hints.retrieve_layer) if use_hints else ()) + \
+                ((probe.layer,) if use_probe else ())
+            if grab_layers:
                 layers = self.model.model.language_model.layers
-                for layer in (hints.gather_layer, hints.retrieve_layer):
+                for layer in sorted(set(grab_layers)):
                     def grab(module, args, kwargs, layer=layer):
                         hidden = layer_hidden(args, kwargs)
                         captured[layer] = (hidden, kwargs["position_embeddings"])
                     hooks.append(layers[layer].register_forward_pre_hook(grab, with_kwargs=True))
             try:
-                loss = self.model(**batch).loss
+                with family.training_context():
+                    loss = self.model(**batch).loss
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -535,13 +676,19 @@ def _lightning_module(cfg: DictConfig, processor):
                                  hints.retrieve_layer, hints.heads, hints.gather)
                 self.log("train/hint_loss", hint)
                 loss = loss + hints.weight * hint
+            if use_probe:
+                where = probe_loss(self.probe, captured[probe.layer][0], batch["input_ids"],
+                                   self.model.config.image_token_id, aux)
+                self.log("train/probe_loss", where)
+                loss = loss + probe.weight * where
             if self.head is not None:
-                tokens = seen[0].reshape(len(batch["input_ids"]), GRID * GRID, -1)
+                tokens = family.tokens_of(seen[0], len(batch["input_ids"]))
                 aux_loss = self.head.loss(tokens, aux)
                 self.log("train/aux_loss", aux_loss)
                 loss = loss + cfg.aux_weight * aux_loss
                 if cfg.align.weight and self.global_step >= cfg.align.from_step:
-                    align = align_loss(tokens, aux, self.model.get_input_embeddings().weight, cfg.align.patches)
+                    align = align_loss(tokens, aux, self.model.get_input_embeddings().weight, cfg.align.patches,
+                                       processor.tokenizer)
                     self.log("train/align_loss", align)
                     loss = loss + cfg.align.weight * align
             return loss
@@ -560,8 +707,8 @@ def _lightning_module(cfg: DictConfig, processor):
                 self.log(f"val/{t}", a)
 
         def configure_optimizers(self):
-            vision = [p for m in (self.model.model.vision_tower, self.model.model.multi_modal_projector, self.head)
-                      if m is not None for p in m.parameters()]
+            vision = [p for m in (*family.vision_modules(self.model), self.head) if m is not None for p in m.parameters()]
+            # (the position probe trains with the LLM, at its rate)
             ids = {id(p) for p in vision}
             groups = [{"params": [p for p in self.parameters() if id(p) not in ids]},
                       {"params": vision, "lr": cfg.optim.vision_lr or cfg.optim.lr}]
@@ -593,7 +740,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = 0
     if resume is not None:
         start = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
-    processor = build_processor()
+    family = FAMILIES[cfg.family]
+    processor = family.build_processor()
     module = _lightning_module(cfg, processor)
     curriculum = OmegaConf.to_container(cfg.curriculum)
     data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
@@ -601,7 +749,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                     describe=OmegaConf.to_container(cfg.describe),
                                                     multi_turn=OmegaConf.to_container(cfg.multi_turn),
                                                     hints=bool(cfg.attention_hints.weight),
-                                                    hint_absent=cfg.attention_hints.absent),
+                                                    hint_absent=cfg.attention_hints.absent, family=family),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 

@@ -1,0 +1,137 @@
+"""The Qwen2.5-VL-architecture reference model's parts: its processor's geometry, its training batches against the
+processor, its per-token labels by hand, and one training step of each phase."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tokenprune.reference import qwen, shapes
+
+
+@pytest.fixture(scope="module")
+def processor():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qwen.build_processor()
+
+
+def test_a_shapes_image_is_24_by_24_patches_and_144_tokens(processor):
+    item = shapes.make_item("q/0", "color", 0)
+    enc = processor(images=[item["image"]], text=[qwen.build_tokenizer().apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}],
+        add_generation_prompt=True, tokenize=False)], return_tensors="pt")
+    assert enc["image_grid_thw"].tolist() == [[1, 24, 24]]
+    assert int((enc["input_ids"] == processor.image_token_id).sum()) == 144
+    assert enc["pixel_values"].shape == (576, 3 * 2 * 14 * 14)
+
+
+def test_the_model_is_qwen2_5_vl_with_windowed_and_full_blocks_and_m_rope():
+    model = qwen.build_model()
+    cfg = model.config
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert cfg.text_config.num_hidden_layers >= 8
+    assert cfg.vision_config.fullatt_block_indexes == [1, 3] and cfg.vision_config.depth == 4
+    head_dim = cfg.text_config.hidden_size // cfg.text_config.num_attention_heads
+    assert sum(cfg.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert sum(p.numel() for p in model.parameters()) * 4 < 25 * 2**20  # weights <= 25 MB in float32
+
+
+def test_training_batches_match_the_processor(processor):
+    """encode() builds the Qwen batch from the processor's image processor and the ChatML turns: the same ids,
+    pixels, grids and token types as the processor gives for the first turn; labels only on answer + <|im_end|>."""
+    from tokenprune.reference.model import prompt
+    from tokenprune.reference.train import FAMILIES, encode
+
+    items = [shapes.make_item(f"enc/{i}", shapes.TYPES[i], 0) for i in range(5)]
+    batch = encode(processor, items, family=FAMILIES["qwen2_5_vl"])
+    for i, it in enumerate(items):
+        enc = processor(images=[it["image"]], text=[prompt(processor, it["question"])], return_tensors="pt")
+        n = enc["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][i, :n], enc["input_ids"][0])
+        assert torch.equal(batch["mm_token_type_ids"][i, :n], enc["mm_token_type_ids"][0].to(batch["mm_token_type_ids"].dtype))
+        assert torch.allclose(batch["pixel_values"][576 * i:576 * (i + 1)], enc["pixel_values"], atol=1e-5)
+        answer = processor.tokenizer(f"{it['answer']}<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert answer[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert batch["labels"][i, n:n + len(answer)].tolist() == answer and (batch["labels"][i, :n] == -100).all()
+    assert batch["image_grid_thw"].tolist() == [[1, 24, 24]] * 5
+
+
+def test_patch_targets_on_the_12_by_12_tokens_by_hand():
+    from tokenprune.reference.train import patch_targets
+
+    # a red square of 40 px centred at (50, 50): pixels 30..69 on both axes; the 28-px cells 1 (28..55) and
+    # 2 (56..83) hold 26 and 14 of its pixels a side, cell 0 none: cells (1,1) 26*26/784 = 0.86, (1,2) and
+    # (2,1) 26*14/784 = 0.46, (2,2) 14*14/784 = 0.25 — all four at least a quarter
+    item = {"shapes": [{"kind": "square", "color": "red", "cx": 50, "cy": 50, "size": 40}]}
+    t = patch_targets([item], grid=12)
+    kind = t["aux_kind"].view(12, 12)
+    assert torch.nonzero(kind).tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert torch.nonzero(t["aux_center"].view(12, 12)).tolist() == [[50 // 28, 50 // 28]]
+
+
+def test_one_step_of_each_phase_runs_and_the_tower_tokens_are_the_merged_ones_in_raster_order(processor):
+    """The warm-up's tower tokens are the model's own image features (what the LLM's placeholders receive)."""
+    from tokenprune.reference.train import FAMILIES, encode
+
+    family = FAMILIES["qwen2_5_vl"]
+    model = qwen.build_model(qwen.QwenReferenceSize(vision_layers=2, text_layers=3)).eval()
+    items = [shapes.make_item(f"p/{i}", shapes.TYPES[i], 0) for i in range(2)]
+    batch = encode(processor, items, family=family)
+    with torch.no_grad():
+        tokens = family.tower_tokens(model, batch)
+        own = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        seen = []
+        hook = family.token_module(model).register_forward_hook(lambda m, a, o: seen.append(o))
+        loss = model(**{k: v for k, v in batch.items()}).loss
+        hook.remove()
+    assert tokens.shape == (2, 144, model.config.text_config.hidden_size)
+    assert torch.allclose(tokens, torch.stack(list(own)))
+    assert torch.allclose(family.tokens_of(seen[0], 2), tokens, atol=1e-6)
+    assert torch.isfinite(loss)
+
+
+def test_the_position_probe_reads_the_centre_tokens_by_hand():
+    """Hidden states entering the probe's layer: the image's run of tokens starts at 3 (one row) and 1 (another);
+    only the centre cells count, and the probe's sigmoid output is compared with the centre's (x, y)."""
+    from tokenprune.reference.train import probe_loss
+
+    image = 9
+    input_ids = torch.tensor([[5, 6, 7, image, image, image, image, 8], [5, image, image, image, image, 8, 8, 8]])
+    hidden = torch.zeros(2, 8, 4)
+    hidden[0, 3 + 2, :2] = torch.tensor([1.0, -1.0])  # row 0, cell 2
+    hidden[0, 3 + 0, :2] = 50.0  # not a centre: ignored
+    probe = torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(2, 4))  # (x, y) = the first two channels, before the sigmoid
+    aux = {"aux_center": torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]),
+           "aux_xy": torch.full((2, 4, 2), float("nan"))}
+    aux["aux_xy"][0, 2] = torch.tensor([0.25, 0.75])
+    aux["aux_xy"][1, 1] = torch.tensor([0.5, 0.5])  # row 1's cell 1 (token 2) holds zeros: sigmoid 0.5, no error
+    s = torch.sigmoid(torch.tensor([1.0, -1.0]))
+    want = 10 * (((s[0] - 0.25) ** 2 + (s[1] - 0.75) ** 2 + 0.0 + 0.0) / 4)
+    with torch.no_grad():
+        got = float(probe_loss(probe, hidden, input_ids, image, aux))
+    assert got == pytest.approx(float(want))
+
+
+def test_batched_windows_give_the_stock_towers_tokens_and_gradients():
+    """The training path runs equal windows as one SDPA call: the same tokens and the same gradients as the stock
+    tower (one call per window); unequal windows (a 20x28-patch image next to a 24x24 one) take the stock path."""
+    model = qwen.build_model(qwen.QwenReferenceSize(vision_layers=2, text_layers=1))
+    visual = model.model.visual
+    gen = torch.Generator().manual_seed(0)
+    for grids in ([[1, 24, 24], [1, 24, 24]], [[1, 24, 24], [1, 20, 28]]):
+        thw = torch.tensor(grids)
+        pixels = torch.randn(int(thw.prod(-1).sum()), 3 * 2 * 14 * 14, generator=gen)
+        outs = []
+        for batched in (False, True):
+            visual.zero_grad()
+            with qwen.batched_windows() if batched else torch.enable_grad():
+                out = visual(pixels, grid_thw=thw).pooler_output
+            out.pow(2).sum().backward()
+            outs.append((out.detach(), visual.blocks[0].attn.qkv.weight.grad.clone()))
+        assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+        assert torch.allclose(outs[0][1], outs[1][1], atol=1e-4)
