@@ -135,3 +135,16 @@ def test_batched_windows_give_the_stock_towers_tokens_and_gradients():
             outs.append((out.detach(), visual.blocks[0].attn.qkv.weight.grad.clone()))
         assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
         assert torch.allclose(outs[0][1], outs[1][1], atol=1e-4)
+
+
+def test_reference_qwen_names_the_shipped_folder_or_says_how_to_train_it(tmp_path, monkeypatch):
+    from tokenprune.core.errors import ConfigError
+    from tokenprune.eval.models import model_path
+
+    monkeypatch.setattr(qwen, "QWEN_DIR", tmp_path)
+    with pytest.raises(ConfigError) as e:
+        model_path({"path": "reference-qwen"})
+    assert e.value.key == "model.path" and "train_reference_qwen.yaml" in str(e.value)
+    (tmp_path / "config.json").write_text("{}")
+    assert model_path({"path": "reference-qwen"}) == str(tmp_path)
+    assert model_path({"path": "some/folder"}) == "some/folder"

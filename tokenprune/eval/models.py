@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from tokenprune.adapters import ADAPTERS, adapter_class, get_adapter
 from tokenprune.core.errors import ConfigError
 from tokenprune.reference import model as reference
+from tokenprune.reference import qwen as qwen_reference
 from tokenprune.reference.processors import has_torchvision, images_only
 
 _LOADED: dict[str, Any] = {}  # the last model loaded, so the variants of a sweep load it once
@@ -30,10 +31,20 @@ def load_model(model_cfg: Mapping[str, Any]):
     return _LOADED[key]
 
 
+#: ``model.path`` names of the shipped reference models, and where their folders are
+SHIPPED = {"reference": reference.path, "reference-qwen": qwen_reference.path}
+
+
 def model_path(model_cfg: Mapping[str, Any]) -> str:
-    """The folder or hub id ``model.path`` names (``reference``: the shipped reference model's folder)."""
+    """The folder or hub id ``model.path`` names (``reference``, ``reference-qwen``: a shipped reference model's
+    folder; one that is not trained yet is a :class:`ConfigError` saying how to train it)."""
     path = str(model_cfg["path"])
-    return str(reference.path()) if path == "reference" else path
+    if path not in SHIPPED:
+        return path
+    try:
+        return str(SHIPPED[path]())
+    except FileNotFoundError as e:
+        raise ConfigError("model.path", str(e)) from None
 
 
 def _is_local(path: str) -> bool:

@@ -48,7 +48,7 @@ from tokenprune.core.errors import ConfigError
 from tokenprune.core.paths import writable_folder
 from tokenprune.core.values import ListOf, MappingOf, OneOf, Str, check_schema
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
-from tokenprune.eval.models import check_pipeline_for_model, read_model_config
+from tokenprune.eval.models import check_pipeline_for_model, model_path, read_model_config
 from tokenprune.eval.run import run
 from tokenprune.eval.run_config import (
     DEFAULTS,
@@ -57,7 +57,6 @@ from tokenprune.eval.run_config import (
     resolved_config_yaml,
 )
 from tokenprune.measure.flops import LLMShape, pipeline_flops
-from tokenprune.reference import model as reference
 
 SWEEP_SCHEMA = {"name": Str(), "base": OneOf(Str(), MappingOf()), "set": ListOf(Str()), "budget": MappingOf(),
                 "grid": MappingOf(), "swap": MappingOf(), "variants": MappingOf(), "methods": MappingOf(),
@@ -300,13 +299,10 @@ def _shape_of(cfg):
     """The LLM shape from the model's config.json (no weights loaded), or None."""
     from transformers import AutoConfig
 
-    path = str(cfg.model.path)
     try:
-        if path == "reference":
-
-            path = str(reference.path())
+        path = model_path(cfg.model)
         config = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
-    except OSError:  # FileNotFoundError included: not trained, not downloaded, offline
+    except (OSError, ConfigError):  # not trained, not downloaded, offline
         return None
     return LLMShape.from_config(getattr(config, "text_config", config), name=getattr(config, "model_type", "model"))
 
