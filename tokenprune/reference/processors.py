@@ -34,7 +34,7 @@ _LLAVA_TEMPLATE = (
 )
 
 # Qwen2-VL's ChatML layout (the real template also writes a default system turn; ours does not)
-_QWEN_TEMPLATE = (
+QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
@@ -66,7 +66,7 @@ _SPECIALS: dict[str, dict[str, Any]] = {
         "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
         "extra": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                   "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-        "template": _QWEN_TEMPLATE},
+        "template": QWEN_TEMPLATE},
     "mllama": {
         "fixed": {"<|finetune_right_pad_id|>": tiny.TINY_PAD, "<|begin_of_text|>": tiny.TINY_BOS,
                   "<|eot_id|>": tiny.TINY_EOS, "<|image|>": tiny.TINY_IMAGE_TOKEN},

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tokenprune.reference.model import vocabulary
+from tokenprune.reference.model import ReferenceSize, vocabulary
+from tokenprune.reference.processors import QWEN_TEMPLATE as CHAT_TEMPLATE
 from tokenprune.reference.processors import has_torchvision, images_only
 
 #: Where the trained Qwen-architecture reference model lives (inside the package).
@@ -30,16 +31,6 @@ MERGE = 2
 
 SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def qwen_vocabulary() -> list[str]:
     """Qwen's special tokens, then the benchmark's words (:func:`tokenprune.reference.model.vocabulary` without
@@ -89,16 +80,12 @@ def build_processor():
 
 
 @dataclass
-class QwenReferenceSize:
-    """The architecture knobs of the Qwen reference model (defaults: the shipped one)."""
+class QwenReferenceSize(ReferenceSize):
+    """The architecture knobs of the Qwen reference model (defaults: the shipped one); those of the LLaVA
+    reference but a 4-block tower and an 8-layer LLM."""
 
-    vision_hidden: int = 64
     vision_layers: int = 4
-    vision_heads: int = 4
-    text_hidden: int = 128
     text_layers: int = 8
-    text_heads: int = 4
-    text_kv_heads: int = 2
 
 
 def build_model(size: QwenReferenceSize | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
