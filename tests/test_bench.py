@@ -67,6 +67,20 @@ def test_a_micro_benchmark_runs_and_its_counts_are_the_analytic_ones(tmp_path):
     assert "| next-micro | fastv-0.25 | 2 |" in table and "| next-micro | fastv-0.25 | 2 | 0.0:attention " in table
 
 
+def test_a_kv_cache_presets_operators_are_timed_one_by_one_over_its_layers(tmp_path):
+    """The by-operator split of a kv_cache stage names each operator once (its scorers run in the prefill, its
+    selector and merger after it, at each compressed layer: summed over the layers), and the parts lie inside the
+    stage's total (each operator's clock runs within the total's)."""
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "models: [{name: next-micro, synthetic: llava_next, text: {hidden: 32, intermediate: 64, layers: 4, heads: 2}}]\n"
+        "variants: [{name: unpruned, pipeline: null}, {name: elastic_cache, pipeline: elastic_cache}]\n"
+        "batch_sizes: [1]\nrepeats: 1\nwarmup: 0\nnew_tokens: 2\n")
+    _, kv = run_bench(load_bench_config(path), log=lambda *_: None)["rows"]
+    assert list(kv["operator_ms_by_op"]) == ["0.0:attention", "0.1:topk", "0.2:nearest_position_merge"]
+    assert 0 < sum(kv["operator_ms_by_op"].values()) <= kv["operator_ms"] + 1e-6
+
+
 def test_targets_are_read_from_the_results():
     rows = [
         {"model": "big", "variant": "unpruned", "batch": 1, "operator_overhead": 0.0, "prefill_speedup": 1.0,

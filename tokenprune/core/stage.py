@@ -118,14 +118,17 @@ class Stage(nn.Module):
         """The selector and merger (a kv_cache stage runs them once the prefill is done)."""
         return [op for op in self.operators if op.kind not in ("shift", "scorer")]
 
-    def select(self, state: TokenState, counts: torch.Tensor | None = None) -> TokenState:
+    def select(self, state: TokenState, counts: torch.Tensor | None = None,
+               clock: Callable[[int, TokenOperator], AbstractContextManager] | None = None) -> TokenState:
         """Run the selector and merger on a scored state; ``counts`` (B,), when given, is how many visual tokens
-        each sample keeps (the selector must take counts: :attr:`Selector.takes_counts`)."""
+        each sample keeps (the selector must take counts: :attr:`Selector.takes_counts`); ``clock`` as in
+        :meth:`forward`."""
         for op in self.select_operators():
-            if counts is not None and op is self.selector:
-                state = op.select_counts(state, counts)
-            else:
-                state = op(state)
+            with clock(list(self.operators).index(op), op) if clock is not None else nullcontext():
+                if counts is not None and op is self.selector:
+                    state = op.select_counts(state, counts)
+                else:
+                    state = op(state)
         return state
 
     @property

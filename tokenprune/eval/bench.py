@@ -302,8 +302,9 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
             "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": report.reduction if report else None,
             # the part spent scoring and cutting the caches of kv_cache stages, which grows with the layers compressed
             "kv_operator_ms": sum(t.operator_ms for t in trace if t.site == "kv_cache"),
-            # per operator, "<stage>.<index>:<op>" (a lazy signal is charged to the first operator that asks for it)
-            "operator_ms_by_op": {f"{t.stage}.{k}": ms for t in prefill for k, ms in t.operator_ms_by_op.items()},
+            # per operator, "<stage>.<index>:<op>" (a lazy signal is charged to the first operator that asks for it;
+            # a kv_cache stage's operators summed over the layers they compress)
+            "operator_ms_by_op": _by_op([t for t in trace if t.site in ("prefill", "kv_cache")]),
             # {layer: the tokens it runs on} (decoder layers; the count-ideal reads it)
             "layer_tokens": dict(enumerate(report.per_layer_tokens)) if report else None,
             "visual_tokens": v, "visual_tokens_kept": prefill[-1].visual_after[0] if prefill else v,
@@ -311,6 +312,16 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
             "kv_visual_kept": statistics.mean(t.visual_after[0] for t in kv) if (kv := [
                 t for t in trace if t.site == "kv_cache"]) else None,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def _by_op(traces) -> dict[str, float]:
+    """``{"<stage>.<index>:<op>": ms}`` over ``traces``, summed where a stage ran several times (one entry a layer
+    at the kv_cache site)."""
+    out: dict[str, float] = {}
+    for t in traces:
+        for k, ms in t.operator_ms_by_op.items():
+            out[f"{t.stage}.{k}"] = out.get(f"{t.stage}.{k}", 0.0) + ms
+    return out
 
 
 def _clock(cuda: bool):

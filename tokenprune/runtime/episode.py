@@ -89,6 +89,7 @@ class KVRecord:
     sizes: torch.Tensor
     positions: torch.Tensor
     ms: float  # time in the stage's shifts and scorers
+    ms_by_op: dict[str, float] = field(default_factory=dict)  # {"<i>:<op>": ms} when the pipeline times operators
 
 
 @dataclass

@@ -60,8 +60,9 @@ class KVCacheRuntime(SiteRuntime):
         state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask,
                                                     cached_keys=self.adapter.cached_keys(ep.cache, layer),
                                                     window=self.adapter.sliding_window(layer), source_index=cur)
-        state, ms, _ = self.run_operators(state, hidden, self.stage.score_operators())
-        ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms)
+        state, ms, by_op = self.run_operators(state, hidden, self.stage.score_operators())
+        ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms,
+                                by_op)
 
     def after_forward(self, ep: Episode) -> None:
         if ep.phase == "prefill" and ep.kv:
@@ -95,8 +96,10 @@ class KVCacheRuntime(SiteRuntime):
         for li, layer in enumerate(layers):
             rec = ep.kv[layer]
             state, visual_before, keys, values = states[layer]
+            by_op = dict(rec.ms_by_op)
             with torch.no_grad(), Stopwatch(state.hidden) as clock:
-                state = stage.select(state, None if counts is None else counts[:, li])
+                state = stage.select(state, None if counts is None else counts[:, li],
+                                     clock=self.operator_clock(state.hidden, by_op))
             rel, new_live = keep_index(state.keep_mask, state.valid_mask)
             entries = None
             if stage.merges:
@@ -107,7 +110,8 @@ class KVCacheRuntime(SiteRuntime):
             new_index = rec.index.gather(1, rel)
             ep.cut(self.adapter, layer, rel, new_index, new_live, bias=bias, entries=entries)
             self.trace(ep, layer, state.valid_mask, visual_before, new_index, new_live, site="kv_cache",
-                       operator_ms=rec.ms + clock.ms, merged_into=merges(state.merged_into, rec.index))
+                       operator_ms=rec.ms + clock.ms, merged_into=merges(state.merged_into, rec.index),
+                       operator_ms_by_op=by_op)
         self.attached.pipeline.runs[self.index] += 1
         ep.kv = {}
 

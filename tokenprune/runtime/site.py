@@ -3,6 +3,7 @@ and tracing what it kept."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -62,17 +63,22 @@ class SiteRuntime:
         """Run the stage's operators (or ``operators``) on ``state``: ``(state, ms in all of them, {"<i>:<op>": ms}
         when the pipeline times operators one by one)."""
         by_op: dict[str, float] = {}
-        clock = None
-        if self.attached.pipeline.time_operators:
-            def clock(i: int, op: nn.Module) -> Stopwatch:
-                return Stopwatch(like, into=by_op, label=f"{i}:{op.op_name}")
+        clock = self.operator_clock(like, by_op)
         with torch.no_grad(), Stopwatch(like) as total:
             if operators is None:
                 state = self.stage(state, clock=clock)
             else:
                 for op in operators:
-                    state = op(state)
+                    with clock(list(self.stage.operators).index(op), op) if clock is not None else nullcontext():
+                        state = op(state)
         return state, total.ms, by_op
+
+    def operator_clock(self, like: torch.Tensor, into: dict[str, float]):
+        """``clock(i, op)`` for :meth:`Stage.select`: each operator timed into ``into`` under ``"<i>:<op>"`` when
+        the pipeline times operators one by one, else None."""
+        if not self.attached.pipeline.time_operators:
+            return None
+        return lambda i, op: Stopwatch(like, into=into, label=f"{i}:{op.op_name}")
 
     def stage_state(self, layer: int, hidden: torch.Tensor, ep: Episode, cur: torch.Tensor,
                     live: torch.Tensor | None, sizes: torch.Tensor | None, positions: torch.Tensor | None
