@@ -148,3 +148,39 @@ def test_reference_qwen_names_the_shipped_folder_or_says_how_to_train_it(tmp_pat
     (tmp_path / "config.json").write_text("{}")
     assert model_path({"path": "reference-qwen"}) == str(tmp_path)
     assert model_path({"path": "some/folder"}) == "some/folder"
+
+
+def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generates(tmp_path):
+    """The Lightning loop with family: qwen2_5_vl: the tower-only step, then joint steps with the hints, the
+    alignment and the position probe; a resume continues the step count; the export loads through the project's
+    loader (AutoProcessor, or the images-only class without torchvision) and generates through stock generate()."""
+    from transformers import AutoModelForImageTextToText
+
+    from tokenprune.eval.models import load_processor
+    from tokenprune.reference.model import prompt
+    from tokenprune.reference.train import load_config, train
+
+    micro = ["model.vision_hidden=16", "model.vision_layers=2", "model.vision_heads=2", "model.text_hidden=32",
+             "model.text_layers=3", "model.text_heads=2", "model.text_kv_heads=1", "data.batch_size=2",
+             "data.num_workers=0", "val.items=3", "val.every=0", "logging.wandb=false", "logging.every=1",
+             "checkpoint_every=1", f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}",
+             "accelerator=cpu", "vision_warmup_steps=1", "attention_hints.from_step=1", "align.from_step=1",
+             "attention_hints.retrieve_layer=1", "position_probe.from_step=1", "position_probe.layer=1",
+             "describe.from_step=1", "multi_turn.from_step=1"]
+    first = train(load_config("experiments/train_reference_qwen.yaml", micro + ["optim.max_steps=2"]))
+    assert first["steps"] == 2
+    second = train(load_config("experiments/train_reference_qwen.yaml", micro + ["optim.max_steps=3"]))
+    assert second["steps"] == 3
+    metrics = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    for key in ("train/loss", "train/aux_loss", "train/hint_loss", "train/align_loss", "train/probe_loss"):
+        assert key in metrics
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proc = load_processor(str(tmp_path / "export"), True)
+    it = shapes.make_item("y/0", "exist")
+    enc = proc(images=[it["image"]], text=[prompt(proc, it["question"])], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 2
