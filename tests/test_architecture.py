@@ -21,7 +21,8 @@ LAYERS = ("core", "operators", "adapters", "runtime", "pipeline", "measure", "re
 #: Third-party packages a module may import inside a function: heavy ones that ``import tokenprune`` must not
 #: load, and the optional extras.
 LAZY_THIRD_PARTY = {"lightning", "pytorch_lightning", "matplotlib", "wandb", "lmms_eval", "sklearn", "datasets",
-                    "transformers", "tokenizers", "loguru"}
+                    "transformers", "tokenizers", "loguru",
+                    "torchvision"}  # optional: whether it imports is the question (Qwen's video processors need it)
 
 #: Package modules a module may import inside a function: those that import an optional extra at their top.
 LAZY_INTERNAL = {"tokenprune.eval.lmms_eval_model"}

@@ -199,8 +199,8 @@ def test_adaptive_budgets_refuse_analytic_flops():
     assert e.value.key == "stages.0" and "measured" in str(e.value)
 
 
-@pytest.mark.parametrize("override", ["stages.0.operators.0.op=none", "stages.0.operators.0.op=rope_free",
-                                      "stages.0.operators.0.op=rope_gravity", "stages.0.operators.4.op=drop"])
+@pytest.mark.parametrize("override", ["stages.0.operators.0={op: none}", "stages.0.operators.0={op: rope_free}",
+                                      "stages.0.operators.0={op: rope_gravity}", "stages.0.operators.4.op=drop"])
 @torch.no_grad()
 def test_asap_ablations_are_one_override(llava_pair, batch, override):
     """The ablations listed in docs/methods/asap.md build and run."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tokenprune.reference.model import ReferenceSize, vocabulary
 from tokenprune.reference.processors import QWEN_TEMPLATE as CHAT_TEMPLATE
@@ -128,7 +129,6 @@ def batched_windows():
     attends within itself, no mask), ~150 calls fewer per block for a batch of 16 ``shapes`` images (9 windows
     of 64 patches each), which dominate a training step's backward pass on a CPU. Windows of unequal lengths
     run the stock code. Training only; the model's code and weights are untouched."""
-    import torch.nn.functional as F
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
 
     stock = mq.Qwen2_5_VLVisionAttention.forward
