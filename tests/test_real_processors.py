@@ -7,6 +7,7 @@ the family's chat format, never against tokenprune's own batched output."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -53,24 +54,10 @@ def saved(request, tmp_path_factory):
 
     family = request.param
     folder = save_tiny(family, tmp_path_factory.mktemp(family), seed=1)
-    with _quiet():
+    with warnings.catch_warnings(action="ignore"):  # the no-torchvision warning, tested on its own below
         processor = load_processor(str(folder), True)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     return family, folder, model, processor
-
-
-class _quiet:
-    """Ignore the no-torchvision warning of the Qwen processors (tested on its own below)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def by_hand(family, model, processor, item, pipeline=None, new_tokens=3):
@@ -129,7 +116,7 @@ def test_the_lmms_eval_model_generates_and_scores_as_the_stock_model(saved, tmp_
     family, folder, model, processor = saved
     tasks = write_shapes_task(tmp_path / "tasks", "test", LIMIT * 3)
     name, overrides = PIPELINES[family]
-    with _quiet():
+    with warnings.catch_warnings(action="ignore"):  # the no-torchvision warning, tested on its own below
         lm = TokenPrune.create_from_arg_string(f"pretrained={folder},pipeline={name},overrides={';'.join(overrides)}",
                                                {"batch_size": 2})
     pipeline = tp.load_pipeline(name, overrides)

@@ -13,8 +13,7 @@ from tokenprune.reference import qwen, shapes
 
 @pytest.fixture(scope="module")
 def processor():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):  # no torchvision: the images-only processor's warning
         return qwen.build_processor()
 
 
@@ -176,8 +175,7 @@ def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generate
         assert key in metrics
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         proc = load_processor(str(tmp_path / "export"), True)
     it = shapes.make_item("y/0", "exist")
     enc = proc(images=[it["image"]], text=[prompt(proc, it["question"])], return_tensors="pt")

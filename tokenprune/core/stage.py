@@ -110,21 +110,26 @@ class Stage(nn.Module):
                 raise ConfigError(f"{self.key}.cache.decode.score_layer", f"{sl} is beyond the model's depth: it has "
                                   f"{num_layers} decoder layers")
 
-    def score_operators(self) -> list[TokenOperator]:
-        """The shifts and scorers (a kv_cache stage runs them inside the prefill)."""
-        return [op for op in self.operators if op.kind in ("shift", "scorer")]
-
-    def select_operators(self) -> list[TokenOperator]:
-        """The selector and merger (a kv_cache stage runs them once the prefill is done)."""
-        return [op for op in self.operators if op.kind not in ("shift", "scorer")]
+    def score(self, state: TokenState,
+              clock: Callable[[int, TokenOperator], AbstractContextManager] | None = None) -> TokenState:
+        """Run the shifts and scorers only (a kv_cache stage runs them inside the prefill); ``clock`` as in
+        :meth:`forward`."""
+        return self._run_part(state, ("shift", "scorer"), clock)
 
     def select(self, state: TokenState, counts: torch.Tensor | None = None,
                clock: Callable[[int, TokenOperator], AbstractContextManager] | None = None) -> TokenState:
-        """Run the selector and merger on a scored state; ``counts`` (B,), when given, is how many visual tokens
-        each sample keeps (the selector must take counts: :attr:`Selector.takes_counts`); ``clock`` as in
-        :meth:`forward`."""
-        for op in self.select_operators():
-            with clock(list(self.operators).index(op), op) if clock is not None else nullcontext():
+        """Run the selector and merger on a scored state (a kv_cache stage runs them once the prefill is done);
+        ``counts`` (B,), when given, is how many visual tokens each sample keeps (the selector must take counts:
+        :attr:`Selector.takes_counts`); ``clock`` as in :meth:`forward`."""
+        return self._run_part(state, ("selector", "merger", "compactor"), clock, counts)
+
+    def _run_part(self, state: TokenState, kinds: tuple[str, ...], clock, counts: torch.Tensor | None = None
+                  ) -> TokenState:
+        """The operators of ``kinds``, in order, each inside ``clock(index in the stage, op)`` when given."""
+        for i, op in enumerate(self.operators):
+            if op.kind not in kinds:
+                continue
+            with clock(i, op) if clock is not None else nullcontext():
                 if counts is not None and op is self.selector:
                     state = op.select_counts(state, counts)
                 else:

@@ -52,6 +52,10 @@ _MLLAMA_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
+#: The ``extra_special_tokens`` Qwen2-VL's processor reads from its tokenizer
+QWEN_EXTRA_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                     "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
 #: Per family: the special tokens at fixed ids (those the tiny models' configs name), the other special tokens,
 #: the tokenizer's pad / bos / eos and the ``extra_special_tokens`` its processor reads, and the chat template.
 _SPECIALS: dict[str, dict[str, Any]] = {
@@ -64,8 +68,7 @@ _SPECIALS: dict[str, dict[str, Any]] = {
                   "<|video_pad|>": tiny.TINY_VIDEO_TOKEN, "<|vision_start|>": tiny.TINY_VISION_START,
                   "<|vision_end|>": tiny.TINY_VISION_END},
         "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
-        "extra": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+        "extra": QWEN_EXTRA_TOKENS,
         "template": QWEN_TEMPLATE},
     "mllama": {
         "fixed": {"<|finetune_right_pad_id|>": tiny.TINY_PAD, "<|begin_of_text|>": tiny.TINY_BOS,
@@ -85,35 +88,47 @@ def _check_family(family: str) -> None:
         raise ValueError(f"family={family!r}; allowed: {', '.join(FAMILIES)}")
 
 
-def build_tokenizer(family: str):
-    """A word-level ``PreTrainedTokenizerFast`` of ``tiny.TINY_VOCAB`` ids: the family's special tokens at the ids
-    the tiny models' configs name, the benchmark's words and the template's role words in between, its chat
-    template, left padding."""
+def benchmark_words() -> list[str]:
+    """The ``shapes`` benchmark's words (the LLaVA reference's vocabulary without its special tokens) and the chat
+    templates' role words: what every family's word tokenizer holds besides its special tokens."""
+    llava_specials = {"<pad>", "<s>", "</s>", "<unk>", "<image>"}
+    return [w for w in vocabulary() if w not in llava_specials] + [w for w in _ROLE_WORDS if w not in vocabulary()]
+
+
+def word_tokenizer(vocab: dict[str, int], specials: list[str], pad: str, bos: str | None, eos: str,
+                   extra: dict[str, str], template: str):
+    """A word-level ``PreTrainedTokenizerFast`` over ``vocab`` (words and punctuation split apart; ``<unk>`` for
+    the rest), ``specials`` matched whole before splitting, left padding, the chat ``template``; ``extra``: the
+    ``extra_special_tokens`` a family's processor reads (``image_token`` and the like)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos,
+                                   unk_token="<unk>", padding_side="left", extra_special_tokens=dict(extra))
+    fast.chat_template = template
+    return fast
+
+
+def build_tokenizer(family: str):
+    """A word-level tokenizer (:func:`word_tokenizer`) of ``tiny.TINY_VOCAB`` ids: the family's special tokens at
+    the ids the tiny models' configs name, the benchmark's words and the template's role words in between, its
+    chat template."""
     _check_family(family)
     spec = _SPECIALS[family]
     fixed: dict[str, int] = dict(spec["fixed"])
-    reference_specials = {"<pad>", "<s>", "</s>", "<unk>", "<image>"}
-    words = ["<unk>"] + spec["other"] + [w for w in vocabulary() if w not in reference_specials] + _ROLE_WORDS
     free = (i for i in range(tiny.TINY_VOCAB) if i not in set(fixed.values()))
     vocab = dict(fixed)
-    for w in words:
+    for w in ["<unk>"] + spec["other"] + benchmark_words():
         if w not in vocab:
             vocab[w] = next(free)
     # the rest of the embedding table's ids get placeholder names, so ids and vocabulary agree
     for i in free:
         vocab[f"<unused{i}>"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    specials = list(fixed) + spec["other"]
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=spec["pad"], bos_token=spec["bos"],
-                                   eos_token=spec["eos"], unk_token="<unk>", padding_side="left",
-                                   extra_special_tokens=dict(spec["extra"]))
-    fast.chat_template = spec["template"]
-    return fast
+    return word_tokenizer(vocab, list(fixed) + spec["other"], spec["pad"], spec["bos"], spec["eos"], spec["extra"],
+                          spec["template"])
 
 
 def has_torchvision() -> bool:

@@ -18,9 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tokenprune.reference.model import ReferenceSize, vocabulary
+from tokenprune.reference.model import ReferenceSize
+from tokenprune.reference.processors import (
+    QWEN_EXTRA_TOKENS,
+    benchmark_words,
+    has_torchvision,
+    images_only,
+    word_tokenizer,
+)
 from tokenprune.reference.processors import QWEN_TEMPLATE as CHAT_TEMPLATE
-from tokenprune.reference.processors import has_torchvision, images_only
 
 #: Where the trained Qwen-architecture reference model lives (inside the package).
 QWEN_DIR = Path(__file__).parent / "checkpoint_qwen"
@@ -34,32 +40,15 @@ SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_st
             "<|image_pad|>", "<|video_pad|>"]
 
 def qwen_vocabulary() -> list[str]:
-    """Qwen's special tokens, then the benchmark's words (:func:`tokenprune.reference.model.vocabulary` without
-    the LLaVA specials) and the chat template's role words."""
-    llava_specials = {"<pad>", "<s>", "</s>", "<unk>", "<image>"}
-    out = list(SPECIALS)
-    for w in [w for w in vocabulary() if w not in llava_specials] + ["user", "assistant", "system"]:
-        if w not in out:
-            out.append(w)
-    return out
+    """Qwen's special tokens, then the benchmark's words and the chat template's role words."""
+    return SPECIALS + [w for w in benchmark_words() if w not in SPECIALS]
 
 
 def build_tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` over :func:`qwen_vocabulary` with the ChatML template."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+    """A word-level tokenizer over :func:`qwen_vocabulary` with Qwen's special tokens and the ChatML template."""
     vocab = {w: i for i, w in enumerate(qwen_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in SPECIALS if s != "<unk>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   unk_token="<unk>", padding_side="left",
-                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                                         "vision_start_token": "<|vision_start|>",
-                                                         "vision_end_token": "<|vision_end|>"})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_tokenizer(vocab, [s for s in SPECIALS if s != "<unk>"], "<|endoftext|>", None, "<|im_end|>",
+                          QWEN_EXTRA_TOKENS, CHAT_TEMPLATE)
 
 
 def build_processor():

@@ -60,7 +60,7 @@ class KVCacheRuntime(SiteRuntime):
         state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask,
                                                     cached_keys=self.adapter.cached_keys(ep.cache, layer),
                                                     window=self.adapter.sliding_window(layer), source_index=cur)
-        state, ms, by_op = self.run_operators(state, hidden, self.stage.score_operators())
+        state, ms, by_op = self.run_operators(state, hidden, self.stage.score)
         ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms,
                                 by_op)
 

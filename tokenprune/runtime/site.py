@@ -3,11 +3,9 @@ and tracing what it kept."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch import nn
 
 from tokenprune.core.masks import ragged_keep_index
 from tokenprune.core.stage import Stage
@@ -58,19 +56,13 @@ class SiteRuntime:
         pass
 
     # --- shared by the sites ---------------------------------------------------------------------
-    def run_operators(self, state: TokenState, like: torch.Tensor, operators: list[nn.Module] | None = None
-                      ) -> tuple[TokenState, float, dict[str, float]]:
-        """Run the stage's operators (or ``operators``) on ``state``: ``(state, ms in all of them, {"<i>:<op>": ms}
-        when the pipeline times operators one by one)."""
+    def run_operators(self, state: TokenState, like: torch.Tensor, run=None) -> tuple[TokenState, float, dict[str, float]]:
+        """Run the stage's operators on ``state`` (or ``run(state, clock=...)``, a part of the stage such as
+        :meth:`Stage.score`): ``(state, ms in all of them, {"<i>:<op>": ms} when the pipeline times operators one
+        by one)."""
         by_op: dict[str, float] = {}
-        clock = self.operator_clock(like, by_op)
         with torch.no_grad(), Stopwatch(like) as total:
-            if operators is None:
-                state = self.stage(state, clock=clock)
-            else:
-                for op in operators:
-                    with clock(list(self.stage.operators).index(op), op) if clock is not None else nullcontext():
-                        state = op(state)
+            state = (run or self.stage)(state, clock=self.operator_clock(like, by_op))
         return state, total.ms, by_op
 
     def operator_clock(self, like: torch.Tensor, into: dict[str, float]):
