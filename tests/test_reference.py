@@ -44,7 +44,11 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
     assert first["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     second = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=3"]))
     assert second["steps"] == 3  # continued from step 2, not from scratch
-    metrics = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    # the resume writes version_1 and keeps the first run's version_0 (steps 0-1; the resume logs step 2)
+    before = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    metrics = (tmp_path / "run" / "metrics" / "version_1" / "metrics.csv").read_text()
+    assert [row.split(",")[1] for row in before.splitlines()[1:]][-1] == "1"
+    assert [row.split(",")[1] for row in metrics.splitlines()[1:]] == ["2"]
     assert "train/loss" in metrics and "train/aux_loss" in metrics and "train/hint_loss" in metrics
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
     proc = AutoProcessor.from_pretrained(tmp_path / "export", local_files_only=True)

@@ -170,7 +170,11 @@ def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generate
     assert first["steps"] == 2
     second = train(load_config("experiments/train_reference_qwen.yaml", micro + ["optim.max_steps=3"]))
     assert second["steps"] == 3
-    metrics = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    # the resume writes version_1 and keeps the first run's version_0 (steps 0-1; the resume logs step 2)
+    before = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
+    metrics = (tmp_path / "run" / "metrics" / "version_1" / "metrics.csv").read_text()
+    assert [row.split(",")[1] for row in before.splitlines()[1:]][-1] == "1"
+    assert [row.split(",")[1] for row in metrics.splitlines()[1:]] == ["2"]
     for key in ("train/loss", "train/aux_loss", "train/hint_loss", "train/align_loss", "train/probe_loss"):
         assert key in metrics
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)

@@ -753,7 +753,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                        batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="metrics", version=0)]  # out/metrics/version_0/metrics.csv
+    # version=None: each start (a resume included) writes the next out/metrics/version_N/metrics.csv, so a resumed run
+    # keeps the metrics of the steps before it (one fixed version would be emptied on resume)
+    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="metrics", version=None)]
     if cfg.logging.wandb:
         from pytorch_lightning.loggers import WandbLogger
 
