@@ -51,6 +51,9 @@ BUILDERS = {
     # a Mistral LLM whose 48-token window is far shorter than the ~250-token prompts
     "llava_next_sliding": (lambda impl: tiny.tiny_llava_next(impl, layers=4, sliding_window=48),
                            tiny.tiny_llava_next_inputs, _next_images),
+    # a 2x1-tile image kept as it is and a 2x2-tile one the model resizes (anyres_max_2)
+    "llava_onevision": (lambda impl: tiny.tiny_llava_onevision(impl, layers=4), tiny.tiny_llava_onevision_inputs,
+                        _next_images),
     "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
     "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     # Qwen2's use_sliding_window: layers 0-1 attend to everything, layers 2-3 within 16 tokens

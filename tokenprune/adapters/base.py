@@ -446,6 +446,11 @@ class ModelAdapter:
     #: Keyword arguments of the model's forward that carry images.
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
+    def unsupported_inputs(self, kwargs: dict) -> str | None:
+        """Why the visual inputs of a prefill's ``kwargs`` cannot be pruned on this family (raised before the
+        forward runs); None if they can."""
+        return None
+
     def has_image_inputs(self, kwargs: dict) -> bool:
         """Whether a forward call carries images (so its visual tokens will be filled from them)."""
         return any(kwargs.get(k) is not None for k in self.image_input_keys)

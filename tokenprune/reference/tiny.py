@@ -192,6 +192,38 @@ def tiny_llava_next_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] 
             "image_sizes": sizes}
 
 
+def tiny_llava_onevision(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
+                         vision_layers: int = 2, aspect: str = "anyres_max_2") -> nn.Module:
+    """A ``LlavaOnevisionForConditionalGeneration``: a SigLIP tower of ``vision_layers`` layers on 56-px tiles of
+    7-px patches (64 tokens a tile, no CLS; ``vision_feature_select_strategy: full``, the last layer's features, as
+    the released checkpoints), anyres pinpoints 56x112, 112x56 and 112x112, ``vision_aspect_ratio`` ``aspect``
+    (``anyres_max_2``: a 2x2-tile grid is resized to about two tiles' worth of tokens, as ``anyres_max_9`` resizes
+    a 6x6 grid) and a Qwen2 LLM of :func:`tiny_llava`'s shape."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                                num_attention_heads=2, image_size=56, patch_size=7)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
+                       pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, initializer_range=init_std)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=TINY_IMAGE_TOKEN,
+                                  video_token_index=TINY_VIDEO_TOKEN,
+                                  image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio=aspect, pad_token_id=TINY_PAD)
+    model = LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return _for_tests(model)
+
+
+def tiny_llava_onevision_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] | None = None,
+                                prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """As :func:`tiny_llava_next_inputs`, on LLaVA-OneVision; the default sizes give one 2x1 grid kept as it is
+    and one 2x2 grid the model resizes (``anyres_max_2``)."""
+    return tiny_llava_next_inputs(model, image_sizes if image_sizes is not None else [(100, 60), (100, 100)],
+                                  prompts, seed)
+
+
 def tiny_mllama(attn_implementation: str = "sdpa", seed: int = 0, init_std: float = 0.2, gate: float = 1.0) -> nn.Module:
     """A ``MllamaForConditionalGeneration``: a 2-layer vision tower on 28-px tiles of 7-px patches
     (16 patches + CLS = 17 features a tile, up to 4 tiles) and a 5-layer LLM whose layers 1 and 3

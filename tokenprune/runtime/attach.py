@@ -233,6 +233,8 @@ class AttachedPipeline:
             self.episode = None
             if is_static_cache(cache):
                 refuse_static_cache("static", "cache_implementation", at_attach=False)
+            if (why := self.adapter.unsupported_inputs(kwargs)) is not None:
+                raise PipelineRuntimeError(why)
             if bool(visual.any()):
                 mask = kwargs.get("attention_mask")
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
