@@ -84,8 +84,12 @@ def test_the_resize_and_the_several_image_layouts_are_the_models(ov_pair):
     for batch in (tiny_llava_onevision_inputs(model), multi_image_batch(model)):
         visual = batch["input_ids"] == model.config.image_token_id
         want, _ = packed_rows(model, batch)
-        capture = {}
-        handles = adapter.hook_image_call(lambda a, k: capture.setdefault("c", adapter.vision_tower_capture(a, k)))
+        capture: dict = {}
+
+        def record(args, kwargs, capture=capture):
+            capture.setdefault("c", adapter.vision_tower_capture(args, kwargs))
+
+        handles = adapter.hook_image_call(record)
         try:
             with torch.no_grad():
                 model(**batch)

@@ -10,8 +10,8 @@ from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 
 def _anyres_max(aspect: str) -> int:
-    """The tile budget of a ``vision_aspect_ratio`` such as ``anyres_max_9`` (read as the model reads it)."""
-    return int(aspect.strip("anyres_max_"))
+    """The tile budget N of a ``vision_aspect_ratio`` ``anyres_max_N``."""
+    return int(aspect.removeprefix("anyres_max_"))
 
 
 def bilinear_nearest(size_in: int, size_out: int) -> torch.Tensor:

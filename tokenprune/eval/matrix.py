@@ -3,7 +3,7 @@
 Each cell is the answer of the family adapter's own model checks (:meth:`ModelAdapter.check_pipeline`, the
 checks ``pipeline.attach`` runs) for the preset on a configuration of that family at a real checkpoint's
 geometry (built from ``transformers``' config classes; no weights), with a guide model given. So the matrix
-is what tokenprune does, not a list kept by hand: ``tokenprune matrix --markdown`` writes the table in
+is what tokenprune does, not a list kept by hand: ``tokenprune matrix`` writes the table in
 docs/families.md, and a test keeps the two equal.
 """
 
@@ -21,13 +21,23 @@ from tokenprune.pipeline import load_pipeline
 
 def family_configs() -> dict[str, Any]:
     """One configuration per family, at the geometry of the checkpoint named in the key (no weights)."""
-    from transformers import LlavaConfig, LlavaNextConfig, MllamaConfig, Qwen2_5_VLConfig
+    from transformers import (
+        LlavaConfig,
+        LlavaNextConfig,
+        LlavaOnevisionConfig,
+        MllamaConfig,
+        Qwen2_5_VLConfig,
+    )
 
     return {
         "LLaVA-1.5 (llava-1.5-7b)": LlavaConfig(),
         "LLaVA-NeXT (llava-v1.6-vicuna-7b)": LlavaNextConfig(),
         "Qwen2-VL / Qwen2.5-VL (Qwen2.5-VL-7B)": Qwen2_5_VLConfig(text_config={"num_hidden_layers": 28}),
         "LLaMA-3.2-Vision (11B)": MllamaConfig(),
+        # the default config's tower and tiling are the 7B checkpoint's; its LLM is Qwen2-7B's
+        "LLaVA-OneVision (llava-onevision-qwen2-7b-ov)": LlavaOnevisionConfig(text_config={
+            "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+            "num_attention_heads": 28, "num_key_value_heads": 4}),
     }
 
 

@@ -54,6 +54,7 @@ BUILTIN_SHAPES: dict[str, LLMShape] = {
         _shape("llava-1.5-13b", 40, 5120, 13824, 40, 40),   # Vicuna-13B
         _shape("llava-next-7b", 32, 4096, 11008, 32, 32),   # LLaVA-NeXT (v1.6) Vicuna-7B
         _shape("qwen2-vl-7b", 28, 3584, 18944, 28, 4),      # Qwen2-7B
+        _shape("llava-onevision-7b", 28, 3584, 18944, 28, 4),  # llava-onevision-qwen2-7b: Qwen2-7B
     )
 }
 

@@ -5,7 +5,7 @@ template. The image processor classes need no hub files; only the tokenizer does
 word-level over the ``shapes`` benchmark's words (as the reference model's is) with the family's special tokens
 at the ids the tiny models use (:data:`tokenprune.reference.tiny.TINY_IMAGE_TOKEN` and the rest), so that
 ``processor(images=..., text=...)`` gives a tiny model exactly the inputs a real checkpoint's processor gives the
-real model: LLaVA-NeXT's anyres tiles and ``image_sizes``, Qwen2-VL's and Qwen2.5-VL's dynamic-resolution patches,
+real model: LLaVA-NeXT's anyres tiles and ``image_sizes``, LLaVA-OneVision's too with ``batch_num_images``, Qwen2-VL's and Qwen2.5-VL's dynamic-resolution patches,
 ``image_grid_thw`` and ``mm_token_type_ids``, Mllama's tiles, aspect-ratio ids and masks and cross-attention mask.
 
 :func:`save_tiny` writes a tiny model and its processor to a folder that ``tokenprune run``, ``tokenprune sweep``
@@ -21,7 +21,7 @@ from tokenprune.reference import tiny
 from tokenprune.reference.model import vocabulary
 
 #: The families with a real processor here, and their tiny model builders.
-FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl", "mllama")
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "mllama")
 
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -52,6 +52,16 @@ _MLLAMA_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
+# LLaVA-OneVision's ChatML layout: the role and the images on the turn's first line, the text on the next (a
+# newline right after a block tag is trimmed by transformers' template settings: it is written as an expression)
+_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 #: The ``extra_special_tokens`` Qwen2-VL's processor reads from its tokenizer
 QWEN_EXTRA_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                      "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
@@ -63,6 +73,11 @@ _SPECIALS: dict[str, dict[str, Any]] = {
         "fixed": {"<pad>": tiny.TINY_PAD, "<s>": tiny.TINY_BOS, "</s>": tiny.TINY_EOS, "<image>": tiny.TINY_IMAGE_TOKEN},
         "other": [], "pad": "<pad>", "bos": "<s>", "eos": "</s>", "extra": {"image_token": "<image>"},
         "template": _LLAVA_TEMPLATE},
+    "llava_onevision": {
+        "fixed": {"<|endoftext|>": tiny.TINY_PAD, "<|im_end|>": tiny.TINY_EOS, "<image>": tiny.TINY_IMAGE_TOKEN,
+                  "<video>": tiny.TINY_VIDEO_TOKEN},
+        "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
+        "extra": {"image_token": "<image>", "video_token": "<video>"}, "template": _ONEVISION_TEMPLATE},
     "qwen2_vl": {
         "fixed": {"<|endoftext|>": tiny.TINY_PAD, "<|im_end|>": tiny.TINY_EOS, "<|image_pad|>": tiny.TINY_IMAGE_TOKEN,
                   "<|video_pad|>": tiny.TINY_VIDEO_TOKEN, "<|vision_start|>": tiny.TINY_VISION_START,
@@ -170,6 +185,18 @@ def build_processor(family: str, model_config):
         return tf.LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=v.patch_size,
                                      vision_feature_select_strategy=model_config.vision_feature_select_strategy,
                                      image_token="<image>", num_additional_image_tokens=1, chat_template=template)
+    if family == "llava_onevision":
+        tile = v.image_size
+        images = tf.LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
+                                                    image_grid_pinpoints=[list(p) for p in
+                                                                          model_config.image_grid_pinpoints])
+        options = dict(image_processor=images, tokenizer=tokenizer, chat_template=template,
+                       num_image_tokens=(v.image_size // v.patch_size) ** 2,
+                       vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+                       vision_aspect_ratio=model_config.vision_aspect_ratio)
+        if not has_torchvision():
+            return images_only(tf.LlavaOnevisionProcessor)(**options)
+        return tf.LlavaOnevisionProcessor(video_processor=tf.LlavaOnevisionVideoProcessor(), **options)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         unit = v.patch_size * v.spatial_merge_size  # the resize rounds each side to a multiple of this
         # at most 8x8 merged tokens an image: a tiny model's inputs stay small
@@ -192,6 +219,8 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
     _check_family(family)
     if family == "llava_next":
         model = tiny.tiny_llava_next(seed=seed, **kwargs)
+    elif family == "llava_onevision":
+        model = tiny.tiny_llava_onevision(seed=seed, **kwargs)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model = tiny.tiny_qwen2_vl(version="2" if family == "qwen2_vl" else "2.5", seed=seed, **kwargs)
     else:

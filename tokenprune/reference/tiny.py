@@ -199,7 +199,12 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", layers: int = 4, see
     the released checkpoints), anyres pinpoints 56x112, 112x56 and 112x112, ``vision_aspect_ratio`` ``aspect``
     (``anyres_max_2``: a 2x2-tile grid is resized to about two tiles' worth of tokens, as ``anyres_max_9`` resizes
     a 6x6 grid) and a Qwen2 LLM of :func:`tiny_llava`'s shape."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
