@@ -42,6 +42,13 @@ def _qwen_images(batch, b):
     return {"pixel_values": batch["pixel_values"][start:start + sizes[b]], "image_grid_thw": thw[b:b + 1]}
 
 
+def _internvl_images(batch, b):
+    per_tile = 16
+    tiles = [int(n) // per_tile for n in (batch["input_ids"] == tiny.TINY_IMAGE_TOKEN).sum(1).tolist()]
+    start = sum(tiles[:b])
+    return {"pixel_values": batch["pixel_values"][start:start + tiles[b]]}
+
+
 def _next_images(batch, b):
     return {"pixel_values": batch["pixel_values"][b:b + 1], "image_sizes": batch["image_sizes"][b:b + 1]}
 
@@ -54,6 +61,8 @@ BUILDERS = {
     # a 2x1-tile image kept as it is and a 2x2-tile one the model resizes (anyres_max_2)
     "llava_onevision": (lambda impl: tiny.tiny_llava_onevision(impl, layers=4), tiny.tiny_llava_onevision_inputs,
                         _next_images),
+    # three tiles (two crops and a thumbnail) and one tile
+    "internvl": (lambda impl: tiny.tiny_internvl(impl, layers=4), tiny.tiny_internvl_inputs, _internvl_images),
     "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
     "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     # Qwen2's use_sliding_window: layers 0-1 attend to everything, layers 2-3 within 16 tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter, ModelFacts
+from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -12,7 +13,8 @@ from tokenprune.adapters.mllama import MllamaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, MllamaAdapter, Qwen2VLAdapter) for t in cls.model_types
+    t: cls for cls in (InternVLAdapter, LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, MllamaAdapter,
+                                 Qwen2VLAdapter) for t in cls.model_types
 }
 
 
@@ -31,5 +33,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter_class(getattr(model, "config", None), type(model).__name__)(model)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter",
+__all__ = ["ADAPTERS", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter",
            "adapter_class", "get_adapter"]

@@ -22,6 +22,7 @@ from tokenprune.pipeline import load_pipeline
 def family_configs() -> dict[str, Any]:
     """One configuration per family, at the geometry of the checkpoint named in the key (no weights)."""
     from transformers import (
+        InternVLConfig,
         LlavaConfig,
         LlavaNextConfig,
         LlavaOnevisionConfig,
@@ -29,15 +30,16 @@ def family_configs() -> dict[str, Any]:
         Qwen2_5_VLConfig,
     )
 
+    qwen2_7b = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                "num_attention_heads": 28, "num_key_value_heads": 4}
     return {
         "LLaVA-1.5 (llava-1.5-7b)": LlavaConfig(),
         "LLaVA-NeXT (llava-v1.6-vicuna-7b)": LlavaNextConfig(),
         "Qwen2-VL / Qwen2.5-VL (Qwen2.5-VL-7B)": Qwen2_5_VLConfig(text_config={"num_hidden_layers": 28}),
         "LLaMA-3.2-Vision (11B)": MllamaConfig(),
-        # the default config's tower and tiling are the 7B checkpoint's; its LLM is Qwen2-7B's
-        "LLaVA-OneVision (llava-onevision-qwen2-7b-ov)": LlavaOnevisionConfig(text_config={
-            "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-            "num_attention_heads": 28, "num_key_value_heads": 4}),
+        # the default configs' towers and tiling are these checkpoints'; their LLMs are Qwen2-7B's shape
+        "LLaVA-OneVision (llava-onevision-qwen2-7b-ov)": LlavaOnevisionConfig(text_config=qwen2_7b),
+        "InternVL (InternVL3-8B)": InternVLConfig(text_config=qwen2_7b),
     }
 
 

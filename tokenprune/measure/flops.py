@@ -55,6 +55,7 @@ BUILTIN_SHAPES: dict[str, LLMShape] = {
         _shape("llava-next-7b", 32, 4096, 11008, 32, 32),   # LLaVA-NeXT (v1.6) Vicuna-7B
         _shape("qwen2-vl-7b", 28, 3584, 18944, 28, 4),      # Qwen2-7B
         _shape("llava-onevision-7b", 28, 3584, 18944, 28, 4),  # llava-onevision-qwen2-7b: Qwen2-7B
+        _shape("internvl3-8b", 28, 3584, 18944, 28, 4),     # InternVL3-8B: Qwen2.5-7B
     )
 }
 

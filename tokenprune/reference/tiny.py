@@ -229,6 +229,47 @@ def tiny_llava_onevision_inputs(model: nn.Module, image_sizes: list[tuple[int, i
                                   prompts, seed)
 
 
+def tiny_internvl(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
+                  vision_layers: int = 2) -> nn.Module:
+    """An ``InternVLForConditionalGeneration``: an InternViT of ``vision_layers`` layers (CLS token, q/k norm) on
+    56-px tiles of 7-px patches, pixel-shuffled 2x2 into 16 visual tokens a tile (``downsample_ratio`` 0.5, as
+    the released checkpoints), and a Qwen2 LLM of :func:`tiny_llava`'s shape; ``<IMG_CONTEXT>`` is
+    ``TINY_IMAGE_TOKEN``."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                                  num_attention_heads=2, image_size=[56, 56], patch_size=[7, 7], use_qk_norm=True,
+                                  initializer_range=init_std, layer_scale_init_value=1.0)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
+                       pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, initializer_range=init_std)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=TINY_IMAGE_TOKEN,
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                            pad_token_id=TINY_PAD)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return _for_tests(model)
+
+
+def tiny_internvl_inputs(model: nn.Module, tiles: list[int] | None = None, prompts: list[list[int]] | None = None,
+                         seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch, one image per sample of ``tiles[b]`` tiles (default 3, as two crops and a thumbnail,
+    and 1): sample b is ``[bos, 5, <img>, <IMG_CONTEXT> x 16 * tiles[b], </img>, *prompts[b]]`` (``<img>`` and
+    ``</img>`` are ``TINY_VISION_START`` and ``TINY_VISION_END``), ``pixel_values`` the tiles of every image in
+    order, as InternVL's processor lays them out."""
+    cfg = model.config
+    v = cfg.vision_config
+    tiles = tiles if tiles is not None else [3, 1]
+    prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(tiles)]
+    per_tile = int((v.image_size[0] // v.patch_size[0]) ** 2 * cfg.downsample_ratio ** 2)
+    rows = [[TINY_BOS, 5, TINY_VISION_START] + [cfg.image_token_id] * (per_tile * t) + [TINY_VISION_END] + list(q)
+            for t, q in zip(tiles, prompts)]
+    input_ids, attention_mask = left_pad(rows)
+    gen = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(sum(tiles), 3, v.image_size[0], v.image_size[1], generator=gen)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
 def tiny_mllama(attn_implementation: str = "sdpa", seed: int = 0, init_std: float = 0.2, gate: float = 1.0) -> nn.Module:
     """A ``MllamaForConditionalGeneration``: a 2-layer vision tower on 28-px tiles of 7-px patches
     (16 patches + CLS = 17 features a tile, up to 4 tiles) and a 5-layer LLM whose layers 1 and 3
