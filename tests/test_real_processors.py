@@ -1,5 +1,5 @@
 """Every family end to end through its real processor: a tiny saved model of LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
+Qwen2.5-VL, InternVL and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
 template), run by `tokenprune run` and by the lmms-eval model. Each answer is checked against stock `generate()`
 (and each log-likelihood against a stock forward) on the same item alone, with the prompt written out by hand in
 the family's chat format, never against tokenprune's own batched output."""
@@ -27,6 +27,7 @@ LIMIT = 4
 PROMPTS = {
     "llava_next": "USER: <image>\n{q} ASSISTANT:",
     "llava_onevision": "<|im_start|>user <image>\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "internvl": "<|im_start|>user\n<IMG_CONTEXT>\n{q}<|im_end|>\n<|im_start|>assistant\n",
     "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
     "mllama": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{q}<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -37,6 +38,7 @@ PROMPTS["qwen2_5_vl"] = PROMPTS["qwen2_vl"]
 #: harsh enough to change answers of a random model
 PIPELINES = {"llava_next": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "llava_onevision": ("fastv", ["stages.0.operators.1.keep=0.05"]),
+             "internvl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_5_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "mllama": ("trimmed_llama", ["stages.0.operators.0.keep=0.05"])}
@@ -44,6 +46,7 @@ PIPELINES = {"llava_next": ("fastv", ["stages.0.operators.1.keep=0.05"]),
 #: what the family's processor must hand the model (the inputs its adapter reads)
 INPUTS = {"llava_next": {"pixel_values", "image_sizes"},
           "llava_onevision": {"pixel_values", "image_sizes", "batch_num_images"},
+          "internvl": {"pixel_values"},
           "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "mllama": {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}}

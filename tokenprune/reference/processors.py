@@ -6,7 +6,7 @@ word-level over the ``shapes`` benchmark's words (as the reference model's is) w
 at the ids the tiny models use (:data:`tokenprune.reference.tiny.TINY_IMAGE_TOKEN` and the rest), so that
 ``processor(images=..., text=...)`` gives a tiny model exactly the inputs a real checkpoint's processor gives the
 real model: LLaVA-NeXT's anyres tiles and ``image_sizes``, LLaVA-OneVision's too with ``batch_num_images``, Qwen2-VL's and Qwen2.5-VL's dynamic-resolution patches,
-``image_grid_thw`` and ``mm_token_type_ids``, Mllama's tiles, aspect-ratio ids and masks and cross-attention mask.
+``image_grid_thw`` and ``mm_token_type_ids``, InternVL's crops and thumbnail, Mllama's tiles, aspect-ratio ids and masks and cross-attention mask.
 
 :func:`save_tiny` writes a tiny model and its processor to a folder that ``tokenprune run``, ``tokenprune sweep``
 and the lmms-eval model load with the Auto classes, like any checkpoint.
@@ -21,7 +21,7 @@ from tokenprune.reference import tiny
 from tokenprune.reference.model import vocabulary
 
 #: The families with a real processor here, and their tiny model builders.
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "mllama")
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl", "mllama")
 
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -62,6 +62,15 @@ _ONEVISION_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# InternVL's ChatML layout: one <IMG_CONTEXT> per image on its own line before the text (the processor expands it
+# into <img>, the tiles' context tokens and </img>)
+_INTERNVL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] + '\\n' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 #: The ``extra_special_tokens`` Qwen2-VL's processor reads from its tokenizer
 QWEN_EXTRA_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                      "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
@@ -78,6 +87,12 @@ _SPECIALS: dict[str, dict[str, Any]] = {
                   "<video>": tiny.TINY_VIDEO_TOKEN},
         "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
         "extra": {"image_token": "<image>", "video_token": "<video>"}, "template": _ONEVISION_TEMPLATE},
+    "internvl": {
+        "fixed": {"<|endoftext|>": tiny.TINY_PAD, "<|im_end|>": tiny.TINY_EOS, "<IMG_CONTEXT>": tiny.TINY_IMAGE_TOKEN,
+                  "<video>": tiny.TINY_VIDEO_TOKEN, "<img>": tiny.TINY_VISION_START, "</img>": tiny.TINY_VISION_END},
+        "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
+        "extra": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                  "video_token": "<video>"}, "template": _INTERNVL_TEMPLATE},
     "qwen2_vl": {
         "fixed": {"<|endoftext|>": tiny.TINY_PAD, "<|im_end|>": tiny.TINY_EOS, "<|image_pad|>": tiny.TINY_IMAGE_TOKEN,
                   "<|video_pad|>": tiny.TINY_VIDEO_TOKEN, "<|vision_start|>": tiny.TINY_VISION_START,
@@ -197,6 +212,15 @@ def build_processor(family: str, model_config):
         if not has_torchvision():
             return images_only(tf.LlavaOnevisionProcessor)(**options)
         return tf.LlavaOnevisionProcessor(video_processor=tf.LlavaOnevisionVideoProcessor(), **options)
+    if family == "internvl":
+        # at most 4 crops (and the thumbnail) an image: a tiny model's inputs stay small
+        images = tf.GotOcr2ImageProcessorPil(size={"height": v.image_size[0], "width": v.image_size[1]},
+                                             crop_to_patches=True, min_patches=1, max_patches=4)
+        per_tile = int((v.image_size[0] // v.patch_size[0]) ** 2 * model_config.downsample_ratio ** 2)
+        options = dict(image_processor=images, tokenizer=tokenizer, chat_template=template, image_seq_length=per_tile)
+        if not has_torchvision():
+            return images_only(tf.InternVLProcessor)(**options)
+        return tf.InternVLProcessor(video_processor=tf.InternVLVideoProcessor(), **options)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         unit = v.patch_size * v.spatial_merge_size  # the resize rounds each side to a multiple of this
         # at most 8x8 merged tokens an image: a tiny model's inputs stay small
@@ -221,6 +245,8 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
         model = tiny.tiny_llava_next(seed=seed, **kwargs)
     elif family == "llava_onevision":
         model = tiny.tiny_llava_onevision(seed=seed, **kwargs)
+    elif family == "internvl":
+        model = tiny.tiny_internvl(seed=seed, **kwargs)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model = tiny.tiny_qwen2_vl(version="2" if family == "qwen2_vl" else "2.5", seed=seed, **kwargs)
     else:
