@@ -235,7 +235,12 @@ def tiny_internvl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
     56-px tiles of 7-px patches, pixel-shuffled 2x2 into 16 visual tokens a tile (``downsample_ratio`` 0.5, as
     the released checkpoints), and a Qwen2 LLM of :func:`tiny_llava`'s shape; ``<IMG_CONTEXT>`` is
     ``TINY_IMAGE_TOKEN``."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
 
     torch.manual_seed(seed)
     vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
