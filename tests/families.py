@@ -70,6 +70,8 @@ BUILDERS = {
                                                          window_from=2), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     "qwen2_5_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2.5"), tiny.tiny_qwen2_vl_inputs,
                    _qwen_images),
+    # DeepStack levels from its three tower blocks, added after LLM layers 0, 1 and 2
+    "qwen3_vl": (lambda impl: tiny.tiny_qwen3_vl(impl, layers=4), tiny.tiny_qwen2_vl_inputs, _qwen_images),
 }
 
 

@@ -11,10 +11,11 @@ from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.mllama import MllamaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls for cls in (InternVLAdapter, LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, MllamaAdapter,
-                                 Qwen2VLAdapter) for t in cls.model_types
+                                 Qwen2VLAdapter, Qwen3VLAdapter) for t in cls.model_types
 }
 
 
@@ -33,5 +34,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter_class(getattr(model, "config", None), type(model).__name__)(model)
 
 
-__all__ = ["ADAPTERS", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter",
+__all__ = ["ADAPTERS", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter", "Qwen3VLAdapter",
            "adapter_class", "get_adapter"]

@@ -104,8 +104,9 @@ def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class MethodHook:
-    """Wraps ``obj.name`` (a bound method) on the instance so that ``fn(args, kwargs)`` runs before each call;
-    :meth:`remove` unwraps it (a wrapper left under a later one passes calls straight through)."""
+    """Wraps ``obj.name`` (a bound method) on the instance so that ``fn(args, kwargs)`` runs before each call (a
+    result other than None is the ``(args, kwargs)`` the method is called with instead); :meth:`remove` unwraps it
+    (a wrapper left under a later one passes calls straight through)."""
 
     def __init__(self, obj, name: str, fn):
         self.obj, self.name, self.active = obj, name, True
@@ -116,7 +117,9 @@ class MethodHook:
         @functools.wraps(inner)  # callers read its signature (generate() picks the arguments to pass by it)
         def wrapper(*args, **kwargs):
             if self.active:
-                fn(args, kwargs)
+                given = fn(args, kwargs)
+                if given is not None:
+                    args, kwargs = given
             return inner(*args, **kwargs)
 
         self.wrapper = wrapper
@@ -393,6 +396,14 @@ class ModelAdapter:
         if tower is None:
             return []
         return [tower.register_forward_pre_hook(lambda module, args, kwargs: fn(args, kwargs), with_kwargs=True)]
+
+    def hook_visual_injection(self, fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                              ) -> list[Any]:
+        """Where the LLM adds visual features to the hidden states of its visual tokens inside the decoder
+        (Qwen3-VL's DeepStack): have ``fn(mask, features)`` — ``mask`` (B, N) over the prompt's tokens, ``features``
+        one row per True of it in row-major order — return the pair for the tokens flowing now. Returns removable
+        handles; none where the family injects nothing."""
+        return []
 
     def vision_tower_capture(self, args: tuple, kwargs: dict) -> Any:
         """What vision signals need of the image call :meth:`hook_image_call` sees (Qwen2-VL: the image grids;

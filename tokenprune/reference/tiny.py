@@ -112,6 +112,31 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
     return _for_tests(model)
 
 
+def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
+                  vision_layers: int = 3, deepstack: tuple[int, ...] | None = None) -> nn.Module:
+    """A ``Qwen3VLForConditionalGeneration``: a ``vision_layers``-block tower (patch 7, 2x2 merge, learned
+    position embeddings of an 8x8 grid) whose blocks ``deepstack`` (default: all) feed DeepStack levels, added
+    after LLM layers 0, 1, ... in turn; a ``layers``-layer Qwen3 LLM (hidden 64, 4 heads, 2 KV heads, head
+    dim 16, q/k norm, interleaved M-RoPE sections [2, 3, 3]). Inputs: :func:`tiny_qwen2_vl_inputs`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=TINY_VOCAB, max_position_embeddings=1024,
+                initializer_range=init_std, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=vision_layers, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=7,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                  num_position_embeddings=64, initializer_range=init_std,
+                  deepstack_visual_indexes=list(deepstack if deepstack is not None else range(vision_layers)))
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_TOKEN,
+                           video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
+                           vision_end_token_id=TINY_VISION_END)
+    model = Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return _for_tests(model)
+
+
 def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None = None,
                          prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """A left-padded batch with one image per sample, of patch grid ``grids[b]`` = (h, w) (even numbers).

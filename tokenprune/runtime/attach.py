@@ -126,6 +126,7 @@ class AttachedPipeline:
                     self._handles.append(layer.register_forward_pre_hook(self._vision_hook(i), with_kwargs=True))
             if self.stream is not None:
                 self._handles.extend(self.stream.install())
+                self._handles.extend(self.adapter.hook_visual_injection(self._visual_injection))
             for site in self.sites:
                 self._handles.extend(site.install())
         except BaseException:
@@ -155,6 +156,19 @@ class AttachedPipeline:
         if self._guide is not None:
             self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
         self._vision_tower = self.adapter.vision_tower_capture(args, kwargs)
+
+    def _visual_injection(self, mask: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual features the LLM adds inside the decoder (DeepStack) go to the tokens flowing now: the mask and the
+        feature rows of the visual tokens the stages so far kept (a merged token keeps its own token's row; filler
+        slots none)."""
+        ep = self.episode
+        if ep is None or ep.phase != "prefill" or ep.flow.index is None:
+            return mask, features
+        index = ep.flow.index.to(mask.device)
+        live = ep.flow.live.to(mask.device) if ep.flow.live is not None else torch.ones_like(index, dtype=torch.bool)
+        row = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)  # each visual token's feature row
+        kept = mask.gather(1, index) & live
+        return kept, features[row.gather(1, index)[kept]]
 
     def _vision_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
