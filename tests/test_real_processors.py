@@ -1,5 +1,5 @@
 """Every family end to end through its real processor: a tiny saved model of LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL, InternVL and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
+Qwen2.5-VL, Qwen3-VL, InternVL and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
 template), run by `tokenprune run` and by the lmms-eval model. Each answer is checked against stock `generate()`
 (and each log-likelihood against a stock forward) on the same item alone, with the prompt written out by hand in
 the family's chat format, never against tokenprune's own batched output."""
@@ -32,7 +32,7 @@ PROMPTS = {
     "mllama": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{q}<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n",
 }
-PROMPTS["qwen2_5_vl"] = PROMPTS["qwen2_vl"]
+PROMPTS["qwen2_5_vl"] = PROMPTS["qwen3_vl"] = PROMPTS["qwen2_vl"]
 
 #: a pipeline that acts on each family (Mllama's images enter through cross-attention: trim its features),
 #: harsh enough to change answers of a random model
@@ -41,6 +41,7 @@ PIPELINES = {"llava_next": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "internvl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_5_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
+             "qwen3_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "mllama": ("trimmed_llama", ["stages.0.operators.0.keep=0.05"])}
 
 #: what the family's processor must hand the model (the inputs its adapter reads)
@@ -49,6 +50,7 @@ INPUTS = {"llava_next": {"pixel_values", "image_sizes"},
           "internvl": {"pixel_values"},
           "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+          "qwen3_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "mllama": {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}}
 
 

@@ -28,6 +28,7 @@ def family_configs() -> dict[str, Any]:
         LlavaOnevisionConfig,
         MllamaConfig,
         Qwen2_5_VLConfig,
+        Qwen3VLConfig,
     )
 
     qwen2_7b = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
@@ -40,6 +41,9 @@ def family_configs() -> dict[str, Any]:
         # the default configs' towers and tiling are these checkpoints'; their LLMs are Qwen2-7B's shape
         "LLaVA-OneVision (llava-onevision-qwen2-7b-ov)": LlavaOnevisionConfig(text_config=qwen2_7b),
         "InternVL (InternVL3-8B)": InternVLConfig(text_config=qwen2_7b),
+        "Qwen3-VL (Qwen3-VL-8B)": Qwen3VLConfig(text_config={
+            "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128}, vision_config={"out_hidden_size": 4096}),
     }
 
 

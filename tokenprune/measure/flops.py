@@ -56,6 +56,7 @@ BUILTIN_SHAPES: dict[str, LLMShape] = {
         _shape("qwen2-vl-7b", 28, 3584, 18944, 28, 4),      # Qwen2-7B
         _shape("llava-onevision-7b", 28, 3584, 18944, 28, 4),  # llava-onevision-qwen2-7b: Qwen2-7B
         _shape("internvl3-8b", 28, 3584, 18944, 28, 4),     # InternVL3-8B: Qwen2.5-7B
+        _shape("qwen3-vl-8b", 36, 4096, 12288, 32, 8),      # Qwen3-VL-8B: Qwen3-8B
     )
 }
 

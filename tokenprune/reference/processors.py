@@ -21,7 +21,7 @@ from tokenprune.reference import tiny
 from tokenprune.reference.model import vocabulary
 
 #: The families with a real processor here, and their tiny model builders.
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl", "mllama")
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "mllama")
 
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -107,7 +107,7 @@ _SPECIALS: dict[str, dict[str, Any]] = {
         "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": {"image_token": "<|image|>"},
         "template": _MLLAMA_TEMPLATE},
 }
-_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
+_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen2_vl"]
 
 #: Words of the chat templates beyond the benchmark's
 _ROLE_WORDS = ["user", "assistant", "system"]
@@ -221,17 +221,19 @@ def build_processor(family: str, model_config):
         if not has_torchvision():
             return images_only(tf.InternVLProcessor)(**options)
         return tf.InternVLProcessor(video_processor=tf.InternVLVideoProcessor(), **options)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         unit = v.patch_size * v.spatial_merge_size  # the resize rounds each side to a multiple of this
         # at most 8x8 merged tokens an image: a tiny model's inputs stay small
         images = tf.Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                              temporal_patch_size=v.temporal_patch_size,
                                              min_pixels=(2 * unit) ** 2, max_pixels=(8 * unit) ** 2)
-        cls = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+        cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor,
+               "qwen3_vl": tf.Qwen3VLProcessor}[family]
         if not has_torchvision():
             return images_only(cls)(image_processor=images, tokenizer=tokenizer, chat_template=template)
-        video = tf.Qwen2VLVideoProcessor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                         temporal_patch_size=v.temporal_patch_size)
+        video_cls = tf.Qwen3VLVideoProcessor if family == "qwen3_vl" else tf.Qwen2VLVideoProcessor
+        video = video_cls(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                          temporal_patch_size=v.temporal_patch_size)
         return cls(image_processor=images, tokenizer=tokenizer, video_processor=video, chat_template=template)
     images = tf.MllamaImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
                                         max_image_tiles=v.max_num_tiles)
@@ -249,6 +251,8 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
         model = tiny.tiny_internvl(seed=seed, **kwargs)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model = tiny.tiny_qwen2_vl(version="2" if family == "qwen2_vl" else "2.5", seed=seed, **kwargs)
+    elif family == "qwen3_vl":
+        model = tiny.tiny_qwen3_vl(seed=seed, **kwargs)
     else:
         model = tiny.tiny_mllama(seed=seed, **kwargs)
     return model, build_processor(family, model.config)

@@ -117,7 +117,11 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
     """A ``Qwen3VLForConditionalGeneration``: a ``vision_layers``-block tower (patch 7, 2x2 merge, learned
     position embeddings of an 8x8 grid) whose blocks ``deepstack`` (default: all) feed DeepStack levels, added
     after LLM layers 0, 1, ... in turn; a ``layers``-layer Qwen3 LLM (hidden 64, 4 heads, 2 KV heads, head
-    dim 16, q/k norm, interleaved M-RoPE sections [2, 3, 3]). Inputs: :func:`tiny_qwen2_vl_inputs`."""
+    dim 16, q/k norm, interleaved M-RoPE sections [2, 3, 3]). Inputs: :func:`tiny_qwen2_vl_inputs`.
+
+    The q norm's weights are 3 instead of 1: normalised queries and keys bound the attention logits by the head
+    dimension's root, which leaves a random model's attention nearly uniform (as ``init_std`` does elsewhere, this
+    makes the choice of tokens matter)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -134,6 +138,9 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
                            video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
                            vision_end_token_id=TINY_VISION_END)
     model = Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_norm.weight.fill_(3.0)
     return _for_tests(model)
 
 
