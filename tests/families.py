@@ -26,7 +26,8 @@ def inputs(family: str) -> dict:
 def sample_alone(family: str, batch: dict, b: int) -> dict:
     """Sample ``b`` of ``batch`` on its own, without padding."""
     valid = batch["attention_mask"][b].bool()
-    out = {k: batch[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
+    out = {k: batch[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+           if k in batch}
     out.update(BUILDERS[family][2](batch, b))
     return out
 
@@ -49,6 +50,12 @@ def _internvl_images(batch, b):
     return {"pixel_values": batch["pixel_values"][start:start + tiles[b]]}
 
 
+def _gemma3_images(batch, b):
+    images = [int(n) // 16 for n in (batch["input_ids"] == tiny.TINY_IMAGE_TOKEN).sum(1).tolist()]
+    start = sum(images[:b])
+    return {"pixel_values": batch["pixel_values"][start:start + images[b]]}
+
+
 def _next_images(batch, b):
     return {"pixel_values": batch["pixel_values"][b:b + 1], "image_sizes": batch["image_sizes"][b:b + 1]}
 
@@ -63,6 +70,8 @@ BUILDERS = {
                         _next_images),
     # three tiles (two crops and a thumbnail) and one tile
     "internvl": (lambda impl: tiny.tiny_internvl(impl, layers=4), tiny.tiny_internvl_inputs, _internvl_images),
+    # sliding-window (12 tokens, under the ~30-token prompts) and global layers alternate; images bidirectional
+    "gemma3": (lambda impl: tiny.tiny_gemma3(impl, layers=4), tiny.tiny_gemma3_inputs, _gemma3_images),
     "llava": (lambda impl: tiny.tiny_llava(impl, layers=4), tiny.tiny_llava_inputs, _llava_images),
     "qwen2_vl": (lambda impl: tiny.tiny_qwen2_vl(impl, layers=4, version="2"), tiny.tiny_qwen2_vl_inputs, _qwen_images),
     # Qwen2's use_sliding_window: layers 0-1 attend to everything, layers 2-3 within 16 tokens

@@ -1,5 +1,5 @@
 """DESIGN.md's oracles 1-4 for every decoder-only family (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT,
-LLaVA-OneVision, InternVL, Qwen3-VL), against the independent masked eager reference of ``reference.py``."""
+LLaVA-OneVision, InternVL, Qwen3-VL, Gemma 3), against the independent masked eager reference of ``reference.py``."""
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ import tokenprune as tp
 from tokenprune.core.errors import ConfigError
 
 STEPS = 3
-FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_next_sliding", "qwen2_vl_sliding", "llava_onevision", "internvl", "qwen3_vl"]
+FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_next_sliding", "qwen2_vl_sliding", "llava_onevision", "internvl", "qwen3_vl",
+            "gemma3"]
 
 
 def attention_topk(keep=0.5, layer=2, compact=False, scorer=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter, ModelFacts
+from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
@@ -14,7 +15,7 @@ from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (InternVLAdapter, LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, MllamaAdapter,
+    t: cls for cls in (Gemma3Adapter, InternVLAdapter, LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, MllamaAdapter,
                                  Qwen2VLAdapter, Qwen3VLAdapter) for t in cls.model_types
 }
 
@@ -34,5 +35,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter_class(getattr(model, "config", None), type(model).__name__)(model)
 
 
-__all__ = ["ADAPTERS", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter", "Qwen3VLAdapter",
+__all__ = ["ADAPTERS", "Gemma3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter", "Qwen3VLAdapter",
            "adapter_class", "get_adapter"]

@@ -80,6 +80,24 @@ def tiles_of_images(visual: torch.Tensor, images: list[tuple[torch.Tensor, list[
     return tile_of, shapes
 
 
+def block_groups(side: int, merge: int) -> torch.Tensor:
+    """(T, merge²) long: for each token of a ``side`` x ``side`` patch grid merged in ``merge`` x ``merge`` blocks
+    (InternVL's pixel shuffle, Gemma 3's average pooling; tokens in raster order over the ``side/merge`` square),
+    the patches (raster indices) it is made of: token (i, j) holds patches (merge*i + a, merge*j + b), a, b < merge."""
+    cells = torch.arange(side * side).view(side // merge, merge, side // merge, merge)
+    return cells.permute(0, 2, 1, 3).reshape(-1, merge * merge)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """(B, H, N) fp32: the attention each of N tokens receives from the N queries of its row (softmax of ``q``
+    (B, H, N, hd) against ``k`` over all keys, no mask), averaged over the queries — what stands for a CLS token's
+    attention in a tower without one (SigLIP). Queries go ``chunk`` at a time."""
+    received = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    for c in range(0, q.shape[2], chunk):
+        received += torch.softmax((q[:, :, c:c + chunk].float() @ k.float().transpose(-1, -2)) * scale, dim=-1).sum(2)
+    return received / q.shape[2]
+
+
 def mask_format_of(impl: str) -> str:
     """The mask convention of attention implementation ``impl``: ``bool``, ``additive`` or ``2d``
     (:attr:`ModelAdapter.mask_format`)."""
@@ -329,6 +347,12 @@ class ModelAdapter:
         """{kind: (B, N) bool} for each of ``token_kinds``, from the LLM's input embeddings (B, N, D)."""
         return {}
 
+    def attention_blocks(self, kwargs: dict) -> torch.Tensor | None:
+        """(B, N) long: the block of tokens each prompt token attends to in both directions besides its causal
+        past (-1: none), from the prefill's keyword arguments, where the model's attention is not causal over the
+        visual tokens (Gemma 3: each image); None where it is causal throughout."""
+        return None
+
     def visual_grids(self, kwargs: dict, visual: torch.Tensor) -> list[tuple[int, int] | None] | None:
         """Per sample, (rows, cols) of its visual tokens in raster order if known, from the forward's
         keyword arguments; None where unknown (a square grid is then assumed)."""
@@ -526,10 +550,15 @@ class ModelAdapter:
         """The self-attention module of decoder ``layer`` (its ``config`` names the attention implementation)."""
         return self.layers[layer].self_attn
 
-    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> Any:
         """The LLM's rotary ``(cos, sin)`` for ``position_ids`` (B, N; (A, B, N) with :attr:`rope_axes` A > 1), as
-        its layers take them."""
+        decoder ``layer`` takes them."""
         raise NotImplementedError
+
+    def rotary_kind(self, layer: int) -> Any:
+        """What selects decoder ``layer``'s rotary embedding where the LLM's layers differ (Gemma 3: the layer type;
+        its local and global layers rotate with different bases); None where every layer shares one."""
+        return None
 
     def rope_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
         """(A, B, N) multi-axis rotary positions from the ``position_ids`` the model passes its LLM, for families
@@ -581,5 +610,5 @@ class LlamaStyleAdapter(ModelAdapter):
     def attention_scaling(self, layer):
         return float(self.layers[layer].self_attn.scaling)
 
-    def rotary_embeddings(self, hidden, position_ids):
+    def rotary_embeddings(self, hidden, position_ids, layer=0):
         return self.language_model.rotary_emb(hidden, position_ids)

@@ -5,15 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter, tiles_of_images
-
-
-def shuffle_groups(side: int, merge: int) -> torch.Tensor:
-    """(T, merge²) long: for each token of a tile after InternVL's pixel shuffle (raster order over the
-    ``side/merge`` square), the patches of the ``side`` x ``side`` grid (raster indices) it concatenates: token
-    (i, j) holds patches (merge*i + a, merge*j + b) for a, b < merge."""
-    cells = torch.arange(side * side).view(side // merge, merge, side // merge, merge)
-    return cells.permute(0, 2, 1, 3).reshape(-1, merge * merge)
+from tokenprune.adapters.base import LlamaStyleAdapter, block_groups, tiles_of_images
 
 
 class InternVLAdapter(LlamaStyleAdapter):
@@ -151,7 +143,7 @@ class InternVLAdapter(LlamaStyleAdapter):
 
     def _per_token(self, per_patch: torch.Tensor, reduce: str) -> torch.Tensor:
         """(tiles, H, P, ...) per patch (CLS dropped) -> (tiles * T, H, ...) per visual token, tiles in order."""
-        groups = shuffle_groups(self._side(), self._merge()).to(per_patch.device)  # (T, m²)
+        groups = block_groups(self._side(), self._merge()).to(per_patch.device)  # (T, m²): pixel shuffle
         merged = per_patch[:, :, groups]  # (tiles, H, T, m², ...)
         merged = merged.sum(3) if reduce == "sum" else merged.mean(3)
         merged = merged.transpose(1, 2)  # (tiles, T, H, ...)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from tokenprune.adapters.base import received_attention
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 
@@ -144,11 +145,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         over the tile's queries (the tower attends within each tile)."""
         if self._has_cls():
             return super().vision_cls_attention(layer, captured, tower)
-        q, k, scale = self._qk(layer, captured)
-        received = torch.zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
-        chunk = 1024
-        for c in range(0, q.shape[2], chunk):
-            probs = torch.softmax((q[:, :, c:c + chunk].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
-            received += probs.sum(2)
-        received /= q.shape[2]  # (tiles, H, P)
+        received = received_attention(*self._qk(layer, captured))  # (tiles, H, P)
         return received.permute(0, 2, 1).reshape(-1, received.shape[1])

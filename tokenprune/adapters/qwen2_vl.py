@@ -230,7 +230,7 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             grids.append((rows, cols) if rows * cols == h.numel() else None)
         return grids
 
-    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> Any:
         if position_ids.dim() != 3:
             raise ValueError(f"Qwen2-VL rotary positions are (3, B, N); got shape {tuple(position_ids.shape)}")
         return self.language_model.rotary_emb(hidden, position_ids)

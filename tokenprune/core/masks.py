@@ -58,14 +58,19 @@ def decode_key_index(cached_index: torch.Tensor, prefill_len: int, total_len: in
     return torch.cat([cached_index, tail], dim=1)
 
 
-def full_causal_mask(padding: torch.Tensor, query_len: int, fmt: str, dtype: torch.dtype) -> torch.Tensor:
-    """4-D mask (B, 1, Q, T) of the last ``query_len`` tokens of a sequence with 2-D ``padding`` mask (B, T).
+def full_causal_mask(padding: torch.Tensor, query_len: int, fmt: str, dtype: torch.dtype,
+                     window: int | None = None) -> torch.Tensor:
+    """4-D mask (B, 1, Q, T) of the last ``query_len`` tokens of a sequence with 2-D ``padding`` mask (B, T);
+    with ``window``, a query at index q sees keys q-window+1..q only.
 
     ``fmt`` is ``bool`` (True = attend, SDPA) or ``additive`` (0 / dtype min, eager).
     """
     b, t = padding.shape
-    q_pos = torch.arange(t - query_len, t, device=padding.device)
-    allowed = padding.bool()[:, None, :] & (torch.arange(t, device=padding.device)[None, None, :] <= q_pos[None, :, None])
+    q_pos = torch.arange(t - query_len, t, device=padding.device)[None, :, None]
+    k_pos = torch.arange(t, device=padding.device)[None, None, :]
+    allowed = padding.bool()[:, None, :] & (k_pos <= q_pos)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
     allowed = allowed[:, None]
     if fmt == "bool":
         return allowed

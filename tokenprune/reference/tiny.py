@@ -307,6 +307,57 @@ def tiny_internvl_inputs(model: nn.Module, tiles: list[int] | None = None, promp
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
+def tiny_gemma3(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
+                vision_layers: int = 2, sliding_window: int = 12) -> nn.Module:
+    """A ``Gemma3ForConditionalGeneration``: a SigLIP tower of ``vision_layers`` layers on 56-px images of 7-px
+    patches (8 x 8), average-pooled 2 x 2 to 16 tokens an image, and a Gemma 3 LLM (hidden 64, 4 heads, 2 KV
+    heads, head dim 16, q/k norm) whose layers alternate sliding-window (``sliding_window`` tokens, shorter than
+    the prompts) and global attention, with different rotary bases. ``<start_of_image>`` / ``<end_of_image>`` are
+    ``TINY_VISION_START`` / ``TINY_VISION_END``. The q norm's weights are 3, as in :func:`tiny_qwen3_vl`."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                                num_attention_heads=2, image_size=56, patch_size=7)
+    text = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=TINY_VOCAB,
+                            max_position_embeddings=2048, sliding_window=sliding_window,
+                            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                            pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS,
+                            initializer_range=init_std)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                          image_token_index=TINY_IMAGE_TOKEN, boi_token_index=TINY_VISION_START,
+                          eoi_token_index=TINY_VISION_END, pad_token_id=TINY_PAD)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_norm.weight.fill_(3.0)
+    return _for_tests(model)
+
+
+def tiny_gemma3_inputs(model: nn.Module, images: list[int] | None = None, prompts: list[list[int]] | None = None,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch, ``images[b]`` images in sample b (default 1 and 2), each ``<start_of_image>, <image> x
+    16, <end_of_image>`` followed by a word (6): ``[bos, 5, *images, *prompts[b]]``, with ``token_type_ids`` 1 on
+    the image tokens (as Gemma 3's processor gives them); ``pixel_values`` every image in order."""
+    cfg = model.config
+    images = images if images is not None else [1, 2]
+    prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(images)]
+    one = [TINY_VISION_START] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [TINY_VISION_END, 6]
+    rows = [[TINY_BOS, 5] + one * n + list(q) for n, q in zip(images, prompts)]
+    input_ids, attention_mask = left_pad(rows)
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.vision_config.image_size
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": torch.randn(sum(images), 3, size, size, generator=gen),
+            "token_type_ids": (input_ids == cfg.image_token_id).long()}
+
+
 def tiny_mllama(attn_implementation: str = "sdpa", seed: int = 0, init_std: float = 0.2, gate: float = 1.0) -> nn.Module:
     """A ``MllamaForConditionalGeneration``: a 2-layer vision tower on 28-px tiles of 7-px patches
     (16 patches + CLS = 17 features a tile, up to 4 tiles) and a 5-layer LLM whose layers 1 and 3

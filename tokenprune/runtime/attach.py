@@ -254,6 +254,7 @@ class AttachedPipeline:
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
                 ep = Episode(cache, visual, valid)
                 ep.grids = self.adapter.visual_grids(kwargs, visual)
+                ep.blocks = self.adapter.attention_blocks(kwargs)
                 if self._guide is not None:
                     ep.guide = guide_signal(self._guide, input_ids, valid.long(), lambda: self._tower_inputs, visual)
                 self.episode = ep
@@ -267,6 +268,8 @@ class AttachedPipeline:
             self.episode = None
             return
         ep.begin_decode_step(input_ids.shape[1])
+        mask = kwargs.get("attention_mask")
+        ep.step_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def _model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         ep = self.episode

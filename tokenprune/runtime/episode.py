@@ -118,7 +118,8 @@ class Episode:
     held: dict[int, Held] = field(default_factory=dict)  # per layer, what its prefill cache holds
     full: FullFrame | None = None
     #: the layer kwargs of ``flow.index``, gathered once per stage: (index, kwargs)
-    frame: tuple[torch.Tensor, dict[str, Any], Any] | None = None  # (index, kwargs, the layer mask they came from)
+    #: (index, kwargs, the layer mask and rotary embeddings they came from): the latest gathered layer kwargs
+    frame: tuple[torch.Tensor, dict[str, Any], Any, Any] | None = None
     capture: Capture | None = None
     #: True once the first layer's cache is shorter than the prompt: the LLM must then be handed full-frame masks
     short_first_cache: bool = False
@@ -127,8 +128,14 @@ class Episode:
     #: from which each layer's own is gathered (None: nothing padded, every layer attends causally to its cache)
     frame_mask_2d: torch.Tensor | None = None
     follows_beams: bool = False  # the cache's reorder_cache (beam search) reorders this episode's rows too
-    decode_pe: dict[int, Any] = field(default_factory=dict)  # per step and position shift
+    decode_pe: dict[Any, Any] = field(default_factory=dict)  # per step, position shift and rotary kind
     grids: list[tuple[int, int] | None] | None = None  # per sample (rows, cols) of its visual tokens
+    #: (B, N) long, input frame: the bidirectional attention block of each token (-1: none), where the model
+    #: lets the tokens of one image attend to each other both ways (Gemma 3); None: causal attention only
+    blocks: torch.Tensor | None = None
+    #: (B, T) the 2-D attention mask the model was given this decoding step (models that build one mask per layer
+    #: type from it before their LLM runs)
+    step_mask: torch.Tensor | None = None
     kinds: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N) masks of the adapter's token kinds
     patch_of: torch.Tensor | None = None  # (B, N) row of each visual token in the vision features
     tile_of: torch.Tensor | None = None  # (B, N) tile of each visual token (-1: none), for per-tile budgets

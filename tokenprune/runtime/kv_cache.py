@@ -59,7 +59,8 @@ class KVCacheRuntime(SiteRuntime):
         state, _ = self.stage_state(layer, hidden, ep, cur, flow.live, flow.sizes, flow.positions)
         state.signals.source = LayerAttentionSource(self.adapter, layer, hidden, position_embeddings, state.valid_mask,
                                                     cached_keys=self.adapter.cached_keys(ep.cache, layer),
-                                                    window=self.adapter.sliding_window(layer), source_index=cur)
+                                                    window=self.adapter.sliding_window(layer), source_index=cur,
+                                                    blocks=None if ep.blocks is None else ep.blocks.gather(1, cur))
         state, ms, by_op = self.run_operators(state, hidden, self.stage.score)
         ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms,
                                 by_op)

@@ -61,7 +61,8 @@ class LayerSiteRuntime(SiteRuntime):
             state.signals.source = LayerAttentionSource(
                 self.adapter, layer - 1, capture.hidden, capture.position_embeddings, state.valid_mask,
                 cached_keys=self.adapter.cached_keys(ep.cache, layer - 1), projected_queries=capture.queries,
-                window=self.adapter.sliding_window(layer - 1), source_index=cur)
+                window=self.adapter.sliding_window(layer - 1), source_index=cur,
+                blocks=None if ep.blocks is None else ep.blocks.gather(1, cur))
         self.attached.vision_signals(state, ep)
         state, ms, by_op = self.run_operators(state, hidden)
         rel, new_live = keep_index(state.keep_mask, state.valid_mask)

@@ -24,15 +24,17 @@ class LayerAttentionSource(AttentionSource):
     exactly these tokens); queries only for the rows asked for (gathered from the layer's own query
     projection when the attach machinery captured it in the forward, ``projected_queries``). On a
     sliding-window layer (``window``; ``source_index`` (B, N): the tokens' original sequence indices) a query
-    may attend only to the keys its layer lets it see, as in the model's own forward.
+    may attend only to the keys its layer lets it see, as in the model's own forward; with ``blocks`` (B, N) (the
+    attention block of each token, -1: none; Gemma 3's images) a query also sees the later tokens of its block.
     """
 
     def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, position_embeddings: Any,
                  valid_mask: torch.Tensor, cached_keys: torch.Tensor | None = None,
                  projected_queries: torch.Tensor | None = None, window: int | None = None,
-                 source_index: torch.Tensor | None = None):
+                 source_index: torch.Tensor | None = None, blocks: torch.Tensor | None = None):
         self.adapter = adapter
         self.window = window if source_index is not None else None
+        self.blocks = blocks
         self.source_index = source_index
         #: (B, N, H·hd) the layer's query projection of ``hidden`` captured in the model's own forward (before any
         #: query norm and the rotary embedding), so that queries are gathered, not projected again; or None.
@@ -91,12 +93,19 @@ class LayerAttentionSource(AttentionSource):
         return self.hidden
 
     def allowed(self, sample, rows):
-        if self.window is None:
+        if self.window is None and self.blocks is None:
             return None
-        src = self.source_index[sample]
-        rows = rows.to(src.device)
-        causal = torch.arange(src.shape[0], device=src.device)[None, :] <= rows[:, None]
-        return causal & (src[None, :] > src[rows][:, None] - self.window)  # the layer's window, original indices
+        n = self.hidden.shape[1]
+        rows = rows.to(self.hidden.device)
+        allowed = torch.arange(n, device=rows.device)[None, :] <= rows[:, None]
+        if self.blocks is not None:  # OR the query's own block, both ways (as the model's mask)
+            block = self.blocks[sample].to(rows.device)
+            mine = block[rows][:, None]
+            allowed = allowed | ((mine == block[None, :]) & (mine >= 0))
+        if self.window is not None:  # AND the layer's window, in original indices
+            src = self.source_index[sample].to(rows.device)
+            allowed = allowed & (src[None, :] > src[rows][:, None] - self.window)
+        return allowed
 
 
 class CrossAttentionSource(AttentionSource):

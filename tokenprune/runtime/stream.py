@@ -96,6 +96,19 @@ class DecoderStream:
         q = embeds.shape[1]
         total = ep.seen + q
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # one mask per layer type (Gemma 3), built by the model from the step's 2-D mask
+            mask = ep.step_mask
+            if mask is None:
+                mask = torch.ones(embeds.shape[0], total, dtype=torch.long, device=embeds.device)
+            if mask.shape[1] != total:
+                raise PipelineRuntimeError(f"attention_mask has {mask.shape[1]} columns; expected {total} (all tokens so far)")
+            window = getattr(self.adapter.language_model.config, "sliding_window", None)
+            kwargs["attention_mask"] = {
+                kind: full_causal_mask(mask, q, self.adapter.mask_format, embeds.dtype,
+                                       window if kind == "sliding_attention" else None) for kind in kwargs["attention_mask"]}
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = (ep.seen + torch.arange(q, device=embeds.device))[None]
+            return args, kwargs
         if mask is None:
             mask = torch.ones(embeds.shape[0], total, dtype=torch.long, device=embeds.device)
         if mask.dim() == 2:
@@ -144,7 +157,8 @@ class DecoderStream:
         for site in self.sites:
             hidden = site.prefill_layer(layer, ep, hidden)
         if ep.flow.index is not None:
-            kwargs.update(self.frame_kwargs(ep, hidden, kwargs.get("attention_mask")))
+            kwargs.update(self.frame_kwargs(ep, hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"),
+                                            layer))
         for site in self.sites:
             site.layer_ready(layer, ep, hidden, kwargs)
         ep.record(layer)
@@ -156,21 +170,23 @@ class DecoderStream:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def frame_kwargs(self, ep: Episode, hidden: torch.Tensor, layer_mask: Any = None) -> dict[str, Any]:
-        """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage and mask).
+    def frame_kwargs(self, ep: Episode, hidden: torch.Tensor, layer_mask: Any = None, layer_pe: Any = None,
+                     layer: int = 0) -> dict[str, Any]:
+        """Full-frame layer kwargs gathered to the tokens now flowing (computed once per stage, mask and rotary).
 
-        ``layer_mask`` is the full-frame mask the LLM built for this layer: layers of one model may differ (a
-        sliding-window layer next to a full one), and each keeps its own window in original positions."""
+        ``layer_mask`` and ``layer_pe`` are the full-frame mask and rotary ``(cos, sin)`` the LLM built for this
+        layer: layers of one model may differ (a sliding-window layer next to a full one, each keeping its own
+        window in original positions; Gemma 3's local and global rotary bases)."""
         flow = ep.flow
-        if ep.frame is not None and ep.frame[0] is flow.index and ep.frame[2] is layer_mask:
+        if ep.frame is not None and ep.frame[0] is flow.index and ep.frame[2] is layer_mask and ep.frame[3] is layer_pe:
             return ep.frame[1]
         idx = flow.index
-        pe = ep.full.position_embeddings
+        pe = layer_pe if layer_pe is not None else ep.full.position_embeddings
         if flow.renumbered:
             out: dict[str, Any] = {"position_ids": flow.positions}
             if pe is not None:
                 rope = flow.rope_positions if flow.rope_positions is not None else flow.positions
-                out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, rope)
+                out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, rope, layer)
         else:
             out = {"position_ids": ep.full.position_ids.gather(1, idx)} if ep.full.positions_given else {}
             if pe is not None:
@@ -186,7 +202,7 @@ class DecoderStream:
         if flow.key_bias is not None:
             mask = add_key_bias(mask, flow.key_bias, hidden.dtype, self.adapter)
         out["attention_mask"] = mask
-        ep.frame = (idx, out, layer_mask)
+        ep.frame = (idx, out, layer_mask, layer_pe)
         return out
 
     # --- decoding ----------------------------------------------------------------------------
@@ -259,17 +275,17 @@ class DecoderStream:
         """(position ids, rotary cos/sin) of the decoding tokens at ``layer``, after a renumbering stage moved its
         positions down by the layer's held shift (computed once per step and shift)."""
         shift = ep.held_at(layer).shift
-        key = id(shift)
+        key = (id(shift), self.adapter.rotary_kind(layer))
         if key not in ep.decode_pe and self.adapter.rope_axes > 1:  # M-RoPE: the model's step positions, moved
             if ep.rope is None:
                 raise PipelineRuntimeError(f"decoding after renumbered {self.adapter.family} positions needs the "
                                            "multi-axis positions the model passes its LLM; none were passed")
             rope = ep.rope - shift.to(ep.rope.dtype)[None, :, None]
-            ep.decode_pe[key] = (kwargs.get("position_ids"), self.adapter.rotary_embeddings(hidden, rope))
+            ep.decode_pe[key] = (kwargs.get("position_ids"), self.adapter.rotary_embeddings(hidden, rope, layer))
         if key not in ep.decode_pe:
             pos = kwargs.get("position_ids")
             if pos is None:
                 pos = (ep.seen + torch.arange(ep.query_len, device=hidden.device))[None]
             pos = expand_batch(pos, shift.shape[0]) - shift[:, None]
-            ep.decode_pe[key] = (pos, self.adapter.rotary_embeddings(hidden, pos))
+            ep.decode_pe[key] = (pos, self.adapter.rotary_embeddings(hidden, pos, layer))
         return ep.decode_pe[key]
