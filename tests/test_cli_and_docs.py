@@ -134,6 +134,7 @@ def test_a_refused_matrix_cell_is_refused_by_attach_and_a_running_one_attaches()
     from tokenprune.core.errors import ConfigError
     from tokenprune.eval.matrix import method_family_matrix
     from tokenprune.reference.tiny import (
+        tiny_gemma3,
         tiny_internvl,
         tiny_llava_next,
         tiny_llava_onevision,
@@ -144,7 +145,7 @@ def test_a_refused_matrix_cell_is_refused_by_attach_and_a_running_one_attaches()
     cells = {(c.preset, c.family.split(" (")[0]): c.refused for c in method_family_matrix()}
     models = {"LLaVA-NeXT": tiny_llava_next("sdpa", layers=32), "Qwen2-VL / Qwen2.5-VL": tiny_qwen2_vl("sdpa", layers=32),
               "LLaVA-OneVision": tiny_llava_onevision("sdpa", layers=32), "InternVL": tiny_internvl("sdpa", layers=32),
-              "Qwen3-VL": tiny_qwen3_vl("sdpa", layers=36)}
+              "Qwen3-VL": tiny_qwen3_vl("sdpa", layers=36), "Gemma 3": tiny_gemma3("sdpa", layers=48)}
     for (preset, family), refused in cells.items():
         if family not in models:
             continue

@@ -30,7 +30,7 @@ def no_eager(monkeypatch):
         raise AssertionError("eager attention ran (attention weights were materialised by the model)")
 
     for name in ("llama", "clip", "qwen2", "siglip", "qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llava_next",
-                 "llava_onevision", "internvl", "qwen3", "qwen3_vl"):
+                 "llava_onevision", "internvl", "qwen3", "qwen3_vl", "gemma3"):
         module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
         monkeypatch.setattr(module, "eager_attention_forward", eager, raising=False)
 
@@ -81,6 +81,8 @@ def test_preset_runs_and_generates(llava32, name, no_eager):
 def family32():
     """32-layer tiny LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and InternVL, so every preset's layers exist."""
     from tokenprune.reference.tiny import (
+        tiny_gemma3,
+        tiny_gemma3_inputs,
         tiny_internvl,
         tiny_internvl_inputs,
         tiny_llava_next,
@@ -98,22 +100,24 @@ def family32():
     ov = tiny_llava_onevision("sdpa", layers=32, vision_layers=4)
     ivl = tiny_internvl("sdpa", layers=32, vision_layers=4)
     qwen3 = tiny_qwen3_vl("sdpa", layers=32, vision_layers=4)
+    gemma = tiny_gemma3("sdpa", layers=32, vision_layers=4)
     return {"llava_next": (nxt, tiny_llava_next_inputs(nxt)), "qwen2_vl": (qwen, tiny_qwen2_vl_inputs(qwen)),
             "qwen2_5_vl": (qwen25, tiny_qwen2_vl_inputs(qwen25)),
             "llava_onevision": (ov, tiny_llava_onevision_inputs(ov)), "internvl": (ivl, tiny_internvl_inputs(ivl)),
-            "qwen3_vl": (qwen3, tiny_qwen2_vl_inputs(qwen3)),
+            "qwen3_vl": (qwen3, tiny_qwen2_vl_inputs(qwen3)), "gemma3": (gemma, tiny_gemma3_inputs(gemma)),
             # small guide models (SGL) that tokenise images as the large ones do
             "llava_next_guide": tiny_llava_next("sdpa", layers=2, seed=3, vision_layers=4),
             "qwen2_vl_guide": tiny_qwen2_vl("sdpa", layers=2, seed=3),
             "qwen2_5_vl_guide": tiny_qwen2_vl("sdpa", layers=2, version="2.5", seed=3),
             "llava_onevision_guide": tiny_llava_onevision("sdpa", layers=2, seed=3, vision_layers=4),
             "internvl_guide": tiny_internvl("sdpa", layers=2, seed=3, vision_layers=4),
-            "qwen3_vl_guide": tiny_qwen3_vl("sdpa", layers=2, seed=3, vision_layers=4)}
+            "qwen3_vl_guide": tiny_qwen3_vl("sdpa", layers=2, seed=3, vision_layers=4),
+            "gemma3_guide": tiny_gemma3("sdpa", layers=2, seed=3, vision_layers=4)}
 
 
 MATRIX_FAMILY = {"llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL / Qwen2.5-VL", "qwen2_5_vl": "Qwen2-VL / Qwen2.5-VL",
                  "llava_onevision": "LLaVA-OneVision", "internvl": "InternVL",
-                 "qwen3_vl": "Qwen3-VL"}
+                 "qwen3_vl": "Qwen3-VL", "gemma3": "Gemma 3"}
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +130,11 @@ def refused():
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl",
-                                    "qwen3_vl"])
+                                    "qwen3_vl", "gemma3"])
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
 def test_preset_on_other_families(family32, refused, family, name, no_eager):
-    """Every decoder-layer preset the matrix runs on LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL and Qwen3-VL generates there under
+    """Every decoder-layer preset the matrix runs on LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, Qwen3-VL and Gemma 3 generates there under
     the no-eager guard and prunes, with the analytic budget what ran."""
     if (name, MATRIX_FAMILY[family]) in refused:
         pytest.skip("refused on this family (the matrix says why)")
@@ -227,7 +231,8 @@ def test_asap_ablations_are_one_override(llava_pair, batch, override):
     assert pipe.trace[0].visual_after == [10, 10]  # 15% of 64
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "llava_onevision", "internvl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "llava_onevision", "internvl", "qwen3_vl",
+                                    "gemma3"])
 @pytest.mark.parametrize("name", KV)
 @torch.no_grad()
 def test_kv_cache_preset_runs_on_each_family(llava32, family32, family, name, no_eager):

@@ -1,5 +1,5 @@
 """Every family end to end through its real processor: a tiny saved model of LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, InternVL and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
+Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3 and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
 template), run by `tokenprune run` and by the lmms-eval model. Each answer is checked against stock `generate()`
 (and each log-likelihood against a stock forward) on the same item alone, with the prompt written out by hand in
 the family's chat format, never against tokenprune's own batched output."""
@@ -28,6 +28,7 @@ PROMPTS = {
     "llava_next": "USER: <image>\n{q} ASSISTANT:",
     "llava_onevision": "<|im_start|>user <image>\n{q}<|im_end|>\n<|im_start|>assistant\n",
     "internvl": "<|im_start|>user\n<IMG_CONTEXT>\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "gemma3": "<bos><start_of_turn>user\n<start_of_image>{q}<end_of_turn>\n<start_of_turn>model\n",
     "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
     "mllama": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{q}<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -39,6 +40,7 @@ PROMPTS["qwen2_5_vl"] = PROMPTS["qwen3_vl"] = PROMPTS["qwen2_vl"]
 PIPELINES = {"llava_next": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "llava_onevision": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "internvl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
+             "gemma3": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_5_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen3_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
@@ -48,6 +50,7 @@ PIPELINES = {"llava_next": ("fastv", ["stages.0.operators.1.keep=0.05"]),
 INPUTS = {"llava_next": {"pixel_values", "image_sizes"},
           "llava_onevision": {"pixel_values", "image_sizes", "batch_num_images"},
           "internvl": {"pixel_values"},
+          "gemma3": {"pixel_values", "token_type_ids"},
           "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "qwen3_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},

@@ -22,6 +22,7 @@ from tokenprune.pipeline import load_pipeline
 def family_configs() -> dict[str, Any]:
     """One configuration per family, at the geometry of the checkpoint named in the key (no weights)."""
     from transformers import (
+        Gemma3Config,
         InternVLConfig,
         LlavaConfig,
         LlavaNextConfig,
@@ -44,6 +45,11 @@ def family_configs() -> dict[str, Any]:
         "Qwen3-VL (Qwen3-VL-8B)": Qwen3VLConfig(text_config={
             "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128}, vision_config={"out_hidden_size": 4096}),
+        # five sliding-window (1024) layers to one global, as the released checkpoints
+        "Gemma 3 (gemma-3-12b)": Gemma3Config(text_config={
+            "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 1024,
+            "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)]}),
     }
 
 

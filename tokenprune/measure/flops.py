@@ -43,8 +43,8 @@ class LLMShape:
                    head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
 
 
-def _shape(name: str, layers: int, d: int, m: int, heads: int, kv_heads: int) -> LLMShape:
-    return LLMShape(name, layers, d, m, heads, kv_heads, d // heads)
+def _shape(name: str, layers: int, d: int, m: int, heads: int, kv_heads: int, head_dim: int | None = None) -> LLMShape:
+    return LLMShape(name, layers, d, m, heads, kv_heads, head_dim or d // heads)
 
 
 #: LLM geometries of the checkpoints papers report on (from their config.json files).
@@ -57,6 +57,7 @@ BUILTIN_SHAPES: dict[str, LLMShape] = {
         _shape("llava-onevision-7b", 28, 3584, 18944, 28, 4),  # llava-onevision-qwen2-7b: Qwen2-7B
         _shape("internvl3-8b", 28, 3584, 18944, 28, 4),     # InternVL3-8B: Qwen2.5-7B
         _shape("qwen3-vl-8b", 36, 4096, 12288, 32, 8),      # Qwen3-VL-8B: Qwen3-8B
+        _shape("gemma-3-12b", 48, 3840, 15360, 16, 8, 256),  # Gemma 3 12B (head dim 256, not d / heads)
     )
 }
 

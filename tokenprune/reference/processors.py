@@ -6,7 +6,7 @@ word-level over the ``shapes`` benchmark's words (as the reference model's is) w
 at the ids the tiny models use (:data:`tokenprune.reference.tiny.TINY_IMAGE_TOKEN` and the rest), so that
 ``processor(images=..., text=...)`` gives a tiny model exactly the inputs a real checkpoint's processor gives the
 real model: LLaVA-NeXT's anyres tiles and ``image_sizes``, LLaVA-OneVision's too with ``batch_num_images``, Qwen2-VL's and Qwen2.5-VL's dynamic-resolution patches,
-``image_grid_thw`` and ``mm_token_type_ids``, InternVL's crops and thumbnail, Mllama's tiles, aspect-ratio ids and masks and cross-attention mask.
+``image_grid_thw`` and ``mm_token_type_ids``, InternVL's crops and thumbnail, Gemma 3's ``token_type_ids``, Mllama's tiles, aspect-ratio ids and masks and cross-attention mask.
 
 :func:`save_tiny` writes a tiny model and its processor to a folder that ``tokenprune run``, ``tokenprune sweep``
 and the lmms-eval model load with the Auto classes, like any checkpoint.
@@ -21,7 +21,7 @@ from tokenprune.reference import tiny
 from tokenprune.reference.model import vocabulary
 
 #: The families with a real processor here, and their tiny model builders.
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "mllama")
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "mllama")
 
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -71,6 +71,15 @@ _INTERNVL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Gemma 3's turn layout: <start_of_image> where an image goes (the processor expands it)
+_GEMMA3_TEMPLATE = (
+    "<bos>{% for message in messages %}<start_of_turn>"
+    "{{ ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 #: The ``extra_special_tokens`` Qwen2-VL's processor reads from its tokenizer
 QWEN_EXTRA_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                      "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
@@ -93,6 +102,13 @@ _SPECIALS: dict[str, dict[str, Any]] = {
         "other": ["<|im_start|>"], "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
         "extra": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                   "video_token": "<video>"}, "template": _INTERNVL_TEMPLATE},
+    "gemma3": {
+        "fixed": {"<pad>": tiny.TINY_PAD, "<bos>": tiny.TINY_BOS, "<end_of_turn>": tiny.TINY_EOS,
+                  "<image_soft_token>": tiny.TINY_IMAGE_TOKEN, "<start_of_image>": tiny.TINY_VISION_START,
+                  "<end_of_image>": tiny.TINY_VISION_END},
+        "other": ["<start_of_turn>"], "pad": "<pad>", "bos": "<bos>", "eos": "<end_of_turn>",
+        "extra": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                  "eoi_token": "<end_of_image>"}, "template": _GEMMA3_TEMPLATE},
     "qwen2_vl": {
         "fixed": {"<|endoftext|>": tiny.TINY_PAD, "<|im_end|>": tiny.TINY_EOS, "<|image_pad|>": tiny.TINY_IMAGE_TOKEN,
                   "<|video_pad|>": tiny.TINY_VIDEO_TOKEN, "<|vision_start|>": tiny.TINY_VISION_START,
@@ -212,6 +228,10 @@ def build_processor(family: str, model_config):
         if not has_torchvision():
             return images_only(tf.LlavaOnevisionProcessor)(**options)
         return tf.LlavaOnevisionProcessor(video_processor=tf.LlavaOnevisionVideoProcessor(), **options)
+    if family == "gemma3":
+        images = tf.Gemma3ImageProcessorPil(size={"height": v.image_size, "width": v.image_size})
+        return tf.Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=template,
+                                  image_seq_length=model_config.mm_tokens_per_image)
     if family == "internvl":
         # at most 4 crops (and the thumbnail) an image: a tiny model's inputs stay small
         images = tf.GotOcr2ImageProcessorPil(size={"height": v.image_size[0], "width": v.image_size[1]},
@@ -249,6 +269,8 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
         model = tiny.tiny_llava_onevision(seed=seed, **kwargs)
     elif family == "internvl":
         model = tiny.tiny_internvl(seed=seed, **kwargs)
+    elif family == "gemma3":
+        model = tiny.tiny_gemma3(seed=seed, **kwargs)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         model = tiny.tiny_qwen2_vl(version="2" if family == "qwen2_vl" else "2.5", seed=seed, **kwargs)
     elif family == "qwen3_vl":

@@ -313,7 +313,9 @@ def tiny_gemma3(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 
     patches (8 x 8), average-pooled 2 x 2 to 16 tokens an image, and a Gemma 3 LLM (hidden 64, 4 heads, 2 KV
     heads, head dim 16, q/k norm) whose layers alternate sliding-window (``sliding_window`` tokens, shorter than
     the prompts) and global attention, with different rotary bases. ``<start_of_image>`` / ``<end_of_image>`` are
-    ``TINY_VISION_START`` / ``TINY_VISION_END``. The q norm's weights are 3, as in :func:`tiny_qwen3_vl`."""
+    ``TINY_VISION_START`` / ``TINY_VISION_END``. The q norm's weights are 3, as in :func:`tiny_qwen3_vl`; the LM head
+    is not tied to the embeddings (tied, Gemma's sqrt(hidden)-scaled embeddings make a random model repeat its last
+    input token whatever the image)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -332,7 +334,7 @@ def tiny_gemma3(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 
                             initializer_range=init_std)
     config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
                           image_token_index=TINY_IMAGE_TOKEN, boi_token_index=TINY_VISION_START,
-                          eoi_token_index=TINY_VISION_END, pad_token_id=TINY_PAD)
+                          eoi_token_index=TINY_VISION_END, pad_token_id=TINY_PAD, tie_word_embeddings=False)
     model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
