@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test test-slow lint install clean bench
 
 install: $(STAMP)
 
@@ -30,7 +30,11 @@ demo: $(STAMP)
 	$(VENV)/bin/tokenprune run experiments/asap_shapes.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# the end-to-end sweeps marked slow (every preset and the real processor on the newer families)
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

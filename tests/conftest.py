@@ -38,3 +38,15 @@ def tiny_folder(tmp_path_factory):
                               text_heads=2, text_kv_heads=1)).save_pretrained(path)
     build_processor().save_pretrained(path)
     return path
+
+
+#: Families whose end-to-end sweeps (every preset, the real processor) run as ``slow`` tests (``make test-slow``,
+#: which CI runs after ``make test``); their oracles and family-specific tests are in the fast suite.
+SLOW_FAMILIES = {"llava_onevision", "internvl", "qwen3_vl", "gemma3"}
+
+
+def families(*names: str) -> list:
+    """``names`` as pytest parameters, those of :data:`SLOW_FAMILIES` marked ``slow``."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in names]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import families
 
 import tokenprune as tp
 from tokenprune.core.config import preset_names
@@ -129,8 +130,8 @@ def refused():
     return {(c.preset, c.family.split(" (")[0]) for c in method_family_matrix() if c.refused}
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl",
-                                    "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", families("llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl",
+                                             "qwen3_vl", "gemma3"))
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - CROSS))
 @torch.no_grad()
 def test_preset_on_other_families(family32, refused, family, name, no_eager):
@@ -231,8 +232,8 @@ def test_asap_ablations_are_one_override(llava_pair, batch, override):
     assert pipe.trace[0].visual_after == [10, 10]  # 15% of 64
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "llava_onevision", "internvl", "qwen3_vl",
-                                    "gemma3"])
+@pytest.mark.parametrize("family", families("llava", "llava_next", "qwen2_vl", "llava_onevision", "internvl",
+                                             "qwen3_vl", "gemma3"))
 @pytest.mark.parametrize("name", KV)
 @torch.no_grad()
 def test_kv_cache_preset_runs_on_each_family(llava32, family32, family, name, no_eager):

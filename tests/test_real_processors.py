@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import families
 
 import tokenprune as tp
 from tokenprune.adapters import get_adapter
@@ -57,7 +58,7 @@ INPUTS = {"llava_next": {"pixel_values", "image_sizes"},
           "mllama": {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=families(*FAMILIES))
 def saved(request, tmp_path_factory):
     """(family, folder, stock model, processor): the tiny model saved with its processor, loaded back through the
     Auto classes."""
