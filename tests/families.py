@@ -81,6 +81,8 @@ BUILDERS = {
                    _qwen_images),
     # DeepStack levels from its three tower blocks, added after LLM layers 0, 1 and 2
     "qwen3_vl": (lambda impl: tiny.tiny_qwen3_vl(impl, layers=4), tiny.tiny_qwen2_vl_inputs, _qwen_images),
+    "qwen3_vl_moe": (lambda impl: tiny.tiny_qwen3_vl(impl, layers=4, moe=True), tiny.tiny_qwen2_vl_inputs,
+                     _qwen_images),
 }
 
 

@@ -11,7 +11,7 @@ from tokenprune.core.errors import ConfigError
 
 STEPS = 3
 FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl", "llava_next_sliding", "qwen2_vl_sliding", "llava_onevision", "internvl", "qwen3_vl",
-            "gemma3"]
+            "qwen3_vl_moe", "gemma3"]
 
 
 def attention_topk(keep=0.5, layer=2, compact=False, scorer=None):

@@ -9,6 +9,7 @@ from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL (Qwen Team 2025, "Qwen3-VL Technical Report").
 
+    The MoE variant (``qwen3_vl_moe``) routes each token on its own, so pruning changes no kept token's experts.
     Its visual tokens, grids, tiles and vision-tower signals are Qwen2-VL's (image and video placeholders; a
     merger of 2x2 patches; a CLS-free tower whose blocks all attend over the whole image). Two differences:
 
@@ -23,7 +24,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
       merged into it are not added to it).
     """
 
-    model_types = ("qwen3_vl",)
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
     family = "Qwen3-VL"
 
     def hook_visual_injection(self, fn):

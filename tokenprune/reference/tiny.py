@@ -113,16 +113,22 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
 
 
 def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
-                  vision_layers: int = 3, deepstack: tuple[int, ...] | None = None) -> nn.Module:
+                  vision_layers: int = 3, deepstack: tuple[int, ...] | None = None, moe: bool = False) -> nn.Module:
     """A ``Qwen3VLForConditionalGeneration``: a ``vision_layers``-block tower (patch 7, 2x2 merge, learned
     position embeddings of an 8x8 grid) whose blocks ``deepstack`` (default: all) feed DeepStack levels, added
     after LLM layers 0, 1, ... in turn; a ``layers``-layer Qwen3 LLM (hidden 64, 4 heads, 2 KV heads, head
-    dim 16, q/k norm, interleaved M-RoPE sections [2, 3, 3]). Inputs: :func:`tiny_qwen2_vl_inputs`.
+    dim 16, q/k norm, interleaved M-RoPE sections [2, 3, 3]). With ``moe``, ``Qwen3VLMoeForConditionalGeneration``:
+    each layer's MLP is 4 experts, 2 per token. Inputs: :func:`tiny_qwen2_vl_inputs`.
 
     The q norm's weights are 3 instead of 1: normalised queries and keys bound the attention logits by the head
     dimension's root, which leaves a random model's attention nearly uniform (as ``init_std`` does elsewhere, this
     makes the choice of tokens matter)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
@@ -134,10 +140,14 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
                   num_position_embeddings=64, initializer_range=init_std,
                   deepstack_visual_indexes=list(deepstack if deepstack is not None else range(vision_layers)))
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_TOKEN,
-                           video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
-                           vision_end_token_id=TINY_VISION_END)
-    model = Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    config_cls, cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    if moe:
+        config_cls, cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_TOKEN,
+                        video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
+                        vision_end_token_id=TINY_VISION_END)
+    model = cls._from_config(config, attn_implementation=attn_implementation)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.self_attn.q_norm.weight.fill_(3.0)
