@@ -572,7 +572,16 @@ def _rows_of(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
 
 
 class LlamaStyleAdapter(ModelAdapter):
-    """Shared by LVLMs whose LLM layers are Llama-style: ``input_layernorm``, ``self_attn.{q,k}_proj``, RoPE."""
+    """Shared by LVLMs whose LLM layers are Llama-style: ``input_layernorm``, ``self_attn.{q,k}_proj``, RoPE. By
+    default the LLM is ``model.model.language_model`` (transformers' LVLMs) and the visual tokens are the
+    ``config.image_token_id`` placeholders of ``input_ids``."""
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.model.config.image_token_id
 
     def project_queries(self, layer, hidden, position_embeddings, rows, *, rotary=True, sample=0, projected=None):
         block = self.layers[layer]

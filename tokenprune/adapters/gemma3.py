@@ -34,13 +34,6 @@ class Gemma3Adapter(LlamaStyleAdapter):
     model_types = ("gemma3",)
     family = "Gemma 3"
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.model.config.image_token_id
-
     # --- attention and positions ----------------------------------------------------------------
     def attention_blocks(self, kwargs: dict) -> torch.Tensor | None:
         """Each run of image tokens (``token_type_ids == 1``) is a block: the model's image mask."""

@@ -29,13 +29,6 @@ class InternVLAdapter(LlamaStyleAdapter):
     model_types = ("internvl",)
     family = "InternVL"
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.model.config.image_token_id
-
     # --- tiles ----------------------------------------------------------------------------------
     def _merge(self) -> int:
         merge = round(1 / float(self.model.config.downsample_ratio))

@@ -14,13 +14,6 @@ class LlavaAdapter(LlamaStyleAdapter):
     model_types = ("llava",)
     family = "LLaVA-1.5"
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.model.config.image_token_id
-
     # --- vision-tower signals: a CLIP-style tower, one image = P patch tokens (+ CLS) -------------
     def _tower(self) -> nn.Module:
         return self.model.model.vision_tower

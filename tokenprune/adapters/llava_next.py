@@ -77,9 +77,24 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_rows(self, size: tuple[int, int], first: int) -> torch.Tensor:
         """The signal row of each LLM visual token of one image of (height, width) ``size`` whose tiles are the
         tower's tiles ``first, first+1, ...``, -1 on its newline tokens: the base tile in raster order, then the
-        anyres grid — tile (ty, tx) of the gh x gw grid holds rows ty*side..(ty+1)*side-1 and the matching columns
-        of one (gh*side, gw*side) canvas —, unpadded to the image's aspect ratio, each of its rows closed by a
-        newline (as ``LlavaNextModel.pack_image_features`` lays the features out)."""
+        anyres grid (:meth:`anyres_canvas`), each of its rows closed by a newline (as
+        ``LlavaNextModel.pack_image_features`` lays the features out)."""
+        return self.close_rows(first, None if self._tiles(size) == 1 else self.anyres_canvas(size, first))
+
+    def close_rows(self, first: int, canvas: torch.Tensor | None) -> torch.Tensor:
+        """The base tile's signal rows (tower tile ``first``), then ``canvas``'s rows each closed by a newline
+        (-1); without a canvas, the base tile and one newline."""
+        p = self._side() ** 2
+        base = torch.arange(first * p, (first + 1) * p)
+        if canvas is None:
+            return torch.cat([base, torch.tensor([-1])])
+        canvas = torch.cat([canvas, torch.full((canvas.shape[0], 1), -1, dtype=canvas.dtype)], dim=1)
+        return torch.cat([base, canvas.flatten()])
+
+    def anyres_canvas(self, size: tuple[int, int], first: int) -> torch.Tensor:
+        """(rows, cols) signal rows of an image's anyres grid: tile (ty, tx) of the gh x gw grid (tower tile
+        ``first + 1 + ty*gw + tx``) holds rows ty*side..(ty+1)*side-1 and the matching columns of one
+        (gh*side, gw*side) canvas, unpadded to the image's aspect ratio."""
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
             unpad_image,
@@ -88,17 +103,12 @@ class LlavaNextAdapter(LlavaAdapter):
         cfg = self.model.config
         side = self._side()
         p = side * side
-        base = torch.arange(first * p, (first + 1) * p)
-        if self._tiles(size) == 1:
-            return torch.cat([base, torch.tensor([-1])])
         gh, gw = get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         y = torch.arange(gh * side)[:, None]
         x = torch.arange(gw * side)[None, :]
         tile = first + 1 + (y // side) * gw + x // side
         canvas = tile * p + (y % side) * side + x % side  # (gh*side, gw*side) signal rows
-        kept = unpad_image(canvas[None], torch.tensor(size))[0]
-        kept = torch.cat([kept, torch.full((kept.shape[0], 1), -1, dtype=kept.dtype)], dim=1)
-        return torch.cat([base, kept.flatten()])
+        return unpad_image(canvas[None], torch.tensor(size))[0]
 
     def _images_rows(self, sizes) -> list[tuple[torch.Tensor, int, int]]:
         """For each image of the tower's call (its ``sizes``, in order): (:meth:`image_rows`, its first tile among

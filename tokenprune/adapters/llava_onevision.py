@@ -75,41 +75,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         aspect = self._call_option(args, kwargs, "vision_aspect_ratio", 4) or self.model.config.vision_aspect_ratio
         return {"images": [(h, w, t) for (h, w), t in zip(sizes, tiled)], "aspect": aspect}
 
-    def _tiles(self, size: tuple[int, int]) -> int:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-        cfg = self.model.config
-        return image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-
     def image_rows(self, size: tuple[int, int], first: int, tiled: bool = True, aspect: str | None = None
                    ) -> torch.Tensor:
         """As :meth:`LlavaNextAdapter.image_rows`, as ``LlavaOnevisionModel.pack_image_features`` lays the features
         out: an untiled image is its base tile and one newline; a tiled one's unpadded grid of h x w patches is
         resized to ``int(h // r) x int(w // r)`` tokens when ``r = sqrt(h*w / (N * side^2)) > 1.1`` (N from
         ``anyres_max_N``), each token's row that of its nearest source patch."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import (
-            get_anyres_image_grid_shape,
-            unpad_image,
-        )
-
-        cfg = self.model.config
-        side = self._side()
-        p = side * side
-        base = torch.arange(first * p, (first + 1) * p)
         if not tiled or self._tiles(size) == 1:
-            return torch.cat([base, torch.tensor([-1])])
-        gh, gw = get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        y = torch.arange(gh * side)[:, None]
-        x = torch.arange(gw * side)[None, :]
-        tile = first + 1 + (y // side) * gw + x // side
-        canvas = tile * p + (y % side) * side + x % side
-        kept = unpad_image(canvas[None], list(size))[0]
+            return self.close_rows(first, None)
+        kept = self.anyres_canvas(size, first)
         h, w = kept.shape
-        ratio = math.sqrt(h * w / (_anyres_max(aspect or cfg.vision_aspect_ratio) * side ** 2))
+        aspect = aspect or self.model.config.vision_aspect_ratio
+        ratio = math.sqrt(h * w / (_anyres_max(aspect) * self._side() ** 2))
         if ratio > 1.1:
             kept = kept[bilinear_nearest(h, int(h // ratio))][:, bilinear_nearest(w, int(w // ratio))]
-        kept = torch.cat([kept, torch.full((kept.shape[0], 1), -1, dtype=kept.dtype)], dim=1)
-        return torch.cat([base, kept.flatten()])
+        return self.close_rows(first, kept)
 
     def _images_rows(self, capture) -> list[tuple[torch.Tensor, int, int]]:
         if capture is None:

@@ -45,10 +45,6 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
     family = "Qwen2-VL / Qwen2.5-VL"
     rope_axes = 3
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         cfg = self.model.config
         return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
