@@ -114,6 +114,15 @@ def test_the_position_probe_reads_the_centre_tokens_by_hand():
     with torch.no_grad():
         got = float(probe_loss(probe, hidden, input_ids, image, aux))
     assert got == pytest.approx(float(want))
+    # patches="shape": every covered cell asks for its shape's centre; row 0's cell 0 (a huge 50) now counts
+    aux["aux_xy"][0, 0] = torch.tensor([0.25, 0.75])
+    big = torch.sigmoid(torch.tensor(50.0))
+    want = 10 * (((s[0] - 0.25) ** 2 + (s[1] - 0.75) ** 2 + (big - 0.25) ** 2 + (big - 0.75) ** 2) / 6)
+    with torch.no_grad():
+        assert float(probe_loss(probe, hidden, input_ids, image, aux)) == pytest.approx(float(
+            10 * (((s[0] - 0.25) ** 2 + (s[1] - 0.75) ** 2) / 4)))  # centres only: the new cell is no centre
+        got = float(probe_loss(probe, hidden, input_ids, image, aux, patches="shape"))
+    assert got == pytest.approx(float(want))
 
 
 def test_batched_windows_give_the_stock_towers_tokens_and_gradients():

@@ -82,7 +82,7 @@ DEFAULTS = {
     # layer `layer` and predicts that shape's centre (x, y) (squared error, as the patch loss's position term): the
     # LLM's first layers must write where a visual token is into it, from its M-RoPE position, since a rotary-only
     # tower (Qwen's) cannot; the patch loss then asks the tower for no position. Dropped at export. 0: off.
-    "position_probe": {"weight": 0.0, "from_step": 0, "layer": 2},
+    "position_probe": {"weight": 0.0, "from_step": 0, "layer": 2, "patches": "center"},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -107,7 +107,7 @@ def _schema() -> dict[str, Any]:
         "multi_turn": {"turns": Int(1), "from_step": step},
         "attention_hints": {"weight": weight, "from_step": step, "heads": Int(1), "gather_layer": Int(0),
                             "retrieve_layer": Int(0), "absent": Str(HINT_ABSENT), "gather": Str(HINT_GATHER)},
-        "position_probe": {"weight": weight, "from_step": step, "layer": Int(0)},
+        "position_probe": {"weight": weight, "from_step": step, "layer": Int(0), "patches": Str(("center", "shape"))},
         "checkpoint_every": Int(1),
         "val": {"every": step, "items": Int(1)},
         "logging": {"wandb": Bool(), "project": Str(), "offline": Bool(), "every": Int(1)},
@@ -401,15 +401,18 @@ def align_loss(tokens: torch.Tensor, batch: dict[str, torch.Tensor], embeddings:
 
 
 def probe_loss(probe: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
-               aux: dict[str, torch.Tensor]) -> torch.Tensor:
+               aux: dict[str, torch.Tensor], patches: str = "center") -> torch.Tensor:
     """Squared error of ``probe``'s (x, y) (a sigmoid, in [0, 1] of the image) read from the hidden state (B, T, D)
-    of each shape's centre token (``aux_center``) against that shape's centre (``aux_xy``), ×10 as the patch
-    loss's position term. The visual tokens are the row's run of ``image_token_id`` (one image a row)."""
+    of each shape's centre token (``aux_center``; ``patches="shape"``: of every token a shape covers) against that
+    shape's centre (``aux_xy``), ×10 as the patch loss's position term. The visual tokens are the row's run of
+    ``image_token_id`` (one image a row)."""
     n = aux["aux_center"].shape[1]
     start = (input_ids == image_token_id).int().argmax(dim=1)  # the first image token of each row
     index = start[:, None] + torch.arange(n, device=input_ids.device)[None, :]
     visual = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, n, D)
-    on = (aux["aux_center"] > 0) & ~aux["aux_xy"][..., 0].isnan()  # a centre its shape covers (a thin cross may not)
+    on = ~aux["aux_xy"][..., 0].isnan()  # the tokens a shape covers
+    if patches == "center":
+        on = on & (aux["aux_center"] > 0)  # a centre its shape covers (a thin cross may not)
     if not on.any():
         return hidden.sum() * 0.0
     return 10 * F.mse_loss(probe(visual[on].float()).sigmoid(), aux["aux_xy"][on])
@@ -678,7 +681,7 @@ def _lightning_module(cfg: DictConfig, processor):
                 loss = loss + hints.weight * hint
             if use_probe:
                 where = probe_loss(self.probe, captured[probe.layer][0], batch["input_ids"],
-                                   self.model.config.image_token_id, aux)
+                                   self.model.config.image_token_id, aux, probe.patches)
                 self.log("train/probe_loss", where)
                 loss = loss + probe.weight * where
             if self.head is not None:
