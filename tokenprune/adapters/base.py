@@ -88,6 +88,17 @@ def block_groups(side: int, merge: int) -> torch.Tensor:
     return cells.permute(0, 2, 1, 3).reshape(-1, merge * merge)
 
 
+def clip_layer_qk(block: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(queries, keys, scale) of a CLIP- or SigLIP-style encoder layer (``layer_norm1``, ``self_attn.{q,k}_proj``)
+    on its input ``hidden`` (B, N, D): (B, H, N, hd) each, before the softmax's scale."""
+    attn = block.self_attn
+    h = block.layer_norm1(hidden)
+    b, n, _ = h.shape
+    q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    return q, k, float(attn.scale)
+
+
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
     """(B, H, N) fp32: the attention each of N tokens receives from the N queries of its row (softmax of ``q``
     (B, H, N, hd) against ``k`` over all keys, no mask), averaged over the queries — what stands for a CLS token's

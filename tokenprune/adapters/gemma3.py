@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter, block_groups, received_attention, tiles_of_images
+from tokenprune.adapters.base import (
+    LlamaStyleAdapter,
+    block_groups,
+    clip_layer_qk,
+    received_attention,
+    tiles_of_images,
+)
 
 
 class Gemma3Adapter(LlamaStyleAdapter):
@@ -117,13 +123,7 @@ class Gemma3Adapter(LlamaStyleAdapter):
         return patches, patches // self._side()
 
     def _qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        block = self.vision_layers()[layer]
-        attn = block.self_attn
-        h = block.layer_norm1(hidden)
-        b, n, _ = h.shape
-        q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        return q, k, float(attn.scale)
+        return clip_layer_qk(self.vision_layers()[layer], hidden)
 
     def _per_token(self, per_patch: torch.Tensor, reduce: str) -> torch.Tensor:
         """(images, H, P, ...) per patch -> (images * T, H, ...) per pooled token."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter
+from tokenprune.adapters.base import LlamaStyleAdapter, clip_layer_qk
 
 
 class LlavaAdapter(LlamaStyleAdapter):
@@ -63,13 +63,7 @@ class LlavaAdapter(LlamaStyleAdapter):
         return super().vision_patch_map(visual, tower)
 
     def _qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        block = self.vision_layers()[layer]
-        attn = block.self_attn
-        h = block.layer_norm1(hidden)
-        b, n, _ = h.shape
-        q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        return q, k, float(attn.scale)
+        return clip_layer_qk(self.vision_layers()[layer], hidden)
 
     def vision_cls_attention(self, layer, captured, tower=None):
         q, k, scale = self._qk(layer, captured)
