@@ -234,6 +234,15 @@ def tiny_llava_next_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] 
             "image_sizes": sizes}
 
 
+def _tiny_siglip(layers: int):
+    """The tiny SigLIP tower of LLaVA-OneVision and Gemma 3: ``layers`` layers, width 32, 2 heads, 56-px images of
+    7-px patches (8 x 8, no CLS token)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                              image_size=56, patch_size=7)
+
+
 def tiny_llava_onevision(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
                          vision_layers: int = 2, aspect: str = "anyres_max_2") -> nn.Module:
     """A ``LlavaOnevisionForConditionalGeneration``: a SigLIP tower of ``vision_layers`` layers on 56-px tiles of
@@ -245,12 +254,10 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", layers: int = 4, see
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         Qwen2Config,
-        SiglipVisionConfig,
     )
 
     torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-                                num_attention_heads=2, image_size=56, patch_size=7)
+    vision = _tiny_siglip(vision_layers)
     text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
                        pad_token_id=TINY_PAD, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, initializer_range=init_std)
@@ -330,12 +337,10 @@ def tiny_gemma3(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 
         Gemma3Config,
         Gemma3ForConditionalGeneration,
         Gemma3TextConfig,
-        SiglipVisionConfig,
     )
 
     torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-                                num_attention_heads=2, image_size=56, patch_size=7)
+    vision = _tiny_siglip(vision_layers)
     text = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=TINY_VOCAB,
                             max_position_embeddings=2048, sliding_window=sliding_window,
