@@ -362,6 +362,10 @@ class SinkhornContribution(Scorer):
         return 1 if self.params.features in ("layer_io", "keys") else 0
 
     @property
+    def reads_attention_layer(self) -> bool:  # type: ignore[override]
+        return self.params.features == "keys"  # layer_io reads that layer's input and output, not its attention
+
+    @property
     def needs_vision(self) -> bool:  # type: ignore[override]
         return self.params.features == "vision_keys"
 

@@ -12,11 +12,12 @@ from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.mllama import MllamaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.qwen3_5 import Qwen3_5Adapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls for cls in (Gemma3Adapter, InternVLAdapter, LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, MllamaAdapter,
-                                 Qwen2VLAdapter, Qwen3VLAdapter) for t in cls.model_types
+                                 Qwen2VLAdapter, Qwen3_5Adapter, Qwen3VLAdapter) for t in cls.model_types
 }
 
 
@@ -35,5 +36,6 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter_class(getattr(model, "config", None), type(model).__name__)(model)
 
 
-__all__ = ["ADAPTERS", "Gemma3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter", "Qwen3VLAdapter",
+__all__ = ["ADAPTERS", "Gemma3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "MllamaAdapter", "ModelAdapter", "ModelFacts", "Qwen2VLAdapter", "Qwen3_5Adapter",
+           "Qwen3VLAdapter",
            "adapter_class", "get_adapter"]

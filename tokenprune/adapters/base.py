@@ -22,7 +22,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, N, hd) by per-token ``cos``/``sin`` (B, N, hd)."""
+    """Rotate ``x`` (B, H, N, hd) by per-token ``cos``/``sin`` (B, N, r). With r < hd (partial rotary: Qwen3.5
+    rotates a quarter of each head) the first r dimensions rotate and the rest pass unchanged."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
@@ -47,6 +51,15 @@ class ModelFacts:
     sliding_layers: tuple[int, ...] = ()
     #: The attention implementation's name, for messages.
     attn_implementation: str | None = None
+    #: The decoder layers without attention: linear-attention (recurrent) layers, which hold a fixed-size state
+    #: instead of keys and values (Qwen3.5's Gated DeltaNet).
+    recurrent_layers: tuple[int, ...] = ()
+
+
+def _spans(layers: list[int]) -> str:
+    """``layers`` for a message: ``3, 7, 11, ...`` cut after eight."""
+    shown = ", ".join(str(i) for i in layers[:8])
+    return shown + (", ..." if len(layers) > 8 else "") if layers else "(none)"
 
 
 def tiles_of_images(visual: torch.Tensor, images: list[tuple[torch.Tensor, list[tuple[int, int]]]]
@@ -192,7 +205,8 @@ class ModelAdapter:
                           guide_images=cls.guide_images_from_config(config),
                           visual_grid=cls.visual_grid_from_config(config),
                           mask_format=mask_format_of(impl) if (impl := getattr(text, "_attn_implementation", None))
-                          else None, attn_implementation=impl, sliding_layers=cls.sliding_layers_from_config(config))
+                          else None, attn_implementation=impl, sliding_layers=cls.sliding_layers_from_config(config),
+                          recurrent_layers=cls.recurrent_layers_from_config(config))
 
     @classmethod
     def sliding_layers_from_config(cls, config: Any) -> tuple[int, ...]:
@@ -204,6 +218,24 @@ class ModelAdapter:
             return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
         return tuple(range(int(text.num_hidden_layers))) if getattr(text, "sliding_window", None) else ()
 
+    @classmethod
+    def recurrent_layers_from_config(cls, config: Any) -> tuple[int, ...]:
+        """The decoder layers ``config``'s ``layer_types`` name ``linear_attention``: recurrent layers with no
+        attention to read and no keys to cache."""
+        text = getattr(config, "text_config", None) or config
+        types = getattr(text, "layer_types", None) or ()
+        return tuple(i for i, t in enumerate(types) if t == "linear_attention")
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """The LLM's linear-attention (recurrent) decoder layers (:meth:`recurrent_layers_from_config`)."""
+        return self.recurrent_layers_from_config(self.model.config)
+
+    def attending_layers(self) -> list[int]:
+        """The decoder layers that attend (and cache keys and values): all but :attr:`recurrent_layers`."""
+        recurrent = set(self.recurrent_layers)
+        return [i for i in range(self.num_layers) if i not in recurrent]
+
     def facts(self) -> ModelFacts:
         """The :class:`ModelFacts` of the loaded model (its layers as built, its vision tower as loaded)."""
         return ModelFacts(num_layers=self.num_layers, cross_attention_layers=tuple(self.cross_attention_layers),
@@ -213,7 +245,8 @@ class ModelAdapter:
                               "it has no vision tower that takes the model's image input"),
                           visual_grid=self.visual_grid_from_config(self.model.config),
                           mask_format=self.mask_format, attn_implementation=self.attn_implementation,
-                          sliding_layers=tuple(i for i in range(self.num_layers) if self.sliding_window(i)))
+                          sliding_layers=tuple(i for i in range(self.num_layers) if self.sliding_window(i)),
+                          recurrent_layers=self.recurrent_layers)
 
     @classmethod
     def resolve_site(cls, site: Any) -> Any:
@@ -257,6 +290,8 @@ class ModelAdapter:
         (:meth:`facts_from_config`) or the loaded model (:meth:`facts`)."""
         for stage in pipeline.stages:
             stage.check_depth(facts.num_layers)
+            if facts.recurrent_layers:
+                cls.check_recurrent_stage(facts, stage)
             if isinstance(cls.resolve_site(stage.site), CrossAttentionSite) and not facts.cross_attention_layers:
                 raise ConfigError(f"{stage.key}.layer", f"'cross_attention' is not a site of {cls.family}: it has no "
                                   f"cross-attention layers; allowed: a decoder layer 0..{facts.num_layers - 1}")
@@ -280,6 +315,36 @@ class ModelAdapter:
                 if kind not in cls.token_kinds:
                     raise ConfigError(f"{stage.key}.protect", f"{kind!r} is not a token kind of {cls.family}; "
                                       f"allowed: {', '.join(cls.token_kinds) or '(none)'}")
+
+    @classmethod
+    def check_recurrent_stage(cls, facts: ModelFacts, stage: Any) -> None:
+        """Refuse what a linear-attention (recurrent) layer does not have: attention to score by (an operator that
+        reads the attention or keys of the layer before its site) and a KV cache to compress."""
+        recurrent = set(facts.recurrent_layers)
+        attending = [i for i in range(facts.num_layers) if i not in recurrent]
+        kind = "a linear-attention (recurrent) layer, with no attention and no KV cache"
+        site = cls.resolve_site(stage.site)
+        if isinstance(site, KVCacheSite):
+            names = stage.cache.layers
+            for layer in (names if names != "all" else []):
+                if layer in recurrent:
+                    raise ConfigError(f"{stage.key}.cache.layers", f"layer {layer} of {cls.family} is {kind}; "
+                                      f"allowed: its attention layers {_spans(attending)} (or 'all': those)")
+            sl = stage.cache.decode.score_layer
+            if sl is not None and sl in recurrent:
+                raise ConfigError(f"{stage.key}.cache.decode.score_layer", f"layer {sl} of {cls.family} is {kind}; "
+                                  f"allowed: its attention layers {_spans(attending)}")
+            return
+        source = getattr(site, "decoder_layer", None)
+        if source is None or source < 1 or source - 1 not in recurrent:
+            return
+        for j, op in enumerate(stage.operators):
+            if getattr(op, "reads_attention_layer", False):
+                after = [i + 1 for i in attending if i + 1 < facts.num_layers]
+                raise ConfigError(f"{stage.key}.operators.{j}.op", f"{op.op_name!r} reads the attention (queries, "
+                                  f"keys) of layer {source - 1}, the layer before its site; on {cls.family} that is "
+                                  f"{kind}; allowed layers for this stage: {_spans(after)} (right after an attention "
+                                  "layer), or an operator that reads no attention")
 
     @classmethod
     def check_flash_stage(cls, facts: ModelFacts, stage: Any) -> None:

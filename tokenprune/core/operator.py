@@ -61,6 +61,12 @@ class TokenOperator(nn.Module):
         super().__init__()
         self.params = params if params is not None else self.Params()
 
+    @property
+    def reads_attention_layer(self) -> bool:
+        """Whether the operator reads the attention (queries, keys) of the layer before its site — a model whose
+        layer there has none (a linear-attention layer) cannot run it. By default: what needs that layer does."""
+        return self.min_layer >= 1
+
     def forward(self, state: TokenState) -> TokenState:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -8,6 +8,13 @@ Two conventions:
   grouped-query attention (k/v are ``n_kv_heads * head_dim`` wide), the full ``n x n`` score and
   value products as an SDPA kernel computes them, and the gated MLP's three projections. Norms,
   rotary embedding and softmax are not counted (no matmuls). It matches ``torch.utils.flop_counter``.
+
+Hybrid LLMs (Qwen3.5: three Gated DeltaNet layers in four) count their linear-attention layers without the
+``n x n`` term, which they do not have. ``fastv``: ``4nd² + 2ndm``. ``exact``: the input projections (q, k, v,
+the output gate z, the decay and write gates a, b), the depthwise causal convolution (``kernel`` multiply-adds per
+channel and token), the output projection, the MLP, and the delta rule in its recurrent form — per token and value
+head, three products with the ``d_k x d_v`` state (read with the key, write, read with the query). A chunked
+prefill kernel computes more than the recurrent form (its intra-chunk products); that excess is not counted.
 """
 
 from __future__ import annotations
@@ -33,14 +40,32 @@ class LLMShape:
     heads: int
     kv_heads: int
     head_dim: int
+    #: Linear-attention (Gated DeltaNet) layers of a hybrid LLM, and their geometry: key and value heads, their
+    #: head dims, and the causal convolution's kernel width.
+    recurrent: tuple[int, ...] = ()
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv: int = 0
 
     @classmethod
     def from_config(cls, text_config: Any, name: str = "model") -> LLMShape:
         heads = text_config.num_attention_heads
+        types = getattr(text_config, "layer_types", None) or ()
+        recurrent = tuple(i for i, t in enumerate(types) if t == "linear_attention")
+        linear = {}
+        if recurrent:
+            linear = dict(linear_key_heads=text_config.linear_num_key_heads,
+                          linear_value_heads=text_config.linear_num_value_heads,
+                          linear_key_dim=text_config.linear_key_head_dim,
+                          linear_value_dim=text_config.linear_value_head_dim,
+                          linear_conv=text_config.linear_conv_kernel_dim)
         return cls(name=name, layers=text_config.num_hidden_layers, hidden=text_config.hidden_size,
                    intermediate=text_config.intermediate_size, heads=heads,
                    kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+                   head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+                   recurrent=recurrent, **linear)
 
 
 def _shape(name: str, layers: int, d: int, m: int, heads: int, kv_heads: int, head_dim: int | None = None) -> LLMShape:
@@ -90,9 +115,11 @@ def parse_shape(spec: str) -> LLMShape:
     return _shape("custom", fields["layers"], fields["d"], fields["m"], heads, fields.get("kv_heads", heads))
 
 
-def layer_flops(n: int, shape: LLMShape, convention: str = "fastv") -> float:
-    """FLOPs of one decoder layer over ``n`` tokens (prefill)."""
+def layer_flops(n: int, shape: LLMShape, convention: str = "fastv", layer: int | None = None) -> float:
+    """FLOPs of decoder ``layer`` over ``n`` tokens (prefill); ``layer`` None: an attention layer."""
     d, m = shape.hidden, shape.intermediate
+    if layer is not None and layer in shape.recurrent:
+        return _recurrent_layer_flops(n, shape, convention)
     if convention == "fastv":
         return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
     if convention == "exact":
@@ -101,6 +128,23 @@ def layer_flops(n: int, shape: LLMShape, convention: str = "fastv") -> float:
         attention = 2 * 2 * n * n * q_width  # Q K^T and P V over all heads
         mlp = 3 * 2 * n * d * m  # gate, up, down
         return projections + attention + mlp
+    raise ConfigError("--convention", f"unknown convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+
+
+def _recurrent_layer_flops(n: int, shape: LLMShape, convention: str) -> float:
+    """FLOPs of a Gated DeltaNet layer over ``n`` tokens (the module docstring says what is counted)."""
+    d, m = shape.hidden, shape.intermediate
+    if convention == "fastv":
+        return 4 * n * d * d + 2 * n * d * m
+    if convention == "exact":
+        keys = shape.linear_key_heads * shape.linear_key_dim
+        values = shape.linear_value_heads * shape.linear_value_dim
+        projections = 2 * n * d * (2 * keys + values + values + 2 * shape.linear_value_heads)  # qkv, z, a and b
+        conv = 2 * n * (2 * keys + values) * shape.linear_conv
+        state = 3 * 2 * n * shape.linear_value_heads * shape.linear_key_dim * shape.linear_value_dim
+        out = 2 * n * values * d
+        mlp = 3 * 2 * n * d * m
+        return projections + conv + state + out + mlp
     raise ConfigError("--convention", f"unknown convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
 
 
@@ -155,8 +199,8 @@ def pipeline_flops(pipeline: Pipeline | None, shape: LLMShape, n_tokens: int, n_
     if convention not in CONVENTIONS:
         raise ConfigError("--convention", f"unknown convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
     counts = layer_token_counts(pipeline, shape.layers, n_tokens, n_visual)
-    flops = sum(layer_flops(n, shape, convention) for n, _ in counts)
-    baseline = shape.layers * layer_flops(n_tokens, shape, convention)
+    flops = sum(layer_flops(n, shape, convention, i) for i, (n, _) in enumerate(counts))
+    baseline = sum(layer_flops(n_tokens, shape, convention, i) for i in range(shape.layers))
     return FlopsReport(flops=float(flops), baseline_flops=float(baseline), reduction=1.0 - flops / baseline,
                        equivalent_visual_tokens=sum(v for _, v in counts) / len(counts), convention=convention,
                        per_layer_tokens=[n for n, _ in counts])
@@ -175,8 +219,8 @@ def measured_flops(shape: LLMShape, n_tokens: int, n_visual: int, stages: list[t
         if layer in after:
             n, v = after[layer]
         counts.append((n, v))
-    flops = sum(layer_flops(k, shape, convention) for k, _ in counts)
-    baseline = shape.layers * layer_flops(n_tokens, shape, convention)
+    flops = sum(layer_flops(k, shape, convention, i) for i, (k, _) in enumerate(counts))
+    baseline = sum(layer_flops(n_tokens, shape, convention, i) for i in range(shape.layers))
     return FlopsReport(flops=float(flops), baseline_flops=float(baseline), reduction=1.0 - flops / baseline,
                        equivalent_visual_tokens=sum(x for _, x in counts) / len(counts), convention=convention,
                        per_layer_tokens=[k for k, _ in counts])

@@ -154,6 +154,43 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
     return _for_tests(model)
 
 
+def tiny_qwen3_5(attn_implementation: str = "sdpa", layers: int = 8, seed: int = 0, init_std: float = 0.2,
+                 vision_layers: int = 2) -> nn.Module:
+    """A ``Qwen3_5ForConditionalGeneration``: hybrid decoder layers — three Gated DeltaNet (linear attention)
+    layers, then a full-attention one, repeated (layers 3 and 7 of 8 attend) — with a ``vision_layers``-block
+    Qwen3-VL tower (patch 7, 2x2 merge, no DeepStack). The LLM has hidden 64; its attention layers 4 heads, 2 KV
+    heads, head dim 16, a gated query projection (query and output gate per head), q/k norm, and interleaved M-RoPE
+    on half of each head (``partial_rotary_factor`` 0.5, sections [2, 1, 1]); its DeltaNet layers 2 key heads and 4
+    value heads of dimension 8 and a 4-wide causal convolution. Inputs: :func:`tiny_qwen2_vl_inputs`.
+
+    The q norm's weights are 2 instead of 0 (Qwen3.5's norms scale by 1 + weight: x3, as :func:`tiny_qwen3_vl`
+    does), so that a random model's attention is not nearly uniform."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    pattern = ["linear_attention"] * 3 + ["full_attention"]
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4,
+                layer_types=[pattern[i % 4] for i in range(layers)], vocab_size=TINY_VOCAB,
+                max_position_embeddings=1024, initializer_range=init_std, bos_token_id=TINY_BOS,
+                eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.5})
+    vision = dict(depth=vision_layers, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=7,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                  num_position_embeddings=64, initializer_range=init_std)
+    config = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_TOKEN,
+                           video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
+                           vision_end_token_id=TINY_VISION_END, tie_word_embeddings=False)
+    model = Qwen3_5ForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "self_attn"):
+                layer.self_attn.q_norm.weight.fill_(2.0)
+    return _for_tests(model)
+
+
 def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None = None,
                          prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """A left-padded batch with one image per sample, of patch grid ``grids[b]`` = (h, w) (even numbers).

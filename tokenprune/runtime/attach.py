@@ -252,7 +252,7 @@ class AttachedPipeline:
             if bool(visual.any()):
                 mask = kwargs.get("attention_mask")
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
-                ep = Episode(cache, visual, valid)
+                ep = Episode(cache, visual, valid, first_cache_layer=self.adapter.attending_layers()[0])
                 ep.grids = self.adapter.visual_grids(kwargs, visual)
                 ep.blocks = self.adapter.attention_blocks(kwargs)
                 if self._guide is not None:

@@ -148,6 +148,11 @@ class Episode:
     #: (A, B, N) the multi-axis rotary positions the model gave its LLM for this forward (M-RoPE), or None.
     rope: torch.Tensor | None = None
     rope_prefill: torch.Tensor | None = None  # the prefill's, kept for renumbering stages
+    #: the first layer with a KV cache — the one the LLM sizes its decoding masks by (a hybrid LLM's first
+    #: attention layer; layer 0 elsewhere)
+    first_cache_layer: int = 0
+    #: (index, mask) the 2-D padding mask of the tokens flowing now, for linear-attention layers
+    recurrent_mask: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         self.query_len = self.visual.shape[1]
@@ -193,7 +198,7 @@ class Episode:
     def record(self, layer: int) -> None:
         """Layer ``layer`` is about to run in the prefill on the tokens flowing now: its cache will hold them."""
         self.held[layer] = self.flow.held()
-        if layer == 0 and self.flow.index is not None:  # a stage before the LLM: every cache is short
+        if layer == self.first_cache_layer and self.flow.index is not None:  # a stage before it: every cache is short
             self.short_first_cache = True
 
     def cut(self, adapter: ModelAdapter, layer: int, rel: torch.Tensor, index: torch.Tensor, live: torch.Tensor | None,
@@ -212,6 +217,6 @@ class Episode:
         if isinstance(bias, str):
             bias = gather_tokens(old.bias, rel) if old.bias is not None else None
         self.held[layer] = Held(index, live, bias, old.shift)
-        if layer == 0:
+        if layer == self.first_cache_layer:
             self.short_first_cache = True
         self.decode_masks.clear()

@@ -31,7 +31,9 @@ class KVCacheRuntime(SiteRuntime):
 
     def __init__(self, index, stage, attached):
         super().__init__(index, stage, attached)
-        self.layers = set(stage.cache.layer_list(self.adapter.num_layers, f"{stage.key}.cache"))
+        # the attention layers only: a linear-attention layer's state has a fixed size and no entries to cut
+        self.layers = set(stage.cache.layer_list(self.adapter.num_layers, f"{stage.key}.cache")) \
+            - set(self.adapter.recurrent_layers)
         self.decode_steps = set(stage.cache.decode.steps)
 
     def install(self) -> list[Any]:

@@ -74,6 +74,7 @@ class DecoderStream:
         self.adapter: ModelAdapter = attached.adapter
         self.sites = sites
         self.capture_layers = capture_layers  # layers whose input a stage right after them reads
+        self.recurrent = set(self.adapter.recurrent_layers)  # linear-attention layers: 2-D padding masks only
 
     def install(self) -> list[Any]:
         handles = [self.adapter.language_model.register_forward_pre_hook(self._llm_pre_hook, with_kwargs=True)]
@@ -156,7 +157,9 @@ class DecoderStream:
                                 given)
         for site in self.sites:
             hidden = site.prefill_layer(layer, ep, hidden)
-        if ep.flow.index is not None:
+        if ep.flow.index is not None and layer in self.recurrent:
+            kwargs["attention_mask"] = self.recurrent_mask(ep)
+        elif ep.flow.index is not None:
             kwargs.update(self.frame_kwargs(ep, hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"),
                                             layer))
         for site in self.sites:
@@ -205,8 +208,20 @@ class DecoderStream:
         ep.frame = (idx, out, layer_mask, layer_pe)
         return out
 
+    @staticmethod
+    def recurrent_mask(ep: Episode) -> torch.Tensor | None:
+        """A linear-attention layer's mask over the tokens flowing now: the 2-D padding mask of the real ones (None
+        when all are). Its input is zeroed on padding and fillers; these stand left of a sample's real tokens, so
+        its state is still zero when the first real token arrives, as with the model's own left padding."""
+        if ep.recurrent_mask is None or ep.recurrent_mask[0] is not ep.flow.index:
+            valid = ep.valid_now()
+            ep.recurrent_mask = (ep.flow.index, None if bool(valid.all()) else valid.long())
+        return ep.recurrent_mask[1]
+
     # --- decoding ----------------------------------------------------------------------------
     def _decode_layer(self, layer: int, ep: Episode, args: tuple, kwargs: dict):
+        if layer in self.recurrent:  # a recurrent state: nothing held to mask (the LLM gives it its step's mask)
+            return args, kwargs
         held = ep.held_at(layer)
         if ep.frame_mask_2d is not None:  # FlashAttention after a trimmed first cache: the full frame's 2-D mask
             kwargs["attention_mask"] = ep.frame_mask_2d

@@ -1,0 +1,237 @@
+"""Qwen3.5: a hybrid LLM whose layers 0-2 and 4-6 are Gated DeltaNet (linear attention) and 3 and 7 attend.
+
+A masked reference cannot stand for removal here (a masked token still moves a recurrent layer's state), so the
+reference is written out layer by layer: the unpruned model's own embeddings and rotary angles for the whole
+sequence (one forward of the sample alone), then each decoder layer run by hand on the tokens it sees — every
+token before the site, the kept prompt tokens and the generated ones from the site on — with an explicit causal
+mask for the attention layers and none for the recurrent ones (one sample, no padding). Greedy decoding is
+re-run from scratch each step, without a cache."""
+
+import pytest
+import torch
+from families import inputs, pair, sample_alone
+
+import tokenprune as tp
+from tokenprune.core.errors import ConfigError
+
+STEPS = 3
+FAMILY = "qwen3_5"
+
+
+def stage(layer, keep, scorer=None, compact=False, **extra):
+    ops = [scorer or {"op": "attention", "queries": "last"}, {"op": "topk", "keep": keep}]
+    if compact:
+        ops.append({"op": "kv_compact"})
+    return tp.load_pipeline({"stages": [{"layer": layer, "operators": ops, **extra}]})
+
+
+@torch.no_grad()
+def reference_logits(model, alone: dict, generated: list[int], site: int | None, kept: list[int] | None,
+                     cut: dict[int, list[int]] | None = None) -> torch.Tensor:
+    """(T', V) logits of the rows that reach the LM head: sample ``alone`` (one sample, no padding) followed by the
+    ``generated`` tokens; from decoder layer ``site`` on only the prompt tokens ``kept`` (indices in ``alone``) and
+    the generated ones flow (``site`` None: all flow). ``cut[l]``: attention layer l's cache was cut after the
+    prefill to these prompt tokens, so the generated tokens' queries there see no other prompt token."""
+    lm = model.model.language_model
+    n = alone["input_ids"].shape[1]
+    extra = torch.tensor([generated], dtype=torch.long)
+    ids = torch.cat([alone["input_ids"], extra], 1)
+    full = {**alone, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": torch.cat([alone["mm_token_type_ids"], torch.zeros_like(extra).int()], 1)}
+    seen = {}
+    attn = next(i for i, layer in enumerate(lm.layers) if hasattr(layer, "self_attn"))
+    handle = lm.layers[attn].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(pe=kw["position_embeddings"]), with_kwargs=True)
+    try:
+        h = model(**full, output_hidden_states=True).hidden_states[0]  # the embeddings, image features placed
+    finally:
+        handle.remove()
+    cos, sin = seen["pe"]
+    t = ids.shape[1]
+    rows = torch.arange(t)
+
+    def hidden_from_generated(prompt_kept):
+        out = torch.ones(t, dtype=torch.bool)
+        out[torch.tensor(prompt_kept, dtype=torch.long)] = False
+        out[n:] = False
+        return out
+
+    for i, layer in enumerate(lm.layers):
+        if i == site:
+            flowing = (~hidden_from_generated(kept)).nonzero().flatten()
+            h, cos, sin, rows = h[:, flowing], cos[:, flowing], sin[:, flowing], rows[flowing]
+        if not hasattr(layer, "self_attn"):
+            h = layer(h, position_embeddings=(cos, sin), attention_mask=None)
+            continue
+        allowed = rows[None, :] <= rows[:, None]
+        if cut and i in cut:
+            allowed &= ~((rows[:, None] >= n) & hidden_from_generated(cut[i])[rows][None, :])
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        h = layer(h, position_embeddings=(cos, sin), attention_mask=mask)
+    return model.lm_head(lm.norm(h))[0].float()
+
+
+def reference_greedy(model, alone, steps, site, kept, cut=None):
+    """(tokens, last-row logits per step) of greedy decoding from the layer-by-layer reference, without a cache."""
+    tokens, logits = [], []
+    for _ in range(steps):
+        logits.append(reference_logits(model, alone, tokens, site, kept, cut)[-1])
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+def pad_offset(batch, b):
+    return int((batch["attention_mask"][b] == 0).sum())
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer,keep,scorer", [(4, 0.5, None), (2, 0.5, {"op": "random", "seed": 3}),
+                                               (0, 0.25, {"op": "random", "seed": 3}), (7, 0.5, {"op": "random", "seed": 3})])
+def test_prefill_equals_the_layer_by_layer_reference(impl, layer, keep, scorer):
+    """Oracle 2 (prefill): after an attention layer (4: reads layer 3's attention), before a recurrent layer whose
+    predecessors are recurrent too (2), before the LLM (0), and before the last attention layer (7)."""
+    model, batch = pair(FAMILY)[impl], inputs(FAMILY)
+    pipe = stage(layer, keep, scorer)
+    with torch.no_grad(), pipe.attach(model):
+        logits = model(**batch).logits.float()
+    kept = pipe.trace[0].kept
+    assert pipe.trace[0].visual_after != pipe.trace[0].visual_before
+    for b in range(2):
+        off = pad_offset(batch, b)
+        mine = [i - off for i in kept[b]]
+        # the model's own layers, of the same attention implementation (their kernels differ by ~1e-4 here)
+        want = reference_logits(model, sample_alone(FAMILY, batch, b), [], layer, mine)
+        got = logits[b, -len(kept[b]):]  # a sample's kept tokens are its last rows
+        assert torch.allclose(got, want, atol=1e-4), (b, (got - want).abs().max())
+
+
+def generate(model, batch, **kw):
+    return model.generate(**batch, max_new_tokens=STEPS, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer,compact,scorer", [(4, False, None), (4, True, None),
+                                                  (0, False, {"op": "random", "seed": 3})])
+def test_generation_equals_the_layer_by_layer_reference(impl, layer, compact, scorer):
+    """Oracle 2 (decoding through stock generate(), the recurrent layers' states and the attention layers' caches
+    carried from the pruned prefill); with ``kv_compact`` attention layer 3's cache is cut to the kept tokens."""
+    model, batch = pair(FAMILY)[impl], inputs(FAMILY)
+    pipe = stage(layer, 0.5, scorer, compact=compact)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    kept = pipe.trace[0].kept
+    for b in range(2):
+        off = pad_offset(batch, b)
+        mine = [i - off for i in kept[b]]
+        tokens, logits = reference_greedy(model, sample_alone(FAMILY, batch, b), STEPS, layer, mine,
+                                          cut={3: mine} if compact else None)
+        assert out.sequences[b, -STEPS:].tolist() == tokens
+        for step in range(STEPS):
+            got = out.logits[step][b].float()
+            assert torch.allclose(got, logits[step], atol=1e-4), (b, step, (got - logits[step]).abs().max())
+
+
+def test_keep_everything_is_identical():
+    """Oracle 1."""
+    model, batch = pair(FAMILY)["sdpa"], inputs(FAMILY)
+    pipe = stage(4, 1.0)
+    with torch.no_grad():
+        ref_logits, ref_gen = model(**batch).logits, generate(model, batch)
+        with pipe.attach(model):
+            logits, gen = model(**batch).logits, generate(model, batch)
+    assert pipe.trace[0].visual_after == pipe.trace[0].visual_before
+    real = batch["attention_mask"].bool()
+    assert torch.equal(logits[real], ref_logits[real])
+    assert torch.equal(gen, ref_gen)
+
+
+def unpadded_inputs():
+    """Two samples of one length (no padding) that keep different numbers of tokens: 16 and 6 visual tokens."""
+    from tokenprune.reference.tiny import tiny_qwen2_vl_inputs
+
+    batch = tiny_qwen2_vl_inputs(pair(FAMILY)["sdpa"], grids=[(8, 8), (4, 6)],
+                                 prompts=[list(range(10, 16)), list(range(20, 36))])
+    assert bool(batch["attention_mask"].all())
+    return batch
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("layer,scorer", [(4, None), (2, {"op": "random", "seed": 3})])
+def test_batch_with_different_visual_counts_equals_each_sample_alone(layer, scorer, padded):
+    """Oracle 3: the sample that keeps fewer tokens is left-filled; its recurrent layers see zeros there, before
+    its first real token, and their states start from it as the sample's alone do — also where the prompt had no
+    padding (the model then gives its recurrent layers no mask)."""
+    model, batch = pair(FAMILY)["sdpa"], inputs(FAMILY) if padded else unpadded_inputs()
+    pipe = stage(layer, 0.5, scorer)
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, batch)[:, -STEPS:]
+        trace = pipe.trace[0]
+        assert trace.visual_before[0] != trace.visual_before[1]
+        assert len(trace.kept[0]) != len(trace.kept[1])  # one of them is filled
+        for b in range(2):
+            gen = generate(model, sample_alone(FAMILY, batch, b))[:, -STEPS:]
+            assert [i + pad_offset(batch, b) for i in pipe.trace[0].kept[0]] == trace.kept[b]
+            assert torch.equal(gen[0], together[b])
+
+
+def test_fastv_ranks_by_the_eager_models_own_attention():
+    """Oracle 4: FastV at layer 4 keeps the visual tokens that layer 3's attention weights, as the eager model
+    returns them, rank highest for the last query (heads averaged)."""
+    model, batch = pair(FAMILY)["eager"], inputs(FAMILY)
+    weights = []
+    handle = model.model.language_model.layers[3].self_attn.register_forward_hook(lambda m, a, o: weights.append(o[1]))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    att = weights[0][:, :, -1].float().mean(1)  # (B, N)
+    visual = batch["input_ids"] == model.config.image_token_id
+    pipe = tp.load_pipeline({"stages": [{"layer": 4, "operators": [{"op": "attention", "queries": "last"},
+                                                                   {"op": "topk", "keep": 5}]}]})
+    with torch.no_grad(), pipe.attach(pair(FAMILY)["sdpa"]):
+        pair(FAMILY)["sdpa"](**batch)
+    for b in range(2):
+        idx = visual[b].nonzero().flatten()
+        top = idx[att[b, idx].argsort(descending=True, stable=True)[:5]].tolist()
+        assert sorted(i for i in pipe.trace[0].kept[b] if visual[b, i]) == sorted(top)
+
+
+def test_exact_flops_of_a_linear_attention_layer():
+    """The ``exact`` convention on a Gated DeltaNet layer: its matmuls as torch.utils.flop_counter counts them when
+    the layer's own modules run on n tokens, plus the depthwise convolution and the recurrent delta rule by hand
+    (2 x kernel per channel and token; 3 products with the 8 x 8 state per value head and token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenprune.measure.flops import LLMShape, layer_flops
+
+    model = pair(FAMILY)["sdpa"]
+    text = model.config.text_config
+    shape = LLMShape.from_config(text)
+    assert shape.recurrent == (0, 1, 2, 4, 5, 6)
+    n = 10
+    layer = model.model.language_model.layers[0]
+    x = torch.randn(1, n, text.hidden_size)
+    net = layer.linear_attn
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        for proj in (net.in_proj_qkv, net.in_proj_z, net.in_proj_a, net.in_proj_b):
+            proj(x)
+        net.out_proj(torch.randn(1, n, net.value_dim))
+        layer.mlp(x)
+    conv = 2 * n * (2 * 16 + 32) * 4  # channels: q and k (2 heads x 8) and v (4 heads x 8)
+    state = 3 * 2 * n * 4 * 8 * 8
+    assert layer_flops(n, shape, "exact", layer=0) == counter.get_total_flops() + conv + state
+    attn = layer_flops(n, shape, "exact", layer=3)  # the attention layer keeps the n x n products
+    assert attn > layer_flops(n, shape, "exact", layer=0)
+    assert layer_flops(n, shape, "fastv", layer=0) == 4 * n * 64 ** 2 + 2 * n * 64 * 128
+
+
+def test_hybrid_flops_count_each_layer_as_it_is():
+    """Pruning at layer 4 of the tiny model: six recurrent and two attention layers, each at its own token count."""
+    from tokenprune.measure.flops import LLMShape, layer_flops, pipeline_flops
+
+    shape = LLMShape.from_config(pair(FAMILY)["sdpa"].config.text_config)
+    report = pipeline_flops(stage(4, 0.25), shape, n_tokens=100, n_visual=64, convention="exact")
+    kinds = [(i, 100 if i < 4 else 52) for i in range(8)]
+    assert report.flops == sum(layer_flops(n, shape, "exact", i) for i, n in kinds)
+    assert report.baseline_flops == sum(layer_flops(100, shape, "exact", i) for i in range(8))
