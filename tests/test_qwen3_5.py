@@ -235,3 +235,70 @@ def test_hybrid_flops_count_each_layer_as_it_is():
     kinds = [(i, 100 if i < 4 else 52) for i in range(8)]
     assert report.flops == sum(layer_flops(n, shape, "exact", i) for i, n in kinds)
     assert report.baseline_flops == sum(layer_flops(100, shape, "exact", i) for i in range(8))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("budget", ["uniform", "adaptive"])
+def test_kv_cache_stage_cuts_the_attention_layers_caches(impl, budget):
+    """A ``kv_cache`` stage over ``layers: all`` compresses attention layers 3 and 7, each by its own attention, and
+    generation equals the reference whose generated tokens see, at each of those layers, only the prompt entries it
+    kept (the recurrent layers' states are untouched: the whole prefill went through them)."""
+    model, batch = pair(FAMILY)[impl], inputs(FAMILY)
+    pipe = tp.load_pipeline({"stages": [{"layer": "kv_cache", "cache": {"layers": "all", "budget": budget},
+                                         "operators": [{"op": "attention", "queries": "last"},
+                                                       {"op": "topk", "keep": 0.25}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    kept = {t.layer: t.kept for t in pipe.trace if t.site == "kv_cache"}
+    assert sorted(kept) == [3, 7]
+    for b in range(2):
+        off = pad_offset(batch, b)
+        cut = {layer: [i - off for i in rows[b]] for layer, rows in kept.items()}
+        assert all(len(c) < batch["attention_mask"][b].sum() for c in cut.values())
+        tokens, logits = reference_greedy(model, sample_alone(FAMILY, batch, b), STEPS, None, None, cut=cut)
+        assert out.sequences[b, -STEPS:].tolist() == tokens
+        for step in range(STEPS):
+            assert torch.allclose(out.logits[step][b].float(), logits[step], atol=1e-4), (b, step)
+
+
+@pytest.mark.parametrize("stages,key,match", [
+    ([{"layer": 3, "operators": [{"op": "attention"}, {"op": "topk", "keep": 0.5}]}], "stages.0.operators.0.op",
+     r"'attention' reads the attention \(queries, keys\) of layer 2, .* a linear-attention \(recurrent\) layer.*"
+     r"allowed layers for this stage: 4 \(right after an attention layer\)"),
+    ([{"layer": 2, "operators": [{"op": "key_norm"}, {"op": "topk", "keep": 0.5}]}], "stages.0.operators.0.op",
+     "'key_norm' reads the attention"),
+    ([{"layer": 2, "operators": [{"op": "bipartite", "keep": 0.5}]}], "stages.0.operators.0.op",
+     "'bipartite' reads the attention"),
+    ([{"layer": "kv_cache", "cache": {"layers": [2, 3]}, "operators": [{"op": "attention"}, {"op": "topk", "keep": 4}]}],
+     "stages.0.cache.layers", r"layer 2 of Qwen3.5 is a linear-attention .*allowed: its attention layers 3, 7"),
+    ([{"layer": "kv_cache", "cache": {"layers": [3], "decode": {"steps": [1], "keep": 2, "score_layer": 1}},
+       "operators": [{"op": "attention"}, {"op": "topk", "keep": 4}]}], "stages.0.cache.decode.score_layer",
+     "layer 1 of Qwen3.5 is a linear-attention"),
+])
+def test_what_a_recurrent_layer_lacks_is_refused_from_the_config(stages, key, match):
+    """Refused from config.json alone (before any weights load: what ``tokenprune run`` checks first) and at
+    ``attach``, naming the key."""
+    from tokenprune.adapters import adapter_class
+
+    model = pair(FAMILY)["sdpa"]
+    cls = adapter_class(model.config)
+    pipe = tp.load_pipeline({"stages": stages})
+    with pytest.raises(ConfigError, match=match) as err:
+        cls.check_pipeline(cls.facts_from_config(model.config), pipe)
+    assert err.value.key == key
+    with pytest.raises(ConfigError, match=match):
+        pipe.attach(model)
+
+
+@pytest.mark.parametrize("stages", [
+    [{"layer": 2, "operators": [{"op": "random"}, {"op": "topk", "keep": 0.5}]}],  # reads nothing
+    [{"layer": 2, "operators": [{"op": "bipartite", "keep": 0.5, "features": "hidden"}]}],  # the site's input
+    [{"layer": 2, "operators": [{"op": "sinkhorn", "features": "layer_io"},
+                                {"op": "topk", "keep": 0.5}]}],  # layer 1's input and output, not its attention
+])
+def test_operators_that_read_no_attention_run_after_a_recurrent_layer(stages):
+    model, batch = pair(FAMILY)["sdpa"], inputs(FAMILY)
+    pipe = tp.load_pipeline({"stages": stages})
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    assert all(a < b for a, b in zip(pipe.trace[0].visual_after, pipe.trace[0].visual_before))

@@ -180,14 +180,17 @@ def test_next_dominant_tokens_under_generate_equal_the_reference(next_pair):
 
 # --- Qwen2-VL / Qwen2.5-VL: attention received, per merged 2x2 block ---------------------------
 
-@pytest.fixture(scope="module", params=["2", "2.5"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3.5"])
 def qwen_deep(request):
-    """A tiny Qwen2-VL / Qwen2.5-VL with a 4-block tower (2.5: full attention in blocks 1 and 3, 2x2-token windows
-    elsewhere), SDPA and eager with the same weights, and a batch whose two images have different grids."""
-    from tokenprune.reference.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
+    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3.5 with a 4-block tower (2.5: full attention in blocks 1 and 3, 2x2-token
+    windows elsewhere; 3.5: Qwen3-VL's tower, learned position embeddings), SDPA and eager with the same weights, and
+    a batch whose two images have different grids."""
+    from tokenprune.reference.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs, tiny_qwen3_5
 
-    sdpa = tiny_qwen2_vl("sdpa", layers=2, version=request.param, vision_layers=4)
-    eager = tiny_qwen2_vl("eager", layers=2, version=request.param, vision_layers=4)
+    if request.param == "3.5":
+        sdpa, eager = (tiny_qwen3_5(impl, layers=4, vision_layers=4) for impl in ("sdpa", "eager"))
+    else:
+        sdpa, eager = (tiny_qwen2_vl(impl, layers=2, version=request.param, vision_layers=4) for impl in ("sdpa", "eager"))
     eager.load_state_dict(sdpa.state_dict())
     return request.param, sdpa, eager, tiny_qwen2_vl_inputs(sdpa, grids=[(8, 8), (4, 12)])
 
@@ -196,7 +199,7 @@ def eager_qwen_attention(monkeypatch, model, batch):
     """The eager tower's own attention probabilities: {block: [one map per segment it attends within]}."""
     import importlib
 
-    name = "qwen2_5_vl" if model.config.model_type == "qwen2_5_vl" else "qwen2_vl"
+    name = model.config.model_type if model.config.model_type in ("qwen2_5_vl", "qwen3_5") else "qwen2_vl"
     module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     stock, calls, running = module.eager_attention_forward, {}, []
 
