@@ -42,7 +42,7 @@ def tiny_folder(tmp_path_factory):
 
 #: Families whose end-to-end sweeps (every preset, the real processor) run as ``slow`` tests (``make test-slow``,
 #: which CI runs after ``make test``); their oracles and family-specific tests are in the fast suite.
-SLOW_FAMILIES = {"llava_onevision", "internvl", "qwen3_vl", "gemma3"}
+SLOW_FAMILIES = {"llava_onevision", "internvl", "qwen3_vl", "gemma3", "qwen3_5"}
 
 
 def families(*names: str) -> list:

@@ -302,3 +302,25 @@ def test_operators_that_read_no_attention_run_after_a_recurrent_layer(stages):
     with torch.no_grad(), pipe.attach(model):
         model(**batch)
     assert all(a < b for a, b in zip(pipe.trace[0].visual_after, pipe.trace[0].visual_before))
+
+
+def test_a_hybrid_guide_sums_the_attention_of_its_attention_layers():
+    """SGL's guide signal on a Qwen3.5 guide: the last query's attention (heads averaged) summed over the layers
+    that attend (3 and 7), as the eager guide's own maps give it."""
+    from tokenprune.runtime.guide import GuideModel
+
+    model, batch = pair(FAMILY)["eager"], inputs(FAMILY)
+    maps = []
+    handles = [model.model.language_model.layers[i].self_attn.register_forward_hook(lambda m, a, o: maps.append(o[1]))
+               for i in (3, 7)]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    want = sum(m[:, :, -1].float().mean(1) for m in maps)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    got = GuideModel(pair(FAMILY)["sdpa"]).attention(batch["input_ids"], batch["attention_mask"], images, "last", "mean")
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)

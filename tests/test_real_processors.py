@@ -1,5 +1,5 @@
 """Every family end to end through its real processor: a tiny saved model of LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3 and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
+Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL, Gemma 3 and Mllama with the family's processor class (its image processor, a tokenizer with its special tokens and chat
 template), run by `tokenprune run` and by the lmms-eval model. Each answer is checked against stock `generate()`
 (and each log-likelihood against a stock forward) on the same item alone, with the prompt written out by hand in
 the family's chat format, never against tokenprune's own batched output."""
@@ -34,7 +34,7 @@ PROMPTS = {
     "mllama": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{q}<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n",
 }
-PROMPTS["qwen2_5_vl"] = PROMPTS["qwen3_vl"] = PROMPTS["qwen2_vl"]
+PROMPTS["qwen2_5_vl"] = PROMPTS["qwen3_vl"] = PROMPTS["qwen3_5"] = PROMPTS["qwen2_vl"]
 
 #: a pipeline that acts on each family (Mllama's images enter through cross-attention: trim its features),
 #: harsh enough to change answers of a random model
@@ -45,6 +45,8 @@ PIPELINES = {"llava_next": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen2_5_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
              "qwen3_vl": ("fastv", ["stages.0.operators.1.keep=0.05"]),
+             # FastV reads the layer before its site: on Qwen3.5 an attention layer is 3, 7, ...
+             "qwen3_5": ("fastv", ["stages.0.layer=4", "stages.0.operators.1.keep=0.05"]),
              "mllama": ("trimmed_llama", ["stages.0.operators.0.keep=0.05"])}
 
 #: what the family's processor must hand the model (the inputs its adapter reads)
@@ -55,6 +57,7 @@ INPUTS = {"llava_next": {"pixel_values", "image_sizes"},
           "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "qwen3_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+          "qwen3_5": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
           "mllama": {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}}
 
 
@@ -145,13 +148,22 @@ def test_the_lmms_eval_model_generates_and_scores_as_the_stock_model(saved, tmp_
             continue
         for inst, (loss, greedy) in zip(task.instances, lm.loglikelihood(task.instances)):
             item = task.dataset[inst.args[5]][inst.args[3]]
-            enc = processor(images=[[item["image"]]], text=[PROMPTS[family].format(q=inst.args[0])],
-                            return_tensors="pt")
+            prompt = PROMPTS[family].format(q=inst.args[0])
+            context = processor(images=[[item["image"]]], text=[prompt], return_tensors="pt")
+            full = processor(images=[[item["image"]]], text=[prompt + inst.args[1]], return_tensors="pt")["input_ids"][0]
+            start = context["input_ids"].shape[1]  # the continuation's tokens: one word's, or its letters
+            targets = full[start:].tolist()
+            assert targets and torch.equal(full[:start], context["input_ids"][0])
+            # pruned in the prefill of the context alone, the continuation then decoded token by token (stock
+            # generate(), forced to it); the loss is the mean negative log-likelihood of its tokens
             with torch.no_grad(), pipeline.attach(model):
-                logits = model(**enc).logits[0, -1].float()
-            target = processor.tokenizer.convert_tokens_to_ids(inst.args[1].strip())
-            assert loss == pytest.approx(-float(torch.log_softmax(logits, -1)[target]), abs=1e-4)
-            assert greedy == bool(logits.argmax() == target)
+                out = model.generate(**context, max_new_tokens=len(targets), do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True,
+                                     prefix_allowed_tokens_fn=lambda b, ids: [targets[ids.shape[0] - start]])
+            logits = torch.cat(out.logits).float()  # (tokens, V), the raw logits
+            want = -float(torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].mean())
+            assert loss == pytest.approx(want, abs=1e-4)
+            assert greedy == (logits.argmax(-1).tolist() == targets)
 
 
 def test_without_torchvision_the_qwen_processors_load_for_images_with_a_warning(tmp_path, monkeypatch):

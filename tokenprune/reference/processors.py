@@ -21,7 +21,8 @@ from tokenprune.reference import tiny
 from tokenprune.reference.model import vocabulary
 
 #: The families with a real processor here, and their tiny model builders.
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "mllama")
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl", "gemma3",
+            "mllama")
 
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -123,7 +124,7 @@ _SPECIALS: dict[str, dict[str, Any]] = {
         "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": {"image_token": "<|image|>"},
         "template": _MLLAMA_TEMPLATE},
 }
-_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen2_vl"]
+_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen3_5"] = _SPECIALS["qwen2_vl"]
 
 #: Words of the chat templates beyond the benchmark's
 _ROLE_WORDS = ["user", "assistant", "system"]
@@ -177,6 +178,42 @@ def build_tokenizer(family: str):
                           spec["template"])
 
 
+def byte_level_tokenizer(family: str):
+    """Qwen3.5's own tokenizer class (a byte-level BPE; ``AutoTokenizer`` builds it for ``qwen3_5`` whatever a folder
+    declares) over single characters: the family's special tokens at the ids the tiny models' configs name, one id
+    per printable ASCII character and the newline (as byte-level BPE spells them), no merges — so every word is
+    spelled out, within ``tiny.TINY_VOCAB`` ids, and text splits where Qwen's pre-tokenizer splits it."""
+    from tokenizers import AddedToken
+
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+
+    spec = _SPECIALS[family]
+    fixed: dict[str, int] = dict(spec["fixed"])
+    free = (i for i in range(tiny.TINY_VOCAB) if i not in set(fixed.values()))
+    vocab = dict(fixed)
+    for w in spec["other"]:
+        vocab[w] = next(free)
+    for byte in [10, *range(32, 127)]:  # byte-level BPE's printable stand-ins: a space is "Ġ", a newline "Ċ"
+        vocab[_byte_char(byte)] = next(free)
+    for i in free:
+        vocab[f"<unused{i}>"] = i
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=[], unk_token=None, pad_token=spec["pad"], eos_token=spec["eos"],
+                           bos_token=spec["bos"], padding_side="left", extra_special_tokens=dict(spec["extra"]))
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(s, normalized=False, special=True)
+                                                          for s in [*fixed, *spec["other"]]]})
+    tok.chat_template = spec["template"]
+    return tok
+
+
+def _byte_char(byte: int) -> str:
+    """The character byte-level BPE (GPT-2's scheme) writes for ``byte``: printable Latin-1 bytes stand for
+    themselves, the others are shifted past 255 in order (space, 32, is the 33rd: "Ġ")."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if byte in keep:
+        return chr(byte)
+    return chr(256 + [b for b in range(256) if b not in keep].index(byte))
+
+
 def has_torchvision() -> bool:
     """Whether torchvision imports: transformers' video processors (Qwen2-VL's, Qwen2.5-VL's) need it."""
     try:
@@ -206,7 +243,7 @@ def build_processor(family: str, model_config):
     import transformers as tf
 
     _check_family(family)
-    tokenizer = build_tokenizer(family)
+    tokenizer = byte_level_tokenizer(family) if family == "qwen3_5" else build_tokenizer(family)
     template = _SPECIALS[family]["template"]
     v = model_config.vision_config
     if family == "llava_next":
@@ -241,17 +278,17 @@ def build_processor(family: str, model_config):
         if not has_torchvision():
             return images_only(tf.InternVLProcessor)(**options)
         return tf.InternVLProcessor(video_processor=tf.InternVLVideoProcessor(), **options)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"):
         unit = v.patch_size * v.spatial_merge_size  # the resize rounds each side to a multiple of this
         # at most 8x8 merged tokens an image: a tiny model's inputs stay small
         images = tf.Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                              temporal_patch_size=v.temporal_patch_size,
                                              min_pixels=(2 * unit) ** 2, max_pixels=(8 * unit) ** 2)
         cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor,
-               "qwen3_vl": tf.Qwen3VLProcessor}[family]
+               "qwen3_vl": tf.Qwen3VLProcessor, "qwen3_5": tf.Qwen3VLProcessor}[family]
         if not has_torchvision():
             return images_only(cls)(image_processor=images, tokenizer=tokenizer, chat_template=template)
-        video_cls = tf.Qwen3VLVideoProcessor if family == "qwen3_vl" else tf.Qwen2VLVideoProcessor
+        video_cls = tf.Qwen3VLVideoProcessor if family in ("qwen3_vl", "qwen3_5") else tf.Qwen2VLVideoProcessor
         video = video_cls(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                           temporal_patch_size=v.temporal_patch_size)
         return cls(image_processor=images, tokenizer=tokenizer, video_processor=video, chat_template=template)
@@ -275,6 +312,8 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
         model = tiny.tiny_qwen2_vl(version="2" if family == "qwen2_vl" else "2.5", seed=seed, **kwargs)
     elif family == "qwen3_vl":
         model = tiny.tiny_qwen3_vl(seed=seed, **kwargs)
+    elif family == "qwen3_5":
+        model = tiny.tiny_qwen3_5(seed=seed, **kwargs)
     else:
         model = tiny.tiny_mllama(seed=seed, **kwargs)
     return model, build_processor(family, model.config)

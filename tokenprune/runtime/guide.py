@@ -37,7 +37,8 @@ class GuideModel:
     @torch.no_grad()
     def attention(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_inputs: dict[str, Any],
                   queries: str, heads: str) -> torch.Tensor:
-        """(B, N) attention the guide's ``queries`` pay each token, heads reduced, summed over all its layers."""
+        """(B, N) attention the guide's ``queries`` pay each token, heads reduced, summed over all its layers (those
+        that attend, in a hybrid LLM)."""
         captured: dict[int, tuple[torch.Tensor, Any]] = {}
 
         def capture(i: int):
@@ -49,8 +50,9 @@ class GuideModel:
             extra = self.adapter.guide_inputs(input_ids, image_inputs)
         except ValueError as e:
             raise PipelineRuntimeError(f"the guide model: {e}") from None
-        handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
-                   for i, layer in enumerate(self.adapter.layers)]
+        # every layer that attends (a hybrid guide's linear-attention layers have no attention to read)
+        handles = [self.adapter.layers[i].register_forward_pre_hook(capture(i), with_kwargs=True)
+                   for i in self.adapter.attending_layers()]
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         finally:
