@@ -85,6 +85,7 @@ BUILDERS = {
                      _qwen_images),
     # Gated DeltaNet layers 0-2 and 4-6, attention layers 3 and 7
     "qwen3_5": (lambda impl: tiny.tiny_qwen3_5(impl), tiny.tiny_qwen2_vl_inputs, _qwen_images),
+    "qwen3_5_moe": (lambda impl: tiny.tiny_qwen3_5(impl, moe=True), tiny.tiny_qwen2_vl_inputs, _qwen_images),
 }
 
 

@@ -16,6 +16,11 @@ from tokenprune.core.errors import ConfigError
 
 STEPS = 3
 FAMILY = "qwen3_5"
+#: the dense model and the MoE (each token routed on its own: pruning changes no kept token's experts)
+FAMILIES = [FAMILY, "qwen3_5_moe"]
+#: logits tolerance against the reference (one sample alone): the MoE's expert kernels sum a batch's tokens in
+#: another order than one sample's — its unpruned logits, batched vs alone, differ by up to 9e-5
+ATOL = {FAMILY: 1e-4, "qwen3_5_moe": 2e-4}
 
 
 def stage(layer, keep, scorer=None, compact=False, **extra):
@@ -84,13 +89,14 @@ def pad_offset(batch, b):
     return int((batch["attention_mask"][b] == 0).sum())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("layer,keep,scorer", [(4, 0.5, None), (2, 0.5, {"op": "random", "seed": 3}),
                                                (0, 0.25, {"op": "random", "seed": 3}), (7, 0.5, {"op": "random", "seed": 3})])
-def test_prefill_equals_the_layer_by_layer_reference(impl, layer, keep, scorer):
+def test_prefill_equals_the_layer_by_layer_reference(family, impl, layer, keep, scorer):
     """Oracle 2 (prefill): after an attention layer (4: reads layer 3's attention), before a recurrent layer whose
     predecessors are recurrent too (2), before the LLM (0), and before the last attention layer (7)."""
-    model, batch = pair(FAMILY)[impl], inputs(FAMILY)
+    model, batch = pair(family)[impl], inputs(family)
     pipe = stage(layer, keep, scorer)
     with torch.no_grad(), pipe.attach(model):
         logits = model(**batch).logits.float()
@@ -100,22 +106,23 @@ def test_prefill_equals_the_layer_by_layer_reference(impl, layer, keep, scorer):
         off = pad_offset(batch, b)
         mine = [i - off for i in kept[b]]
         # the model's own layers, of the same attention implementation (their kernels differ by ~1e-4 here)
-        want = reference_logits(model, sample_alone(FAMILY, batch, b), [], layer, mine)
+        want = reference_logits(model, sample_alone(family, batch, b), [], layer, mine)
         got = logits[b, -len(kept[b]):]  # a sample's kept tokens are its last rows
-        assert torch.allclose(got, want, atol=1e-4), (b, (got - want).abs().max())
+        assert torch.allclose(got, want, atol=ATOL[family]), (b, (got - want).abs().max())
 
 
 def generate(model, batch, **kw):
     return model.generate(**batch, max_new_tokens=STEPS, do_sample=False, **kw)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("layer,compact,scorer", [(4, False, None), (4, True, None),
                                                   (0, False, {"op": "random", "seed": 3})])
-def test_generation_equals_the_layer_by_layer_reference(impl, layer, compact, scorer):
+def test_generation_equals_the_layer_by_layer_reference(family, impl, layer, compact, scorer):
     """Oracle 2 (decoding through stock generate(), the recurrent layers' states and the attention layers' caches
     carried from the pruned prefill); with ``kv_compact`` attention layer 3's cache is cut to the kept tokens."""
-    model, batch = pair(FAMILY)[impl], inputs(FAMILY)
+    model, batch = pair(family)[impl], inputs(family)
     pipe = stage(layer, 0.5, scorer, compact=compact)
     with torch.no_grad(), pipe.attach(model):
         out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
@@ -123,17 +130,18 @@ def test_generation_equals_the_layer_by_layer_reference(impl, layer, compact, sc
     for b in range(2):
         off = pad_offset(batch, b)
         mine = [i - off for i in kept[b]]
-        tokens, logits = reference_greedy(model, sample_alone(FAMILY, batch, b), STEPS, layer, mine,
+        tokens, logits = reference_greedy(model, sample_alone(family, batch, b), STEPS, layer, mine,
                                           cut={3: mine} if compact else None)
         assert out.sequences[b, -STEPS:].tolist() == tokens
         for step in range(STEPS):
             got = out.logits[step][b].float()
-            assert torch.allclose(got, logits[step], atol=1e-4), (b, step, (got - logits[step]).abs().max())
+            assert torch.allclose(got, logits[step], atol=ATOL[family]), (b, step, (got - logits[step]).abs().max())
 
 
-def test_keep_everything_is_identical():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_everything_is_identical(family):
     """Oracle 1."""
-    model, batch = pair(FAMILY)["sdpa"], inputs(FAMILY)
+    model, batch = pair(family)["sdpa"], inputs(family)
     pipe = stage(4, 1.0)
     with torch.no_grad():
         ref_logits, ref_gen = model(**batch).logits, generate(model, batch)
@@ -145,23 +153,24 @@ def test_keep_everything_is_identical():
     assert torch.equal(gen, ref_gen)
 
 
-def unpadded_inputs():
+def unpadded_inputs(family):
     """Two samples of one length (no padding) that keep different numbers of tokens: 16 and 6 visual tokens."""
     from tokenprune.reference.tiny import tiny_qwen2_vl_inputs
 
-    batch = tiny_qwen2_vl_inputs(pair(FAMILY)["sdpa"], grids=[(8, 8), (4, 6)],
+    batch = tiny_qwen2_vl_inputs(pair(family)["sdpa"], grids=[(8, 8), (4, 6)],
                                  prompts=[list(range(10, 16)), list(range(20, 36))])
     assert bool(batch["attention_mask"].all())
     return batch
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("layer,scorer", [(4, None), (2, {"op": "random", "seed": 3})])
-def test_batch_with_different_visual_counts_equals_each_sample_alone(layer, scorer, padded):
+def test_batch_with_different_visual_counts_equals_each_sample_alone(family, layer, scorer, padded):
     """Oracle 3: the sample that keeps fewer tokens is left-filled; its recurrent layers see zeros there, before
     its first real token, and their states start from it as the sample's alone do — also where the prompt had no
     padding (the model then gives its recurrent layers no mask)."""
-    model, batch = pair(FAMILY)["sdpa"], inputs(FAMILY) if padded else unpadded_inputs()
+    model, batch = pair(family)["sdpa"], inputs(family) if padded else unpadded_inputs(family)
     pipe = stage(layer, 0.5, scorer)
     with torch.no_grad(), pipe.attach(model):
         together = generate(model, batch)[:, -STEPS:]
@@ -169,7 +178,7 @@ def test_batch_with_different_visual_counts_equals_each_sample_alone(layer, scor
         assert trace.visual_before[0] != trace.visual_before[1]
         assert len(trace.kept[0]) != len(trace.kept[1])  # one of them is filled
         for b in range(2):
-            gen = generate(model, sample_alone(FAMILY, batch, b))[:, -STEPS:]
+            gen = generate(model, sample_alone(family, batch, b))[:, -STEPS:]
             assert [i + pad_offset(batch, b) for i in pipe.trace[0].kept[0]] == trace.kept[b]
             assert torch.equal(gen[0], together[b])
 
@@ -324,3 +333,30 @@ def test_a_hybrid_guide_sums_the_attention_of_its_attention_layers():
     got = GuideModel(pair(FAMILY)["sdpa"]).attention(batch["input_ids"], batch["attention_mask"], images, "last", "mean")
     real = batch["attention_mask"].bool()
     assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("layer,compact,scorer", [(4, False, None), (4, True, None),
+                                                  (0, False, {"op": "random", "seed": 3})])
+def test_generation_under_the_flash_convention_equals_the_reference(layer, compact, scorer):
+    """FlashAttention's convention (tokenprune.reference.flash_stand_in: 2-D padding masks, varlen kernels computed
+    exactly): the recurrent layers get their 2-D masks in the prefill and none while decoding, the attention layers
+    theirs; generation equals the layer-by-layer reference (the SDPA model's layers)."""
+    from tokenprune.reference import flash_stand_in
+    from tokenprune.reference.tiny import tiny_qwen3_5
+
+    impl = flash_stand_in.register()
+    model = tiny_qwen3_5(impl)
+    model.load_state_dict(pair(FAMILY)["sdpa"].state_dict())
+    batch = inputs(FAMILY)
+    pipe = stage(layer, 0.5, scorer, compact=compact)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    kept = pipe.trace[0].kept
+    assert len(kept[0]) != len(kept[1])  # the shorter sample is left-filled
+    for b in range(2):
+        mine = [i - pad_offset(batch, b) for i in kept[b]]
+        tokens, logits = reference_greedy(pair(FAMILY)["sdpa"], sample_alone(FAMILY, batch, b), STEPS, layer, mine,
+                                          cut={3: mine} if compact else None)
+        assert out.sequences[b, -STEPS:].tolist() == tokens
+        for step in range(STEPS):
+            assert torch.allclose(out.logits[step][b].float(), logits[step], atol=1e-4), (b, step)

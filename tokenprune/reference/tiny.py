@@ -155,17 +155,24 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
 
 
 def tiny_qwen3_5(attn_implementation: str = "sdpa", layers: int = 8, seed: int = 0, init_std: float = 0.2,
-                 vision_layers: int = 2) -> nn.Module:
+                 vision_layers: int = 2, moe: bool = False) -> nn.Module:
     """A ``Qwen3_5ForConditionalGeneration``: hybrid decoder layers — three Gated DeltaNet (linear attention)
     layers, then a full-attention one, repeated (layers 3 and 7 of 8 attend) — with a ``vision_layers``-block
     Qwen3-VL tower (patch 7, 2x2 merge, no DeepStack). The LLM has hidden 64; its attention layers 4 heads, 2 KV
     heads, head dim 16, a gated query projection (query and output gate per head), q/k norm, and interleaved M-RoPE
     on half of each head (``partial_rotary_factor`` 0.5, sections [2, 1, 1]); its DeltaNet layers 2 key heads and 4
-    value heads of dimension 8 and a 4-wide causal convolution. Inputs: :func:`tiny_qwen2_vl_inputs`.
+    value heads of dimension 8 and a 4-wide causal convolution. With ``moe``,
+    ``Qwen3_5MoeForConditionalGeneration``: each layer's MLP is 4 routed experts (2 per token) and a shared one.
+    Inputs: :func:`tiny_qwen2_vl_inputs`.
 
     The q norm's weights are 2 instead of 0 (Qwen3.5's norms scale by 1 + weight: x3, as :func:`tiny_qwen3_vl`
     does), so that a random model's attention is not nearly uniform."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     pattern = ["linear_attention"] * 3 + ["full_attention"]
@@ -180,10 +187,14 @@ def tiny_qwen3_5(attn_implementation: str = "sdpa", layers: int = 8, seed: int =
     vision = dict(depth=vision_layers, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=7,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
                   num_position_embeddings=64, initializer_range=init_std)
-    config = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_TOKEN,
-                           video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
-                           vision_end_token_id=TINY_VISION_END, tie_word_embeddings=False)
-    model = Qwen3_5ForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    config_cls, cls = Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    if moe:
+        config_cls, cls = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_TOKEN,
+                        video_token_id=TINY_VIDEO_TOKEN, vision_start_token_id=TINY_VISION_START,
+                        vision_end_token_id=TINY_VISION_END, tie_word_embeddings=False)
+    model = cls._from_config(config, attn_implementation=attn_implementation)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             if hasattr(layer, "self_attn"):
