@@ -360,3 +360,23 @@ def test_generation_under_the_flash_convention_equals_the_reference(layer, compa
         assert out.sequences[b, -STEPS:].tolist() == tokens
         for step in range(STEPS):
             assert torch.allclose(out.logits[step][b].float(), logits[step], atol=1e-4), (b, step)
+
+
+def test_multi_stage_renumbered_pipeline_batch_equals_each_sample_alone():
+    """Two stages — before recurrent layer 2 (random) and after attention layer 3 (FastV, with KV compaction) — with
+    M-RoPE positions renumbered, on a batch with different visual counts: each sample keeps and generates what it
+    keeps and generates alone."""
+    model, batch = pair(FAMILY)["sdpa"], inputs(FAMILY)
+    pipe = tp.load_pipeline({"stages": [
+        {"layer": 2, "positions": "renumber", "operators": [{"op": "random", "seed": 1}, {"op": "topk", "keep": 0.75}]},
+        {"layer": 4, "positions": "renumber", "operators": [{"op": "attention"}, {"op": "topk", "keep": 0.5},
+                                                            {"op": "kv_compact"}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, batch)[:, -STEPS:]
+        traces = list(pipe.trace)
+        assert traces[1].visual_before == traces[0].visual_after
+        for b in range(2):
+            gen = generate(model, sample_alone(FAMILY, batch, b))[:, -STEPS:]
+            for alone, both in zip(pipe.trace, traces):
+                assert [i + pad_offset(batch, b) for i in alone.kept[0]] == both.kept[b]
+            assert torch.equal(gen[0], together[b])
