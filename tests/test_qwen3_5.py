@@ -380,3 +380,13 @@ def test_multi_stage_renumbered_pipeline_batch_equals_each_sample_alone():
             for alone, both in zip(pipe.trace, traces):
                 assert [i + pad_offset(batch, b) for i in alone.kept[0]] == both.kept[b]
             assert torch.equal(gen[0], together[b])
+
+
+def test_the_builtin_qwen3_5_9b_shape_is_the_config_class_defaults():
+    """``qwen3.5-9b`` (docs/flops.md) is transformers' Qwen3_5TextConfig defaults, Qwen3.5-9B's geometry."""
+    from transformers import Qwen3_5TextConfig
+
+    from tokenprune.measure.flops import BUILTIN_SHAPES, LLMShape
+
+    assert BUILTIN_SHAPES["qwen3.5-9b"] == LLMShape.from_config(Qwen3_5TextConfig(), name="qwen3.5-9b")
+    assert len(BUILTIN_SHAPES["qwen3.5-9b"].recurrent) == 24

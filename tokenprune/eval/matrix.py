@@ -51,12 +51,9 @@ def family_configs() -> dict[str, Any]:
             "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
             "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 1024,
             "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)]}),
-        # three Gated DeltaNet (linear-attention) layers to one attention layer: layers 3, 7, ..., 63 attend
-        "Qwen3.5 (Qwen3.5-27B)": Qwen3_5Config(text_config={
-            "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 64, "num_attention_heads": 24,
-            "num_key_value_heads": 4, "head_dim": 256,
-            "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(64)]},
-            vision_config={"out_hidden_size": 5120}),
+        # transformers' defaults are Qwen3.5-9B's: three Gated DeltaNet (linear-attention) layers to one attention
+        # layer, so layers 3, 7, ..., 31 attend
+        "Qwen3.5 (Qwen3.5-9B)": Qwen3_5Config(),
     }
 
 

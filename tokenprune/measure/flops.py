@@ -72,6 +72,15 @@ def _shape(name: str, layers: int, d: int, m: int, heads: int, kv_heads: int, he
     return LLMShape(name, layers, d, m, heads, kv_heads, head_dim or d // heads)
 
 
+def _hybrid(name: str, layers: int, d: int, m: int, heads: int, kv_heads: int, head_dim: int, every: int,
+            key_heads: int, value_heads: int, key_dim: int, value_dim: int, conv: int) -> LLMShape:
+    """A hybrid LLM whose every ``every``-th layer attends and the others are Gated DeltaNet layers."""
+    return LLMShape(name, layers, d, m, heads, kv_heads, head_dim,
+                    recurrent=tuple(i for i in range(layers) if (i + 1) % every),
+                    linear_key_heads=key_heads, linear_value_heads=value_heads, linear_key_dim=key_dim,
+                    linear_value_dim=value_dim, linear_conv=conv)
+
+
 #: LLM geometries of the checkpoints papers report on (from their config.json files).
 BUILTIN_SHAPES: dict[str, LLMShape] = {
     s.name: s for s in (
@@ -83,6 +92,8 @@ BUILTIN_SHAPES: dict[str, LLMShape] = {
         _shape("internvl3-8b", 28, 3584, 18944, 28, 4),     # InternVL3-8B: Qwen2.5-7B
         _shape("qwen3-vl-8b", 36, 4096, 12288, 32, 8),      # Qwen3-VL-8B: Qwen3-8B
         _shape("gemma-3-12b", 48, 3840, 15360, 16, 8, 256),  # Gemma 3 12B (head dim 256, not d / heads)
+        # Qwen3.5-9B: layers 3, 7, ..., 31 attend; Gated DeltaNet with 16 key and 32 value heads of 128, conv 4
+        _hybrid("qwen3.5-9b", 32, 4096, 12288, 16, 4, 256, 4, 16, 32, 128, 128, 4),
     )
 }
 
