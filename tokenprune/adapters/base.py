@@ -453,6 +453,12 @@ class ModelAdapter:
             shapes.append([tuple(grid)] if n else [])
         return tile_of, shapes
 
+    def position_tiles(self, visual: torch.Tensor, positions: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, list[list[tuple[int, int]]]] | None:
+        """:meth:`visual_tiles` read off the prefill's multi-axis rotary positions (``positions`` (A, B, N), families
+        with :attr:`rope_axes` > 1), where they lay the visual tokens out; None: use :meth:`visual_tiles`."""
+        return None
+
     def feature_tiles(self, batch: int, features: int) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
         """:meth:`visual_tiles` for the image features (B, M) of a cross-attention stage (Mllama)."""
         raise NotImplementedError(f"{self.family} has no cross-attention image features")

@@ -94,6 +94,38 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             sizes.append((h // merge, w // merge))
         return tiles_of_images(visual, [(torch.zeros(r * c, dtype=torch.long), [(r, c)]) for r, c in sizes])
 
+    def position_tiles(self, visual, positions):
+        """Each image a tile, and each frame of a video (its temporal patches: one temporal position each), read off
+        the prefill's (temporal, height, width) positions: a run of visual tokens between text tokens is an image or
+        a clip, a change of temporal position within it starts a frame, and a tile's grid is the height and width
+        positions it spans (raster order checked). So per-tile budgets are per frame on video, in a batch that mixes
+        images and clips too (whose grids no single tower call holds)."""
+        if positions is None:
+            return None
+        t, h, w = positions[-3:].expand(-1, visual.shape[0], -1)  # (B, N) each
+        tile_of = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        shapes: list[list[tuple[int, int]]] = []
+        for b in range(visual.shape[0]):
+            idx = visual[b].nonzero().flatten()
+            mine: list[tuple[int, int]] = []
+            if idx.numel():
+                tb = t[b, idx].to(idx.device)
+                new = torch.ones_like(idx, dtype=torch.bool)
+                new[1:] = (idx[1:] != idx[:-1] + 1) | (tb[1:] != tb[:-1])  # a run starts, or a frame
+                starts = new.nonzero().flatten().tolist() + [idx.numel()]
+                for a, z in zip(starts[:-1], starts[1:]):
+                    rows_, cols_ = h[b, idx[a:z]].to(idx.device), w[b, idx[a:z]].to(idx.device)
+                    r0, c0 = int(rows_.min()), int(cols_.min())
+                    grid = (int(rows_.max()) - r0 + 1, int(cols_.max()) - c0 + 1)
+                    raster = (rows_ - r0) * grid[1] + (cols_ - c0)
+                    if grid[0] * grid[1] != z - a or not torch.equal(raster, torch.arange(z - a, device=idx.device)):
+                        raise ValueError(f"sample {b}'s visual tokens {int(idx[a])}..{int(idx[z - 1])} are no raster grid "
+                                         "of their positions")
+                    tile_of[b, idx[a:z]] = len(mine)
+                    mine.append(grid)
+            shapes.append(mine)
+        return tile_of, shapes
+
     @classmethod
     def vision_signals_from_config(cls, config) -> str | None:
         v = config.vision_config

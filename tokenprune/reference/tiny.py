@@ -203,31 +203,52 @@ def tiny_qwen3_5(attn_implementation: str = "sdpa", layers: int = 8, seed: int =
 
 
 def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None = None,
-                         prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                         prompts: list[list[int]] | None = None, seed: int = 0,
+                         videos: list[tuple[int, int, int] | None] | None = None) -> dict[str, torch.Tensor]:
     """A left-padded batch with one image per sample, of patch grid ``grids[b]`` = (h, w) (even numbers).
 
     Sample b is ``[bos, 5, <vision_start>, <image> x (h*w/4), <vision_end>, *prompts[b]]``, with
     ``mm_token_type_ids`` (1 on image tokens) and ``image_grid_thw`` as the processor gives them.
     Different grids give different numbers of visual tokens per sample.
+
+    ``videos[b]`` = (t, h, w): sample b holds a video of t frames (a multiple of the tower's temporal patch, 2)
+    instead of its image — ``<video>`` x (t/2 · h·w/4) placeholders, ``pixel_values_videos``, ``video_grid_thw``
+    (t/2, h, w) and type 2 in ``mm_token_type_ids``; ``second_per_grid_ts`` (1.0 each) for Qwen2.5-VL.
     """
     cfg = model.config
     v = cfg.vision_config
     grids = grids if grids is not None else [(8, 8), (6, 10)]
+    videos = videos if videos is not None else [None] * len(grids)
     prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(grids)]
-    merge = v.spatial_merge_size
-    rows = []
-    for (h, w), q in zip(grids, prompts):
+    merge, step = v.spatial_merge_size, v.temporal_patch_size
+    rows, image_thw, video_thw = [], [], []
+    for (h, w), clip, q in zip(grids, videos, prompts):
+        if clip is not None:
+            t, h, w = clip
+            if t % step:
+                raise ValueError(f"a video of {t} frames: frames must be a multiple of the temporal patch {step}")
+            thw, token, out = (t // step, h, w), cfg.video_token_id, video_thw
+        else:
+            thw, token, out = (1, h, w), cfg.image_token_id, image_thw
         if h % merge or w % merge:
             raise ValueError(f"grid {(h, w)} must be divisible by the merge size {merge}")
-        n = h * w // merge ** 2
-        rows.append([TINY_BOS, 5, TINY_VISION_START] + [cfg.image_token_id] * n + [TINY_VISION_END] + list(q))
+        out.append(thw)
+        n = thw[0] * h * w // merge ** 2
+        rows.append([TINY_BOS, 5, TINY_VISION_START] + [token] * n + [TINY_VISION_END] + list(q))
     input_ids, attention_mask = left_pad(rows)
     gen = torch.Generator().manual_seed(seed)
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    pixel_values = torch.randn(sum(h * w for h, w in grids), patch_dim, generator=gen)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-            "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]),
-            "mm_token_type_ids": (input_ids == cfg.image_token_id).int()}
+    types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": types}
+    if image_thw:
+        out["pixel_values"] = torch.randn(sum(h * w for _, h, w in image_thw), patch_dim, generator=gen)
+        out["image_grid_thw"] = torch.tensor(image_thw)
+    if video_thw:
+        out["pixel_values_videos"] = torch.randn(sum(t * h * w for t, h, w in video_thw), patch_dim, generator=gen)
+        out["video_grid_thw"] = torch.tensor(video_thw)
+        if cfg.model_type == "qwen2_5_vl":
+            out["second_per_grid_ts"] = torch.ones(len(video_thw))
+    return out
 
 
 def tiny_llava_next(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,

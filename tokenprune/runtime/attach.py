@@ -210,7 +210,9 @@ class AttachedPipeline:
         """The tiles of this prefill's visual tokens (input frame), for ``budget: per_tile`` stages."""
         if ep.tile_of is None:
             try:
-                ep.tile_of, ep.tile_grids = self.adapter.visual_tiles(ep.visual, self._vision_tower, ep.grids)
+                tiles = self.adapter.position_tiles(ep.visual, ep.rope_prefill)
+                ep.tile_of, ep.tile_grids = tiles if tiles is not None else \
+                    self.adapter.visual_tiles(ep.visual, self._vision_tower, ep.grids)
             except ValueError as e:
                 raise PipelineRuntimeError(f"per-tile budgets: {e}") from None
         return ep.tile_of, ep.tile_grids

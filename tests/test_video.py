@@ -1,0 +1,152 @@
+"""Video inputs (Qwen2-VL, Qwen2.5-VL): DESIGN.md's oracles 1-4 on a batch that mixes an image and a video clip and on
+a batch of two clips of different lengths, against the independent masked eager reference (tests/reference.py);
+each clip's frames as tiles (per-frame budgets)."""
+
+import functools
+
+import pytest
+import torch
+from families import pair
+from reference import reference_greedy, reference_prefill_logits
+
+import tokenprune as tp
+from tokenprune.reference.tiny import tiny_qwen2_vl_inputs
+
+STEPS = 3
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+#: (image grid or None, clip (frames, h, w) or None) per sample
+BATCHES = {"image+video": ([(8, 8), (6, 10)], [None, (4, 6, 8)]),  # 16 image tokens; 2 frames x 12
+           "two clips": ([(8, 8), (6, 10)], [(6, 4, 4), (4, 6, 8)])}  # 3 frames x 4; 2 frames x 12
+
+
+@functools.cache
+def batch_of(family: str, kind: str) -> dict:
+    grids, videos = BATCHES[kind]
+    return tiny_qwen2_vl_inputs(pair(family)["sdpa"], grids=grids, videos=videos)
+
+
+def alone(batch: dict, b: int) -> dict:
+    """Sample ``b`` on its own, unpadded, with its own image or clip."""
+    valid = batch["attention_mask"][b].bool()
+    out = {k: batch[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    types = batch["mm_token_type_ids"]
+    for kind, pixels, thw in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
+        if not bool((types[b] == kind).any()):
+            continue
+        owners = [i for i in range(types.shape[0]) if bool((types[i] == kind).any())]  # samples in order
+        k = owners.index(b)
+        sizes = batch[thw].prod(-1).tolist()
+        start = sum(sizes[:k])
+        out[pixels] = batch[pixels][start:start + sizes[k]]
+        out[thw] = batch[thw][k:k + 1]
+        if kind == 2 and "second_per_grid_ts" in batch:
+            out["second_per_grid_ts"] = batch["second_per_grid_ts"][k:k + 1]
+    return out
+
+
+def fastv(keep=0.5, layer=2, **extra):
+    ops = [{"op": "attention", "queries": "last"} if layer else {"op": "random", "seed": 3},
+           {"op": "topk", "keep": keep}]
+    return tp.load_pipeline({"stages": [{"layer": layer, "operators": ops, **extra}]})
+
+
+def generate(model, batch, **kw):
+    return model.generate(**batch, max_new_tokens=STEPS, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_keep_everything_is_identical(family, kind):
+    """Oracle 1."""
+    model, batch = pair(family)["sdpa"], batch_of(family, kind)
+    pipe = fastv(keep=1.0)
+    with torch.no_grad():
+        ref_logits, ref_gen = model(**batch).logits, generate(model, batch)
+        with pipe.attach(model):
+            logits, gen = model(**batch).logits, generate(model, batch)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(logits[real], ref_logits[real])
+    assert torch.equal(gen, ref_gen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("layer,compact", [(2, False), (2, True), (0, False)])
+def test_prefill_and_generation_equal_the_masked_reference(family, kind, layer, compact):
+    """Oracle 2: prefill logits of the kept tokens and every generate() step, video tokens pruned like image ones
+    (their 3-D positions, temporal axis included, kept)."""
+    model, batch = pair(family)["sdpa"], batch_of(family, kind)
+    pipe = fastv(layer=layer)
+    with torch.no_grad(), pipe.attach(model):
+        logits = model(**batch).logits.float()
+    kept = pipe.trace[0].kept
+    ref = reference_prefill_logits(pair(family)["eager"], batch, layer, kept)
+    for b in range(2):
+        assert torch.allclose(logits[b, -len(kept[b]):], ref[b, torch.tensor(kept[b])], atol=1e-4)
+    ops = [{"op": "attention"} if layer else {"op": "random", "seed": 3}, {"op": "topk", "keep": 0.5}]
+    pipe = tp.load_pipeline({"stages": [{"layer": layer, "operators": ops + ([{"op": "kv_compact"}] if compact else [])}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    tokens, ref_logits = reference_greedy(pair(family)["eager"], batch, layer, pipe.trace[0].kept, STEPS,
+                                          compact_earlier=compact)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("budget", ["per_image", "per_tile"])
+def test_batch_equals_each_sample_alone(family, kind, budget):
+    """Oracle 3: samples with an image and a clip, or clips of different lengths (different visual counts), keep
+    and generate what they keep and generate alone — also with per-frame budgets."""
+    model, batch = pair(family)["sdpa"], batch_of(family, kind)
+    pipe = fastv(budget=budget)
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, batch)[:, -STEPS:]
+        trace = pipe.trace[0]
+        assert trace.visual_before[0] != trace.visual_before[1]
+        for b in range(2):
+            gen = generate(model, alone(batch, b))[:, -STEPS:]
+            offset = int((batch["attention_mask"][b] == 0).sum())
+            assert [i + offset for i in pipe.trace[0].kept[0]] == trace.kept[b]
+            assert pipe.trace[0].tiles == ([trace.tiles[b]] if budget == "per_tile" else [])
+            assert torch.equal(gen[0], together[b])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_and_eager_agree(family):
+    """Oracle 4."""
+    batch = batch_of(family, "two clips")
+    results = {}
+    for impl in ("sdpa", "eager"):
+        pipe = fastv(keep=0.25)
+        with torch.no_grad(), pipe.attach(pair(family)[impl]):
+            gen = generate(pair(family)[impl], batch, output_logits=True, return_dict_in_generate=True)
+        results[impl] = (pipe.trace[0].kept, gen)
+    assert results["sdpa"][0] == results["eager"][0]
+    assert torch.equal(results["sdpa"][1].sequences, results["eager"][1].sequences)
+    for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_frame_is_a_tile(family):
+    """``budget: per_tile`` on video: each frame (temporal patch) of a clip is a tile of its merged grid, an image
+    one tile; each keeps its share. Clips of 3 frames of 2x2 tokens and 2 frames of 3x4: keep 0.5 keeps 2 of each
+    2x2 frame and 6 of each 3x4 one."""
+    model, batch = pair(family)["sdpa"], batch_of(family, "two clips")
+    pipe = fastv(budget="per_tile")
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    trace = pipe.trace[0]
+    assert trace.tiles == [[(2, 2)] * 3, [(3, 4)] * 2]
+    assert trace.visual_after == [2 * 3, 6 * 2]
+    visual = batch["input_ids"] == model.config.video_token_id
+    for b, frames in enumerate(([4] * 3, [12] * 2)):
+        idx = visual[b].nonzero().flatten()
+        kept = set(trace.kept[b])
+        start = 0
+        for n in frames:  # each frame's tokens are a run of the clip's placeholders
+            assert sum(int(i) in kept for i in idx[start:start + n]) == n // 2
+            start += n
