@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tokenprune.core.operator import ParamError, Scorer, ScorerParams
+from tokenprune.core.operator import FeatureKind, FeatureUser, ParamError, Scorer, ScorerParams
 from tokenprune.core.registry import register_operator
 from tokenprune.core.state import TokenState
 
@@ -305,6 +305,48 @@ def _sinkhorn_log(scaled: torch.Tensor, source: torch.Tensor, target: torch.Tens
         log_u = f * (log_a - torch.logsumexp(log_k + log_v[None, :], dim=1))
         log_v = log_b - torch.logsumexp(log_k + log_u[:, None], dim=0)
     return (log_u[:, None] + log_k + log_v[None, :]).exp()
+
+
+@register_operator("temporal_change")
+class TemporalChange(FeatureUser, Scorer):
+    """How much a video token changed since the previous frame: ``1 - cos(x, x')``, with ``x'`` the token at the
+    same cell of the previous frame of its clip — the dissimilarity of Efficient Video Sampling (Bagrov et al.,
+    "Efficient Video Sampling: Pruning Temporally Redundant Tokens for Faster VLM Inference", 2025), computed on the
+    tokens entering the site (before the LLM: the merged video features EVS reads). A static patch scores near 0.
+
+    A clip's first frame, and an image, scores 3 (above any dissimilarity, which lies in [0, 2]), so it is kept
+    first, as EVS keeps the first frame whole; so does a token whose previous-frame cell an earlier stage removed
+    (nothing left to compare with). With ``topk`` the budget is the sample's, shared across its frames by the
+    scores (EVS's); ``budget: per_tile`` shares it per frame instead. The ``static_patches`` preset is EVS at the
+    LLM's input. EVS keeps at least one frame's worth of tokens per clip; ``topk``'s ``keep`` is the whole budget.
+    """
+
+    needs_frames = True
+
+    @dataclass
+    class Params(ScorerParams):
+        features: FeatureKind = "hidden"  # what is compared across frames
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        if state.frames is None or state.cells is None or state.tiles is None:
+            raise RuntimeError("temporal_change needs the tokens' frames (the runtime sets state.frames)")
+        feats = F.normalize(state.signals.features(self.params.features).flatten(2).float(), dim=-1)
+        feats = feats.to(state.visual_mask.device)
+        out = torch.zeros(state.visual_mask.shape, dtype=torch.float32, device=state.visual_mask.device)
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b] & (state.tiles[b] >= 0)).squeeze(1)
+            out[b, vis] = 3.0
+            later = vis[state.frames[b, vis] > 0]
+            if later.numel() == 0:
+                continue
+            # where each (tile, cell) sits now; a token's predecessor is (its tile - 1, its cell)
+            slot = {(int(t), int(c)): i for i, t, c in zip(vis.tolist(), state.tiles[b, vis].tolist(),
+                                                           state.cells[b, vis].tolist())}
+            for i in later.tolist():
+                j = slot.get((int(state.tiles[b, i]) - 1, int(state.cells[b, i])))
+                if j is not None:
+                    out[b, i] = 1.0 - float(feats[b, i] @ feats[b, j])
+        return out
 
 
 @register_operator("sinkhorn")

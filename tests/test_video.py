@@ -150,3 +150,82 @@ def test_each_frame_is_a_tile(family):
         for n in frames:  # each frame's tokens are a run of the clip's placeholders
             assert sum(int(i) in kept for i in idx[start:start + n]) == n // 2
             start += n
+
+
+def test_temporal_change_by_hand():
+    """Two frames of a 2x2 clip and an image token: the first frame and the image score 3; in the second frame a
+    static cell 0, a cell that turned to its opposite 2, an orthogonal one 1, a scaled copy 0 (cosine ignores
+    length). topk keeps the first frame, the image and the two changed cells."""
+    from tokenprune.core.state import TokenState
+    from tokenprune.core.registry import registered_operators
+
+    e = torch.eye(4)
+    first = [e[0], e[1], e[2], e[3]]
+    second = [e[0], -e[1], e[0] + 0 * e[2], 2 * e[3]]  # static, opposite, orthogonal to e2, scaled
+    image = [e[2]]
+    hidden = torch.stack(first + second + image)[None]  # (1, 9, 4)
+    state = TokenState.from_tensors(hidden, torch.ones(1, 9, dtype=torch.bool), layer=0)
+    state.tiles = torch.tensor([[0] * 4 + [1] * 4 + [2]])
+    state.tile_grids = [[(2, 2), (2, 2), (1, 1)]]
+    state.frames = torch.tensor([[0] * 4 + [1] * 4 + [0]])
+    state.cells = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 0]])
+    scorer = registered_operators()["temporal_change"](registered_operators()["temporal_change"].parse_params({}))
+    scores = scorer.score(state)
+    assert scores.tolist() == [[3, 3, 3, 3, 0, 2, 1, 0, 3]]
+    state.frames[0, 4:8] = torch.tensor([1, 1, 1, 1])
+    state.tiles[0, 4] = 5  # a cell whose previous frame is gone (no tile 4): nothing to compare, kept first
+    assert scorer.score(state)[0, 4] == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frames_and_cells_come_from_the_positions(family):
+    """Clips of 3 frames of 2x2 tokens and 2 frames of 3x4, with an image before the first clip's sample: each
+    token's frame within its clip and its raster cell within the frame, as the runtime hands them to an operator."""
+    from tokenprune.core.operator import TokenOperator
+
+    seen = {}
+
+    class Spy(TokenOperator):
+        kind, op_name, needs_frames = "scorer", "spy", True
+
+        def forward(self, state):
+            seen["state"] = state
+            return state
+
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(4, 4), (6, 10)], videos=[(6, 4, 4), (4, 6, 8)])
+    pipe = fastv(layer=0, keep=1.0)
+    pipe.stages[0].operators.insert(0, Spy())
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    state = seen["state"]
+    visual = state.visual_mask
+    assert state.frames[0][visual[0]].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert state.cells[0][visual[0]].tolist() == list(range(4)) * 3
+    assert state.frames[1][visual[1]].tolist() == [0] * 12 + [1] * 12
+    assert state.cells[1][visual[1]].tolist() == list(range(12)) * 2
+    assert bool((state.frames[~visual] == -1).all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_patches_keeps_the_first_frame_and_the_changed_cells(family):
+    """The ``static_patches`` preset on a clip whose second frame repeats the first except in one cell: the first
+    frame and that cell are kept, the static cells (changed only through the tower's attention to the new cell)
+    dropped — and generate() equals the masked reference."""
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(4, 4)], videos=[(4, 4, 4)], prompts=[[10, 11, 12]])
+    # patch rows as the processor orders them: frame, then merged token (2x2 grid), then its 2x2 patches
+    pixels = batch["pixel_values_videos"].view(2, 4, 4, -1).clone()  # (temporal patch, token, patch, values)
+    pixels[1] = pixels[0]
+    pixels[1, 3] = torch.randn(4, pixels.shape[-1], generator=torch.Generator().manual_seed(5))  # token 3 changes
+    batch["pixel_values_videos"] = pixels.reshape(32, -1)
+    pipe = tp.load_pipeline("static_patches", ["stages.0.operators.1.keep=5"])
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    visual = (batch["input_ids"][0] == model.config.video_token_id).nonzero().flatten().tolist()
+    kept = [i for i in pipe.trace[0].kept[0] if i in visual]
+    assert kept == visual[:4] + [visual[4 + 3]]
+    tokens, ref_logits = reference_greedy(pair(family)["eager"], batch, 0, pipe.trace[0].kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)

@@ -459,6 +459,13 @@ class ModelAdapter:
         with :attr:`rope_axes` > 1), where they lay the visual tokens out; None: use :meth:`visual_tiles`."""
         return None
 
+    def position_frames(self, visual: torch.Tensor, positions: torch.Tensor | None, tile_of: torch.Tensor
+                        ) -> torch.Tensor | None:
+        """(B, N) long: each visual token's frame within its video clip (0 for an image's tokens and a clip's first
+        frame; -1 elsewhere), where :meth:`position_tiles` made each frame a tile (``tile_of``): a clip's frames
+        are consecutive tiles. None: the family has no videos (every tile is frame 0)."""
+        return None
+
     def feature_tiles(self, batch: int, features: int) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
         """:meth:`visual_tiles` for the image features (B, M) of a cross-attention stage (Mllama)."""
         raise NotImplementedError(f"{self.family} has no cross-attention image features")

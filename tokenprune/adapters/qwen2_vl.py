@@ -126,6 +126,26 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             shapes.append(mine)
         return tile_of, shapes
 
+    def position_frames(self, visual, positions, tile_of):
+        """Tile t is the next frame of tile t-1's clip when both are video frames at the same height and width
+        positions (a clip's frames share them; the temporal position moves on), so the frame index restarts at
+        each image and each clip."""
+        if positions is None:
+            return None
+        t, h, w = positions[-3:].expand(-1, visual.shape[0], -1)
+        frame = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        for b in range(visual.shape[0]):
+            prev, count = None, 0
+            for tile in range(int(tile_of[b].max()) + 1 if bool((tile_of[b] >= 0).any()) else 0):
+                where = tile_of[b] == tile
+                key = (int(h[b][where].min()), int(w[b][where].min()), int(h[b][where].max()), int(w[b][where].max()),
+                       int(t[b][where].min()))
+                same_clip = prev is not None and key[:4] == prev[:4] and key[4] > prev[4]
+                count = count + 1 if same_clip else 0
+                frame[b, where] = count
+                prev = key
+        return frame
+
     @classmethod
     def vision_signals_from_config(cls, config) -> str | None:
         v = config.vision_config

@@ -54,6 +54,8 @@ class TokenOperator(nn.Module):
     needs_guide: ClassVar[bool] = False
     #: True for operators that lay each sample's visual tokens out as one raster grid (rows x cols).
     needs_grid: ClassVar[bool] = False
+    #: True for operators that read the video structure of the tokens (``state.frames``, ``state.cells``).
+    needs_frames: ClassVar[bool] = False
     #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
     min_layer: ClassVar[int] = 0
 

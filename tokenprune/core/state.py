@@ -406,6 +406,9 @@ class TokenState:
     - ``tiles`` (B, N) long or None: the tile of each visual token (-1: in none), for stages with
       ``budget: per_tile``; ``tile_grids[b][t]`` is the (rows, cols) of sample b's tile t, whose tokens
       are in raster order.
+    - ``frames``, ``cells`` (B, N) long or None, for operators that declare ``needs_frames``: each visual token's
+      frame within its video clip (0 for an image and a clip's first frame) and its raster index within that
+      frame (its tile); the frames of a clip are consecutive tiles (``tiles`` is set too); -1 elsewhere.
     - ``proportional_attention``: set by a merger; layers after the site add ``log(size)`` to
       the attention logits of each key (ToMe's proportional attention).
 
@@ -430,6 +433,8 @@ class TokenState:
     merged_into: torch.Tensor | None = None
     tiles: torch.Tensor | None = None
     tile_grids: list[list[tuple[int, int]]] | None = None
+    frames: torch.Tensor | None = None
+    cells: torch.Tensor | None = None
     signals: Signals = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

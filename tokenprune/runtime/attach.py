@@ -35,7 +35,7 @@ from tokenprune.runtime.episode import Episode
 from tokenprune.runtime.guide import GuideModel, guide_signal
 from tokenprune.runtime.kv_cache import KVCacheRuntime
 from tokenprune.runtime.layer_site import LayerSiteRuntime
-from tokenprune.runtime.site import SiteRuntime
+from tokenprune.runtime.site import SiteRuntime, tile_cells
 from tokenprune.runtime.sources import VisionSource
 from tokenprune.runtime.stream import DecoderStream, cache_argument
 
@@ -216,6 +216,17 @@ class AttachedPipeline:
             except ValueError as e:
                 raise PipelineRuntimeError(f"per-tile budgets: {e}") from None
         return ep.tile_of, ep.tile_grids
+
+    def frames(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame, cell) of this prefill's visual tokens (input frame), for operators that read video structure:
+        each token's frame within its clip (0: an image, or a clip's first frame; -1: not visual) and its cell, the
+        raster index within its frame's tile."""
+        if ep.frame_of is None:
+            tile_of, _ = self.tiles(ep)
+            frame = self.adapter.position_frames(ep.visual, ep.rope_prefill, tile_of)
+            ep.frame_of = frame if frame is not None else torch.where(tile_of >= 0, 0, -1)
+            ep.cell_of = tile_cells(tile_of)
+        return ep.frame_of, ep.cell_of
 
     # --- the episode -------------------------------------------------------------------------
     def _follow_beams(self, ep: Episode) -> None:

@@ -18,7 +18,7 @@ from tokenprune.core.masks import gather_mask, gather_tokens, mask_key_columns, 
 from tokenprune.core.state import Signals, TokenState
 from tokenprune.core.trace import StageTrace
 from tokenprune.runtime.episode import CrossCut, Episode
-from tokenprune.runtime.site import SiteRuntime
+from tokenprune.runtime.site import SiteRuntime, tile_cells
 from tokenprune.runtime.sources import CrossAttentionSource
 from tokenprune.runtime.stream import add_key_bias, cache_argument
 
@@ -88,9 +88,13 @@ class CrossAttentionRuntime(SiteRuntime):
         state.signals = Signals(state, source=CrossAttentionSource(self.adapter, layer, hidden, image, ep.visual,
                                                                    ep.valid, allowed))
         self.attached.cross_vision_signals(state)
-        if self.stage.budget == "per_tile":
+        frames = any(getattr(op, "needs_frames", False) for op in self.stage.operators)
+        if self.stage.budget == "per_tile" or frames:
             tile_of, state.tile_grids = self.adapter.feature_tiles(b, m)
             state.tiles = tile_of.to(hidden.device)
+        if frames:  # images only: every tile is a first frame
+            state.frames = torch.where(state.tiles >= 0, 0, -1)
+            state.cells = tile_cells(state.tiles)
         state, ms, by_op = self.run_operators(state, hidden)
         # Features no text token may see (padding tiles) are not visual, so selectors keep them: Mllama lets the
         # text rows before an image attend to every feature, so dropping them would change those rows.

@@ -15,6 +15,18 @@ from tokenprune.runtime.episode import Episode
 from tokenprune.runtime.timing import Stopwatch
 
 
+def tile_cells(tile_of: torch.Tensor) -> torch.Tensor:
+    """(B, N) long: each token's raster index within its tile (``tile_of`` (B, N), -1: in none), the tile's tokens
+    being in raster order."""
+    cell = torch.full_like(tile_of, -1)
+    for b in range(tile_of.shape[0]):
+        for t in tile_of[b].unique().tolist():
+            if t >= 0:
+                where = (tile_of[b] == t).nonzero().flatten()
+                cell[b, where] = torch.arange(where.numel(), device=cell.device)
+    return cell
+
+
 class SiteRuntime:
     """One stage's part in a forward. The attached pipeline installs its hooks, and the decoder stream
     (:class:`~tokenprune.runtime.stream.DecoderStream`) calls it at each decoder layer; every method is
@@ -96,9 +108,14 @@ class SiteRuntime:
             grid=ep.grids,
             protected_mask=protected,
         )
-        if self.stage.budget == "per_tile":
+        frames = any(getattr(op, "needs_frames", False) for op in self.stage.operators)
+        if self.stage.budget == "per_tile" or frames:
             tile_of, state.tile_grids = self.attached.tiles(ep)
             state.tiles = torch.where(live, tile_of.gather(1, cur), -1)
+        if frames:
+            frame_of, cell_of = self.attached.frames(ep)
+            state.frames = torch.where(live, frame_of.gather(1, cur), -1)
+            state.cells = torch.where(live, cell_of.gather(1, cur), -1)
         return state, visual_before
 
     def trace(self, ep: Episode, layer: int, valid_before: torch.Tensor, visual_before: torch.Tensor,
