@@ -361,3 +361,61 @@ def max_min_greedy(dist: torch.Tensor, k: int, owned: bool = False) -> torch.Ten
         chosen.append(nxt)
         nearest = torch.minimum(nearest, off[nxt])
     return torch.tensor(sorted(chosen), dtype=torch.long, device=dist.device)
+
+
+@register_operator("temporal_windows")
+class TemporalWindows(FeatureUser, Selector):
+    """DyCoke's token temporal merging (Tao et al., "DyCoke: Dynamic Compression of Tokens for Fast Video Large
+    Language Models", CVPR 2025), as its public code does it: a clip's frames go in windows of four; the first
+    frame of a window stays whole, and each other frame keeps only its ``keep`` share of cells (``int(keep x
+    cells)``) least similar (cosine of ``features``) to the same cell of a reference frame — frame 2 of the window
+    against frame 1, frame 3 against frame 1, frame 4 against frame 3. What is dropped is taken as represented by
+    the reference frame's token (the code drops; nothing is averaged). Images and a clip's first frame stay whole.
+
+    Deviations from the public code: the last window's third frame is compared too (the code's loop bound skips
+    it), and a clip with an odd number of frames keeps its last one under the same rule (the code drops it whole).
+    A cell whose reference an earlier stage removed counts as least similar. The kept count depends on the frames,
+    so FLOPs need measured counts.
+    """
+
+    needs_scores = False
+    needs_frames = True
+
+    @dataclass
+    class Params:
+        keep: float = 0.3  # share of a compared frame's cells kept (DyCoke: 1 - its merging ratio, 0.7 by default)
+        features: FeatureKind = "hidden"  # what the similarity compares
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.keep <= 1.0:
+                raise ParamError("keep", f"must lie in [0, 1], got {self.keep}")
+
+    #: a frame's reference, by its position in the window of four (0: none, kept whole)
+    REFERENCE = {1: 1, 2: 2, 3: 1}
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        if state.frames is None or state.cells is None or state.tiles is None or state.tile_grids is None:
+            raise RuntimeError("temporal_windows needs the tokens' frames (the runtime sets state.frames)")
+        feats = F.normalize(state.signals.features(self.params.features).float(), dim=-1).to(state.visual_mask.device)
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b]).squeeze(1)
+            slot = {(int(t), int(c)): i for i, t, c in zip(vis.tolist(), state.tiles[b, vis].tolist(),
+                                                           state.cells[b, vis].tolist())}
+            for tile in state.tiles[b, vis].unique().tolist():
+                mine = vis[state.tiles[b, vis] == tile]
+                frame = int(state.frames[b, mine[0]]) if mine.numel() else -1
+                back = self.REFERENCE.get(frame % 4, 0) if frame > 0 else 0
+                if back == 0:
+                    keep[b, mine] = True
+                    continue
+                rows, cols = state.tile_grids[b][tile]
+                count = int(self.params.keep * rows * cols)
+                sim = torch.full((mine.numel(),), float("-inf"), device=keep.device)
+                for k, i in enumerate(mine.tolist()):
+                    j = slot.get((tile - back, int(state.cells[b, i])))
+                    if j is not None:
+                        sim[k] = feats[b, i] @ feats[b, j]
+                order = torch.sort(sim, stable=True).indices  # least similar first
+                keep[b, mine[order[:count]]] = True
+        return keep

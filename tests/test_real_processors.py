@@ -159,7 +159,7 @@ def test_the_lmms_eval_model_generates_and_scores_as_the_stock_model(saved, tmp_
             with torch.no_grad(), pipeline.attach(model):
                 out = model.generate(**context, max_new_tokens=len(targets), do_sample=False, output_logits=True,
                                      return_dict_in_generate=True,
-                                     prefix_allowed_tokens_fn=lambda b, ids: [targets[ids.shape[0] - start]])
+                                     prefix_allowed_tokens_fn=lambda b, ids, t=targets, s=start: [t[ids.shape[0] - s]])
             logits = torch.cat(out.logits).float()  # (tokens, V), the raw logits
             want = -float(torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].mean())
             assert loss == pytest.approx(want, abs=1e-4)

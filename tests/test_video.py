@@ -156,8 +156,8 @@ def test_temporal_change_by_hand():
     """Two frames of a 2x2 clip and an image token: the first frame and the image score 3; in the second frame a
     static cell 0, a cell that turned to its opposite 2, an orthogonal one 1, a scaled copy 0 (cosine ignores
     length). topk keeps the first frame, the image and the two changed cells."""
-    from tokenprune.core.state import TokenState
     from tokenprune.core.registry import registered_operators
+    from tokenprune.core.state import TokenState
 
     e = torch.eye(4)
     first = [e[0], e[1], e[2], e[3]]
@@ -226,6 +226,48 @@ def test_static_patches_keeps_the_first_frame_and_the_changed_cells(family):
     kept = [i for i in pipe.trace[0].kept[0] if i in visual]
     assert kept == visual[:4] + [visual[4 + 3]]
     tokens, ref_logits = reference_greedy(pair(family)["eager"], batch, 0, pipe.trace[0].kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+def test_temporal_windows_by_hand():
+    """DyCoke's temporal merging on a 5-frame clip of 2x2 cells, keep 0.5 (2 cells of a compared frame): frame 0
+    whole; frame 1 against frame 0, frame 2 against frame 0, frame 3 against frame 2 (the least similar two cells
+    kept); frame 4 starts the next window, whole. An image token stays."""
+    from tokenprune.core.registry import registered_operators
+    from tokenprune.core.state import TokenState
+
+    e = torch.eye(4)
+    frames = [[e[0], e[1], e[2], e[3]],
+              [e[0], -e[1], e[0], 2 * e[3]],  # vs frame 0: similarities 1, -1, 0, 1 -> cells 1, 2
+              [e[0], e[1], -e[2], e[0]],  # vs frame 0: 1, 1, -1, 0 -> cells 2, 3
+              [-e[0], e[1], -e[2], e[3]],  # vs frame 2 (e0, e1, -e2, e0): -1, 1, 1, 0 -> cells 0, 3
+              [e[0], e[0], e[0], e[0]]]  # a new window: whole
+    hidden = torch.stack([v for f in frames for v in f] + [e[1]])[None]  # (1, 21, 4)
+    state = TokenState.from_tensors(hidden, torch.ones(1, 21, dtype=torch.bool), layer=0)
+    state.tiles = torch.tensor([[f for f in range(5) for _ in range(4)] + [5]])
+    state.tile_grids = [[(2, 2)] * 5 + [(1, 1)]]
+    state.frames = torch.tensor([[f for f in range(5) for _ in range(4)] + [0]])
+    state.cells = torch.tensor([[0, 1, 2, 3] * 5 + [0]])
+    cls = registered_operators()["temporal_windows"]
+    keep = cls(cls.parse_params({"keep": 0.5})).select(state)[0]
+    expect = [0, 1, 2, 3] + [4 + 1, 4 + 2] + [8 + 2, 8 + 3] + [12 + 0, 12 + 3] + [16, 17, 18, 19] + [20]
+    assert keep.nonzero().flatten().tolist() == expect
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_temporal_windows_keep_their_share_of_each_frame_and_generate_as_the_reference(family):
+    """Before the LLM on a 3-frame clip of 3x4 tokens (and an image in the other sample): frame 0 whole, frames 1
+    and 2 keep int(0.3 x 12) = 3 cells each; generate() equals the masked reference."""
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(8, 8), (6, 8)], videos=[None, (6, 6, 8)])
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "temporal_windows", "keep": 0.3}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    trace = pipe.trace[0]
+    assert trace.visual_after == [16, 12 + 3 + 3]
+    tokens, ref_logits = reference_greedy(pair(family)["eager"], batch, 0, trace.kept, STEPS)
     assert torch.equal(out.sequences[:, -STEPS:], tokens)
     for got, want in zip(out.logits, ref_logits):
         assert torch.allclose(got.float(), want, atol=1e-4)

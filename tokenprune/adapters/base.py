@@ -655,7 +655,7 @@ class ModelAdapter:
         return None
 
 
-def _rows_of(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
+def sample_rows(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
     """Rows of a batch-first tensor for ``batch`` samples starting at ``sample`` (a batch of 1 broadcasts)."""
     return t if t.shape[0] == 1 else t[sample:sample + batch]
 
@@ -685,7 +685,7 @@ class LlamaStyleAdapter(ModelAdapter):
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
         if rotary:
-            cos, sin = (gather_tokens(_rows_of(t, sample, b), rows) for t in position_embeddings)
+            cos, sin = (gather_tokens(sample_rows(t, sample, b), rows) for t in position_embeddings)
             q = apply_rope(q, cos, sin)
         return q
 

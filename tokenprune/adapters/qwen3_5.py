@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from tokenprune.adapters.base import _rows_of, apply_rope
+from tokenprune.adapters.base import apply_rope, sample_rows
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.core.masks import expand_batch, gather_tokens
 
@@ -47,7 +46,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
         q = projected.view(b, rows.shape[1], -1, 2 * attn.head_dim)[..., :attn.head_dim]
         q = attn.q_norm(q).transpose(1, 2)
         if rotary:
-            cos, sin = (gather_tokens(_rows_of(t, sample, b), rows) for t in position_embeddings)
+            cos, sin = (gather_tokens(sample_rows(t, sample, b), rows) for t in position_embeddings)
             q = apply_rope(q, cos, sin)
         return q
 

@@ -184,7 +184,6 @@ def byte_level_tokenizer(family: str):
     per printable ASCII character and the newline (as byte-level BPE spells them), no merges — so every word is
     spelled out, within ``tiny.TINY_VOCAB`` ids, and text splits where Qwen's pre-tokenizer splits it."""
     from tokenizers import AddedToken
-
     from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 
     spec = _SPECIALS[family]
