@@ -383,7 +383,7 @@ class TemporalWindows(FeatureUser, Selector):
 
     @dataclass
     class Params:
-        keep: float = 0.3  # share of a compared frame's cells kept (DyCoke: 1 - its merging ratio, 0.7 by default)
+        keep: float = 0.7  # share of a compared frame's cells kept (DyCoke: 1 - its merging ratio k, 0.3 by default)
         features: FeatureKind = "hidden"  # what the similarity compares
 
         def __post_init__(self) -> None:

@@ -55,17 +55,41 @@ def pruned_columns(input_len: int, kept: list[list[int]], attention_mask: torch.
     return cols
 
 
-def position_kwargs(model, attention_mask: torch.Tensor, last: int | None = None) -> dict:
+def position_kwargs(model, attention_mask: torch.Tensor, last: int | None = None,
+                    prefill_last: torch.Tensor | None = None, prompt_len: int = 0) -> dict:
     """Position ids to pass as ``generate()`` would: 1-D cumsum positions of the mask. For M-RoPE
     models (Qwen2-VL) the prefill passes none (the model builds 3-D positions from
-    ``mm_token_type_ids``), and decoding steps pass the cumsum position plus the model's ``rope_deltas``
-    on all three axes."""
+    ``mm_token_type_ids``), and decoding steps continue every axis from the prompt's last position
+    (``prefill_last`` (3, B), the positions the LLM got for the last of the ``prompt_len`` prompt tokens), one
+    per token, as
+    ``generate()`` does. (That is the cumsum position plus the model's ``rope_deltas``, except where a video's
+    temporal positions run past the text's — Qwen2.5-VL's time-scaled frames — where ``rope_deltas`` counts from
+    the larger.)"""
     pos = generate_positions(attention_mask)
     if model.config.model_type.startswith("qwen"):
         if last is None:
             return {}
-        return {"position_ids": pos[None, :, -last:].expand(3, -1, -1) + model.model.rope_deltas[None]}
+        if prefill_last is None:
+            return {"position_ids": pos[None, :, -last:].expand(3, -1, -1) + model.model.rope_deltas[None]}
+        # tokens fed after the prompt before this forward's: the mask's columns beyond the prompt, minus ``last``
+        fed = attention_mask.shape[1] - last - prompt_len
+        return {"position_ids": prefill_last[:, :, None] + fed + torch.arange(1, last + 1)}
     return {"position_ids": pos if last is None else pos[:, -last:]}
+
+
+def prompt_end(model, inputs: dict) -> torch.Tensor | None:
+    """The M-RoPE positions the LLM gets for the prompt's last token in ``model(**inputs)`` (Qwen), else None."""
+    if not model.config.model_type.startswith("qwen"):
+        return None
+    seen = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw.get("position_ids")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["pos"][-3:, :, -1]
 
 
 def generate_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,6 +106,7 @@ def masked_greedy(model, inputs: dict, steps: int, prefill_hidden: dict, decode_
     the columns hidden at decoding step ``step`` (1 = the first forward after the prefill).
     """
     am = inputs["attention_mask"]
+    end = prompt_end(model, inputs)  # unaffected by the hidden keys: positions come from the inputs alone
     with hidden_keys(model, prefill_hidden):
         out = model(**inputs, **position_kwargs(model, am), use_cache=True)
     cache = out.past_key_values
@@ -90,7 +115,8 @@ def masked_greedy(model, inputs: dict, steps: int, prefill_hidden: dict, decode_
     for step in range(1, steps):
         am = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], dim=1)
         with hidden_keys(model, decode_hidden(step), total=am.shape[1]):
-            out = model(input_ids=tokens[-1][:, None], attention_mask=am, **position_kwargs(model, am, last=1),
+            out = model(input_ids=tokens[-1][:, None], attention_mask=am,
+                        **position_kwargs(model, am, last=1, prefill_last=end, prompt_len=inputs["input_ids"].shape[1]),
                         past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits.append(out.logits[:, -1].float())

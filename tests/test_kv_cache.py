@@ -236,7 +236,13 @@ def test_elite_window_drops_the_inconsistent_rows():
     ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": [0]}}, "operators": [
         {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.steps", ">= 1"),
     ({"stages": [{"layer": "kv_cache", "cache": {"layers": [1, "x"]}, "operators": [
-        {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.layers", "'all' or a non-empty list"),
+        {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.layers", r"'all', \{from: L\} or a non-empty list"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"layers": {"from": -1}}, "operators": [
+        {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.layers", r"\{from: L\} with L a decoder layer"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "every"}}, "operators": [
+        {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.steps", "'all' or a list"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "all", "mode": "drop"}}, "operators": [
+        {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.mode", "allowed: evict, mask"),
     ({"stages": [{"layer": "kv_cache", "cache": {"layer": [1]}, "operators": [
         {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.layer", "unknown cache key"),
     ({"stages": [{"layer": "kv_cache", "operators": [{"op": "random"}, {"op": "topk"}, {"op": "kv_compact"}]}]},
@@ -271,3 +277,35 @@ def test_a_forward_without_a_cache_leaves_the_logits_alone(llava_pair, batch):
         with pytest.warns(RuntimeWarning, match="never pruned"), kv_pipe().attach(model):
             got = model(**batch, use_cache=False).logits
     assert torch.equal(got, want)
+
+
+def test_dynamic_masking_at_every_step_equals_reference(llava_pair, batch):
+    """DyCoke's dynamic pruning (``decode: {steps: all, mode: mask}``): at every decoding step layers 2 and 3 see only
+    the quarter of the visual entries that the step's token attends to most at layer 1 (heads averaged) — the eager
+    model's own attention row on the sequence so far, chosen anew each step, so an entry hidden at one step can
+    return — and every entry stays cached. Generation equals the reference that hides, at each step, that step's
+    unchosen entries from layers 2-3 only."""
+    cache = {"layers": {"from": 2}, "decode": {"steps": "all", "keep": 0.25, "score_layer": 1, "mode": "mask"}}
+    pipe = tp.load_pipeline({"name": "dyn", "stages": [{"layer": "kv_cache", "cache": cache, "operators": [
+        {"op": "attention", "queries": "last"}, {"op": "topk", "keep": 1.0}]}]})
+    out = generate(llava_pair["sdpa"], batch, pipe)
+    image = llava_pair["sdpa"].config.image_token_id
+    n = batch["input_ids"].shape[1]
+    steps = {s: kept_by_layer(pipe, "decode", s) for s in range(1, STEPS)}
+    for s, kept in steps.items():
+        assert sorted(kept) == [2, 3] and kept[2] == kept[3]
+        seq = out.sequences[:, :n + s]  # the step's token last
+        am = torch.cat([batch["attention_mask"], torch.ones(2, s, dtype=torch.long)], 1)
+        with torch.no_grad():
+            att = llava_pair["eager"](input_ids=seq, attention_mask=am, pixel_values=batch["pixel_values"],
+                                      output_attentions=True).attentions[1][:, :, -1, :n].float().mean(1)
+        for b in range(2):
+            vis = (batch["input_ids"][b] == image).nonzero().flatten()
+            top = vis[att[b, vis].argsort(descending=True, stable=True)[:16]].tolist()
+            assert sorted(i for i in kept[2][b] if batch["input_ids"][b, i] == image) == sorted(top)
+            assert len(kept[2][b]) == int(batch["attention_mask"][b].sum()) - 64 + 16  # text and 16 of 64 visual
+    assert steps[1][2] != steps[2][2] or steps[2][2] != steps[3][2]  # the choice moves (so entries come back)
+    held = out.past_key_values.layers[2].keys.shape[-2]
+    assert held == n + STEPS - 1  # nothing evicted
+    tokens, ref_logits = reference_kv_greedy(llava_pair["eager"], batch, {}, STEPS, kept_from_step=steps)
+    assert_matches_reference(out, tokens, ref_logits)

@@ -19,7 +19,7 @@ PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsev
 #: The preset for cross-attention models.
 CROSS = {"trimmed_llama"}
 #: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).
-KV = ["aircache", "csp", "elastic_cache", "mint"]
+KV = ["aircache", "csp", "elastic_cache", "mint", "dycoke"]
 
 
 @pytest.fixture
@@ -256,11 +256,18 @@ def test_kv_cache_preset_runs_on_each_family(llava32, family32, refused, family,
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 2
     kv = [t for t in pipe.trace if t.site == "kv_cache"]
     attending = get_adapter(model).attending_layers()
-    assert [t.layer for t in kv] == attending and len(attending) == (8 if family == "qwen3_5" else 32)
+    first = 3 if name == "dycoke" else 0  # its layers: {from: 3}
+    assert [t.layer for t in kv] == [i for i in attending if i >= first]
+    assert len(attending) == (8 if family == "qwen3_5" else 32)
     if name == "mint":  # the prefill keeps everything; decoding step 1 halves the layers from score_layer 2 on
         dec = [t for t in pipe.trace if t.site == "decode"]
         assert [t.layer for t in dec] == list(range(2, 32))
         assert all(a == round(b / 2 + 0.01) for t in dec for a, b in zip(t.visual_after, t.visual_before))  # halves up
+        return
+    if name == "dycoke":  # the prefill keeps everything; each decoding step shows layers 3.. a fifth of the image
+        dec = [t for t in pipe.trace if t.site == "decode"]
+        assert [(t.step, t.layer) for t in dec] == [(1, i) for i in range(3, 32)]  # 2 new tokens: 1 decoding step
+        assert all(a == round(b / 5 + 0.01) for t in dec for a, b in zip(t.visual_after, t.visual_before))
         return
     assert all(sum(t.visual_after) < sum(t.visual_before) for t in kv), pipe.report()
     for t in kv:  # what the trace says is what the cache holds

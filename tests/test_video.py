@@ -271,3 +271,30 @@ def test_temporal_windows_keep_their_share_of_each_frame_and_generate_as_the_ref
     assert torch.equal(out.sequences[:, -STEPS:], tokens)
     for got, want in zip(out.logits, ref_logits):
         assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dycoke_generates_as_the_reference(family):
+    """The ``dycoke`` preset on a 4-frame clip of 3x4 tokens beside an image: temporal merging before the LLM (each
+    compared frame keeps int(0.7 x 12) = 8 cells), then at every decoding step layer 3 sees the fifth of the kept
+    visual entries that the step's token attends to most at layer 2. generate() equals the masked reference: every
+    layer without the merged-away tokens from the prefill on, layer 3 also without that step's unchosen ones."""
+    from reference import masked_greedy, pruned_columns
+
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(8, 8), (6, 8)], videos=[None, (8, 6, 8)])
+    pipe = tp.load_pipeline("dycoke")
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    merged = pipe.trace[0]
+    assert merged.visual_after == [16, 12 + 8 + 8 + 8]
+    am = batch["attention_mask"]
+    base = pruned_columns(am.shape[1], merged.kept, am)
+    chosen = {t.step: pruned_columns(am.shape[1], t.kept, am) for t in pipe.trace if t.site == "decode"}
+    assert sorted(chosen) == [1, 2] and all(t.layer == 3 for t in pipe.trace if t.site == "decode")
+    prefill = {layer: base for layer in range(4)}
+    tokens, ref_logits = masked_greedy(pair(family)["eager"], batch, STEPS, prefill,
+                                       lambda step: {0: base, 1: base, 2: base, 3: base | chosen[step]})
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)

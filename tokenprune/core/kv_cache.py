@@ -32,25 +32,38 @@ from tokenprune.core.operator import ParamError
 BUDGETS = ("uniform", "adaptive")
 
 
+#: What a decoding-time re-pruning does with the entries it does not choose.
+DECODE_MODES = ("evict", "mask")
+
+
 @dataclass
 class DecodeSettings:
-    """Re-score and re-prune the held visual entries at chosen decoding steps (MINT).
+    """Re-score and re-prune the held visual entries at chosen decoding steps (MINT, DyCoke).
 
-    ``steps``: decoding steps (1 = the first forward after the prefill) at which every compressed layer
-    keeps the ``keep`` (fraction of what it holds, or a count) entries that the current token attends to
-    most — at its own layer, or at ``score_layer`` for all of them (MINT reads one shallow layer).
+    ``steps``: decoding steps (1 = the first forward after the prefill), or ``all``, at which every compressed layer
+    keeps the ``keep`` (fraction of what it holds, or a count) visual entries that the current token attends to
+    most — at its own layer, or at ``score_layer`` for all of them (MINT reads one shallow layer; the score layer
+    need not be compressed itself). ``mode``: ``evict`` cuts the others from the cache for good (MINT); ``mask``
+    keeps every entry and hides the others until the next re-pruning step chooses again, so an entry hidden at one
+    step can return at a later one (DyCoke's dynamic pruning).
     """
 
-    steps: list[int] = field(default_factory=list)
+    steps: list[int] | str = field(default_factory=list)
     keep: float | int = 0.5
     score_layer: int | None = None
+    mode: str = "evict"
+
+    def at(self, step: int) -> bool:
+        """Whether decoding step ``step`` re-prunes."""
+        return self.steps == "all" or step in self.steps
 
 
 @dataclass
 class CacheSettings:
     """The ``cache`` key of a ``kv_cache`` stage.
 
-    ``layers``: ``all`` or a list of decoder layers whose caches are compressed. ``budget``:
+    ``layers``: ``all``, ``{from: L}`` (layers L and after) or a list of decoder layers whose caches are
+    compressed. ``budget``:
     ``uniform`` gives every layer the selector's budget; ``adaptive`` keeps the same total
     (layers × the selector's ``keep``) but shares it out by :func:`adaptive_weights` (AirCache; needs a
     ``topk`` selector). ``decode``: see :class:`DecodeSettings`.
@@ -59,6 +72,8 @@ class CacheSettings:
     layers: str | list[int] = "all"
     budget: str = "uniform"
     decode: DecodeSettings = field(default_factory=DecodeSettings)
+    #: with ``layers: all``, the first compressed layer (``{from: L}``)
+    first: int = 0
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> CacheSettings:
@@ -71,23 +86,34 @@ class CacheSettings:
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown cache key; allowed: layers, budget, decode")
         layers = raw.get("layers", "all")
+        first = 0
+        if isinstance(layers, dict):
+            start = layers.get("from")
+            if set(layers) != {"from"} or isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ConfigError(f"{key}.layers", f"a mapping must be {{from: L}} with L a decoder layer (integer "
+                                  f">= 0), got {layers!r}")
+            layers, first = "all", start
         if layers != "all" and not (isinstance(layers, list) and layers and all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)):
-            raise ConfigError(f"{key}.layers", f"must be 'all' or a non-empty list of decoder layers (integers >= 0), "
-                              f"got {layers!r}")
+            raise ConfigError(f"{key}.layers", f"must be 'all', {{from: L}} or a non-empty list of decoder layers "
+                              f"(integers >= 0), got {layers!r}")
         if isinstance(layers, list):
             layers = sorted(set(layers))
         budget = raw.get("budget", "uniform")
         if budget not in BUDGETS:
             raise ConfigError(f"{key}.budget", f"got {budget!r}; allowed: {', '.join(BUDGETS)}")
         dec = raw.get("decode") or {}
-        if not isinstance(dec, dict) or set(dec) - {"steps", "keep", "score_layer"}:
-            raise ConfigError(f"{key}.decode", f"must be a mapping with keys steps, keep, score_layer; got {dec!r}")
+        if not isinstance(dec, dict) or set(dec) - {"steps", "keep", "score_layer", "mode"}:
+            raise ConfigError(f"{key}.decode", f"must be a mapping with keys steps, keep, score_layer, mode; "
+                              f"got {dec!r}")
         steps = dec.get("steps", [])
-        if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                                                   for s in steps):
-            raise ConfigError(f"{key}.decode.steps", f"must be a list of decoding steps >= 1 (1 = the first token "
-                              f"after the prefill), got {steps!r}")
+        if steps != "all" and (not isinstance(steps, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)):
+            raise ConfigError(f"{key}.decode.steps", f"must be 'all' or a list of decoding steps >= 1 (1 = the first "
+                              f"token after the prefill), got {steps!r}")
+        mode = dec.get("mode", "evict")
+        if mode not in DECODE_MODES:
+            raise ConfigError(f"{key}.decode.mode", f"got {mode!r}; allowed: {', '.join(DECODE_MODES)}")
         keep = dec.get("keep", 0.5)
         try:
             check_keep(keep)
@@ -98,13 +124,17 @@ class CacheSettings:
                                         or score_layer < 0):
             raise ConfigError(f"{key}.decode.score_layer", f"must be a decoder layer (integer >= 0) or null, "
                               f"got {score_layer!r}")
-        return cls(layers=layers, budget=budget,
-                   decode=DecodeSettings(steps=sorted(set(steps)), keep=keep, score_layer=score_layer))
+        return cls(layers=layers, budget=budget, first=first,
+                   decode=DecodeSettings(steps=steps if steps == "all" else sorted(set(steps)), keep=keep,
+                                         score_layer=score_layer, mode=mode))
 
     def layer_list(self, num_layers: int, key: str = "cache") -> list[int]:
         """The compressed layers of a model with ``num_layers`` decoder layers (checked against its depth)."""
         if self.layers == "all":
-            return list(range(num_layers))
+            if self.first >= num_layers:
+                raise ConfigError(f"{key}.layers", f"from {self.first} is beyond the model's depth: it has "
+                                  f"{num_layers} decoder layers, so from must be in 0..{num_layers - 1}")
+            return list(range(self.first, num_layers))
         bad = [x for x in self.layers if x >= num_layers]
         if bad:
             raise ConfigError(f"{key}.layers", f"layer {bad[0]} is beyond the model's depth: it has {num_layers} "
@@ -112,9 +142,11 @@ class CacheSettings:
         return list(self.layers)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers if self.layers == "all" else list(self.layers), "budget": self.budget,
-                "decode": {"steps": list(self.decode.steps), "keep": self.decode.keep,
-                           "score_layer": self.decode.score_layer}}
+        layers: Any = list(self.layers) if self.layers != "all" else {"from": self.first} if self.first else "all"
+        steps = self.decode.steps if self.decode.steps == "all" else list(self.decode.steps)
+        return {"layers": layers, "budget": self.budget,
+                "decode": {"steps": steps, "keep": self.decode.keep, "score_layer": self.decode.score_layer,
+                           "mode": self.decode.mode}}
 
 
 def adaptive_weights(visual_scores: list[torch.Tensor]) -> torch.Tensor:

@@ -24,7 +24,8 @@ class Held:
 
     #: (B, K) input-frame indices of the cached prompt entries, or None for the whole prompt.
     index: torch.Tensor | None = None
-    #: (B, K) False on filler slots (rows of a ragged batch left-filled to equal length), or None: no filler.
+    #: (B, K) False on filler slots (rows of a ragged batch left-filled to equal length) and on entries a
+    #: decoding-time re-pruning in ``mask`` mode hides for now, or None: none.
     live: torch.Tensor | None = None
     #: (B, K) additive log-size attention bias of the entries (proportional attention), or None.
     bias: torch.Tensor | None = None
@@ -116,6 +117,8 @@ class Episode:
     decode_step: int = 0  # 1 = the first forward after the prefill
     flow: Flow = field(default_factory=Flow)
     held: dict[int, Held] = field(default_factory=dict)  # per layer, what its prefill cache holds
+    #: per layer, what it held before a decoding-time re-pruning in ``mask`` mode first hid entries of it
+    decode_base: dict[int, Held] = field(default_factory=dict)
     full: FullFrame | None = None
     #: the layer kwargs of ``flow.index``, gathered once per stage: (index, kwargs)
     #: (index, kwargs, the layer mask and rotary embeddings they came from): the latest gathered layer kwargs
@@ -193,6 +196,8 @@ class Episode:
 
         self.held = {layer: Held(pick(h.index), pick(h.live), pick(h.bias), pick(h.shift))
                      for layer, h in self.held.items()}
+        self.decode_base = {layer: Held(pick(h.index), pick(h.live), pick(h.bias), pick(h.shift))
+                            for layer, h in self.decode_base.items()}
         self.valid, self.visual = pick(self.valid), pick(self.visual)
         self.decode_masks.clear()
         self.decode_pe.clear()

@@ -20,7 +20,7 @@ from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.core.kv_cache import adaptive_weights, allocate, flatten_entries, unflatten_entries
 from tokenprune.core.masks import gather_tokens
 from tokenprune.core.state import TokenState
-from tokenprune.runtime.episode import Episode, KVRecord
+from tokenprune.runtime.episode import Episode, Held, KVRecord
 from tokenprune.runtime.site import SiteRuntime, keep_index, merges
 from tokenprune.runtime.sources import CachedKeys, DecodeQuerySource, LayerAttentionSource
 from tokenprune.runtime.timing import Stopwatch
@@ -34,7 +34,7 @@ class KVCacheRuntime(SiteRuntime):
         # the attention layers only: a linear-attention layer's state has a fixed size and no entries to cut
         self.layers = set(stage.cache.layer_list(self.adapter.num_layers, f"{stage.key}.cache")) \
             - set(self.adapter.recurrent_layers)
-        self.decode_steps = set(stage.cache.decode.steps)
+        self.decode = stage.cache.decode
 
     def install(self) -> list[Any]:
         return [self.adapter.layers[i].register_forward_hook(self._layer_post_hook(i)) for i in sorted(self.layers)]
@@ -134,18 +134,22 @@ class KVCacheRuntime(SiteRuntime):
 
     # --- decoding-time re-pruning ----------------------------------------------------------------
     def decode_layer(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
-        if layer in self.layers and ep.decode_step in self.decode_steps:
+        if (layer in self.layers or layer == self.decode.score_layer) and self.decode.at(ep.decode_step):
             self._reprune(layer, ep, hidden, kwargs)
 
     def _reprune(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
-        """Decoding-time re-pruning (MINT): keep the held visual entries of ``layer``'s cache that the current
-        token attends to most (at this layer, or at ``decode.score_layer``)."""
+        """Decoding-time re-pruning (MINT, DyCoke): keep the held visual entries of ``layer``'s cache that the current
+        token attends to most (at this layer, or at ``decode.score_layer``): evicted from the cache, or (``mask``)
+        hidden until the next re-pruning step."""
         dec = self.stage.cache.decode
         keys = self.adapter.cached_keys(ep.cache, layer)
         if keys is None:
             return
         b, _, t, _ = keys.shape
-        held = ep.held_at(layer)
+        if dec.mode == "mask" and layer in self.layers:  # choose among every entry the layer holds, hidden or not
+            held = ep.decode_base.setdefault(layer, ep.held_at(layer))
+        else:
+            held = ep.held_at(layer)
         index = held.index if held.index is not None else \
             torch.arange(ep.prefill_len, device=keys.device).expand(b, ep.prefill_len)
         k_p = index.shape[1]
@@ -171,9 +175,16 @@ class KVCacheRuntime(SiteRuntime):
             if ep.decode_scores is None:  # layers before score_layer keep what they hold
                 return
             full = ep.decode_scores
+        if layer not in self.layers:  # the score layer alone: it scores, and keeps what it holds
+            return
         visual = ep.visual.gather(1, index) & valid
         counts = torch.tensor([resolve_keep(dec.keep, int(v)) for v in visual.sum(1).tolist()], device=index.device)
         keep = keep_top_visual(full.gather(1, index), visual, counts)
+        if dec.mode == "mask":  # every entry stays in the cache; the others are hidden until the next choice
+            live = keep & valid if held.live is None else keep & held.live
+            ep.held[layer] = Held(index, live, held.bias, held.shift)
+            self.trace(ep, layer, valid, visual, index, live, site="decode", step=ep.decode_step)
+            return
         rel, new_live = keep_index(keep, valid)
         rest = torch.arange(k_p, t, device=index.device).expand(b, t - k_p)
         bias = gather_tokens(held.bias, rel) if held.bias is not None else None  # the bias covers the prompt part

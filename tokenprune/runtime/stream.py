@@ -235,7 +235,7 @@ class DecoderStream:
                 ep.decode_masks[key] = self.window_decode_mask(layer, ep, window, layer_hidden(args, kwargs).dtype)
             kwargs["attention_mask"] = ep.decode_masks[key]
         elif held.index is not None and (mask is not None or held.bias is not None or held.live is not None):
-            key = id(held.index)
+            key = (id(held.index), id(held.live))  # layers may share what they hold and hide different entries
             if key not in ep.decode_masks:
                 total = ep.seen + ep.query_len
                 if mask is None:  # no padding: build the mask that carries the bias or the fillers
