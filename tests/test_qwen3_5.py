@@ -390,3 +390,26 @@ def test_the_builtin_qwen3_5_9b_shape_is_the_config_class_defaults():
 
     assert BUILTIN_SHAPES["qwen3.5-9b"] == LLMShape.from_config(Qwen3_5TextConfig(), name="qwen3.5-9b")
     assert len(BUILTIN_SHAPES["qwen3.5-9b"].recurrent) == 24
+
+
+@pytest.mark.parametrize("layer,scorer", [(4, None), (0, {"op": "random", "seed": 3})])
+def test_video_generation_equals_the_layer_by_layer_reference(layer, scorer):
+    """A batch of an image and a 3-frame clip (each frame between its timestamp and vision tokens, as Qwen3.5's
+    processor lays a video out): generate() against the layer-by-layer reference, per sample."""
+    from test_video import alone
+
+    from tokenprune.reference.tiny import tiny_qwen2_vl_inputs
+
+    model = pair(FAMILY)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(8, 8), (6, 8)], videos=[None, (6, 6, 8)])
+    pipe = stage(layer, 0.5, scorer)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    kept = pipe.trace[0].kept
+    assert pipe.trace[0].visual_before == [16, 36]
+    for b in range(2):
+        mine = [i - pad_offset(batch, b) for i in kept[b]]
+        tokens, logits = reference_greedy(model, alone(batch, b), STEPS, layer, mine)
+        assert out.sequences[b, -STEPS:].tolist() == tokens
+        for step in range(STEPS):
+            assert torch.allclose(out.logits[step][b].float(), logits[step], atol=1e-4), (b, step)

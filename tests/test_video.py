@@ -1,6 +1,7 @@
-"""Video inputs (Qwen2-VL, Qwen2.5-VL): DESIGN.md's oracles 1-4 on a batch that mixes an image and a video clip and on
-a batch of two clips of different lengths, against the independent masked eager reference (tests/reference.py);
-each clip's frames as tiles (per-frame budgets)."""
+"""Video inputs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with its timestamped frames, Qwen3.5): DESIGN.md's oracles 1-4 on a
+batch that mixes an image and a video clip and on a batch of two clips of different lengths, against the independent
+masked eager reference (tests/reference.py; not for Qwen3.5, whose recurrent layers a mask cannot stand for removal
+in: tests/test_qwen3_5.py has its own) or each sample alone; each clip's frames as tiles (per-frame budgets)."""
 
 import functools
 
@@ -13,7 +14,11 @@ import tokenprune as tp
 from tokenprune.reference.tiny import tiny_qwen2_vl_inputs
 
 STEPS = 3
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+#: the families the masked reference stands for
+MASKED = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+#: the layer after which the attention-reading stages run (Qwen3.5: after its first attention layer, 3)
+SITE = {"qwen3_5": 4}
 #: (image grid or None, clip (frames, h, w) or None) per sample
 BATCHES = {"image+video": ([(8, 8), (6, 10)], [None, (4, 6, 8)]),  # 16 image tokens; 2 frames x 12
            "two clips": ([(8, 8), (6, 10)], [(6, 4, 4), (4, 6, 8)])}  # 3 frames x 4; 2 frames x 12
@@ -44,7 +49,8 @@ def alone(batch: dict, b: int) -> dict:
     return out
 
 
-def fastv(keep=0.5, layer=2, **extra):
+def fastv(keep=0.5, layer=2, family=None, **extra):
+    layer = SITE.get(family, layer) if layer == 2 else layer
     ops = [{"op": "attention", "queries": "last"} if layer else {"op": "random", "seed": 3},
            {"op": "topk", "keep": keep}]
     return tp.load_pipeline({"stages": [{"layer": layer, "operators": ops, **extra}]})
@@ -59,7 +65,7 @@ def generate(model, batch, **kw):
 def test_keep_everything_is_identical(family, kind):
     """Oracle 1."""
     model, batch = pair(family)["sdpa"], batch_of(family, kind)
-    pipe = fastv(keep=1.0)
+    pipe = fastv(keep=1.0, family=family)
     with torch.no_grad():
         ref_logits, ref_gen = model(**batch).logits, generate(model, batch)
         with pipe.attach(model):
@@ -69,7 +75,7 @@ def test_keep_everything_is_identical(family, kind):
     assert torch.equal(gen, ref_gen)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MASKED)
 @pytest.mark.parametrize("kind", list(BATCHES))
 @pytest.mark.parametrize("layer,compact", [(2, False), (2, True), (0, False)])
 def test_prefill_and_generation_equal_the_masked_reference(family, kind, layer, compact):
@@ -101,7 +107,7 @@ def test_batch_equals_each_sample_alone(family, kind, budget):
     """Oracle 3: samples with an image and a clip, or clips of different lengths (different visual counts), keep
     and generate what they keep and generate alone — also with per-frame budgets."""
     model, batch = pair(family)["sdpa"], batch_of(family, kind)
-    pipe = fastv(budget=budget)
+    pipe = fastv(budget=budget, family=family)
     with torch.no_grad(), pipe.attach(model):
         together = generate(model, batch)[:, -STEPS:]
         trace = pipe.trace[0]
@@ -120,7 +126,7 @@ def test_sdpa_and_eager_agree(family):
     batch = batch_of(family, "two clips")
     results = {}
     for impl in ("sdpa", "eager"):
-        pipe = fastv(keep=0.25)
+        pipe = fastv(keep=0.25, family=family)
         with torch.no_grad(), pipe.attach(pair(family)[impl]):
             gen = generate(pair(family)[impl], batch, output_logits=True, return_dict_in_generate=True)
         results[impl] = (pipe.trace[0].kept, gen)
@@ -136,7 +142,7 @@ def test_each_frame_is_a_tile(family):
     one tile; each keeps its share. Clips of 3 frames of 2x2 tokens and 2 frames of 3x4: keep 0.5 keeps 2 of each
     2x2 frame and 6 of each 3x4 one."""
     model, batch = pair(family)["sdpa"], batch_of(family, "two clips")
-    pipe = fastv(budget="per_tile")
+    pipe = fastv(budget="per_tile", family=family)
     with torch.no_grad(), pipe.attach(model):
         model(**batch)
     trace = pipe.trace[0]
@@ -207,7 +213,7 @@ def test_frames_and_cells_come_from_the_positions(family):
     assert bool((state.frames[~visual] == -1).all())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MASKED)
 def test_static_patches_keeps_the_first_frame_and_the_changed_cells(family):
     """The ``static_patches`` preset on a clip whose second frame repeats the first except in one cell: the first
     frame and that cell are kept, the static cells (changed only through the tower's attention to the new cell)
@@ -256,7 +262,7 @@ def test_temporal_windows_by_hand():
     assert keep.nonzero().flatten().tolist() == expect
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MASKED)
 def test_temporal_windows_keep_their_share_of_each_frame_and_generate_as_the_reference(family):
     """Before the LLM on a 3-frame clip of 3x4 tokens (and an image in the other sample): frame 0 whole, frames 1
     and 2 keep int(0.3 x 12) = 3 cells each; generate() equals the masked reference."""
@@ -273,7 +279,7 @@ def test_temporal_windows_keep_their_share_of_each_frame_and_generate_as_the_ref
         assert torch.allclose(got.float(), want, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MASKED)
 def test_dycoke_generates_as_the_reference(family):
     """The ``dycoke`` preset on a 4-frame clip of 3x4 tokens beside an image: temporal merging before the LLM (each
     compared frame keeps int(0.7 x 12) = 8 cells), then at every decoding step layer 3 sees the fifth of the kept

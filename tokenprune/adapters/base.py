@@ -459,11 +459,17 @@ class ModelAdapter:
         with :attr:`rope_axes` > 1), where they lay the visual tokens out; None: use :meth:`visual_tiles`."""
         return None
 
-    def position_frames(self, visual: torch.Tensor, positions: torch.Tensor | None, tile_of: torch.Tensor
-                        ) -> torch.Tensor | None:
+    def video_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) bool: which input tokens are video placeholders (a subset of :meth:`visual_mask`); None where the
+        family takes no videos."""
+        return None
+
+    def position_frames(self, visual: torch.Tensor, positions: torch.Tensor | None, tile_of: torch.Tensor,
+                        video: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, N) long: each visual token's frame within its video clip (0 for an image's tokens and a clip's first
         frame; -1 elsewhere), where :meth:`position_tiles` made each frame a tile (``tile_of``): a clip's frames
-        are consecutive tiles. None: the family has no videos (every tile is frame 0)."""
+        are consecutive tiles; ``video`` is :meth:`video_mask`'s. None: the family has no videos (every tile is
+        frame 0)."""
         return None
 
     def feature_tiles(self, batch: int, features: int) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:

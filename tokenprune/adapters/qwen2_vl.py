@@ -126,21 +126,25 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             shapes.append(mine)
         return tile_of, shapes
 
-    def position_frames(self, visual, positions, tile_of):
-        """Tile t is the next frame of tile t-1's clip when both are video frames at the same height and width
-        positions (a clip's frames share them; the temporal position moves on), so the frame index restarts at
-        each image and each clip."""
+    def video_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.model.config.video_token_id
+
+    def position_frames(self, visual, positions, tile_of, video=None):
+        """A video tile continues the previous tile's clip when that one is a video tile too, of the same grid, at
+        an earlier temporal position: Qwen2-VL's frames are one run of placeholders, Qwen3-VL's and Qwen3.5's each
+        its own between timestamps, and both move the temporal position on. (Two clips of one size with only text
+        between them read as one clip.) Frame indices restart at each image and each clip."""
         if positions is None:
             return None
-        t, h, w = positions[-3:].expand(-1, visual.shape[0], -1)
+        t = positions[-3].expand(visual.shape[0], -1)
+        video = video if video is not None else torch.zeros_like(visual)
         frame = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
         for b in range(visual.shape[0]):
             prev, count = None, 0
             for tile in range(int(tile_of[b].max()) + 1 if bool((tile_of[b] >= 0).any()) else 0):
                 where = tile_of[b] == tile
-                key = (int(h[b][where].min()), int(w[b][where].min()), int(h[b][where].max()), int(w[b][where].max()),
-                       int(t[b][where].min()))
-                same_clip = prev is not None and key[:4] == prev[:4] and key[4] > prev[4]
+                key = (bool(video[b][where].all()), int(where.sum()), int(t[b][where].min()))
+                same_clip = prev is not None and key[0] and prev[0] and key[1] == prev[1] and key[2] > prev[2]
                 count = count + 1 if same_clip else 0
                 frame[b, where] = count
                 prev = key

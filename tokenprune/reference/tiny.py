@@ -9,6 +9,8 @@ TINY_IMAGE_TOKEN = 127
 TINY_VOCAB = 128
 TINY_PAD, TINY_BOS, TINY_EOS = 0, 1, 2
 TINY_VIDEO_TOKEN, TINY_VISION_START, TINY_VISION_END = 126, 124, 125
+#: first of the tokens standing for Qwen3-VL's per-frame timestamps (``<0.0 seconds>``, ...) in tiny video inputs
+TINY_TIMESTAMP = 100
 
 
 def _for_tests(model: nn.Module) -> nn.Module:
@@ -213,7 +215,10 @@ def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None =
 
     ``videos[b]`` = (t, h, w): sample b holds a video of t frames (a multiple of the tower's temporal patch, 2)
     instead of its image — ``<video>`` x (t/2 · h·w/4) placeholders, ``pixel_values_videos``, ``video_grid_thw``
-    (t/2, h, w) and type 2 in ``mm_token_type_ids``; ``second_per_grid_ts`` (1.0 each) for Qwen2.5-VL.
+    (t/2, h, w) and type 2 in ``mm_token_type_ids``; ``second_per_grid_ts`` (1.0 each) for Qwen2.5-VL. Qwen3-VL and
+    Qwen3.5 lay a video out as their processor does: each frame (temporal patch) its own ``<vision_start>``,
+    placeholders, ``<vision_end>``, after a timestamp token (``TINY_TIMESTAMP + frame``: the stand-in for
+    ``<k.0 seconds>``).
     """
     cfg = model.config
     v = cfg.vision_config
@@ -233,8 +238,13 @@ def tiny_qwen2_vl_inputs(model: nn.Module, grids: list[tuple[int, int]] | None =
         if h % merge or w % merge:
             raise ValueError(f"grid {(h, w)} must be divisible by the merge size {merge}")
         out.append(thw)
-        n = thw[0] * h * w // merge ** 2
-        rows.append([TINY_BOS, 5, TINY_VISION_START] + [token] * n + [TINY_VISION_END] + list(q))
+        per_frame = h * w // merge ** 2
+        if clip is not None and cfg.model_type in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
+            body = [x for k in range(thw[0])
+                    for x in [TINY_TIMESTAMP + k, TINY_VISION_START] + [token] * per_frame + [TINY_VISION_END]]
+            rows.append([TINY_BOS, 5] + body + list(q))
+            continue
+        rows.append([TINY_BOS, 5, TINY_VISION_START] + [token] * (thw[0] * per_frame) + [TINY_VISION_END] + list(q))
     input_ids, attention_mask = left_pad(rows)
     gen = torch.Generator().manual_seed(seed)
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2

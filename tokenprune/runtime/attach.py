@@ -223,7 +223,7 @@ class AttachedPipeline:
         raster index within its frame's tile."""
         if ep.frame_of is None:
             tile_of, _ = self.tiles(ep)
-            frame = self.adapter.position_frames(ep.visual, ep.rope_prefill, tile_of)
+            frame = self.adapter.position_frames(ep.visual, ep.rope_prefill, tile_of, ep.video)
             ep.frame_of = frame if frame is not None else torch.where(tile_of >= 0, 0, -1)
             ep.cell_of = tile_cells(tile_of)
         return ep.frame_of, ep.cell_of
@@ -266,6 +266,7 @@ class AttachedPipeline:
                 mask = kwargs.get("attention_mask")
                 valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(visual)
                 ep = Episode(cache, visual, valid, first_cache_layer=self.adapter.attending_layers()[0])
+                ep.video = self.adapter.video_mask(input_ids)
                 ep.grids = self.adapter.visual_grids(kwargs, visual)
                 ep.blocks = self.adapter.attention_blocks(kwargs)
                 if self._guide is not None:

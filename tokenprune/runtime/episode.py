@@ -143,6 +143,7 @@ class Episode:
     patch_of: torch.Tensor | None = None  # (B, N) row of each visual token in the vision features
     tile_of: torch.Tensor | None = None  # (B, N) tile of each visual token (-1: none), for per-tile budgets
     tile_grids: list[list[tuple[int, int]]] | None = None  # per sample, (rows, cols) of each tile
+    video: torch.Tensor | None = None  # (B, N) bool: video placeholders (None: the family takes no videos)
     frame_of: torch.Tensor | None = None  # (B, N) frame of each visual token within its clip (0: an image), -1: none
     cell_of: torch.Tensor | None = None  # (B, N) raster index of each visual token within its tile, -1: none
     guide: Any = None  # (queries, heads) -> (B, N) attention of the guide model, run on first use
