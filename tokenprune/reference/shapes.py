@@ -103,11 +103,12 @@ def shape_mask(shape: Shape) -> tuple[np.ndarray, int, int]:
     return m, shape.cy - s // 2, shape.cx - s // 2
 
 
-def _background(rng: Rng) -> np.ndarray:
+def background(rng: Rng, size: int = SIZE) -> np.ndarray:
+    """(size, size, 3) int32: a plain grey, or faintly textured, background drawn from ``rng``."""
     base = np.array([rng.between(20, 70)] * 3, dtype=np.int32)
-    img = np.broadcast_to(base, (SIZE, SIZE, 3)).copy()
+    img = np.broadcast_to(base, (size, size, 3)).copy()
     if rng.chance(0.5):  # texture: faint diagonal stripes or a checkerboard
-        y, x = np.mgrid[0:SIZE, 0:SIZE]
+        y, x = np.mgrid[0:size, 0:size]
         period = rng.between(8, 24)
         pattern = ((x + y) // period) % 2 if rng.chance(0.5) else ((x // period) + (y // period)) % 2
         img += (pattern[..., None] * rng.between(6, 18)).astype(np.int32)
@@ -132,14 +133,19 @@ def _place(rng: Rng, n: int, kinds: tuple[str, ...] = KINDS, sizes: tuple[int, i
     return shapes
 
 
-def render(shapes: list[Shape], rng: Rng) -> np.ndarray:
-    """(336, 336, 3) uint8 image of ``shapes`` on a background drawn from ``rng``."""
-    img = _background(rng)
+def paint(img: np.ndarray, shapes: list[Shape]) -> np.ndarray:
+    """``shapes`` drawn over a copy of ``img`` (a :func:`background`), as uint8."""
+    img = img.copy()
     for sh in shapes:
         m, top, left = shape_mask(sh)
         region = img[top:top + sh.size, left:left + sh.size]
         region[m] = COLORS[sh.color]
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render(shapes: list[Shape], rng: Rng) -> np.ndarray:
+    """(336, 336, 3) uint8 image of ``shapes`` on a background drawn from ``rng``."""
+    return paint(background(rng), shapes)
 
 
 def _unique(shapes: list[Shape]) -> list[Shape]:
