@@ -229,21 +229,30 @@ def iter_items(seed: str, n: int | None = None) -> Iterator[dict]:
         i += 1
 
 
+def load_items(name: str, seed: int | str, size: int | None, iterate, seeds: dict[str, str], sizes: dict[str, int],
+               train_prefix: str) -> list[dict] | Iterator[dict]:
+    """Split ``name`` of a benchmark whose items ``iterate(seed_string, n)`` draws: a fixed split (``seeds``,
+    ``sizes``) as a list, ``train`` as an endless iterator from ``f"{train_prefix}-{seed}"`` (or ``size`` items)."""
+    if name == "train":
+        return iterate(f"{train_prefix}-{seed}", size)
+    if name not in sizes:
+        raise ValueError(f"split {name!r}; allowed: train, {', '.join(sizes)}")
+    return list(iterate(seeds[name], sizes[name] if size is None else size))
+
+
 def load_split(name: str, seed: int | str = 0, size: int | None = None) -> list[dict] | Iterator[dict]:
     """The items of split ``name``: ``test`` (1000, fixed) and ``val`` (500, fixed) as lists; ``train``
     as an endless iterator drawn from ``seed`` (or ``size`` items), disjoint from the fixed splits."""
-    if name == "train":
-        return iter_items(f"shapes-train-{seed}", size)
-    if name not in SPLIT_SIZES:
-        raise ValueError(f"split {name!r}; allowed: train, {', '.join(SPLIT_SIZES)}")
-    return list(iter_items(_SPLIT_SEEDS[name], SPLIT_SIZES[name] if size is None else size))
+    return load_items(name, seed, size, iter_items, _SPLIT_SEEDS, SPLIT_SIZES, "shapes-train")
 
 
 def digest(items: list[dict]) -> str:
-    """sha256 over every item's pixels, question, answer and type (what makes a split the same split)."""
+    """sha256 over every item's pixels (its image, or each frame of its ``video``), question, answer and type (what
+    makes a split the same split)."""
     h = hashlib.sha256()
     for it in items:
-        h.update(np.asarray(it["image"], dtype=np.uint8).tobytes())
+        for frame in it["video"] if "video" in it else [it["image"]]:
+            h.update(np.asarray(frame, dtype=np.uint8).tobytes())
         h.update(f"\0{it['question']}\0{it['answer']}\0{it['type']}\0".encode())
     return h.hexdigest()
 

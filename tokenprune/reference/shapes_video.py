@@ -23,13 +23,21 @@ every answer against the pixels of its frames).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
-import numpy as np
 from PIL import Image
 
-from tokenprune.reference.shapes import COLORS, KINDS, Rng, Shape, background, paint, score
+from tokenprune.reference.shapes import (
+    COLORS,
+    KINDS,
+    Rng,
+    Shape,
+    background,
+    digest,
+    load_items,
+    paint,
+    score,
+)
 
 __all__ = ["FRAMES", "SIZE", "SPLIT_SIZES", "TYPES", "digest", "iter_items", "load_split", "make_item", "score"]
 
@@ -169,18 +177,4 @@ def iter_items(seed: str, n: int | None = None) -> Iterator[dict]:
 def load_split(name: str, seed: int | str = 0, size: int | None = None) -> list[dict] | Iterator[dict]:
     """The items of split ``name``: ``test`` (500, fixed) and ``val`` (200, fixed) as lists; ``train`` as an
     endless iterator drawn from ``seed`` (or ``size`` items), disjoint from the fixed splits."""
-    if name == "train":
-        return iter_items(f"shapes-video-train-{seed}", size)
-    if name not in SPLIT_SIZES:
-        raise ValueError(f"split {name!r}; allowed: train, {', '.join(SPLIT_SIZES)}")
-    return list(iter_items(_SPLIT_SEEDS[name], SPLIT_SIZES[name] if size is None else size))
-
-
-def digest(items: list[dict]) -> str:
-    """sha256 over every item's frames, question, answer and type (what makes a split the same split)."""
-    h = hashlib.sha256()
-    for it in items:
-        for frame in it["video"]:
-            h.update(np.asarray(frame, dtype=np.uint8).tobytes())
-        h.update(f"\0{it['question']}\0{it['answer']}\0{it['type']}\0".encode())
-    return h.hexdigest()
+    return load_items(name, seed, size, iter_items, _SPLIT_SEEDS, SPLIT_SIZES, "shapes-video-train")
