@@ -474,3 +474,64 @@ def kmeans_centres(x: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Ten
     assign = remap[labels]
     assign[centre] = torch.arange(centre.numel(), device=x.device)
     return centre, assign
+
+
+@register_operator("grid_pool")
+class GridPool(Merger):
+    """Average pooling of the visual grid: each ``size`` x ``size`` block of a tile's tokens becomes one token,
+    the block's mean (its top-left token carries it, with the block's size) — the plain downsampling baseline
+    that VTC-Bench (Liao et al., ACL 2026) and UniPruneBench found hardest to beat. Blocks at a grid's right and
+    bottom edges hold what is left (a 3x5 grid pooled by 2 gives 2x3 tokens). Every tile is pooled on its own
+    grid (LLaVA-NeXT's base tile and crops, InternVL's tiles, each video frame; a single-image family's image);
+    visual tokens in no tile (LLaVA-NeXT's newlines) stay. With ``positions: renumber`` the pooled tokens sit on a
+    grid ``size`` times smaller, as a pooled image's would. The stage takes no scorer or selector.
+    """
+
+    selects = True
+    needs_tiles = True
+
+    @dataclass
+    class Params:
+        size: int = 2  # side of a pooled block, in tokens
+
+        def __post_init__(self) -> None:
+            if self.size < 1:
+                raise ParamError("size", f"must be >= 1, got {self.size}")
+
+    def expected_kept_in_grid(self, rows: int, cols: int) -> int:
+        k = self.params.size
+        return -(-rows // k) * -(-cols // k)
+
+    def expected_kept(self, num_visual: int) -> int:
+        side = int(round(num_visual ** 0.5))
+        if side * side != num_visual:
+            raise NotImplementedError(f"grid_pool needs the grid shape for {num_visual} visual tokens (not a square)")
+        return self.expected_kept_in_grid(side, side)
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.tiles is None or state.tile_grids is None:
+            raise RuntimeError("grid_pool needs the tokens' tiles (the runtime sets state.tiles)")
+        k = self.params.size
+        hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            keep[b] |= vis & (state.tiles[b] < 0)
+            for t, (rows, cols) in enumerate(state.tile_grids[b]):
+                idx = torch.nonzero(vis & (state.tiles[b] == t)).squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                if idx.numel() != rows * cols:
+                    raise ValueError(f"grid_pool: sample {b}'s tile {t} holds {idx.numel()} of its {rows}x{cols} "
+                                     "tokens (an earlier stage removed some); pool whole grids")
+                r = torch.arange(rows * cols, device=idx.device) // cols
+                c = torch.arange(rows * cols, device=idx.device) % cols
+                block = (r // k) * (-(-cols // k)) + c // k  # each token's block, in raster order of blocks
+                first = torch.full((int(block.max()) + 1,), rows * cols, dtype=torch.long, device=idx.device)
+                first = first.scatter_reduce(0, block, torch.arange(rows * cols, device=idx.device), "amin")
+                targets = idx[first]  # each block's top-left token
+                others = first[block] != torch.arange(rows * cols, device=idx.device)
+                merge_into(hidden[b], sizes[b], targets, idx[others], block[others], state.merge_record(b))
+                keep[b, targets] = True
+        state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
+        return state

@@ -56,6 +56,8 @@ class TokenOperator(nn.Module):
     needs_grid: ClassVar[bool] = False
     #: True for operators that read the video structure of the tokens (``state.frames``, ``state.cells``).
     needs_frames: ClassVar[bool] = False
+    #: True for operators that read each token's tile (``state.tiles``, ``state.tile_grids``) in any stage.
+    needs_tiles: ClassVar[bool] = False
     #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
     min_layer: ClassVar[int] = 0
 

@@ -89,7 +89,8 @@ class CrossAttentionRuntime(SiteRuntime):
                                                                    ep.valid, allowed))
         self.attached.cross_vision_signals(state)
         frames = any(getattr(op, "needs_frames", False) for op in self.stage.operators)
-        if self.stage.budget == "per_tile" or frames:
+        tiles = frames or any(getattr(op, "needs_tiles", False) for op in self.stage.operators)
+        if self.stage.budget == "per_tile" or tiles:
             tile_of, state.tile_grids = self.adapter.feature_tiles(b, m)
             state.tiles = tile_of.to(hidden.device)
         if frames:  # images only: every tile is a first frame

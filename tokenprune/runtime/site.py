@@ -109,7 +109,8 @@ class SiteRuntime:
             protected_mask=protected,
         )
         frames = any(getattr(op, "needs_frames", False) for op in self.stage.operators)
-        if self.stage.budget == "per_tile" or frames:
+        tiles = frames or any(getattr(op, "needs_tiles", False) for op in self.stage.operators)
+        if self.stage.budget == "per_tile" or tiles:
             tile_of, state.tile_grids = self.attached.tiles(ep)
             state.tiles = torch.where(live, tile_of.gather(1, cur), -1)
         if frames:
