@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenprune.core.attention import QUERY_SETS
+from tokenprune.core.attention import QUERY_SETS, query_rows
 from tokenprune.core.budget import check_keep, keep_top_visual, rank_within_visual, resolve_keep
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.operator import FeatureKind, FeatureUser, ParamError, Selector
@@ -419,3 +419,87 @@ class TemporalWindows(FeatureUser, Selector):
                 order = torch.sort(sim, stable=True).indices  # least similar first
                 keep[b, mine[order[:count]]] = True
         return keep
+
+
+@register_operator("dpp")
+class ConditionalDPP(FeatureUser, Selector):
+    """CDPruner's selection (Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token
+    Pruning in MLLMs", NeurIPS 2025): the ``keep`` visual tokens of a determinantal point process's greedy MAP
+    (Chen et al., "Fast Greedy MAP Inference for Determinantal Point Process to Improve Recommendation Diversity",
+    NeurIPS 2018) over the conditional kernel ``L = diag(r) S diag(r)``: ``S`` the cosine similarities of the visual
+    tokens' ``features``, ``r`` each token's relevance to the instruction. Greedy MAP adds, one at a time, the token
+    whose conditional variance given those chosen is largest (a Cholesky row per pick), so a near-duplicate of a
+    chosen token is not chosen while a distinct one is left.
+
+    Relevance, as the public code computes it: the mean over the instruction tokens (the text after the image) of
+    the cosine between a visual token and an instruction token, negated (``relevance: dissimilar``, the code's
+    choice; ``similar`` keeps the sign), then min-max normalised over the sample's visual tokens to (0, 1]. The code
+    compares CLIP's image and text embeddings (its text encoder reads the instruction); tokenprune has no text
+    encoder beside the LLM, so here the two sides are the hidden states entering the site (before the LLM: the
+    projected visual tokens and the instruction's word embeddings). ``condition: none`` is the plain DPP on ``S``.
+    """
+
+    needs_scores = False
+
+    @dataclass
+    class Params:
+        keep: float | int = 0.111  # visual tokens kept: a fraction or a count (the paper's 64 of 576)
+        features: FeatureKind = "hidden"  # what the similarity kernel compares
+        condition: str = "instruction"  # "instruction": CDPruner's relevance; "none": a plain DPP
+        relevance: str = "dissimilar"  # the public code's negated cosine, or "similar"
+
+        def __post_init__(self) -> None:
+            check_keep(self.keep)
+            if self.condition not in ("instruction", "none"):
+                raise ParamError("condition", f"got {self.condition!r}; allowed: instruction, none")
+            if self.relevance not in ("dissimilar", "similar"):
+                raise ParamError("relevance", f"got {self.relevance!r}; allowed: dissimilar, similar")
+
+    def expected_kept(self, num_visual: int) -> int:
+        return resolve_keep(self.params.keep, num_visual)
+
+    def relevance(self, state: TokenState, b: int, vis: torch.Tensor) -> torch.Tensor:
+        """(V,) relevance of sample ``b``'s visual tokens ``vis`` to its instruction, in (0, 1]."""
+        if self.params.condition == "none":
+            return torch.ones(vis.numel(), device=vis.device)
+        text = query_rows("instruction", state.visual_mask[b], state.valid_mask[b])
+        if text.numel() == 0:
+            return torch.ones(vis.numel(), device=vis.device)
+        h = F.normalize(state.hidden[b].float(), dim=-1)
+        rel = (h[vis] @ h[text].T).mean(1)
+        if self.params.relevance == "dissimilar":
+            rel = -rel
+        span = rel.max() - rel.min()
+        return (rel - rel.min() + 1e-6) / span if float(span) > 0 else torch.ones_like(rel)
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        feats = F.normalize(state.signals.features(self.params.features).float(), dim=-1).to(state.visual_mask.device)
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b]).squeeze(1)
+            k = min(resolve_keep(self.params.keep, vis.numel()), vis.numel())
+            if k == 0:
+                continue
+            r = self.relevance(state, b, vis)
+            kernel = r[:, None] * (feats[b, vis] @ feats[b, vis].T) * r[None, :]
+            keep[b, vis[greedy_map(kernel, k)]] = True
+        return keep
+
+
+def greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """(k,) indices a DPP with kernel ``kernel`` (V, V) picks by greedy MAP inference (Chen et al. 2018): each step the
+    item with the largest remaining conditional variance ``d_i²`` (ties: the first), whose new Cholesky row ``e``
+    updates the others' ``d² -= e²``; an item whose variance is exhausted (a duplicate) is taken only when nothing
+    else is left."""
+    v = kernel.shape[0]
+    rows = torch.zeros(k, v, dtype=kernel.dtype, device=kernel.device)
+    d2 = torch.diagonal(kernel).clone()
+    picked = torch.empty(k, dtype=torch.long, device=kernel.device)
+    for i in range(k):
+        j = int(torch.argmax(d2))
+        picked[i] = j
+        e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(d2[j].clamp_min(1e-12))
+        rows[i] = e
+        d2 = d2 - e * e
+        d2[picked[:i + 1]] = float("-inf")
+    return picked
