@@ -283,3 +283,19 @@ def test_qwen_vision_keys_are_the_patch_keys_averaged_per_merged_token(qwen_deep
     want = units.mean(1)
     visual = batch["input_ids"] == sdpa.config.image_token_id
     assert torch.allclose(torch.cat([keys[b][visual[b]].flatten(1) for b in range(2)]), want, atol=1e-5)
+
+
+def test_fastervlm_keeps_the_top_of_the_eager_towers_cls_row(llava_pair, batch):
+    """The ``fastervlm`` preset keeps the visual tokens whose patches the eager tower's [CLS] row ranks highest at
+    layer -2 (heads averaged): round(0.1 x 64) = 6 per sample, every text token kept."""
+    att = eager_tower(llava_pair, batch).attentions[-2][:, :, 0, 1:].float().mean(1)  # (B, 64)
+    pipe = tp.load_pipeline("fastervlm")
+    with torch.no_grad(), pipe.attach(llava_pair["sdpa"]):
+        llava_pair["sdpa"](**batch)
+    visual = batch["input_ids"] == llava_pair["sdpa"].config.image_token_id
+    for b in range(2):
+        idx = visual[b].nonzero().flatten()
+        top = idx[att[b].argsort(descending=True, stable=True)[:6]].tolist()
+        kept = pipe.trace[0].kept[b]
+        assert sorted(i for i in kept if visual[b, i]) == sorted(top)
+        assert len(kept) == int(batch["attention_mask"][b].sum()) - 64 + 6
