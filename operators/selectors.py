@@ -503,3 +503,59 @@ def greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
         d2 = d2 - e * e
         d2[picked[:i + 1]] = float("-inf")
     return picked
+
+
+@register_operator("important_diverse")
+class ImportantDiverse(FeatureUser, Selector):
+    """VisPruner's selection (Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token
+    Pruning in VLMs", ICCV 2025), as its public code does it: of the ``keep`` tokens, the ``important`` share are the
+    highest-scoring (the stage's scorer: the vision tower's [CLS] attention in the ``vispruner`` preset); the rest are
+    diverse ones, left by removing duplicates from the other tokens in rounds: the remaining tokens, in score order,
+    split alternately into A and B; each A token's largest cosine similarity (of ``features``) to a B token; the ``step``
+    A tokens with the largest drop out; the kept A tokens (most similar first) then the B tokens are the next round's
+    order — until as many remain as the budget leaves.
+
+    Deviations: the code compares the vision tower's output features (before the projector); ``features: hidden``
+    compares the tokens entering the site (before the LLM: after the projector), ``vision_keys`` the tower's keys. A
+    round drops at most all of A (the code's indexing fails when ``step`` exceeds it, which its budgets never reach).
+    """
+
+    @dataclass
+    class Params:
+        keep: float | int = 0.111  # visual tokens kept: a fraction or a count
+        important: float = 0.5  # share of them chosen by score (the code's important_ratio)
+        step: int = 8  # A tokens dropped per round
+        features: FeatureKind = "hidden"  # what the duplicate test compares
+
+        def __post_init__(self) -> None:
+            check_keep(self.keep)
+            if not 0.0 <= self.important <= 1.0:
+                raise ParamError("important", f"must lie in [0, 1], got {self.important}")
+            if self.step < 1:
+                raise ParamError("step", f"must be >= 1, got {self.step}")
+
+    def expected_kept(self, num_visual: int) -> int:
+        return resolve_keep(self.params.keep, num_visual)
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        scores = state.score_set()
+        feats = F.normalize(state.signals.features(self.params.features).float(), dim=-1).to(state.visual_mask.device)
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b]).squeeze(1)
+            total = min(resolve_keep(self.params.keep, vis.numel()), vis.numel())
+            order = vis[torch.argsort(scores[b, vis].float().to(vis.device), descending=True, stable=True)]
+            n_imp = int(total * self.params.important)
+            diverse = total - n_imp
+            rest = order[n_imp:]
+            while diverse > 0 and rest.numel() > diverse:
+                a, bset = rest[0::2], rest[1::2]
+                r = min(self.params.step, rest.numel() - diverse, a.numel())
+                sim = (feats[b, a] @ feats[b, bset].T).max(dim=1).values if bset.numel() else \
+                    torch.zeros(a.numel(), device=a.device)
+                stay = a[torch.argsort(sim, descending=True, stable=True)[r:]]
+                rest = torch.cat([stay, bset])
+            keep[b, order[:n_imp]] = True
+            if diverse > 0:
+                keep[b, rest] = True
+        return keep

@@ -55,3 +55,31 @@ def test_the_instruction_conditions_the_choice():
     assert dpp(keep=1, relevance="similar").select(state)[0].tolist() == [True, False, False, False, True, True]
     assert dpp(keep=2, relevance="similar").select(state)[0, 1:5].tolist() == [True, False, False, True]
     assert dpp(keep=2, relevance="dissimilar").select(state)[0, 1:5].tolist() == [True, False, True, False]
+
+
+def important_diverse(**params):
+    cls = registered_operators()["important_diverse"]
+    return cls(cls.parse_params(params))
+
+
+def test_important_diverse_by_hand():
+    """Eight visual tokens scored 8..1 and a budget of 4: the two highest (0, 1) by score; the other six in score
+    order 2..7 lose round one's A tokens (2, 4, 6: step 8 capped at A's three), leaving 3, 5, 7; round two splits
+    them into A = 3, 7 and B = 5 and drops the A token most like a B token: 3 (a copy of 5). Kept: 0, 1, 5, 7."""
+    e = torch.eye(4)
+    feats = [e[2], e[2], e[3], e[0], e[3], e[0], e[3], e[1]]
+    state = TokenState.from_tensors(torch.stack(feats)[None], torch.ones(1, 8, dtype=torch.bool), layer=0)
+    state.scores = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
+    keep = important_diverse(keep=4, important=0.5).select(state)[0]
+    assert keep.nonzero().flatten().tolist() == [0, 1, 5, 7]
+
+
+def test_important_diverse_keeps_the_budget_and_the_top_scores():
+    g = torch.Generator().manual_seed(1)
+    for v, keep, share in [(40, 10, 0.5), (33, 7, 0.3), (20, 20, 0.5), (16, 3, 1.0)]:
+        state = TokenState.from_tensors(torch.randn(1, v, 5, generator=g), torch.ones(1, v, dtype=torch.bool), layer=0)
+        state.scores = torch.randn(1, v, generator=g)
+        kept = important_diverse(keep=keep, important=share).select(state)[0]
+        assert int(kept.sum()) == keep
+        top = state.scores[0].argsort(descending=True)[:int(keep * share)]
+        assert bool(kept[top].all())
