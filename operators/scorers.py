@@ -339,13 +339,9 @@ class TemporalChange(FeatureUser, Scorer):
             later = vis[state.frames[b, vis] > 0]
             if later.numel() == 0:
                 continue
-            # where each (tile, cell) sits now; a token's predecessor is (its tile - 1, its cell)
-            slot = {(int(t), int(c)): i for i, t, c in zip(vis.tolist(), state.tiles[b, vis].tolist(),
-                                                           state.cells[b, vis].tolist())}
-            for i in later.tolist():
-                j = slot.get((int(state.tiles[b, i]) - 1, int(state.cells[b, i])))
-                if j is not None:
-                    out[b, i] = 1.0 - float(feats[b, i] @ feats[b, j])
+            prev = state.same_cell(b, 1)  # the same cell of the previous frame, where it is left
+            later = later[prev[later] >= 0]
+            out[b, later] = 1.0 - (feats[b, later] * feats[b, prev[later]]).sum(-1)
         return out
 
 

@@ -400,8 +400,7 @@ class TemporalWindows(FeatureUser, Selector):
         keep = ~state.visual_mask.clone()
         for b in range(state.batch_size):
             vis = torch.nonzero(state.visual_mask[b] & state.valid_mask[b]).squeeze(1)
-            slot = {(int(t), int(c)): i for i, t, c in zip(vis.tolist(), state.tiles[b, vis].tolist(),
-                                                           state.cells[b, vis].tolist())}
+            refs = {back: state.same_cell(b, back) for back in set(self.REFERENCE.values())}
             for tile in state.tiles[b, vis].unique().tolist():
                 mine = vis[state.tiles[b, vis] == tile]
                 frame = int(state.frames[b, mine[0]]) if mine.numel() else -1
@@ -411,11 +410,9 @@ class TemporalWindows(FeatureUser, Selector):
                     continue
                 rows, cols = state.tile_grids[b][tile]
                 count = int(self.params.keep * rows * cols)
+                ref = refs[back][mine]  # the reference frame's token at each cell, -1: gone
                 sim = torch.full((mine.numel(),), float("-inf"), device=keep.device)
-                for k, i in enumerate(mine.tolist()):
-                    j = slot.get((tile - back, int(state.cells[b, i])))
-                    if j is not None:
-                        sim[k] = feats[b, i] @ feats[b, j]
+                sim[ref >= 0] = (feats[b, mine[ref >= 0]] * feats[b, ref[ref >= 0]]).sum(-1)
                 order = torch.sort(sim, stable=True).indices  # least similar first
                 keep[b, mine[order[:count]]] = True
         return keep

@@ -32,6 +32,22 @@ def sample_alone(family: str, batch: dict, b: int) -> dict:
     return out
 
 
+def assert_sdpa_matches_eager(family: str, batch: dict, make_pipe, steps: int = 3) -> None:
+    """Oracle 4: the pipeline ``make_pipe()`` keeps the same tokens under SDPA and under eager attention, and
+    ``generate()`` gives the same tokens and logits (to 1e-4)."""
+    results = {}
+    for impl in ("sdpa", "eager"):
+        model, pipe = pair(family)[impl], make_pipe()
+        with torch.no_grad(), pipe.attach(model):
+            gen = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        results[impl] = (pipe.trace[0].kept, gen)
+    assert results["sdpa"][0] == results["eager"][0]
+    assert torch.equal(results["sdpa"][1].sequences, results["eager"][1].sequences)
+    for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 def _llava_images(batch, b):
     return {"pixel_values": batch["pixel_values"][b:b + 1]}
 

@@ -3,7 +3,7 @@ LLaVA-OneVision, InternVL, Qwen3-VL, Gemma 3), against the independent masked ea
 
 import pytest
 import torch
-from families import inputs, pair, sample_alone
+from families import assert_sdpa_matches_eager, inputs, pair, sample_alone
 from reference import fastv_reference_kept, reference_greedy, reference_prefill_logits
 
 import tokenprune as tp
@@ -96,17 +96,7 @@ def test_batch_with_different_visual_counts_equals_each_sample_alone(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sdpa_and_eager_agree(family):
     """Oracle 4."""
-    batch = inputs(family)
-    results = {}
-    for impl in ("sdpa", "eager"):
-        pipe = attention_topk(keep=0.25)
-        with torch.no_grad(), pipe.attach(pair(family)[impl]):
-            gen = generate(pair(family)[impl], batch, output_logits=True, return_dict_in_generate=True)
-        results[impl] = (pipe.trace[0].kept, gen)
-    assert results["sdpa"][0] == results["eager"][0]
-    assert torch.equal(results["sdpa"][1].sequences, results["eager"][1].sequences)
-    for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits):
-        assert torch.allclose(a, b, atol=1e-4)
+    assert_sdpa_matches_eager(family, inputs(family), lambda: attention_topk(keep=0.25), STEPS)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl"])

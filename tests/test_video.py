@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from families import pair
+from families import assert_sdpa_matches_eager, pair
 from reference import reference_greedy, reference_prefill_logits
 
 import tokenprune as tp
@@ -123,17 +123,7 @@ def test_batch_equals_each_sample_alone(family, kind, budget):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sdpa_and_eager_agree(family):
     """Oracle 4."""
-    batch = batch_of(family, "two clips")
-    results = {}
-    for impl in ("sdpa", "eager"):
-        pipe = fastv(keep=0.25, family=family)
-        with torch.no_grad(), pipe.attach(pair(family)[impl]):
-            gen = generate(pair(family)[impl], batch, output_logits=True, return_dict_in_generate=True)
-        results[impl] = (pipe.trace[0].kept, gen)
-    assert results["sdpa"][0] == results["eager"][0]
-    assert torch.equal(results["sdpa"][1].sequences, results["eager"][1].sequences)
-    for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits):
-        assert torch.allclose(a, b, atol=1e-4)
+    assert_sdpa_matches_eager(family, batch_of(family, "two clips"), lambda: fastv(keep=0.25, family=family), STEPS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -661,7 +661,7 @@ class ModelAdapter:
         return None
 
 
-def sample_rows(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
+def _rows_of(t: torch.Tensor, sample: int, batch: int) -> torch.Tensor:
     """Rows of a batch-first tensor for ``batch`` samples starting at ``sample`` (a batch of 1 broadcasts)."""
     return t if t.shape[0] == 1 else t[sample:sample + batch]
 
@@ -686,17 +686,22 @@ class LlamaStyleAdapter(ModelAdapter):
             q = gather_tokens(projected, rows)
         else:
             q = attn.q_proj(block.input_layernorm(gather_tokens(hidden, rows)))  # per-token norm: the rows only
-        q = q.view(b, rows.shape[1], -1, attn.head_dim)
+        q = self.query_heads(attn, q)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
         if rotary:
-            cos, sin = (gather_tokens(sample_rows(t, sample, b), rows) for t in position_embeddings)
+            cos, sin = (gather_tokens(_rows_of(t, sample, b), rows) for t in position_embeddings)
             q = apply_rope(q, cos, sin)
         return q
 
+    def query_heads(self, attn: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+        """(B, Q, H, hd) queries from the query projection's output (B, Q, width) of attention module ``attn``."""
+        return projected.view(*projected.shape[:2], -1, attn.head_dim)
+
     def query_projection(self, layer):
-        return self.layers[layer].self_attn.q_proj
+        attn = getattr(self.layers[layer], "self_attn", None)  # none in a linear-attention layer
+        return None if attn is None else attn.q_proj
 
     def project_keys(self, layer, hidden, position_embeddings, *, rotary=True):
         block = self.layers[layer]

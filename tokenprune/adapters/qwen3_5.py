@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from tokenprune.adapters.base import apply_rope, sample_rows
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
-from tokenprune.core.masks import expand_batch, gather_tokens
 
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
@@ -31,41 +30,6 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     model_types = ("qwen3_5", "qwen3_5_moe")
     family = "Qwen3.5"
 
-    def query_projection(self, layer: int) -> nn.Module | None:
-        return None if layer in self.recurrent_layers else self.layers[layer].self_attn.q_proj
-
-    def project_queries(self, layer, hidden, position_embeddings, rows, *, rotary=True, sample=0, projected=None):
-        block = self.layers[layer]
-        attn = block.self_attn
-        b = hidden.shape[0]
-        if projected is None:
-            projected = attn.q_proj(block.input_layernorm(gather_tokens(hidden, rows)))  # per-token: the rows only
-        else:
-            projected = gather_tokens(projected, rows)
-        # each head's [query | output gate]: the query is the first head_dim of its 2 x head_dim
-        q = projected.view(b, rows.shape[1], -1, 2 * attn.head_dim)[..., :attn.head_dim]
-        q = attn.q_norm(q).transpose(1, 2)
-        if rotary:
-            cos, sin = (gather_tokens(sample_rows(t, sample, b), rows) for t in position_embeddings)
-            q = apply_rope(q, cos, sin)
-        return q
-
-    def project_keys(self, layer, hidden, position_embeddings, *, rotary=True):
-        block = self.layers[layer]
-        attn = block.self_attn
-        b, n, _ = hidden.shape
-        k = attn.k_norm(attn.k_proj(block.input_layernorm(hidden)).view(b, n, -1, attn.head_dim)).transpose(1, 2)
-        if rotary:
-            cos, sin = (expand_batch(t, b) for t in position_embeddings)
-            k = apply_rope(k, cos, sin)
-        return k
-
-    def sliding_window(self, layer: int) -> int | None:
-        return None
-
-    def cached_keys(self, cache, layer):
-        return None if layer in self.recurrent_layers else super().cached_keys(cache, layer)
-
-    def cached_values(self, cache, layer):
-        return None if layer in self.recurrent_layers else super().cached_values(cache, layer)
-
+    def query_heads(self, attn: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+        """Each head's [query | output gate] side by side: the query is the first head_dim of its 2 x head_dim."""
+        return projected.view(*projected.shape[:2], -1, 2 * attn.head_dim)[..., :attn.head_dim]

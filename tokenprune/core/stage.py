@@ -170,6 +170,18 @@ class Stage(nn.Module):
             raise ConfigError(f"{self.key}.operators", f"a stage with scorers needs a selector after them; order is {ORDER_TEXT}")
 
     @property
+    def needs_frames(self) -> bool:
+        """Whether an operator reads the tokens' video frames and cells (``state.frames``, ``state.cells``)."""
+        return any(getattr(op, "needs_frames", False) for op in self.operators)
+
+    @property
+    def needs_tiles(self) -> bool:
+        """Whether the stage's tokens need their tiles (``state.tiles``): per-tile budgets, or an operator that reads
+        them or the frames."""
+        return self.budget == "per_tile" or self.needs_frames or any(getattr(op, "needs_tiles", False)
+                                                                       for op in self.operators)
+
+    @property
     def selector(self) -> TokenOperator:
         """The operator that decides how many tokens survive: the selector, or a selecting merger."""
         return next(op for op in self.operators if op.kind == "selector" or getattr(op, "selects", False))

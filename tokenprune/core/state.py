@@ -491,6 +491,19 @@ class TokenState:
         else:
             self.scores = s if self.scores is None else self.scores + s
 
+    def same_cell(self, sample: int, back: int) -> torch.Tensor:
+        """(N,) long: for each of ``sample``'s real visual tokens, the token at the same cell of the tile ``back``
+        tiles earlier (a clip's frames are consecutive tiles; ``cells``, ``tiles`` set), -1 where none is left."""
+        if self.tiles is None or self.cells is None:
+            raise RuntimeError("same_cell needs the tokens' tiles and cells (an operator declaring needs_frames)")
+        vis = torch.nonzero(self.visual_mask[sample] & self.valid_mask[sample] & (self.tiles[sample] >= 0)).squeeze(1)
+        tiles, cells = self.tiles[sample, vis].tolist(), self.cells[sample, vis].tolist()
+        slot = {(t, c): i for i, t, c in zip(vis.tolist(), tiles, cells)}
+        out = torch.full(self.visual_mask.shape[1:], -1, dtype=torch.long, device=self.visual_mask.device)
+        for i, t, c in zip(vis.tolist(), tiles, cells):
+            out[i] = slot.get((t - back, c), -1)
+        return out
+
     def merge_record(self, sample: int) -> torch.Tensor:
         """(N,) long row of ``merged_into`` for ``sample`` (created on first use, -1 = not merged); a merger
         writes, for each token it folds into another, that token's index."""

@@ -159,22 +159,28 @@ def word_tokenizer(vocab: dict[str, int], specials: list[str], pad: str, bos: st
     return fast
 
 
+def _tiny_vocab(spec: dict, pieces: list[str]) -> dict[str, int]:
+    """``tiny.TINY_VOCAB`` ids: the family's special tokens (``spec["fixed"]``) at the ids the tiny models' configs
+    name, ``pieces`` in the free ids in order, and placeholder names on the rest, so ids and vocabulary agree."""
+    fixed: dict[str, int] = dict(spec["fixed"])
+    free = (i for i in range(tiny.TINY_VOCAB) if i not in set(fixed.values()))
+    vocab = dict(fixed)
+    for w in pieces:
+        if w not in vocab:
+            vocab[w] = next(free)
+    for i in free:
+        vocab[f"<unused{i}>"] = i
+    return vocab
+
+
 def build_tokenizer(family: str):
     """A word-level tokenizer (:func:`word_tokenizer`) of ``tiny.TINY_VOCAB`` ids: the family's special tokens at
     the ids the tiny models' configs name, the benchmark's words and the template's role words in between, its
     chat template."""
     _check_family(family)
     spec = _SPECIALS[family]
-    fixed: dict[str, int] = dict(spec["fixed"])
-    free = (i for i in range(tiny.TINY_VOCAB) if i not in set(fixed.values()))
-    vocab = dict(fixed)
-    for w in ["<unk>"] + spec["other"] + benchmark_words():
-        if w not in vocab:
-            vocab[w] = next(free)
-    # the rest of the embedding table's ids get placeholder names, so ids and vocabulary agree
-    for i in free:
-        vocab[f"<unused{i}>"] = i
-    return word_tokenizer(vocab, list(fixed) + spec["other"], spec["pad"], spec["bos"], spec["eos"], spec["extra"],
+    vocab = _tiny_vocab(spec, ["<unk>"] + spec["other"] + benchmark_words())
+    return word_tokenizer(vocab, list(spec["fixed"]) + spec["other"], spec["pad"], spec["bos"], spec["eos"], spec["extra"],
                           spec["template"])
 
 
@@ -187,19 +193,12 @@ def byte_level_tokenizer(family: str):
     from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 
     spec = _SPECIALS[family]
-    fixed: dict[str, int] = dict(spec["fixed"])
-    free = (i for i in range(tiny.TINY_VOCAB) if i not in set(fixed.values()))
-    vocab = dict(fixed)
-    for w in spec["other"]:
-        vocab[w] = next(free)
-    for byte in [10, *range(32, 127)]:  # byte-level BPE's printable stand-ins: a space is "Ġ", a newline "Ċ"
-        vocab[_byte_char(byte)] = next(free)
-    for i in free:
-        vocab[f"<unused{i}>"] = i
+    # byte-level BPE's printable stand-ins: a space is "Ġ", a newline "Ċ"
+    vocab = _tiny_vocab(spec, spec["other"] + [_byte_char(byte) for byte in [10, *range(32, 127)]])
     tok = Qwen3_5Tokenizer(vocab=vocab, merges=[], unk_token=None, pad_token=spec["pad"], eos_token=spec["eos"],
                            bos_token=spec["bos"], padding_side="left", extra_special_tokens=dict(spec["extra"]))
     tok.add_special_tokens({"additional_special_tokens": [AddedToken(s, normalized=False, special=True)
-                                                          for s in [*fixed, *spec["other"]]]})
+                                                          for s in [*spec["fixed"], *spec["other"]]]})
     tok.chat_template = spec["template"]
     return tok
 

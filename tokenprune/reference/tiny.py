@@ -114,6 +114,14 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, version: s
     return _for_tests(model)
 
 
+def _qwen3_tower(depth: int, init_std: float, **extra) -> dict:
+    """The tiny Qwen3-VL-style tower's config (Qwen3-VL's and Qwen3.5's): patch 7, 2x2 merge, 2-frame temporal
+    patches, learned position embeddings of an 8x8 grid, width 32, output 64."""
+    return dict(depth=depth, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=7, spatial_merge_size=2,
+                temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=64,
+                initializer_range=init_std, **extra)
+
+
 def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,
                   vision_layers: int = 3, deepstack: tuple[int, ...] | None = None, moe: bool = False) -> nn.Module:
     """A ``Qwen3VLForConditionalGeneration``: a ``vision_layers``-block tower (patch 7, 2x2 merge, learned
@@ -138,10 +146,8 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", layers: int = 4, seed: int 
                 initializer_range=init_std, bos_token_id=TINY_BOS, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                  "mrope_interleaved": True})
-    vision = dict(depth=vision_layers, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=7,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
-                  num_position_embeddings=64, initializer_range=init_std,
-                  deepstack_visual_indexes=list(deepstack if deepstack is not None else range(vision_layers)))
+    vision = _qwen3_tower(vision_layers, init_std,
+                          deepstack_visual_indexes=list(deepstack if deepstack is not None else range(vision_layers)))
     config_cls, cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
     if moe:
         config_cls, cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
@@ -186,9 +192,7 @@ def tiny_qwen3_5(attn_implementation: str = "sdpa", layers: int = 8, seed: int =
                 eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                                  "mrope_interleaved": True, "partial_rotary_factor": 0.5})
-    vision = dict(depth=vision_layers, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=7,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
-                  num_position_embeddings=64, initializer_range=init_std)
+    vision = _qwen3_tower(vision_layers, init_std)
     config_cls, cls = Qwen3_5Config, Qwen3_5ForConditionalGeneration
     if moe:
         config_cls, cls = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration

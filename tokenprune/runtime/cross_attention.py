@@ -88,12 +88,10 @@ class CrossAttentionRuntime(SiteRuntime):
         state.signals = Signals(state, source=CrossAttentionSource(self.adapter, layer, hidden, image, ep.visual,
                                                                    ep.valid, allowed))
         self.attached.cross_vision_signals(state)
-        frames = any(getattr(op, "needs_frames", False) for op in self.stage.operators)
-        tiles = frames or any(getattr(op, "needs_tiles", False) for op in self.stage.operators)
-        if self.stage.budget == "per_tile" or tiles:
+        if self.stage.needs_tiles:
             tile_of, state.tile_grids = self.adapter.feature_tiles(b, m)
             state.tiles = tile_of.to(hidden.device)
-        if frames:  # images only: every tile is a first frame
+        if self.stage.needs_frames:  # images only: every tile is a first frame
             state.frames = torch.where(state.tiles >= 0, 0, -1)
             state.cells = tile_cells(state.tiles)
         state, ms, by_op = self.run_operators(state, hidden)

@@ -181,7 +181,7 @@ class KVCacheRuntime(SiteRuntime):
         counts = torch.tensor([resolve_keep(dec.keep, int(v)) for v in visual.sum(1).tolist()], device=index.device)
         keep = keep_top_visual(full.gather(1, index), visual, counts)
         if dec.mode == "mask":  # every entry stays in the cache; the others are hidden until the next choice
-            live = keep & valid if held.live is None else keep & held.live
+            live = keep & valid
             ep.held[layer] = Held(index, live, held.bias, held.shift)
             self.trace(ep, layer, valid, visual, index, live, site="decode", step=ep.decode_step)
             return

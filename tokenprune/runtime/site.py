@@ -108,12 +108,10 @@ class SiteRuntime:
             grid=ep.grids,
             protected_mask=protected,
         )
-        frames = any(getattr(op, "needs_frames", False) for op in self.stage.operators)
-        tiles = frames or any(getattr(op, "needs_tiles", False) for op in self.stage.operators)
-        if self.stage.budget == "per_tile" or tiles:
+        if self.stage.needs_tiles:
             tile_of, state.tile_grids = self.attached.tiles(ep)
             state.tiles = torch.where(live, tile_of.gather(1, cur), -1)
-        if frames:
+        if self.stage.needs_frames:
             frame_of, cell_of = self.attached.frames(ep)
             state.frames = torch.where(live, frame_of.gather(1, cur), -1)
             state.cells = torch.where(live, cell_of.gather(1, cur), -1)
