@@ -264,3 +264,15 @@ def cached_and_reprefilled_logits(model, pipe, batch, step_kwargs, steps: int = 
         with pipe.attach(model):
             fresh = model(input_ids=ids, attention_mask=am, **step_kwargs(ids, am))
         yield i, out.logits[i], fresh.logits[:, -1]
+
+
+def clip_llava_flops(images: int, side: int, patch: int, d: int, m: int, layers: int, text: int) -> int:
+    """Hand count (2 per multiply-add) of a CLIP tower and LLaVA's two-layer projector on ``images`` images:
+    the patch convolution, per layer q/k/v/o projections, QKᵀ and AV over the patches and the CLS token, the
+    MLP; the projector on the patch tokens (the CLS token dropped: ``default`` feature selection)."""
+    patches = (side // patch) ** 2
+    n = patches + 1
+    conv = 2 * patches * (3 * patch * patch) * d
+    layer = 2 * 4 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
+    projector = 2 * patches * (d * text + text * text)
+    return images * (conv + layers * layer + projector)

@@ -122,7 +122,7 @@ def test_targets_are_read_from_the_results():
 
 def test_a_model_runs_its_own_batch_sizes_repeats_and_variants(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(bench, "_measure", lambda model, inputs, pipeline, new_tokens, shape: calls.append(
+    monkeypatch.setattr(bench, "_measure", lambda model, inputs, pipeline, new_tokens, shape, cache=None: calls.append(
         (inputs["input_ids"].shape[0], pipeline is None)) or {"prefill_ms": 1.0, "decode_ms_per_token": 1.0,
                                                              "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
                                                              "operator_ms": 0.0, "flops_reduction": 0.0})
@@ -218,7 +218,7 @@ def test_a_depth_cut_model_projects_its_prefill_to_the_full_depth(tmp_path, monk
 
     samples = iter([100.0, 10.0, 50.0, 90.0, 10.0, 50.0, 110.0, 10.0, 50.0])  # unpruned / fastv / aircache
 
-    def fake_measure(model, inputs, pipeline, new_tokens, shape):
+    def fake_measure(model, inputs, pipeline, new_tokens, shape, cache=None):
         kv = pipeline is not None and pipeline.name == "aircache"
         return {"prefill_ms": next(samples), "decode_ms_per_token": 1.0, "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
                 "operator_ms": 0.0 if pipeline is None else (8.0 if kv else 10.2), "kv_operator_ms": 6.0 if kv else 0.0,
@@ -226,7 +226,6 @@ def test_a_depth_cut_model_projects_its_prefill_to_the_full_depth(tmp_path, monk
 
     monkeypatch.setattr(bench, "_measure", fake_measure)
     monkeypatch.setattr(bench, "_decoder_layer_times", lambda model, inputs, runs: (20.0, 0.9))
-    monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 0.0)
     path = tmp_path / "b.yaml"
     path.write_text(
         "models: [{name: cut, synthetic: llava_next, text: {hidden: 16, intermediate: 32, layers: 3, heads: 2},\n"
@@ -267,8 +266,6 @@ def test_the_decoder_layer_clock_is_the_mean_time_of_one_layer_per_forward(monke
     layer_ms, share = bench._decoder_layer_times(model, tiny_llava_inputs(model), runs=2)
     assert layer_ms == 1000.0
     assert share == pytest.approx(4 / 9)  # the forward's clock advances 9 s: its own 2 readings and 4 layers x 2
-    # the vision tower reads it once at its start and once at its end: 1 s a forward, once per forward
-    assert bench._vision_ms(model, tiny_llava_inputs(model), runs=2) == 1000.0
 
 
 def test_a_failing_variant_is_recorded_and_the_benchmark_goes_on(tmp_path):
@@ -298,13 +295,13 @@ def test_the_flops_ideal_keeps_the_vision_towers_time(tmp_path, monkeypatch):
     reach 40 + 60 / 2 = 70 ms, so its ideal is x1.43 (not x2), and 80 ms is 88% of it."""
     samples = iter([100.0, 80.0])
 
-    def fake_measure(model, inputs, pipeline, new_tokens, shape):
-        return {"prefill_ms": next(samples), "decode_ms_per_token": 1.0, "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
-                "operator_ms": 0.0, "kv_operator_ms": 0.0, "flops_reduction": 0.0 if pipeline is None else 0.5,
-                "visual_tokens": 2928}
+    def fake_measure(model, inputs, pipeline, new_tokens, shape, cache=None):
+        return {"prefill_ms": next(samples), "vision_ms": 40.0, "decode_ms_per_token": 1.0, "tokens_per_s": 1.0,
+                "kv_cache_bytes": 1.0, "operator_ms": 0.0, "kv_operator_ms": 0.0,
+                "flops_reduction": 0.0 if pipeline is None else 0.5, "visual_tokens": 2928,
+                "flops": 100.0 if pipeline is None else 50.0, "baseline_flops": 100.0, "vision_flops": 25.0}
 
     monkeypatch.setattr(bench, "_measure", fake_measure)
-    monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 40.0)
     path = tmp_path / "b.yaml"
     path.write_text(
         "models: [{name: m, synthetic: llava_next, text: {hidden: 16, intermediate: 32, layers: 3, heads: 2}}]\n"
@@ -314,6 +311,9 @@ def test_the_flops_ideal_keeps_the_vision_towers_time(tmp_path, monkeypatch):
     assert base["ideal_speedup"] == pytest.approx(1.0)
     assert fastv["ideal_speedup"] == pytest.approx(100.0 / 70.0)
     assert fastv["speedup_vs_ideal"] == pytest.approx((100.0 / 80.0) / (100.0 / 70.0))
+    # FLOPs: the LLM's prefill halves (x2); with the tower's 25 on both sides, 125 / 75
+    assert fastv["flops_speedup"] == pytest.approx(2.0) and fastv["flops_speedup_with_vision"] == pytest.approx(5 / 3)
+    assert base["flops_speedup"] == pytest.approx(1.0)
 
 
 def test_a_model_with_an_overhead_target_checks_every_variant():
@@ -381,7 +381,7 @@ def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
     line gives both ideals; the table has a row of its own."""
     samples = iter([500.0, 250.0])
 
-    def fake_measure(model, inputs, pipeline, new_tokens, shape):
+    def fake_measure(model, inputs, pipeline, new_tokens, shape, cache=None):
         pruned = pipeline is not None
         return {"prefill_ms": next(samples), "decode_ms_per_token": 1.0, "tokens_per_s": 1.0, "kv_cache_bytes": 1.0,
                 "operator_ms": 1.0 if pruned else 0.0, "kv_operator_ms": 0.0, "flops_reduction": 0.7 if pruned else 0.0,
@@ -395,7 +395,6 @@ def test_count_ideal_rows_targets_and_table(tmp_path, monkeypatch):
             return n / 10.0
 
     monkeypatch.setattr(bench, "_measure", fake_measure)
-    monkeypatch.setattr(bench, "_vision_ms", lambda model, inputs, runs: 0.0)
     monkeypatch.setattr(bench, "StockLayerTimes", FakeStock)
     monkeypatch.setattr(bench, "_decoder_layer_times", lambda model, inputs, runs: (100.0, 0.8))
     monkeypatch.setattr(bench, "_synthetic_inputs", lambda model, kind, batch, words: {

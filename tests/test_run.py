@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from reference import clip_llava_flops
 
 import tokenprune as tp
 from tokenprune.core.errors import ConfigError
@@ -137,6 +138,14 @@ def test_flops_reduction_is_the_analytic_one_with_the_real_token_counts(tmp_path
     assert (shape.kv_heads, shape.head_dim) == (1, 32)
     assert metrics["kv_cache_bytes"] == pytest.approx(sum(sum(r.per_layer_tokens) for r in reports) / 6 * per_token)
     assert metrics["baseline_kv_cache_bytes"] == pytest.approx(sum(shape.layers * n for n in lengths) / 6 * per_token)
+    # the vision side: the 2-layer CLIP tower (336 px, patch 14, width 32) and the projector into width 64, per item
+    tower = clip_llava_flops(images=1, side=336, patch=14, d=32, m=64, layers=2, text=64)
+    assert metrics["vision_flops"] == metrics["baseline_vision_flops"] == tower
+    base, pruned = sum(r.baseline_flops for r in reports) / 6, sum(r.flops for r in reports) / 6
+    assert metrics["flops_speedup"] == pytest.approx(base / pruned, rel=1e-9)
+    assert metrics["flops_speedup_with_vision"] == pytest.approx((base + tower) / (pruned + tower), rel=1e-9)
+    assert 0 < metrics["vision_ms"] < metrics["prefill_ms"] and 0 < metrics["vision_share"] < 1
+    assert metrics["llm_prefill_ms"] == pytest.approx(metrics["prefill_ms"] - metrics["vision_ms"], rel=0.5)
 
 
 @torch.no_grad()
@@ -257,7 +266,9 @@ def test_a_kv_cache_method_keeps_the_prefill_flops_and_cuts_the_prompt_kv(tmp_pa
 # --- killed and resumed; two runs sharing one baseline cache -------------------------------------------------
 
 TIMINGS = {"prefill_ms", "baseline_prefill_ms", "decode_ms_per_token", "baseline_decode_ms_per_token", "operator_ms",
-           "peak_memory_bytes", "baseline_cached", "finished_earlier", "output_dir"}
+           "vision_ms", "baseline_vision_ms", "llm_prefill_ms", "baseline_llm_prefill_ms", "vision_share",
+           "prefill_speedup", "llm_prefill_speedup", "peak_memory_bytes", "baseline_cached", "finished_earlier",
+           "output_dir"}
 
 
 def _results(metrics):

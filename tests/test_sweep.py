@@ -129,16 +129,16 @@ def test_results_markdown_table_by_hand():
 
     rows = [{"variant": "keep=0.5", "pipeline": "base", "accuracy": 0.875, "relative_score": 97.2222,
              "fidelity": 0.9, "flops_reduction": 0.4123, "equivalent_visual_tokens": 250.0, "prefill_ms": 12.34,
-             "error": ""},
+             "vision_ms": 4.0, "flops_speedup": 1 / (1 - 0.4123), "flops_speedup_with_vision": 1.5, "error": ""},
             {"variant": "fastv,keep=0.5", "pipeline": "fastv", "error": "ValueError: bad"},
             {"variant": "keep=0.25", "pipeline": "base", "accuracy": 0.5, "relative_score": 55.5555,
              "fidelity": 0.5, "flops_reduction": 0.7, "equivalent_visual_tokens": 100.0, "prefill_ms": None,
              "error": ""}]
-    table = results_markdown(rows, {"accuracy": 0.9, "prefill_ms": 20.0}).splitlines()
-    assert table[2] == "| unpruned | — | 90.0% | 100.0 | 100.0% | 0.0% | — | 20.0 |"
-    assert table[3] == "| keep=0.5 | base | 87.5% | 97.2 | 90.0% | 41.2% | 250.0 | 12.3 |"
-    assert table[4] == "| keep=0.25 | base | 50.0% | 55.6 | 50.0% | 70.0% | 100.0 | — |"  # grouped by pipeline
-    assert table[5] == "| fastv,keep=0.5 | fastv | failed: ValueError: bad | | | | | |"
+    table = results_markdown(rows, {"accuracy": 0.9, "prefill_ms": 20.0, "vision_ms": 4.5}).splitlines()
+    assert table[2] == "| unpruned | — | 90.0% | 100.0 | 100.0% | 0.0% | — | — | 20.0 | 4.5 |"
+    assert table[3] == "| keep=0.5 | base | 87.5% | 97.2 | 90.0% | 41.2% | 250.0 | x1.70 / x1.50 | 12.3 | 4.0 |"
+    assert table[4] == "| keep=0.25 | base | 50.0% | 55.6 | 50.0% | 70.0% | 100.0 | — / — | — | — |"  # by pipeline
+    assert table[5] == "| fastv,keep=0.5 | fastv | failed: ValueError: bad | | | | | | | |"
 
 
 

@@ -74,7 +74,7 @@ from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model
 from tokenprune.measure.flops import LLMShape, measured_flops
 from tokenprune.measure.memory import cache_bytes
-from tokenprune.measure.timing import StepClock
+from tokenprune.measure.timing import StepClock, VisionClock
 from tokenprune.pipeline import load_pipeline
 from tokenprune.reference import shapes
 from tokenprune.reference.tiny import (
@@ -267,7 +267,7 @@ def _load(model_cfg, device: torch.device) -> tuple[Any, Any]:
                        "attn_implementation": "sdpa", "device_map": None, "trust_remote_code": False})
 
 
-def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
+def _measure(model, inputs, pipeline, new_tokens: int, shape, flops_cache: dict | None = None) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -278,16 +278,19 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
         t0 = time.perf_counter()
-        clock.start()
-        if pipeline is None:
-            out = model.generate(**inputs, **kwargs)
-            trace = []
-        else:
-            with pipeline.attach(model):
+        with VisionClock(model) as vision:
+            clock.start()
+            if pipeline is None:
                 out = model.generate(**inputs, **kwargs)
-                trace = list(pipeline.trace)
+                trace = []
+            else:
+                with pipeline.attach(model):
+                    out = model.generate(**inputs, **kwargs)
+                    trace = list(pipeline.trace)
         steps = clock.intervals_ms()
         total = (time.perf_counter() - t0) * 1000.0
+        vision_ms = vision.ms()
+        vision_flops = vision.flops(flops_cache) / inputs["input_ids"].shape[0]
     b = inputs["input_ids"].shape[0]
     n = int(inputs["attention_mask"][0].sum())
     prefill = [t for t in trace if t.site == "prefill"]
@@ -297,9 +300,13 @@ def _measure(model, inputs, pipeline, new_tokens: int, shape) -> dict[str, Any]:
     if adapter.decoder_only:
         report = measured_flops(shape, n, v, [(t.layer, t.tokens_after[0], t.visual_after[0]) for t in prefill],
                                 "exact")
-    return {"prefill_ms": steps[0], "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
+    return {"prefill_ms": steps[0], "vision_ms": vision_ms, "llm_prefill_ms": steps[0] - vision_ms,
+            "decode_ms_per_token": statistics.median(steps[1:]) if len(steps) > 1 else None,
             "tokens_per_s": b * new_tokens / (total / 1000.0), "kv_cache_bytes": cache_bytes(out.past_key_values) / b,
             "operator_ms": sum(t.operator_ms for t in trace), "flops_reduction": report.reduction if report else None,
+            # per sample, exact convention: the LLM's prefill (pruned and unpruned) and the vision side's
+            "flops": report.flops if report else None, "baseline_flops": report.baseline_flops if report else None,
+            "vision_flops": vision_flops,
             # the part spent scoring and cutting the caches of kv_cache stages, which grows with the layers compressed
             "kv_operator_ms": sum(t.operator_ms for t in trace if t.site == "kv_cache"),
             # per operator, "<stage>.<index>:<op>" (a lazy signal is charged to the first operator that asks for it;
@@ -404,39 +411,6 @@ def count_ideal_prefill_ms(base_prefill_ms: float, layer_share: float, tokens: i
     return base_prefill_ms * (1.0 - layer_share * (1.0 - ratio))
 
 
-class _TowerDone(Exception):
-    """Raised from the vision tower's forward hook: the rest of the forward is not needed to time the tower."""
-
-
-def _vision_ms(model, inputs, runs: int) -> float:
-    """Wall time of the vision tower in a prefill forward of ``inputs`` (ms; the median over ``runs`` forwards of
-    their own, each stopped once the tower has run): the part of the prefill that pruning after the tower cannot
-    remove. 0 without a tower."""
-    tower = get_adapter(model).vision_tower()
-    if tower is None:
-        return 0.0
-    now = _clock(next(model.parameters()).is_cuda)
-    start: list[float] = []
-    spent: list[float] = []
-
-    def done(*args):
-        spent.append(now() - start.pop())
-        raise _TowerDone
-
-    handles = [tower.register_forward_pre_hook(lambda *a: start.append(now())), tower.register_forward_hook(done)]
-    try:
-        with torch.no_grad():
-            for _ in range(runs):
-                try:
-                    model(**inputs)
-                except _TowerDone:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    return 1000.0 * statistics.median(spent) if spent else 0.0
-
-
 def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
     """Measure every (model, variant, batch size); returns ``{"machine", "rows": [...]}``."""
 
@@ -461,6 +435,7 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                 _reference_inputs(processor, batch)
             inputs = {k: t.to(device) for k, t in inputs.items()}
             samples: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+            flops_cache: dict = {}  # the vision side's FLOPs, counted once per input shape
             failed: dict[str, str] = {}  # a variant that fails is recorded and left out of the later repeats
             for r in range(cfg.warmup + repeats):
                 for v in variants:  # in alternation, so drifts in machine load hit every variant alike
@@ -468,7 +443,7 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                         continue
                     try:
                         with materialize_attention(model, list(v.get("materialize_attention") or [])):
-                            res = _measure(model, inputs, pipelines[v.name], cfg.new_tokens, shape)
+                            res = _measure(model, inputs, pipelines[v.name], cfg.new_tokens, shape, flops_cache)
                     except (ConfigError, PipelineRuntimeError, RuntimeError, ValueError, NotImplementedError) as e:
                         if v is variants[0]:
                             raise  # the unpruned model is what every speed-up is read against
@@ -484,7 +459,6 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
             if full is not None:  # the prefill of the real depth: the measured one plus the missing layers' time
                 full_prefill = statistics.median(x["prefill_ms"] for x in samples[variants[0].name]) \
                     + (full - depth) * layer_ms
-            vision_ms = _vision_ms(model, inputs, repeats)
             stock = StockLayerTimes(model, batch, repeats) if m.get("count_ideal") else None
             base = None
             for v in variants:
@@ -498,16 +472,17 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                                operator_ms_full_depth=ops_full, operator_overhead_full_depth=ops_full / full_prefill)
                 if base is None:
                     base = row
-                row["vision_ms"] = vision_ms
                 if m.get("overhead_target") is not None:
                     row["overhead_target"] = float(m.overhead_target)
                 row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
                 modelled = row["flops_reduction"] is not None  # None: FLOPs not modelled (Mllama's cross-attention)
-                # the ideal: the vision tower's time is fixed, the rest shrinks with the LLM's FLOPs
-                fixed = min(vision_ms, base["prefill_ms"])
+                # the ideal: the vision tower's time (the unpruned one's) is fixed, the rest shrinks with the LLM's
+                # FLOPs
+                fixed = min(base.get("vision_ms") or 0.0, base["prefill_ms"])
                 row["ideal_speedup"] = base["prefill_ms"] / (fixed + (base["prefill_ms"] - fixed) * max(
                     1e-9, 1.0 - row["flops_reduction"])) if modelled else None
                 row["speedup_vs_ideal"] = row["prefill_speedup"] / row["ideal_speedup"] if modelled else None
+                row.update(_flops_speedups(row))
                 if stock is not None and row.get("layer_tokens") is not None:
                     row["count_ideal_prefill_ms"] = count_ideal_prefill_ms(
                         base["prefill_ms"], layer_share, int(inputs["attention_mask"][0].sum()), row["layer_tokens"],
@@ -524,6 +499,16 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                     f"{row['tokens_per_s']:.1f} tok/s")
         del model
     return {"machine": machine(), "rows": rows}
+
+
+def _flops_speedups(row: dict[str, Any]) -> dict[str, float | None]:
+    """The FLOPs-ideal speed-ups of a row's medians (per sample, exact convention): of the LLM's prefill, and of
+    the whole prefill with the vision side's FLOPs (unchanged by pruning after the tower) on both sides."""
+    flops, base, vision = row.get("flops"), row.get("baseline_flops"), row.get("vision_flops")
+    if flops is None or base is None or not flops:
+        return {"flops_speedup": None, "flops_speedup_with_vision": None}
+    return {"flops_speedup": base / flops,
+            "flops_speedup_with_vision": None if vision is None else (base + vision) / (flops + vision)}
 
 
 def materialized_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -725,19 +710,24 @@ def markdown(results: dict[str, Any], command: str, targets: list[tuple[str, boo
              f"{m.get('transformers')}). Medians over the repetitions; every variant measured in the same process, "
              "in alternation. Speed-ups are ratios of those medians. Peak memory is the GPU's peak allocation during "
              "a generate() call (— on a CPU, where no per-call peak is measured).", "",
-             "FLOPs-ideal is the prefill speed-up if the vision tower's time (vision ms, timed in forwards of their "
-             "own) stayed and the rest shrank with the LLM's FLOPs.", "",
-             "| model | variant | batch | prefill ms | vision ms | speed-up | FLOPs-ideal | of ideal | operators ms | "
-             "overhead | decode ms/tok | tokens/s | KV KiB/sample | peak MiB | FLOPs − |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "The prefill (time to the first token) splits into the vision tower and projector (vision ms, timed "
+             "around their calls inside the measured generate()) and the rest (LLM ms: the LLM's prefill with the "
+             "pipeline's operators). FLOPs-ideal is the prefill speed-up if the unpruned vision time stayed and the "
+             "rest shrank with the LLM's FLOPs. FLOPs ×: the FLOPs-ideal speed-up of the LLM's prefill alone, and "
+             "with the vision side's FLOPs (exact convention, torch's flop counter) on both sides.", "",
+             "| model | variant | batch | prefill ms | vision ms | LLM ms | speed-up | FLOPs-ideal | of ideal | "
+             "FLOPs × LLM / with tower | operators ms | overhead | decode ms/tok | tokens/s | KV KiB/sample | "
+             "peak MiB | FLOPs − |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
         if r.get("error"):
             lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | failed: {_cell(r['error'])} |"
-                         + " |" * 11)
+                         + " |" * 13)
             continue
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | "
-                     f"{_f(r.get('vision_ms'))} | x{r['prefill_speedup']:.2f} | "
-                     f"{_x(r['ideal_speedup'])} | {_pct(r['speedup_vs_ideal'], 0)} | {r['operator_ms']:.1f} | "
+                     f"{_f(r.get('vision_ms'))} | {_f(r.get('llm_prefill_ms'))} | x{r['prefill_speedup']:.2f} | "
+                     f"{_x(r['ideal_speedup'])} | {_pct(r['speedup_vs_ideal'], 0)} | "
+                     f"{_x(r.get('flops_speedup'))} / {_x(r.get('flops_speedup_with_vision'))} | {r['operator_ms']:.1f} | "
                      f"{r['operator_overhead']:.1%} | {_f(r['decode_ms_per_token'])} | {r['tokens_per_s']:.1f} | "
                      f"{r['kv_cache_bytes'] / 1024:.0f} | {_f(_mib(r.get('peak_memory_bytes')))} | "
                      f"{_pct(r['flops_reduction'], 1)} |")

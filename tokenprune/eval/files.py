@@ -44,8 +44,11 @@ def read_cached_records(path: Path, ids: list[Any], needed: tuple[str, ...]) -> 
     if len(rows) != len(ids):
         return None, f"{len(rows)} records for {len(ids)} items"
     for i, (row, ident) in enumerate(zip(rows, ids)):
-        if not isinstance(row, dict) or row.get("id") != ident or any(k not in row for k in needed):
+        if not isinstance(row, dict) or row.get("id") != ident:
             return None, f"record {i + 1} is not item {ident!r}'s"
+        missing = [k for k in needed if k not in row]
+        if missing:  # a cache an earlier version wrote, before these measurements existed
+            return None, f"record {i + 1} lacks {', '.join(missing)}"
     return rows, None
 
 

@@ -43,13 +43,18 @@ from tokenprune.eval.run_config import (
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
 from tokenprune.measure.flops import LLMShape, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
-from tokenprune.measure.timing import StepClock
+from tokenprune.measure.timing import StepClock, VisionClock
 
 # --- one batch --------------------------------------------------------------------------------------
 
 def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, generation: Mapping[str, Any],
-                   shape, flops_convention: str) -> list[dict[str, Any]]:
-    """Greedy answers for ``items`` with ``pipeline`` attached (None: unpruned) and what it cost, per item."""
+                   shape, flops_convention: str, vision_flops_cache: dict | None = None) -> list[dict[str, Any]]:
+    """Greedy answers for ``items`` with ``pipeline`` attached (None: unpruned) and what it cost, per item.
+
+    Times are the batch's: ``prefill_ms`` from the call to the first token (the vision side included),
+    ``vision_ms`` the part of it inside the vision tower and projector (:class:`~tokenprune.measure.timing.
+    VisionClock`), ``llm_prefill_ms`` the rest. ``vision_flops``: the vision side's FLOPs per sample (the batch's
+    over its samples; ``exact`` convention, counted on a rerun of its calls after the timed generation)."""
     from transformers import LogitsProcessorList
 
     prompts = [build_prompt(processor, it["question"]) for it in items]
@@ -64,7 +69,7 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     new_tokens = int(gen.pop("max_new_tokens"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():
+    with torch.no_grad(), VisionClock(model) as vision:
         clock.start()
         if pipeline is None:
             out = model.generate(**enc, max_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]),
@@ -77,6 +82,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
                 trace = list(pipeline.trace)
     steps = clock.intervals_ms()
     prefill_ms = steps[0] if steps else float("nan")
+    vision_ms = vision.ms()
+    vision_flops = vision.flops(vision_flops_cache) / len(items)
     decode_ms = statistics.median(steps[1:]) if len(steps) > 1 else float("nan")
     kv = cache_bytes(out.past_key_values) // len(items) if out.past_key_values is not None else 0  # padded, fallback
     dtype_bytes = next(model.parameters()).element_size()
@@ -95,7 +102,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
             "metric": it["metric"], "prediction": text.strip(),
             "visual_tokens": n_visual, "visual_tokens_kept": [t.visual_after[b] for t in prefill],
             "kv_visual_entries_kept": [t.visual_after[b] for t in trace if t.site == "kv_cache"],
-            "prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "kv_cache_bytes": kv,
+            "prefill_ms": prefill_ms, "vision_ms": vision_ms, "llm_prefill_ms": prefill_ms - vision_ms,
+            "decode_ms_per_token": decode_ms, "kv_cache_bytes": kv, "vision_flops": vision_flops,
             "peak_memory_bytes": peak, "operator_ms": sum(t.operator_ms for t in trace),  # this batch's
         }
         if shape is not None and len(stages) == len(prefill):
@@ -135,11 +143,12 @@ def predict(cfg: DictConfig, model, processor, items: list[dict[str, Any]], pipe
         def predict_step(self, batch, batch_idx):
             chunk = [items[i] for i in batch]
             recs = generate_batch(self.model, processor, chunk, pipeline, OmegaConf.to_container(cfg.generation),
-                                  shape, cfg.flops_convention)
+                                  shape, cfg.flops_convention, flops_cache)
             for i, r in zip(batch, recs):
                 r["index"] = i
             return recs
 
+    flops_cache: dict = {}  # the vision side's FLOPs per distinct call shape
     loader = torch.utils.data.DataLoader(list(range(len(items))), batch_size=cfg.batch_size, shuffle=False,
                                          collate_fn=list)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
@@ -201,13 +210,43 @@ def run_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], i
     if kv_layers:  # a kv_cache stage: mean visual entries each compressed layer's cache keeps after the prefill
         metrics["kv_visual_entries_kept"] = [_mean([r["kv_visual_entries_kept"][s] for r in records
                                                     if len(r["kv_visual_entries_kept"]) > s]) for s in range(kv_layers)]
-    for key in ("prefill_ms", "decode_ms_per_token"):
+    for key in ("prefill_ms", "vision_ms", "llm_prefill_ms", "decode_ms_per_token"):
         metrics[key], metrics[f"baseline_{key}"] = _median([r[key] for r in records]), _median([r[key] for r in baseline])
+    metrics.update(protocol_metrics(metrics, _mean([r["vision_flops"] for r in records]),
+                                    _mean([r["vision_flops"] for r in baseline])))
     metrics["kv_cache_bytes"] = _mean([r["kv_cache_bytes"] for r in records])
     metrics["baseline_kv_cache_bytes"] = _mean([r["kv_cache_bytes"] for r in baseline])
     metrics["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in records) if records else None
     metrics["operator_ms"] = _median([r["operator_ms"] for r in records])
     return metrics
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den == 0 else num / den
+
+
+def protocol_metrics(metrics: Mapping[str, Any], vision_flops: float | None,
+                     baseline_vision_flops: float | None) -> dict[str, Any]:
+    """Where the time goes and what the FLOPs promise, from a run's medians (``prefill_ms``, ``vision_ms``,
+    ``llm_prefill_ms``, their ``baseline_`` twins) and mean FLOPs (``flops``/``baseline_flops``: the LLM's
+    prefill; ``vision_flops``: the vision tower and projector's, per sample):
+
+    - ``vision_share``: the unpruned prefill's share spent in the vision side, which no pruning after the tower
+      removes;
+    - ``prefill_speedup`` and ``llm_prefill_speedup``: measured, unpruned over pruned, the whole prefill and the
+      part after the tower;
+    - ``flops_speedup``: the FLOPs-ideal speed-up of the LLM's prefill (``baseline_flops / flops``);
+      ``flops_speedup_with_vision``: the same with the vision side's FLOPs added to both, the ideal of the whole
+      prefill."""
+    flops, base = metrics.get("flops"), metrics.get("baseline_flops")
+    with_vision = None
+    if None not in (flops, base, vision_flops, baseline_vision_flops):
+        with_vision = _ratio(base + baseline_vision_flops, flops + vision_flops)
+    return {"vision_flops": vision_flops, "baseline_vision_flops": baseline_vision_flops,
+            "vision_share": _ratio(metrics.get("baseline_vision_ms"), metrics.get("baseline_prefill_ms")),
+            "prefill_speedup": _ratio(metrics.get("baseline_prefill_ms"), metrics.get("prefill_ms")),
+            "llm_prefill_speedup": _ratio(metrics.get("baseline_llm_prefill_ms"), metrics.get("llm_prefill_ms")),
+            "flops_speedup": _ratio(base, flops), "flops_speedup_with_vision": with_vision}
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -268,7 +307,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 #: What a baseline record needs for the metrics (a cached one is checked for them).
 RECORD_KEYS = ("id", "prediction", "visual_tokens", "visual_tokens_kept", "kv_visual_entries_kept", "prefill_ms",
-               "decode_ms_per_token", "kv_cache_bytes", "peak_memory_bytes", "operator_ms")
+               "vision_ms", "llm_prefill_ms", "vision_flops", "decode_ms_per_token", "kv_cache_bytes",
+               "peak_memory_bytes", "operator_ms")
 
 
 def baseline_key(cfg: DictConfig, items: list[dict[str, Any]]) -> str:
@@ -335,6 +375,9 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
                  f"{num(metrics['equivalent_visual_tokens']):>14}")
     lines.append(f"{'prefill ms (median batch)':<28}{num(metrics['baseline_prefill_ms']):>14}"
                  f"{num(metrics['prefill_ms']):>14}")
+    lines.append(f"{'  vision tower ms':<28}{num(metrics['baseline_vision_ms']):>14}{num(metrics['vision_ms']):>14}")
+    lines.append(f"{'  LLM prefill ms':<28}{num(metrics['baseline_llm_prefill_ms']):>14}"
+                 f"{num(metrics['llm_prefill_ms']):>14}")
     lines.append(f"{'decode ms / token':<28}{num(metrics['baseline_decode_ms_per_token'], '{:.2f}'):>14}"
                  f"{num(metrics['decode_ms_per_token'], '{:.2f}'):>14}")
     lines.append(f"{'KV cache KiB / sample':<28}{num(_kib(metrics['baseline_kv_cache_bytes'])):>14}"
@@ -344,6 +387,11 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
                  f"FLOPs reduction {pct(metrics['flops_reduction'])} ({metrics['flops_convention']})   "
                  f"visual tokens kept per stage {[round(v, 1) for v in metrics['visual_tokens_kept'] if v is not None]}   "
                  f"operator ms / batch {num(metrics['operator_ms'], '{:.2f}')}")
+    lines.append(f"prefill speed-up x{num(metrics['prefill_speedup'], '{:.2f}')} measured "
+                 f"(LLM part x{num(metrics['llm_prefill_speedup'], '{:.2f}')}), FLOPs-ideal "
+                 f"x{num(metrics['flops_speedup'], '{:.2f}')} (LLM) / "
+                 f"x{num(metrics['flops_speedup_with_vision'], '{:.2f}')} (with the vision tower)   "
+                 f"vision tower share of the unpruned prefill {pct(metrics['vision_share'])}")
     if metrics.get("baseline_cached"):
         lines.append("(unpruned baseline read from the cache)")
     if metrics.get("finished_earlier"):

@@ -62,7 +62,8 @@ SWEEP_SCHEMA = {"name": Str(), "base": OneOf(Str(), MappingOf()), "set": ListOf(
                 "grid": MappingOf(), "swap": MappingOf(), "variants": MappingOf(), "methods": MappingOf(),
                 "output_dir": Str()}
 RESULT_COLUMNS = ["variant", "pipeline", "accuracy", "relative_score", "fidelity", "flops_reduction",
-                  "equivalent_visual_tokens", "prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "error"]
+                  "equivalent_visual_tokens", "flops_speedup", "flops_speedup_with_vision", "prefill_ms", "vision_ms",
+                  "llm_prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "error"]
 
 
 @dataclass
@@ -388,7 +389,8 @@ def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None
             row[col] = metrics.get(col)
         row["error"] = ""
         baseline = baseline or {"accuracy": metrics.get("baseline_accuracy"),
-                                "prefill_ms": metrics.get("baseline_prefill_ms")}
+                                "prefill_ms": metrics.get("baseline_prefill_ms"),
+                                "vision_ms": metrics.get("baseline_vision_ms")}
         rows.append(row)
         print(f"[{v.name}] {status}: accuracy {metrics['accuracy']:.3f}, FLOPs reduction "
               f"{_fmt(metrics.get('flops_reduction'))}", flush=True)
@@ -420,20 +422,24 @@ def results_markdown(rows: list[dict[str, Any]], baseline: dict[str, Any] | None
     """The results as a Markdown table (``results.md`` next to ``results.csv``; docs/results.md quotes it):
     one row per variant under the unpruned one, grouped by pipeline in the sweep's order, with accuracy,
     relative score (pruned / unpruned x 100), fidelity (answers identical to the unpruned model's), the
-    analytic LLM-prefill FLOPs reduction, the layer-averaged visual tokens, and the median prefill time."""
+    analytic LLM-prefill FLOPs reduction, the layer-averaged visual tokens, the FLOPs-ideal speed-up of the LLM's
+    prefill and of the whole prefill (the vision tower's FLOPs added to both sides), and the median prefill time
+    with the part of it spent in the vision tower."""
     lines = ["| variant | pipeline | accuracy | relative score | fidelity | FLOPs reduction | visual tokens "
-             "(layer avg.) | prefill ms |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "(layer avg.) | ideal speed-up LLM / with tower | prefill ms | of it vision tower |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     if baseline:
-        lines.append(f"| unpruned | — | {_pct(baseline.get('accuracy'))} | 100.0 | 100.0% | 0.0% | — | "
-                     f"{_num(baseline.get('prefill_ms'))} |")
+        lines.append(f"| unpruned | — | {_pct(baseline.get('accuracy'))} | 100.0 | 100.0% | 0.0% | — | — | "
+                     f"{_num(baseline.get('prefill_ms'))} | {_num(baseline.get('vision_ms'))} |")
     order = list(dict.fromkeys(r["pipeline"] for r in rows))
     for r in sorted(rows, key=lambda r: order.index(r["pipeline"])):
         if r.get("error"):
-            lines.append(f"| {r['variant']} | {r['pipeline']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['variant']} | {r['pipeline']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(f"| {r['variant']} | {r['pipeline']} | {_pct(r.get('accuracy'))} | "
                      f"{_num(r.get('relative_score'))} | {_pct(r.get('fidelity'))} | {_pct(r.get('flops_reduction'))} | "
-                     f"{_num(r.get('equivalent_visual_tokens'))} | {_num(r.get('prefill_ms'))} |")
+                     f"{_num(r.get('equivalent_visual_tokens'))} | {_speedups(r)} | {_num(r.get('prefill_ms'))} | "
+                     f"{_num(r.get('vision_ms'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +499,13 @@ def summary(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
 
 def _pct(v):
     return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _speedups(row: dict[str, Any]) -> str:
+    def x(v):
+        return "—" if v is None else f"x{v:.2f}"
+
+    return f"{x(row.get('flops_speedup'))} / {x(row.get('flops_speedup_with_vision'))}"
 
 
 def _num(v):
