@@ -52,3 +52,82 @@ def test_protocol_metrics_by_hand():
     assert got["flops_speedup_with_vision"] == pytest.approx(10 / 4)
     unknown = protocol_metrics({**metrics, "flops": None}, 1e9, 1e9)
     assert unknown["flops_speedup"] is None and unknown["flops_speedup_with_vision"] is None
+
+
+# --- reproducibility ------------------------------------------------------------------------------------
+
+def test_provenance_records_the_commit_the_packages_and_the_command(tmp_path):
+    import subprocess
+    from importlib import metadata
+
+    from tokenprune.measure.provenance import command_line, model_files, provenance
+
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "w.safetensors").write_bytes(b"x" * 10)
+    record = provenance(str(tmp_path), argv=["/venv/bin/tokenprune", "run", "a b.yaml", "data.limit=5"])
+    assert record["command"] == "tokenprune run 'a b.yaml' data.limit=5"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: its commit, marked when tracked files differ from it
+        assert record["commit"].split("+")[0] == head.stdout.strip()
+    assert record["packages"]["torch"] == metadata.version("torch") and record["packages"]["tokenprune"] == "0.1.0"
+    import hashlib
+
+    assert model_files(str(tmp_path)) == {"folder": str(tmp_path.resolve()),
+                                          "files": [("config.json", 8), ("w.safetensors", 10)],
+                                          "config_sha256": hashlib.sha256(b'{"a": 1}').hexdigest()}
+    assert model_files("org/hub-id") is None and command_line(["x"]) == "x"
+
+
+def test_a_run_reruns_from_its_directory_with_the_pipeline_as_resolved_then(tmp_path, tiny_folder, capsys):
+    import json
+
+    import yaml
+
+    from tokenprune.cli import main
+    from tokenprune.eval.run import compare_runs
+    from tokenprune.measure.provenance import command_line
+
+    first = tmp_path / "first"
+    args = ["run", "experiments/asap_shapes.yaml", f"model.path={tiny_folder}", "data.limit=4", "batch_size=2",
+            "pipeline=fastv", "overrides=[stages.0.operators.1.keep=0.25]", f"output_dir={first}",
+            f"baseline_cache={tmp_path / 'cache'}", "logging.wandb.mode=disabled", "logging.progress_bar=false"]
+    assert main(args) == 0
+    assert json.loads((first / "provenance.json").read_text())["command"] == command_line()  # this process's argv
+    recorded = yaml.safe_load((first / "config.yaml").read_text())
+    recorded["pipeline"] = "no_such_preset"  # the rerun takes resolved_pipeline, not the name
+    (first / "config.yaml").write_text(yaml.safe_dump(recorded))
+    capsys.readouterr()
+    assert main(["run", "--from", str(first), f"output_dir={tmp_path / 'again'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"reproduced {first}: the same results" in out
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["visual_tokens_kept"] == [144.0] and not again["baseline_cached"]  # keep 0.25 of 576, baseline rerun
+    assert yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())["baseline_cache"] is None
+
+    metrics = json.loads((first / "metrics.json").read_text())
+    metrics["accuracy"] += 0.25
+    (first / "metrics.json").write_text(json.dumps(metrics))
+    rows = (first / "predictions.jsonl").read_text().splitlines()
+    row = json.loads(rows[1])
+    row["prediction"] = "something else"
+    (first / "predictions.jsonl").write_text("\n".join([rows[0], json.dumps(row), *rows[2:]]) + "\n")
+    diffs = compare_runs(first, tmp_path / "again")
+    assert len(diffs) == 2 and diffs[0].startswith("accuracy: ")
+    assert diffs[1] == f"1 pipeline answers changed (first: {row['id']})"
+
+
+def test_run_from_refuses_what_is_not_a_run_directory(tmp_path, capsys):
+    from tokenprune.cli import main
+
+    assert main(["run", "--from", str(tmp_path / "none")]) == 2
+    assert main(["run", "--from", str(tmp_path)]) == 2
+    assert main(["run", "--from", str(tmp_path), "limit"]) == 2
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"tokenprune: error: --from: '{tmp_path / 'none'}' is not a folder (a run directory: tokenprune "
+                   "run writes one)",
+                   f"tokenprune: error: --from: '{tmp_path}' holds no config.yaml: not a run directory",
+                   "tokenprune: error: --from: with --from every argument after it is KEY=VALUE; got 'limit' (the "
+                   "config is the run directory's)",
+                   "tokenprune: error: config: tokenprune run needs a run config (experiments/asap_shapes.yaml) or "
+                   "--from RUN_DIR"]

@@ -190,12 +190,24 @@ def _quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
-    from tokenprune.eval.run import run, summary_table
-    from tokenprune.eval.run_config import load_run_config
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tokenprune.eval.run import compare_runs, run, summary_table
+    from tokenprune.eval.run_config import load_rerun_config, load_run_config
 
     _quiet_libraries(args.verbose)
-    metrics = run(load_run_config(args.config, args.overrides))
+    if args.from_run is None:
+        if args.config is None:
+            raise ConfigError("config", "tokenprune run needs a run config (experiments/asap_shapes.yaml) or "
+                                        "--from RUN_DIR")
+        cfg = load_run_config(args.config, args.overrides)
+    else:  # every positional is then an override
+        overrides = ([args.config] if args.config is not None else []) + list(args.overrides)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError("--from", f"with --from every argument after it is KEY=VALUE; got {item!r} (the "
+                                            "config is the run directory's)")
+        cfg = load_rerun_config(args.from_run, overrides)
+    metrics = run(cfg)
     if "per_task" in metrics:  # lmms-eval tasks
         from tokenprune.eval.lmms_eval_run import summary_table as lmms_table
 
@@ -203,6 +215,16 @@ def _cmd_run(args: argparse.Namespace) -> None:
     else:
         print(summary_table(metrics))
     print(f"run directory: {metrics['output_dir']}")
+    if args.from_run is not None:
+        diffs = compare_runs(Path(args.from_run), Path(metrics["output_dir"]))
+        if not diffs:
+            print(f"reproduced {args.from_run}: the same results (timings and memory aside)")
+            return 0
+        print(f"not reproduced: {args.from_run} and {metrics['output_dir']} differ:")
+        for d in diffs:
+            print(f"  {d}")
+        return 1
+    return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -290,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_flops)
 
     p = sub.add_parser("run", help="evaluate a pipeline and the unpruned model on a dataset (a run config)")
-    p.add_argument("config", help="run YAML (experiments/asap_shapes.yaml)")
+    p.add_argument("config", nargs="?", help="run YAML (experiments/asap_shapes.yaml); none with --from")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                   help="rerun a finished run from its directory (its config.yaml, the pipeline as resolved then, the "
+                        "baseline computed again, a new directory) and say whether its results came out the same")
     p.add_argument("--verbose", action="store_true", help="keep the libraries' notices and warnings")
     p.set_defaults(func=_cmd_run)
 

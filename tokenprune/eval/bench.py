@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +71,7 @@ from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model
 from tokenprune.measure.flops import LLMShape, measured_flops
 from tokenprune.measure.memory import cache_bytes
+from tokenprune.measure.provenance import machine
 from tokenprune.measure.timing import StepClock, VisionClock
 from tokenprune.pipeline import load_pipeline
 from tokenprune.reference import shapes
@@ -578,37 +576,6 @@ def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = statistics.median(vals) if vals else None
     return out
-
-
-def _commit() -> str | None:
-    """The checkout's commit (short hash, ``+changes`` when the tree differs from it), or None outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("+changes" if dirty else "")
-
-
-def machine() -> dict[str, Any]:
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-            "commit": _commit()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def target_models(results: dict[str, Any], visual_tokens: int = 2880) -> list[str]:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tokenprune.core.errors import ConfigError
 from tokenprune.eval.files import digest, write_atomic
-from tokenprune.eval.models import check_pipeline_for_model, model_identity, read_model_config
+from tokenprune.eval.models import check_pipeline_for_model, model_identity, model_path, read_model_config
 from tokenprune.eval.run_config import (
     FINISHED,
     finished_run,
@@ -30,6 +30,7 @@ from tokenprune.eval.run_config import (
     resolved_config_yaml,
     run_directory,
 )
+from tokenprune.measure.provenance import provenance
 
 SPEC_KEYS = ("tasks", "include_path", "metrics")
 
@@ -202,6 +203,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / FINISHED).unlink(missing_ok=True)
     write_atomic(out / "config.yaml", config_text)
+    write_atomic(out / "provenance.json", json.dumps(provenance(model_path(m)), indent=2) + "\n")
     write_atomic(out / "lmms_eval_results.json", json.dumps({"unpruned": baseline, name: pruned}, indent=1) + "\n")
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     metrics["output_dir"] = str(out)

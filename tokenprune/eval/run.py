@@ -13,6 +13,7 @@ docs/run.md ("Metrics") for every metric.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from tokenprune.eval.models import (
     check_pipeline_for_model,
     load_model,
     model_identity,
+    model_path,
     read_model_config,
 )
 from tokenprune.eval.run_config import (
@@ -43,6 +45,7 @@ from tokenprune.eval.run_config import (
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
 from tokenprune.measure.flops import LLMShape, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
+from tokenprune.measure.provenance import provenance
 from tokenprune.measure.timing import StepClock, VisionClock
 
 # --- one batch --------------------------------------------------------------------------------------
@@ -296,6 +299,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / FINISHED).unlink(missing_ok=True)  # overwrite: the old results go only once the new ones exist
         write_atomic(out / "config.yaml", config_text)
+        write_atomic(out / "provenance.json", json.dumps(provenance(model_path(cfg.model)), indent=2) + "\n")
         write_jsonl(out / "predictions.jsonl", [
             {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"]}
             for r, b, it in zip(records, baseline, items)])
@@ -352,6 +356,41 @@ def _log_wandb(cfg: DictConfig, metrics: dict[str, Any], records, baseline, out:
             for r, b in list(zip(records, baseline))[: int(cfg.logging.samples)]]
     run.log({"predictions": wandb.Table(columns=["id", "question", "answer", "prediction", "unpruned"], data=rows)})
     run.finish()
+
+
+#: What a run measures of the machine rather than of the method (timings, memory, the cache's state): a rerun
+#: (``tokenprune run --from``) must give every other metric again.
+MACHINE_KEYS = frozenset({
+    "prefill_ms", "vision_ms", "llm_prefill_ms", "decode_ms_per_token", "operator_ms", "vision_share",
+    "prefill_speedup", "llm_prefill_speedup", "peak_memory_bytes", "baseline_cached", "finished_earlier",
+    "output_dir", *(f"baseline_{k}" for k in ("prefill_ms", "vision_ms", "llm_prefill_ms", "decode_ms_per_token"))})
+
+
+def compare_runs(before: Path, after: Path) -> list[str]:
+    """What differs between two finished run directories' results: every metric of ``metrics.json`` but
+    :data:`MACHINE_KEYS` (numbers to 1e-9 relative), and the items whose answers changed, pruned or unpruned
+    (``predictions.jsonl``; an lmms-eval run has none); empty when a rerun reproduced them."""
+    old, new = (json.loads((d / "metrics.json").read_text()) for d in (before, after))
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in MACHINE_KEYS]
+    diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if not _same(old.get(k), new.get(k))]
+    if not all((d / "predictions.jsonl").is_file() for d in (before, after)):
+        return diffs
+    rows = [[json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()] for d in (before, after)]
+    for key, label in (("prediction", "pipeline"), ("baseline_prediction", "unpruned")):
+        changed = [a["id"] for a, b in zip(*rows) if a.get(key) != b.get(key)]
+        if changed:
+            diffs.append(f"{len(changed)} {label} answers changed (first: {changed[0]})")
+    return diffs
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
 
 
 def summary_table(metrics: Mapping[str, Any]) -> str:

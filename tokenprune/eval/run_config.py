@@ -97,9 +97,33 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+def load_rerun_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
+    """``tokenprune run --from RUN_DIR``: the run config a run directory recorded (its ``config.yaml``), with
+    the pipeline as it was resolved then (``resolved_pipeline``: a preset edited since does not change the
+    rerun), a new run directory (``output_dir: null``), no baseline cache (the baseline is computed again, so
+    that both halves are reproduced), then ``overrides``."""
+    folder = Path(run_dir)
+    recorded = folder / "config.yaml"
+    if not folder.is_dir():
+        raise ConfigError("--from", f"{str(run_dir)!r} is not a folder (a run directory: tokenprune run writes one)")
+    if not recorded.is_file():
+        raise ConfigError("--from", f"{str(run_dir)!r} holds no config.yaml: not a run directory")
+    raw = read_yaml(recorded, "run directory config")
+    if not isinstance(raw, Mapping):
+        raise ConfigError("--from", f"{recorded} is not a run config (a mapping of keys)")
+    raw = dict(raw)
+    if "resolved_pipeline" not in raw:
+        raise ConfigError("--from", f"{recorded} has no resolved_pipeline: not written by tokenprune run")
+    resolved = raw.pop("resolved_pipeline")
+    if resolved is not None:
+        raw["pipeline"], raw["overrides"] = resolved, []
+    raw.update(output_dir=None, baseline_cache=None, overwrite=False)
+    return _load(raw, None, overrides)
+
+
 def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> DictConfig:
     """Defaults, then the YAML file, then ``KEY=VALUE`` overrides; checked, with errors naming the key."""
-    data: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    raw = None
     if path is not None:
         raw = read_yaml(path, "run config")
         if raw is None:
@@ -107,6 +131,12 @@ def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> D
         if not isinstance(raw, Mapping):
             raise ConfigError(None, f"run config {path}: must be a mapping of keys ({', '.join(SCHEMA)}), "
                                     f"got {type(raw).__name__}")
+    return _load(raw, path, overrides)
+
+
+def _load(raw: Mapping[str, Any] | None, path: str | Path | None, overrides: Iterable[str]) -> DictConfig:
+    data: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    if raw is not None:
         if isinstance(raw.get("generation"), Mapping) and "num_beams" in raw["generation"]:
             _refuse_beams()
         check_schema(raw, _loose(SCHEMA))  # unknown keys named here, before the merge
