@@ -17,8 +17,10 @@ from tokenprune.core.config import (
     apply_overrides,
     import_plugins,
     load_source,
+    validate_input,
     validate_pipeline_config,
 )
+from tokenprune.core.errors import ConfigError
 from tokenprune.core.registry import build_operator
 from tokenprune.core.stage import Stage
 from tokenprune.core.trace import StageTrace
@@ -31,23 +33,42 @@ class Pipeline(nn.Module):
     After a forward, :attr:`trace` holds one :class:`StageTrace` per stage that ran.
     """
 
-    def __init__(self, stages: Iterable[Stage], name: str = "pipeline", config: DictConfig | None = None):
+    def __init__(self, stages: Iterable[Stage], name: str = "pipeline", config: DictConfig | None = None,
+                 input: Mapping[str, float] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.name = name
         self.config = config
+        #: What happens to the images before the processor (``{"scale": s}``: each side times s), or None.
+        self.input = dict(input) if input else None
         self.trace: list[StageTrace] = []
         self.runs: list[int] = [0] * len(self.stages)
         #: time each operator of a stage on its own (``StageTrace.operator_ms_by_op``); on a GPU this
         #: synchronises between operators, so it is off unless asked for (``tokenprune bench`` turns it on)
         self.time_operators = False
 
-    def attach(self, model: nn.Module, guide: nn.Module | None = None) -> AttachedPipeline:
+    def attach(self, model: nn.Module, guide: nn.Module | None = None,
+               images_prepared: bool = False) -> AttachedPipeline:
         """Install the pipeline's hooks on ``model`` for the duration of a ``with`` block.
 
         ``guide``: a small VLM that tokenises images like ``model``, for the ``guide_model`` scorer (SGL).
+        ``images_prepared``: the inputs were made from images passed through :meth:`prepare_images` (required
+        when the pipeline has ``input`` settings, which no hook inside the model can apply).
         """
+        if self.input is not None and not images_prepared:
+            raise ConfigError("input", f"{self.name!r} changes the images before the processor ({self.input}): "
+                                       "make the inputs from pipeline.prepare_images(images) and attach with "
+                                       "images_prepared=True (tokenprune run, sweep and the lmms-eval model do)")
         return AttachedPipeline(self, model, guide=guide)
+
+    def prepare_images(self, images: list[Any]) -> list[Any]:
+        """The images as the pipeline's ``input`` shows them to the processor: each side scaled by ``scale``
+        (bicubic, at least 1 px; the downsampling baseline). Unchanged without ``input``. PIL images, or lists of
+        them (several images a sample)."""
+        if self.input is None:
+            return list(images)
+        return [self.prepare_images(im) if isinstance(im, list) else _scaled(im, self.input["scale"])
+                for im in images]
 
     def validate_for_depth(self, num_layers: int) -> None:
         """Check every site against a model with ``num_layers`` decoder layers."""
@@ -80,16 +101,25 @@ def build_pipeline(cfg: DictConfig, plugin_folders: Iterable[str | Path] = ()) -
         stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep"),
                             protect=raw.get("protect", ()), cache=raw.get("cache"),
                             budget=raw.get("budget", "per_image")))
-    return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg)
+    return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg, input=validate_input(cfg))
+
+
+def _scaled(image: Any, scale: float) -> Any:
+    from PIL import Image
+
+    w, h = image.size
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 
 
 def resolve_pipeline_config(source: str | Path | Mapping | DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
     """The config of ``source`` with ``overrides`` applied, validated and with operator defaults filled in."""
     cfg = apply_overrides(load_source(source), overrides)
     pipeline = build_pipeline(cfg, _source_folder(source))
-    resolved = {"name": pipeline.name}
+    resolved: dict[str, Any] = {"name": pipeline.name}
     if cfg.get("plugins"):
         resolved["plugins"] = list(cfg.plugins)
+    if pipeline.input is not None:
+        resolved["input"] = dict(pipeline.input)
     resolved["stages"] = [
         {"layer": s.layer, "positions": s.positions, **({"protect": list(s.protect)} if s.protect else {}),
          **({"budget": s.budget} if s.budget != "per_image" else {}),

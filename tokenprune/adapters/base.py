@@ -54,6 +54,9 @@ class ModelFacts:
     #: The decoder layers without attention: linear-attention (recurrent) layers, which hold a fixed-size state
     #: instead of keys and values (Qwen3.5's Gated DeltaNet).
     recurrent_layers: tuple[int, ...] = ()
+    #: Why an image shown at a lower resolution gives this model no fewer visual tokens (a processor that resizes
+    #: every image to one size, or picks its tiles by aspect ratio); None: it gives fewer.
+    fixed_resolution: str | None = None
 
 
 def _spans(layers: list[int]) -> str:
@@ -206,7 +209,15 @@ class ModelAdapter:
                           visual_grid=cls.visual_grid_from_config(config),
                           mask_format=mask_format_of(impl) if (impl := getattr(text, "_attn_implementation", None))
                           else None, attn_implementation=impl, sliding_layers=cls.sliding_layers_from_config(config),
-                          recurrent_layers=cls.recurrent_layers_from_config(config))
+                          recurrent_layers=cls.recurrent_layers_from_config(config),
+                          fixed_resolution=cls.fixed_resolution_from_config(config))
+
+    @classmethod
+    def fixed_resolution_from_config(cls, config: Any) -> str | None:
+        """Why an image at a lower resolution gives this family no fewer visual tokens (its processor resizes every
+        image to the tower's size, or picks tiles by aspect ratio); None when the count follows the image's size
+        (dynamic resolution, tiles chosen by size). The default: a family of dynamic resolution."""
+        return None
 
     @classmethod
     def sliding_layers_from_config(cls, config: Any) -> tuple[int, ...]:
@@ -246,7 +257,8 @@ class ModelAdapter:
                           visual_grid=self.visual_grid_from_config(self.model.config),
                           mask_format=self.mask_format, attn_implementation=self.attn_implementation,
                           sliding_layers=tuple(i for i in range(self.num_layers) if self.sliding_window(i)),
-                          recurrent_layers=self.recurrent_layers)
+                          recurrent_layers=self.recurrent_layers,
+                          fixed_resolution=self.fixed_resolution_from_config(self.model.config))
 
     @classmethod
     def resolve_site(cls, site: Any) -> Any:
@@ -288,6 +300,10 @@ class ModelAdapter:
         needs a guide model when none is given (``guide``). The pipeline's own checks ran when it was built;
         this is every check that depends on the model, and it needs only ``config.json``
         (:meth:`facts_from_config`) or the loaded model (:meth:`facts`)."""
+        if getattr(pipeline, "input", None) is not None and facts.fixed_resolution is not None:
+            raise ConfigError("input.scale", f"showing the image at a lower resolution gives {cls.family} no fewer "
+                                             f"visual tokens: {facts.fixed_resolution} (average pooling of the visual "
+                                             "tokens, the pooling preset, is the baseline that has a meaning there)")
         for stage in pipeline.stages:
             stage.check_depth(facts.num_layers)
             if facts.recurrent_layers:

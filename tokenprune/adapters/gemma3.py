@@ -40,6 +40,12 @@ class Gemma3Adapter(LlamaStyleAdapter):
     model_types = ("gemma3",)
     family = "Gemma 3"
 
+    @classmethod
+    def fixed_resolution_from_config(cls, config):
+        side = config.vision_config.image_size
+        return (f"its processor resizes every image to {side}x{side} px, {config.mm_tokens_per_image} tokens an "
+                "image")
+
     # --- attention and positions ----------------------------------------------------------------
     def attention_blocks(self, kwargs: dict) -> torch.Tensor | None:
         """Each run of image tokens (``token_type_ids == 1``) is a block: the model's image mask."""

@@ -14,6 +14,11 @@ class LlavaAdapter(LlamaStyleAdapter):
     model_types = ("llava",)
     family = "LLaVA-1.5"
 
+    @classmethod
+    def fixed_resolution_from_config(cls, config):
+        side = config.vision_config.image_size
+        return f"its processor resizes every image to {side}x{side} px, one grid of the same tokens"
+
     # --- vision-tower signals: a CLIP-style tower, one image = P patch tokens (+ CLS) -------------
     def _tower(self) -> nn.Module:
         return self.model.model.vision_tower

@@ -24,7 +24,10 @@ from tokenprune.core.sites import KV_CACHE, CrossAttentionSite, KVCacheSite, Lay
 from tokenprune.core.stage import BUDGETS, POSITIONS
 from tokenprune.core.yaml_files import parse_yaml, read_yaml, refuse_interpolation
 
-PIPELINE_KEYS = ("name", "plugins", "stages")
+PIPELINE_KEYS = ("name", "plugins", "input", "stages")
+#: What a pipeline's ``input`` does to the images before the processor: ``scale`` each side (the image shown at
+#: a lower resolution: the downsampling baseline).
+INPUT_KEYS = ("scale",)
 #: The site of a stage on the image features of a cross-attention model (Mllama), instead of a decoder layer.
 #: The site after the prefill: each decoder layer's cached visual keys/values (see tokenprune/core/kv_cache.py).
 STAGE_KEYS = ("layer", "positions", "budget", "protect", "cache", "operators")
@@ -184,6 +187,22 @@ def _check_plugin_source(name: str, where: str) -> None:
     raise ConfigError(where, f"{name!r} ({origin or 'no source file'}) does not register operators; {PLUGIN_HELP}")
 
 
+def validate_input(cfg: DictConfig) -> dict[str, float] | None:
+    """A pipeline's ``input`` settings, checked (``{scale: s}``, 0 < s < 1), or None when it has none."""
+    spec = cfg.get("input")
+    if spec is None:
+        return None
+    if not isinstance(spec, DictConfig):
+        raise ConfigError("input", f"must be a mapping with keys {', '.join(INPUT_KEYS)}, got {spec!r}")
+    for key in spec:
+        if key not in INPUT_KEYS:
+            raise ConfigError(f"input.{key}", f"unknown input key; allowed: {', '.join(INPUT_KEYS)}")
+    scale = spec.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1:
+        raise ConfigError("input.scale", f"the factor each image side is scaled by, in (0, 1); got {scale!r}")
+    return {"scale": float(scale)}
+
+
 def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
     """Check the structure and return plain stage dicts (operators still unbuilt)."""
     for key in cfg:
@@ -193,7 +212,10 @@ def validate_pipeline_config(cfg: DictConfig) -> list[dict]:
             raise ConfigError(str(key), f"unknown pipeline key{hint}; allowed: {', '.join(PIPELINE_KEYS)}")
     if "name" in cfg and not isinstance(cfg.name, str):
         raise ConfigError("name", f"must be a string, got {cfg.name!r}")
+    has_input = validate_input(cfg) is not None
     stages = cfg.get("stages")
+    if has_input and (stages is None or (isinstance(stages, ListConfig) and len(stages) == 0)):
+        return []  # the images changed before the processor, nothing pruned inside the model
     if not isinstance(stages, ListConfig) or len(stages) == 0:
         raise ConfigError("stages", f"must be a non-empty list of stages, got {OmegaConf.to_container(stages) if stages is not None else None!r}")
     plain = OmegaConf.to_container(stages, resolve=True)

@@ -214,6 +214,8 @@ class TokenPrune(lmms):
     def _encode(self, prompts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
         self.processor.tokenizer.padding_side = "left"
         if any(images):
+            if self.pipeline is not None:
+                images = self.pipeline.prepare_images(images)  # the downsampling baseline shows them smaller
             return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
         return dict(self.processor(text=prompts, return_tensors="pt", padding=True))
 
@@ -224,7 +226,8 @@ class TokenPrune(lmms):
 
     def _attached(self):
 
-        return self.pipeline.attach(self.model) if self.pipeline is not None else contextlib.nullcontext()
+        return self.pipeline.attach(self.model, images_prepared=True) if self.pipeline is not None else \
+            contextlib.nullcontext()
 
     def _generate(self, prepared: list[tuple[str, list]], gen_kwargs: dict) -> list[str]:
         until = gen_kwargs.get("until")

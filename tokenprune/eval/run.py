@@ -62,6 +62,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
 
     prompts = [build_prompt(processor, it["question"]) for it in items]
     images = [open_image(it["image"]) for it in items]
+    if pipeline is not None:
+        images = pipeline.prepare_images(images)  # the downsampling baseline shows them smaller
     processor.tokenizer.padding_side = "left"
     # one list per sample: the processors of the families with several images a prompt (Mllama) need the nesting
     enc = processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True)
@@ -79,7 +81,7 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
                                  return_dict_in_generate=True, **gen)
             trace = []
         else:
-            with pipeline.attach(model):
+            with pipeline.attach(model, images_prepared=True):
                 out = model.generate(**enc, max_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]),
                                      return_dict_in_generate=True, **gen)
                 trace = list(pipeline.trace)
@@ -199,14 +201,16 @@ def run_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], i
     }
     if "yes_no" in pruned:
         metrics["yes_no"], metrics["baseline_yes_no"] = pruned["yes_no"], base["yes_no"]
-    if all("flops" in r for r in records):
-        flops, base_flops = _mean([r["flops"] for r in records]), _mean([r["baseline_flops"] for r in records])
+    if all("flops" in r for r in records) and all("flops" in r for r in baseline):
+        # the unpruned model's own counts: a pipeline that changes the images (downsampling) changes the prompt
+        flops, base_flops = _mean([r["flops"] for r in records]), _mean([r["flops"] for r in baseline])
         metrics.update(flops=flops, baseline_flops=base_flops, flops_reduction=1 - flops / base_flops,
                        equivalent_visual_tokens=_mean([r["equivalent_visual_tokens"] for r in records]))
     else:
         metrics.update(flops=None, baseline_flops=None, flops_reduction=None, equivalent_visual_tokens=None)
     stages = sum(not isinstance(s.site, KVCacheSite) for s in pipeline.stages) if pipeline is not None else 0
-    metrics["visual_tokens"] = _mean([r["visual_tokens"] for r in records])
+    metrics["visual_tokens"] = _mean([r["visual_tokens"] for r in records])  # what the LLM received
+    metrics["baseline_visual_tokens"] = _mean([r["visual_tokens"] for r in baseline])
     metrics["visual_tokens_kept"] = [_mean([r["visual_tokens_kept"][s] for r in records
                                             if len(r["visual_tokens_kept"]) > s]) for s in range(stages)]
     kv_layers = max((len(r["kv_visual_entries_kept"]) for r in records), default=0)
@@ -410,7 +414,7 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
     gflops = None if metrics["flops"] is None else metrics["flops"] / 1e9
     base_gflops = None if metrics["baseline_flops"] is None else metrics["baseline_flops"] / 1e9
     lines.append(f"{'LLM prefill GFLOPs':<28}{num(base_gflops, '{:.3f}'):>14}{num(gflops, '{:.3f}'):>14}")
-    lines.append(f"{'visual tokens (layer mean)':<28}{num(metrics['visual_tokens']):>14}"
+    lines.append(f"{'visual tokens (layer mean)':<28}{num(metrics.get('baseline_visual_tokens')):>14}"
                  f"{num(metrics['equivalent_visual_tokens']):>14}")
     lines.append(f"{'prefill ms (median batch)':<28}{num(metrics['baseline_prefill_ms']):>14}"
                  f"{num(metrics['prefill_ms']):>14}")

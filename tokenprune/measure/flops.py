@@ -173,6 +173,11 @@ def layer_token_counts(pipeline: Pipeline | None, num_layers: int, n_tokens: int
         sites = {stage.site.decoder_layer: (i, stage) for i, stage in enumerate(pipeline.stages)
                  if stage.site.decoder_layer is not None}
     counts, n, v = [], n_tokens, n_visual
+    if pipeline is not None and pipeline.input is not None:
+        # images shown at ``scale`` per side: about scale² of the visual tokens (the processor rounds each side to
+        # its patch grid; a run counts the real ones)
+        v = round(n_visual * pipeline.input["scale"] ** 2)
+        n = n_tokens - (n_visual - v)
     for layer in range(num_layers):
         if layer in sites:
             i, stage = sites[layer]

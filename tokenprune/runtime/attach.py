@@ -136,7 +136,7 @@ class AttachedPipeline:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._remove()
-        if exc_type is None and self._forwards and not any(self.pipeline.runs):
+        if exc_type is None and self._forwards and self.pipeline.stages and not any(self.pipeline.runs):
             warnings.warn(
                 f"pipeline {self.pipeline.name!r} never pruned: none of {self._forwards} forward(s) held visual "
                 f"tokens in a prefill (is the image token in input_ids?)", RuntimeWarning, stacklevel=2)
