@@ -131,3 +131,34 @@ def test_run_from_refuses_what_is_not_a_run_directory(tmp_path, capsys):
                    "config is the run directory's)",
                    "tokenprune: error: config: tokenprune run needs a run config (experiments/asap_shapes.yaml) or "
                    "--from RUN_DIR"]
+
+
+# --- the difficulty filter ------------------------------------------------------------------------------
+
+def test_the_difficulty_filter_scores_the_items_the_filter_pipeline_gets_wrong(tmp_path):
+    """The hard items are read off a run of the filter pipeline of its own (its predictions' scores), and the
+    run's hard accuracy off its own predictions on them: nothing of the filter's code in the reference."""
+    import json
+
+    from tokenprune.eval.run import run
+    from tokenprune.eval.run_config import load_run_config
+
+    common = ["data.limit=24", "batch_size=8", "generation.max_new_tokens=3", f"baseline_cache={tmp_path / 'cache'}",
+              "logging.wandb.mode=disabled", "logging.progress_bar=false"]
+    random10 = "overrides=[stages.0.operators.1.keep=0.1]"
+    run(load_run_config("experiments/asap_shapes.yaml", [*common, "pipeline=random", random10,
+                                                         f"output_dir={tmp_path / 'filter'}"]))
+    filtered = run(load_run_config("experiments/asap_shapes.yaml", [
+        *common, "pipeline=fastv", f"output_dir={tmp_path / 'fastv'}",
+        "data.filter={hard_for: random, overrides: [stages.0.operators.1.keep=0.1]}"]))
+    judged = [json.loads(line) for line in (tmp_path / "filter" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "fastv" / "predictions.jsonl").read_text().splitlines()]
+    hard = [i for i, r in enumerate(judged) if r["correct"] < 0.5]
+    assert 0 < len(hard) < 24, "the reference model answers some items right with 10% of its tokens, not all"
+    assert filtered["hard_for"] == "random" and filtered["hard_n"] == len(hard)
+    assert [r["hard"] for r in rows] == [i in hard for i in range(24)]
+    assert filtered["hard_accuracy"] == pytest.approx(sum(rows[i]["correct"] for i in hard) / len(hard))
+    assert filtered["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 24)  # the plain score beside it
+    unpruned_hard = sum(judged[i]["baseline_prediction"].strip().lower() == str(judged[i]["answer"]).lower()
+                        for i in hard) / len(hard)
+    assert filtered["hard_baseline_accuracy"] == pytest.approx(unpruned_hard)

@@ -139,6 +139,13 @@ def test_results_markdown_table_by_hand():
     assert table[3] == "| keep=0.5 | base | 87.5% | 97.2 | 90.0% | 41.2% | 250.0 | x1.70 / x1.50 | 12.3 | 4.0 |"
     assert table[4] == "| keep=0.25 | base | 50.0% | 55.6 | 50.0% | 70.0% | 100.0 | — / — | — | — |"  # by pipeline
     assert table[5] == "| fastv,keep=0.5 | fastv | failed: ValueError: bad | | | | | | | |"
+    # a difficulty filter: its column after the accuracy, on every row
+    rows[0].update(hard_for="downsample", hard_n=12, hard_accuracy=0.25)
+    table = results_markdown(rows, {"accuracy": 0.9, "prefill_ms": 20.0, "hard_accuracy": 0.5}).splitlines()
+    assert table[0].startswith("| variant | pipeline | accuracy | hard for downsample | relative score |")
+    assert table[1].count("|") == table[0].count("|") == table[3].count("|") == table[5].count("|")
+    assert table[2].startswith("| unpruned | — | 90.0% | 50.0% | 100.0 |")
+    assert table[3].startswith("| keep=0.5 | base | 87.5% | 25.0% of 12 | 97.2 |")
 
 
 

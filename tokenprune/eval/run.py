@@ -38,6 +38,7 @@ from tokenprune.eval.models import (
 from tokenprune.eval.run_config import (
     FINISHED,
     finished_run,
+    resolve_filter,
     resolve_pipeline,
     resolved_config_yaml,
     run_directory,
@@ -267,6 +268,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return run_lmms_eval(cfg)
     pipeline = resolve_pipeline(cfg)  # config errors before any model is loaded
+    hard_filter = resolve_filter(cfg)
     name = pipeline.name if pipeline is not None else "unpruned"
     out = run_directory(cfg, name)
     config_text = resolved_config_yaml(cfg, pipeline)
@@ -275,9 +277,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {**done, "output_dir": str(out), "finished_earlier": True}
     items = load_items(cfg.data)
     pl.seed_everything(cfg.seed, verbose=False)
-    check_pipeline_for_model(read_model_config(cfg.model), pipeline)  # config.json alone: before the weights load
+    filter_pipeline = hard_filter[1] if hard_filter is not None else None
+    for pipe in (pipeline, filter_pipeline):
+        check_pipeline_for_model(read_model_config(cfg.model), pipe)  # config.json alone: before the weights load
     model, processor = load_model(OmegaConf.to_container(cfg.model))
-    check_pipeline_for_model(model, pipeline)  # the loaded model: before the baseline runs
+    for pipe in (pipeline, filter_pipeline):
+        check_pipeline_for_model(model, pipe)  # the loaded model: before the baseline runs
     shape = _llm_shape(model)
 
     baseline = None
@@ -295,8 +300,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cache_file is not None and _is_global_zero():
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(cache_file, baseline)
+    hard = None
+    if hard_filter is not None:
+        filter_name, filter_pipeline, below = hard_filter
+        judged = baseline if filter_pipeline is None else _cached_predictions(
+            cfg, items, model, processor, filter_pipeline, shape, f"filter ({filter_name})")
+        hard = [i for i, (r, it) in enumerate(zip(judged, items)) if item_score(r["prediction"], it) < below]
     records = predict(cfg, model, processor, items, pipeline, shape, name) if pipeline is not None else baseline
     metrics = run_metrics(records, baseline, items, pipeline)
+    if hard_filter is not None:
+        metrics.update(hard_metrics(records, baseline, items, hard, hard_filter[0], hard_filter[2]))
     metrics.update(pipeline=name, model=str(cfg.model.path), data=_data_name(cfg), flops_convention=cfg.flops_convention,
                    baseline_cached=from_cache)
     if _is_global_zero():
@@ -305,12 +318,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_atomic(out / "config.yaml", config_text)
         write_atomic(out / "provenance.json", json.dumps(provenance(model_path(cfg.model)), indent=2) + "\n")
         write_jsonl(out / "predictions.jsonl", [
-            {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"]}
-            for r, b, it in zip(records, baseline, items)])
+            {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"],
+             **({"hard": i in hard} if hard is not None else {})}
+            for i, (r, b, it) in enumerate(zip(records, baseline, items))])
         _log_wandb(cfg, metrics, records, baseline, out)
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def _cached_predictions(cfg: DictConfig, items, model, processor, pipeline, shape, phase: str):
+    """The records of ``pipeline`` on ``items`` (the difficulty filter's), from the baseline cache folder when it
+    holds them (keyed like the baseline, with the pipeline's resolved config), else computed and cached."""
+    cache_file = None
+    if cfg.baseline_cache:
+        key = digest({"baseline": baseline_key(cfg, items), "pipeline": OmegaConf.to_container(pipeline.config)})
+        cache_file = Path(cfg.baseline_cache) / f"filter-{key}.jsonl"
+        cached, damage = read_cached_records(cache_file, [it["id"] for it in items], ("id", "prediction"))
+        if cached is not None:
+            return cached
+        if damage:
+            print(f"tokenprune: filter cache {cache_file} is damaged ({damage}); computing it again", file=sys.stderr)
+    records = predict(cfg, model, processor, items, pipeline, shape, phase)
+    if cache_file is not None and _is_global_zero():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(cache_file, records)
+    return records
+
+
+def hard_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], items: list[dict[str, Any]],
+                 hard: list[int], name: str, below: float) -> dict[str, Any]:
+    """The run's scores on the hard items alone (VTC-Bench's difficulty filter): those the filter pipeline
+    ``name`` answered with an item score under ``below``. ``hard_n`` of them; accuracy, per type, the unpruned
+    model's, relative score and fidelity as :func:`run_metrics` computes them on all items (None when no item is
+    hard)."""
+    out: dict[str, Any] = {"hard_for": name, "hard_below": below, "hard_n": len(hard)}
+    if not hard:
+        return {**out, "hard_accuracy": None, "hard_per_type": {}, "hard_baseline_accuracy": None,
+                "hard_baseline_per_type": {}, "hard_relative_score": None, "hard_fidelity": None}
+    sub = [items[i] for i in hard]
+    pruned = summarize([records[i]["prediction"] for i in hard], sub)
+    base = summarize([baseline[i]["prediction"] for i in hard], sub)
+    same = sum(records[i]["prediction"].strip().lower() == baseline[i]["prediction"].strip().lower() for i in hard)
+    return {**out, "hard_accuracy": pruned["accuracy"], "hard_per_type": pruned["per_type"],
+            "hard_baseline_accuracy": base["accuracy"], "hard_baseline_per_type": base["per_type"],
+            "hard_relative_score": relative_score(pruned["per_type"], base["per_type"]),
+            "hard_fidelity": same / len(hard)}
 
 
 #: What a baseline record needs for the metrics (a cached one is checked for them).
@@ -435,6 +488,10 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
                  f"x{num(metrics['flops_speedup'], '{:.2f}')} (LLM) / "
                  f"x{num(metrics['flops_speedup_with_vision'], '{:.2f}')} (with the vision tower)   "
                  f"vision tower share of the unpruned prefill {pct(metrics['vision_share'])}")
+    if metrics.get("hard_for") is not None:
+        lines.append(f"hard for {metrics['hard_for']} ({metrics['hard_n']} of {metrics['n']} items it gets wrong): "
+                     f"accuracy {pct(metrics['hard_accuracy'])}, unpruned {pct(metrics['hard_baseline_accuracy'])}, "
+                     f"relative score {num(metrics['hard_relative_score'])}")
     if metrics.get("baseline_cached"):
         lines.append("(unpruned baseline read from the cache)")
     if metrics.get("finished_earlier"):

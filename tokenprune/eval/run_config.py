@@ -25,6 +25,7 @@ from tokenprune.core.errors import ConfigError
 from tokenprune.core.paths import writable_folder
 from tokenprune.core.values import (
     Bool,
+    Fields,
     Float,
     Int,
     ListOf,
@@ -43,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"path": "reference", "dtype": "float32", "attn_implementation": "sdpa", "device_map": None,
               "trust_remote_code": False},
     "data": {"source": "shapes", "split": "test", "limit": None, "path": None, "metric": None,
-             "lmms_eval": None},  # lmms-eval tasks instead of items: a list, or {tasks, include_path, metrics}
+             "lmms_eval": None,  # lmms-eval tasks instead of items: a list, or {tasks, include_path, metrics}
+             "filter": None},  # {hard_for: PIPELINE or unpruned, below: 0.5}: also score the items it gets wrong
     "pipeline": "asap",  # a preset name, a YAML path, or an inline mapping
     "overrides": [],  # KEY=VALUE overrides of the pipeline
     "generation": {"max_new_tokens": 4, "do_sample": False},
@@ -77,7 +79,12 @@ SCHEMA: dict[str, Any] = {
               "device_map": Optional(OneOf(Str(), MappingOf())), "trust_remote_code": Bool()},
     "data": {"source": Str(SOURCES), "split": Optional(Str()), "limit": Optional(Int(1)), "path": Optional(Str()),
              "metric": Optional(Str(METRICS)),
-             "lmms_eval": Optional(OneOf(Str(), ListOf(Str()), MappingOf()))},
+             "lmms_eval": Optional(OneOf(Str(), ListOf(Str()), MappingOf())),
+             "filter": Optional(Fields({"hard_for": OneOf(Str(), MappingOf(), allowed="a preset name, a pipeline "
+                                                                                     "YAML path or mapping, or "
+                                                                                     "unpruned"),
+                                        "overrides": ListOf(Str()), "below": Float(above=0, maximum=1)},
+                                       required=("hard_for",)))},
     "pipeline": Optional(OneOf(Str(), MappingOf())),
     "overrides": ListOf(Str()),
     "generation": GENERATION,
@@ -212,7 +219,8 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
             if isinstance(sub, Mapping):
                 schema = sub
             elif _takes_mapping(sub):
-                schema = None
+                fields = _fields_of(sub)  # a typed section under a default of null (data.filter): its keys named
+                schema = dict(fields.schema) if fields is not None else None
                 if not isinstance(node.get(part), dict):
                     node[part] = {}
             else:
@@ -225,8 +233,19 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
         node = node[part]
 
 
+def _fields_of(spec: Spec) -> Fields | None:
+    if isinstance(spec, Fields):
+        return spec
+    inner = getattr(spec, "spec", None)
+    for s in getattr(spec, "specs", ()) + ((inner,) if inner is not None else ()):
+        found = _fields_of(s)
+        if found is not None:
+            return found
+    return None
+
+
 def _takes_mapping(spec: Spec) -> bool:
-    if isinstance(spec, MappingOf):
+    if isinstance(spec, (MappingOf, Fields)):
         return True
     inner = getattr(spec, "spec", None)  # Optional's
     specs = getattr(spec, "specs", ()) + ((inner,) if inner is not None else ())  # OneOf's
@@ -265,6 +284,31 @@ def resolve_pipeline_spec(spec: Any, overrides: list[str], key: str = "pipeline"
         return load_pipeline(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec, overrides)
     except ConfigError as e:
         raise ConfigError(f"{key}{'.' + e.key if e.key else ''}", e.detail) from None
+
+
+#: The item score under which the difficulty filter's pipeline counts an item as wrong (exact match and yes/no:
+#: wrong; VQA soft accuracy: at most one annotator's answer matched).
+HARD_BELOW = 0.5
+
+
+def resolve_filter(cfg: DictConfig):
+    """``(name, pipeline or None, below)`` of the run's difficulty filter (``data.filter``): the pipeline whose
+    wrong answers pick the hard items (None: the unpruned model), checked before any model loads; None when the
+    run has no filter."""
+    spec = cfg.data.get("filter")
+    if spec is None:
+        return None
+    if cfg.data.lmms_eval is not None:
+        raise ConfigError("data.filter", "a difficulty filter scores items; an lmms-eval run scores tasks (drop "
+                                         "data.filter or data.lmms_eval)")
+    below = float(spec.get("below") or HARD_BELOW)
+    if spec.hard_for == "unpruned":
+        return "unpruned", None, below
+    pipe = resolve_pipeline_spec(spec.hard_for, list(spec.get("overrides") or []), key="data.filter.hard_for")
+    if pipe is None:
+        raise ConfigError("data.filter.hard_for", "got none; allowed: a preset name, a pipeline YAML path or "
+                                                  "mapping, or unpruned")
+    return pipe.name, pipe, below
 
 
 def resolved_config_yaml(cfg: DictConfig, pipeline) -> str:

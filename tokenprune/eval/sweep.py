@@ -62,7 +62,8 @@ SWEEP_SCHEMA = {"name": Str(), "base": OneOf(Str(), MappingOf()), "set": ListOf(
                 "grid": MappingOf(), "swap": MappingOf(), "variants": MappingOf(), "methods": MappingOf(),
                 "output_dir": Str()}
 RESULT_COLUMNS = ["variant", "pipeline", "accuracy", "relative_score", "fidelity", "flops_reduction",
-                  "equivalent_visual_tokens", "flops_speedup", "flops_speedup_with_vision", "prefill_ms", "vision_ms",
+                  "equivalent_visual_tokens", "hard_for", "hard_n", "hard_accuracy", "hard_relative_score",
+                  "flops_speedup", "flops_speedup_with_vision", "prefill_ms", "vision_ms",
                   "llm_prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "error"]
 
 
@@ -390,7 +391,8 @@ def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None
         row["error"] = ""
         baseline = baseline or {"accuracy": metrics.get("baseline_accuracy"),
                                 "prefill_ms": metrics.get("baseline_prefill_ms"),
-                                "vision_ms": metrics.get("baseline_vision_ms")}
+                                "vision_ms": metrics.get("baseline_vision_ms"),
+                                "hard_accuracy": metrics.get("hard_baseline_accuracy")}
         rows.append(row)
         print(f"[{v.name}] {status}: accuracy {metrics['accuracy']:.3f}, FLOPs reduction "
               f"{_fmt(metrics.get('flops_reduction'))}", flush=True)
@@ -424,19 +426,25 @@ def results_markdown(rows: list[dict[str, Any]], baseline: dict[str, Any] | None
     relative score (pruned / unpruned x 100), fidelity (answers identical to the unpruned model's), the
     analytic LLM-prefill FLOPs reduction, the layer-averaged visual tokens, the FLOPs-ideal speed-up of the LLM's
     prefill and of the whole prefill (the vision tower's FLOPs added to both sides), and the median prefill time
-    with the part of it spent in the vision tower."""
-    lines = ["| variant | pipeline | accuracy | relative score | fidelity | FLOPs reduction | visual tokens "
+    with the part of it spent in the vision tower. With a difficulty filter (``data.filter``) a column after the
+    accuracy gives the accuracy on the items its pipeline gets wrong, and how many."""
+    hard = next((r["hard_for"] for r in rows if r.get("hard_for")), None)
+    hard_head = f" hard for {hard} |" if hard else ""
+    lines = [f"| variant | pipeline | accuracy |{hard_head} relative score | fidelity | FLOPs reduction | visual tokens "
              "(layer avg.) | ideal speed-up LLM / with tower | prefill ms | of it vision tower |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: |" + (" ---: |" if hard else "") + " ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     if baseline:
-        lines.append(f"| unpruned | — | {_pct(baseline.get('accuracy'))} | 100.0 | 100.0% | 0.0% | — | — | "
+        hard_base = f" {_pct(baseline.get('hard_accuracy'))} |" if hard else ""
+        lines.append(f"| unpruned | — | {_pct(baseline.get('accuracy'))} |{hard_base} 100.0 | 100.0% | 0.0% | — | — | "
                      f"{_num(baseline.get('prefill_ms'))} | {_num(baseline.get('vision_ms'))} |")
     order = list(dict.fromkeys(r["pipeline"] for r in rows))
     for r in sorted(rows, key=lambda r: order.index(r["pipeline"])):
         if r.get("error"):
-            lines.append(f"| {r['variant']} | {r['pipeline']} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['pipeline']} | failed: {r['error'][:80]} | | | | | | | |"
+                         + (" |" if hard else ""))
             continue
-        lines.append(f"| {r['variant']} | {r['pipeline']} | {_pct(r.get('accuracy'))} | "
+        hard_cell = f" {_pct(r.get('hard_accuracy'))} of {r.get('hard_n')} |" if hard else ""
+        lines.append(f"| {r['variant']} | {r['pipeline']} | {_pct(r.get('accuracy'))} |{hard_cell} "
                      f"{_num(r.get('relative_score'))} | {_pct(r.get('fidelity'))} | {_pct(r.get('flops_reduction'))} | "
                      f"{_num(r.get('equivalent_visual_tokens'))} | {_speedups(r)} | {_num(r.get('prefill_ms'))} | "
                      f"{_num(r.get('vision_ms'))} |")
