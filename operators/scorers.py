@@ -109,7 +109,9 @@ class ClsAttention(Scorer):
     in Vision Language Models", CVPR 2025) and PruMerge (Shang et al., 2024): the [CLS] query's
     softmax over the patch keys, heads averaged (``mean``) or summed (``sum``). ``layer`` indexes
     the tower's encoder layers (negative from the end; -2 is the layer LLaVA takes its features
-    from). Recomputed from that layer's input with its own projections, so the tower keeps SDPA.
+    from); a fraction f in (0, 1] names the layer at that share of the depth, the ``round(f x depth)``-th
+    (0.375: the 9th of CLIP-L's 24, the 12th of a 32-layer tower), so one preset reads the same relative
+    depth in every tower. Recomputed from that layer's input with its own projections, so the tower keeps SDPA.
     Works at any site (a visual token keeps its patch); needs a family whose adapter maps visual
     tokens to vision patches (LLaVA-1.5 today).
 
@@ -118,6 +120,11 @@ class ClsAttention(Scorer):
     reads fine local detail from a shallow layer's CLS attention): each token's CLS attention is
     divided by the largest in its w×w window of the sample's visual grid, so every window's best
     token scores 1 and a top-k favours one token per window before any second one.
+
+    ``queries: all`` scores each patch by the attention it receives from every query of its image (the CLS
+    token's included), averaged over them: the "global attention" HiPrune reads (Liu et al., "HiPrune:
+    Training-Free Visual Token Pruning via Hierarchical Attention in Vision-Language Models", 2025). In a tower
+    without a CLS token (SigLIP, Qwen's) both settings give this received attention.
     """
 
     needs_vision = True
@@ -128,16 +135,21 @@ class ClsAttention(Scorer):
 
     @dataclass
     class Params(ScorerParams):
-        layer: int = -2  # vision-tower encoder layer (negative: from the end)
+        layer: int | float = -2  # vision-tower encoder layer (negative: from the end; a fraction: of the depth)
         heads: Literal["mean", "sum"] = "mean"  # how heads are reduced
         window: int = 0  # 0: global; w > 0: normalise within w x w windows of the visual grid
+        queries: Literal["cls", "all"] = "cls"  # all: the attention received from every query, averaged
 
         def __post_init__(self) -> None:
             if self.window < 0:
                 raise ParamError("window", "must be >= 0 (0 = global)")
+            if isinstance(self.layer, float) and not 0.0 < self.layer <= 1.0:
+                raise ParamError("layer", f"a fraction of the tower's depth lies in (0, 1]; got {self.layer} (an "
+                                          "integer names a layer)")
 
     def score(self, state: TokenState) -> torch.Tensor:
-        att = state.signals.vision_cls_attention(layer=self.params.layer, heads=self.params.heads)
+        att = state.signals.vision_cls_attention(layer=self.params.layer, heads=self.params.heads,
+                                                 queries=self.params.queries)
         w = self.params.window
         if w == 0:
             return att

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -555,4 +556,64 @@ class ImportantDiverse(FeatureUser, Selector):
             keep[b, order[:n_imp]] = True
             if diverse > 0:
                 keep[b, rest] = True
+        return keep
+
+
+@register_operator("anchor_buffer")
+class AnchorBuffer(Selector):
+    """HiPrune's selection (Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
+    Vision-Language Models", 2025): of the ``keep`` tokens, ``round(keep x alpha / 5)`` *anchors* score highest on
+    the ``anchors`` score set (the attention patches receive in a middle, object-centric vision layer); their
+    *buffers* are the grid cells next to them (above, below, left, right); the rest of the budget goes to the
+    *registers*, the highest on the stage's scores (the attention received in a deep layer) among the tokens not
+    chosen yet. With every anchor's four buffers distinct, anchors and buffers fill ``alpha`` of the budget.
+
+    Deviations: the public code takes the neighbours at raster index ±1 and ±width, so a row's first patch has the
+    previous row's last as its left neighbour; here buffers are grid neighbours only (none across the image's edge).
+    When anchors and buffers alone exceed the budget (a tiny budget with a large ``alpha``), the anchors in rank
+    order, then buffers in their anchors' rank order, fill it (the code would fail there).
+    """
+
+    needs_grid = True
+
+    @dataclass
+    class Params:
+        keep: float | int = 0.111  # visual tokens kept: a fraction or a count
+        alpha: float = 0.1  # share of the budget for anchors and their buffers (anchors = keep * alpha / 5)
+        anchors: str = "anchors"  # the score set that ranks the anchors (a scorer's ``into``)
+
+        def __post_init__(self) -> None:
+            check_keep(self.keep)
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ParamError("alpha", f"must lie in [0, 1], got {self.alpha}")
+            if not self.anchors:
+                raise ParamError("anchors", "names the score set of the anchor layer (a scorer's into:)")
+
+    def expected_kept(self, num_visual: int) -> int:
+        return resolve_keep(self.params.keep, num_visual)
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        deep = state.score_set()
+        shallow = state.score_set(self.params.anchors)
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b]).squeeze(1)
+            if vis.numel() == 0:
+                continue
+            rows, cols = state.visual_grid(b)
+            total = resolve_keep(self.params.keep, vis.numel())
+            n_anchor = min(total, math.floor(total * self.params.alpha / 5 + 0.5))
+            ranked = torch.argsort(shallow[b, vis].float(), descending=True, stable=True)[:n_anchor].tolist()
+            chosen = list(ranked)
+            for cell in ranked:
+                r, c = divmod(cell, cols)
+                chosen += [y * cols + x for y, x in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
+                           if 0 <= y < rows and 0 <= x < cols]
+            chosen = list(dict.fromkeys(chosen))[:total]  # anchors first, then buffers, each once
+            taken = torch.zeros(vis.numel(), dtype=torch.bool, device=vis.device)
+            taken[torch.tensor(chosen, dtype=torch.long, device=vis.device)] = True
+            rest = torch.nonzero(~taken).squeeze(1)
+            order = rest[torch.argsort(deep[b, vis[rest]].float(), descending=True, stable=True)]
+            taken[order[: total - len(chosen)]] = True
+            keep[b, vis[taken]] = True
         return keep

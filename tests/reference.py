@@ -276,3 +276,23 @@ def clip_llava_flops(images: int, side: int, patch: int, d: int, m: int, layers:
     layer = 2 * 4 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
     projector = 2 * patches * (d * text + text * text)
     return images * (conv + layers * layer + projector)
+
+
+def capture_state(model, batch, stage):
+    """Run ``stage`` at layer 0 and hand back the TokenState it saw (with its signals)."""
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        needs_vision = True  # the tower's layers are hooked for pipelines that read them
+
+        def forward(self, state):
+            seen["state"] = state
+            return state
+
+    import tokenprune as tp
+
+    pipe = tp.load_pipeline({"stages": [stage]})
+    pipe.stages[0].operators.insert(0, Spy())
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    return seen["state"], pipe

@@ -154,7 +154,8 @@ def llava32_pair():
 REFUSED = {"tome": "stages.0.operators.0.proportional_attention"}
 
 
-@pytest.mark.parametrize("name", sorted(set(preset_names()) - {"trimmed_llama", "sgl"}))
+# (downsample acts on the images before the processor, nothing inside the model: tests/test_downsample.py)
+@pytest.mark.parametrize("name", sorted(set(preset_names()) - {"trimmed_llama", "sgl", "downsample"}))
 @torch.no_grad()
 def test_every_preset_under_flash_is_the_preset_under_sdpa_or_refused(llava32_pair, name):
     """Each preset on a 32-layer tiny LLaVA (a padded batch of two) under FlashAttention keeps the same tokens and

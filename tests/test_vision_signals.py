@@ -5,30 +5,12 @@ import pytest
 import torch
 from families import next_packed_rows
 from families import pair as family_pair
-from reference import reference_greedy
+from reference import capture_state, reference_greedy
 
 import tokenprune as tp
 from tokenprune.core.errors import ConfigError
 
 STEPS = 3
-
-
-def capture_state(model, batch, stage):
-    """Run ``stage`` at layer 0 and hand back the TokenState it saw (with its signals)."""
-    seen = {}
-
-    class Spy(torch.nn.Module):
-        needs_vision = True  # the tower's layers are hooked for pipelines that read them
-
-        def forward(self, state):
-            seen["state"] = state
-            return state
-
-    pipe = tp.load_pipeline({"stages": [stage]})
-    pipe.stages[0].operators.insert(0, Spy())
-    with torch.no_grad(), pipe.attach(model):
-        model(**batch)
-    return seen["state"], pipe
 
 
 def eager_tower(llava_pair, batch):

@@ -572,6 +572,13 @@ class ModelAdapter:
         :meth:`vision_layer_capture`."""
         raise NotImplementedError
 
+    def vision_received_attention(self, layer: int, captured: Any, tower: Any = None) -> torch.Tensor:
+        """(R, H) per signal row, the attention its patch receives at vision ``layer``, averaged over every query of
+        its attention span (all of an image's tokens, the CLS token included where there is one; a window in
+        Qwen's windowed layers). By default the tower's summary signal (:meth:`vision_cls_attention`), which is this
+        already in a tower without a CLS token; towers with one override it."""
+        return self.vision_cls_attention(layer, captured, tower)
+
     def vision_keys(self, layer: int, captured: Any, tower: Any = None) -> torch.Tensor:
         """(R, H, hd) per signal row, its keys at vision ``layer``, from the layer's :meth:`vision_layer_capture`."""
         raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter, block_groups, tiles_of_images
+from tokenprune.adapters.base import LlamaStyleAdapter, block_groups, received_attention, tiles_of_images
 
 
 class InternVLAdapter(LlamaStyleAdapter):
@@ -146,6 +146,10 @@ class InternVLAdapter(LlamaStyleAdapter):
         q, k, scale = self._qk(layer, captured)
         probs = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)[:, :, 0]
         return self._per_token(probs[:, :, 1:], "sum")
+
+    def vision_received_attention(self, layer, captured, tower=None):
+        received = received_attention(*self._qk(layer, captured))  # (tiles, H, 1 + P): every query, CLS too
+        return self._per_token(received[:, :, 1:], "sum")
 
     def vision_keys(self, layer, captured, tower=None):
         _, k, _ = self._qk(layer, captured)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter, clip_layer_qk
+from tokenprune.adapters.base import LlamaStyleAdapter, clip_layer_qk, received_attention
 
 
 class LlavaAdapter(LlamaStyleAdapter):
@@ -76,6 +76,12 @@ class LlavaAdapter(LlamaStyleAdapter):
         _, first = self._tokens_per_image()
         probs = probs[:, :, first:]  # (images, H, P)
         return probs.permute(0, 2, 1).reshape(-1, probs.shape[1])
+
+    def vision_received_attention(self, layer, captured, tower=None):
+        received = received_attention(*self._qk(layer, captured))  # (images, H, tokens): every query, CLS too
+        _, first = self._tokens_per_image()
+        received = received[:, :, first:]  # the patches' columns
+        return received.permute(0, 2, 1).reshape(-1, received.shape[1])
 
     def vision_keys(self, layer, captured, tower=None):
         _, k, _ = self._qk(layer, captured)

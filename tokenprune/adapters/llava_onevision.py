@@ -127,3 +127,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return super().vision_cls_attention(layer, captured, tower)
         received = received_attention(*self._qk(layer, captured))  # (tiles, H, P)
         return received.permute(0, 2, 1).reshape(-1, received.shape[1])
+
+    def vision_received_attention(self, layer, captured, tower=None):
+        if self._has_cls():
+            return super().vision_received_attention(layer, captured, tower)
+        return self.vision_cls_attention(layer, captured, tower)  # SigLIP: already the received attention

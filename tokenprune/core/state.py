@@ -297,18 +297,23 @@ class Signals:
                                "set state.signals.vision to a VisionSignalSource)")
         return self.vision
 
-    def vision_cls_attention(self, layer: int = -2, heads: str = "mean") -> torch.Tensor:
+    def vision_cls_attention(self, layer: int | float = -2, heads: str = "mean", queries: str = "cls") -> torch.Tensor:
         """(B, N) attention of the vision tower's CLS token to each visual token's patch at vision ``layer``
-        (recomputed from that layer's input, heads averaged or summed); 0 on other tokens."""
+        (recomputed from that layer's input, heads averaged or summed); 0 on other tokens. ``queries: all``: the
+        attention the patch receives from every query instead, averaged over them (HiPrune's global attention);
+        in a tower without a CLS token the two are the same."""
         if heads not in ("mean", "sum"):
             raise ValueError(f"heads={heads!r}; allowed: mean, sum")
+        if queries not in ("cls", "all"):
+            raise ValueError(f"queries={queries!r}; allowed: cls, all")
 
         def compute() -> torch.Tensor:
-            probs = self._vision().cls_attention(layer)  # (images * P, H)
+            vision = self._vision()
+            probs = vision.cls_attention(layer) if queries == "cls" else vision.received_attention(layer)  # (R, H)
             per = probs.mean(-1) if heads == "mean" else probs.sum(-1)
-            return self._vision().to_tokens(per, self._state.source_index, 0.0)
+            return vision.to_tokens(per, self._state.source_index, 0.0)
 
-        return self.cached(("vision_cls_attention", layer, heads), compute)
+        return self.cached(("vision_cls_attention", layer, heads, queries), compute)
 
     def vision_keys(self, layer: int = -2) -> torch.Tensor:
         """(B, N, H, hd) keys of each visual token's patch at vision ``layer``; zeros on other tokens."""

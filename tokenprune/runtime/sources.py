@@ -170,7 +170,9 @@ class VisionSource(VisionSignalSource):
         self.num_layers = num_layers
         self.tower = tower
 
-    def _input(self, layer: int) -> tuple[int, Any]:
+    def _input(self, layer: int | float) -> tuple[int, Any]:
+        if isinstance(layer, float):  # a share of the depth: the round(f * depth)-th layer
+            layer = min(self.num_layers, max(1, round(layer * self.num_layers))) - 1
         idx = layer + self.num_layers if layer < 0 else layer
         if not 0 <= idx < self.num_layers:
             raise ValueError(f"vision layer {layer} does not exist: the tower has {self.num_layers} layers "
@@ -184,6 +186,11 @@ class VisionSource(VisionSignalSource):
         """(R, H) attention each signal row receives from the tower's summary query (CLS) at vision ``layer``."""
         idx, captured = self._input(layer)
         return self.adapter.vision_cls_attention(idx, captured, self.tower)
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        """(R, H) attention each signal row receives from every query of its span at vision ``layer``."""
+        idx, captured = self._input(layer)
+        return self.adapter.vision_received_attention(idx, captured, self.tower)
 
     def keys(self, layer: int) -> torch.Tensor:
         """(R, H, hd) keys per signal row at vision ``layer``."""
