@@ -43,6 +43,19 @@ def test_variants_are_the_grid_times_base_swaps_variants_and_methods(tmp_path):
     assert list(cfg.overrides) == ["stages.0.operators.1.keep=0.25"] and cfg.pipeline == "fastv"
 
 
+def test_a_method_without_budget_keys_runs_once_and_a_method_may_name_its_preset(tmp_path):
+    path = sweep_file(tmp_path, "unused", budget={"key": "stages.0.operators.1.keep", "values": [0.5, 0.25]},
+                      methods={"pooling": {}, "pool3": {"preset": "pooling", "set": {"stages.0.operators.0.size": 3}},
+                               "fastv": {"budget": {"stages.0.operators.1.keep": 1.0}}})
+    variants = Sweep(path).variants()
+    assert [v.name for v in variants] == ["keep=0.5", "fastv,keep=0.5", "pool3", "pooling", "keep=0.25",
+                                          "fastv,keep=0.25"]  # (the file's keys sorted)
+    assert variants[2].pipeline == "pooling" and variants[2].pipeline_overrides == ["stages.0.operators.0.size=3"]
+    with pytest.raises(ConfigError) as e:
+        Sweep(sweep_file(tmp_path, "x", methods={"a": {"preset": 3}}))
+    assert e.value.key == "methods.a.preset"
+
+
 def test_bad_sweep_files_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         Sweep(sweep_file(tmp_path, "x", swop={}))

@@ -14,6 +14,8 @@ A sweep file (``experiments/ablations/*.yaml``)::
     methods:                             # other pipelines, at each budget
       fastv: {budget: {stages.0.operators.1.keep: 1.0}}            # key = factor x budget
       pyramiddrop: {set: {stages.0.layer: 1}, budget: {...}}
+      pooling: {}                                                  # no budget keys: runs once
+      pooling_3x3: {preset: pooling, set: {stages.0.operators.0.size: 3}}   # a preset under another name
 
 Keys whose first part is a run-config section (``model``, ``data``, ``pipeline``, ``generation``,
 ``batch_size`` ...) set the run config; every other key is a pipeline override. Every grid point runs
@@ -142,8 +144,12 @@ class Sweep:
                 raise ConfigError(f"variants.{name}", f"must be a mapping of KEY: VALUE, got {changes!r}")
         self.methods = raw.get("methods") or {}
         for name, spec in self.methods.items():
-            if not isinstance(spec, dict) or not set(spec) <= {"set", "budget"}:
-                raise ConfigError(f"methods.{name}", f"must be {{set: {{KEY: VALUE}}, budget: {{KEY: FACTOR}}}}, got {spec!r}")
+            if not isinstance(spec, dict) or not set(spec) <= {"set", "budget", "preset"}:
+                raise ConfigError(f"methods.{name}", f"must be {{preset: NAME, set: {{KEY: VALUE}}, budget: {{KEY: "
+                                                     f"FACTOR}}}}, got {spec!r}")
+            if spec.get("preset") is not None and not isinstance(spec["preset"], str):
+                raise ConfigError(f"methods.{name}.preset", f"a preset name or pipeline YAML path, got "
+                                                            f"{spec['preset']!r}")
             if spec.get("set") is not None and not isinstance(spec["set"], dict):
                 raise ConfigError(f"methods.{name}.set", f"must be a mapping of KEY: VALUE, got {spec['set']!r}")
             budget = spec.get("budget")
@@ -232,6 +238,7 @@ class Sweep:
             axes = [(str(self.budget["key"]), list(self.budget["values"]))] + axes
         points = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])] or [{}]
         out: list[Variant] = []
+        budget_free: set[str] = set()  # methods without budget keys run once per point of the other axes
         for point in points:
             label = [_short(k, v) for k, v in point.items()]
             out.append(make(None, dict(point), label))
@@ -248,9 +255,13 @@ class Sweep:
                 # a method shares the grid's run-config axes (data, generation...), not the base pipeline's keys
                 grid_rest = {k: v for k, v in point.items() if k.split(".")[0] in run_keys
                              and (self.budget is None or k != self.budget["key"])}
-                tag = [_short(str(self.budget["key"]), budget)] if budget is not None else []
-                v = make(method, {**grid_rest, **values},
+                tag = [_short(str(self.budget["key"]), budget)] if budget is not None and spec.get("budget") else []
+                v = make(str(spec.get("preset") or method), {**grid_rest, **values},
                          [str(method)] + tag + [_short(k, val) for k, val in grid_rest.items()])
+                if not tag and budget is not None:
+                    if v.name in budget_free:
+                        continue
+                    budget_free.add(v.name)
                 out.append(v)
         seen: dict[str, int] = {}
         for v in out:
