@@ -485,6 +485,12 @@ class GridPool(Merger):
     grid (LLaVA-NeXT's base tile and crops, InternVL's tiles, each video frame; a single-image family's image);
     visual tokens in no tile (LLaVA-NeXT's newlines) stay. With ``positions: renumber`` the pooled tokens sit on a
     grid ``size`` times smaller, as a pooled image's would. The stage takes no scorer or selector.
+
+    ``threshold: t > 0`` pools only the blocks whose tokens are alike — the mean cosine similarity of ``features``
+    over the block's pairs of distinct tokens at least t — and leaves every other token as it is: MustDrop's local
+    spatial merging (Liu et al., "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language
+    Model", 2024: 3x3 windows, t = 0.8, on the vision tower's layer-0 output). Its kept count then depends on the
+    image.
     """
 
     selects = True
@@ -493,16 +499,35 @@ class GridPool(Merger):
     @dataclass
     class Params:
         size: int = 2  # side of a pooled block, in tokens
+        threshold: float = 0.0  # 0: pool every block; t > 0: only blocks whose mean pairwise cosine is >= t
+        features: FeatureKind = "hidden"  # what the similarity compares (threshold > 0)
+        vision_layer: int = 1  # for features: vision_keys
 
         def __post_init__(self) -> None:
             if self.size < 1:
                 raise ParamError("size", f"must be >= 1, got {self.size}")
+            if not -1.0 <= self.threshold <= 1.0:
+                raise ParamError("threshold", f"a cosine similarity in [-1, 1] (0: pool every block), got "
+                                              f"{self.threshold}")
+
+    @property
+    def needs_vision(self) -> bool:  # type: ignore[override]
+        return self.params.threshold > 0 and self.params.features == "vision_keys"
+
+    @property
+    def min_layer(self) -> int:  # type: ignore[override]
+        return 1 if self.params.threshold > 0 and self.params.features == "keys" else 0
 
     def expected_kept_in_grid(self, rows: int, cols: int) -> int:
+        if self.params.threshold > 0:
+            raise NotImplementedError("grid_pool with a threshold pools the blocks that are alike: its count depends "
+                                      "on the image")
         k = self.params.size
         return -(-rows // k) * -(-cols // k)
 
     def expected_kept(self, num_visual: int) -> int:
+        if self.params.threshold > 0:
+            return self.expected_kept_in_grid(0, 0)
         side = int(round(num_visual ** 0.5))
         if side * side != num_visual:
             raise NotImplementedError(f"grid_pool needs the grid shape for {num_visual} visual tokens (not a square)")
@@ -514,6 +539,9 @@ class GridPool(Merger):
         k = self.params.size
         hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
         keep = ~state.visual_mask.clone()
+        feats = None
+        if self.params.threshold > 0:
+            feats = F.normalize(state.signals.features(self.params.features, self.params.vision_layer).float(), dim=-1)
         for b in range(state.batch_size):
             vis = state.visual_mask[b] & state.valid_mask[b]
             keep[b] |= vis & (state.tiles[b] < 0)
@@ -529,9 +557,28 @@ class GridPool(Merger):
                 block = (r // k) * (-(-cols // k)) + c // k  # each token's block, in raster order of blocks
                 first = torch.full((int(block.max()) + 1,), rows * cols, dtype=torch.long, device=idx.device)
                 first = first.scatter_reduce(0, block, torch.arange(rows * cols, device=idx.device), "amin")
-                targets = idx[first]  # each block's top-left token
                 others = first[block] != torch.arange(rows * cols, device=idx.device)
+                if feats is not None:  # only the blocks whose tokens are alike; the others' tokens all stay
+                    alike = self._alike_blocks(feats[b, idx.to(feats.device)].to(idx.device), block, first.numel())
+                    keep[b, idx[~alike[block]]] = True
+                    others &= alike[block]
+                    first = first[alike]
+                    block = torch.cumsum(alike.long(), 0)[block] - 1  # the pooled blocks renumbered
+                targets = idx[first]  # each pooled block's top-left token
                 merge_into(hidden[b], sizes[b], targets, idx[others], block[others], state.merge_record(b))
                 keep[b, targets] = True
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         return state
+
+    def _alike_blocks(self, feats: torch.Tensor, block: torch.Tensor, blocks: int) -> torch.Tensor:
+        """(blocks,) bool: whether each block's mean cosine similarity over its pairs of distinct tokens reaches
+        the threshold (``feats`` unit rows of the tile's tokens in raster order; a one-token block never)."""
+        alike = torch.zeros(blocks, dtype=torch.bool, device=block.device)
+        for j in range(blocks):
+            members = feats[block == j]
+            m = members.shape[0]
+            if m < 2:
+                continue
+            sim = members @ members.T
+            alike[j] = float((sim.sum() - sim.diagonal().sum()) / (m * (m - 1))) >= self.params.threshold
+        return alike

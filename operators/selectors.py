@@ -617,3 +617,61 @@ class AnchorBuffer(Selector):
             taken[order[: total - len(chosen)]] = True
             keep[b, vis[taken]] = True
         return keep
+
+
+@register_operator("dual_attention")
+class DualAttention(Selector):
+    """MustDrop's text-guided dual-attention filter (Liu et al., "Multi-Stage Vision Token Dropping: Towards
+    Efficient Multimodal Large Language Model", 2024), as its public code does it: the attention the instruction's
+    tokens (the text after the image) pay the visual tokens at the layer before the site, heads averaged; a visual
+    token is dropped when both its *global* attention (summed over the instruction's tokens) is under ``global_share``
+    of the sum over all visual tokens and its *individual* attention (the largest from any one instruction token) is
+    under ``individual``. The adaptive budget follows the thresholds (the code's 64-token setting on LLaVA-1.5:
+    0.011 and 0.01).
+
+    MustDrop's *key set* — the visual tokens the vision tower's CLS token attends to most — is never dropped: the
+    ``key`` share of the stage's visual tokens highest on the ``key_scores`` set (a ``cls_attention`` scorer writing
+    ``into: key``; ``key: 0`` for none). Deviation: the code fixes the key set once (8% of the tokens leaving the
+    tower) and protects it at every stage; here each stage protects the top ``key`` share of the tokens it sees, a
+    subset of the first stage's once tokens are gone.
+    """
+
+    needs_scores = False
+    min_layer = 1
+
+    @dataclass
+    class Params:
+        global_share: float = 0.011  # a token is dropped if its summed attention < this share of the total ...
+        individual: float = 0.01  # ... and its largest single attention < this
+        key: float = 0.08  # share of the stage's visual tokens protected by the key_scores set
+        key_scores: str = "key"  # the score set ranking the key tokens (a scorer's ``into``)
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.global_share <= 1.0:
+                raise ParamError("global_share", f"must lie in [0, 1], got {self.global_share}")
+            if not 0.0 <= self.individual <= 1.0:
+                raise ParamError("individual", f"must lie in [0, 1], got {self.individual}")
+            if not 0.0 <= self.key <= 1.0:
+                raise ParamError("key", f"must lie in [0, 1], got {self.key}")
+
+    def select(self, state: TokenState) -> torch.Tensor:
+        keep = ~state.visual_mask.clone()
+        key_scores = state.score_set(self.params.key_scores) if self.params.key > 0 else None
+        for b in range(state.batch_size):
+            vis = torch.nonzero(state.visual_mask[b]).squeeze(1)
+            if vis.numel() == 0:
+                continue
+            rows = state.signals.query_rows("instruction", b)
+            if rows.numel() == 0:  # no instruction to guide the filter: nothing is dropped
+                keep[b, vis] = True
+                continue
+            att = state.signals.attention_probs(b, rows).mean(dim=0)[:, vis.to(rows.device)].float()  # (Q, V)
+            total = att.sum(dim=0)
+            drop = (total < total.sum() * self.params.global_share) & (att.max(dim=0).values < self.params.individual)
+            stay = ~drop.to(vis.device)
+            if key_scores is not None:
+                n_key = math.ceil(self.params.key * vis.numel() - 1e-9)
+                top = torch.argsort(key_scores[b, vis].float(), descending=True, stable=True)[:n_key]
+                stay[top.to(vis.device)] = True
+            keep[b, vis[stay]] = True
+        return keep

@@ -125,11 +125,11 @@ def masked_greedy(model, inputs: dict, steps: int, prefill_hidden: dict, decode_
 
 
 def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], steps: int,
-                     compact_earlier: bool = False):
+                     compact_earlier: bool = False, compact_from: int = 0):
     """Greedy decoding of the masked reference: (tokens (B, steps), per-step logits list of (B, V)).
 
-    Layers >= ``site`` never see the pruned keys; with ``compact_earlier`` the layers < ``site``
-    stop seeing them from the first decoding step on (their prefill is unchanged).
+    Layers >= ``site`` never see the pruned keys; with ``compact_earlier`` the layers ``compact_from`` ..
+    ``site - 1`` stop seeing them from the first decoding step on (their prefill is unchanged).
     """
     am = inputs["attention_mask"]
     cols = pruned_columns(am.shape[1], kept, am)
@@ -137,7 +137,7 @@ def reference_greedy(model, inputs: dict, site: int, kept: list[list[int]], step
     late = {layer: cols for layer in range(site, num_layers)}
     masks = dict(late)
     if compact_earlier:
-        masks.update({layer: cols for layer in range(site)})
+        masks.update({layer: cols for layer in range(compact_from, site)})
     return masked_greedy(model, inputs, steps, late, lambda step: masks)
 
 

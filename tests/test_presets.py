@@ -15,7 +15,16 @@ from tokenprune.measure.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
            "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl", "topv",
-           "static_patches", "pooling", "cdpruner", "fastervlm", "vispruner", "hiprune"]
+           "static_patches", "pooling", "cdpruner", "fastervlm", "vispruner", "hiprune", "mustdrop"]
+#: Overrides for the tiny models' few visual tokens (16-64): MustDrop's attention thresholds are set for LLaVA's
+#: 576, and at 16 every token's share of the instruction's attention passes them.
+TINY = {"mustdrop": ["stages.1.operators.1.global_share=0.5", "stages.1.operators.1.individual=0.5"]}
+
+
+def load_for_tiny(name: str):
+    return tp.load_pipeline(name, TINY.get(name, []))
+
+
 #: The preset for cross-attention models.
 CROSS = {"trimmed_llama"}
 #: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).
@@ -62,7 +71,7 @@ def test_every_method_has_a_preset():
 def test_preset_runs_and_generates(llava32, name, no_eager):
     from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
 
-    pipe = tp.load_pipeline(name)
+    pipe = load_for_tiny(name)
     inputs = tiny_llava_inputs(llava32)  # a padded batch of two (adaptive budgets keep different counts)
     guide = {"guide": tiny_llava("sdpa", layers=2, seed=3)} if name == "sgl" else {}
     with pipe.attach(llava32, **guide):
@@ -145,7 +154,7 @@ def test_preset_on_other_families(family32, refused, family, name, no_eager):
     if (name, MATRIX_FAMILY[family]) in refused:
         pytest.skip("refused on this family (the matrix says why)")
     model, inputs = family32[family]
-    pipe = tp.load_pipeline(name)
+    pipe = load_for_tiny(name)
     guide = {"guide": family32[f"{family}_guide"]} if name == "sgl" else {}
     with pipe.attach(model, **guide):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -179,7 +188,7 @@ def test_the_presets_the_matrix_runs_on_mllama_generate_there(name, no_eager):
     assert {"trimmed_llama", "visionzip", "divprune"} <= set(mllama_presets())
     model = tiny_mllama("sdpa")
     inputs = tiny_mllama_inputs(model)
-    pipe = tp.load_pipeline(name)
+    pipe = load_for_tiny(name)
     with pipe.attach(model):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
@@ -252,7 +261,7 @@ def test_kv_cache_preset_runs_on_each_family(llava32, family32, refused, family,
     if family != "llava" and (name, MATRIX_FAMILY[family]) in refused:
         pytest.skip("refused on this family (the matrix says why)")
     model, inputs = (llava32, tiny_llava_inputs(llava32)) if family == "llava" else family32[family]
-    pipe = tp.load_pipeline(name)
+    pipe = load_for_tiny(name)
     with pipe.attach(model):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 2

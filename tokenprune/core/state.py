@@ -401,7 +401,8 @@ class TokenState:
       ``scores: NAME`` (Cross-Self Pruning ranks by two attentions with separate budgets).
     - ``keep_mask`` (B, N) bool: the tokens that survive the stage (set by the selector).
     - ``shifts``: the attention-shift corrections of the stage, applied by ``signals.attention``.
-    - ``compact_kv_before_site``: set by a compactor; the KV cache of earlier layers keeps only the kept tokens.
+    - ``compact_kv_before_site``: set by a compactor; the KV cache of earlier layers keeps only the kept tokens
+      (those from layer ``compact_kv_from`` on).
     - ``protected_mask`` (B, N) bool or None: visual tokens the stage protects (its ``protect`` key,
       e.g. LLaVA-NeXT's ``image_newline`` tokens). They are left out of ``visual_mask``, so no
       operator drops or merges them and budgets count only the others, but query sets still count
@@ -433,6 +434,7 @@ class TokenState:
     keep_mask: torch.Tensor | None = None
     shifts: list[AttentionShift] = field(default_factory=list)
     compact_kv_before_site: bool = False
+    compact_kv_from: int = 0
     proportional_attention: bool = False
     protected_mask: torch.Tensor | None = None
     merged_into: torch.Tensor | None = None

@@ -26,7 +26,7 @@ def cache_bytes(cache) -> int:
 
 def prompt_kv_bytes(per_layer_tokens: list[int], trace, pipeline, sample: int, shape, dtype_bytes: int) -> int:
     """Bytes of one sample's prompt keys and values after the prefill: the tokens each layer holds (what entered
-    it; a ``kv_compact`` stage also trims the layers before its site to its kept tokens; a ``kv_cache`` stage
+    it; a ``kv_compact`` stage also trims the layers before its site (from its ``from_layer``) to its kept tokens; a ``kv_cache`` stage
     cuts each layer it compresses) times 2 x KV heads x head dim x the element size. Padding and the filler
     slots of ragged batches are not counted; decoding-time re-pruning (later) is not either."""
     held = list(per_layer_tokens)
@@ -37,10 +37,10 @@ def prompt_kv_bytes(per_layer_tokens: list[int], trace, pipeline, sample: int, s
         if t.site != "prefill":
             continue
         stage = pipeline.stages[t.stage]
-        if any(getattr(op, "kind", None) == "compactor" and getattr(op.params, "earlier_layers", False)
-               for op in stage.operators):
-            for layer in range(min(t.layer, len(held))):
-                held[layer] = min(held[layer], t.tokens_after[sample])
+        for op in stage.operators:
+            if getattr(op, "kind", None) == "compactor" and getattr(op.params, "earlier_layers", False):
+                for layer in range(getattr(op.params, "from_layer", 0), min(t.layer, len(held))):
+                    held[layer] = min(held[layer], t.tokens_after[sample])
     return int(sum(held) * 2 * shape.kv_heads * shape.head_dim * dtype_bytes)
 
 

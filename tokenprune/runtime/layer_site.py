@@ -69,7 +69,7 @@ class LayerSiteRuntime(SiteRuntime):
         new_index = cur.gather(1, rel)
         hidden = gather_tokens(state.hidden, rel)
         if state.compact_kv_before_site:
-            self._compact_earlier_layers(layer, new_index, new_live, ep)
+            self._compact_earlier_layers(layer, new_index, new_live, ep, state.compact_kv_from)
         ep.flow.index, ep.flow.live = new_index, new_live
         self._carry_token_data(ep, state, rel)
         self.attached.pipeline.runs[self.index] += 1
@@ -114,10 +114,10 @@ class LayerSiteRuntime(SiteRuntime):
         flow.pos_shift = (unpruned - nxt).to(flow.pos_shift.dtype)
 
     def _compact_earlier_layers(self, layer: int, new_index: torch.Tensor, new_live: torch.Tensor | None,
-                                ep: Episode) -> None:
+                                ep: Episode, first: int = 0) -> None:
         if ep.cache is None:
             return
-        for j in range(layer):
+        for j in range(first, layer):
             if self.adapter.cached_keys(ep.cache, j) is None:
                 continue
             held = ep.held_at(j).index
