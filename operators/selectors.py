@@ -488,17 +488,21 @@ def greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """(k,) indices a DPP with kernel ``kernel`` (V, V) picks by greedy MAP inference (Chen et al. 2018): each step the
     item with the largest remaining conditional variance ``d_i²`` (ties: the first), whose new Cholesky row ``e``
     updates the others' ``d² -= e²``; an item whose variance is exhausted (a duplicate) is taken only when nothing
-    else is left."""
+    else is left. Once the kernel's rank is reached (more picks than its feature width: every variance left is
+    rounding noise) the picks go on without Cholesky rows, each item still at most once — dividing by that noise
+    would turn the variances into NaN and pick items twice."""
     v = kernel.shape[0]
     rows = torch.zeros(k, v, dtype=kernel.dtype, device=kernel.device)
     d2 = torch.diagonal(kernel).clone()
+    floor = 1e-9 * float(d2.abs().max()) if v else 0.0
     picked = torch.empty(k, dtype=torch.long, device=kernel.device)
     for i in range(k):
         j = int(torch.argmax(d2))
         picked[i] = j
-        e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(d2[j].clamp_min(1e-12))
-        rows[i] = e
-        d2 = d2 - e * e
+        if float(d2[j]) > floor:
+            e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(d2[j])
+            rows[i] = e
+            d2 = d2 - e * e
         d2[picked[:i + 1]] = float("-inf")
     return picked
 

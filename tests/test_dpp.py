@@ -83,3 +83,16 @@ def test_important_diverse_keeps_the_budget_and_the_top_scores():
         assert int(kept.sum()) == keep
         top = state.scores[0].argsort(descending=True)[:int(keep * share)]
         assert bool(kept[top].all())
+
+
+def test_greedy_map_past_the_kernels_rank_picks_each_item_once():
+    """576 tokens with 128-wide features (the reference LLM's width) and 288 picks: past the kernel's rank (128) every
+    variance left is rounding noise. Each item is still picked once (dividing by that noise gave NaN variances and
+    the same items again: 145 distinct of 288), and the picks before the rank are the plain greedy MAP's."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(576, 128, generator=g), dim=-1)
+    relevance = torch.rand(576, generator=g)
+    kernel = relevance[:, None] * (feats @ feats.T) * relevance[None]
+    picked = greedy_map(kernel, 288)
+    assert len(set(picked.tolist())) == 288
+    assert torch.equal(picked[:64], greedy_map(kernel, 64))
