@@ -160,3 +160,23 @@ def test_analytic_flops_take_a_quarter_of_the_visual_tokens_from_the_start():
     assert report.per_layer_tokens == [640 - 576 + 144] * 4 and report.equivalent_visual_tokens == 144
     assert report.flops == 4 * layer_flops(208, shape, "exact") and report.baseline_flops == 4 * layer_flops(640, shape,
                                                                                                              "exact")
+
+
+def test_a_processor_that_pins_the_pixel_count_is_refused_before_the_weights_load(tmp_path):
+    """A Qwen2.5-VL whose processor resizes every image to one pixel count (min = max pixels, as the Qwen reference
+    model's): the scaled image gives the same input, so the run refuses input.scale, naming it, before loading."""
+    from tokenprune.eval.run import run
+    from tokenprune.eval.run_config import load_run_config
+
+    folder = save_tiny("qwen2_5_vl", tmp_path / "model")
+    config = folder / "processor_config.json"
+    data = json.loads(config.read_text())
+    data["image_processor"]["size"] = {"shortest_edge": 112 * 112, "longest_edge": 112 * 112}
+    config.write_text(json.dumps(data))
+    (folder / "model.safetensors").write_bytes(b"not weights")  # loading them would fail: the check comes first
+    with pytest.raises(ConfigError, match=r"^pipeline\.input\.scale: 0\.5 gives .* the same input as the whole "
+                                          r"image") as e:
+        run(load_run_config("experiments/asap_shapes.yaml", [
+            f"model.path={folder}", "pipeline=downsample", "data.limit=2", f"output_dir={tmp_path / 'run'}",
+            "baseline_cache=null", "logging.wandb.mode=disabled", "logging.progress_bar=false"]))
+    assert e.value.key == "pipeline.input.scale"

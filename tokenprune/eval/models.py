@@ -107,6 +107,26 @@ def check_pipeline_for_model(model_or_config, pipeline, key: str = "pipeline") -
         raise ConfigError(f"{key}{'.' + e.key if e.key else ''}", e.detail) from None
 
 
+def check_input_scale(model_cfg: Mapping[str, Any], pipeline, image, key: str = "pipeline") -> None:
+    """For a pipeline that shows the images smaller (``input.scale``): refuse, before the weights load, a model whose
+    own processor gives the same input for ``image`` scaled as for it whole (a processor that resizes every image
+    to one pixel count, as the Qwen reference's pins ``min_pixels = max_pixels``): the run would only repeat the
+    unpruned model."""
+    if pipeline is None or pipeline.input is None:
+        return
+    path = model_path(model_cfg)
+    processor = load_processor(path, Path(path).is_dir(), model_cfg["trust_remote_code"] is True)
+    sizes = []
+    for im in (image, pipeline.prepare_images([image])[0]):
+        enc = processor(images=[[im]], text=[build_prompt(processor, "x")], return_tensors="pt")
+        sizes.append((tuple(enc["input_ids"].shape), tuple(enc["pixel_values"].shape)))
+    if sizes[0] == sizes[1]:
+        raise ConfigError(f"{key}.input.scale", f"{pipeline.input['scale']} gives {path} the same input as the whole "
+                                                f"image (its processor resizes every image to one size: "
+                                                f"{type(processor.image_processor).__name__}); showing a smaller image "
+                                                "has no meaning for this model (pooling is the baseline there)")
+
+
 def open_model(model_cfg: Mapping[str, Any]):
     """(model, processor) loaded afresh (see :func:`load_model`)."""
     path = model_path(model_cfg)

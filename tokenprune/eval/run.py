@@ -29,6 +29,7 @@ from tokenprune.eval.files import digest, read_cached_records, write_atomic, wri
 from tokenprune.eval.lmms_eval_run import run_lmms_eval
 from tokenprune.eval.models import (
     build_prompt,
+    check_input_scale,
     check_pipeline_for_model,
     load_model,
     model_identity,
@@ -278,8 +279,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     items = load_items(cfg.data)
     pl.seed_everything(cfg.seed, verbose=False)
     filter_pipeline = hard_filter[1] if hard_filter is not None else None
-    for pipe in (pipeline, filter_pipeline):
+    for pipe, key in ((pipeline, "pipeline"), (filter_pipeline, "data.filter.hard_for")):
         check_pipeline_for_model(read_model_config(cfg.model), pipe)  # config.json alone: before the weights load
+        if items:
+            check_input_scale(OmegaConf.to_container(cfg.model), pipe, open_image(items[0]["image"]), key)
     model, processor = load_model(OmegaConf.to_container(cfg.model))
     for pipe in (pipeline, filter_pipeline):
         check_pipeline_for_model(model, pipe)  # the loaded model: before the baseline runs
