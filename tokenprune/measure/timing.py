@@ -8,6 +8,15 @@ from typing import Any
 import torch
 
 
+def stamp(cuda: bool) -> Any:
+    """A point in time: a recorded CUDA event on a GPU (read once the GPU has synchronised), else the wall clock."""
+    if cuda:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
 class StepClock:
     """A logits processor that stamps the time of every generation step (CUDA events on a GPU)."""
 
@@ -19,11 +28,7 @@ class StepClock:
         self.stamps = [self._now()]
 
     def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+        return stamp(self.cuda)
 
     def __call__(self, input_ids, scores):
         self.stamps.append(self._now())
@@ -54,11 +59,7 @@ class VisionClock:
         self._handles: list[Any] = []
 
     def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+        return stamp(self.cuda)
 
     def _enter(self, module, args, kwargs):
         if self._depth == 0:
