@@ -23,11 +23,11 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_types = ("llava_next",)
     family = "LLaVA-NeXT"
+    token_kinds = ("image_newline",)
 
     @classmethod
     def fixed_resolution_from_config(cls, config):
         return None  # anyres: a smaller image takes a smaller grid of tiles
-    token_kinds = ("image_newline",)
 
     # --- the image call: get_image_features(pixel_values, image_sizes), also run by generate() ------
     def hook_image_call(self, fn):
