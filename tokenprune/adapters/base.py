@@ -475,6 +475,13 @@ class ModelAdapter:
         with :attr:`rope_axes` > 1), where they lay the visual tokens out; None: use :meth:`visual_tiles`."""
         return None
 
+    def layout_tiles(self, visual: torch.Tensor, video: torch.Tensor, capture: Any, grids: list | None
+                     ) -> tuple[torch.Tensor, list[list[tuple[int, int]]]] | None:
+        """:meth:`visual_tiles` for a prefill that holds video tokens (``video``, :meth:`video_mask`'s), where the
+        family lays them out from the prompt itself (each frame a tile); None: :meth:`position_tiles` or
+        :meth:`visual_tiles` cover videos."""
+        return None
+
     def video_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """(B, N) bool: which input tokens are video placeholders (a subset of :meth:`visual_mask`); None where the
         family takes no videos."""

@@ -142,6 +142,11 @@ class LlavaNextAdapter(LlavaAdapter):
         keeps (a crop it removes whole is no tile) —, images in order over the batch; newline tokens are in
         none. A crop's tokens are not contiguous in the sequence (the canvas rows run across the crops), but in
         sequence order they are its grid's raster order."""
+        return tiles_of_images(visual, self.image_tile_entries(capture))
+
+    def image_tile_entries(self, capture) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        """Per image of the tower's call, in order: (the tile of each of its visual tokens, -1 for newlines; its
+        tiles' (rows, cols)), as :func:`~tokenprune.adapters.base.tiles_of_images` takes them."""
         side = self._side()
         p = side * side
         images = []
@@ -155,7 +160,7 @@ class LlavaNextAdapter(LlavaAdapter):
             renumber = torch.full((count + 1,), -1, dtype=torch.long)
             renumber[torch.tensor(present)] = torch.arange(len(present))
             images.append((renumber[tile], shapes))  # index -1 reads the last entry: -1
-        return tiles_of_images(visual, images)
+        return images
 
     def image_panels(self, inputs: dict, sample: int) -> list[tuple[str, torch.Tensor]]:
         """The base tile, then the unpadded anyres grid (each row closed by a newline token, which has no cell),

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tokenprune.adapters.base import received_attention
+from tokenprune.adapters.base import received_attention, tiles_of_images
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 
@@ -37,18 +37,87 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
       receives at the layer, averaged over the queries of its tile (as VisionZip scores CLS-free towers), and
       ``vision_feature_select_strategy: full`` keeps every patch.
 
-    Videos are refused before the forward runs (:meth:`unsupported_inputs`): their frames' pooled tokens are not
-    laid out here.
+    Videos: each frame's features are pooled (bilinear) to a ``ceil(s/2) x ceil(s/2)`` grid (s the tile's side in
+    patches), the frames follow one another and one ``image_newline`` token closes the clip; all of them are the
+    video placeholders of ``input_ids``. Each frame is a tile (per-tile budgets are per frame) and a clip's frames
+    are consecutive tiles (:meth:`layout_tiles`, :meth:`position_frames`), read off the prompt: a clip is a run of
+    video placeholders. Vision-tower signals are not mapped onto video tokens (the pooled tokens mix patches).
     """
 
     model_types = ("llava_onevision",)
     family = "LLaVA-OneVision"
 
-    def unsupported_inputs(self, kwargs):
-        if kwargs.get("pixel_values_videos") is not None:
-            return ("pixel_values_videos: LLaVA-OneVision videos are not pruned by tokenprune yet (images are); run "
-                    "videos without a pipeline")
-        return None
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.model.config
+        return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
+
+    def video_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return input_ids == self.model.config.video_token_id
+
+    def _frame_side(self) -> int:
+        """Side of a video frame's pooled grid (``apply_pooling``: the tile's patch grid halved, rounded up)."""
+        return math.ceil(self._side() / 2)
+
+    def _clips(self, visual: torch.Tensor, video: torch.Tensor, sample: int) -> list[tuple[int, int]]:
+        """(start, length) in ``sample``'s visual tokens of each run of video placeholders: a clip."""
+        kinds = video[sample][visual[sample]].tolist()
+        clips, start = [], None
+        for i, is_video in enumerate(kinds + [False]):
+            if is_video and start is None:
+                start = i
+            elif not is_video and start is not None:
+                clips.append((start, i - start))
+                start = None
+        return clips
+
+    def layout_tiles(self, visual, video, capture, grids):
+        """Images (the tower's call, as LLaVA-NeXT's) and clips in the order the prompt holds them; a clip of F
+        frames is F tiles of the pooled grid and its closing newline (in no tile)."""
+        g = self._frame_side()
+        images = iter(self.image_tile_entries(capture) if capture is not None else [])
+        entries = []
+        for b in range(visual.shape[0]):
+            clips = dict(self._clips(visual, video, b))
+            n, pos = int(visual[b].sum()), 0
+            while pos < n:
+                if pos in clips:
+                    length = clips[pos]
+                    frames, rest = divmod(length - 1, g * g)
+                    if rest or frames < 1:
+                        raise ValueError(f"sample {b}: a run of {length} video tokens is no clip of {g}x{g}-token "
+                                         "frames and a closing newline")
+                    tile = torch.cat([torch.arange(frames).repeat_interleave(g * g), torch.tensor([-1])])
+                    entries.append((tile, [(g, g)] * frames))
+                    pos += length
+                    continue
+                entry = next(images, None)
+                if entry is None:
+                    raise ValueError(f"sample {b}'s image tokens outrun the images of the tower's call")
+                entries.append(entry)
+                pos += entry[0].numel()
+        return tiles_of_images(visual, entries)
+
+    def position_frames(self, visual, positions, tile_of, video=None):
+        """A clip's frames are its tiles in order: each video token's frame is its tile less the clip's first tile;
+        an image's tokens are frame 0."""
+        if video is None or not bool(video.any()):
+            return None
+        frame = torch.where(tile_of >= 0, 0, -1)
+        for b in range(visual.shape[0]):
+            idx = visual[b].nonzero().flatten()
+            for start, length in self._clips(visual, video, b):
+                cols = idx[start:start + length]
+                tiles = tile_of[b, cols]
+                first = int(tiles[tiles >= 0].min())
+                frame[b, cols] = torch.where(tiles >= 0, tiles - first, -1)
+        return frame
+
+    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
+        try:
+            return super().vision_patch_map(visual, tower)
+        except ValueError as e:
+            raise ValueError(f"{e} (video tokens carry no vision-tower signals on {self.family}: a pooled frame token "
+                             "mixes patches; score videos with the LLM's signals)") from None
 
     @staticmethod
     def _call_option(args: tuple, kwargs: dict, name: str, index: int):

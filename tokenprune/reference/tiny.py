@@ -354,11 +354,39 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", layers: int = 4, see
 
 
 def tiny_llava_onevision_inputs(model: nn.Module, image_sizes: list[tuple[int, int]] | None = None,
-                                prompts: list[list[int]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                                prompts: list[list[int]] | None = None, seed: int = 0,
+                                videos: list[int] | None = None) -> dict[str, torch.Tensor]:
     """As :func:`tiny_llava_next_inputs`, on LLaVA-OneVision; the default sizes give one 2x1 grid kept as it is
-    and one 2x2 grid the model resizes (``anyres_max_2``)."""
-    return tiny_llava_next_inputs(model, image_sizes if image_sizes is not None else [(100, 60), (100, 100)],
-                                  prompts, seed)
+    and one 2x2 grid the model resizes (``anyres_max_2``). ``videos``: per sample, the frames of a clip placed after
+    its image (0: none; the model takes one frame count for all clips of a batch), each frame 4x4 pooled tokens and
+    the clip closed by a newline token, as the model packs them; ``image_sizes=[]`` with ``videos``: clips only."""
+    if not videos:
+        return tiny_llava_next_inputs(model, image_sizes if image_sizes is not None else [(100, 60), (100, 100)],
+                                      prompts, seed)
+    cfg = model.config
+    frames = {f for f in videos if f}
+    if len(frames) != 1:
+        raise ValueError(f"videos={videos}: the clips of a batch share one frame count")
+    count = frames.pop()
+    prompts = prompts if prompts is not None else [[10, 11, 12, 13, 14, 15], [20, 21, 22, 23]][:len(videos)]
+    out = tiny_llava_next_inputs(model, image_sizes, prompts, seed) if image_sizes != [] else None
+    side = cfg.vision_config.image_size
+    per_frame = (-(-(side // cfg.vision_config.patch_size) // 2)) ** 2
+    gen = torch.Generator().manual_seed(seed + 1)
+    clips = torch.randn(sum(1 for f in videos if f), count, 3, side, side, generator=gen)
+    rows = []
+    for b, (f, q) in enumerate(zip(videos, prompts)):
+        image = []
+        if out is not None:
+            ids = out["input_ids"][b][out["attention_mask"][b].bool()].tolist()
+            image = [t for t in ids if t == cfg.image_token_id]
+        clip = [30] + [cfg.video_token_id] * (f * per_frame + 1) if f else []
+        rows.append([TINY_BOS, 5, 6] + image + clip + list(q))
+    input_ids, attention_mask = left_pad(rows)
+    result = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values_videos": clips}
+    if out is not None:
+        result.update(pixel_values=out["pixel_values"], image_sizes=out["image_sizes"])
+    return result
 
 
 def tiny_internvl(attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0, init_std: float = 0.2,

@@ -211,6 +211,8 @@ class AttachedPipeline:
         if ep.tile_of is None:
             try:
                 tiles = self.adapter.position_tiles(ep.visual, ep.rope_prefill)
+                if tiles is None and ep.video is not None and bool(ep.video.any()):
+                    tiles = self.adapter.layout_tiles(ep.visual, ep.video, self._vision_tower, ep.grids)
                 ep.tile_of, ep.tile_grids = tiles if tiles is not None else \
                     self.adapter.visual_tiles(ep.visual, self._vision_tower, ep.grids)
             except ValueError as e:

@@ -1,0 +1,189 @@
+"""LLaVA-OneVision videos: each frame's pooled tokens a tile, a clip's frames consecutive tiles closed by a newline
+token; DESIGN.md's oracles on a batch of an image and a clip per sample and on a batch of two clips, against the
+independent masked eager reference (tests/reference.py) and each sample alone; the temporal operators on its
+frames."""
+
+import functools
+
+import pytest
+import torch
+from families import pair
+from reference import reference_greedy, reference_prefill_logits
+
+import tokenprune as tp
+from tokenprune.reference.tiny import tiny_llava_onevision_inputs
+
+STEPS = 3
+#: per batch: image sizes (None: the default image per sample; []: no images) and frames per sample
+BATCHES = {"image+video": (None, [2, 2]), "two clips": ([], [3, 3])}
+
+
+@functools.cache
+def batch_of(kind: str) -> dict:
+    sizes, videos = BATCHES[kind]
+    return tiny_llava_onevision_inputs(pair("llava_onevision")["sdpa"], image_sizes=sizes, videos=videos)
+
+
+def alone(batch: dict, b: int) -> dict:
+    """Sample ``b`` with its own image and clip, unpadded."""
+    valid = batch["attention_mask"][b].bool()
+    out = {k: batch[k][b:b + 1, valid] for k in ("input_ids", "attention_mask")}
+    out["pixel_values_videos"] = batch["pixel_values_videos"][b:b + 1]
+    if "pixel_values" in batch:
+        out["pixel_values"], out["image_sizes"] = batch["pixel_values"][b:b + 1], batch["image_sizes"][b:b + 1]
+    return out
+
+
+def pipeline(layer=2, keep=0.5, **extra):
+    ops = [{"op": "attention", "queries": "last"} if layer else {"op": "random", "seed": 3},
+           {"op": "topk", "keep": keep}]
+    return tp.load_pipeline({"stages": [{"layer": layer, "operators": ops, **extra}]})
+
+
+def generate(model, batch, **kw):
+    return model.generate(**batch, max_new_tokens=STEPS, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_keep_everything_is_identical(kind):
+    model, batch = pair("llava_onevision")["sdpa"], batch_of(kind)
+    with torch.no_grad():
+        ref_logits, ref_gen = model(**batch).logits, generate(model, batch)
+        with pipeline(keep=1.0).attach(model):
+            logits, gen = model(**batch).logits, generate(model, batch)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(logits[real], ref_logits[real]) and torch.equal(gen, ref_gen)
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("layer,budget", [(2, "per_image"), (2, "per_tile"), (0, "per_tile")])
+def test_prefill_and_generation_equal_the_masked_reference(kind, layer, budget):
+    model = pair("llava_onevision")["sdpa"]
+    batch = batch_of(kind)
+    pipe = pipeline(layer=layer, budget=budget)
+    with torch.no_grad(), pipe.attach(model):
+        logits = model(**batch).logits.float()
+    kept = pipe.trace[0].kept
+    ref = reference_prefill_logits(pair("llava_onevision")["eager"], batch, layer, kept)
+    for b in range(2):
+        assert torch.allclose(logits[b, -len(kept[b]):], ref[b, torch.tensor(kept[b])], atol=1e-4)
+    pipe = pipeline(layer=layer, budget=budget)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    tokens, ref_logits = reference_greedy(pair("llava_onevision")["eager"], batch, layer, pipe.trace[0].kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_batch_equals_each_sample_alone(kind):
+    model, batch = pair("llava_onevision")["sdpa"], batch_of(kind)
+    pipe = pipeline(budget="per_tile")
+    with torch.no_grad(), pipe.attach(model):
+        together = generate(model, batch)[:, -STEPS:]
+        trace = pipe.trace[0]
+        for b in range(2):
+            gen = generate(model, alone(batch, b))[:, -STEPS:]
+            offset = int((batch["attention_mask"][b] == 0).sum())
+            assert [i + offset for i in pipe.trace[0].kept[0]] == trace.kept[b]
+            assert pipe.trace[0].tiles == [trace.tiles[b]]
+            assert torch.equal(gen[0], together[b])
+
+
+def test_each_frame_is_a_tile_and_the_closing_newline_stays():
+    """Two clips of 3 frames: each frame 4x4 pooled tokens (the 8x8 patch grid halved), then one newline token.
+    keep 0.25 per tile: 4 of each frame's 16, and the newline (in no tile) stays: 13 of 49 each."""
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("two clips")
+    pipe = pipeline(budget="per_tile", keep=0.25)
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    trace = pipe.trace[0]
+    assert trace.tiles == [[(4, 4)] * 3, [(4, 4)] * 3] and trace.visual_after == [13, 13]
+    video = batch["input_ids"] == model.config.video_token_id
+    for b in range(2):
+        idx = video[b].nonzero().flatten()
+        kept = set(trace.kept[b])
+        assert [sum(int(i) in kept for i in idx[16 * f:16 * f + 16]) for f in range(3)] == [4, 4, 4]
+        assert int(idx[-1]) in kept  # the clip's newline
+
+
+def test_frames_come_from_the_clips_and_images_are_frame_zero():
+    """What needs_frames operators read: an image's tiles are frame 0 (its newlines in no frame), a clip's frames
+    0, 1, ... in order, its closing newline in none."""
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("image+video")
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        needs_frames = True
+
+        def forward(self, state):
+            seen["frames"], seen["tiles"] = state.frames.clone(), state.tiles.clone()
+            return state
+
+    pipe = pipeline(layer=2, keep=1.0)
+    pipe.stages[0].operators.insert(0, Spy())
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    video = batch["input_ids"] == model.config.video_token_id
+    image = batch["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        frames, in_tile = seen["frames"][b], seen["tiles"][b] >= 0
+        assert bool((frames[image[b] & in_tile] == 0).all()) and bool((frames[image[b] & ~in_tile] == -1).all())
+        clip = frames[video[b]]
+        assert clip[:-1].tolist() == [0] * 16 + [1] * 16 and int(clip[-1]) == -1  # the newline is in no frame
+
+
+def test_vision_signals_on_video_tokens_are_refused_with_the_reason():
+    from tokenprune.core.errors import PipelineRuntimeError
+
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("two clips")
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "cls_attention"}, {"op": "topk"}]}]})
+    with pytest.raises(PipelineRuntimeError, match="video tokens carry no vision-tower signals on LLaVA-OneVision"):
+        with torch.no_grad(), pipe.attach(model):
+            model(**batch)
+
+
+def test_temporal_windows_on_the_clips_frames_generate_as_the_reference():
+    """DyCoke's temporal merging before the LLM on two 3-frame clips: frame 0 whole, frames 1 and 2 keep
+    int(0.3 x 16) = 4 cells each, the newline stays: 16 + 4 + 4 + 1 of 49; generate() equals the masked reference."""
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("two clips")
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "temporal_windows", "keep": 0.3}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    trace = pipe.trace[0]
+    assert trace.visual_after == [25, 25]
+    tokens, ref_logits = reference_greedy(pair("llava_onevision")["eager"], batch, 0, trace.kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["static_patches", "dycoke", "fastv", "pooling", "divprune"])
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_the_video_presets_and_per_frame_image_presets_generate_under_the_no_eager_guard(name, kind, monkeypatch):
+    """On a 32-layer tiny LLaVA-OneVision (every preset's layers exist), the eager attention made to raise."""
+    import importlib
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager attention ran")
+
+    for module in ("qwen2", "siglip", "llava_onevision"):
+        monkeypatch.setattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"),
+                            "eager_attention_forward", eager, raising=False)
+    model = deep_onevision()
+    sizes, videos = BATCHES[kind]
+    batch = tiny_llava_onevision_inputs(model, image_sizes=sizes, videos=videos)
+    pipe = tp.load_pipeline(name)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch)
+    assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
+    first, last = pipe.trace[0], [t for t in pipe.trace if t.site == "prefill"][-1]
+    assert sum(last.visual_after) < sum(first.visual_before), pipe.report()
+
+
+@functools.cache
+def deep_onevision():
+    from tokenprune.reference.tiny import tiny_llava_onevision
+
+    return tiny_llava_onevision("sdpa", layers=32)
