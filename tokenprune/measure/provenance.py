@@ -22,15 +22,14 @@ PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", 
 
 
 def package_versions() -> dict[str, str | None]:
-    """``{distribution: version}`` for :data:`PACKAGES` and tokenprune itself (None: not installed)."""
-    from tokenprune import __version__
-
-    out: dict[str, str | None] = {"tokenprune": __version__}
-    for name in PACKAGES:
+    """``{distribution: version}`` for :data:`PACKAGES` and tokenprune itself (its distribution,
+    ``tokenprune-lvlm``; None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in ("tokenprune-lvlm", *PACKAGES):
         try:
-            out[name] = metadata.version(name)
+            out[name.removesuffix("-lvlm")] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            out[name] = None
+            out[name.removesuffix("-lvlm")] = None
     return out
 
 
