@@ -6,7 +6,6 @@ import torch
 from families import pair as family_pair
 
 import tokenprune as tp
-from tokenprune.core.errors import PipelineRuntimeError
 from tokenprune.reference.tiny import TINY_BOS, left_pad, tiny_llava_onevision_inputs
 
 SIDE, P = 8, 64
@@ -139,13 +138,3 @@ def test_visionzip_runs_on_the_resized_layout(ov_pair):
             out = model.generate(**batch, max_new_tokens=2, do_sample=False)
         assert out.shape[1] == batch["input_ids"].shape[1] + 2
         assert all(a < b for a, b in zip(pipe.trace[0].visual_after, pipe.trace[0].visual_before))
-
-
-@pytest.mark.filterwarnings("ignore:pipeline .fastv. never pruned")
-def test_videos_are_refused_before_the_forward(ov_pair):
-    model = ov_pair["sdpa"]
-    batch = tiny_llava_onevision_inputs(model)
-    pipe = tp.load_pipeline("fastv")
-    with torch.no_grad(), pipe.attach(model), pytest.raises(PipelineRuntimeError, match="pixel_values_videos: "
-                                                                "LLaVA-OneVision videos are not pruned"):
-        model(**batch, pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch import nn
 
 from tokenprune.core.config import (
@@ -105,8 +106,6 @@ def build_pipeline(cfg: DictConfig, plugin_folders: Iterable[str | Path] = ()) -
 
 
 def _scaled(image: Any, scale: float) -> Any:
-    from PIL import Image
-
     w, h = image.size
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 

@@ -6,6 +6,10 @@ import time
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tokenprune.adapters import get_adapter
 
 
 def stamp(cuda: bool) -> Any:
@@ -48,8 +52,6 @@ class VisionClock:
     call's module and arguments, so that :meth:`flops` can count the FLOPs of exactly those calls afterwards."""
 
     def __init__(self, model):
-        from tokenprune.adapters import get_adapter
-
         self.modules = get_adapter(model).vision_modules()
         self.cuda = next(model.parameters()).is_cuda
         self.calls: list[tuple[Any, tuple, dict]] = []
@@ -97,9 +99,6 @@ class VisionClock:
         attention takes PyTorch's math path, whose matmuls the counter sees (its CPU flash kernel it does not).
         ``cache`` (a dict kept across calls) reuses a count for a call of the same module on arguments of the same
         shapes and the same small integer tensors (patch grids, image sizes), which fix a tower's FLOPs."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.utils.flop_counter import FlopCounterMode
-
         total = 0.0
         for module, args, kwargs in self.calls:
             key = (id(module), _call_signature(args), _call_signature(kwargs))
