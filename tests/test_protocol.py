@@ -162,3 +162,29 @@ def test_the_difficulty_filter_scores_the_items_the_filter_pipeline_gets_wrong(t
     unpruned_hard = sum(judged[i]["baseline_prediction"].strip().lower() == str(judged[i]["answer"]).lower()
                         for i in hard) / len(hard)
     assert filtered["hard_baseline_accuracy"] == pytest.approx(unpruned_hard)
+
+
+@torch.no_grad()
+def test_on_a_gpu_the_vision_clock_reads_cuda_events_around_each_outer_call(monkeypatch):
+    """The CUDA path on a CPU: events stand in for CUDA's (each record() a tick of a clock), the GPU is synchronised
+    before they are read; the tower's and the projector's calls are two spans of one tick each."""
+    ticks, synced = iter(range(100)), []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.t = next(ticks)
+
+        def elapsed_time(self, end):
+            assert synced, "read before the GPU was synchronised"
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(True))
+    model = tiny_llava("sdpa")
+    with VisionClock(model) as vision:
+        vision.cuda = True
+        model(**tiny_llava_inputs(model))
+    assert len(vision.spans) == 2 and vision.ms() == 2.0
