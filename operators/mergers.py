@@ -518,16 +518,18 @@ class GridPool(Merger):
     def min_layer(self) -> int:  # type: ignore[override]
         return 1 if self.params.threshold > 0 and self.params.features == "keys" else 0
 
-    def expected_kept_in_grid(self, rows: int, cols: int) -> int:
+    def _fixed_count(self) -> None:
         if self.params.threshold > 0:
             raise NotImplementedError("grid_pool with a threshold pools the blocks that are alike: its count depends "
                                       "on the image")
+
+    def expected_kept_in_grid(self, rows: int, cols: int) -> int:
+        self._fixed_count()
         k = self.params.size
         return -(-rows // k) * -(-cols // k)
 
     def expected_kept(self, num_visual: int) -> int:
-        if self.params.threshold > 0:
-            return self.expected_kept_in_grid(0, 0)
+        self._fixed_count()
         side = int(round(num_visual ** 0.5))
         if side * side != num_visual:
             raise NotImplementedError(f"grid_pool needs the grid shape for {num_visual} visual tokens (not a square)")

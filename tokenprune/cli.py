@@ -64,16 +64,10 @@ def operators_markdown(builtin_only: bool = True) -> str:
 
 
 def _pipeline_source(target: str):
-    path = Path(target)
-    if path.is_dir():
-        cfg_path = path / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError(None, f"{target} is a directory without config.yaml (not a run directory)")
-        from tokenprune.core.yaml_files import read_yaml
+    if Path(target).is_dir():
+        from tokenprune.eval.run_config import read_run_directory
 
-        data = read_yaml(cfg_path, "run directory config") or {}
-        if not isinstance(data, dict):
-            raise ConfigError(None, f"{cfg_path}: not a run directory's config (a mapping), got {type(data).__name__}")
+        data = read_run_directory(target, None)
         if data.get("resolved_pipeline") is not None:
             return data["resolved_pipeline"]  # the pipeline after the run's overrides
         return data.get("pipeline", data)

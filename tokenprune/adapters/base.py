@@ -599,8 +599,8 @@ class ModelAdapter:
         encoder; Qwen's ``visual`` includes its patch merger) and the projector where the model has one apart
         (``multi_modal_projector``). Their time is the part of a prefill that no pruning after the tower removes."""
         inner = getattr(self.model, "model", self.model)
-        tower = self.vision_tower() or getattr(inner, "vision_model", None) or getattr(inner, "visual", None)
-        return [m for m in (tower, getattr(inner, "multi_modal_projector", None)) if isinstance(m, nn.Module)]
+        return [m for m in (self.vision_tower(), getattr(inner, "multi_modal_projector", None))
+                if isinstance(m, nn.Module)]
 
     def image_inputs_from_tower(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         """The model-level image keyword arguments, rebuilt from the vision tower's call; None if impossible."""

@@ -72,6 +72,11 @@ class MllamaAdapter(ModelAdapter):
     def _vision_model(self) -> nn.Module:
         return self.model.model.vision_model
 
+    def vision_modules(self) -> list[nn.Module]:
+        """Its vision model (the tiles' encoder; no guide model takes it, so it is no :meth:`vision_tower`) and the
+        projector."""
+        return [self._vision_model(), self.model.model.multi_modal_projector]
+
     def vision_layers(self) -> nn.ModuleList | None:
         """The local encoder's layers, then the global (gated) encoder's: vision layer ``i`` counts through both."""
         vm = self._vision_model()

@@ -69,7 +69,7 @@ from tokenprune.core.values import (
 )
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model
-from tokenprune.measure.flops import LLMShape, measured_flops
+from tokenprune.measure.flops import LLMShape, ideal_speedups, measured_flops
 from tokenprune.measure.memory import cache_bytes
 from tokenprune.measure.provenance import machine
 from tokenprune.measure.timing import StepClock, VisionClock
@@ -480,7 +480,9 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                 row["ideal_speedup"] = base["prefill_ms"] / (fixed + (base["prefill_ms"] - fixed) * max(
                     1e-9, 1.0 - row["flops_reduction"])) if modelled else None
                 row["speedup_vs_ideal"] = row["prefill_speedup"] / row["ideal_speedup"] if modelled else None
-                row.update(_flops_speedups(row))
+                # the vision side's FLOPs are the variant's own on both sides: pruning after the tower keeps them
+                row["flops_speedup"], row["flops_speedup_with_vision"] = ideal_speedups(
+                    row.get("flops"), row.get("baseline_flops"), row.get("vision_flops"), row.get("vision_flops"))
                 if stock is not None and row.get("layer_tokens") is not None:
                     row["count_ideal_prefill_ms"] = count_ideal_prefill_ms(
                         base["prefill_ms"], layer_share, int(inputs["attention_mask"][0].sum()), row["layer_tokens"],
@@ -497,16 +499,6 @@ def run_bench(cfg: DictConfig, log=print) -> dict[str, Any]:
                     f"{row['tokens_per_s']:.1f} tok/s")
         del model
     return {"machine": machine(), "rows": rows}
-
-
-def _flops_speedups(row: dict[str, Any]) -> dict[str, float | None]:
-    """The FLOPs-ideal speed-ups of a row's medians (per sample, exact convention): of the LLM's prefill, and of
-    the whole prefill with the vision side's FLOPs (unchanged by pruning after the tower) on both sides."""
-    flops, base, vision = row.get("flops"), row.get("baseline_flops"), row.get("vision_flops")
-    if flops is None or base is None or not flops:
-        return {"flops_speedup": None, "flops_speedup_with_vision": None}
-    return {"flops_speedup": base / flops,
-            "flops_speedup_with_vision": None if vision is None else (base + vision) / (flops + vision)}
 
 
 def materialized_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

@@ -45,7 +45,7 @@ from tokenprune.eval.run_config import (
     run_directory,
 )
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
-from tokenprune.measure.flops import LLMShape, measured_flops
+from tokenprune.measure.flops import LLMShape, ideal_speedups, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
 from tokenprune.measure.provenance import provenance
 from tokenprune.measure.timing import StepClock, VisionClock
@@ -247,15 +247,13 @@ def protocol_metrics(metrics: Mapping[str, Any], vision_flops: float | None,
     - ``flops_speedup``: the FLOPs-ideal speed-up of the LLM's prefill (``baseline_flops / flops``);
       ``flops_speedup_with_vision``: the same with the vision side's FLOPs added to both, the ideal of the whole
       prefill."""
-    flops, base = metrics.get("flops"), metrics.get("baseline_flops")
-    with_vision = None
-    if None not in (flops, base, vision_flops, baseline_vision_flops):
-        with_vision = _ratio(base + baseline_vision_flops, flops + vision_flops)
+    llm, with_vision = ideal_speedups(metrics.get("flops"), metrics.get("baseline_flops"), vision_flops,
+                                      baseline_vision_flops)
     return {"vision_flops": vision_flops, "baseline_vision_flops": baseline_vision_flops,
             "vision_share": _ratio(metrics.get("baseline_vision_ms"), metrics.get("baseline_prefill_ms")),
             "prefill_speedup": _ratio(metrics.get("baseline_prefill_ms"), metrics.get("prefill_ms")),
             "llm_prefill_speedup": _ratio(metrics.get("baseline_llm_prefill_ms"), metrics.get("llm_prefill_ms")),
-            "flops_speedup": _ratio(base, flops), "flops_speedup_with_vision": with_vision}
+            "flops_speedup": llm, "flops_speedup_with_vision": with_vision}
 
 
 # --- the run ----------------------------------------------------------------------------------------

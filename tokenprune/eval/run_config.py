@@ -104,21 +104,27 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+def read_run_directory(run_dir: str | Path, key: str | None) -> dict[str, Any]:
+    """The run config a run directory recorded (its ``config.yaml``, with ``resolved_pipeline``); errors under
+    ``key`` when the folder holds none or it is not a mapping."""
+    recorded = Path(run_dir) / "config.yaml"
+    if not recorded.is_file():
+        raise ConfigError(key, f"{str(run_dir)!r} holds no config.yaml: not a run directory")
+    raw = read_yaml(recorded, "run directory config")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"{recorded} is not a run config (a mapping of keys)")
+    return dict(raw)
+
+
 def load_rerun_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     """``tokenprune run --from RUN_DIR``: the run config a run directory recorded (its ``config.yaml``), with
     the pipeline as it was resolved then (``resolved_pipeline``: a preset edited since does not change the
     rerun), a new run directory (``output_dir: null``), no baseline cache (the baseline is computed again, so
     that both halves are reproduced), then ``overrides``."""
-    folder = Path(run_dir)
-    recorded = folder / "config.yaml"
-    if not folder.is_dir():
+    if not Path(run_dir).is_dir():
         raise ConfigError("--from", f"{str(run_dir)!r} is not a folder (a run directory: tokenprune run writes one)")
-    if not recorded.is_file():
-        raise ConfigError("--from", f"{str(run_dir)!r} holds no config.yaml: not a run directory")
-    raw = read_yaml(recorded, "run directory config")
-    if not isinstance(raw, Mapping):
-        raise ConfigError("--from", f"{recorded} is not a run config (a mapping of keys)")
-    raw = dict(raw)
+    raw = read_run_directory(run_dir, "--from")
+    recorded = Path(run_dir) / "config.yaml"
     if "resolved_pipeline" not in raw:
         raise ConfigError("--from", f"{recorded} has no resolved_pipeline: not written by tokenprune run")
     resolved = raw.pop("resolved_pipeline")

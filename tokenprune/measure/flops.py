@@ -240,3 +240,14 @@ def measured_flops(shape: LLMShape, n_tokens: int, n_visual: int, stages: list[t
     return FlopsReport(flops=float(flops), baseline_flops=float(baseline), reduction=1.0 - flops / baseline,
                        equivalent_visual_tokens=sum(x for _, x in counts) / len(counts), convention=convention,
                        per_layer_tokens=[k for k, _ in counts])
+
+
+def ideal_speedups(flops: float | None, baseline_flops: float | None, vision_flops: float | None = None,
+                   baseline_vision_flops: float | None = None) -> tuple[float | None, float | None]:
+    """The FLOPs-ideal speed-ups of a prefill: of the LLM's (``baseline_flops / flops``), and of the whole prefill,
+    the vision side's FLOPs added to both sides; None where a count is unknown (or zero)."""
+    if not flops or baseline_flops is None:
+        return None, None
+    if vision_flops is None or baseline_vision_flops is None or not flops + vision_flops:
+        return baseline_flops / flops, None
+    return baseline_flops / flops, (baseline_flops + baseline_vision_flops) / (flops + vision_flops)
