@@ -1,3 +1,3 @@
 """The operator library, importable as ``tokenprune.operators`` (one file per kind)."""
 
-from tokenprune.operators import compactors, mergers, scorers, selectors, shift  # noqa: F401  (registration)
+from tokenprune.operators import compactors, learned, mergers, scorers, selectors, shift  # noqa: F401  (registration)

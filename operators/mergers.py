@@ -476,6 +476,18 @@ def kmeans_centres(x: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Ten
     return centre, assign
 
 
+def grid_blocks(rows: int, cols: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``rows`` x ``cols`` raster grid cut into ``k`` x ``k`` blocks (those at the right and bottom edges hold what
+    is left): ``(block, slot, first)`` — each cell's block in raster order of blocks, its place inside the block
+    (``(r % k) * k + c % k``) and each block's top-left cell."""
+    cell = torch.arange(rows * cols, device=device)
+    r, c = cell // cols, cell % cols
+    block = (r // k) * (-(-cols // k)) + c // k
+    first = torch.full((int(block.max()) + 1,), rows * cols, dtype=torch.long, device=device)
+    first = first.scatter_reduce(0, block, cell, "amin")
+    return block, (r % k) * k + c % k, first
+
+
 @register_operator("grid_pool")
 class GridPool(Merger):
     """Average pooling of the visual grid: each ``size`` x ``size`` block of a tile's tokens becomes one token,
@@ -554,11 +566,7 @@ class GridPool(Merger):
                 if idx.numel() != rows * cols:
                     raise ValueError(f"grid_pool: sample {b}'s tile {t} holds {idx.numel()} of its {rows}x{cols} "
                                      "tokens (an earlier stage removed some); pool whole grids")
-                r = torch.arange(rows * cols, device=idx.device) // cols
-                c = torch.arange(rows * cols, device=idx.device) % cols
-                block = (r // k) * (-(-cols // k)) + c // k  # each token's block, in raster order of blocks
-                first = torch.full((int(block.max()) + 1,), rows * cols, dtype=torch.long, device=idx.device)
-                first = first.scatter_reduce(0, block, torch.arange(rows * cols, device=idx.device), "amin")
+                block, _, first = grid_blocks(rows, cols, k, idx.device)
                 others = first[block] != torch.arange(rows * cols, device=idx.device)
                 if feats is not None:  # only the blocks whose tokens are alike; the others' tokens all stay
                     alike = self._alike_blocks(feats[b, idx.to(feats.device)].to(idx.device), block, first.numel())

@@ -171,8 +171,8 @@ class Union(Selector):
     class Params:
         of: list[Any] = field(default_factory=list)  # the selectors, each {op: NAME, ...params}
 
-    def __init__(self, params: Any = None):
-        super().__init__(params)
+    def __init__(self, params: Any = None, key: str | None = None):
+        super().__init__(params, key)
         self.selectors = nn.ModuleList(
             build_operator(spec["op"], **{k: v for k, v in spec.items() if k != "op"}) for spec in self.params.of)
 

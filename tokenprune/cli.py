@@ -1,4 +1,4 @@
-"""The ``tokenprune`` command line: ``ops``, ``show``, ``flops``, ``train-reference``, ``demo``."""
+"""The ``tokenprune`` command line: ``ops``, ``show``, ``flops``, ``train-reference``, ``train-operator``, ``demo``."""
 
 from __future__ import annotations
 
@@ -136,6 +136,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from tokenprune.eval.demo import run_demo
 
     print(run_demo(args.pipeline, tuple(args.overrides)))
+
+
+def _cmd_train_operator(args: argparse.Namespace) -> None:
+    from tokenprune.eval.train_operator import load_config, train_operator
+
+    result = train_operator(load_config(args.config, args.overrides))
+    print(f"trained {result['steps']} steps; weights {result['export']} (sha256 {result['sha256']}); validation "
+          f"accuracy {result['val']['overall']:.3f}")
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> None:
@@ -334,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="training YAML (experiments/train_reference.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_train_reference)
+
+    p = sub.add_parser("train-operator", help="train a pipeline's learned operator on the shapes benchmark, the LVLM "
+                                              "frozen (resumable)")
+    p.add_argument("config", help="training YAML (experiments/train_quecc.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_train_operator)
 
     p = sub.add_parser("lmms-task", help="write the shapes benchmark as local lmms-eval tasks (shapes_vqa, "
                                          "shapes_yes_no) into a folder, for --include_path")

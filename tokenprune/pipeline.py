@@ -47,6 +47,7 @@ class Pipeline(nn.Module):
         #: time each operator of a stage on its own (``StageTrace.operator_ms_by_op``); on a GPU this
         #: synchronises between operators, so it is off unless asked for (``tokenprune bench`` turns it on)
         self.time_operators = False
+        self.train(False)  # a learned operator builds autograd graphs only when put in training (train-operator)
 
     def attach(self, model: nn.Module, guide: nn.Module | None = None,
                images_prepared: bool = False) -> AttachedPipeline:

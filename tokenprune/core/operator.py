@@ -61,9 +61,11 @@ class TokenOperator(nn.Module):
     #: Smallest decoder-layer site this operator can run at (1 for scorers that need the previous layer).
     min_layer: ClassVar[int] = 0
 
-    def __init__(self, params: Any = None):
+    def __init__(self, params: Any = None, key: str | None = None):
         super().__init__()
         self.params = params if params is not None else self.Params()
+        #: the operator's key path in its pipeline (``stages.0.operators.1``), for messages
+        self.config_key = key or self.op_name
 
     @property
     def reads_attention_layer(self) -> bool:

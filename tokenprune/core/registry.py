@@ -56,4 +56,4 @@ def build_operator(name: str, _key: str = "op", **params: Any) -> TokenOperator:
     """Build a registered operator from its name and parameters (validated against its schema)."""
     cls = get_operator_class(name, key=_key)
     prefix = _key.rsplit(".", 1)[0] if _key.endswith(".op") else None
-    return cls(cls.parse_params(params, key=prefix))
+    return cls(cls.parse_params(params, key=prefix), key=prefix)

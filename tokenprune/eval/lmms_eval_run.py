@@ -203,7 +203,7 @@ def run_lmms_eval(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / FINISHED).unlink(missing_ok=True)
     write_atomic(out / "config.yaml", config_text)
-    write_atomic(out / "provenance.json", json.dumps(provenance(model_path(m)), indent=2) + "\n")
+    write_atomic(out / "provenance.json", json.dumps(provenance(model_path(m), pipeline=pipeline), indent=2) + "\n")
     write_atomic(out / "lmms_eval_results.json", json.dumps({"unpruned": baseline, name: pruned}, indent=1) + "\n")
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     metrics["output_dir"] = str(out)

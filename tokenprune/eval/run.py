@@ -317,7 +317,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / FINISHED).unlink(missing_ok=True)  # overwrite: the old results go only once the new ones exist
         write_atomic(out / "config.yaml", config_text)
-        write_atomic(out / "provenance.json", json.dumps(provenance(model_path(cfg.model)), indent=2) + "\n")
+        write_atomic(out / "provenance.json", json.dumps(provenance(model_path(cfg.model), pipeline=pipeline), indent=2) + "\n")
         write_jsonl(out / "predictions.jsonl", [
             {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"],
              **({"hard": i in hard} if hard is not None else {})}

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tokenprune.core.learned import learned_operators
+
 #: The distributions whose versions can change a number (the model code, the kernels, the processors, the loop).
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy", "pillow", "torchvision",
             "pytorch-lightning", "omegaconf", "lmms-eval", "wandb")
@@ -87,9 +89,14 @@ def model_files(path: str) -> dict[str, Any] | None:
             "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None}
 
 
-def provenance(model_path: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+def provenance(model_path: str | None = None, argv: list[str] | None = None, pipeline: Any = None) -> dict[str, Any]:
     """A run directory's ``provenance.json``: the command, the working directory, the time, tokenprune's commit,
-    the package versions, the machine, and the model folder's files."""
-    return {"command": command_line(argv), "cwd": os.getcwd(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "commit": commit(), "packages": package_versions(), "machine": machine(),
-            "model": model_files(model_path) if model_path else None}
+    the package versions, the machine, the model folder's files, and the weights files of the pipeline's learned
+    operators (each file and its SHA-256)."""
+    out = {"command": command_line(argv), "cwd": os.getcwd(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "commit": commit(), "packages": package_versions(), "machine": machine(),
+           "model": model_files(model_path) if model_path else None}
+    weights = [op.weights_record() for op in learned_operators(pipeline.stages)] if pipeline is not None else []
+    if any(weights):
+        out["operator_weights"] = [w for w in weights if w]
+    return out

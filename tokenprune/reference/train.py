@@ -716,46 +716,32 @@ def _lightning_module(cfg: DictConfig, processor):
             groups = [{"params": [p for p in self.parameters() if id(p) not in ids]},
                       {"params": vision, "lr": cfg.optim.vision_lr or cfg.optim.lr}]
             opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-            warm, total = cfg.optim.warmup_steps, cfg.optim.max_steps
-
-            def schedule(step: int) -> float:  # linear warm-up, then cosine to 10%
-                if step < warm:
-                    return (step + 1) / warm
-                frac = (step - warm) / max(1, total - warm)
-                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.optim.warmup_steps, cfg.optim.max_steps))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return ReferenceModule()
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume), export the model folder, and return ``{"export_dir", "steps", "val"}``."""
+def resume_point(out: Path) -> tuple[Path | None, int]:
+    """(last checkpoint of the run in ``out`` or None, its global step): where a training run resumes."""
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None, 0
+    return last, int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+
+
+def fit(cfg: DictConfig, module, data):
+    """Fit a Lightning ``module`` on ``data`` as every ``tokenprune train-*`` command does: ``cfg.optim.max_steps``
+    steps on ``cfg.accelerator``, CSV metrics (and W&B per ``cfg.logging``) under ``cfg.output_dir``, a checkpoint every
+    ``cfg.checkpoint_every`` steps and at the end (``checkpoints/last.ckpt``), resumed from it when it exists.
+    Returns the trainer."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
-
-    pl.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    resume = last if last.exists() else None
-    start = 0
-    if resume is not None:
-        start = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
-    family = FAMILIES[cfg.family]
-    processor = family.build_processor()
-    module = _lightning_module(cfg, processor)
-    curriculum = OmegaConf.to_container(cfg.curriculum)
-    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
-                                                    targets=bool(cfg.aux_weight),
-                                                    describe=OmegaConf.to_container(cfg.describe),
-                                                    multi_turn=OmegaConf.to_container(cfg.multi_turn),
-                                                    hints=bool(cfg.attention_hints.weight),
-                                                    hint_absent=cfg.attention_hints.absent, family=family),
-                                       batch_size=None, num_workers=cfg.data.num_workers)
     from pytorch_lightning.loggers import CSVLogger
 
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume, _ = resume_point(out)
     # version=None: each start (a resume included) writes the next out/metrics/version_N/metrics.csv, so a resumed run
     # keeps the metrics of the steps before it (one fixed version would be emptied on resume)
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="metrics", version=None)]
@@ -772,7 +758,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=cfg.logging.every, num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=data, ckpt_path=str(resume) if resume else None)
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    return trainer
+
+
+def warmup_cosine(warm: int, total: int):
+    """The learning-rate factor of step ``step``: linear warm-up over ``warm`` steps, then cosine to 10% at ``total``."""
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return schedule
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume), export the model folder, and return ``{"export_dir", "steps", "val"}``."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    _, start = resume_point(out)
+    family = FAMILIES[cfg.family]
+    processor = family.build_processor()
+    module = _lightning_module(cfg, processor)
+    curriculum = OmegaConf.to_container(cfg.curriculum)
+    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
+                                                    targets=bool(cfg.aux_weight),
+                                                    describe=OmegaConf.to_container(cfg.describe),
+                                                    multi_turn=OmegaConf.to_container(cfg.multi_turn),
+                                                    hints=bool(cfg.attention_hints.weight),
+                                                    hint_absent=cfg.attention_hints.absent, family=family),
+                                       batch_size=None, num_workers=cfg.data.num_workers)
+    trainer = fit(cfg, module, data)
     export = Path(cfg.export_dir) if cfg.export_dir else out / "model"
     module.model.save_pretrained(export)
     processor.save_pretrained(export)

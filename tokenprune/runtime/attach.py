@@ -26,6 +26,7 @@ from torch import nn
 
 from tokenprune.adapters import ModelAdapter, get_adapter
 from tokenprune.core.errors import ConfigError, PipelineRuntimeError
+from tokenprune.core.learned import learned_operators
 from tokenprune.core.sites import CrossAttentionSite, KVCacheSite, LayerSite
 from tokenprune.core.stage import Stage
 from tokenprune.core.state import TokenState
@@ -88,6 +89,12 @@ class AttachedPipeline:
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
         self.adapter.validate_pipeline(pipeline, guide=guide is not None)
+        learned = learned_operators(pipeline.stages)
+        if learned:  # their networks, built for this LLM's width with their weights loaded
+            width = model.get_input_embeddings().embedding_dim
+            device = next(model.parameters()).device
+            for op in learned:
+                op.bind(width, device=device)
         refuse_static_cache(getattr(getattr(model, "generation_config", None), "cache_implementation", None),
                             "generation_config.cache_implementation")
         needs_guide = any(getattr(op, "needs_guide", False) for s in pipeline.stages for op in s.operators)

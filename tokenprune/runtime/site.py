@@ -73,7 +73,10 @@ class SiteRuntime:
         :meth:`Stage.score`): ``(state, ms in all of them, {"<i>:<op>": ms} when the pipeline times operators one
         by one)."""
         by_op: dict[str, float] = {}
-        with torch.no_grad(), Stopwatch(like) as total:
+        # no autograd graph, except while a learned operator of the stage trains (tokenprune train-operator)
+        learning = torch.is_grad_enabled() and any(getattr(op, "learned", False) and op.training
+                                                   for op in self.stage.operators)
+        with torch.set_grad_enabled(learning), Stopwatch(like) as total:
             state = (run or self.stage)(state, clock=self.operator_clock(like, by_op))
         return state, total.ms, by_op
 

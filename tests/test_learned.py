@@ -1,0 +1,309 @@
+"""Learned operators: QueCC's compressor against the paper's formulation written out here (a strided depthwise
+Conv2d, per-block multi-head cross-attention), the operator by hand, the weights file's save/load and every way it
+can be wrong, and the runtime's autograd path."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenprune as tp
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.registry import registered_operators
+from tokenprune.core.state import TokenState
+
+
+def quecc(**params):
+    cls = registered_operators()["quecc"]
+    return cls(cls.parse_params(params, key="stages.0.operators.0"), key="stages.0.operators.0")
+
+
+def randomised(net, seed=0):
+    """Every parameter of ``net`` random (the initialisation zeroes the output and makes the kernel a mean)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+def paper_quecc(net, tokens, text, rows, cols, k):
+    """QueCC as Li et al. write it, on a (rows, cols) grid zero-padded to whole k x k blocks: Conv2d(groups=dim,
+    kernel=stride=k) over the query-conditioned grid, each block's query attending to its own tokens."""
+    x = net.inp(tokens)
+    q = net.q_mlp(x + net.text(text))
+    dim = q.shape[1]
+    R, C = -(-rows // k), -(-cols // k)
+    pad = (0, 0, 0, C * k - cols, 0, R * k - rows)
+    grid = F.pad(q.view(rows, cols, dim), pad).permute(2, 0, 1)[None]  # (1, dim, R*k, C*k)
+    conv = F.conv2d(grid, net.down.view(dim, 1, k, k), net.down_bias, stride=k, groups=dim)  # (1, dim, R, C)
+    queries = conv[0].permute(1, 2, 0).reshape(R * C, 1, dim)
+
+    def blocks(t):  # (rows*cols, dim) -> (R*C, k*k, dim), block by block in raster order
+        g = F.pad(t.view(rows, cols, dim), pad)
+        return g.view(R, k, C, k, dim).permute(0, 2, 1, 3, 4).reshape(R * C, k * k, dim)
+
+    present = F.pad(torch.ones(rows, cols, 1), pad).view(R, k, C, k).permute(0, 2, 1, 3).reshape(R * C, k * k)
+    out, _ = net.attn(queries, blocks(net.k_mlp(x)), blocks(net.v_mlp(x)), key_padding_mask=present == 0)
+    return net.out(out[:, 0])
+
+
+@pytest.mark.parametrize("rows,cols,k", [(6, 6, 3), (5, 7, 3), (4, 4, 4)])
+def test_quecc_network_is_the_papers_conv_and_cross_attention(rows, cols, k):
+    op = quecc(size=k, dim=8, heads=2)
+    op.bind(12, untrained=True)
+    net = randomised(op.network).eval()
+    torch.manual_seed(1)
+    tokens, text = torch.randn(rows * cols, 12), torch.randn(12)
+    from tokenprune.operators.mergers import grid_blocks
+
+    block, slot, first = grid_blocks(rows, cols, k, "cpu")
+    with torch.no_grad():
+        got = net(tokens, text, block, slot, first.numel())
+        want = paper_quecc(net, tokens, text, rows, cols, k)
+    assert got.shape == (-(-rows // k) * -(-cols // k), 12)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_quecc_operator_by_hand():
+    """A 4x4 tile compressed by 2 with text after it: four tokens, each its block's mean plus the network's output
+    for that block with the question = the mean of the text tokens after the image; the text stays."""
+    op = quecc(size=2, dim=8, heads=2)
+    op.bind(6, untrained=True)
+    net = randomised(op.network).eval()
+    torch.manual_seed(0)
+    h = torch.randn(1, 1 + 16 + 3, 6)
+    visual = torch.zeros(1, 20, dtype=torch.bool)
+    visual[0, 1:17] = True
+    state = TokenState.from_tensors(h, visual, layer=0)
+    state.tiles = torch.where(visual, 0, -1)
+    state.tile_grids = [[(4, 4)]]
+    with torch.no_grad():
+        out = op(state)
+    kept = out.keep_mask[0].nonzero().flatten().tolist()
+    tops = [1, 3, 9, 11]
+    assert kept == [0] + tops + [17, 18, 19]
+    grid = h[0, 1:17].view(4, 4, 6)
+    question = h[0, 17:].mean(0)
+    with torch.no_grad():
+        added = paper_quecc(net, h[0, 1:17], question, 4, 4, 2)
+    for i, t in enumerate(tops):
+        r, c = divmod(i, 2)
+        mean = grid[2 * r:2 * r + 2, 2 * c:2 * c + 2].reshape(-1, 6).mean(0)
+        assert torch.allclose(out.hidden[0, t], mean + added[i], atol=1e-5)
+    assert out.sizes[0, tops].tolist() == [4] * 4
+    assert torch.equal(out.hidden[0, 17:], h[0, 17:])
+
+
+def test_untrained_quecc_is_grid_pool_through_the_runtime(llava_pair, batch):
+    """At its initialisation (output projection zero, kernel a mean) QueCC adds nothing to the pooled tokens: the
+    model's logits equal the ``grid_pool`` pipeline's, which test_pooling checks against the pooled features."""
+    model = llava_pair["sdpa"]
+    logits = {}
+    for op in ("quecc", "grid_pool"):
+        pipe = tp.load_pipeline({"name": op, "stages": [{"layer": 0, "positions": "renumber",
+                                                         "operators": [{"op": op, "size": 2}]}]})
+        if op == "quecc":
+            pipe.stages[0].operators[0].bind(model.get_input_embeddings().embedding_dim, untrained=True)
+        with torch.no_grad(), pipe.attach(model):
+            logits[op] = model(**batch).logits
+    assert torch.allclose(logits["quecc"], logits["grid_pool"], atol=1e-5)
+
+
+def test_a_learned_operator_without_weights_is_refused_at_attach(llava_pair, batch):
+    pipe = tp.load_pipeline({"name": "q", "stages": [{"layer": 0, "operators": [{"op": "quecc", "size": 2}]}]})
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.weights: quecc is a learned operator and has no "
+                                          "trained weights"):
+        pipe.attach(llava_pair["sdpa"])
+
+
+def saved(tmp_path, hidden=16, **params):
+    op = quecc(**params)
+    op.bind(hidden, untrained=True)
+    randomised(op.network, seed=3)
+    path = tmp_path / "q.safetensors"
+    op.save_weights(path, model="tiny", training={"steps": 1})
+    return op, path
+
+
+def test_weights_round_trip_and_the_digest_in_the_resolved_config(tmp_path):
+    op, path = saved(tmp_path, size=3, dim=8, heads=2)
+    cfg = {"name": "q", "stages": [{"layer": 0, "operators": [{"op": "quecc", "size": 3, "dim": 8, "heads": 2,
+                                                                "weights": str(path)}]}]}
+    resolved = tp.resolve_pipeline_config(cfg)
+    assert resolved.stages[0].operators[0].sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = tp.load_pipeline(cfg).stages[0].operators[0]
+    loaded.bind(16)
+    for (name, a), (_, b) in zip(op.network.state_dict().items(), loaded.network.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.weights_record()["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_wrong_weights_file_is_one_clear_error(tmp_path):
+    op, path = saved(tmp_path, size=3, dim=8, heads=2)
+    base = {"op": "quecc", "size": 3, "dim": 8, "heads": 2, "weights": str(path)}
+
+    def build(**change):
+        return tp.load_pipeline({"name": "q", "stages": [{"layer": 0, "operators": [{**base, **change}]}]})
+
+    missing = tmp_path / "none.safetensors"
+    with pytest.raises(ConfigError, match=rf"stages\.0\.operators\.0\.weights: quecc: weights file {missing} not found"):
+        build(weights=str(missing))
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.weights: .*not found; give a shipped name"):
+        build(weights="no_such_name")
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.sha256: quecc: weights file .* has sha256 "):
+        build(sha256="0" * 64)
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.size: quecc: weights file .* was trained with "
+                                          r"size=3, not 4"):
+        build(size=4)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.weights: .*junk\.safetensors is not a readable"):
+        build(weights=str(junk))
+    pipe = build()
+    with pytest.raises(ConfigError, match=r"stages\.0\.operators\.0\.weights: quecc: weights file .* was trained for "
+                                          r"an LLM of width 16 \(tiny\); this model's width is 32"):
+        pipe.stages[0].operators[0].bind(32)
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other.safetensors"
+    meta = {"op": "grid_pool", "hidden_size": "16"}
+    save_file(load_file(str(path)), str(other), metadata=meta)
+    with pytest.raises(ConfigError, match=r"holds weights of operator 'grid_pool', not 'quecc'"):
+        build(weights=str(other))
+
+
+def test_run_refuses_a_missing_weights_file_before_the_model_loads(tmp_path, capsys):
+    from tokenprune.cli import main
+
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"name: q\nstages:\n  - layer: 0\n    operators:\n      - {{op: quecc, weights: {tmp_path}/x.safetensors}}\n")
+    code = main(["run", "experiments/asap_shapes.yaml", f"pipeline={pipe}", "model.path=/nonexistent/model",
+                 f"output_dir={tmp_path}/out"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "stages.0.operators.0.weights" in err and "x.safetensors not found" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_gradients_reach_the_operator_only_in_training(llava_pair, batch):
+    """A training step's loss reaches the compressor's weights through the pruned forward (the frozen LVLM gets no
+    gradient); in eval mode no graph is built."""
+    model = llava_pair["sdpa"]
+    pipe = tp.load_pipeline({"name": "q", "stages": [{"layer": 0, "operators": [{"op": "quecc", "size": 2}]}]})
+    op = pipe.stages[0].operators[0]
+    op.bind(model.get_input_embeddings().embedding_dim, untrained=True)
+    model.requires_grad_(False)
+    try:
+        pipe.train()
+        with pipe.attach(model):
+            loss = model(**batch).logits[:, -1].logsumexp(-1).sum()
+        loss.backward()
+        assert op.network.out.weight.grad is not None and op.network.out.weight.grad.abs().sum() > 0
+        pipe.eval()
+        with pipe.attach(model):
+            assert not model(**batch).logits.requires_grad
+    finally:
+        model.requires_grad_(True)
+
+
+def micro(tmp_path, name, tiny_folder, steps):
+    return [f"model.path={tiny_folder}", "pipeline=quecc", "overrides=[stages.0.operators.0.size=12]",
+            "data.batch_size=2", "val.items=2", "val.every=0", "logging.wandb=false", "logging.every=1",
+            "checkpoint_every=2", "optim.warmup_steps=10", f"optim.max_steps={steps}", "accelerator=cpu",
+            f"output_dir={tmp_path / name}"]
+
+
+def test_train_operator_trains_resumes_exactly_and_writes_a_loadable_file(tmp_path, tiny_folder):
+    """Four steps in one go and two + two (a resume from the checkpoint, the data stream continued) write the same
+    weights (to float rounding; the warm-up is linear over 10 steps, so the schedule does not depend on max_steps); the file carries
+    the metadata the operator checks and loads into a pipeline."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tokenprune.eval.train_operator import load_config, train_operator
+
+    whole = train_operator(load_config("experiments/train_quecc.yaml", micro(tmp_path, "a", tiny_folder, 4)))
+    train_operator(load_config("experiments/train_quecc.yaml", micro(tmp_path, "b", tiny_folder, 2)))
+    resumed = train_operator(load_config("experiments/train_quecc.yaml", micro(tmp_path, "b", tiny_folder, 4)))
+    assert whole["steps"] == resumed["steps"] == 4
+    a, b = load_file(whole["export"]), load_file(resumed["export"])
+    # equal up to float rounding (the CPU's index_add sums in either order; Adam's normalised step magnifies that
+    # where the gradients are still ~0: at most 3e-6 after four steps), and the same losses step by step
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=2e-5) for k in a)
+
+    def losses(run):
+        rows = [r.split(",") for f in sorted((tmp_path / run / "metrics").glob("version_*/metrics.csv"))
+                for r in f.read_text().splitlines()[1:]]
+        return [float(r[2]) for r in rows if r[2]]
+
+    assert len(losses("a")) == 4 and losses("a") == pytest.approx(losses("b"), abs=1e-6)
+    assert a["out.weight"].abs().sum() > 0  # trained away from the zero initialisation
+    assert whole["sha256"] == hashlib.sha256(open(whole["export"], "rb").read()).hexdigest()
+    with safe_open(whole["export"], framework="pt") as f:
+        meta = f.metadata()
+    assert meta["op"] == "quecc" and meta["hidden_size"] == "64" and json.loads(meta["param.size"]) == 12
+    assert json.loads(meta["training"])["steps"] == 4
+    pipe = tp.load_pipeline("quecc", ["stages.0.operators.0.size=12", f"stages.0.operators.0.weights={whole['export']}"])
+    pipe.stages[0].operators[0].bind(64)
+
+
+def test_answer_loss_decodes_longer_answers_on_the_pruned_cache(tiny_folder):
+    """Two-token answers: the loss equals the cross-entropy of the logits generate() gives when forced to emit
+    them one by one, with grid_pool — what the untrained compressor equals — attached."""
+    from transformers import LogitsProcessor
+
+    from tokenprune.eval.models import load_model
+    from tokenprune.eval.train_operator import answer_loss, encode_answers
+    from tokenprune.reference import shapes
+
+    model, proc = load_model({"path": str(tiny_folder), "dtype": "float32", "attn_implementation": "sdpa",
+                              "trust_remote_code": False})
+    items = [{**shapes.make_item(f"t/{i}", "color"), "answer": a} for i, a in enumerate(["red circle", "blue"])]
+    batch = encode_answers(proc, items)
+    assert batch["answer_ids"].shape[1] == 2 and int(batch["answer_ids"][1, 1]) == -100
+    q = tp.load_pipeline({"name": "q", "stages": [{"layer": 0, "operators": [{"op": "quecc", "size": 6}]}]})
+    q.stages[0].operators[0].bind(64, untrained=True)
+    with torch.no_grad():
+        got = answer_loss(model, q, batch)
+
+    pool = tp.load_pipeline({"name": "p", "stages": [{"layer": 0, "operators": [{"op": "grid_pool", "size": 6}]}]})
+    losses = []
+    for b in range(2):
+        want = batch["answer_ids"][b][batch["answer_ids"][b] >= 0]
+
+        class Force(LogitsProcessor):  # emit the answer's tokens, whatever the model prefers
+            def __init__(self, want, start):
+                self.want, self.start = want, start
+
+            def __call__(self, input_ids, scores):
+                out = torch.full_like(scores, float("-inf"))
+                out[:, self.want[input_ids.shape[1] - self.start]] = 0
+                return out
+
+        enc = {k: v[b:b + 1] for k, v in batch.items() if k != "answer_ids"}
+        with torch.no_grad(), pool.attach(model):
+            gen = model.generate(**enc, max_new_tokens=len(want), min_new_tokens=len(want), do_sample=False,
+                                 logits_processor=[Force(want, enc["input_ids"].shape[1])], output_logits=True,
+                                 return_dict_in_generate=True)
+        logits = torch.cat([s.float() for s in gen.logits])
+        losses.append(-torch.log_softmax(logits, -1).gather(1, want[:, None]).flatten())
+    assert torch.allclose(got, torch.cat(losses).mean(), atol=1e-5)
+
+
+def test_train_operator_config_errors(tmp_path, tiny_folder):
+    from tokenprune.eval.train_operator import load_config
+
+    with pytest.raises(ConfigError, match="pipeline: 'fastv' has no learned operator to train"):
+        load_config("experiments/train_quecc.yaml", ["pipeline=fastv"])
+    with pytest.raises(ConfigError, match=r"operator: got 'stages\.0\.operators\.1'; the learned operators of 'quecc': "
+                                          r"stages\.0\.operators\.0"):
+        load_config("experiments/train_quecc.yaml", ["operator=stages.0.operators.1"])
+    with pytest.raises(ConfigError, match="optim.max_steps: must be a positive integer, got 0"):
+        load_config("experiments/train_quecc.yaml", ["optim.max_steps=0"])
+    taken = tmp_path / "w.safetensors"
+    taken.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="export: .*already exists; set overwrite_export=true"):
+        load_config("experiments/train_quecc.yaml", [f"export={taken}"])

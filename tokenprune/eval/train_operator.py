@@ -1,0 +1,279 @@
+"""Train one learned operator of a pipeline on ``shapes``, the LVLM frozen: ``tokenprune train-operator CONFIG``.
+
+Lightning, seeded, resumable (running the same command again continues from ``output_dir/checkpoints/last.ckpt``,
+the data stream included), W&B offline unless the config says otherwise, a GPU when there is one
+(``accelerator: auto``). At the end the operator's weights are written as safetensors (``export``) with the
+metadata the operator checks when it loads them (:mod:`tokenprune.core.learned`), and the pipeline is scored on
+the validation items.
+
+The loss is the operator's paper's (its ``objective``): ``answer`` — the frozen LVLM's cross-entropy on the answer
+tokens, the prompt prefilled through the pipeline (the compressed tokens are all the LLM sees of the image; QueCC).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from tokenprune.core.config import apply_overrides, load_source
+from tokenprune.core.errors import ConfigError
+from tokenprune.core.learned import learned_operators
+from tokenprune.core.registry import get_operator_class
+from tokenprune.core.paths import writable_file, writable_folder
+from tokenprune.core.values import Bool, Float, Int, ListOf, Optional, Str, check_schema, given
+from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
+from tokenprune.eval.models import build_prompt, load_model, model_path
+from tokenprune.eval.run_config import ATTENTION, DTYPES
+from tokenprune.measure.provenance import model_files
+from tokenprune.pipeline import build_pipeline
+from tokenprune.reference import shapes
+from tokenprune.reference.train import fit, resume_point, warmup_cosine
+
+DEFAULTS: dict[str, Any] = {
+    "pipeline": "quecc",  # a preset name or a pipeline YAML file
+    "overrides": [],  # KEY=VALUE on the pipeline (stages.0.operators.0.size=3)
+    "operator": None,  # key of the learned operator to train (stages.0.operators.0); null: the pipeline's only one
+    "model": {"path": "reference", "dtype": "float32", "attn_implementation": "sdpa", "trust_remote_code": False},
+    "seed": 0,
+    "output_dir": "runs/train_operator",
+    "export": None,  # the weights file written at the end; null: output_dir/weights.safetensors
+    "overwrite_export": False,  # replace a weights file another run did not write (a shipped one)
+    "data": {"batch_size": 16, "num_workers": 0},
+    "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100, "max_steps": 1500},
+    "checkpoint_every": 250,
+    "val": {"every": 250, "items": 200},
+    "logging": {"wandb": True, "project": "tokenprune-operators", "offline": True, "every": 10},
+    "accelerator": "auto",
+}
+
+#: The losses of the learned operators, by their ``objective``.
+OBJECTIVES = ("answer",)
+
+
+def _schema() -> dict[str, Any]:
+    step = Int(0)
+    return {
+        "pipeline": Str(), "overrides": ListOf(Str()), "operator": Optional(Str()),
+        "model": {"path": Str(), "dtype": Str(DTYPES), "attn_implementation": Str(ATTENTION),
+                  "trust_remote_code": Bool()},
+        "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export": Optional(Str()), "overwrite_export": Bool(),
+        "data": {"batch_size": Int(1), "num_workers": Int(0)},
+        "optim": {"lr": Float(above=0), "weight_decay": Float(minimum=0), "warmup_steps": step, "max_steps": Int(1)},
+        "checkpoint_every": Int(1),
+        "val": {"every": step, "items": Int(1)},
+        "logging": {"wandb": Bool(), "project": Str(), "offline": Bool(), "every": Int(1)},
+        "accelerator": Str(("auto", "cpu", "gpu", "cuda", "mps")),
+    }
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+    """The training config: defaults, the YAML file (read strictly), then ``KEY=VALUE`` overrides; every key typed
+    and checked, the pipeline built and its learned operator found, and the output paths checked — all before any
+    model loads."""
+    raw: Any = {}
+    if path is not None:
+        raw = read_yaml(path, "operator training config")
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(None, f"operator training config {path}: must be a mapping of keys, got {given(raw)}")
+    refuse_interpolation(raw, what="an operator training config")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(raw))
+    except Exception as e:  # noqa: BLE001 - a section given as a value; OmegaConf names the key
+        raise ConfigError(getattr(e, "full_key", None) or None, f"operator training config: {str(e).splitlines()[0]}") \
+            from None
+    apply_overrides(cfg, overrides, example="optim.max_steps=100", what="an operator training config")
+    cfg = OmegaConf.create(check_schema(OmegaConf.to_container(cfg), _schema()))
+    OmegaConf.set_struct(cfg, True)
+    build_trainee(cfg)  # the pipeline and its operator are valid
+    writable_folder(Path(cfg.output_dir), "output_dir")
+    export = export_path(cfg)
+    writable_file(export, "export")
+    if export.exists() and not cfg.overwrite_export and _written_by(export) != str(Path(cfg.output_dir).resolve()):
+        raise ConfigError("export", f"{export} already exists; set overwrite_export=true to replace it, or choose "
+                                    "another export")
+    return cfg
+
+
+def export_path(cfg: DictConfig) -> Path:
+    return Path(cfg.export) if cfg.export else Path(cfg.output_dir) / "weights.safetensors"
+
+
+def _written_by(path: Path) -> str | None:
+    from tokenprune.core.learned import META_TRAINING, read_metadata
+
+    try:
+        return json.loads(read_metadata(path, "export").get(META_TRAINING, "{}")).get("output_dir")
+    except (ConfigError, ValueError):
+        return None
+
+
+def build_trainee(cfg: DictConfig):
+    """(pipeline, operator): the pipeline of ``cfg`` built with the operator to train started afresh (no weights
+    file), and that operator."""
+    pcfg = apply_overrides(load_source(cfg.pipeline), list(cfg.overrides))
+    keys = [f"stages.{i}.operators.{j}" for i, stage in enumerate(pcfg.get("stages") or [])
+            for j, spec in enumerate(stage.get("operators") or [])
+            if getattr(get_operator_class(spec.get("op"), f"stages.{i}.operators.{j}.op"), "learned", False)]
+    if not keys:
+        raise ConfigError("pipeline", f"{cfg.pipeline!r} has no learned operator to train")
+    key = cfg.operator or keys[0]
+    if cfg.operator is None and len(keys) > 1:
+        raise ConfigError("operator", f"{cfg.pipeline!r} has {len(keys)} learned operators; name one: {', '.join(keys)}")
+    if key not in keys:
+        raise ConfigError("operator", f"got {key!r}; the learned operators of {cfg.pipeline!r}: {', '.join(keys)}")
+    for k in (f"{key}.weights", f"{key}.sha256"):  # trained from its initialisation
+        OmegaConf.update(pcfg, k, "", force_add=True)
+    pipe = build_pipeline(pcfg, [Path(cfg.pipeline).parent] if Path(cfg.pipeline).is_file() else [])
+    op = next(o for o in learned_operators(pipe.stages) if o.config_key == key)
+    if op.objective not in OBJECTIVES:
+        raise ConfigError("operator", f"{key} ({op.op_name}) trains on objective {op.objective!r}, which "
+                                      f"train-operator does not have; it has: {', '.join(OBJECTIVES)}")
+    return pipe, op
+
+
+class AnswerStream(torch.utils.data.IterableDataset):
+    """Endless batches of ``shapes`` train items (seed ``seed``), from batch ``start`` on (resuming): the prompts
+    through the model's processor (left-padded) and each answer's token ids."""
+
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0):
+        self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for b in itertools.count(self.start):
+            if b % workers != worker:
+                continue
+            items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
+                                      i // len(shapes.TYPES))
+                     for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+            yield encode_answers(self.processor, items)
+
+
+def encode_answers(processor, items: list[dict]) -> dict[str, torch.Tensor]:
+    """The processor's inputs for the items' prompts (left-padded) and ``answer_ids`` (B, T) the answers' tokens
+    (right-padded with -100): the tokens that extend each prompt to prompt + answer."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    prompts = [build_prompt(processor, it["question"]) for it in items]
+    enc = dict(processor(images=[[it["image"]] for it in items], text=prompts, return_tensors="pt", padding=True))
+    answers = []
+    for p, it in zip(prompts, items):
+        ids = tok(p + it["answer"], add_special_tokens=False)["input_ids"]
+        head = tok(p, add_special_tokens=False)["input_ids"]
+        if ids[:len(head)] != head or len(ids) == len(head):
+            raise ValueError(f"the answer {it['answer']!r} does not extend the prompt's tokens")
+        answers.append(ids[len(head):])
+    width = max(len(a) for a in answers)
+    enc["answer_ids"] = torch.tensor([a + [-100] * (width - len(a)) for a in answers])
+    return enc
+
+
+def answer_loss(model, pipeline, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens, the prompt prefilled with ``pipeline`` attached (it prunes there,
+    from the prompt alone) and the answer's later tokens decoded on the pruned cache in one forward."""
+    answers = batch["answer_ids"]
+    inputs = {k: v for k, v in batch.items() if k != "answer_ids"}
+    longer = answers.shape[1] > 1
+    with pipeline.attach(model):
+        out = model(**inputs, use_cache=longer, logits_to_keep=1)
+        logits = [out.logits[:, -1]]
+        if longer:  # the answer's tokens but the last, after the prompt, on the cache the prefill left
+            feed = answers[:, :-1].clamp(min=0)
+            mask = torch.cat([inputs["attention_mask"], (answers[:, :-1] >= 0).long()], 1)
+            more = model(input_ids=feed, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(more.logits)
+    logits = torch.cat([lg.reshape(answers.shape[0], -1, lg.shape[-1]) for lg in logits], 1)
+    return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), ignore_index=-100)
+
+
+def pipeline_accuracy(model, processor, pipeline, items: list[dict], batch_size: int = 16) -> dict:
+    """Greedy answers through ``generate()`` with ``pipeline`` attached, scored with ``shapes.score``."""
+    preds: list[str] = []
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        enc = processor(images=[[it["image"]] for it in chunk], text=[build_prompt(processor, it["question"])
+                                                                    for it in chunk], return_tensors="pt", padding=True)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.no_grad(), pipeline.attach(model):
+            out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+        preds += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return shapes.score(preds, items)
+
+
+def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
+    import pytorch_lightning as pl
+
+    class OperatorModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.pipeline = pipeline  # holds the operator's network: the only parameters trained and checkpointed
+            self.__dict__["lvlm"] = model  # frozen, outside the module's parameters and checkpoints
+            self.val_items = shapes.load_split("val", size=cfg.val["items"])
+
+        def on_fit_start(self):
+            self.lvlm.to(self.device)
+            self.pipeline.train()  # Lightning keeps each module's mode: the operator must build its graph
+
+        def training_step(self, batch, _):
+            loss = answer_loss(self.lvlm, self.pipeline, batch)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if cfg.val.every and self.global_step % cfg.val.every == 0:
+                self._validate()
+
+        def _validate(self):
+            self.pipeline.eval()
+            acc = pipeline_accuracy(self.lvlm, processor, self.pipeline, self.val_items)
+            self.pipeline.train()
+            self.log("val/accuracy", acc["overall"], prog_bar=True)
+            for t, a in acc["per_type"].items():
+                self.log(f"val/{t}", a)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(op.network.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.optim.warmup_steps, cfg.optim.max_steps))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return OperatorModule()
+
+
+def train_operator(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume) the operator, write its weights file, and return ``{"export", "sha256", "steps", "val"}``."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True)
+    pipeline, op = build_trainee(cfg)
+    model_cfg = OmegaConf.to_container(cfg.model)
+    model, processor = load_model(model_cfg)
+    model.requires_grad_(False)
+    model.eval()
+    op.bind(model.get_input_embeddings().embedding_dim, untrained=True)  # seeded: the same initialisation each time
+    _, start = resume_point(Path(cfg.output_dir))
+    data = torch.utils.data.DataLoader(AnswerStream(processor, cfg.seed, cfg.data.batch_size, start), batch_size=None,
+                                       num_workers=cfg.data.num_workers)
+    module = _lightning_module(cfg, model, processor, pipeline, op)
+    trainer = fit(cfg, module, data)
+    pipeline.eval()
+    model.to("cpu")
+    op.network.to("cpu")
+    export = export_path(cfg)
+    files = model_files(model_path(model_cfg)) or {}
+    identity = {"path": cfg.model.path, "config_sha256": files.get("config_sha256")}
+    record = {"output_dir": str(Path(cfg.output_dir).resolve()), "steps": trainer.global_step, "seed": cfg.seed,
+              "pipeline": cfg.pipeline, "overrides": list(cfg.overrides), "operator": op.config_key,
+              "optim": OmegaConf.to_container(cfg.optim), "batch_size": cfg.data.batch_size}
+    digest = op.save_weights(export, model=json.dumps(identity, sort_keys=True), training=record)
+    val = pipeline_accuracy(model, processor, pipeline, module.val_items)
+    return {"export": str(export), "sha256": digest, "steps": trainer.global_step, "val": val}
