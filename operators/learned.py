@@ -88,7 +88,7 @@ class QueCC(LearnedOperator, Merger):
         size: int = 6  # side of a compressed block, in tokens (24x24 -> 16 tokens at 6)
         dim: int = 128  # width of the compressor's attention
         heads: int = 4
-        weights: str = ""  # a shipped name (experiments/presets/weights/NAME.safetensors) or a .safetensors path
+        weights: str = ""  # a shipped name (experiments/presets/weights/NAME.safetensors), a .safetensors path, or init
         sha256: str = ""  # the weights file's digest (filled in when the pipeline is built; given: checked)
 
         def __post_init__(self) -> None:

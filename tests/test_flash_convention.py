@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+from conftest import load_for_tiny
 from families import BUILDERS, pair, sample_alone
 from reference import reference_greedy
 
@@ -166,12 +167,12 @@ def test_every_preset_under_flash_is_the_preset_under_sdpa_or_refused(llava32_pa
     batch = tiny_llava_inputs(sdpa)
     if name in REFUSED:
         with pytest.raises(ConfigError, match=f"^{REFUSED[name]}: .*use attn_implementation: sdpa"):
-            with tp.load_pipeline(name).attach(flash):
+            with load_for_tiny(name).attach(flash):
                 raise AssertionError("attached")
         return
     runs = {}
     for model in (sdpa, flash):
-        pipe = tp.load_pipeline(name)
+        pipe = load_for_tiny(name)
         with pipe.attach(model):
             runs[model] = (generate(model, batch), [t.kept for t in pipe.trace])
     (a, kept_a), (b, kept_b) = runs[sdpa], runs[flash]

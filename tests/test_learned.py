@@ -307,3 +307,37 @@ def test_train_operator_config_errors(tmp_path, tiny_folder):
     taken.write_bytes(b"x")
     with pytest.raises(ConfigError, match="export: .*already exists; set overwrite_export=true"):
         load_config("experiments/train_quecc.yaml", [f"export={taken}"])
+
+
+def test_a_run_directory_pins_the_weights_and_a_rerun_refuses_changed_ones(tmp_path, tiny_folder, capsys):
+    """`tokenprune run` with a learned operator: config.yaml's resolved pipeline carries the file's SHA-256 and
+    provenance.json the file; after the file changes, `run --from` is refused naming the sha256 key (exit 2)."""
+    import yaml
+
+    from tokenprune.cli import main
+
+    _, path = saved(tmp_path, hidden=64, size=12, dim=8, heads=2)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    first = tmp_path / "first"
+    args = ["run", "experiments/asap_shapes.yaml", f"model.path={tiny_folder}", "data.limit=2", "batch_size=2",
+            "pipeline=quecc", f"overrides=[stages.0.operators.0.size=12, stages.0.operators.0.dim=8, "
+            f"stages.0.operators.0.heads=2, stages.0.operators.0.weights={path}]", f"output_dir={first}",
+            "baseline_cache=null", "logging.wandb.mode=disabled", "logging.progress_bar=false"]
+    assert main(args) == 0
+    recorded = yaml.safe_load((first / "config.yaml").read_text())
+    assert recorded["resolved_pipeline"]["stages"][0]["operators"][0]["sha256"] == digest
+    weights = json.loads((first / "provenance.json").read_text())["operator_weights"]
+    assert weights == [{"op": "quecc", "key": "stages.0.operators.0", "file": str(path), "sha256": digest,
+                        "model": "tiny"}]
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))  # the same file, retrained: one tensor changed, the metadata kept
+    tensors["out.bias"] = tensors["out.bias"] + 1
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(path), metadata=meta)
+    capsys.readouterr()
+    assert main(["run", "--from", str(first), f"output_dir={tmp_path / 'again'}"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.0.operators.0.sha256" in err and "not the " + digest in err

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import families
+from conftest import families, load_for_tiny
 
 import tokenprune as tp
 from tokenprune.core.config import preset_names
@@ -15,16 +15,7 @@ from tokenprune.measure.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
            "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl", "topv",
-           "static_patches", "pooling", "cdpruner", "fastervlm", "vispruner", "hiprune", "mustdrop"]
-#: Overrides for the tiny models' few visual tokens (16-64): MustDrop's attention thresholds are set for LLaVA's
-#: 576, and at 16 every token's share of the instruction's attention passes them.
-TINY = {"mustdrop": ["stages.1.operators.1.global_share=0.5", "stages.1.operators.1.individual=0.5"]}
-
-
-def load_for_tiny(name: str):
-    return tp.load_pipeline(name, TINY.get(name, []))
-
-
+           "static_patches", "pooling", "cdpruner", "fastervlm", "vispruner", "hiprune", "mustdrop", "quecc"]
 #: The preset for cross-attention models.
 CROSS = {"trimmed_llama"}
 #: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).

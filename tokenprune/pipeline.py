@@ -22,6 +22,7 @@ from tokenprune.core.config import (
     validate_pipeline_config,
 )
 from tokenprune.core.errors import ConfigError
+from tokenprune.core.learned import learned_operators
 from tokenprune.core.registry import build_operator
 from tokenprune.core.stage import Stage
 from tokenprune.core.trace import StageTrace
@@ -103,6 +104,9 @@ def build_pipeline(cfg: DictConfig, plugin_folders: Iterable[str | Path] = ()) -
         stages.append(Stage(raw["layer"], ops, key=f"stages.{i}", positions=raw.get("positions", "keep"),
                             protect=raw.get("protect", ()), cache=raw.get("cache"),
                             budget=raw.get("budget", "per_image")))
+    for op in learned_operators(stages):  # the config pins the weights it was built with (a rerun checks them)
+        if op.params.sha256:
+            OmegaConf.update(cfg, f"{op.config_key}.sha256", op.params.sha256, force_add=True)
     return Pipeline(stages, name=str(cfg.get("name", "pipeline")), config=cfg, input=validate_input(cfg))
 
 

@@ -9,7 +9,9 @@ before any model loads, the width when the pipeline is attached (:meth:`LearnedO
 :class:`~tokenprune.core.errors.ConfigError` naming the operator's key and the file.
 
 Without ``weights`` the network is the operator's untrained initialisation: only ``tokenprune train-operator``
-runs it so (:meth:`LearnedOperator.bind` with ``untrained=True``); attaching refuses it otherwise.
+runs it so (:meth:`LearnedOperator.bind` with ``untrained=True``); attaching refuses it otherwise. ``weights: init``
+asks for the initialisation explicitly (an ablation — what the method does untrained —, and tiny test models, whose
+width no shipped file fits).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch import nn
 from tokenprune.core.config import preset_dir
 from tokenprune.core.errors import ConfigError
 
+#: ``weights: init``: the untrained initialisation, asked for explicitly.
+INIT = "init"
 #: Folder of the shipped weights, beside the presets.
 WEIGHTS_FOLDER = "weights"
 #: Metadata keys every weights file carries (besides the operator's shape parameters, as ``param.NAME``).
@@ -88,7 +92,7 @@ class LearnedOperator:
         self.bound_hidden = None
         self.weights_file: Path | None = None
         self.weights_meta: dict[str, str] = {}
-        if not self.params.weights:
+        if self.params.weights in ("", INIT):
             return
         wkey = f"{self.config_key}.weights"
         path = weights_path(self.params.weights)
@@ -120,11 +124,12 @@ class LearnedOperator:
         ``untrained``: allow no weights file (training starts from the initialisation). Binding again to the same
         width keeps the network (a trained one stays trained)."""
         wkey = f"{self.config_key}.weights"
+        untrained = untrained or self.params.weights == INIT
         if self.weights_file is None and not untrained and self.bound_hidden is None:
             shipped = ", ".join(shipped_weights()) or "none"
             raise ConfigError(wkey, f"{self.op_name} is a learned operator and has no trained weights: give weights: "
-                                    f"NAME (shipped: {shipped}) or a .safetensors path; tokenprune train-operator "
-                                    "trains them")
+                                    f"NAME (shipped: {shipped}), a .safetensors path, or {INIT} (the untrained "
+                                    "initialisation); tokenprune train-operator trains them")
         if self.bound_hidden == hidden_size:
             if device is not None:
                 self.network.to(device)

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from tokenprune.core.config import apply_overrides, load_source
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.learned import learned_operators
-from tokenprune.core.registry import get_operator_class
 from tokenprune.core.paths import writable_file, writable_folder
+from tokenprune.core.registry import get_operator_class
 from tokenprune.core.values import Bool, Float, Int, ListOf, Optional, Str, check_schema, given
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model, model_path
