@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokenprune.operators.mergers import grid_blocks, merge_into
+import torch.nn.functional as F
 from torch import nn
 
 from tokenprune.core.learned import LearnedOperator
-from tokenprune.core.operator import Merger, ParamError
+from tokenprune.core.operator import Merger, ParamError, Scorer, ScorerParams
 from tokenprune.core.registry import register_operator
 from tokenprune.core.state import TokenState
+from tokenprune.operators.mergers import grid_blocks, merge_into
 
 
 def _mlp(dim: int) -> nn.Sequential:
@@ -151,3 +152,88 @@ class QueCC(LearnedOperator, Merger):
         state.hidden = (hidden.float() + delta).to(hidden.dtype)
         state.sizes, state.keep_mask = sizes, keep
         return state
+
+
+class AttentionPredictorNetwork(nn.Module):
+    """AttentionPredictor's model (Yang et al., "AttentionPredictor: Temporal Pattern Matters for Efficient LLM
+    Inference", 2025): the attention history of one head — its last ``T`` query rows over the ``N`` cached entries,
+    a (T, N) image — through two 3x3 convolutions (1 -> 16 -> 32 channels, ReLU), averaged over time, and a 1x1
+    convolution to one value per entry: the logits of the next step's attention over the entries. The history is
+    scaled by ``N`` (a uniform row is all ones) so the same weights serve caches of any length."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.head = nn.Conv1d(32, 1, kernel_size=1)
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        """``history`` (M, T, N) attention rows (M heads or samples) -> (M, N) logits of the next row."""
+        x = history[:, None] * history.shape[-1]
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=2))[:, 0]
+
+
+def max_pool_entries(attn: torch.Tensor, block: int) -> torch.Tensor:
+    """(..., N) -> (..., ceil(N / block)): the largest value of each run of ``block`` entries (the last run holds
+    what is left), AttentionPredictor's compression of the key axis."""
+    if block == 1:
+        return attn
+    pad = (-attn.shape[-1]) % block
+    return F.pad(attn, (0, pad)).unflatten(-1, (-1, block)).amax(-1)
+
+
+@register_operator("attention_predictor")
+class AttentionPredictor(LearnedOperator, Scorer):
+    """The next decoding step's attention, predicted from the attention history by a small trained convolutional
+    network (AttentionPredictor; Yang et al., "AttentionPredictor: Temporal Pattern Matters for Efficient LLM
+    Inference", 2025): per head, the last ``history`` query rows of the prompt over the layer's entries (max-pooled
+    over runs of ``block`` entries) go through :class:`AttentionPredictorNetwork`; each head's prediction becomes a
+    distribution (softmax), the heads are averaged, and each entry scores its run's value. At a ``kv_cache`` stage
+    the cache then keeps the entries the first decoding step is predicted to attend to most. A learned operator
+    (``weights``; ``tokenprune train-operator``, objective ``attention``)."""
+
+    shape_params = ()
+    objective = "attention"  # the predicted next-step attention against the observed one
+
+    @dataclass
+    class Params(ScorerParams):
+        history: int = 8  # query rows of attention history (the prompt's last)
+        block: int = 1  # entries max-pooled into one before the network (16 in the paper's long contexts)
+        weights: str = ""  # a shipped name (experiments/presets/weights/NAME.safetensors), a .safetensors path, or init
+        sha256: str = ""  # the weights file's digest (filled in when the pipeline is built; given: checked)
+
+        def __post_init__(self) -> None:
+            for name in ("history", "block"):
+                if getattr(self, name) < 1:
+                    raise ParamError(name, f"must be >= 1, got {getattr(self, name)}")
+
+    def __init__(self, params: Any = None, key: str | None = None):
+        super().__init__(params, key)
+        self.init_learned()
+
+    def build_network(self, hidden_size: int) -> nn.Module:
+        return AttentionPredictorNetwork()
+
+    def history_rows(self, state: TokenState, sample: int) -> torch.Tensor:
+        """(H, T, N) the attention of the sample's last ``history`` real query rows, per head (the history the
+        network reads)."""
+        rows = state.signals.query_rows("all", sample)[-self.params.history:]
+        return state.signals.attention_probs(sample, rows)
+
+    def predict(self, history: torch.Tensor) -> torch.Tensor:
+        """(H, T, N) history -> (N,) the predicted next-step attention: per head a softmax over the pooled entries,
+        averaged over heads, each entry given its run's value."""
+        net = self.network
+        dev = next(net.parameters()).device
+        pooled = max_pool_entries(history.float().to(dev), self.params.block)
+        probs = torch.softmax(net(pooled), dim=-1).mean(0)
+        return probs.repeat_interleave(self.params.block)[:history.shape[-1]]
+
+    def score(self, state: TokenState) -> torch.Tensor:
+        if self.network is None:
+            raise RuntimeError("attention_predictor: its network is not built (attach the pipeline to a model)")
+        out = torch.zeros(state.visual_mask.shape, dtype=torch.float32, device=state.visual_mask.device)
+        for b in range(state.batch_size):
+            out[b] = self.predict(self.history_rows(state, b)).to(out.device)
+        return out.masked_fill(~state.valid_mask, 0.0)

@@ -5,10 +5,10 @@ import itertools
 import math
 
 import torch
-from tokenprune.operators.selectors import greedy_map
 
 from tokenprune.core.registry import registered_operators
 from tokenprune.core.state import TokenState
+from tokenprune.operators.selectors import greedy_map
 
 
 def dpp(**params):
