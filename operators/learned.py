@@ -235,5 +235,6 @@ class AttentionPredictor(LearnedOperator, Scorer):
             raise RuntimeError("attention_predictor: its network is not built (attach the pipeline to a model)")
         out = torch.zeros(state.visual_mask.shape, dtype=torch.float32, device=state.visual_mask.device)
         for b in range(state.batch_size):
-            out[b] = self.predict(self.history_rows(state, b)).to(out.device)
-        return out.masked_fill(~state.valid_mask, 0.0)
+            valid = state.valid_mask[b]  # the sample's entries (padding is no part of its history)
+            out[b, valid] = self.predict(self.history_rows(state, b)[:, :, valid.to(state.hidden.device)]).to(out.device)
+        return out

@@ -56,7 +56,7 @@ def families(*names: str) -> list:
 #: 576, and at 16 every token's share of the instruction's attention passes them. A learned operator's shipped
 #: weights fit the reference model's width only: the tiny models run its initialisation.
 TINY = {"mustdrop": ["stages.1.operators.1.global_share=0.5", "stages.1.operators.1.individual=0.5"],
-        "quecc": ["stages.0.operators.0.weights=init"]}
+        "quecc": ["stages.0.operators.0.weights=init"], "attention_predictor": ["stages.0.operators.0.weights=init"]}
 
 
 def load_for_tiny(name: str):

@@ -341,3 +341,95 @@ def test_a_run_directory_pins_the_weights_and_a_rerun_refuses_changed_ones(tmp_p
     assert main(["run", "--from", str(first), f"output_dir={tmp_path / 'again'}"]) == 2
     err = capsys.readouterr().err
     assert "stages.0.operators.0.sha256" in err and "not the " + digest in err
+
+
+# --- AttentionPredictor --------------------------------------------------------------------------------------------
+
+
+def predictor(**params):
+    cls = registered_operators()["attention_predictor"]
+    return cls(cls.parse_params(params, key="stages.0.operators.0"), key="stages.0.operators.0")
+
+
+def identity_network(op):
+    """The network made to pass channel 0 straight through: conv1 and conv2 a centred delta into channel 0, the head
+    reading channel 0 — its output is then N times the history's mean over time (all inputs are >= 0)."""
+    net = op.network
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.conv1.weight[0, 0, 1, 1] = 1.0
+        net.conv2.weight[0, 0, 1, 1] = 1.0
+        net.head.weight[0, 0, 0] = 1.0
+    return net
+
+
+def test_attention_predictor_network_and_prediction_by_hand():
+    op = predictor(history=3, block=2)
+    op.bind(16, untrained=True)
+    net = identity_network(op)
+    hist = torch.tensor([[[0.1, 0.2, 0.3, 0.4, 0.0], [0.3, 0.3, 0.2, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]],
+                         [[0.5, 0.1, 0.1, 0.1, 0.2], [0.4, 0.2, 0.2, 0.1, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]]])
+    with torch.no_grad():
+        assert torch.allclose(net(hist), 5 * hist.mean(1), atol=1e-6)
+        got = op.predict(hist)
+    # by hand: max over runs of 2 entries (the last run holds one), x3 (pooled N), mean over time, softmax per head,
+    # mean over heads, each entry its run's value
+    pooled = torch.stack([hist[..., 0:2].amax(-1), hist[..., 2:4].amax(-1), hist[..., 4]], -1)
+    probs = torch.softmax(3 * pooled.mean(1), -1).mean(0)
+    assert torch.allclose(got, probs[[0, 0, 1, 1, 2]], atol=1e-6)
+
+
+def test_the_runtime_gives_the_predictor_the_models_own_attention_and_keeps_its_top_entries():
+    """On a tiny eager LLaVA (a padded batch): at every layer, the history the operator reads is the model's own
+    attention (output_attentions) of the last 3 real rows over the sample's real entries, and the cache keeps the
+    top 25% of the visual entries by the prediction from it."""
+    from tokenprune.core.budget import resolve_keep
+    from tokenprune.reference.tiny import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava("eager", layers=3)
+    batch = tiny_llava_inputs(model)
+    pipe = tp.load_pipeline("attention_predictor", ["stages.0.operators.0.weights=init",
+                                                    "stages.0.operators.0.history=3"])
+    op = pipe.stages[0].operators[0]
+    seen = []
+    real_predict = op.predict
+    op.predict = lambda history: seen.append(history) or real_predict(history)
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+        with pipe.attach(model):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+    traces = [t for t in pipe.trace if t.site == "kv_cache"]
+    assert len(seen) == 3 * 2 and len(traces) == 3  # every layer, both samples
+    image = model.config.image_token_id
+    for layer, trace in enumerate(traces):
+        for b in range(2):
+            valid = batch["attention_mask"][b].bool()
+            rows = valid.nonzero().flatten()[-3:]
+            want = attentions[layer][b][:, rows][:, :, valid]
+            assert torch.allclose(seen[2 * layer + b], want, atol=1e-5)
+            visual = (batch["input_ids"][b] == image)[valid]
+            with torch.no_grad():
+                scores = real_predict(want)[visual]
+            k = resolve_keep(0.25, int(visual.sum()))
+            top = set(valid.nonzero().flatten()[visual.nonzero().flatten()[scores.topk(k).indices]].tolist())
+            kept_visual = {i for i in trace.kept[b] if int(batch["input_ids"][b, i]) == image}
+            assert kept_visual == top
+
+
+def test_hit_rates_by_hand():
+    """Two layers of one head, visual entries 1-4 of five, keep 50% (two): in layer 0 the last row's top two are the
+    truth's and the window mean's none of them; in layer 1 both find both. The predictor (made to rank by the
+    window mean) scores as the window mean."""
+    from tokenprune.eval.train_operator import hit_rates
+
+    op = predictor(history=2)
+    op.bind(16, untrained=True)
+    identity_network(op)  # predicts softmax(N x the mean over time): the window mean's order
+    target = torch.tensor([[0.2, 0.35, 0.25, 0.15, 0.05],     # truth's visual top two: entries 1, 2
+                           [0.1, 0.05, 0.15, 0.3, 0.4]])      # entries 4, 3
+    history = torch.tensor([[[0.0, 0.0, 0.0, 0.6, 0.4], [0.1, 0.4, 0.3, 0.1, 0.1]],    # last row: 1, 2; mean: 3, 4
+                            [[0.0, 0.4, 0.3, 0.2, 0.1], [0.1, 0.05, 0.05, 0.4, 0.4]]])  # last row: 3, 4; mean: 3, 4
+    visual = torch.tensor([False, True, True, True, True])
+    rates = hit_rates(op, [{"history": history, "target": target, "visual": visual, "layers": 2}], keep=0.5)
+    assert rates == pytest.approx({"predictor": 0.5, "last_row": 1.0, "window_mean": 0.5})

@@ -19,7 +19,7 @@ PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsev
 #: The preset for cross-attention models.
 CROSS = {"trimmed_llama"}
 #: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).
-KV = ["aircache", "csp", "elastic_cache", "mint", "dycoke"]
+KV = ["aircache", "csp", "elastic_cache", "mint", "dycoke", "attention_predictor"]
 
 
 @pytest.fixture

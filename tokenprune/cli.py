@@ -142,8 +142,8 @@ def _cmd_train_operator(args: argparse.Namespace) -> None:
     from tokenprune.eval.train_operator import load_config, train_operator
 
     result = train_operator(load_config(args.config, args.overrides))
-    print(f"trained {result['steps']} steps; weights {result['export']} (sha256 {result['sha256']}); validation "
-          f"accuracy {result['val']['overall']:.3f}")
+    val = ", ".join(f"{k} {v:.3f}" for k, v in result["val"].items())
+    print(f"trained {result['steps']} steps; weights {result['export']} (sha256 {result['sha256']}); validation: {val}")
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> None:

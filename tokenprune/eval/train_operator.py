@@ -7,7 +7,10 @@ metadata the operator checks when it loads them (:mod:`tokenprune.core.learned`)
 the validation items.
 
 The loss is the operator's paper's (its ``objective``): ``answer`` — the frozen LVLM's cross-entropy on the answer
-tokens, the prompt prefilled through the pipeline (the compressed tokens are all the LLM sees of the image; QueCC).
+tokens, the prompt prefilled through the pipeline (the compressed tokens are all the LLM sees of the image; QueCC);
+``attention`` — the cross-entropy of the predicted next-step attention against the one the frozen LVLM pays (each
+layer's and head's attention of the first answer token over the prompt, from its last rows; AttentionPredictor),
+validated by the hit rate of the predicted top entries.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: The losses of the learned operators, by their ``objective``.
-OBJECTIVES = ("answer",)
+OBJECTIVES = ("answer", "attention")
 
 
 def _schema() -> dict[str, Any]:
@@ -142,8 +145,9 @@ class AnswerStream(torch.utils.data.IterableDataset):
     """Endless batches of ``shapes`` train items (seed ``seed``), from batch ``start`` on (resuming): the prompts
     through the model's processor (left-padded) and each answer's token ids."""
 
-    def __init__(self, processor, seed: int, batch_size: int, start: int = 0):
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, full: bool = False):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
+        self.full = full  # prompt + answer in one sequence (the attention objective), not the prompt alone
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -154,16 +158,18 @@ class AnswerStream(torch.utils.data.IterableDataset):
             items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
                                       i // len(shapes.TYPES))
                      for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
-            yield encode_answers(self.processor, items)
+            yield encode_answers(self.processor, items, full=self.full)
 
 
-def encode_answers(processor, items: list[dict]) -> dict[str, torch.Tensor]:
+def encode_answers(processor, items: list[dict], full: bool = False) -> dict[str, torch.Tensor]:
     """The processor's inputs for the items' prompts (left-padded) and ``answer_ids`` (B, T) the answers' tokens
-    (right-padded with -100): the tokens that extend each prompt to prompt + answer."""
+    (right-padded with -100): the tokens that extend each prompt to prompt + answer. ``full``: the inputs are
+    prompt + answer (left-padded), and ``prompt_end`` (B,) is where each answer starts."""
     tok = processor.tokenizer
     tok.padding_side = "left"
     prompts = [build_prompt(processor, it["question"]) for it in items]
-    enc = dict(processor(images=[[it["image"]] for it in items], text=prompts, return_tensors="pt", padding=True))
+    texts = [p + it["answer"] for p, it in zip(prompts, items)] if full else prompts
+    enc = dict(processor(images=[[it["image"]] for it in items], text=texts, return_tensors="pt", padding=True))
     answers = []
     for p, it in zip(prompts, items):
         ids = tok(p + it["answer"], add_special_tokens=False)["input_ids"]
@@ -173,6 +179,8 @@ def encode_answers(processor, items: list[dict]) -> dict[str, torch.Tensor]:
         answers.append(ids[len(head):])
     width = max(len(a) for a in answers)
     enc["answer_ids"] = torch.tensor([a + [-100] * (width - len(a)) for a in answers])
+    if full:
+        enc["prompt_end"] = torch.tensor([enc["input_ids"].shape[1] - len(a) for a in answers])
     return enc
 
 
@@ -194,6 +202,77 @@ def answer_loss(model, pipeline, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), ignore_index=-100)
 
 
+def attention_examples(model, batch: dict[str, torch.Tensor], history: int) -> list[dict[str, torch.Tensor]]:
+    """Per sample of a ``full`` batch (:func:`encode_answers`): the frozen model's own attention (eager, every layer)
+    as AttentionPredictor sees it at the end of the prefill — ``history`` (L·H, T, N) the last ``T`` prompt rows over
+    the sample's ``N`` prompt entries, ``target`` (L·H, N) the first answer token's row over them (renormalised),
+    ``visual`` (N,) the image's entries."""
+    inputs = {k: v for k, v in batch.items() if k not in ("answer_ids", "prompt_end")}
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    if attentions is None or any(a is None for a in attentions):
+        raise ConfigError("model.attn_implementation", "the attention objective reads the model's attention "
+                                                       "weights: use eager")
+    image = model.config.image_token_id
+    out = []
+    for b, end in enumerate(batch["prompt_end"].tolist()):
+        start = int(inputs["attention_mask"][b].float().argmax())  # the first real token (left padding)
+        rows = torch.arange(max(start, end - history), end)
+        per_layer = [a[b, :, :, start:end] for a in attentions]  # (H, L_all, N)
+        hist = torch.cat([a[:, rows] for a in per_layer]).float()
+        target = torch.cat([a[:, end] for a in per_layer]).float()
+        out.append({"history": hist, "target": target / target.sum(-1, keepdim=True).clamp_min(1e-12),
+                    "visual": inputs["input_ids"][b, start:end] == image, "layers": len(per_layer)})
+    return out
+
+
+def attention_loss(op, examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean cross-entropy of the predicted next-step attention (softmax of the network's logits over the pooled
+    entries) against the observed one (summed over each pooled run)."""
+    from tokenprune.operators.learned import max_pool_entries
+
+    dev = next(op.network.parameters()).device
+    losses = []
+    for ex in examples:
+        hist = max_pool_entries(ex["history"].to(dev), op.params.block)
+        target = F.pad(ex["target"].to(dev), (0, (-ex["target"].shape[-1]) % op.params.block))
+        target = target.unflatten(-1, (-1, op.params.block)).sum(-1)
+        losses.append(-(target * torch.log_softmax(op.network(hist), -1)).sum(-1).mean())
+    return torch.stack(losses).mean()
+
+
+def hit_rates(op, examples: list[dict[str, torch.Tensor]], keep: float = 0.25) -> dict[str, float]:
+    """How many of the ``keep`` share of visual entries the next step attends to most (its head-averaged attention,
+    per layer) each prediction's top entries hold, averaged: the predictor's, the last prompt row's (the attention
+    FastV and H2O rank by) and the mean over the history window (SnapKV's observation window)."""
+    from tokenprune.core.budget import resolve_keep
+
+    with torch.no_grad():
+        hits: dict[str, list[float]] = {"predictor": [], "last_row": [], "window_mean": []}
+        for ex in examples:
+            vis, per = ex["visual"], ex["target"].shape[0] // ex["layers"]  # rows: layers x heads
+            k = resolve_keep(keep, int(vis.sum()))
+            group = lambda t, per=per: t.view(-1, per, t.shape[-1]).mean(1)  # noqa: E731 - (L, N) head means
+            truth = group(ex["target"])
+            guesses = {"predictor": group(_predicted(op, ex["history"])),
+                       "last_row": group(ex["history"][:, -1]), "window_mean": group(ex["history"].mean(1))}
+            true_top = truth[:, vis].topk(k, -1).indices
+            for name, g in guesses.items():
+                top = g[:, vis].topk(k, -1).indices
+                same = (top[:, :, None] == true_top[:, None, :]).any(-1).float().mean(-1)  # per layer
+                hits[name].extend(same.tolist())
+    return {name: sum(v) / len(v) for name, v in hits.items()}
+
+
+def _predicted(op, history: torch.Tensor) -> torch.Tensor:
+    """(M, N) each row's predicted next-step attention (softmax over the pooled entries, spread back)."""
+    from tokenprune.operators.learned import max_pool_entries
+
+    dev = next(op.network.parameters()).device
+    probs = torch.softmax(op.network(max_pool_entries(history.to(dev), op.params.block)), -1).cpu()
+    return probs.repeat_interleave(op.params.block, -1)[:, :history.shape[-1]]
+
+
 def pipeline_accuracy(model, processor, pipeline, items: list[dict], batch_size: int = 16) -> dict:
     """Greedy answers through ``generate()`` with ``pipeline`` attached, scored with ``shapes.score``."""
     preds: list[str] = []
@@ -208,6 +287,22 @@ def pipeline_accuracy(model, processor, pipeline, items: list[dict], batch_size:
             out = model.generate(**enc, max_new_tokens=2, do_sample=False)
         preds += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return shapes.score(preds, items)
+
+
+def validate(cfg: DictConfig, model, processor, pipeline, op, items: list[dict]) -> dict[str, float]:
+    """The validation metrics of the operator's objective: ``answer`` — the pipeline's accuracy (overall and per
+    question type); ``attention`` — the hit rates (:func:`hit_rates`) on the items' attention."""
+    if op.objective == "attention":
+        examples = []
+        for i in range(0, len(items), cfg.data.batch_size):
+            batch = encode_answers(processor, items[i:i + cfg.data.batch_size], full=True)
+            examples += attention_examples(model, {k: v.to(model.device) for k, v in batch.items()},
+                                           op.params.history)
+        rates = hit_rates(op, examples)
+        return {"hit_rate": rates["predictor"], "hit_rate_last_row": rates["last_row"],
+                "hit_rate_window_mean": rates["window_mean"]}
+    acc = pipeline_accuracy(model, processor, pipeline, items)
+    return {"accuracy": acc["overall"], **acc["per_type"]}
 
 
 def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
@@ -225,7 +320,10 @@ def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
             self.pipeline.train()  # Lightning keeps each module's mode: the operator must build its graph
 
         def training_step(self, batch, _):
-            loss = answer_loss(self.lvlm, self.pipeline, batch)
+            if op.objective == "attention":
+                loss = attention_loss(op, attention_examples(self.lvlm, batch, op.params.history))
+            else:
+                loss = answer_loss(self.lvlm, self.pipeline, batch)
             self.log("train/loss", loss, prog_bar=True)
             return loss
 
@@ -235,11 +333,9 @@ def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
 
         def _validate(self):
             self.pipeline.eval()
-            acc = pipeline_accuracy(self.lvlm, processor, self.pipeline, self.val_items)
+            for name, value in validate(cfg, self.lvlm, processor, self.pipeline, op, self.val_items).items():
+                self.log(f"val/{name}", value, prog_bar=name in ("accuracy", "hit_rate"))
             self.pipeline.train()
-            self.log("val/accuracy", acc["overall"], prog_bar=True)
-            for t, a in acc["per_type"].items():
-                self.log(f"val/{t}", a)
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(op.network.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -250,7 +346,8 @@ def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
 
 
 def train_operator(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) the operator, write its weights file, and return ``{"export", "sha256", "steps", "val"}``."""
+    """Train (or resume) the operator, write its weights file, and return ``{"export", "sha256", "steps", "val"}``
+    (``val``: :func:`validate`'s metrics)."""
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -261,8 +358,8 @@ def train_operator(cfg: DictConfig) -> dict[str, Any]:
     model.eval()
     op.bind(model.get_input_embeddings().embedding_dim, untrained=True)  # seeded: the same initialisation each time
     _, start = resume_point(Path(cfg.output_dir))
-    data = torch.utils.data.DataLoader(AnswerStream(processor, cfg.seed, cfg.data.batch_size, start), batch_size=None,
-                                       num_workers=cfg.data.num_workers)
+    stream = AnswerStream(processor, cfg.seed, cfg.data.batch_size, start, full=op.objective == "attention")
+    data = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers)
     module = _lightning_module(cfg, model, processor, pipeline, op)
     trainer = fit(cfg, module, data)
     pipeline.eval()
@@ -275,5 +372,5 @@ def train_operator(cfg: DictConfig) -> dict[str, Any]:
               "pipeline": cfg.pipeline, "overrides": list(cfg.overrides), "operator": op.config_key,
               "optim": OmegaConf.to_container(cfg.optim), "batch_size": cfg.data.batch_size}
     digest = op.save_weights(export, model=json.dumps(identity, sort_keys=True), training=record)
-    val = pipeline_accuracy(model, processor, pipeline, module.val_items)
+    val = validate(cfg, model, processor, pipeline, op, module.val_items)
     return {"export": str(export), "sha256": digest, "steps": trainer.global_step, "val": val}
