@@ -195,6 +195,7 @@ class AttentionPredictor(LearnedOperator, Scorer):
 
     shape_params = ()
     objective = "attention"  # the predicted next-step attention against the observed one
+    min_layer = 1  # at a decoder layer, the history is the previous layer's attention (a kv_cache stage: its own)
 
     @dataclass
     class Params(ScorerParams):

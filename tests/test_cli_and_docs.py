@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_for_tiny
 
 from tokenprune.cli import main, operators_markdown
 
@@ -131,7 +132,6 @@ def test_the_method_family_matrix_in_the_docs_is_what_the_code_says(capsys):
 
 def test_a_refused_matrix_cell_is_refused_by_attach_and_a_running_one_attaches():
     # independent of the matrix code: the tiny models of the families, attached for real
-    import tokenprune as tp
     from tokenprune.core.errors import ConfigError
     from tokenprune.eval.matrix import method_family_matrix
     from tokenprune.reference.tiny import (
@@ -150,7 +150,7 @@ def test_a_refused_matrix_cell_is_refused_by_attach_and_a_running_one_attaches()
     for (preset, family), refused in cells.items():
         if family not in models:
             continue
-        pipe = tp.load_pipeline(preset)
+        pipe = load_for_tiny(preset)  # a learned operator's initialisation: no shipped weights fit a tiny width
         prepared = {"images_prepared": True} if pipe.input is not None else {}  # downsample: images made smaller
         if refused is None:
             with pipe.attach(models[family], guide=models[family], **prepared):

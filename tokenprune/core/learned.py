@@ -171,6 +171,7 @@ class LearnedOperator:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.network.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
+        path.chmod(0o644)  # shipped with the presets: readable by everyone
         return file_sha256(path)
 
     def weights_record(self) -> dict[str, Any] | None:
