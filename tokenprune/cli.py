@@ -139,8 +139,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_operator(args: argparse.Namespace) -> None:
-    from tokenprune.eval.train_operator import load_config, train_operator
+    from tokenprune.eval.train_operator import evaluate_operator, load_config, train_operator
 
+    if args.evaluate:
+        metrics = evaluate_operator(load_config(args.config, args.overrides, trained=True), args.evaluate, args.items)
+        print(f"{args.evaluate} split ({args.items or 'all'} items): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return
     result = train_operator(load_config(args.config, args.overrides))
     val = ", ".join(f"{k} {v:.3f}" for k, v in result["val"].items())
     print(f"trained {result['steps']} steps; weights {result['export']} (sha256 {result['sha256']}); validation: {val}")
@@ -347,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "frozen (resumable)")
     p.add_argument("config", help="training YAML (experiments/train_quecc.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--evaluate", metavar="SPLIT", choices=("val", "test"),
+                   help="train nothing: the trained weights' (export's) validation metrics on a shapes split")
+    p.add_argument("--items", type=int, default=None, help="with --evaluate: the split's first N items")
     p.set_defaults(func=_cmd_train_operator)
 
     p = sub.add_parser("lmms-task", help="write the shapes benchmark as local lmms-eval tasks (shapes_vqa, "

@@ -75,10 +75,11 @@ def _schema() -> dict[str, Any]:
     }
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), trained: bool = False) -> DictConfig:
     """The training config: defaults, the YAML file (read strictly), then ``KEY=VALUE`` overrides; every key typed
     and checked, the pipeline built and its learned operator found, and the output paths checked — all before any
-    model loads."""
+    model loads. ``trained``: the config of weights already trained (``--evaluate``): its export is read, not
+    written."""
     raw: Any = {}
     if path is not None:
         raw = read_yaml(path, "operator training config")
@@ -95,6 +96,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     cfg = OmegaConf.create(check_schema(OmegaConf.to_container(cfg), _schema()))
     OmegaConf.set_struct(cfg, True)
     build_trainee(cfg)  # the pipeline and its operator are valid
+    if trained:
+        return cfg
     writable_folder(Path(cfg.output_dir), "output_dir")
     export = export_path(cfg)
     writable_file(export, "export")
@@ -374,3 +377,20 @@ def train_operator(cfg: DictConfig) -> dict[str, Any]:
     digest = op.save_weights(export, model=json.dumps(identity, sort_keys=True), training=record)
     val = validate(cfg, model, processor, pipeline, op, module.val_items)
     return {"export": str(export), "sha256": digest, "steps": trainer.global_step, "val": val}
+
+
+def evaluate_operator(cfg: DictConfig, split: str = "test", items: int | None = None) -> dict[str, float]:
+    """:func:`validate`'s metrics of the trained weights (``export``) on ``items`` of ``shapes`` split ``split``,
+    without training: the numbers docs/results.md quotes."""
+    export = export_path(cfg)
+    if not export.is_file():
+        raise ConfigError("export", f"{export} does not exist: train first (tokenprune train-operator without "
+                                    "--evaluate)")
+    pipeline, op = build_trainee(cfg)
+    op.params.weights = str(export)
+    op.init_learned()
+    model, processor = load_model(OmegaConf.to_container(cfg.model))
+    model.eval()
+    op.bind(model.get_input_embeddings().embedding_dim, device=model.device)
+    return validate(cfg, model, processor, pipeline.eval(), op, shapes.load_split(split, size=items))
+
