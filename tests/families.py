@@ -34,7 +34,8 @@ def sample_alone(family: str, batch: dict, b: int) -> dict:
 
 def assert_sdpa_matches_eager(family: str, batch: dict, make_pipe, steps: int = 3) -> None:
     """Oracle 4: the pipeline ``make_pipe()`` keeps the same tokens under SDPA and under eager attention, and
-    ``generate()`` gives the same tokens and logits (to 1e-4)."""
+    ``generate()`` gives the same tokens and logits (to 1e-4, or to what the unpruned model's own SDPA and eager
+    paths differ by when that is more: Qwen3.5's linear-attention layers under transformers 5.25, 3e-4)."""
     results = {}
     for impl in ("sdpa", "eager"):
         model, pipe = pair(family)[impl], make_pipe()
@@ -44,8 +45,15 @@ def assert_sdpa_matches_eager(family: str, batch: dict, make_pipe, steps: int = 
         results[impl] = (pipe.trace[0].kept, gen)
     assert results["sdpa"][0] == results["eager"][0]
     assert torch.equal(results["sdpa"][1].sequences, results["eager"][1].sequences)
-    for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits):
-        assert torch.allclose(a, b, atol=1e-4)
+    gap = max(float((a - b).abs().max()) for a, b in zip(results["sdpa"][1].logits, results["eager"][1].logits))
+    if gap > 1e-4:  # no more than the model's own two attention paths differ by, unpruned, on the same batch
+        stock = {}
+        for impl in ("sdpa", "eager"):
+            with torch.no_grad():
+                stock[impl] = pair(family)[impl].generate(**batch, max_new_tokens=steps, do_sample=False,
+                                                          output_logits=True, return_dict_in_generate=True).logits
+        own = max(float((a - b).abs().max()) for a, b in zip(stock["sdpa"], stock["eager"]))
+        assert gap <= 1e-4 + 2 * own, (gap, own)
 
 
 def _llava_images(batch, b):

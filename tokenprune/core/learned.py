@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tokenprune.core.config import preset_dir
@@ -60,8 +62,6 @@ def file_sha256(path: Path) -> str:
 
 
 def read_metadata(path: Path, key: str) -> dict[str, str]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -145,8 +145,6 @@ class LearnedOperator:
                                         f"model's width is {hidden_size}")
         network = self.build_network(hidden_size)
         if self.weights_file is not None:
-            from safetensors.torch import load_file
-
             tensors = load_file(str(self.weights_file))
             mine = network.state_dict()
             if set(tensors) != set(mine) or any(tensors[k].shape != mine[k].shape for k in mine):
@@ -160,8 +158,6 @@ class LearnedOperator:
     def save_weights(self, path: Path, model: str, training: dict[str, Any] | None = None) -> str:
         """Write the bound network's weights to ``path`` with the metadata :meth:`init_learned` checks; return the
         file's sha256."""
-        from safetensors.torch import save_file
-
         if self.network is None:
             raise RuntimeError(f"{self.op_name}: no network to save (bind it first)")
         meta = {META_OP: self.op_name, META_HIDDEN: str(self.bound_hidden), META_MODEL: model,

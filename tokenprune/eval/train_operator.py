@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.core.budget import resolve_keep
 from tokenprune.core.config import apply_overrides, load_source
 from tokenprune.core.errors import ConfigError
-from tokenprune.core.learned import learned_operators
+from tokenprune.core.learned import META_TRAINING, learned_operators, read_metadata
 from tokenprune.core.paths import writable_file, writable_folder
 from tokenprune.core.registry import get_operator_class
 from tokenprune.core.values import Bool, Float, Int, ListOf, Optional, Str, check_schema, given
@@ -34,6 +35,7 @@ from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model, model_path
 from tokenprune.eval.run_config import ATTENTION, DTYPES
 from tokenprune.measure.provenance import model_files
+from tokenprune.operators.learned import max_pool_entries
 from tokenprune.pipeline import build_pipeline
 from tokenprune.reference import shapes
 from tokenprune.reference.train import fit, resume_point, warmup_cosine
@@ -112,8 +114,6 @@ def export_path(cfg: DictConfig) -> Path:
 
 
 def _written_by(path: Path) -> str | None:
-    from tokenprune.core.learned import META_TRAINING, read_metadata
-
     try:
         return json.loads(read_metadata(path, "export").get(META_TRAINING, "{}")).get("output_dir")
     except (ConfigError, ValueError):
@@ -232,8 +232,6 @@ def attention_examples(model, batch: dict[str, torch.Tensor], history: int) -> l
 def attention_loss(op, examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Mean cross-entropy of the predicted next-step attention (softmax of the network's logits over the pooled
     entries) against the observed one (summed over each pooled run)."""
-    from tokenprune.operators.learned import max_pool_entries
-
     dev = next(op.network.parameters()).device
     losses = []
     for ex in examples:
@@ -248,8 +246,6 @@ def hit_rates(op, examples: list[dict[str, torch.Tensor]], keep: float = 0.25) -
     """How many of the ``keep`` share of visual entries the next step attends to most (its head-averaged attention,
     per layer) each prediction's top entries hold, averaged: the predictor's, the last prompt row's (the attention
     FastV and H2O rank by) and the mean over the history window (SnapKV's observation window)."""
-    from tokenprune.core.budget import resolve_keep
-
     with torch.no_grad():
         hits: dict[str, list[float]] = {"predictor": [], "last_row": [], "window_mean": []}
         for ex in examples:
@@ -269,8 +265,6 @@ def hit_rates(op, examples: list[dict[str, torch.Tensor]], keep: float = 0.25) -
 
 def _predicted(op, history: torch.Tensor) -> torch.Tensor:
     """(M, N) each row's predicted next-step attention (softmax over the pooled entries, spread back)."""
-    from tokenprune.operators.learned import max_pool_entries
-
     dev = next(op.network.parameters()).device
     probs = torch.softmax(op.network(max_pool_entries(history.to(dev), op.params.block)), -1).cpu()
     return probs.repeat_interleave(op.params.block, -1)[:, :history.shape[-1]]
