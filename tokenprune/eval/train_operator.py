@@ -15,7 +15,6 @@ validated by the hit rate of the predicted top entries.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from tokenprune.measure.provenance import model_files
 from tokenprune.operators.learned import max_pool_entries
 from tokenprune.pipeline import build_pipeline
 from tokenprune.reference import shapes
-from tokenprune.reference.train import fit, resume_point, warmup_cosine
+from tokenprune.reference.train import fit, resume_point, train_batches, warmup_cosine
 
 DEFAULTS: dict[str, Any] = {
     "pipeline": "quecc",  # a preset name or a pipeline YAML file
@@ -153,14 +152,7 @@ class AnswerStream(torch.utils.data.IterableDataset):
         self.full = full  # prompt + answer in one sequence (the attention objective), not the prompt alone
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in itertools.count(self.start):
-            if b % workers != worker:
-                continue
-            items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
-                                      i // len(shapes.TYPES))
-                     for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+        for _, items in train_batches(self.seed, self.batch_size, self.start):
             yield encode_answers(self.processor, items, full=self.full)
 
 

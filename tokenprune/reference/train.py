@@ -540,6 +540,19 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
     return batch
 
 
+def train_batches(seed: int, batch_size: int, start: int = 0, sizes_at=lambda b: shapes.SIZES):
+    """``(b, items)``: batch ``b`` of the ``shapes`` train split ``seed`` (items ``b * batch_size`` on, the question
+    types in turn, shapes of ``sizes_at(b)`` px) for b = start, start + 1, ...; in a DataLoader worker, its share."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    for b in itertools.count(start):
+        if b % workers != worker:
+            continue
+        yield b, [shapes.make_item(f"shapes-train-{seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
+                                   i // len(shapes.TYPES), sizes_at(b))
+                  for i in range(b * batch_size, (b + 1) * batch_size)]
+
+
 class ShapesStream(torch.utils.data.IterableDataset):
     """Endless training batches from ``shapes`` train split ``seed``, starting at batch ``start`` (resuming).
 
@@ -564,14 +577,7 @@ class ShapesStream(torch.utils.data.IterableDataset):
         return next((sizes for until, sizes in self.curriculum if batch < until), shapes.SIZES)
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in itertools.count(self.start):
-            if b % workers != worker:
-                continue
-            items = [shapes.make_item(f"shapes-train-{self.seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
-                                      i // len(shapes.TYPES), self.sizes_at(b))
-                     for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+        for b, items in train_batches(self.seed, self.batch_size, self.start, self.sizes_at):
             if self.turns > 1 and b >= self.turns_from:
                 items = [more_turns(it, self.turns, f"shapes-train-{self.seed}/{b * self.batch_size + j}/more")
                          for j, it in enumerate(items)]
