@@ -442,3 +442,21 @@ def test_hit_rates_by_hand():
     visual = torch.tensor([False, True, True, True, True])
     rates = hit_rates(op, [{"history": history, "target": target, "visual": visual, "layers": 2}], keep=0.5)
     assert rates == pytest.approx({"predictor": 0.5, "last_row": 1.0, "window_mean": 0.5})
+
+
+def test_attention_loss_by_hand():
+    """The cross-entropy over the visual entries only: the observed row renormalised over them against the softmax
+    of the network's logits over them (here N x the history's mean, by the identity network)."""
+    from tokenprune.eval.train_operator import attention_loss
+
+    op = predictor(history=2)
+    op.bind(16, untrained=True)
+    identity_network(op)
+    history = torch.tensor([[[0.5, 0.1, 0.2, 0.2], [0.3, 0.3, 0.3, 0.1]]])
+    target = torch.tensor([[0.6, 0.1, 0.1, 0.2]])
+    visual = torch.tensor([False, True, True, True])
+    logits = 4 * history.mean(1)[0, 1:]
+    want = -(torch.tensor([0.25, 0.25, 0.5]) * torch.log_softmax(logits, -1)).sum()
+    with torch.no_grad():
+        got = attention_loss(op, [{"history": history, "target": target, "visual": visual, "layers": 1}])
+    assert torch.allclose(got, want, atol=1e-6)

@@ -9,8 +9,8 @@ the validation items.
 The loss is the operator's paper's (its ``objective``): ``answer`` — the frozen LVLM's cross-entropy on the answer
 tokens, the prompt prefilled through the pipeline (the compressed tokens are all the LLM sees of the image; QueCC);
 ``attention`` — the cross-entropy of the predicted next-step attention against the one the frozen LVLM pays (each
-layer's and head's attention of the first answer token over the prompt, from its last rows; AttentionPredictor),
-validated by the hit rate of the predicted top entries.
+layer's and head's attention of the first answer token over the prompt's visual entries, from the prompt's last
+rows; AttentionPredictor), validated by the hit rate of the predicted top entries.
 """
 
 from __future__ import annotations
@@ -222,15 +222,22 @@ def attention_examples(model, batch: dict[str, torch.Tensor], history: int) -> l
 
 
 def attention_loss(op, examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean cross-entropy of the predicted next-step attention (softmax of the network's logits over the pooled
-    entries) against the observed one (summed over each pooled run)."""
+    """Mean cross-entropy of the predicted next-step attention against the observed one, both as distributions over
+    the visual entries (pooled runs that hold one: the observed mass summed over the run, the prediction a softmax
+    of the network's logits): the cache chooses among its visual entries — the text stays — so the prediction is
+    trained to rank those, not to place the mass the first token and the text take. The network reads the whole
+    history."""
     dev = next(op.network.parameters()).device
+    block = op.params.block
     losses = []
     for ex in examples:
-        hist = max_pool_entries(ex["history"].to(dev), op.params.block)
-        target = F.pad(ex["target"].to(dev), (0, (-ex["target"].shape[-1]) % op.params.block))
-        target = target.unflatten(-1, (-1, op.params.block)).sum(-1)
-        losses.append(-(target * torch.log_softmax(op.network(hist), -1)).sum(-1).mean())
+        logits = op.network(max_pool_entries(ex["history"].to(dev), block))
+        pad = (-ex["target"].shape[-1]) % block
+        target = F.pad(ex["target"].to(dev), (0, pad)).unflatten(-1, (-1, block)).sum(-1)
+        visual = F.pad(ex["visual"].to(dev), (0, pad)).unflatten(-1, (-1, block)).any(-1)
+        target = target[:, visual]
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+        losses.append(-(target * torch.log_softmax(logits[:, visual], -1)).sum(-1).mean())
     return torch.stack(losses).mean()
 
 
