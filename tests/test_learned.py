@@ -260,8 +260,9 @@ def test_train_operator_trains_resumes_exactly_and_writes_a_loadable_file(tmp_pa
 
 
 def test_answer_loss_decodes_longer_answers_on_the_pruned_cache(tiny_folder):
-    """Two-token answers: the loss equals the cross-entropy of the logits generate() gives when forced to emit
-    them one by one, with grid_pool — what the untrained compressor equals — attached."""
+    """Answers of two and one words, each with its end token: the loss equals the cross-entropy of the logits
+    generate() gives when forced to emit them one by one, with grid_pool — what the untrained compressor equals —
+    attached."""
     from transformers import LogitsProcessor
 
     from tokenprune.eval.models import load_model
@@ -272,7 +273,9 @@ def test_answer_loss_decodes_longer_answers_on_the_pruned_cache(tiny_folder):
                               "trust_remote_code": False})
     items = [{**shapes.make_item(f"t/{i}", "color"), "answer": a} for i, a in enumerate(["red circle", "blue"])]
     batch = encode_answers(proc, items)
-    assert batch["answer_ids"].shape[1] == 2 and int(batch["answer_ids"][1, 1]) == -100
+    eos = proc.tokenizer.eos_token_id
+    ids = proc.tokenizer.convert_tokens_to_ids(["red", "circle", "blue"])
+    assert batch["answer_ids"].tolist() == [[ids[0], ids[1], eos], [ids[2], eos, -100]]  # the end token is learnt too
     q = tp.load_pipeline({"name": "q", "stages": [{"layer": 0, "operators": [{"op": "quecc", "size": 6}]}]})
     q.stages[0].operators[0].bind(64, untrained=True)
     with torch.no_grad():

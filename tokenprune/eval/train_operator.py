@@ -158,8 +158,9 @@ class AnswerStream(torch.utils.data.IterableDataset):
 
 def encode_answers(processor, items: list[dict], full: bool = False) -> dict[str, torch.Tensor]:
     """The processor's inputs for the items' prompts (left-padded) and ``answer_ids`` (B, T) the answers' tokens
-    (right-padded with -100): the tokens that extend each prompt to prompt + answer. ``full``: the inputs are
-    prompt + answer (left-padded), and ``prompt_end`` (B,) is where each answer starts."""
+    (right-padded with -100): the tokens that extend each prompt to prompt + answer, then the end-of-sequence token
+    (the model must stop after the answer). ``full``: the inputs are prompt + answer (left-padded), ``answer_ids``
+    without the end token, and ``prompt_end`` (B,) is where each answer starts."""
     tok = processor.tokenizer
     tok.padding_side = "left"
     prompts = [build_prompt(processor, it["question"]) for it in items]
@@ -171,7 +172,8 @@ def encode_answers(processor, items: list[dict], full: bool = False) -> dict[str
         head = tok(p, add_special_tokens=False)["input_ids"]
         if ids[:len(head)] != head or len(ids) == len(head):
             raise ValueError(f"the answer {it['answer']!r} does not extend the prompt's tokens")
-        answers.append(ids[len(head):])
+        # the end of the answer too: a model that does not stop after it answers wrongly under exact match
+        answers.append(ids[len(head):] + ([tok.eos_token_id] if tok.eos_token_id is not None and not full else []))
     width = max(len(a) for a in answers)
     enc["answer_ids"] = torch.tensor([a + [-100] * (width - len(a)) for a in answers])
     if full:
