@@ -33,6 +33,7 @@ from tokenprune.core.values import Bool, Float, Int, ListOf, Optional, Str, chec
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.eval.models import build_prompt, load_model, model_path
 from tokenprune.eval.run_config import ATTENTION, DTYPES
+from tokenprune.eval.scoring import item_score
 from tokenprune.measure.provenance import model_files
 from tokenprune.operators.learned import max_pool_entries
 from tokenprune.pipeline import build_pipeline
@@ -272,7 +273,9 @@ def _predicted(op, history: torch.Tensor) -> torch.Tensor:
 
 
 def pipeline_accuracy(model, processor, pipeline, items: list[dict], batch_size: int = 16) -> dict:
-    """Greedy answers through ``generate()`` with ``pipeline`` attached, scored with ``shapes.score``."""
+    """Greedy answers (three new tokens, as the shipped run configs) through ``generate()`` with ``pipeline``
+    attached, scored as ``tokenprune run`` scores them: the whole answer must match (a model that does not stop
+    after the right word is wrong). ``{"overall", "per_type"}``."""
     preds: list[str] = []
     tok = processor.tokenizer
     tok.padding_side = "left"
@@ -282,9 +285,13 @@ def pipeline_accuracy(model, processor, pipeline, items: list[dict], batch_size:
                                                                     for it in chunk], return_tensors="pt", padding=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with torch.no_grad(), pipeline.attach(model):
-            out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+            out = model.generate(**enc, max_new_tokens=3, do_sample=False)
         preds += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return shapes.score(preds, items)
+    hits: dict[str, list[float]] = {}
+    for pred, it in zip(preds, items):
+        hits.setdefault(it["type"], []).append(item_score(pred, {**it, "metric": "exact_match"}))
+    return {"overall": sum(sum(h) for h in hits.values()) / len(items),
+            "per_type": {t: sum(h) / len(h) for t, h in sorted(hits.items())}}
 
 
 def validate(cfg: DictConfig, model, processor, pipeline, op, items: list[dict]) -> dict[str, float]:
