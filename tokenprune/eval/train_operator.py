@@ -15,6 +15,7 @@ rows; AttentionPredictor), validated by the hit rate of the predicted top entrie
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,8 @@ def answer_loss(model, pipeline, batch: dict[str, torch.Tensor]) -> torch.Tensor
         if longer:  # the answer's tokens but the last, after the prompt, on the cache the prefill left
             feed = answers[:, :-1].clamp(min=0)
             mask = torch.cat([inputs["attention_mask"], (answers[:, :-1] >= 0).long()], 1)
-            more = model(input_ids=feed, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            more = model(input_ids=feed, attention_mask=mask, use_cache=True, **{_cache_keyword(model): cache})
             logits.append(more.logits)
     logits = torch.cat([lg.reshape(answers.shape[0], -1, lg.shape[-1]) for lg in logits], 1)
     return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), ignore_index=-100)
@@ -270,6 +272,11 @@ def _predicted(op, history: torch.Tensor) -> torch.Tensor:
     dev = next(op.network.parameters()).device
     probs = torch.softmax(op.network(max_pool_entries(history.to(dev), op.params.block)), -1).cpu()
     return probs.repeat_interleave(op.params.block, -1)[:, :history.shape[-1]]
+
+
+def _cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def pipeline_accuracy(model, processor, pipeline, items: list[dict], batch_size: int = 16) -> dict:
