@@ -463,3 +463,13 @@ def test_attention_loss_by_hand():
     with torch.no_grad():
         got = attention_loss(op, [{"history": history, "target": target, "visual": visual, "layers": 1}])
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_initialisation_is_the_same_network_on_every_bind():
+    """``weights: init`` attached to two models (SDPA and FlashAttention, say) is one network, not two draws."""
+    a, b = predictor(weights="init"), predictor(weights="init")
+    torch.manual_seed(1)
+    a.bind(16)
+    torch.manual_seed(2)
+    b.bind(16)
+    assert all(torch.equal(x, y) for x, y in zip(a.network.state_dict().values(), b.network.state_dict().values()))

@@ -119,10 +119,13 @@ class LearnedOperator:
     def build_network(self, hidden_size: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def bind(self, hidden_size: int, device: torch.device | str | None = None, untrained: bool = False) -> None:
+    def bind(self, hidden_size: int, device: torch.device | str | None = None, untrained: bool = False,
+             seed: int | None = 0) -> None:
         """Build the network for an LLM of width ``hidden_size`` and load the weights file into it (on ``device``).
-        ``untrained``: allow no weights file (training starts from the initialisation). Binding again to the same
-        width keeps the network (a trained one stays trained)."""
+        ``untrained``: allow no weights file (training starts from the initialisation). The initialisation is drawn
+        from ``seed`` (the same network every time: ``weights: init`` gives the same results on every model it is
+        attached to), or from the global random state with ``seed=None`` (train-operator's, seeded by its config).
+        Binding again to the same width keeps the network (a trained one stays trained)."""
         wkey = f"{self.config_key}.weights"
         untrained = untrained or self.params.weights == INIT
         if self.weights_file is None and not untrained and self.bound_hidden is None:
@@ -143,7 +146,12 @@ class LearnedOperator:
                 raise ConfigError(wkey, f"{self.op_name}: weights file {self.weights_file} was trained for an LLM of "
                                         f"width {trained} ({self.weights_meta.get(META_MODEL, 'unknown model')}); this "
                                         f"model's width is {hidden_size}")
-        network = self.build_network(hidden_size)
+        if seed is None:
+            network = self.build_network(hidden_size)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                network = self.build_network(hidden_size)
         if self.weights_file is not None:
             tensors = load_file(str(self.weights_file))
             mine = network.state_dict()

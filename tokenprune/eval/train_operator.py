@@ -368,7 +368,7 @@ def train_operator(cfg: DictConfig) -> dict[str, Any]:
     model, processor = load_model(model_cfg)
     model.requires_grad_(False)
     model.eval()
-    op.bind(model.get_input_embeddings().embedding_dim, untrained=True)  # seeded: the same initialisation each time
+    op.bind(model.get_input_embeddings().embedding_dim, untrained=True, seed=None)  # drawn after seed_everything
     _, start = resume_point(Path(cfg.output_dir))
     stream = AnswerStream(processor, cfg.seed, cfg.data.batch_size, start, full=op.objective == "attention")
     data = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers)
