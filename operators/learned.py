@@ -14,7 +14,7 @@ from tokenprune.core.learned import LearnedOperator
 from tokenprune.core.operator import Merger, ParamError, Scorer, ScorerParams
 from tokenprune.core.registry import register_operator
 from tokenprune.core.state import TokenState
-from tokenprune.operators.mergers import grid_blocks, merge_into
+from tokenprune.operators.mergers import grid_blocks, merge_into, whole_tiles
 
 
 def _mlp(dim: int) -> nn.Sequential:
@@ -134,13 +134,7 @@ class QueCC(LearnedOperator, Merger):
                 rows_q = state.signals.query_rows("text", b)
             text = state.hidden[b, rows_q].float().mean(0) if rows_q.numel() else \
                 torch.zeros(hidden.shape[-1], device=hidden.device)
-            for t, (rows, cols) in enumerate(state.tile_grids[b]):
-                idx = torch.nonzero(vis & (state.tiles[b] == t)).squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                if idx.numel() != rows * cols:
-                    raise ValueError(f"quecc: sample {b}'s tile {t} holds {idx.numel()} of its {rows}x{cols} tokens "
-                                     "(an earlier stage removed some); compress whole grids")
+            for rows, cols, idx in whole_tiles(state, b, vis, "quecc"):
                 block, slot, first = grid_blocks(rows, cols, k, idx.device)
                 added = net(state.hidden[b, idx].float().to(dev), text.to(dev), block.to(dev), slot.to(dev),
                             first.numel())
@@ -222,14 +216,17 @@ class AttentionPredictor(LearnedOperator, Scorer):
         rows = state.signals.query_rows("all", sample)[-self.params.history:]
         return state.signals.attention_probs(sample, rows)
 
-    def predict(self, history: torch.Tensor) -> torch.Tensor:
-        """(H, T, N) history -> (N,) the predicted next-step attention: per head a softmax over the pooled entries,
-        averaged over heads, each entry given its run's value."""
-        net = self.network
-        dev = next(net.parameters()).device
+    def predict_rows(self, history: torch.Tensor) -> torch.Tensor:
+        """(M, T, N) histories (heads) -> (M, N) each one's predicted next-step attention: a softmax over the pooled
+        entries, each entry given its run's value."""
+        dev = next(self.network.parameters()).device
         pooled = max_pool_entries(history.float().to(dev), self.params.block)
-        probs = torch.softmax(net(pooled), dim=-1).mean(0)
-        return probs.repeat_interleave(self.params.block)[:history.shape[-1]]
+        probs = torch.softmax(self.network(pooled), dim=-1)
+        return probs.repeat_interleave(self.params.block, -1)[:, :history.shape[-1]]
+
+    def predict(self, history: torch.Tensor) -> torch.Tensor:
+        """(H, T, N) history -> (N,) the predicted next-step attention, averaged over heads."""
+        return self.predict_rows(history).mean(0)
 
     def score(self, state: TokenState) -> torch.Tensor:
         if self.network is None:

@@ -488,6 +488,19 @@ def grid_blocks(rows: int, cols: int, k: int, device) -> tuple[torch.Tensor, tor
     return block, (r % k) * k + c % k, first
 
 
+def whole_tiles(state: TokenState, b: int, vis: torch.Tensor, name: str):
+    """``(rows, cols, idx)`` of each tile of sample ``b`` holding visual tokens (``vis``): its grid and its tokens'
+    indices in raster order; a tile an earlier stage thinned out is an error (``name``: the operator, for it)."""
+    for t, (rows, cols) in enumerate(state.tile_grids[b]):
+        idx = torch.nonzero(vis & (state.tiles[b] == t)).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        if idx.numel() != rows * cols:
+            raise ValueError(f"{name}: sample {b}'s tile {t} holds {idx.numel()} of its {rows}x{cols} tokens (an "
+                             "earlier stage removed some); it needs whole grids")
+        yield rows, cols, idx
+
+
 @register_operator("grid_pool")
 class GridPool(Merger):
     """Average pooling of the visual grid: each ``size`` x ``size`` block of a tile's tokens becomes one token,
@@ -559,13 +572,7 @@ class GridPool(Merger):
         for b in range(state.batch_size):
             vis = state.visual_mask[b] & state.valid_mask[b]
             keep[b] |= vis & (state.tiles[b] < 0)
-            for t, (rows, cols) in enumerate(state.tile_grids[b]):
-                idx = torch.nonzero(vis & (state.tiles[b] == t)).squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                if idx.numel() != rows * cols:
-                    raise ValueError(f"grid_pool: sample {b}'s tile {t} holds {idx.numel()} of its {rows}x{cols} "
-                                     "tokens (an earlier stage removed some); pool whole grids")
+            for rows, cols, idx in whole_tiles(state, b, vis, "grid_pool"):
                 block, _, first = grid_blocks(rows, cols, k, idx.device)
                 others = first[block] != torch.arange(rows * cols, device=idx.device)
                 if feats is not None:  # only the blocks whose tokens are alike; the others' tokens all stay

@@ -257,7 +257,7 @@ def hit_rates(op, examples: list[dict[str, torch.Tensor]], keep: float = 0.25) -
             k = resolve_keep(keep, int(vis.sum()))
             group = lambda t, per=per: t.view(-1, per, t.shape[-1]).mean(1)  # noqa: E731 - (L, N) head means
             truth = group(ex["target"])
-            guesses = {"predictor": group(_predicted(op, ex["history"])),
+            guesses = {"predictor": group(op.predict_rows(ex["history"]).cpu()),
                        "last_row": group(ex["history"][:, -1]), "window_mean": group(ex["history"].mean(1))}
             true_top = truth[:, vis].topk(k, -1).indices
             for name, g in guesses.items():
@@ -265,13 +265,6 @@ def hit_rates(op, examples: list[dict[str, torch.Tensor]], keep: float = 0.25) -
                 same = (top[:, :, None] == true_top[:, None, :]).any(-1).float().mean(-1)  # per layer
                 hits[name].extend(same.tolist())
     return {name: sum(v) / len(v) for name, v in hits.items()}
-
-
-def _predicted(op, history: torch.Tensor) -> torch.Tensor:
-    """(M, N) each row's predicted next-step attention (softmax over the pooled entries, spread back)."""
-    dev = next(op.network.parameters()).device
-    probs = torch.softmax(op.network(max_pool_entries(history.to(dev), op.params.block)), -1).cpu()
-    return probs.repeat_interleave(op.params.block, -1)[:, :history.shape[-1]]
 
 
 def _cache_keyword(model) -> str:
