@@ -289,14 +289,14 @@ def test_named_shapes_reads_colour_and_kind_words_by_hand():
                                                                      [("red", "circle"), ("blue", "circle")]]
 
 
-def _hinted_batch(n_turns=4, absent="none"):
+def _hinted_batch(n_turns=4, absent="none", retrieve="shape"):
     from tokenprune.reference.train import describe, encode, more_turns
 
     proc = reference.build_processor()
     items = [more_turns(shapes.make_item(f"hint/{i}", shapes.TYPES[i % 5], i), n_turns, f"hint/{i}/more")
              for i in range(5)]
     items[4] = describe(items[4])
-    return proc, items, encode(proc, items, hints=True, absent=absent)
+    return proc, items, encode(proc, items, hints=True, absent=absent, retrieve=retrieve)
 
 
 def _words_of_each_name(question: str) -> list[list[str]]:
@@ -355,6 +355,27 @@ def test_hint_targets_are_the_answer_rows_named_words_and_their_shapes(absent):
         assert (batch["hint_row"][b, len(questions):] == -1).all()
     assert (batch["hint_row"][4] == -1).all()  # descriptions get no hints
     assert checked["two names"] and checked["absent"]  # the batch exercised relations and absent shapes
+
+
+def test_hint_retrieval_of_centres_targets_the_cell_of_each_matching_shapes_centre():
+    proc, items, batch = _hinted_batch(absent="first_token", retrieve="center")
+    image = int((batch["input_ids"][0] == proc.tokenizer.convert_tokens_to_ids("<image>")).nonzero()[0])
+    seen = 0
+    for b, it in enumerate(items[:4]):
+        questions = [it["question"]] + [q for q, _ in it["more"]]
+        for j, q in enumerate(questions):
+            for slot in range(2):
+                name = _words_of_each_name(q)[min(slot, len(_words_of_each_name(q)) - 1)]
+                kind = name[-1] if name[-1] in shapes.KINDS else name[-1][:-1]
+                color = name[0] if len(name) == 2 else None
+                # by hand: the 14-px cell of each matching shape's centre pixel, row-major over 24 x 24
+                cells = sorted({d["cy"] // 14 * 24 + d["cx"] // 14 for d in it["shapes"]
+                                if d["kind"] == kind and color in (None, d["color"])})
+                got = batch["hint_retrieve"][b, j, slot, image:image + 576].nonzero().flatten().tolist()
+                assert got == cells, (q, slot)
+                assert bool(batch["hint_retrieve"][b, j, slot, 0]) == (not cells)
+                seen += len(cells) > 1
+    assert seen  # some name matched several shapes (a count question)
 
 
 def test_shape_patches_by_hand():

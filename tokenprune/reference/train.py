@@ -76,8 +76,10 @@ DEFAULTS = {
     # thousands of steps: neither hop gets a gradient until the other works (docs/reference_model.md). 0: off.
     # `gather: mass` rewards the total attention on the name's words (a head may put it all on the kind word and
     # drop the colour); `gather: split` asks for an equal share on each word (-mean of log attention per word).
+    # `retrieve: shape` targets every patch the matching shapes cover, `retrieve: center` only the patch holding
+    # each one's centre (the token `align` and `position_probe` with `patches: center` supervise).
     "attention_hints": {"weight": 0.0, "from_step": 0, "heads": 1, "gather_layer": 0, "retrieve_layer": 1,
-                        "absent": "none", "gather": "mass"},
+                        "absent": "none", "gather": "mass", "retrieve": "shape"},
     # From step `from_step`, a linear head reads the hidden state of each shape's centre token at the input of LLM
     # layer `layer` and predicts that shape's centre (x, y) (squared error, as the patch loss's position term): the
     # LLM's first layers must write where a visual token is into it, from its M-RoPE position, since a rotary-only
@@ -106,7 +108,8 @@ def _schema() -> dict[str, Any]:
         "align": {"weight": weight, "from_step": step, "patches": Str(("shape", "center"))},
         "multi_turn": {"turns": Int(1), "from_step": step},
         "attention_hints": {"weight": weight, "from_step": step, "heads": Int(1), "gather_layer": Int(0),
-                            "retrieve_layer": Int(0), "absent": Str(HINT_ABSENT), "gather": Str(HINT_GATHER)},
+                            "retrieve_layer": Int(0), "absent": Str(HINT_ABSENT), "gather": Str(HINT_GATHER),
+                            "retrieve": Str(HINT_RETRIEVE)},
         "position_probe": {"weight": weight, "from_step": step, "layer": Int(0), "patches": Str(("center", "shape"))},
         "checkpoint_every": Int(1),
         "val": {"every": step, "items": Int(1)},
@@ -314,7 +317,7 @@ def patch_targets(items: list[dict], grid: int = GRID) -> dict[str, torch.Tensor
             color[b, on] = colors.index(sh.color) + 1
             kind[b, on] = kinds.index(sh.kind) + 1
             xy[b, on] = torch.tensor([sh.cx / shapes.SIZE, sh.cy / shapes.SIZE])
-            center[b, (sh.cy // cell) * grid + sh.cx // cell] = 1.0
+            center[b, center_patch(sh, grid)] = 1.0
     return {"aux_color": color, "aux_kind": kind, "aux_center": center, "aux_xy": xy}
 
 
@@ -327,6 +330,12 @@ def shape_patches(sh: shapes.Shape, grid: int = GRID) -> torch.Tensor:
     cover[top:top + sh.size, left:left + sh.size] = torch.from_numpy(m).float()
     frac = cover.view(grid, cell, grid, cell).mean(dim=(1, 3)).flatten()
     return (frac >= 0.25) | (frac == frac.max())
+
+
+def center_patch(sh: shapes.Shape, grid: int = GRID) -> int:
+    """The row-major index of the cell holding the shape's centre pixel."""
+    cell = shapes.SIZE // grid
+    return (sh.cy // cell) * grid + sh.cx // cell
 
 
 _KINDS_AND_PLURALS = {**{k: k for k in shapes.KINDS}, **{k + "s": k for k in shapes.KINDS}}
@@ -420,6 +429,7 @@ def probe_loss(probe: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Te
 
 HINT_ABSENT = ("none", "first_token")
 HINT_GATHER = ("mass", "split")
+HINT_RETRIEVE = ("shape", "center")
 HINT_SLOTS = 2  # a question names at most two shapes (relations); hinted head h follows name h % 2
 
 
@@ -473,20 +483,21 @@ def pixel_values(processor, image) -> torch.Tensor:
 
 
 def encode(processor, items: list[dict], hints: bool = False, absent: str = "none",
-           family: Family | None = None) -> dict[str, torch.Tensor]:
+           family: Family | None = None, retrieve: str = "shape") -> dict[str, torch.Tensor]:
     """A training batch of ``family``'s reference (default: LLaVA): prompt + answer and its end (" answer </s>";
     Qwen: "answer<|im_end|>"), right-padded; labels only on the answer and its end.
 
     ``hints``: also the targets of the attention hints (``attention_hints`` in the config), per sample, turn
     and name (the first and the second shape the question names; a question naming one shape fills both):
     ``hint_row`` (B, T) the position that predicts the turn's answer (-1: no turn), ``hint_gather`` (B, T, 2, L)
-    the name's colour and kind words, ``hint_retrieve`` (B, T, 2, L) the patches of the shapes that match it.
+    the name's colour and kind words, ``hint_retrieve`` (B, T, 2, L) the patches of the shapes that match it
+    (``retrieve="center"``: the patch holding each one's centre).
     When none matches, ``absent="first_token"`` targets the row's first token instead (a place to look that
     is not the image, so that "no such shape" is learnt as such); ``"none"`` leaves no target. Descriptions
     get no hints.
     """
     family = family or FAMILIES["llava"]
-    grid = family.grid
+    grid, retrieve_at = family.grid, retrieve
     tok = processor.tokenizer
     image_token = tok.convert_ids_to_tokens(processor.image_token_id) if hasattr(processor, "image_token_id") \
         else processor.image_token
@@ -533,7 +544,10 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
                     name, match = names[min(s, len(names) - 1)], matches[min(s, len(names) - 1)]
                     gather[b, j, s, [start + i for i in name]] = True
                     for d in match:
-                        retrieve[b, j, s, image:image + grid * grid] |= shape_patches(shapes.Shape(**d), grid)
+                        if retrieve_at == "center":
+                            retrieve[b, j, s, image + center_patch(shapes.Shape(**d), grid)] = True
+                        else:
+                            retrieve[b, j, s, image:image + grid * grid] |= shape_patches(shapes.Shape(**d), grid)
                     if not match and absent == "first_token":
                         retrieve[b, j, s, 0] = True
         batch.update(hint_row=hint_row, hint_gather=gather, hint_retrieve=retrieve)
@@ -562,10 +576,12 @@ class ShapesStream(torch.utils.data.IterableDataset):
 
     def __init__(self, processor, seed: int, batch_size: int, start: int = 0, curriculum: list | None = None,
                  targets: bool = False, describe: dict | None = None, multi_turn: dict | None = None,
-                 hints: bool = False, hint_absent: str = "none", family: Family | None = None):
+                 hints: bool = False, hint_absent: str = "none", family: Family | None = None,
+                 hint_retrieve: str = "shape"):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
         self.family = family or FAMILIES["llava"]
-        self.hints, self.hint_absent = hints, hint_absent  # add the attention hints' targets (encode(hints=True))
+        # add the attention hints' targets (encode(hints=True))
+        self.hints, self.hint_absent, self.hint_retrieve = hints, hint_absent, hint_retrieve
         self.describe_share = float((describe or {}).get("share", 0.0))
         self.describe_from = int((describe or {}).get("from_step", 0))
         self.turns = int((multi_turn or {}).get("turns", 1))
@@ -584,7 +600,8 @@ class ShapesStream(torch.utils.data.IterableDataset):
             if self.describe_share and b >= self.describe_from:
                 every = max(1, round(1 / self.describe_share))
                 items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
-            batch = encode(self.processor, items, hints=self.hints, absent=self.hint_absent, family=self.family)
+            batch = encode(self.processor, items, hints=self.hints, absent=self.hint_absent, family=self.family,
+                           retrieve=self.hint_retrieve)
             yield {**batch, **patch_targets(items, self.family.grid)} if self.targets else batch
 
 
@@ -796,7 +813,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                     describe=OmegaConf.to_container(cfg.describe),
                                                     multi_turn=OmegaConf.to_container(cfg.multi_turn),
                                                     hints=bool(cfg.attention_hints.weight),
-                                                    hint_absent=cfg.attention_hints.absent, family=family),
+                                                    hint_absent=cfg.attention_hints.absent, family=family,
+                                                    hint_retrieve=cfg.attention_hints.retrieve),
                                        batch_size=None, num_workers=cfg.data.num_workers)
     trainer = fit(cfg, module, data)
     export = Path(cfg.export_dir) if cfg.export_dir else out / "model"
