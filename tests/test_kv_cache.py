@@ -243,6 +243,16 @@ def test_elite_window_drops_the_inconsistent_rows():
         {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.steps", "'all' or a list"),
     ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "all", "mode": "drop"}}, "operators": [
         {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.mode", "allowed: evict, mask"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "all", "scorer": "oracle"}}, "operators": [
+        {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.scorer", "allowed: attention, stage"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "all", "scorer": "stage", "score_layer": 1}},
+                  "operators": [{"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.score_layer",
+     "scorer: stage ranks each layer's entries by its own attention history"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "all", "scorer": "stage", "history": 0}},
+                  "operators": [{"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.history", "integer >= 1"),
+    ({"stages": [{"layer": "kv_cache", "cache": {"decode": {"steps": "all", "history": 4}},
+                  "operators": [{"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.decode.history",
+     "only scorer: stage keeps an attention history"),
     ({"stages": [{"layer": "kv_cache", "cache": {"layer": [1]}, "operators": [
         {"op": "random"}, {"op": "topk"}]}]}, "stages.0.cache.layer", "unknown cache key"),
     ({"stages": [{"layer": "kv_cache", "operators": [{"op": "random"}, {"op": "topk"}, {"op": "kv_compact"}]}]},
@@ -309,3 +319,25 @@ def test_dynamic_masking_at_every_step_equals_reference(llava_pair, batch):
     assert held == n + STEPS - 1  # nothing evicted
     tokens, ref_logits = reference_kv_greedy(llava_pair["eager"], batch, {}, STEPS, kept_from_step=steps)
     assert_matches_reference(out, tokens, ref_logits)
+
+
+def test_a_heuristic_scorer_chooses_from_the_attention_history(llava_pair, batch):
+    """``decode: {scorer: stage, history: 3}`` with the attention scorer over every history row (SnapKV's window as a
+    next-step predictor): decoding step 1 shows each layer the 16 visual entries with the most attention from the
+    prompt's last 3 rows, heads and rows averaged — the eager model's own prefill attention, by hand."""
+    cache = {"layers": "all", "decode": {"steps": [1], "keep": 16, "mode": "mask", "scorer": "stage", "history": 3}}
+    pipe = tp.load_pipeline({"name": "window", "stages": [{"layer": "kv_cache", "cache": cache, "operators": [
+        {"op": "attention", "queries": "all"}, {"op": "topk", "keep": 1.0}]}]})
+    generate(llava_pair["sdpa"], batch, pipe)
+    image = llava_pair["sdpa"].config.image_token_id
+    with torch.no_grad():
+        att = llava_pair["eager"](**batch, output_attentions=True).attentions
+    kept = kept_by_layer(pipe, "decode", 1)
+    assert sorted(kept) == [0, 1, 2, 3] and not kept_by_layer(pipe, "decode", 2)  # step 1 only
+    for layer, rows in kept.items():
+        for b in range(2):
+            real = batch["attention_mask"][b].bool().nonzero().flatten()
+            mean = att[layer][b][:, real[-3:]].float().mean((0, 1))
+            vis = (batch["input_ids"][b] == image).nonzero().flatten()
+            top = vis[mean[vis].argsort(descending=True, stable=True)[:16]].tolist()
+            assert sorted(i for i in rows[b] if batch["input_ids"][b, i] == image) == sorted(top), (layer, b)

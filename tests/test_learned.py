@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_kv_greedy
 
 import tokenprune as tp
 from tokenprune.core.errors import ConfigError
@@ -401,8 +402,9 @@ def test_the_runtime_gives_the_predictor_the_models_own_attention_and_keeps_its_
 
     model = tiny_llava("eager", layers=3)
     batch = tiny_llava_inputs(model)
-    pipe = tp.load_pipeline("attention_predictor", ["stages.0.operators.0.weights=init",
-                                                    "stages.0.operators.0.history=3"])
+    pipe = tp.load_pipeline("attention_predictor", ["stages.0.operators.0.weights=init",  # chosen once, for good
+                                                    "stages.0.operators.0.history=3", "stages.0.operators.1.keep=0.25",
+                                                    "stages.0.cache.decode.steps=[]"])
     op = pipe.stages[0].operators[0]
     seen = []
     real_predict = op.predict
@@ -427,6 +429,151 @@ def test_the_runtime_gives_the_predictor_the_models_own_attention_and_keeps_its_
             top = set(valid.nonzero().flatten()[visual.nonzero().flatten()[scores.topk(k).indices]].tolist())
             kept_visual = {i for i in trace.kept[b] if int(batch["input_ids"][b, i]) == image}
             assert kept_visual == top
+
+
+def generate_greedy(model, batch, pipe, steps):
+    with torch.no_grad(), pipe.attach(model):
+        return model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+
+def _decoding_predictor(keep):
+    """The attention_predictor preset at the paper's regime on a tiny model: the cache kept whole after the prefill,
+    every decoding step shown the ``keep`` share of each layer's visual entries its prediction ranks highest."""
+    return tp.load_pipeline("attention_predictor", ["stages.0.operators.0.weights=init",
+                                                    "stages.0.operators.0.history=3",
+                                                    "stages.0.operators.1.keep=1.0",
+                                                    f"stages.0.cache.decode.keep={keep}"])
+
+
+def test_each_decoding_step_predicts_from_the_models_own_attention_history(llava_pair, batch):
+    """Nothing hidden (keep 1.0), so generation is the unpruned model's: at decoding step s, the history each layer's
+    predictor reads is the eager model's own attention on the sequence so far — the last 3 rows before the step's
+    token (prompt rows, then decoded tokens' rows) — over the sample's real prompt entries, renormalised over them."""
+    pipe = _decoding_predictor(1.0)
+    op = pipe.stages[0].operators[0]
+    seen = []
+    real_predict = op.predict
+    op.predict = lambda history: seen.append(history) or real_predict(history)
+    steps, layers = 4, 4
+    out = generate_greedy(llava_pair["sdpa"], batch, pipe, steps)
+    n = batch["input_ids"].shape[1]
+    assert len(seen) == layers * 2 * steps  # the prefill's, then decoding steps 1-3, every layer, both samples
+    for s in range(1, steps):
+        seq = out.sequences[:, :n + s - 1]  # up to the token before the step's
+        am = torch.cat([batch["attention_mask"], torch.ones(2, s - 1, dtype=torch.long)], 1)
+        with torch.no_grad():
+            att = llava_pair["eager"](input_ids=seq, attention_mask=am, pixel_values=batch["pixel_values"],
+                                      output_attentions=True).attentions
+        for layer in range(layers):
+            for b in range(2):
+                prompt = batch["attention_mask"][b].bool()
+                rows = am[b].bool().nonzero().flatten()[-3:]
+                want = att[layer][b][:, rows][:, :, :n][:, :, prompt].float()
+                want = want / want.sum(-1, keepdim=True)
+                got = seen[layers * 2 * s + 2 * layer + b]
+                assert torch.allclose(got, want, atol=1e-5), (s, layer, b)
+    assert all(all(r == 1.0 for r in t.hit_rate) for t in pipe.trace if t.site == "decode")
+
+
+def test_each_decoding_step_shows_the_layers_the_entries_predicted_from_the_history(llava_pair, batch):
+    """keep 0.25: at every decoding step each layer sees, of the 64 visual entries, only the 16 the prediction from
+    its history ranks highest (the text stays), the cache keeps every entry, and generation equals the eager
+    reference that hides each step's unchosen entries from that layer; each step's hit rate is the share of them
+    in the top 16 of the exact attention the step then pays (here: by hand from a spy on the predictor and
+    the runtime's own rows)."""
+    from tokenprune.core.budget import resolve_keep
+
+    pipe = _decoding_predictor(0.25)
+    op = pipe.stages[0].operators[0]
+    seen = []
+    real_predict = op.predict
+    op.predict = lambda history: seen.append(history) or real_predict(history)
+    steps, layers = 4, 4
+    out = generate_greedy(llava_pair["sdpa"], batch, pipe, steps)
+    image = llava_pair["sdpa"].config.image_token_id
+    n = batch["input_ids"].shape[1]
+    kept_from_step = {}
+    for s in range(1, steps):
+        traces = {t.layer: t for t in pipe.trace if t.site == "decode" and t.step == s}
+        assert sorted(traces) == list(range(layers))
+        kept_from_step[s] = {layer: t.kept for layer, t in traces.items()}
+        for layer, t in traces.items():
+            for b in range(2):
+                prompt = batch["attention_mask"][b].bool().nonzero().flatten()
+                visual = batch["input_ids"][b, prompt] == image
+                with torch.no_grad():
+                    scores = real_predict(seen[layers * 2 * s + 2 * layer + b])[visual]
+                k = resolve_keep(0.25, int(visual.sum()))
+                top = set(prompt[visual.nonzero().flatten()[scores.topk(k).indices]].tolist())
+                assert {i for i in t.kept[b] if batch["input_ids"][b, i] == image} == top
+                assert len(t.kept[b]) == len(prompt) - 64 + 16
+                assert 0.0 <= t.hit_rate[b] <= 1.0 and (t.hit_rate[b] * 16).is_integer()
+    assert out.past_key_values.layers[0].keys.shape[-2] == n + steps - 1  # nothing evicted
+    tokens, ref_logits = reference_kv_greedy(llava_pair["eager"], batch, {}, steps, kept_from_step=kept_from_step)
+    assert torch.equal(out.sequences[:, -steps:], tokens)
+    for got, want in zip(out.logits, ref_logits):
+        assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+def test_attention_examples_per_decoding_step_by_hand(llava_pair, batch):
+    """``steps=True``: for a 3-token answer (the last 3 tokens of each left-padded row), step s's target is the row
+    of the answer's token s - 1 over the sample's prompt entries, its history the 2 rows before it (prompt rows, then
+    answer rows), each renormalised over the prompt entries — from the eager model's own attention."""
+    from tokenprune.eval.train_operator import attention_examples
+
+    width = batch["input_ids"].shape[1]
+    full = {**batch, "prompt_end": torch.tensor([width - 3] * 2), "answer_ids": batch["input_ids"][:, -3:]}
+    examples = attention_examples(llava_pair["eager"], full, history=2, steps=True)
+    with torch.no_grad():
+        att = llava_pair["eager"](**batch, output_attentions=True).attentions
+    assert [ex["step"] for ex in examples] == [1, 2, 3] * 2
+    image = llava_pair["eager"].config.image_token_id
+    for i, ex in enumerate(examples):
+        b, s = divmod(i, 3)
+        start = int(batch["attention_mask"][b].nonzero()[0])
+        row = width - 3 + s
+        for layer in range(4):
+            for h in range(att[layer].shape[1]):
+                want_t = att[layer][b, h, row, start:width - 3]
+                want_h = att[layer][b, h, row - 2:row, start:width - 3]
+                got_t, got_h = ex["target"][layer * att[layer].shape[1] + h], ex["history"][layer * att[layer].shape[1] + h]
+                assert torch.allclose(got_t, want_t / want_t.sum(), atol=1e-6)
+                assert torch.allclose(got_h, want_h / want_h.sum(-1, keepdim=True), atol=1e-6)
+        assert torch.equal(ex["visual"], batch["input_ids"][b, start:width - 3] == image)
+
+
+def test_the_training_stream_describes_the_share_of_items_asked():
+    """``data.describe: 0.5``: every second training item (0, 2, ...) is asked "What is there ?" and answered with
+    its shapes; the others keep their question."""
+    from tokenprune.eval.train_operator import AnswerStream
+    from tokenprune.reference.model import build_processor
+    from tokenprune.reference.train import DESCRIBE_QUESTION, describe, train_batches
+
+    proc = build_processor()
+    batch = next(iter(AnswerStream(proc, seed=0, batch_size=4, full=True, describe=0.5)))
+    _, items = next(train_batches(0, 4))
+    texts = proc.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    for j, (it, text) in enumerate(zip(items, texts)):
+        asked = describe(it) if j % 2 == 0 else it
+        assert (DESCRIBE_QUESTION in text) == (j % 2 == 0)
+        assert text.rstrip().endswith(asked["answer"].strip())
+    with pytest.raises(ConfigError, match="data.steps: 'all' trains on every decoding step's attention"):
+        from tokenprune.eval.train_operator import load_config
+
+        load_config("experiments/train_quecc.yaml", ["data.steps=all"])
+
+
+def test_decoding_hit_rates_by_hand():
+    """Visual entries 1-4 of five, two kept: the truth's top two are 3 and 4; one sample chose 2 and 3 (half), the
+    other 3 and 4 (all); a sample that keeps none scores 1."""
+    from tokenprune.runtime.kv_cache import hit_rates as decode_hit_rates
+
+    truth = torch.tensor([[0.5, 0.1, 0.1, 0.2, 0.1], [0.5, 0.1, 0.1, 0.2, 0.1], [0.5, 0.1, 0.1, 0.2, 0.1]])
+    truth[:, 4] = 0.15
+    visual = torch.tensor([[False, True, True, True, True]] * 3)
+    chosen = torch.tensor([[True, False, True, True, False], [True, False, False, True, True], [True] + [False] * 4])
+    assert decode_hit_rates(chosen, truth, visual, torch.tensor([2, 2, 0])) == [0.5, 1.0, 1.0]
 
 
 def test_hit_rates_by_hand():

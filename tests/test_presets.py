@@ -271,6 +271,12 @@ def test_kv_cache_preset_runs_on_each_family(llava32, family32, refused, family,
         assert [(t.step, t.layer) for t in dec] == [(1, i) for i in range(3, 32)]  # 2 new tokens: 1 decoding step
         assert all(a == round(b / 5 + 0.01) for t in dec for a, b in zip(t.visual_after, t.visual_before))
         return
+    if name == "attention_predictor":  # the prefill keeps everything; each decoding step shows each layer a quarter
+        dec = [t for t in pipe.trace if t.site == "decode"]
+        assert [(t.step, t.layer) for t in dec] == [(1, i) for i in attending]
+        assert all(a == round(b / 4 + 0.01) for t in dec for a, b in zip(t.visual_after, t.visual_before))
+        assert all(len(t.hit_rate) == len(t.visual_after) for t in dec)
+        return
     assert all(sum(t.visual_after) < sum(t.visual_before) for t in kv), pipe.report()
     for t in kv:  # what the trace says is what the cache holds
         layer = out.past_key_values.layers[t.layer]

@@ -34,6 +34,8 @@ BUDGETS = ("uniform", "adaptive")
 
 #: What a decoding-time re-pruning does with the entries it does not choose.
 DECODE_MODES = ("evict", "mask")
+#: What a decoding-time re-pruning chooses by: the current token's exact attention, or the stage's own scorers.
+DECODE_SCORERS = ("attention", "stage")
 
 
 @dataclass
@@ -45,13 +47,20 @@ class DecodeSettings:
     most — at its own layer, or at ``score_layer`` for all of them (MINT reads one shallow layer; the score layer
     need not be compressed itself). ``mode``: ``evict`` cuts the others from the cache for good (MINT); ``mask``
     keeps every entry and hides the others until the next re-pruning step chooses again, so an entry hidden at one
-    step can return at a later one (DyCoke's dynamic pruning).
+    step can return at a later one (DyCoke's dynamic pruning). ``scorer``: ``attention`` ranks the entries by the
+    attention the current token pays them (known only as the step runs: MINT, DyCoke); ``stage`` ranks them with
+    the stage's own scorers before the step attends, fed by the layer's attention history — the prompt's last rows,
+    then each decoded token's exact attention over every entry the layer holds — so a scorer that predicts the next
+    step's attention (AttentionPredictor) chooses what the step may see. ``history``: the rows it keeps (null: the
+    stage's scorers' largest ``history`` parameter, 1 without one).
     """
 
     steps: list[int] | str = field(default_factory=list)
     keep: float | int = 0.5
     score_layer: int | None = None
     mode: str = "evict"
+    scorer: str = "attention"
+    history: int | None = None
 
     def at(self, step: int) -> bool:
         """Whether decoding step ``step`` re-prunes."""
@@ -103,9 +112,9 @@ class CacheSettings:
         if budget not in BUDGETS:
             raise ConfigError(f"{key}.budget", f"got {budget!r}; allowed: {', '.join(BUDGETS)}")
         dec = raw.get("decode") or {}
-        if not isinstance(dec, dict) or set(dec) - {"steps", "keep", "score_layer", "mode"}:
-            raise ConfigError(f"{key}.decode", f"must be a mapping with keys steps, keep, score_layer, mode; "
-                              f"got {dec!r}")
+        if not isinstance(dec, dict) or set(dec) - {"steps", "keep", "score_layer", "mode", "scorer", "history"}:
+            raise ConfigError(f"{key}.decode", f"must be a mapping with keys steps, keep, score_layer, mode, scorer, "
+                              f"history; got {dec!r}")
         steps = dec.get("steps", [])
         if steps != "all" and (not isinstance(steps, list) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)):
@@ -124,9 +133,22 @@ class CacheSettings:
                                         or score_layer < 0):
             raise ConfigError(f"{key}.decode.score_layer", f"must be a decoder layer (integer >= 0) or null, "
                               f"got {score_layer!r}")
+        scorer = dec.get("scorer", "attention")
+        if scorer not in DECODE_SCORERS:
+            raise ConfigError(f"{key}.decode.scorer", f"got {scorer!r}; allowed: {', '.join(DECODE_SCORERS)}")
+        if scorer == "stage" and score_layer is not None:
+            raise ConfigError(f"{key}.decode.score_layer", f"scorer: stage ranks each layer's entries by its own "
+                              f"attention history, so score_layer must be null; got {score_layer!r}")
+        history = dec.get("history")
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+            raise ConfigError(f"{key}.decode.history", f"must be a number of attention rows (integer >= 1) or null, "
+                              f"got {history!r}")
+        if history is not None and scorer != "stage":
+            raise ConfigError(f"{key}.decode.history", f"only scorer: stage keeps an attention history; this stage's "
+                              f"decode.scorer is {scorer!r}")
         return cls(layers=layers, budget=budget, first=first,
                    decode=DecodeSettings(steps=steps if steps == "all" else sorted(set(steps)), keep=keep,
-                                         score_layer=score_layer, mode=mode))
+                                         score_layer=score_layer, mode=mode, scorer=scorer, history=history))
 
     def layer_list(self, num_layers: int, key: str = "cache") -> list[int]:
         """The compressed layers of a model with ``num_layers`` decoder layers (checked against its depth)."""
@@ -146,7 +168,8 @@ class CacheSettings:
         steps = self.decode.steps if self.decode.steps == "all" else list(self.decode.steps)
         return {"layers": layers, "budget": self.budget,
                 "decode": {"steps": steps, "keep": self.decode.keep, "score_layer": self.decode.score_layer,
-                           "mode": self.decode.mode}}
+                           "mode": self.decode.mode, "scorer": self.decode.scorer,
+                           "history": self.decode.history}}
 
 
 def adaptive_weights(visual_scores: list[torch.Tensor]) -> torch.Tensor:

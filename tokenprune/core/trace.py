@@ -34,7 +34,11 @@ class StageTrace:
     #: per sample, the (rows, cols) of each tile the stage's per-tile budgets split the image into
     #: (``budget: per_tile``; empty otherwise)
     tiles: list[list[tuple[int, int]]] = field(default_factory=list, repr=False)
+    #: a decoding-time re-pruning that chose before the step attended (``decode: {scorer: stage}``): per sample, the
+    #: share of the visual entries it kept that the step's own attention ranks in its top as many (empty otherwise)
+    hit_rate: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("stage", "layer", "tokens_before", "tokens_after",
-                                              "visual_before", "visual_after", "kept", "operator_ms", "site", "step")}
+                                              "visual_before", "visual_after", "kept", "operator_ms", "site", "step")} | \
+            ({"hit_rate": self.hit_rate} if self.hit_rate else {})

@@ -109,6 +109,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
             "metric": it["metric"], "prediction": text.strip(),
             "visual_tokens": n_visual, "visual_tokens_kept": [t.visual_after[b] for t in prefill],
             "kv_visual_entries_kept": [t.visual_after[b] for t in trace if t.site == "kv_cache"],
+            # decoding steps that chose before attending (decode: {scorer: stage}): their mean hit rate
+            "decode_hit_rate": _mean([t.hit_rate[b] for t in trace if t.site == "decode" and t.hit_rate]),
             "prefill_ms": prefill_ms, "vision_ms": vision_ms, "llm_prefill_ms": prefill_ms - vision_ms,
             "decode_ms_per_token": decode_ms, "kv_cache_bytes": kv, "vision_flops": vision_flops,
             "peak_memory_bytes": peak, "operator_ms": sum(t.operator_ms for t in trace),  # this batch's
@@ -224,6 +226,9 @@ def run_metrics(records: list[dict[str, Any]], baseline: list[dict[str, Any]], i
     metrics.update(protocol_metrics(metrics, _mean([r["vision_flops"] for r in records]),
                                     _mean([r["vision_flops"] for r in baseline])))
     metrics["kv_cache_bytes"] = _mean([r["kv_cache_bytes"] for r in records])
+    hits = [r["decode_hit_rate"] for r in records if r.get("decode_hit_rate") is not None]
+    if hits:  # decoding steps chose their entries before attending: how many of the step's own top they held
+        metrics["decode_hit_rate"] = _mean(hits)
     metrics["baseline_kv_cache_bytes"] = _mean([r["kv_cache_bytes"] for r in baseline])
     metrics["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in records) if records else None
     metrics["operator_ms"] = _median([r["operator_ms"] for r in records])

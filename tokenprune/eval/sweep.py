@@ -66,7 +66,7 @@ SWEEP_SCHEMA = {"name": Str(), "base": OneOf(Str(), MappingOf()), "set": ListOf(
 RESULT_COLUMNS = ["variant", "pipeline", "accuracy", "relative_score", "fidelity", "flops_reduction",
                   "equivalent_visual_tokens", "hard_for", "hard_n", "hard_accuracy", "hard_relative_score",
                   "flops_speedup", "flops_speedup_with_vision", "prefill_ms", "vision_ms",
-                  "llm_prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "error"]
+                  "llm_prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "decode_hit_rate", "error"]
 
 
 @dataclass

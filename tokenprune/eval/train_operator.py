@@ -39,7 +39,7 @@ from tokenprune.measure.provenance import model_files
 from tokenprune.operators.learned import max_pool_entries
 from tokenprune.pipeline import build_pipeline
 from tokenprune.reference import shapes
-from tokenprune.reference.train import fit, resume_point, train_batches, warmup_cosine
+from tokenprune.reference.train import describe, fit, resume_point, train_batches, warmup_cosine
 
 DEFAULTS: dict[str, Any] = {
     "pipeline": "quecc",  # a preset name or a pipeline YAML file
@@ -50,7 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/train_operator",
     "export": None,  # the weights file written at the end; null: output_dir/weights.safetensors
     "overwrite_export": False,  # replace a weights file another run did not write (a shipped one)
-    "data": {"batch_size": 16, "num_workers": 0},
+    # describe: the share of training items asked "What is there ?" instead (answered with every shape: long
+    # answers); steps: `first` trains the attention objective on the first decoding step's row only, `all` on every
+    # answer token's row, its history the rows before it (the decoding-time history of `decode: {scorer: stage}`)
+    "data": {"batch_size": 16, "num_workers": 0, "describe": 0.0, "steps": "first"},
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100, "max_steps": 1500},
     "checkpoint_every": 250,
     "val": {"every": 250, "items": 200},
@@ -69,7 +72,7 @@ def _schema() -> dict[str, Any]:
         "model": {"path": Str(), "dtype": Str(DTYPES), "attn_implementation": Str(ATTENTION),
                   "trust_remote_code": Bool()},
         "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export": Optional(Str()), "overwrite_export": Bool(),
-        "data": {"batch_size": Int(1), "num_workers": Int(0)},
+        "data": {"batch_size": Int(1), "num_workers": Int(0), "describe": Float(0, 1), "steps": Str(("first", "all"))},
         "optim": {"lr": Float(above=0), "weight_decay": Float(minimum=0), "warmup_steps": step, "max_steps": Int(1)},
         "checkpoint_every": Int(1),
         "val": {"every": step, "items": Int(1)},
@@ -98,7 +101,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), trained: boo
     apply_overrides(cfg, overrides, example="optim.max_steps=100", what="an operator training config")
     cfg = OmegaConf.create(check_schema(OmegaConf.to_container(cfg), _schema()))
     OmegaConf.set_struct(cfg, True)
-    build_trainee(cfg)  # the pipeline and its operator are valid
+    _, op = build_trainee(cfg)  # the pipeline and its operator are valid
+    if cfg.data.steps != "first" and op.objective != "attention":
+        raise ConfigError("data.steps", f"{cfg.data.steps!r} trains on every decoding step's attention, the attention "
+                                        f"objective's; {op.op_name!r} trains on the {op.objective!r} objective: use first")
     if trained:
         return cfg
     writable_folder(Path(cfg.output_dir), "output_dir")
@@ -149,12 +155,17 @@ class AnswerStream(torch.utils.data.IterableDataset):
     """Endless batches of ``shapes`` train items (seed ``seed``), from batch ``start`` on (resuming): the prompts
     through the model's processor (left-padded) and each answer's token ids."""
 
-    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, full: bool = False):
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, full: bool = False,
+                 describe: float = 0.0):
         self.processor, self.seed, self.batch_size, self.start = processor, seed, batch_size, start
         self.full = full  # prompt + answer in one sequence (the attention objective), not the prompt alone
+        self.describe = describe  # the share of items described instead (every round(1 / describe)-th)
 
     def __iter__(self):
-        for _, items in train_batches(self.seed, self.batch_size, self.start):
+        every = round(1 / self.describe) if self.describe else 0
+        for b, items in train_batches(self.seed, self.batch_size, self.start):
+            if every:
+                items = [describe(it) if (b * self.batch_size + j) % every == 0 else it for j, it in enumerate(items)]
             yield encode_answers(self.processor, items, full=self.full)
 
 
@@ -202,11 +213,14 @@ def answer_loss(model, pipeline, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), ignore_index=-100)
 
 
-def attention_examples(model, batch: dict[str, torch.Tensor], history: int) -> list[dict[str, torch.Tensor]]:
+def attention_examples(model, batch: dict[str, torch.Tensor], history: int,
+                       steps: bool = False) -> list[dict[str, torch.Tensor]]:
     """Per sample of a ``full`` batch (:func:`encode_answers`): the frozen model's own attention (eager, every layer)
     as AttentionPredictor sees it at the end of the prefill — ``history`` (L·H, T, N) the last ``T`` prompt rows over
     the sample's ``N`` prompt entries, ``target`` (L·H, N) the first answer token's row over them (renormalised),
-    ``visual`` (N,) the image's entries."""
+    ``visual`` (N,) the image's entries. ``steps``: one example per answer token instead — decoding step ``s``'s row
+    as the target, the ``T`` rows before it (the prompt's last, then the answer's tokens before) as the history, each
+    renormalised over the prompt entries as the runtime's history is (``step`` says which)."""
     inputs = {k: v for k, v in batch.items() if k not in ("answer_ids", "prompt_end")}
     with torch.no_grad():
         attentions = model(**inputs, output_attentions=True).attentions
@@ -217,12 +231,16 @@ def attention_examples(model, batch: dict[str, torch.Tensor], history: int) -> l
     out = []
     for b, end in enumerate(batch["prompt_end"].tolist()):
         start = int(inputs["attention_mask"][b].float().argmax())  # the first real token (left padding)
-        rows = torch.arange(max(start, end - history), end)
         per_layer = [a[b, :, :, start:end] for a in attentions]  # (H, L_all, N)
-        hist = torch.cat([a[:, rows] for a in per_layer]).float()
-        target = torch.cat([a[:, end] for a in per_layer]).float()
-        out.append({"history": hist, "target": target / target.sum(-1, keepdim=True).clamp_min(1e-12),
-                    "visual": inputs["input_ids"][b, start:end] == image, "layers": len(per_layer)})
+        visual = inputs["input_ids"][b, start:end] == image
+        for s in range(int((batch["answer_ids"][b] >= 0).sum()) if steps else 1):
+            row = end + s  # the row of decoding step s + 1 (its token: the answer's s-th)
+            rows = torch.arange(max(start, row - history), row)
+            hist = torch.cat([a[:, rows] for a in per_layer]).float()
+            target = torch.cat([a[:, row] for a in per_layer]).float()
+            out.append({"history": hist / hist.sum(-1, keepdim=True).clamp_min(1e-12),
+                        "target": target / target.sum(-1, keepdim=True).clamp_min(1e-12),
+                        "visual": visual, "layers": len(per_layer), "step": s + 1})
     return out
 
 
@@ -310,6 +328,22 @@ def validate(cfg: DictConfig, model, processor, pipeline, op, items: list[dict])
     return {"accuracy": acc["overall"], **acc["per_type"]}
 
 
+def decoding_hit_rates(cfg: DictConfig, model, processor, op, items: list[dict]) -> dict[str, float]:
+    """The hit rates (:func:`hit_rates`) at every decoding step after the first, on long answers: each item's image
+    described ("What is there ?" answered with every shape), the history at step s the rows before it — the prompt's
+    last and the answer's own — as the runtime keeps it for ``decode: {scorer: stage}``; the last row is then the
+    previous step's. Also how many (item, step) pairs were scored."""
+    examples = []
+    described = [describe(it) for it in items]
+    for i in range(0, len(described), cfg.data.batch_size):
+        batch = encode_answers(processor, described[i:i + cfg.data.batch_size], full=True)
+        examples += [ex for ex in attention_examples(model, {k: v.to(model.device) for k, v in batch.items()},
+                                                     op.params.history, steps=True) if ex["step"] > 1]
+    rates = hit_rates(op, examples)
+    return {"decode_hit_rate": rates["predictor"], "decode_hit_rate_previous_row": rates["last_row"],
+            "decode_hit_rate_window_mean": rates["window_mean"], "decode_steps_scored": len(examples)}
+
+
 def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
     import pytorch_lightning as pl
 
@@ -326,7 +360,8 @@ def _lightning_module(cfg: DictConfig, model, processor, pipeline, op):
 
         def training_step(self, batch, _):
             if op.objective == "attention":
-                loss = attention_loss(op, attention_examples(self.lvlm, batch, op.params.history))
+                loss = attention_loss(op, attention_examples(self.lvlm, batch, op.params.history,
+                                                             steps=cfg.data.steps == "all"))
             else:
                 loss = answer_loss(self.lvlm, self.pipeline, batch)
             self.log("train/loss", loss, prog_bar=True)
@@ -363,7 +398,8 @@ def train_operator(cfg: DictConfig) -> dict[str, Any]:
     model.eval()
     op.bind(model.get_input_embeddings().embedding_dim, untrained=True, seed=None)  # drawn after seed_everything
     _, start = resume_point(Path(cfg.output_dir))
-    stream = AnswerStream(processor, cfg.seed, cfg.data.batch_size, start, full=op.objective == "attention")
+    stream = AnswerStream(processor, cfg.seed, cfg.data.batch_size, start, full=op.objective == "attention",
+                          describe=cfg.data.describe)
     data = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers)
     module = _lightning_module(cfg, model, processor, pipeline, op)
     trainer = fit(cfg, module, data)
@@ -394,5 +430,9 @@ def evaluate_operator(cfg: DictConfig, split: str = "test", items: int | None = 
     model, processor = load_model(OmegaConf.to_container(cfg.model))
     model.eval()
     op.bind(model.get_input_embeddings().embedding_dim, device=model.device)
-    return validate(cfg, model, processor, pipeline.eval(), op, shapes.load_split(split, size=items))
+    chosen = shapes.load_split(split, size=items)
+    metrics = validate(cfg, model, processor, pipeline.eval(), op, chosen)
+    if op.objective == "attention":  # and at the later decoding steps, where the history holds decoded rows
+        metrics.update(decoding_hit_rates(cfg, model, processor, op, chosen))
+    return metrics
 

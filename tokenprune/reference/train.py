@@ -304,7 +304,6 @@ def patch_targets(items: list[dict], grid: int = GRID) -> dict[str, torch.Tensor
     [0, 1] (``nan`` on background cells).
     """
     colors, kinds = list(shapes.COLORS), list(shapes.KINDS)
-    cell = shapes.SIZE // grid
     n = len(items)
     color = torch.zeros(n, grid * grid, dtype=torch.long)
     kind = torch.zeros(n, grid * grid, dtype=torch.long)

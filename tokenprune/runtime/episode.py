@@ -150,6 +150,9 @@ class Episode:
     kv: dict[int, KVRecord] = field(default_factory=dict)  # kv_cache stage: per compressed layer, until cut
     kv_pending: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)  # layer input until it ran
     decode_scores: torch.Tensor | None = None  # (B, N_prefill) of decode.score_layer, this step
+    #: ``decode: {scorer: stage}``: per compressed layer, its attention history over the prompt entries it holds,
+    #: (probs (B, H, R, K), real rows (B, R)) (:class:`~tokenprune.runtime.sources.AttentionHistory`)
+    decode_history: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     cross: CrossCut | None = None
     #: (A, B, N) the multi-axis rotary positions the model gave its LLM for this forward (M-RoPE), or None.
     rope: torch.Tensor | None = None
@@ -199,6 +202,7 @@ class Episode:
                      for layer, h in self.held.items()}
         self.decode_base = {layer: Held(pick(h.index), pick(h.live), pick(h.bias), pick(h.shift))
                             for layer, h in self.decode_base.items()}
+        self.decode_history = {layer: (pick(p), pick(r)) for layer, (p, r) in self.decode_history.items()}
         self.valid, self.visual = pick(self.valid), pick(self.visual)
         self.decode_masks.clear()
         self.decode_pe.clear()

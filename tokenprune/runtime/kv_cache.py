@@ -22,7 +22,7 @@ from tokenprune.core.masks import gather_tokens
 from tokenprune.core.state import TokenState
 from tokenprune.runtime.episode import Episode, Held, KVRecord
 from tokenprune.runtime.site import SiteRuntime, keep_index, merges
-from tokenprune.runtime.sources import CachedKeys, DecodeQuerySource, LayerAttentionSource
+from tokenprune.runtime.sources import AttentionHistory, CachedKeys, DecodeQuerySource, LayerAttentionSource
 from tokenprune.runtime.timing import Stopwatch
 
 
@@ -35,6 +35,10 @@ class KVCacheRuntime(SiteRuntime):
         self.layers = set(stage.cache.layer_list(self.adapter.num_layers, f"{stage.key}.cache")) \
             - set(self.adapter.recurrent_layers)
         self.decode = stage.cache.decode
+        #: rows of attention history a ``decode: {scorer: stage}`` re-pruning keeps (default: the scorers' largest
+        #: ``history``)
+        self.history_rows = self.decode.history or max((int(getattr(op.params, "history", 1)) for op in stage.operators
+                                                        if op.kind in ("shift", "scorer")), default=1)
 
     def install(self) -> list[Any]:
         return [self.adapter.layers[i].register_forward_hook(self._layer_post_hook(i)) for i in sorted(self.layers)]
@@ -64,6 +68,8 @@ class KVCacheRuntime(SiteRuntime):
                                                     window=self.adapter.sliding_window(layer), source_index=cur,
                                                     blocks=None if ep.blocks is None else ep.blocks.gather(1, cur))
         state, ms, by_op = self.run_operators(state, hidden, self.stage.score)
+        if self.decode.scorer == "stage" and self.decode.steps:  # the history the decoding steps extend
+            ep.decode_history[layer] = self._prompt_history(state)
         ep.kv[layer] = KVRecord(state.scores, dict(state.named_scores), cur, flow.live, state.sizes, state.positions, ms,
                                 by_op)
 
@@ -112,6 +118,10 @@ class KVCacheRuntime(SiteRuntime):
                 else "gather"
             new_index = rec.index.gather(1, rel)
             ep.cut(self.adapter, layer, rel, new_index, new_live, bias=bias, entries=entries)
+            if layer in ep.decode_history:  # the history over the entries the cache keeps
+                probs, real = ep.decode_history[layer]
+                ep.decode_history[layer] = (probs.gather(3, rel[:, None, None, :].expand(*probs.shape[:3], -1)),
+                                            real)
             self.trace(ep, layer, state.valid_mask, visual_before, new_index, new_live, site="kv_cache",
                        operator_ms=rec.ms + clock.ms, merged_into=merges(state.merged_into, rec.index),
                        operator_ms_by_op=by_op)
@@ -134,13 +144,62 @@ class KVCacheRuntime(SiteRuntime):
 
     # --- decoding-time re-pruning ----------------------------------------------------------------
     def decode_layer(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
-        if (layer in self.layers or layer == self.decode.score_layer) and self.decode.at(ep.decode_step):
+        if self.decode.scorer == "stage":
+            if layer in ep.decode_history:  # every step extends the history; the chosen steps re-prune from it
+                self._reprune(layer, ep, hidden, kwargs)
+        elif (layer in self.layers or layer == self.decode.score_layer) and self.decode.at(ep.decode_step):
             self._reprune(layer, ep, hidden, kwargs)
 
+    def _prompt_history(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs, real)``: the attention of each sample's last ``history_rows`` prompt rows over the layer's tokens,
+        per head (B, H, R, N), right-aligned; ``real`` (B, R) marks the rows a sample has."""
+        r = self.history_rows
+        rows = [state.signals.query_rows("all", b)[-r:] for b in range(state.batch_size)]
+        with torch.no_grad():
+            probs = [state.signals.attention_probs(b, q) for b, q in enumerate(rows)]  # (H, R_b, N)
+        out = torch.zeros(state.batch_size, probs[0].shape[0], r, state.num_tokens, device=probs[0].device)
+        real = torch.zeros(state.batch_size, r, dtype=torch.bool, device=probs[0].device)
+        for b, p in enumerate(probs):
+            out[b, :, r - p.shape[1]:] = p
+            real[b, r - p.shape[1]:] = True
+        return out, real
+
+    def _step_attention(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict, keys: torch.Tensor,
+                        held: Held, index: torch.Tensor, valid: torch.Tensor) -> TokenState:
+        """A state over every entry ``layer`` has cached — the held prompt entries ``index``, then the tokens decoded
+        so far — whose attention signal is the current token's, exact (:class:`DecodeQuerySource`)."""
+        b, _, t, _ = keys.shape
+        k_p = index.shape[1]
+        pe = kwargs.get("position_embeddings") if held.shift is None else \
+            self.attached.stream.shifted_decode_positions(layer, ep, hidden, kwargs)[1]
+        allowed = torch.cat([valid, torch.ones(b, t - k_p, dtype=torch.bool, device=keys.device)], dim=1)
+        entries = torch.cat([index, torch.arange(ep.prefill_len, ep.prefill_len + t - k_p,
+                                                 device=keys.device).expand(b, t - k_p)], dim=1)
+        state = TokenState(hidden=keys.transpose(1, 2).flatten(2), visual_mask=torch.zeros_like(allowed),
+                           valid_mask=allowed, positions=entries, source_index=entries,
+                           sizes=torch.ones(b, t, device=keys.device), layer=layer)
+        state.signals.source = DecodeQuerySource(self.adapter, layer, hidden, pe, keys)
+        return state
+
+    def _predicted(self, layer: int, ep: Episode, keys: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                   visual: torch.Tensor) -> torch.Tensor:
+        """(B, K) the stage's scores of the held prompt entries ``index``, from the layer's attention history."""
+        k_p = index.shape[1]
+        probs, real = ep.decode_history[layer]
+        state = TokenState(hidden=keys[:, :, :k_p].transpose(1, 2).flatten(2), visual_mask=visual, valid_mask=valid,
+                           positions=index, source_index=index, sizes=torch.ones(index.shape, device=keys.device),
+                           layer=layer)
+        state.signals.source = AttentionHistory(probs, real)
+        state, _, _ = self.run_operators(state, keys, self.stage.score)
+        if state.scores is None:
+            raise PipelineRuntimeError(f"{self.stage.key}: decode.scorer is stage, but the stage has no scorer")
+        return state.scores.to(index.device)
+
     def _reprune(self, layer: int, ep: Episode, hidden: torch.Tensor, kwargs: dict) -> None:
-        """Decoding-time re-pruning (MINT, DyCoke): keep the held visual entries of ``layer``'s cache that the current
-        token attends to most (at this layer, or at ``decode.score_layer``): evicted from the cache, or (``mask``)
-        hidden until the next re-pruning step."""
+        """Decoding-time re-pruning (MINT, DyCoke; AttentionPredictor with ``scorer: stage``): keep the held visual
+        entries of ``layer``'s cache that the current token attends to most (at this layer, or at
+        ``decode.score_layer``) or that the stage's scorers rank highest from the layer's attention history: evicted
+        from the cache, or (``mask``) hidden until the next re-pruning step."""
         dec = self.stage.cache.decode
         keys = self.adapter.cached_keys(ep.cache, layer)
         if keys is None:
@@ -154,39 +213,56 @@ class KVCacheRuntime(SiteRuntime):
             torch.arange(ep.prefill_len, device=keys.device).expand(b, ep.prefill_len)
         k_p = index.shape[1]
         valid = ep.real(index, held.live)
-        if dec.score_layer is None or layer == dec.score_layer:
-            pe = kwargs.get("position_embeddings") if held.shift is None else \
-                self.attached.stream.shifted_decode_positions(layer, ep, hidden, kwargs)[1]
-            # every cached entry: the held prompt entries, then the tokens decoded so far
-            allowed = torch.cat([valid, torch.ones(b, t - k_p, dtype=torch.bool, device=keys.device)], dim=1)
-            entries = torch.cat([index, torch.arange(ep.prefill_len, ep.prefill_len + t - k_p,
-                                                     device=keys.device).expand(b, t - k_p)], dim=1)
-            state = TokenState(hidden=keys.transpose(1, 2).flatten(2), visual_mask=torch.zeros_like(allowed),
-                               valid_mask=allowed, positions=entries, source_index=entries,
-                               sizes=torch.ones(b, t, device=keys.device), layer=layer)
-            state.signals.source = DecodeQuerySource(self.adapter, layer, hidden, pe, keys)
+        visual = ep.visual.gather(1, index) & valid
+        choose = dec.at(ep.decode_step)
+        if dec.scorer == "stage":
+            ranked = self._predicted(layer, ep, keys, index, valid, visual) if choose else None
+            step = self._step_attention(layer, ep, hidden, kwargs, keys, held, index, valid)
+            with torch.no_grad():  # the step's exact attention over the held prompt entries joins the history
+                rows = torch.stack([step.signals.attention_probs(i, step.signals.query_rows("last", i))[:, :, :k_p]
+                                    for i in range(b)])  # (B, H, 1, K)
+            probs, real = ep.decode_history[layer]
+            ep.decode_history[layer] = (torch.cat([probs, rows.to(probs)], 2)[:, :, -self.history_rows:],
+                                        torch.cat([real, real.new_ones(b, 1)], 1)[:, -self.history_rows:])
+            if not choose:
+                return
+            truth = rows[:, :, 0].mean(1).to(index.device)  # (B, K) head-averaged: what the step attends to
+        elif dec.score_layer is None or layer == dec.score_layer:
+            state = self._step_attention(layer, ep, hidden, kwargs, keys, held, index, valid)
             with torch.no_grad():
                 probs = state.signals.attention("last", "mean")  # (B, T): heads averaged
             full = torch.full((b, ep.prefill_len), float("-inf"), device=keys.device)
             full.scatter_(1, index, probs[:, :k_p].to(full.device).masked_fill(~valid, float("-inf")))
             if dec.score_layer is not None:
                 ep.decode_scores = full
+            ranked, truth = full.gather(1, index), None
         else:
             if ep.decode_scores is None:  # layers before score_layer keep what they hold
                 return
-            full = ep.decode_scores
+            ranked, truth = ep.decode_scores.gather(1, index), None
         if layer not in self.layers:  # the score layer alone: it scores, and keeps what it holds
             return
-        visual = ep.visual.gather(1, index) & valid
         counts = torch.tensor([resolve_keep(dec.keep, int(v)) for v in visual.sum(1).tolist()], device=index.device)
-        keep = keep_top_visual(full.gather(1, index), visual, counts)
+        keep = keep_top_visual(ranked, visual, counts)
+        extra = {} if truth is None else {"hit_rate": hit_rates(keep, truth, visual, counts)}
         if dec.mode == "mask":  # every entry stays in the cache; the others are hidden until the next choice
             live = keep & valid
             ep.held[layer] = Held(index, live, held.bias, held.shift)
-            self.trace(ep, layer, valid, visual, index, live, site="decode", step=ep.decode_step)
+            self.trace(ep, layer, valid, visual, index, live, site="decode", step=ep.decode_step, **extra)
             return
         rel, new_live = keep_index(keep, valid)
         rest = torch.arange(k_p, t, device=index.device).expand(b, t - k_p)
         bias = gather_tokens(held.bias, rel) if held.bias is not None else None  # the bias covers the prompt part
         ep.cut(self.adapter, layer, torch.cat([rel, rest], dim=1), index.gather(1, rel), new_live, bias=bias)
-        self.trace(ep, layer, valid, visual, ep.held[layer].index, new_live, site="decode", step=ep.decode_step)
+        if layer in ep.decode_history:  # the history follows the entries that stay
+            probs, real = ep.decode_history[layer]
+            ep.decode_history[layer] = (probs.gather(3, rel[:, None, None, :].expand(*probs.shape[:3], -1)), real)
+        self.trace(ep, layer, valid, visual, ep.held[layer].index, new_live, site="decode", step=ep.decode_step,
+                   **extra)
+
+
+def hit_rates(chosen: torch.Tensor, truth: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> list[float]:
+    """Per sample, the share of the ``counts`` visual entries ``truth`` (B, K) ranks highest that ``chosen`` (B, K)
+    holds (1.0 when it chooses none)."""
+    both = chosen & keep_top_visual(truth, visual, counts) & visual
+    return [float(h) / n if n else 1.0 for h, n in zip(both.sum(1).tolist(), counts.tolist())]

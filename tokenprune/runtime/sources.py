@@ -231,6 +231,36 @@ class DecodeQuerySource(AttentionSource):
         return self._keys
 
 
+class AttentionHistory(AttentionSource):
+    """A layer's attention history at a decoding step, as a stage's attention (``decode: {scorer: stage}``).
+
+    The stage's tokens are the prompt entries the layer holds (B, K); the query rows are the history's rows, oldest
+    first — the prompt's last rows, then the tokens decoded so far — with ``probs`` (B, H, R, K) their attention
+    over those entries per head and ``real`` (B, R) the rows a sample has (a short prompt has fewer). Query sets:
+    ``all`` (every row: the history a predictor reads) and ``last`` (the newest). The logits are the log of the
+    probabilities, so the stage's softmax gives them back, renormalised over the entries the stage may choose among.
+    """
+
+    def __init__(self, probs: torch.Tensor, real: torch.Tensor):
+        self.probs, self.real = probs, real
+
+    def query_rows(self, name, sample):
+        rows = self.real[sample].nonzero().flatten()
+        if name == "all":
+            return rows
+        if name == "last":
+            return rows[-1:]
+        raise ValueError(f"a decoding step's attention history has the query sets 'all' and 'last'; got {name!r}")
+
+    def allowed(self, sample, rows):
+        return torch.ones(rows.shape[0], self.probs.shape[-1], dtype=torch.bool, device=self.probs.device)
+
+    def logits(self, sample, rows, *, rotary=True, content_free=False):
+        if content_free or not rotary:
+            raise ValueError("an attention history is the rotary attention of the real tokens only")
+        return self.probs[sample][:, rows.to(self.probs.device)].float().log()
+
+
 class CachedKeys(AttentionSource):
     """A kv_cache stage's source after the prefill: the layer's cached keys (``features("keys")``)."""
 
