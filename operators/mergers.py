@@ -599,3 +599,176 @@ class GridPool(Merger):
             sim = members @ members.T
             alike[j] = float((sim.sum() - sim.diagonal().sum()) / (m * (m - 1))) >= self.params.threshold
         return alike
+
+
+def even_shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` integers as evenly as possible, the first ones one larger."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def clips(state: TokenState, b: int, vis: torch.Tensor, name: str) -> list[list[torch.Tensor]]:
+    """Sample ``b``'s clips as lists of frames, each frame the indices of its tokens in raster order: consecutive
+    tiles, a new clip at every frame 0 (an image is a clip of one frame); frames must be whole (``name``: the
+    operator, for the error)."""
+    out: list[list[torch.Tensor]] = []
+    for _, _, idx in whole_tiles(state, b, vis, name):
+        if int(state.frames[b, idx[0]]) == 0 or not out:
+            out.append([])
+        out[-1].append(idx)
+    return out
+
+
+@register_operator("fastvid")
+class FastVID(Merger):
+    """FastVID's dynamic density pruning (Shen et al., "FastVID: Dynamic Density Pruning for Fast Video Large
+    Language Models", 2025), as its public code runs it on Qwen2.5-VL, before the LLM:
+
+    - **DySeg**: a clip is cut after each frame whose mean visual token (the frames' global features) has a cosine
+      similarity with the next frame's below ``tau``, and after the ``segments - 1`` least similar transitions in
+      any case;
+    - **STPrune**, per segment of L frames: ``int(retention x cells)`` tokens per frame, so L times that for the
+      segment, a ``context`` share of it (at least one) *contextual* and the rest *salient*. Within a segment, runs
+      of frames whose next frame is at least ``ignore`` similar count as one frame, represented by their last
+      frame; the salient budget is shared evenly over those representatives, each keeping its tokens with the most
+      vision-tower attention (``layer``, the attention each token receives from its frame's queries);
+      every ``anchor_every``-th representative, counted from the segment's end, is an anchor frame and gets an
+      even share of the contextual budget (at most half its cells), chosen among its tokens not already salient as
+      the density peaks (DPC-kNN: density ``exp(-mean squared distance to the knn nearest, itself included)`` of
+      distances scaled by ``1/sqrt(dim)``, times the distance to the nearest denser token);
+    - **density-based token merging**: for each anchor frame, every token of the segment neither salient nor one of
+      that anchor's contextual tokens goes to its most similar (cosine) contextual token of the anchor, which
+      becomes ``w x itself + (1 - w) x the mean of those assigned``, ``w = max(beta, 1 / (count + 1))``.
+
+    Salient and contextual tokens are kept, the others dropped; positions stay those of the kept tokens. An image
+    is a clip of one frame. Deviations: the salience is tokenprune's received attention of the vision block
+    (``cls_attention`` with ``queries: all``: each query's attention averaged over the frame's queries) where the
+    public code takes the attention of the frame's mean query; density ties go to the earlier token (the code adds
+    noise of 1e-6). The kept count depends on the clip (and on an image's tiles), so FLOPs need measured counts.
+    """
+
+    selects = True
+    needs_frames = True
+    needs_vision = True
+
+    @dataclass
+    class Params:
+        retention: float = 0.27  # share of each frame's tokens kept (the public Qwen2.5-VL script's 0.27)
+        segments: int = 8  # DySeg's c: at least this many segments (cut at the c - 1 least similar transitions)
+        tau: float = 0.84  # DySeg: also cut where consecutive frames are less similar than this
+        ignore: float = 0.95  # frames at least this similar to the next count as one
+        context: float = 0.4  # STPrune's d: the share of a segment's budget that is contextual (density peaks)
+        anchor_every: int = 4  # DTM's p: every p-th representative frame is an anchor
+        beta: float = 0.6  # DTM's lower bound on a contextual token's own weight in its merge
+        knn: int = 4  # DPC-kNN's neighbours (itself included)
+        layer: int | float = -1  # vision-tower layer whose attention ranks the salient tokens
+
+        def __post_init__(self) -> None:
+            for name in ("retention", "tau", "ignore", "context", "beta"):
+                if not 0.0 <= getattr(self, name) <= 1.0:
+                    raise ParamError(name, f"must lie in [0, 1], got {getattr(self, name)}")
+            for name in ("segments", "anchor_every", "knn"):
+                if getattr(self, name) < 1:
+                    raise ParamError(name, f"must be >= 1, got {getattr(self, name)}")
+
+    def expected_kept(self, num_visual: int) -> int:
+        raise NotImplementedError("fastvid keeps a share of each frame and segment: the count depends on the clip")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.frames is None or state.tiles is None or state.tile_grids is None:
+            raise RuntimeError("fastvid needs the tokens' frames (the runtime sets state.frames)")
+        salience = state.signals.vision_cls_attention(layer=self.params.layer, queries="all").float()
+        hidden = state.hidden.clone()
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            keep[b] |= vis & (state.tiles[b] < 0)
+            for clip in clips(state, b, vis, "fastvid"):
+                for seg in self.segments_of(state.hidden[b], clip):
+                    kept, merged = self.prune_segment(state.hidden[b], salience[b], seg)
+                    keep[b, kept] = True
+                    for idx, value in merged:  # (no merge record: a dropped token joins one token per anchor)
+                        hidden[b, idx] = value.to(hidden.dtype)
+        state.hidden, state.keep_mask = hidden, keep
+        return state
+
+    def segments_of(self, hidden: torch.Tensor, clip: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """DySeg: the clip's frames cut into segments."""
+        if len(clip) == 1:
+            return [clip]
+        sims = frame_similarities(hidden, clip)
+        low = sims.topk(min(self.params.segments - 1, sims.numel()), largest=False).indices
+        cuts = sorted(set(low.tolist()) | set(torch.nonzero(sims < self.params.tau).flatten().tolist()))
+        bounds = [0] + [c + 1 for c in cuts] + [len(clip)]
+        return [clip[s:e] for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+    def budgets(self, hidden: torch.Tensor, seg: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        """(salient, contextual) token counts of each frame of a segment."""
+        p = self.params
+        cells = seg[0].numel()
+        retain = int(cells * p.retention) * len(seg)
+        ctx = max(int(retain * p.context), 1)
+        sal = retain - ctx
+        if len(seg) == 1:
+            return [sal], [ctx]
+        sims = frame_similarities(hidden, seg)
+        ends = torch.nonzero(sims < p.ignore).flatten().tolist() + [len(seg) - 1]  # each run's last frame
+        reps = len(ends)
+        sal_rep = even_shares(sal, reps)
+        anchors = (reps + p.anchor_every - 1) // p.anchor_every
+        ctx_anchor = even_shares(ctx, anchors)
+        ctx_rep = [min(ctx_anchor[i // p.anchor_every], cells // 2) if i % p.anchor_every == 0 else 0
+                   for i in range(reps)][::-1]  # anchors counted from the segment's end
+        salient, context = [0] * len(seg), [0] * len(seg)
+        for r, f in enumerate(ends):
+            context[f] = ctx_rep[r]
+            salient[f] = min(sal_rep[r], cells - ctx_rep[r])
+        return salient, context
+
+    def prune_segment(self, hidden: torch.Tensor, salience: torch.Tensor, seg: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(kept token indices, [(contextual tokens of an anchor, their merged values)]) of one segment."""
+        salient_n, context_n = self.budgets(hidden, seg)
+        salient, anchors = [], []
+        for idx, s, c in zip(seg, salient_n, context_n):
+            top = salience[idx].topk(s).indices if s else idx.new_zeros(0)
+            salient.append(idx[top])
+            if c:
+                rest = idx[~torch.isin(torch.arange(idx.numel(), device=idx.device), top)]
+                peaks = density_peak_scores(hidden[rest].float(), self.params.knn)
+                anchors.append(rest[torch.sort(peaks, descending=True, stable=True).indices[:c]])
+        salient_t = torch.cat(salient)
+        every = torch.cat(seg)
+        unit = F.normalize(hidden[every].float(), dim=-1)
+        merged = []
+        for centres in anchors:
+            sources = ~torch.isin(every, torch.cat([salient_t, centres]))
+            pos = {int(t): i for i, t in enumerate(every.tolist())}
+            cen = torch.tensor([pos[int(t)] for t in centres.tolist()], device=every.device)
+            assign = (unit[sources] @ unit[cen].T).argmax(1)
+            count = torch.zeros(centres.numel(), device=hidden.device).index_add(
+                0, assign, torch.ones(assign.numel(), device=hidden.device))
+            mean = torch.zeros(centres.numel(), hidden.shape[-1], device=hidden.device).index_add(
+                0, assign, hidden[every[sources]].float()) / count.clamp(min=1)[:, None]
+            w = (1.0 / (count + 1)).clamp(min=self.params.beta)[:, None]
+            merged.append((centres, w * hidden[centres].float() + (1 - w) * mean))
+        return torch.cat([salient_t] + anchors), merged
+
+
+def frame_similarities(hidden: torch.Tensor, frames: list[torch.Tensor]) -> torch.Tensor:
+    """(F - 1,) cosine similarity of each frame's mean token with the next frame's."""
+    means = F.normalize(torch.stack([hidden[idx].float().mean(0) for idx in frames]), dim=-1)
+    return (means[:-1] * means[1:]).sum(-1)
+
+
+def density_peak_scores(x: torch.Tensor, knn: int) -> torch.Tensor:
+    """DPC-kNN's centre score of each point of ``x`` (P, D) as FastVID computes it: distances scaled by
+    ``1/sqrt(D)``; density ``exp(-mean squared distance to the knn nearest, itself included)``; times the distance
+    to the nearest denser point (the largest distance when none is). Equal densities: the earlier point is denser."""
+    d = torch.cdist(x[None], x[None])[0] / x.shape[-1] ** 0.5
+    near = d.topk(min(knn, x.shape[0]), dim=1, largest=False).values
+    density = torch.exp(-(near ** 2).mean(1))
+    idx = torch.arange(x.shape[0], device=x.device)
+    denser = (density[None, :] > density[:, None]) | \
+        ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
+    delta = torch.where(denser, d, d.max()).amin(1)
+    return delta * density

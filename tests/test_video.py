@@ -294,3 +294,26 @@ def test_dycoke_generates_as_the_reference(family):
     assert torch.equal(out.sequences[:, -STEPS:], tokens)
     for got, want in zip(out.logits, ref_logits):
         assert torch.allclose(got.float(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", MASKED)
+def test_fastvid_runs_on_clips_with_its_budgets(family, monkeypatch):
+    """The ``fastvid`` preset on two clips through generate(), the model's eager attention never running: a clip of
+    three 2x2 frames is cut at every transition (7 cuts allowed), each frame a segment keeping int(4 x 0.27) = 1
+    token, a contextual one; a clip of two 4x4 frames keeps int(16 x 0.27) = 4 per frame (3 salient, 1
+    contextual)."""
+    import importlib
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager attention ran")
+
+    for name in ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen3_vl"):
+        monkeypatch.setattr(importlib.import_module(f"transformers.models.{name}.modeling_{name}"),
+                            "eager_attention_forward", eager, raising=False)
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(8, 8), (8, 8)], videos=[(6, 4, 4), (4, 8, 8)])
+    pipe = tp.load_pipeline("fastvid")
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch)
+    assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
+    assert pipe.trace[0].visual_after == [3, 8]
