@@ -772,3 +772,180 @@ def density_peak_scores(x: torch.Tensor, knn: int) -> torch.Tensor:
         ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
     delta = torch.where(denser, d, d.max()).amin(1)
     return delta * density
+
+
+def dpc_clusters(x: torch.Tensor, clusters: int, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering as PruneVid and FastVID compute it (:func:`density_peak_scores`): the ``clusters`` points of
+    ``x`` (P, D) with the highest centre scores (ties: the earlier), and each point's cluster — its nearest centre,
+    a centre its own — as (centres (C,), assign (P,) in [0, C))."""
+    centres = torch.sort(density_peak_scores(x, knn), descending=True, stable=True).indices[:clusters]
+    assign = torch.cdist(x[None], x[centres][None])[0].argmin(1)
+    assign[centres] = torch.arange(centres.numel(), device=x.device)
+    return centres, assign
+
+
+def contiguous_segments(labels: list[int]) -> list[int]:
+    """PruneVid's refinement of a clustering of frames into time segments: each cluster keeps its longest run(s) of
+    consecutive frames (a cluster whose runs are all single frames keeps none); every other run joins the longer of
+    the runs on its left and right (as relabelled so far, left to right; a tie goes left; none: cluster 0). Returns
+    the lengths of the resulting runs of equal labels, in order."""
+    out = list(labels)
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            runs.setdefault(labels[start], []).append((start, i))
+            start = i
+    for spans in runs.values():
+        longest = max(e - s for s, e in spans)
+        for s, e in spans:
+            if longest == 1 or e - s < longest:
+                out[s:e] = [-1] * (e - s)
+
+    def run_length(i: int, step: int) -> int:
+        j = i
+        while 0 <= j + step < len(out) and out[j + step] == out[i]:
+            j += step
+        return abs(j - i) + 1
+
+    i = 0
+    while i < len(out):
+        if out[i] != -1:
+            i += 1
+            continue
+        j = i
+        while j < len(out) and out[j] == -1:
+            j += 1
+        left = (out[i - 1], run_length(i - 1, -1)) if i > 0 else (None, 0)
+        right = (out[j], run_length(j, 1)) if j < len(out) else (None, 0)
+        label = right[0] if right[1] > left[1] else (left[0] if left[0] is not None else right[0])
+        out[i:j] = [0 if label is None else label] * (j - i)
+        i = j
+    lengths, start = [], 0
+    for i in range(1, len(out) + 1):
+        if i == len(out) or out[i] != out[start]:
+            lengths.append(i - start)
+            start = i
+    return lengths
+
+
+@register_operator("prunevid_merge")
+class PruneVidMerge(Merger):
+    """PruneVid's spatial-temporal token merging (Huang et al., "PruneVid: Visual Token Pruning for Efficient Video
+    Large Language Models", ACL 2025 Findings), as its public code does it, before the LLM:
+
+    - a clip's frames (their mean tokens) are clustered with DPC-kNN into ``int(frames x segments)`` clusters
+      (``knn_frames`` neighbours), made contiguous (:func:`contiguous_segments`): the time segments;
+    - in a segment of W frames, a cell whose tokens are alike over time — the mean cosine similarity over the
+      segment's ordered pairs of distinct frames above ``tau`` — is *static*: its W tokens become one, their mean;
+      a segment with more than ``min_tokens`` static cells clusters those means with DPC-kNN (``knn``) into
+      ``int(static cells x cluster)`` tokens, each its cluster's mean;
+    - each frame's other (*dynamic*) tokens, when more than ``min_tokens``, are clustered the same way within the
+      frame into ``int(dynamic tokens x cluster)`` cluster means.
+
+    A merged token is carried by a kept token — a static cluster's by its centre cell's token in the segment's first
+    frame, a dynamic cluster's by its centre — and gets its cluster's size (all means are of the original tokens,
+    so size-weighted). Images and one-frame segments have no static cells. The kept count depends on the clip.
+    Deviation: the code puts a segment's static tokens before its dynamic ones; here every kept token keeps its
+    place (and its positions). PruneVid's second part, the in-LLM selection at layer 10 by text-to-visual attention
+    (max over text rows and heads) with the earlier layers' caches cut to match, is the preset's second stage
+    (``attention`` with ``heads: max, rows: max`` → ``topk`` → ``kv_compact``).
+    """
+
+    selects = True
+    needs_frames = True
+
+    @dataclass
+    class Params:
+        segments: float = 0.25  # time segments per frame (temporal_segment_ratio)
+        tau: float = 0.8  # a cell is static above this mean similarity over the segment's frames
+        cluster: float = 0.5  # share of a group's tokens kept as cluster means (cluster_ratio)
+        knn: int = 7  # DPC-kNN neighbours for the spatial clusters (itself included)
+        knn_frames: int = 7  # DPC-kNN neighbours for the time segments
+        min_tokens: int = 14  # a group of at most this many tokens is not clustered
+
+        def __post_init__(self) -> None:
+            for name in ("segments", "cluster"):
+                if not 0.0 < getattr(self, name) <= 1.0:
+                    raise ParamError(name, f"must lie in (0, 1], got {getattr(self, name)}")
+            if not -1.0 <= self.tau <= 1.0:
+                raise ParamError("tau", f"a cosine similarity in [-1, 1], got {self.tau}")
+            for name in ("knn", "knn_frames"):
+                if getattr(self, name) < 1:
+                    raise ParamError(name, f"must be >= 1, got {getattr(self, name)}")
+            if self.min_tokens < 0:
+                raise ParamError("min_tokens", f"must be >= 0, got {self.min_tokens}")
+
+    def expected_kept(self, num_visual: int) -> int:
+        raise NotImplementedError("prunevid_merge keeps what each clip's static cells and clusters leave")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.frames is None or state.tiles is None or state.tile_grids is None:
+            raise RuntimeError("prunevid_merge needs the tokens' frames (the runtime sets state.frames)")
+        hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            keep[b] |= vis & (state.tiles[b] < 0)
+            for clip in clips(state, b, vis, "prunevid_merge"):
+                for targets, sources, assign in self.groups(state.hidden[b], clip):
+                    keep[b, targets] = True
+                    merge_into(hidden[b], sizes[b], targets, sources, assign, state.merge_record(b))
+        state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
+        return state
+
+    def time_segments(self, hidden: torch.Tensor, clip: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The clip's frames cut into PruneVid's time segments."""
+        p = self.params
+        if len(clip) == 1:
+            return [clip]
+        means = torch.stack([hidden[idx].float().mean(0) for idx in clip])
+        _, labels = dpc_clusters(means, max(1, int(len(clip) * p.segments)), min(p.knn_frames, len(clip)))
+        out, start = [], 0
+        for n in contiguous_segments(labels.tolist()):
+            out.append(clip[start:start + n])
+            start += n
+        return out
+
+    def clustered(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centres, assign) of a group's features: DPC-kNN clusters when the group is larger than ``min_tokens``,
+        else every token its own."""
+        n = x.shape[0]
+        if n <= self.params.min_tokens:
+            return torch.arange(n, device=x.device), torch.arange(n, device=x.device)
+        return dpc_clusters(x, int(n * self.params.cluster), min(self.params.knn, n))
+
+    def groups(self, hidden: torch.Tensor, clip: list[torch.Tensor]):
+        """``(targets, sources, assign)`` for :func:`merge_into`, one per static group and per frame's dynamic
+        tokens: the carriers, the tokens merged into them, and which carrier each goes to."""
+        for seg in self.time_segments(hidden, clip):
+            cells = torch.stack(seg)  # (W, n) token indices, frame by frame
+            w = cells.shape[0]
+            static = torch.zeros(cells.shape[1], dtype=torch.bool, device=cells.device)
+            if w > 1:
+                unit = F.normalize(hidden[cells].float(), dim=-1)  # (W, n, D)
+                sims = torch.einsum("wnd,tnd->n", unit, unit)  # every ordered pair, each frame with itself too
+                static = (sims - w) / (w * (w - 1)) > self.params.tau
+            if static.any():
+                st = static.nonzero().flatten()
+                centres, assign = self.clustered(hidden[cells[:, st]].float().mean(0))
+                targets = cells[0, st[centres]]
+                members = cells[:, st].flatten()  # frame by frame: the cells' tokens of every frame
+                yield targets, _others(members, targets), _others_assign(members, targets, assign.repeat(w))
+            for f in range(w):
+                dyn = cells[f, ~static]
+                if dyn.numel() == 0:
+                    continue
+                centres, assign = self.clustered(hidden[dyn].float())
+                targets = dyn[centres]
+                yield targets, _others(dyn, targets), _others_assign(dyn, targets, assign)
+
+
+def _others(members: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The members that are not carriers."""
+    return members[~torch.isin(members, targets)]
+
+
+def _others_assign(members: torch.Tensor, targets: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """The carrier (index into ``targets``) of each member that is not a carrier."""
+    return assign[~torch.isin(members, targets)]

@@ -23,8 +23,8 @@ class AttentionScorer(Scorer):
     last instruction token; SparseVLM (Zhang et al., 2024) the text "raters" relevant to the image
     (``raters``); ASAP adds the visual tokens themselves (``visual``, with the
     ``bidirectional_soft_mask`` shift). ``instruction`` is the text after the image, ``text`` every
-    text token, ``all`` every token. Heads are reduced by ``heads``; query rows are averaged.
-    ``query_stride: s`` keeps every s-th row of the set: with ``queries: visual`` at thousands of visual
+    text token, ``all`` every token. Heads are reduced by ``heads``; query rows are averaged (``rows: max``:
+    the largest over them, PruneVid's reduction with ``heads: max``). ``query_stride: s`` keeps every s-th row of the set: with ``queries: visual`` at thousands of visual
     tokens, the (H x Nv x N) block of logits dominates the operator's time, and a strided subset of the
     visual queries estimates the same column means at 1/s of the cost.
 
@@ -39,6 +39,7 @@ class AttentionScorer(Scorer):
         queries: Literal["last", "text", "instruction", "raters", "visual", "all"] = "last"  # which query rows
         heads: Literal["mean", "max", "sum"] = "mean"  # how heads are reduced
         query_stride: int = 1  # every s-th row of the query set (in sequence order): s x fewer rows to score
+        rows: Literal["mean", "max"] = "mean"  # how query rows are reduced
 
         def __post_init__(self) -> None:
             if not isinstance(self.query_stride, int) or self.query_stride < 1:
@@ -48,7 +49,7 @@ class AttentionScorer(Scorer):
 
     def score(self, state: TokenState) -> torch.Tensor:
         return state.signals.attention(queries=self.params.queries, heads=self.params.heads,
-                                       stride=self.params.query_stride)
+                                       stride=self.params.query_stride, rows=self.params.rows)
 
 
 @register_operator("elite_window")

@@ -317,3 +317,24 @@ def test_fastvid_runs_on_clips_with_its_budgets(family, monkeypatch):
         out = generate(model, batch)
     assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
     assert pipe.trace[0].visual_after == [3, 8]
+
+
+@pytest.mark.parametrize("family", MASKED)
+def test_prunevid_merges_static_cells_and_prunes_in_the_llm(family):
+    """The ``prunevid`` preset (its in-LLM stage at layer 2 of the tiny model) on two clips through generate(): a
+    clip whose two temporal patches repeat is one segment whose 16 cells are all static (one token each: 16 cells
+    > 14, so clustered into 8 means); the other, random, keeps its 2 x 16 dynamic tokens clustered into 8 a frame.
+    After layer 1 each frame keeps int(0.4 x its tokens), and every earlier layer's cache holds only what stays."""
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(8, 8), (8, 8)], videos=[(4, 8, 8), (4, 8, 8)])
+    pixels = batch["pixel_values_videos"].view(2, 2, 16, 4, -1).clone()  # (clip, temporal patch, token, patch, .)
+    pixels[0, 1] = pixels[0, 0]  # clip 0: the second temporal patch repeats the first
+    batch["pixel_values_videos"] = pixels.reshape(2 * 2 * 64, -1)
+    pipe = tp.load_pipeline("prunevid", ["stages.1.layer=2"])
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, return_dict_in_generate=True)
+    merged, selected = pipe.trace[0], pipe.trace[1]
+    assert merged.visual_after == [8, 16]
+    assert selected.visual_after == [int(0.4 * 8), 2 * int(0.4 * 8)]
+    held = [out.past_key_values.layers[layer].keys.shape[-2] for layer in range(4)]
+    assert len(set(held)) == 1  # layers 0 and 1 cut to what layers 2 and 3 cached

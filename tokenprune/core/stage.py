@@ -195,6 +195,8 @@ class Stage(nn.Module):
         sel = self.selector
         if self.budget == "per_tile" and tiles is not None:
             kept = num_visual - sum(r * c for r, c in tiles)
+            if kept < 0:  # an earlier stage thinned the tiles: each keeps a share of what that stage left it
+                raise NotImplementedError("per-tile budgets over tiles an earlier stage thinned depend on what it left")
             for r, c in tiles:
                 kept += sel.expected_kept_in_grid(r, c) if hasattr(sel, "expected_kept_in_grid") else \
                     sel.expected_kept(r * c)

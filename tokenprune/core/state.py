@@ -232,29 +232,36 @@ class Signals:
                 elif bool(live.any()):
                     yield b, probs[:, live]
 
-    def attention(self, queries: str = "last", heads: str = "mean", stride: int = 1) -> torch.Tensor:
-        """(B, N) attention each token receives from the query set, reduced over heads, averaged over queries.
+    def attention(self, queries: str = "last", heads: str = "mean", stride: int = 1, rows: str = "mean") -> torch.Tensor:
+        """(B, N) attention each token receives from the query set, reduced over heads, averaged over queries
+        (``rows: max``: the largest over them).
 
-        Only query rows that may attend to some key count in the average. ``stride`` > 1 keeps every
+        Only query rows that may attend to some key count. ``stride`` > 1 keeps every
         ``stride``-th row of the set (in sequence order): a cheaper estimate for large sets (``visual``).
         """
         reduce = {"mean": torch.mean, "sum": torch.sum, "max": lambda t, dim: t.amax(dim=dim)}
         if heads not in reduce:
             raise ValueError(f"heads={heads!r}; allowed: {', '.join(reduce)}")
+        if rows not in ("mean", "max"):
+            raise ValueError(f"rows={rows!r}; allowed: mean, max")
         st = self._state
 
         def compute() -> torch.Tensor:
             out = torch.zeros(st.visual_mask.shape, dtype=torch.float32, device=st.visual_mask.device)
             n_rows = torch.zeros(st.batch_size, dtype=torch.float32)  # live query rows per sample
             for b, probs in self._live_probs(queries, stride):
-                if heads == "mean":  # one pass over the block
+                if rows == "max":  # (probabilities are >= 0, so the zeros out starts with do not change a max)
+                    out[b] = torch.maximum(out[b], reduce[heads](probs, dim=0).amax(0).to(out.device))
+                elif heads == "mean":  # one pass over the block
                     out[b] += probs.sum(dim=(0, 1)).div_(probs.shape[0]).to(out.device)
                 else:
                     out[b] += reduce[heads](probs, dim=0).sum(0).to(out.device)
                 n_rows[b] += probs.shape[1]
+            if rows == "max":
+                return out
             return out / n_rows.clamp_min(1).to(out.device)[:, None]
 
-        return self.cached(("attention", queries, heads, stride, self._shift_key()), compute)
+        return self.cached(("attention", queries, heads, stride, rows, self._shift_key()), compute)
 
     def attention_heads(self, queries: str = "last") -> torch.Tensor:
         """(B, H, N) attention each token receives from the query set, per head, averaged over queries.
