@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -949,3 +950,151 @@ def _others(members: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _others_assign(members: torch.Tensor, targets: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """The carrier (index into ``targets``) of each member that is not a carrier."""
     return assign[~torch.isin(members, targets)]
+
+
+def static_windows(static: torch.Tensor, max_window: int) -> tuple[list[tuple[int, int]], int]:
+    """HoliTom's segmentation of a clip into windows of frames (first and last frame), by dynamic programming: a
+    window of frames s..e saves (e - s) tokens for every cell alike across all of it (``static`` (F - 1, n): cell
+    alike from frame f to f + 1), and the windows (at most ``max_window`` frames) maximise the tokens saved, a
+    longer window only where it saves strictly more. Returns the windows and the tokens saved."""
+    frames = static.shape[0] + 1
+    saved = [[0] * frames for _ in range(frames)]
+    for s in range(frames - 1):
+        alike = torch.ones(static.shape[1], dtype=torch.bool, device=static.device)
+        for e in range(s + 1, frames):
+            alike = alike & static[e - 1]
+            saved[s][e] = (e - s) * int(alike.sum())
+    best, start = [0] * frames, [0] * frames
+    for i in range(frames):
+        best[i], start[i] = (best[i - 1] if i else 0), i
+        for size in range(2, min(i + 1, max_window) + 1):
+            j = i - size
+            value = (best[j] if j >= 0 else 0) + saved[j + 1][i]
+            if value > best[i]:
+                best[i], start[i] = value, j + 1
+    windows, i = [], frames - 1
+    while i >= 0:
+        windows.append((start[i], i))
+        i = start[i] - 1
+    return windows[::-1], best[-1]
+
+
+@register_operator("holitom_temporal")
+class HoliTomTemporal(Merger):
+    """HoliTom's merging before the LLM (Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language
+    Models", 2025), as its public code does it:
+
+    - *temporal*: a clip's frames are cut into windows (:func:`static_windows`) that maximise the tokens of cells
+      alike (cosine of consecutive frames above ``tau``) across a whole window; in a window a cell alike across it is
+      *static* and becomes one token, its mean over the window's frames;
+    - *spatial*: the budget ``retain`` of the clip's tokens, divided by the share left after the temporal step, gives
+      each group its keep ratio r (at most 1). A window's static tokens become ``round(r x count)`` DPC-kNN cluster
+      centres (``knn`` neighbours, at most the centre count), each ``beta x itself + (1 - beta) x the mean of those
+      assigned to it`` (the code's default; a static group whose count rounds to 0 is dropped); each frame's other
+      (*dynamic*) tokens keep ``ceil(r x count)``: the most attended by the vision tower (``layer``), and with
+      ``context`` > 0 that share of them as density peaks of the rest, merged the same way.
+
+    A static token is carried by its cell's token in the window's first frame; kept tokens keep their places and
+    positions (the code reorders a window's static tokens before its dynamic ones). An image is a clip of one frame.
+    Density ties go to the earlier token (the code adds noise). The kept count depends on the clip. HoliTom's third
+    part, the merge inside the LLM, is the ``holitom`` preset's stage; ``holitom_video`` runs all three.
+    """
+
+    selects = True
+    needs_frames = True
+    needs_vision = True
+
+    @dataclass
+    class Params:
+        retain: float = 0.15  # share of the clip's tokens kept (RETAIN_RATIO)
+        tau: float = 0.8  # consecutive frames' cells above this similarity are alike (T)
+        beta: float = 0.6  # a cluster centre's own weight in its merge (BETA)
+        context: float = 0.0  # share of a frame's dynamic budget taken as density peaks (D)
+        knn: int = 7  # DPC-kNN neighbours (K)
+        max_window: int = 1024  # longest window, in frames
+        layer: int | float = -1  # vision-tower layer whose attention ranks the dynamic tokens
+
+        def __post_init__(self) -> None:
+            for name in ("retain", "beta", "context"):
+                if not 0.0 <= getattr(self, name) <= 1.0:
+                    raise ParamError(name, f"must lie in [0, 1], got {getattr(self, name)}")
+            if not -1.0 <= self.tau <= 1.0:
+                raise ParamError("tau", f"a cosine similarity in [-1, 1], got {self.tau}")
+            for name in ("knn", "max_window"):
+                if getattr(self, name) < 1:
+                    raise ParamError(name, f"must be >= 1, got {getattr(self, name)}")
+
+    def expected_kept(self, num_visual: int) -> int:
+        raise NotImplementedError("holitom_temporal keeps what each clip's windows and clusters leave")
+
+    def forward(self, state: TokenState) -> TokenState:
+        if state.frames is None or state.tiles is None or state.tile_grids is None:
+            raise RuntimeError("holitom_temporal needs the tokens' frames (the runtime sets state.frames)")
+        salience = state.signals.vision_cls_attention(layer=self.params.layer, queries="all").float()
+        hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
+        keep = ~state.visual_mask.clone()
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            keep[b] |= vis & (state.tiles[b] < 0)
+            record = state.merge_record(b)
+            for clip in clips(state, b, vis, "holitom_temporal"):
+                for carriers, values, groups in self.merge_clip(state.hidden[b], salience[b], clip):
+                    keep[b, carriers] = True
+                    hidden[b, carriers] = values.to(hidden.dtype)
+                    for carrier, members in zip(carriers.tolist(), groups):
+                        record[members] = carrier
+                        sizes[b, carrier] += sizes[b, members].sum()
+        state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
+        return state
+
+    def merge_clip(self, hidden: torch.Tensor, salience: torch.Tensor, clip: list[torch.Tensor]):
+        """``(carriers, values, members)`` per kept group of a clip: the tokens kept, their new values, and for each
+        the tokens merged into it (and dropped)."""
+        p = self.params
+        cells = torch.stack(clip)  # (F, n)
+        unit = F.normalize(hidden[cells].float(), dim=-1)
+        alike = (unit[:-1] * unit[1:]).sum(-1) > p.tau  # (F - 1, n)
+        windows, saved = static_windows(alike, p.max_window)
+        total = cells.numel()
+        r = min(p.retain * total / (total - saved), 1.0) if total > saved else 1.0
+        for s, e in windows:
+            static = alike[s:e].all(0) if e > s else torch.zeros(cells.shape[1], dtype=torch.bool,
+                                                                 device=cells.device)
+            if static.any():
+                st = static.nonzero().flatten()
+                means = hidden[cells[s:e + 1, st]].float().mean(0)  # (n_static, D)
+                count = round(st.numel() * r)
+                if count:
+                    centres, assign = dpc_clusters(means, count, min(p.knn, count))
+                    values = self._merged(means, centres, assign)
+                    members = [cells[s:e + 1, st[assign == c]].flatten() for c in range(centres.numel())]
+                    members = [m[m != cells[s, st[c]]] for c, m in zip(centres.tolist(), members)]
+                    yield cells[s, st[centres]], values, members
+            for f in range(s, e + 1):
+                dyn = cells[f, ~static]
+                if dyn.numel():
+                    yield self._dynamic(hidden, salience, dyn, math.ceil(dyn.numel() * r))
+
+    def _merged(self, x: torch.Tensor, centres: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+        """Each centre ``beta x itself + (1 - beta) x the mean of the other points assigned to it`` (itself when
+        none is)."""
+        out = x[centres].clone()
+        for c in range(centres.numel()):
+            others = (assign == c) & (torch.arange(x.shape[0], device=x.device) != centres[c])
+            if others.any():
+                out[c] = self.params.beta * x[centres[c]] + (1 - self.params.beta) * x[others].mean(0)
+        return out
+
+    def _dynamic(self, hidden: torch.Tensor, salience: torch.Tensor, tokens: torch.Tensor, keep: int):
+        """A frame's dynamic tokens: the most salient, and with ``context`` the density peaks of the rest, merged."""
+        dominant = round(keep * (1 - self.params.context))
+        top = salience[tokens].topk(dominant).indices if dominant else tokens.new_zeros(0)
+        carriers, values, members = [tokens[top]], [hidden[tokens[top]].float()], [tokens.new_zeros(0)] * top.numel()
+        contextual = keep - dominant
+        if contextual:
+            rest = tokens[~torch.isin(torch.arange(tokens.numel(), device=tokens.device), top)]
+            centres, assign = dpc_clusters(hidden[rest].float(), contextual, min(self.params.knn, contextual))
+            carriers.append(rest[centres])
+            values.append(self._merged(hidden[rest].float(), centres, assign))
+            members += [rest[(assign == c) & (rest != rest[centres[c]])] for c in range(centres.numel())]
+        return torch.cat(carriers), torch.cat(values), members

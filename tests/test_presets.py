@@ -15,7 +15,7 @@ from tokenprune.measure.flops import parse_shape, pipeline_flops
 
 PRESETS = ["asap", "dart", "fastv", "feather", "pyramiddrop", "random", "sparsevlm", "uniform", "zipvl",
            "visionzip", "prumerge_plus", "divprune", "tome", "vscan", "holitom", "trimmed_llama", "sgl", "topv",
-           "static_patches", "pooling", "cdpruner", "fastervlm", "vispruner", "hiprune", "mustdrop", "quecc", "fastvid", "prunevid"]
+           "static_patches", "pooling", "cdpruner", "fastervlm", "vispruner", "hiprune", "mustdrop", "quecc", "fastvid", "prunevid", "holitom_video"]
 #: The preset for cross-attention models.
 CROSS = {"trimmed_llama"}
 #: Presets at the kv_cache site (one trace per compressed layer; tests/test_kv_cache.py has their oracles).

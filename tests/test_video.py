@@ -338,3 +338,23 @@ def test_prunevid_merges_static_cells_and_prunes_in_the_llm(family):
     assert selected.visual_after == [int(0.4 * 8), 2 * int(0.4 * 8)]
     held = [out.past_key_values.layers[layer].keys.shape[-2] for layer in range(4)]
     assert len(set(held)) == 1  # layers 0 and 1 cut to what layers 2 and 3 cached
+
+
+@pytest.mark.parametrize("family", MASKED)
+def test_holitom_video_merges_static_cells_before_and_tokens_inside_the_llm(family):
+    """The ``holitom_video`` preset (its in-LLM merge at layer 2 of the tiny model) on two clips through generate():
+    a clip whose two temporal patches repeat is one window, all 16 cells static (16 of 32 tokens saved), so
+    r = 0.15 x 32 / 16 = 0.3 and round(16 x 0.3) = 5 cluster centres stay; the other, random, keeps ceil(16 x 0.15)
+    = 3 of each frame's 16 dynamic tokens. Inside the LLM half of each sample's visual tokens are merged away."""
+    model = pair(family)["sdpa"]
+    batch = tiny_qwen2_vl_inputs(model, grids=[(8, 8), (8, 8)], videos=[(4, 8, 8), (4, 8, 8)])
+    pixels = batch["pixel_values_videos"].view(2, 2, 16, 4, -1).clone()  # (clip, temporal patch, token, patch, .)
+    pixels[0, 1] = pixels[0, 0]
+    batch["pixel_values_videos"] = pixels.reshape(2 * 2 * 64, -1)
+    pipe = tp.load_pipeline("holitom_video", ["stages.1.layer=2"])
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch)
+    assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
+    temporal, inner = pipe.trace[0], pipe.trace[1]
+    assert temporal.visual_after == [5, 6]
+    assert inner.visual_after == [round(5 * 0.5 + 0.01), 3]
