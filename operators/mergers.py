@@ -607,6 +607,24 @@ def even_shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def walk_clips(state: TokenState, name: str):
+    """``(keep, walk)`` for an operator that works clip by clip (``name``, for the errors): ``keep`` (B, N) starts as
+    every non-visual token, and ``walk`` yields ``(sample, clip)`` (:func:`clips`), marking on its way each sample's
+    visual tokens in no tile (LLaVA-NeXT's newlines) kept."""
+    if state.frames is None or state.tiles is None or state.tile_grids is None:
+        raise RuntimeError(f"{name} needs the tokens' frames (the runtime sets state.frames)")
+    keep = ~state.visual_mask.clone()
+
+    def walk():
+        for b in range(state.batch_size):
+            vis = state.visual_mask[b] & state.valid_mask[b]
+            keep[b] |= vis & (state.tiles[b] < 0)
+            for clip in clips(state, b, vis, name):
+                yield b, clip
+
+    return keep, walk()
+
+
 def clips(state: TokenState, b: int, vis: torch.Tensor, name: str) -> list[list[torch.Tensor]]:
     """Sample ``b``'s clips as lists of frames, each frame the indices of its tokens in raster order: consecutive
     tiles, a new clip at every frame 0 (an image is a clip of one frame); frames must be whole (``name``: the
@@ -675,20 +693,15 @@ class FastVID(Merger):
         raise NotImplementedError("fastvid keeps a share of each frame and segment: the count depends on the clip")
 
     def forward(self, state: TokenState) -> TokenState:
-        if state.frames is None or state.tiles is None or state.tile_grids is None:
-            raise RuntimeError("fastvid needs the tokens' frames (the runtime sets state.frames)")
+        keep, walk = walk_clips(state, "fastvid")
         salience = state.signals.vision_cls_attention(layer=self.params.layer, queries="all").float()
         hidden = state.hidden.clone()
-        keep = ~state.visual_mask.clone()
-        for b in range(state.batch_size):
-            vis = state.visual_mask[b] & state.valid_mask[b]
-            keep[b] |= vis & (state.tiles[b] < 0)
-            for clip in clips(state, b, vis, "fastvid"):
-                for seg in self.segments_of(state.hidden[b], clip):
-                    kept, merged = self.prune_segment(state.hidden[b], salience[b], seg)
-                    keep[b, kept] = True
-                    for idx, value in merged:  # (no merge record: a dropped token joins one token per anchor)
-                        hidden[b, idx] = value.to(hidden.dtype)
+        for b, clip in walk:
+            for seg in self.segments_of(state.hidden[b], clip):
+                kept, merged = self.prune_segment(state.hidden[b], salience[b], seg)
+                keep[b, kept] = True
+                for idx, value in merged:  # (no merge record: a dropped token joins one token per anchor)
+                    hidden[b, idx] = value.to(hidden.dtype)
         state.hidden, state.keep_mask = hidden, keep
         return state
 
@@ -881,17 +894,12 @@ class PruneVidMerge(Merger):
         raise NotImplementedError("prunevid_merge keeps what each clip's static cells and clusters leave")
 
     def forward(self, state: TokenState) -> TokenState:
-        if state.frames is None or state.tiles is None or state.tile_grids is None:
-            raise RuntimeError("prunevid_merge needs the tokens' frames (the runtime sets state.frames)")
+        keep, walk = walk_clips(state, "prunevid_merge")
         hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
-        keep = ~state.visual_mask.clone()
-        for b in range(state.batch_size):
-            vis = state.visual_mask[b] & state.valid_mask[b]
-            keep[b] |= vis & (state.tiles[b] < 0)
-            for clip in clips(state, b, vis, "prunevid_merge"):
-                for targets, sources, assign in self.groups(state.hidden[b], clip):
-                    keep[b, targets] = True
-                    merge_into(hidden[b], sizes[b], targets, sources, assign, state.merge_record(b))
+        for b, clip in walk:
+            for targets, sources, assign in self.groups(state.hidden[b], clip):
+                keep[b, targets] = True
+                merge_into(hidden[b], sizes[b], targets, sources, assign, state.merge_record(b))
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         return state
 
@@ -1028,22 +1036,17 @@ class HoliTomTemporal(Merger):
         raise NotImplementedError("holitom_temporal keeps what each clip's windows and clusters leave")
 
     def forward(self, state: TokenState) -> TokenState:
-        if state.frames is None or state.tiles is None or state.tile_grids is None:
-            raise RuntimeError("holitom_temporal needs the tokens' frames (the runtime sets state.frames)")
+        keep, walk = walk_clips(state, "holitom_temporal")
         salience = state.signals.vision_cls_attention(layer=self.params.layer, queries="all").float()
         hidden, sizes = state.hidden.clone(), state.sizes.clone().float()
-        keep = ~state.visual_mask.clone()
-        for b in range(state.batch_size):
-            vis = state.visual_mask[b] & state.valid_mask[b]
-            keep[b] |= vis & (state.tiles[b] < 0)
+        for b, clip in walk:
             record = state.merge_record(b)
-            for clip in clips(state, b, vis, "holitom_temporal"):
-                for carriers, values, groups in self.merge_clip(state.hidden[b], salience[b], clip):
-                    keep[b, carriers] = True
-                    hidden[b, carriers] = values.to(hidden.dtype)
-                    for carrier, members in zip(carriers.tolist(), groups):
-                        record[members] = carrier
-                        sizes[b, carrier] += sizes[b, members].sum()
+            for carriers, values, groups in self.merge_clip(state.hidden[b], salience[b], clip):
+                keep[b, carriers] = True
+                hidden[b, carriers] = values.to(hidden.dtype)
+                for carrier, members in zip(carriers.tolist(), groups):
+                    record[members] = carrier
+                    sizes[b, carrier] += sizes[b, members].sum()
         state.hidden, state.sizes, state.keep_mask = hidden, sizes, keep
         return state
 

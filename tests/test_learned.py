@@ -438,23 +438,25 @@ def generate_greedy(model, batch, pipe, steps):
 
 
 def _decoding_predictor(keep):
-    """The attention_predictor preset at the paper's regime on a tiny model: the cache kept whole after the prefill,
-    every decoding step shown the ``keep`` share of each layer's visual entries its prediction ranks highest."""
-    return tp.load_pipeline("attention_predictor", ["stages.0.operators.0.weights=init",
+    """``(pipe, seen, predict)``: the attention_predictor preset at the paper's regime on a tiny model — the cache
+    kept whole after the prefill, every decoding step shown the ``keep`` share of each layer's visual entries its
+    prediction ranks highest — with every history its predictor reads appended to ``seen``, and the predictor."""
+    pipe = tp.load_pipeline("attention_predictor", ["stages.0.operators.0.weights=init",
                                                     "stages.0.operators.0.history=3",
                                                     "stages.0.operators.1.keep=1.0",
                                                     f"stages.0.cache.decode.keep={keep}"])
+    op = pipe.stages[0].operators[0]
+    seen = []
+    real_predict = op.predict
+    op.predict = lambda history: seen.append(history) or real_predict(history)
+    return pipe, seen, real_predict
 
 
 def test_each_decoding_step_predicts_from_the_models_own_attention_history(llava_pair, batch):
     """Nothing hidden (keep 1.0), so generation is the unpruned model's: at decoding step s, the history each layer's
     predictor reads is the eager model's own attention on the sequence so far — the last 3 rows before the step's
     token (prompt rows, then decoded tokens' rows) — over the sample's real prompt entries, renormalised over them."""
-    pipe = _decoding_predictor(1.0)
-    op = pipe.stages[0].operators[0]
-    seen = []
-    real_predict = op.predict
-    op.predict = lambda history: seen.append(history) or real_predict(history)
+    pipe, seen, _ = _decoding_predictor(1.0)
     steps, layers = 4, 4
     out = generate_greedy(llava_pair["sdpa"], batch, pipe, steps)
     n = batch["input_ids"].shape[1]
@@ -484,11 +486,7 @@ def test_each_decoding_step_shows_the_layers_the_entries_predicted_from_the_hist
     the runtime's own rows)."""
     from tokenprune.core.budget import resolve_keep
 
-    pipe = _decoding_predictor(0.25)
-    op = pipe.stages[0].operators[0]
-    seen = []
-    real_predict = op.predict
-    op.predict = lambda history: seen.append(history) or real_predict(history)
+    pipe, seen, real_predict = _decoding_predictor(0.25)
     steps, layers = 4, 4
     out = generate_greedy(llava_pair["sdpa"], batch, pipe, steps)
     image = llava_pair["sdpa"].config.image_token_id
