@@ -45,6 +45,7 @@ from tokenprune.eval.run_config import (
     run_directory,
 )
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
+from tokenprune.eval.videos import check_video_family, encode_videos, video_prompt
 from tokenprune.measure.flops import LLMShape, ideal_speedups, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
 from tokenprune.measure.provenance import provenance
@@ -62,13 +63,19 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
     over its samples; ``exact`` convention, counted on a rerun of its calls after the timed generation)."""
     from transformers import LogitsProcessorList
 
-    prompts = [build_prompt(processor, it["question"]) for it in items]
-    images = [open_image(it["image"]) for it in items]
-    if pipeline is not None:
-        images = pipeline.prepare_images(images)  # the downsampling baseline shows them smaller
     processor.tokenizer.padding_side = "left"
-    # one list per sample: the processors of the families with several images a prompt (Mllama) need the nesting
-    enc = processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True)
+    if "video" in items[0]:  # a clip a sample (docs/video.md): the inputs built from the image processor
+        clips = [[open_image(f) for f in it["video"]] for it in items]
+        if pipeline is not None:
+            clips = [pipeline.prepare_images(frames) for frames in clips]
+        enc = encode_videos(processor, model.config, [video_prompt(processor, it["question"]) for it in items], clips)
+    else:
+        prompts = [build_prompt(processor, it["question"]) for it in items]
+        images = [open_image(it["image"]) for it in items]
+        if pipeline is not None:
+            images = pipeline.prepare_images(images)  # the downsampling baseline shows them smaller
+        # one list per sample: the processors of the families with several images a prompt (Mllama) need the nesting
+        enc = processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     clock = StepClock(device)
@@ -282,10 +289,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     items = load_items(cfg.data)
     pl.seed_everything(cfg.seed, verbose=False)
     filter_pipeline = hard_filter[1] if hard_filter is not None else None
+    if items and "video" in items[0]:
+        check_video_family(read_model_config(cfg.model).model_type)
     for pipe, key in ((pipeline, "pipeline"), (filter_pipeline, "data.filter.hard_for")):
         check_pipeline_for_model(read_model_config(cfg.model), pipe)  # config.json alone: before the weights load
         if items:
-            check_input_scale(OmegaConf.to_container(cfg.model), pipe, open_image(items[0]["image"]), key)
+            first = items[0]["video"][0] if "video" in items[0] else items[0]["image"]
+            check_input_scale(OmegaConf.to_container(cfg.model), pipe, open_image(first), key)
     model, processor = load_model(OmegaConf.to_container(cfg.model))
     for pipe in (pipeline, filter_pipeline):
         check_pipeline_for_model(model, pipe)  # the loaded model: before the baseline runs

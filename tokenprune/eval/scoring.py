@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image
 
 from tokenprune.core.errors import ConfigError
-from tokenprune.reference import shapes
+from tokenprune.reference import shapes, shapes_video
 from tokenprune.reference.shapes import normalize_words
 
 METRICS = ("exact_match", "vqa", "yes_no")
-SOURCES = ("shapes", "jsonl", "datasets")
+SOURCES = ("shapes", "shapes_video", "jsonl", "datasets")
 
 def normalize_answer(text: str) -> str:
     """Lower case, punctuation removed, articles dropped, number words as digits, spaces collapsed."""
@@ -103,6 +103,14 @@ def load_items(data: Mapping[str, Any], key: str = "data") -> list[dict[str, Any
             raise ConfigError(f"{key}.split", f"shapes split {split!r}; allowed: {', '.join(shapes.SPLIT_SIZES)}")
         raw = shapes.load_split(split, size=limit)
         return [{"id": f"shapes-{split}-{i}", "image": it["image"], "question": it["question"],
+                 "answer": it["answer"], "type": it["type"], "metric": metric} for i, it in enumerate(raw)]
+    if source == "shapes_video":
+        split = data.get("split", "test")
+        if split not in shapes_video.SPLIT_SIZES:
+            raise ConfigError(f"{key}.split", f"shapes_video split {split!r}; allowed: "
+                                              f"{', '.join(shapes_video.SPLIT_SIZES)}")
+        raw = shapes_video.load_split(split, size=limit)
+        return [{"id": f"shapes-video-{split}-{i}", "video": it["video"], "question": it["question"],
                  "answer": it["answer"], "type": it["type"], "metric": metric} for i, it in enumerate(raw)]
     if source == "jsonl":
         path = data.get("path")
@@ -257,14 +265,14 @@ def open_image(image):
 
 
 def data_digest(items: list[Mapping[str, Any]]) -> str:
-    """sha256 over every item's id, question, answer, metric and image (pixels, or the file's bytes)."""
+    """sha256 over every item's id, question, answer, metric and image (pixels, or the file's bytes) or clip."""
 
     h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it["id"], it["question"], it["answer"], it["metric"]]).encode())
-        image = it["image"]
-        if isinstance(image, (str, Path)):
-            h.update(Path(image).read_bytes())
-        else:
-            h.update(np.asarray(image).tobytes())
+        for image in it["video"] if "video" in it else [it["image"]]:  # a clip: each frame
+            if isinstance(image, (str, Path)):
+                h.update(Path(image).read_bytes())
+            else:
+                h.update(np.asarray(image).tobytes())
     return h.hexdigest()

@@ -1,0 +1,94 @@
+"""`tokenprune run` on the video split (``shapes_video``) with a Qwen2-VL / Qwen2.5-VL model's real processor: the
+video inputs built from the image processor (no torchvision), each answer checked against stock generate() on the
+item alone, its prompt written out by hand."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.core.errors import ConfigError
+from tokenprune.eval.models import load_processor
+from tokenprune.eval.run import run
+from tokenprune.eval.run_config import load_run_config
+from tokenprune.eval.videos import video_pixels
+from tokenprune.reference import shapes_video
+from tokenprune.reference.processors import save_tiny
+
+QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]
+PROMPT = "<|im_start|>user\n<|vision_start|>{video}<|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def saved(request, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    folder = save_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=1)
+    with warnings.catch_warnings(action="ignore"):
+        processor = load_processor(str(folder), True)
+    return request.param, folder, AutoModelForImageTextToText.from_pretrained(folder).eval(), processor
+
+
+def test_a_clip_of_one_frame_twice_is_the_image_and_frames_pair_up_by_temporal_patch(saved):
+    """The image processor lays an image out as a temporal patch of the same frame twice: a clip of that frame twice
+    is exactly its pixel rows; a clip of frames a, b, c (odd: c repeated) is two temporal patches whose slices are
+    the frames' own, in order."""
+    _, _, _, processor = saved
+    frames = shapes_video.load_split("test", size=1)[0]["video"][:3]
+    ip = processor.image_processor
+    image = ip(images=[frames[0]], return_tensors="pt")
+    pixels, thw = video_pixels(ip, [frames[0], frames[0]])
+    assert torch.equal(pixels, image["pixel_values"])
+    assert thw.tolist() == [[1, *image["image_grid_thw"][0, 1:].tolist()]]
+    pixels, thw = video_pixels(ip, frames)
+    cells = int(image["image_grid_thw"][0].prod())
+    assert thw[0, 0] == 2 and pixels.shape[0] == 2 * cells
+    own = [ip(images=[f], return_tensors="pt")["pixel_values"].view(cells, 3, 2, -1)[:, :, 0] for f in frames]
+    got = pixels.view(2, cells, 3, 2, -1)
+    for t, (first, second) in enumerate([(0, 1), (2, 2)]):
+        assert torch.equal(got[t, :, :, 0], own[first]) and torch.equal(got[t, :, :, 1], own[second])
+
+
+def by_hand(family, model, processor, item, pipeline=None, new_tokens=3):
+    """Stock greedy generate() on one clip alone (``pipeline`` attached), the prompt written out with the clip's
+    placeholders."""
+    import contextlib
+
+    pixels, thw = video_pixels(processor.image_processor, item["video"])
+    n = int(thw.prod()) // processor.image_processor.merge_size ** 2
+    text = PROMPT.format(video="<|video_pad|>" * n, q=item["question"])
+    ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    video = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels,
+           "video_grid_thw": thw, "mm_token_type_ids": (ids == video).long() * 2}
+    if family == "qwen2_5_vl":
+        enc["second_per_grid_ts"] = torch.tensor([1.0])
+    with torch.no_grad(), (pipeline.attach(model) if pipeline is not None else contextlib.nullcontext()):
+        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
+    family, folder, model, processor = saved
+    metrics = run(load_run_config("experiments/asap_shapes.yaml", [
+        f"model.path={folder}", "data.source=shapes_video", "data.limit=3", "batch_size=2", "pipeline=fastvid",
+        f"output_dir={tmp_path / 'run'}", "baseline_cache=null", *QUIET]))
+    assert metrics["n"] == 3
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "predictions.jsonl").read_text().splitlines())}
+    pipeline = tp.load_pipeline("fastvid")
+    for i, item in enumerate(shapes_video.load_split("test", size=3)):
+        row = rows[f"shapes-video-test-{i}"]
+        assert row["baseline_prediction"] == by_hand(family, model, processor, item)
+        assert row["prediction"] == by_hand(family, model, processor, item, pipeline)
+        assert row["visual_tokens_kept"][0] < row["visual_tokens"]
+
+
+def test_a_video_split_on_a_model_without_video_inputs_is_refused_before_it_loads(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="a video split runs on Qwen2-VL and Qwen2.5-VL models"):
+        run(load_run_config("experiments/asap_shapes.yaml", [
+            f"model.path={tiny_folder}", "data.source=shapes_video", "data.limit=2",
+            f"output_dir={tmp_path / 'run'}", *QUIET]))
