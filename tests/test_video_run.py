@@ -84,7 +84,9 @@ def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
         row = rows[f"shapes-video-test-{i}"]
         assert row["baseline_prediction"] == by_hand(family, model, processor, item)
         assert row["prediction"] == by_hand(family, model, processor, item, pipeline)
-        assert row["visual_tokens_kept"][0] < row["visual_tokens"]
+        _, thw = video_pixels(processor.image_processor, item["video"])
+        assert row["visual_tokens"] == int(thw.prod()) // 4  # the clip's placeholders: what the FLOPs count
+        assert row["visual_tokens_kept"][0] < row["visual_tokens"] and row["flops"] < row["baseline_flops"]
 
 
 def test_a_video_split_on_a_model_without_video_inputs_is_refused_before_it_loads(tiny_folder, tmp_path):
