@@ -1,5 +1,5 @@
 """FastVID (``fastvid``): DySeg's cuts, STPrune's budgets, the density peaks and the merge, each by hand on small
-clips; (the preset on tiny Qwen clips: tests/test_video.py)."""
+clips; the preset on tiny Qwen clips through generate() is in tests/test_video.py."""
 
 import math
 
