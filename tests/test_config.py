@@ -163,7 +163,7 @@ def test_unknown_preset_suggests():
 def test_resolved_config_fills_defaults():
     cfg = tp.resolve_pipeline_config("fastv", ["stages.0.operators.1.keep=64"])
     assert cfg.stages[0].operators[0] == {"op": "attention", "weight": 1.0, "into": "", "queries": "last", "heads": "mean",
-                                        "query_stride": 1}
+                                        "query_stride": 1, "rows": "mean"}
     assert cfg.stages[0].operators[1] == {"op": "topk", "keep": 64, "scores": ""}
 
 
