@@ -378,6 +378,62 @@ def test_hint_retrieval_of_centres_targets_the_cell_of_each_matching_shapes_cent
     assert seen  # some name matched several shapes (a count question)
 
 
+def test_hint_positions_are_the_named_shapes_mean_centres_by_hand():
+    """``hint_xy``: for each turn and name, the mean centre of the shapes matching the name, over the image side;
+    nan when none matches (and for rows without a turn)."""
+    proc, items, batch = _hinted_batch(absent="first_token")
+    seen = {"several": 0, "none": 0}
+    for b, it in enumerate(items[:4]):
+        questions = [it["question"]] + [q for q, _ in it["more"]]
+        for j, q in enumerate(questions):
+            names = _words_of_each_name(q)
+            for slot in range(2):
+                name = names[min(slot, len(names) - 1)]
+                kind = name[-1] if name[-1] in shapes.KINDS else name[-1][:-1]
+                color = name[0] if len(name) == 2 else None
+                match = [d for d in it["shapes"] if d["kind"] == kind and color in (None, d["color"])]
+                got = batch["hint_xy"][b, j, slot]
+                if not match:
+                    seen["none"] += 1
+                    assert got.isnan().all()
+                    continue
+                seen["several"] += len(match) > 1
+                want = torch.tensor([sum(d["cx"] for d in match), sum(d["cy"] for d in match)]) / len(match) / 336
+                assert torch.allclose(got, want), (q, slot)
+        assert batch["hint_xy"][b, len(questions):].isnan().all()
+    assert seen["several"] and seen["none"]
+
+
+def test_answer_probe_loss_by_hand():
+    """Rows 1 and 3 of a sample (a third turn absent), a head reading feature 0 into every output: sigmoid(h) for
+    each of the four (x, y) of the two names; the second row's second name matches nothing. 10 x the mean squared
+    error over the six known values."""
+    from tokenprune.reference.train import answer_probe_loss
+
+    hidden = torch.tensor([[[0.0, 5.0], [0.0, 1.0], [9.0, 9.0], [1.0, -2.0]]])
+    head = torch.nn.Linear(2, 4)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[:, 0] = 1.0
+        head.bias.zero_()
+    rows = torch.tensor([[1, 3, -1]])
+    nan = float("nan")
+    xy = torch.tensor([[[[0.5, 0.25], [0.75, 1.0]], [[0.1, 0.2], [nan, nan]], [[nan, nan], [nan, nan]]]])
+    p0, p1 = torch.sigmoid(torch.tensor(0.0)), torch.sigmoid(torch.tensor(1.0))
+    errors = [(p0 - 0.5) ** 2, (p0 - 0.25) ** 2, (p0 - 0.75) ** 2, (p0 - 1.0) ** 2, (p1 - 0.1) ** 2,
+              (p1 - 0.2) ** 2]
+    want = 10 * torch.stack(errors).mean()
+    assert torch.allclose(answer_probe_loss(head, hidden, rows, xy), want)
+
+
+def test_the_answer_probe_needs_the_hints_rows():
+    from tokenprune.core.errors import ConfigError
+    from tokenprune.reference.train import load_config
+
+    with pytest.raises(ConfigError, match="answer_probe.weight: reads the rows the attention hints mark"):
+        load_config("experiments/train_reference.yaml", ["answer_probe.weight=1.0", "attention_hints.weight=0"])
+
+
 def test_shape_patches_by_hand():
     from tokenprune.reference.train import shape_patches
 

@@ -160,7 +160,7 @@ def test_reference_qwen_names_the_shipped_folder_or_says_how_to_train_it(tmp_pat
 
 def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generates(tmp_path):
     """The Lightning loop with family: qwen2_5_vl: the tower-only step, then joint steps with the hints, the
-    alignment and the position probe; a resume continues the step count; the export loads through the project's
+    alignment, the position probe and the answer probe; a resume continues the step count; the export loads through the project's
     loader (AutoProcessor, or the images-only class without torchvision) and generates through stock generate()."""
     from transformers import AutoModelForImageTextToText
 
@@ -174,7 +174,8 @@ def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generate
              "checkpoint_every=1", f"output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}",
              "accelerator=cpu", "vision_warmup_steps=1", "attention_hints.from_step=1", "align.from_step=1",
              "attention_hints.retrieve_layer=1", "position_probe.from_step=1", "position_probe.layer=1",
-             "describe.from_step=1", "multi_turn.from_step=1"]
+             "describe.from_step=1", "multi_turn.from_step=1", "answer_probe.weight=1.0", "answer_probe.from_step=1",
+             "answer_probe.layer=2"]
     first = train(load_config("experiments/train_reference_qwen.yaml", micro + ["optim.max_steps=2"]))
     assert first["steps"] == 2
     second = train(load_config("experiments/train_reference_qwen.yaml", micro + ["optim.max_steps=3"]))
@@ -184,7 +185,8 @@ def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generate
     metrics = (tmp_path / "run" / "metrics" / "version_1" / "metrics.csv").read_text()
     assert [row.split(",")[1] for row in before.splitlines()[1:]][-1] == "1"
     assert [row.split(",")[1] for row in metrics.splitlines()[1:]] == ["2"]
-    for key in ("train/loss", "train/aux_loss", "train/hint_loss", "train/align_loss", "train/probe_loss"):
+    for key in ("train/loss", "train/aux_loss", "train/hint_loss", "train/align_loss", "train/probe_loss",
+                "train/answer_probe_loss"):
         assert key in metrics
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"

@@ -85,6 +85,12 @@ DEFAULTS = {
     # LLM's first layers must write where a visual token is into it, from its M-RoPE position, since a rotary-only
     # tower (Qwen's) cannot; the patch loss then asks the tower for no position. Dropped at export. 0: off.
     "position_probe": {"weight": 0.0, "from_step": 0, "layer": 2, "patches": "center"},
+    # From step `from_step`, a linear head reads the hidden state entering LLM layer `layer` at each row that predicts
+    # an answer (the attention hints' rows: needs attention_hints.weight > 0) and predicts the centre (x, y) of each
+    # shape the question names — the mean centre of the shapes matching the name, slots as the hints' (squared
+    # error, as the probe's): the state the retrieval left must say where the named shapes are, so the layers after
+    # it only compare. Dropped at export. 0: off.
+    "answer_probe": {"weight": 0.0, "from_step": 0, "layer": 3},
     "checkpoint_every": 500,
     "val": {"every": 500, "items": 200},
     "logging": {"wandb": True, "project": "tokenprune-reference", "offline": True, "every": 10},
@@ -111,6 +117,7 @@ def _schema() -> dict[str, Any]:
                             "retrieve_layer": Int(0), "absent": Str(HINT_ABSENT), "gather": Str(HINT_GATHER),
                             "retrieve": Str(HINT_RETRIEVE)},
         "position_probe": {"weight": weight, "from_step": step, "layer": Int(0), "patches": Str(("center", "shape"))},
+        "answer_probe": {"weight": weight, "from_step": step, "layer": Int(0)},
         "checkpoint_every": Int(1),
         "val": {"every": step, "items": Int(1)},
         "logging": {"wandb": Bool(), "project": Str(), "offline": Bool(), "every": Int(1)},
@@ -156,6 +163,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     if probe.weight and not cfg.aux_weight:
         raise ConfigError("position_probe.weight", "reads the patch loss's labels, so it needs aux_weight > 0 "
                                                    f"(got position_probe.weight={probe.weight}, aux_weight=0)")
+    answer = cfg.answer_probe
+    if answer.weight and not 0 <= answer.layer < cfg.model.text_layers:
+        raise ConfigError("answer_probe.layer", f"must be a layer of the LLM, 0..{cfg.model.text_layers - 1}; "
+                                                f"got {answer.layer}")
+    if answer.weight and not cfg.attention_hints.weight:
+        raise ConfigError("answer_probe.weight", "reads the rows the attention hints mark, so it needs "
+                                                 f"attention_hints.weight > 0 (got answer_probe.weight={answer.weight}, "
+                                                 "attention_hints.weight=0)")
     hints = cfg.attention_hints
     if hints.weight:
         layers = cfg.model.text_layers
@@ -426,6 +441,22 @@ def probe_loss(probe: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Te
     return 10 * F.mse_loss(probe(visual[on].float()).sigmoid(), aux["aux_xy"][on])
 
 
+def answer_probe_loss(head: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Squared error of ``head``'s (x, y) of each of the two named shapes (a sigmoid, 4 outputs: slot 0's, then
+    slot 1's) read from the hidden state (B, L, D) at the answer rows ``rows`` (B, T; -1: no turn), against ``xy``
+    (B, T, 2, 2; ``nan`` where no shape matches the name), x10 as the position probe."""
+    use = rows >= 0
+    if not use.any():
+        return hidden.sum() * 0.0
+    b = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)
+    pred = head(hidden[b[use], rows[use]].float()).sigmoid().view(-1, HINT_SLOTS, 2)
+    target = xy[use].to(pred.device)
+    known = ~target.isnan()
+    if not known.any():
+        return hidden.sum() * 0.0
+    return 10 * F.mse_loss(pred[known], target[known])
+
+
 HINT_ABSENT = ("none", "first_token")
 HINT_GATHER = ("mass", "split")
 HINT_RETRIEVE = ("shape", "center")
@@ -490,7 +521,8 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
     and name (the first and the second shape the question names; a question naming one shape fills both):
     ``hint_row`` (B, T) the position that predicts the turn's answer (-1: no turn), ``hint_gather`` (B, T, 2, L)
     the name's colour and kind words, ``hint_retrieve`` (B, T, 2, L) the patches of the shapes that match it
-    (``retrieve="center"``: the patch holding each one's centre).
+    (``retrieve="center"``: the patch holding each one's centre), ``hint_xy`` (B, T, 2, 2) their mean centre in
+    [0, 1] of the image (``nan`` when none matches).
     When none matches, ``absent="first_token"`` targets the row's first token instead (a place to look that
     is not the image, so that "no such shape" is learnt as such); ``"none"`` leaves no target. Descriptions
     get no hints.
@@ -530,6 +562,7 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
         hint_row = torch.full((n, t), -1)
         gather = torch.zeros(n, t, HINT_SLOTS, width, dtype=torch.bool)
         retrieve = torch.zeros(n, t, HINT_SLOTS, width, dtype=torch.bool)
+        xy = torch.full((n, t, HINT_SLOTS, 2), float("nan"))
         for b, (it, spans) in enumerate(zip(items, turns)):
             if it.get("type") == "describe":
                 continue
@@ -542,6 +575,9 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
                 for s in range(HINT_SLOTS if names else 0):
                     name, match = names[min(s, len(names) - 1)], matches[min(s, len(names) - 1)]
                     gather[b, j, s, [start + i for i in name]] = True
+                    if match:  # the named shapes' mean centre, in [0, 1] of the image
+                        xy[b, j, s] = torch.tensor([[d["cx"], d["cy"]] for d in match], dtype=torch.float).mean(0) \
+                            / shapes.SIZE
                     for d in match:
                         if retrieve_at == "center":
                             retrieve[b, j, s, image + center_patch(shapes.Shape(**d), grid)] = True
@@ -549,7 +585,7 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
                             retrieve[b, j, s, image:image + grid * grid] |= shape_patches(shapes.Shape(**d), grid)
                     if not match and absent == "first_token":
                         retrieve[b, j, s, 0] = True
-        batch.update(hint_row=hint_row, hint_gather=gather, hint_retrieve=retrieve)
+        batch.update(hint_row=hint_row, hint_gather=gather, hint_retrieve=retrieve, hint_xy=xy)
     return batch
 
 
@@ -662,6 +698,8 @@ def _lightning_module(cfg: DictConfig, processor):
             self.val_items = shapes.load_split("val", size=cfg.val["items"])
             self.head = PatchHead(cfg.model.text_hidden, xy=family.absolute_positions) if cfg.aux_weight else None
             self.probe = torch.nn.Linear(cfg.model.text_hidden, 2) if cfg.position_probe.weight else None
+            self.answer_head = torch.nn.Linear(cfg.model.text_hidden, 2 * HINT_SLOTS) if cfg.answer_probe.weight \
+                else None
 
         def training_step(self, batch, _):
             aux = {k: batch.pop(k) for k in list(batch) if k.startswith("aux_")}
@@ -680,8 +718,10 @@ def _lightning_module(cfg: DictConfig, processor):
             captured: dict[int, tuple] = {}
             probe = cfg.position_probe
             use_probe = self.probe is not None and self.global_step >= probe.from_step
+            answer = cfg.answer_probe
+            use_answer = self.answer_head is not None and self.global_step >= answer.from_step and bool(hint_batch)
             grab_layers = ((hints.gather_layer, hints.retrieve_layer) if use_hints else ()) + \
-                ((probe.layer,) if use_probe else ())
+                ((probe.layer,) if use_probe else ()) + ((answer.layer,) if use_answer else ())
             if grab_layers:
                 layers = self.model.model.language_model.layers
                 for layer in sorted(set(grab_layers)):
@@ -701,6 +741,11 @@ def _lightning_module(cfg: DictConfig, processor):
                                  hints.retrieve_layer, hints.heads, hints.gather)
                 self.log("train/hint_loss", hint)
                 loss = loss + hints.weight * hint
+            if use_answer:
+                named = answer_probe_loss(self.answer_head, captured[answer.layer][0], hint_batch["hint_row"],
+                                          hint_batch["hint_xy"])
+                self.log("train/answer_probe_loss", named)
+                loss = loss + answer.weight * named
             if use_probe:
                 where = probe_loss(self.probe, captured[probe.layer][0], batch["input_ids"],
                                    self.model.config.image_token_id, aux, probe.patches)
