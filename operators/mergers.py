@@ -432,6 +432,14 @@ class ClusterMerge(FeatureUser, Merger):
         return state
 
 
+def denser_than(density: torch.Tensor) -> torch.Tensor:
+    """(P, P) bool, (i, j): point j is denser than point i — of equal densities the earlier point counts as denser,
+    so exactly one point has no denser one (DPC-kNN's ties, without the public codes' random noise)."""
+    idx = torch.arange(density.shape[0], device=density.device)
+    return (density[None, :] > density[:, None]) | \
+        ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
+
+
 def dpc_knn(x: torch.Tensor, clusters: int, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-KNN on points ``x`` (P, F): (centre indices (C,), cluster of every point (P,) in [0, C)).
 
@@ -445,10 +453,7 @@ def dpc_knn(x: torch.Tensor, clusters: int, knn: int) -> tuple[torch.Tensor, tor
         density = torch.exp(-(near ** 2).mean(1))
     else:
         density = torch.ones(p, device=x.device)
-    denser = density[None, :] > density[:, None]  # (i, j): j denser than i
-    # equal densities: the earlier point counts as denser, so exactly one point has no denser one
-    idx = torch.arange(p, device=x.device)
-    denser |= (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None])
+    denser = denser_than(density)
     delta = torch.where(denser, d, torch.full_like(d, float("inf"))).amin(1)
     delta = torch.where(torch.isinf(delta), d.amax(1), delta)
     score = density * delta
@@ -756,8 +761,7 @@ class FastVID(Merger):
         merged = []
         for centres in anchors:
             sources = ~torch.isin(every, torch.cat([salient_t, centres]))
-            pos = {int(t): i for i, t in enumerate(every.tolist())}
-            cen = torch.tensor([pos[int(t)] for t in centres.tolist()], device=every.device)
+            cen = (every[None, :] == centres[:, None]).int().argmax(1)  # each centre's place in the segment
             assign = (unit[sources] @ unit[cen].T).argmax(1)
             count = torch.zeros(centres.numel(), device=hidden.device).index_add(
                 0, assign, torch.ones(assign.numel(), device=hidden.device))
@@ -781,10 +785,7 @@ def density_peak_scores(x: torch.Tensor, knn: int) -> torch.Tensor:
     d = torch.cdist(x[None], x[None])[0] / x.shape[-1] ** 0.5
     near = d.topk(min(knn, x.shape[0]), dim=1, largest=False).values
     density = torch.exp(-(near ** 2).mean(1))
-    idx = torch.arange(x.shape[0], device=x.device)
-    denser = (density[None, :] > density[:, None]) | \
-        ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
-    delta = torch.where(denser, d, d.max()).amin(1)
+    delta = torch.where(denser_than(density), d, d.max()).amin(1)
     return delta * density
 
 
@@ -940,24 +941,21 @@ class PruneVidMerge(Merger):
                 centres, assign = self.clustered(hidden[cells[:, st]].float().mean(0))
                 targets = cells[0, st[centres]]
                 members = cells[:, st].flatten()  # frame by frame: the cells' tokens of every frame
-                yield targets, _others(members, targets), _others_assign(members, targets, assign.repeat(w))
+                yield targets, *_merged_members(members, targets, assign.repeat(w))
             for f in range(w):
                 dyn = cells[f, ~static]
                 if dyn.numel() == 0:
                     continue
                 centres, assign = self.clustered(hidden[dyn].float())
                 targets = dyn[centres]
-                yield targets, _others(dyn, targets), _others_assign(dyn, targets, assign)
+                yield targets, *_merged_members(dyn, targets, assign)
 
 
-def _others(members: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The members that are not carriers."""
-    return members[~torch.isin(members, targets)]
-
-
-def _others_assign(members: torch.Tensor, targets: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-    """The carrier (index into ``targets``) of each member that is not a carrier."""
-    return assign[~torch.isin(members, targets)]
+def _merged_members(members: torch.Tensor, targets: torch.Tensor, assign: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sources, assign)``: the members that are not carriers, and each one's carrier (index into ``targets``)."""
+    merged = ~torch.isin(members, targets)
+    return members[merged], assign[merged]
 
 
 def static_windows(static: torch.Tensor, max_window: int) -> tuple[list[tuple[int, int]], int]:

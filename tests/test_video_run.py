@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import tokenprune as tp
+from tokenprune.adapters.qwen2_vl import video_pixels
 from tokenprune.core.errors import ConfigError
 from tokenprune.eval.models import load_processor
 from tokenprune.eval.run import run
 from tokenprune.eval.run_config import load_run_config
-from tokenprune.eval.videos import video_pixels
 from tokenprune.reference import shapes_video
 from tokenprune.reference.processors import save_tiny
 

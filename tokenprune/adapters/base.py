@@ -189,6 +189,9 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: Human name of the family, for messages.
     family: ClassVar[str] = "this model"
+    #: The model types whose video inputs :meth:`frame_video_inputs` builds from the image processor (no video
+    #: processor, so no torchvision); empty: none.
+    frame_videos: ClassVar[tuple[str, ...]] = ()
     #: Axes of the rotary positions (1; 3 for M-RoPE, whose renumbering :mod:`tokenprune.core.positions` defines).
     rope_axes: ClassVar[int] = 1
     #: Kinds of visual token a stage can ``protect`` from pruning (LLaVA-NeXT: ``image_newline``).
@@ -486,6 +489,11 @@ class ModelAdapter:
         """(B, N) bool: which input tokens are video placeholders (a subset of :meth:`visual_mask`); None where the
         family takes no videos."""
         return None
+
+    def frame_video_inputs(self, processor, prompts: list[str], clips: list[list]) -> dict[str, Any]:
+        """The model's inputs for ``prompts`` (each with one video placeholder) and their ``clips`` (lists of PIL
+        frames), built from the processor's image processor (see :attr:`frame_videos`)."""
+        raise NotImplementedError(f"{self.family}: video inputs are built by its video processor only")
 
     def position_frames(self, visual: torch.Tensor, positions: torch.Tensor | None, tile_of: torch.Tensor,
                         video: torch.Tensor | None = None) -> torch.Tensor | None:

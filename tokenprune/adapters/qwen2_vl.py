@@ -43,6 +43,7 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     family = "Qwen2-VL / Qwen2.5-VL"
+    frame_videos = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL and Qwen3.5 write per-frame timestamps in their processor
     rope_axes = 3
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -128,6 +129,34 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     def video_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.model.config.video_token_id
+
+    def frame_video_inputs(self, processor, prompts, clips):
+        """Each placeholder expanded to its clip's merged cells, as the processor's own video path does, left-padded;
+        the pixels from :func:`video_pixels`; each temporal patch one second for Qwen2.5-VL's time scaling (the
+        benchmark's clips have no frame rate)."""
+        if self.model.config.model_type not in self.frame_videos:
+            return super().frame_video_inputs(processor, prompts, clips)
+        tok = processor.tokenizer
+        merge = processor.image_processor.merge_size
+        video_token = self.model.config.video_token_id
+        pixels, grids, rows = [], [], []
+        for prompt, clip in zip(prompts, clips):
+            pv, thw = video_pixels(processor.image_processor, clip)
+            pixels.append(pv)
+            grids.append(thw)
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            if ids.count(video_token) != 1:
+                raise ValueError(f"a video prompt holds one video placeholder, this one {ids.count(video_token)}")
+            at = ids.index(video_token)
+            rows.append(ids[:at] + [video_token] * (int(thw.prod()) // merge ** 2) + ids[at + 1:])
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        enc = {"input_ids": input_ids, "attention_mask": mask, "pixel_values_videos": torch.cat(pixels),
+               "video_grid_thw": torch.cat(grids), "mm_token_type_ids": (input_ids == video_token).long() * 2}
+        if self.model.config.model_type == "qwen2_5_vl":
+            enc["second_per_grid_ts"] = torch.ones(len(rows))
+        return enc
 
     def position_frames(self, visual, positions, tile_of, video=None):
         """A video tile continues the previous tile's clip when that one is a video tile too, of the same grid, at
@@ -293,3 +322,26 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
         if position_ids.dim() == 2:  # 1-D positions: the same on every axis (text only)
             return position_ids[None].expand(3, -1, -1)
         return position_ids[-3:]  # generate() puts the text positions first: (4, B, N)
+
+
+def video_pixels(image_processor, frames: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values_videos (T/2 x rows x cols, C x 2 x p x p), video_grid_thw (1, 3))`` of one clip, from the image
+    processor alone: each frame goes through it as an image would, and since it lays an image out as a temporal
+    patch of the same frame twice, temporal patch ``t`` is frame ``2t``'s rows with their second temporal slice from
+    frame ``2t + 1`` (a clip of an odd number of frames repeats its last one, as the video processors pad)."""
+    tp = image_processor.temporal_patch_size
+    if tp != 2:
+        raise ValueError(f"a temporal patch of {tp} frames; the layout here is for 2")
+    frames = list(frames) + ([frames[-1]] if len(frames) % 2 else [])
+    out = [image_processor(images=[f], return_tensors="pt") for f in frames]
+    grids = {tuple(o["image_grid_thw"][0].tolist()) for o in out}
+    if len(grids) != 1:
+        raise ValueError(f"the clip's frames have different grids {sorted(grids)}; a clip's frames share one size")
+    _, rows, cols = grids.pop()
+    channels = len(image_processor.image_mean)
+    patches = []
+    for first, second in zip(out[0::2], out[1::2]):
+        a = first["pixel_values"].view(-1, channels, tp, first["pixel_values"].shape[1] // (channels * tp))
+        b = second["pixel_values"].view(a.shape)
+        patches.append(torch.stack([a[:, :, 0], b[:, :, 0]], dim=2).flatten(1))  # (cells, C, tp, p*p)
+    return torch.cat(patches), torch.tensor([[len(frames) // tp, rows, cols]])

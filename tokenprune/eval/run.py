@@ -45,7 +45,7 @@ from tokenprune.eval.run_config import (
     run_directory,
 )
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
-from tokenprune.eval.videos import check_video_family, encode_videos, video_prompt
+from tokenprune.eval.videos import check_video_family, video_prompt
 from tokenprune.measure.flops import LLMShape, ideal_speedups, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
 from tokenprune.measure.provenance import provenance
@@ -68,7 +68,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
         clips = [[open_image(f) for f in it["video"]] for it in items]
         if pipeline is not None:
             clips = [pipeline.prepare_images(frames) for frames in clips]
-        enc = encode_videos(processor, model.config, [video_prompt(processor, it["question"]) for it in items], clips)
+        enc = get_adapter(model).frame_video_inputs(processor, [video_prompt(processor, it["question"]) for it in items],
+                                                    clips)
     else:
         prompts = [build_prompt(processor, it["question"]) for it in items]
         images = [open_image(it["image"]) for it in items]
@@ -290,7 +291,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, verbose=False)
     filter_pipeline = hard_filter[1] if hard_filter is not None else None
     if items and "video" in items[0]:
-        check_video_family(read_model_config(cfg.model).model_type)
+        check_video_family(read_model_config(cfg.model))
     for pipe, key in ((pipeline, "pipeline"), (filter_pipeline, "data.filter.hard_for")):
         check_pipeline_for_model(read_model_config(cfg.model), pipe)  # config.json alone: before the weights load
         if items:
