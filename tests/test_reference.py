@@ -6,6 +6,7 @@ import itertools
 import pytest
 import torch
 
+from tokenprune.core.errors import ConfigError
 from tokenprune.reference import model as reference
 from tokenprune.reference import shapes
 
@@ -44,6 +45,13 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
     assert first["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     second = train(load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=3"]))
     assert second["steps"] == 3  # continued from step 2, not from scratch
+    # resuming under another recipe is refused before anything loads, naming the key (its steps may change)
+    with pytest.raises(ConfigError, match=r"aux_weight: output_dir .*run holds a run trained with aux_weight=1.0 .* "
+                                          r"this config gives 0.5"):
+        load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=4", "aux_weight=0.5"])
+    with pytest.raises(ConfigError, match=r"model.text_layers: .* trained with model.text_layers=2 .* gives 3"):
+        load_config("experiments/train_reference.yaml", micro + ["model.text_layers=3"])
+    load_config("experiments/train_reference.yaml", micro + ["optim.max_steps=9", "val.items=5"])
     # the resume writes version_1 and keeps the first run's version_0 (steps 0-1; the resume logs step 2)
     before = (tmp_path / "run" / "metrics" / "version_0" / "metrics.csv").read_text()
     metrics = (tmp_path / "run" / "metrics" / "version_1" / "metrics.csv").read_text()
@@ -62,7 +70,6 @@ def test_training_runs_resumes_and_exports_a_loadable_folder(tmp_path):
 def test_a_bad_training_key_is_named():
     import pytest
 
-    from tokenprune.core.errors import ConfigError
     from tokenprune.reference.train import load_config
 
     with pytest.raises(ConfigError, match="optim.max_steps: must be a positive integer, got 0"):
@@ -427,7 +434,6 @@ def test_answer_probe_loss_by_hand():
 
 
 def test_the_answer_probe_needs_the_hints_rows():
-    from tokenprune.core.errors import ConfigError
     from tokenprune.reference.train import load_config
 
     with pytest.raises(ConfigError, match="answer_probe.weight: reads the rows the attention hints mark"):
@@ -489,7 +495,6 @@ def test_hint_loss_equals_minus_log_attention_mass_of_the_eager_model(gather):
 def test_the_training_config_is_typed_and_its_outputs_checked_before_training(tmp_path):
     import pytest
 
-    from tokenprune.core.errors import ConfigError
     from tokenprune.reference import model as reference
     from tokenprune.reference.train import load_config
 

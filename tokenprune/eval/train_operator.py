@@ -39,7 +39,7 @@ from tokenprune.measure.provenance import model_files
 from tokenprune.operators.learned import max_pool_entries
 from tokenprune.pipeline import build_pipeline
 from tokenprune.reference import shapes
-from tokenprune.reference.train import describe, fit, resume_point, train_batches, warmup_cosine
+from tokenprune.reference.train import check_resume, describe, fit, resume_point, train_batches, warmup_cosine
 
 DEFAULTS: dict[str, Any] = {
     "pipeline": "quecc",  # a preset name or a pipeline YAML file
@@ -113,6 +113,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), trained: boo
     if export.exists() and not cfg.overwrite_export and _written_by(export) != str(Path(cfg.output_dir).resolve()):
         raise ConfigError("export", f"{export} already exists; set overwrite_export=true to replace it, or choose "
                                     "another export")
+    check_resume(cfg)
     return cfg
 
 

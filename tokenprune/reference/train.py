@@ -156,6 +156,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         raise ConfigError("vision_warmup_steps", f"trains on the auxiliary patch loss only, so it needs aux_weight > 0 "
                           f"(got vision_warmup_steps={cfg.vision_warmup_steps}, aux_weight={cfg.aux_weight})")
     _check_outputs(cfg)
+    check_resume(cfg)
     probe = cfg.position_probe
     if probe.weight and not 0 <= probe.layer < cfg.model.text_layers:
         raise ConfigError("position_probe.layer", f"must be a layer of the LLM, 0..{cfg.model.text_layers - 1}; "
@@ -789,6 +790,53 @@ def _lightning_module(cfg: DictConfig, processor):
     return ReferenceModule()
 
 
+#: Written into ``output_dir`` when a training run starts: its config, against which a resume is checked.
+RUN_CONFIG = "run_config.yaml"
+
+#: Keys a resumed run may change: how long it trains and how it reports, not what it trains.
+RESUMABLE_CHANGES = ("output_dir", "export_dir", "export", "overwrite_export", "optim.max_steps", "checkpoint_every",
+                     "val", "logging", "data.num_workers", "accelerator")
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """A run that resumes (``output_dir/checkpoints/last.ckpt`` exists) must train what its checkpoint trained: every
+    key but :data:`RESUMABLE_CHANGES` as the run's :data:`RUN_CONFIG` recorded it. Otherwise one ConfigError naming
+    the first key that differs, before any model loads (a changed recipe would otherwise fail deep in the checkpoint
+    restore, or worse, resume silently into a mixture of two recipes)."""
+    out = Path(cfg.output_dir)
+    record = out / RUN_CONFIG
+    if not (out / "checkpoints" / "last.ckpt").exists() or not record.exists():
+        return
+    try:
+        before = _leaves(OmegaConf.to_container(OmegaConf.load(record)))
+    except Exception:  # noqa: BLE001 - an unreadable record cannot be checked against; the restore says the rest
+        return
+    now = _leaves(OmegaConf.to_container(cfg))
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)  # noqa: E731
+    for key in sorted(set(before) | set(now)):
+        if free(key) or before.get(key, "(unset)") == now.get(key, "(unset)"):
+            continue
+        raise ConfigError(key, f"output_dir {out} holds a run trained with {key}={before.get(key, '(unset)')!r} "
+                               f"(checkpoints/last.ckpt resumes it); this config gives {now.get(key, '(unset)')!r}: "
+                               "give the recorded value to resume, or choose another output_dir")
+
+
+def record_run_config(cfg: DictConfig) -> None:
+    """Write ``cfg`` into ``output_dir`` (:data:`RUN_CONFIG`) for :func:`check_resume`."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / RUN_CONFIG)
+
+
 def resume_point(out: Path) -> tuple[Path | None, int]:
     """(last checkpoint of the run in ``out`` or None, its global step): where a training run resumes."""
     last = out / "checkpoints" / "last.ckpt"
@@ -809,6 +857,8 @@ def fit(cfg: DictConfig, module, data):
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     resume, _ = resume_point(out)
+    check_resume(cfg)  # the commands check it before loading anything; a caller of fit() gets the same guard
+    record_run_config(cfg)
     # version=None: each start (a resume included) writes the next out/metrics/version_N/metrics.csv, so a resumed run
     # keeps the metrics of the steps before it (one fixed version would be emptied on resume)
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="metrics", version=None)]
