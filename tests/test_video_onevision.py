@@ -134,12 +134,52 @@ def test_frames_come_from_the_clips_and_images_are_frame_zero():
         assert clip[:-1].tolist() == [0] * 16 + [1] * 16 and int(clip[-1]) == -1  # the newline is in no frame
 
 
-def test_vision_signals_on_video_tokens_are_refused_with_the_reason():
+def eager_pooled_received_attention(batch: dict, layer: int) -> torch.Tensor:
+    """(clips, frames * 16): each pooled video token's vision signal by hand from the eager tower's own attention
+    maps: the attention each patch receives at ``layer``, averaged over the frame's queries and the heads, then
+    averaged over the 2x2 patches the model's pooling mixes (a bilinear halving of the 8x8 grid weighs each of
+    them 1/4)."""
+    model = pair("llava_onevision")["eager"]
+    pixels = batch["pixel_values_videos"]
+    clips, frames = pixels.shape[:2]
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels.flatten(0, 1), output_attentions=True)
+    received = out.attentions[layer].mean(dim=2).mean(dim=1)  # (clips * frames, 64): queries, then heads
+    pooled = received.view(-1, 4, 2, 4, 2).mean(dim=(2, 4))  # each 2x2 block of the 8x8 grid
+    return pooled.reshape(clips, frames * 16)
+
+
+def test_vision_signals_on_a_clip_are_its_frames_signals_pooled_as_the_features():
+    """cls_attention (SigLIP: the attention a patch receives) on two 3-frame clips: the tokens kept are the top of
+    the pooled eager attention maps, and generate() equals the masked reference."""
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("two clips")
+    layers = model.config.vision_config.num_hidden_layers
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "cls_attention", "layer": -2},
+                                                                   {"op": "topk", "keep": 0.25}]}]})
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch, output_logits=True, return_dict_in_generate=True)
+    trace = pipe.trace[0]
+    want = eager_pooled_received_attention(batch, layers - 2)
+    video = batch["input_ids"] == model.config.video_token_id
+    for b in range(2):
+        idx = video[b].nonzero().flatten()[:-1]  # the frames' tokens (the closing newline has no patch)
+        kept = torch.tensor([int(i) in set(trace.kept[b]) for i in idx])
+        n = int(kept.sum())
+        assert 0 < n < 48
+        order = torch.sort(want[b], descending=True, stable=True).values
+        assert float(order[n - 1] - order[n]) > 1e-6  # no tie at the cut, so the choice is the ranking's
+        assert torch.equal(kept, want[b] >= order[n - 1])
+    tokens, ref_logits = reference_greedy(pair("llava_onevision")["eager"], batch, 0, trace.kept, STEPS)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)
+
+
+def test_vision_signals_on_a_batch_of_images_and_clips_are_refused_with_the_reason():
     from tokenprune.core.errors import PipelineRuntimeError
 
-    model, batch = pair("llava_onevision")["sdpa"], batch_of("two clips")
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("image+video")
     pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "cls_attention"}, {"op": "topk"}]}]})
-    with pytest.raises(PipelineRuntimeError, match="video tokens carry no vision-tower signals on LLaVA-OneVision"):
+    with pytest.raises(PipelineRuntimeError, match="the batch holds images and clips, and the tower runs once for "
+                                                   "each"):
         with torch.no_grad(), pipe.attach(model):
             model(**batch)
 

@@ -560,14 +560,22 @@ class ModelAdapter:
         LLaVA-NeXT: the image sizes), from its arguments; None by default."""
         return None
 
+    def add_tower_call(self, previous: Any, capture: Any) -> Any:
+        """The record of the tower calls so far once a call recorded as ``capture`` (:meth:`vision_tower_capture`)
+        follows the one recorded as ``previous``: by default the latest call's (a family whose forward encodes images
+        and videos in two calls joins them)."""
+        return capture
+
     def vision_signal_layer(self, layer: int) -> int:
         """The vision layer a signal asked at ``layer`` (0-based, already range-checked) is read from: ``layer``
         itself, unless the family reads it elsewhere (Qwen2.5-VL: a windowed block's next full-attention block)."""
         return layer
 
-    def vision_patch_map(self, visual: torch.Tensor, tower: Any = None) -> torch.Tensor:
+    def vision_patch_map(self, visual: torch.Tensor, tower: Any = None, video: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """(B, N) long: for each visual input token, its row among the vision signal rows (-1 on other tokens);
-        ``tower`` is :meth:`vision_tower_capture`'s record of the tower call. The default: the visual tokens, in
+        ``tower`` is :meth:`vision_tower_capture`'s record of the tower call, ``video`` (B, N) the video
+        placeholders among the visual tokens where the prompt holds any (:meth:`video_mask`). The default: the visual tokens, in
         order over the batch, are the rows in order (one row per visual token, none left over)."""
         rows = self.vision_signal_rows(tower)
         count = int(visual.sum())

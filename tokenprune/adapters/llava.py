@@ -60,12 +60,12 @@ class LlavaAdapter(LlamaStyleAdapter):
             return patches + 1, 0
         return patches, 1
 
-    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
+    def vision_patch_map(self, visual: torch.Tensor, tower=None, video=None) -> torch.Tensor:
         per_image, _ = self._tokens_per_image()
         counts = visual.sum(1)
         if bool((counts % per_image != 0).any()):
             raise ValueError(f"visual tokens per sample {counts.tolist()} are not whole images of {per_image} tokens")
-        return super().vision_patch_map(visual, tower)
+        return super().vision_patch_map(visual, tower, video)
 
     def _qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         return clip_layer_qk(self.vision_layers()[layer], hidden)

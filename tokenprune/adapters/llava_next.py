@@ -126,7 +126,7 @@ class LlavaNextAdapter(LlavaAdapter):
             first += count
         return out
 
-    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
+    def vision_patch_map(self, visual: torch.Tensor, tower=None, video=None) -> torch.Tensor:
         rows = [r for r, _, _ in self._images_rows(tower)]
         seq = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         count = int(visual.sum())

@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from tokenprune.adapters.base import received_attention, tiles_of_images
+from tokenprune.adapters.base import MethodHook, received_attention, tiles_of_images
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+
+#: The key :meth:`LlavaOnevisionAdapter.hook_image_call` adds to the keyword arguments it reports of a
+#: ``get_video_features`` call (the call itself gets them unchanged).
+_VIDEO_CALL = "tokenprune_video_call"
 
 
 def _anyres_max(aspect: str) -> int:
@@ -41,7 +46,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     patches), the frames follow one another and one ``image_newline`` token closes the clip; all of them are the
     video placeholders of ``input_ids``. Each frame is a tile (per-tile budgets are per frame) and a clip's frames
     are consecutive tiles (:meth:`layout_tiles`, :meth:`position_frames`), read off the prompt: a clip is a run of
-    video placeholders. Vision-tower signals are not mapped onto video tokens (the pooled tokens mix patches).
+    video placeholders. Vision-tower signals of a clip are pooled as the model pools its features: each frame's
+    per-patch signal (attention received, CLS attention, keys) resized bilinearly to the pooled grid, so a video
+    token's signal is the same mix of its patches' signals as its feature is of theirs (:meth:`pool_frames`).
+    Vision signals on a batch that holds both images and clips are refused (the tower runs once for each, and the
+    signals are read from its latest call).
     """
 
     model_types = ("llava_onevision",)
@@ -112,12 +121,63 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 frame[b, cols] = torch.where(tiles >= 0, tiles - first, -1)
         return frame
 
-    def vision_patch_map(self, visual: torch.Tensor, tower=None) -> torch.Tensor:
-        try:
-            return super().vision_patch_map(visual, tower)
-        except ValueError as e:
-            raise ValueError(f"{e} (video tokens carry no vision-tower signals on {self.family}: a pooled frame token "
-                             "mixes patches; score videos with the LLM's signals)") from None
+    # --- the video call: get_video_features(pixel_values_videos, ...), each frame a tile of the tower --------
+    def hook_image_call(self, fn):
+        """The image call (as LLaVA-NeXT's) and ``get_video_features``, reported with ``_VIDEO_CALL`` added to its
+        keyword arguments so that :meth:`vision_tower_capture` tells the two apart."""
+
+        def video_call(args, kwargs):
+            fn(args, {**kwargs, _VIDEO_CALL: True})
+
+        return super().hook_image_call(fn) + [MethodHook(self.model.model, "get_video_features", video_call)]
+
+    def add_tower_call(self, previous, capture):
+        """The forward encodes the images, then the clips: a video call keeps the image call's record before it (the
+        images' layout), adding its ``videos``; an image call starts a new record."""
+        if isinstance(capture, dict) and "videos" in capture and isinstance(previous, dict):
+            return {**previous, "videos": capture["videos"]}
+        return capture
+
+    def vision_patch_map(self, visual: torch.Tensor, tower=None, video=None) -> torch.Tensor:
+        """Images as LLaVA-NeXT's; after a video call, each clip's pooled tokens, frame after frame, are the pooled
+        signal rows of its frames (:meth:`pool_frames`; clip ``c`` of the call is the ``c``-th clip of the batch),
+        the closing newline none."""
+        if not (isinstance(tower, dict) and "videos" in tower):
+            if video is not None and bool(video.any()):
+                raise ValueError("the batch holds clips but the tower's latest call took images")
+            return super().vision_patch_map(visual, tower, video)
+        video = torch.zeros_like(visual) if video is None else video
+        if bool((visual & ~video).any()):
+            raise ValueError("the batch holds images and clips, and the tower runs once for each: vision-tower "
+                             f"signals on {self.family} are read for a batch of clips only (or of images only)")
+        clips, frames = tower["videos"]
+        g = self._frame_side() ** 2
+        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        c = 0
+        for b in range(visual.shape[0]):
+            idx = visual[b].nonzero().flatten()
+            for start, length in self._clips(visual, video, b):
+                if c >= clips or length != frames * g + 1:
+                    raise ValueError(f"sample {b}'s clip of {length} video tokens is not clip {c} of the tower's call "
+                                     f"({clips} clips of {frames} frames of {g} pooled tokens and a newline)")
+                out[b, idx[start:start + length - 1]] = torch.arange(c * frames * g, (c + 1) * frames * g,
+                                                                     device=visual.device)
+                c += 1
+        if c != clips:
+            raise ValueError(f"the prompt holds {c} clips but the tower's call took {clips}")
+        return out
+
+    def pool_frames(self, rows: torch.Tensor, tower) -> torch.Tensor:
+        """Per-patch signal ``rows`` (frames * P, ...) of a video call, pooled per frame as ``apply_pooling`` pools
+        the features (bilinear, ``align_corners=False``, to ``ceil(s/2)`` per side): (frames * g*g, ...). Other
+        calls' rows pass through."""
+        if not (isinstance(tower, dict) and "videos" in tower):
+            return rows
+        side, g = self._side(), self._frame_side()
+        rest = rows.shape[1:]
+        grid = rows.reshape(-1, side, side, math.prod(rest)).permute(0, 3, 1, 2).float()
+        pooled = F.interpolate(grid, size=(g, g), mode="bilinear")
+        return pooled.permute(0, 2, 3, 1).reshape(-1, *rest).to(rows.dtype)
 
     @staticmethod
     def _call_option(args: tuple, kwargs: dict, name: str, index: int):
@@ -134,7 +194,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def vision_tower_capture(self, args, kwargs):
         """[(height, width, tiled)] per image of the call, with ``tiled`` False for an image that is its base tile
-        alone (a sample with several images), and the call's ``vision_aspect_ratio``."""
+        alone (a sample with several images), and the call's ``vision_aspect_ratio``; of a video call, ``videos``:
+        (clips, frames) of its (clips, frames, C, H, W) pixels."""
+        if kwargs.get(_VIDEO_CALL):
+            pixels = args[0] if args else kwargs.get("pixel_values_videos")
+            return None if pixels is None else {"images": [], "aspect": None,
+                                                "videos": (int(pixels.shape[0]), int(pixels.shape[1]))}
         _, sizes = self._call_images(args, kwargs)
         if sizes is None:
             return None
@@ -191,13 +256,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def vision_cls_attention(self, layer, captured, tower=None):
         """With a CLS token, its attention (as LLaVA's); on SigLIP, the attention each patch receives, averaged
-        over the tile's queries (the tower attends within each tile)."""
+        over the tile's queries (the tower attends within each tile). A video call's rows pooled per frame."""
         if self._has_cls():
-            return super().vision_cls_attention(layer, captured, tower)
+            return self.pool_frames(super().vision_cls_attention(layer, captured, tower), tower)
         received = received_attention(*self._qk(layer, captured))  # (tiles, H, P)
-        return received.permute(0, 2, 1).reshape(-1, received.shape[1])
+        return self.pool_frames(received.permute(0, 2, 1).reshape(-1, received.shape[1]), tower)
 
     def vision_received_attention(self, layer, captured, tower=None):
         if self._has_cls():
-            return super().vision_received_attention(layer, captured, tower)
+            return self.pool_frames(super().vision_received_attention(layer, captured, tower), tower)
         return self.vision_cls_attention(layer, captured, tower)  # SigLIP: already the received attention
+
+    def vision_keys(self, layer, captured, tower=None):
+        return self.pool_frames(super().vision_keys(layer, captured, tower), tower)

@@ -162,7 +162,8 @@ class AttachedPipeline:
         signals need of it."""
         if self._guide is not None:
             self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
-        self._vision_tower = self.adapter.vision_tower_capture(args, kwargs)
+        self._vision_tower = self.adapter.add_tower_call(self._vision_tower,
+                                                         self.adapter.vision_tower_capture(args, kwargs))
 
     def _visual_injection(self, mask: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Visual features the LLM adds inside the decoder (DeepStack) go to the tokens flowing now: the mask and the
@@ -207,7 +208,7 @@ class AttachedPipeline:
             return None
         if ep.patch_of is None:
             try:
-                ep.patch_of = self.adapter.vision_patch_map(ep.visual, self._vision_tower)
+                ep.patch_of = self.adapter.vision_patch_map(ep.visual, self._vision_tower, ep.video)
             except ValueError as e:
                 raise PipelineRuntimeError(f"vision-tower signals: {e}") from None
         return VisionSource(self.adapter, self._vision_inputs, ep.patch_of, len(self.adapter.vision_layers()),
