@@ -227,3 +227,49 @@ def deep_onevision():
     from tokenprune.reference.tiny import tiny_llava_onevision
 
     return tiny_llava_onevision("sdpa", layers=32)
+
+
+def forbid_eager(monkeypatch):
+    import importlib
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager attention ran")
+
+    for name in ("qwen2", "siglip", "llava_onevision"):
+        monkeypatch.setattr(importlib.import_module(f"transformers.models.{name}.modeling_{name}"),
+                            "eager_attention_forward", eager, raising=False)
+
+
+def static_and_random_clips() -> dict:
+    """Two 3-frame clips: clip 0 one frame three times, clip 1 three random frames."""
+    batch = dict(batch_of("two clips"))
+    pixels = batch["pixel_values_videos"].clone()
+    pixels[0, 1] = pixels[0, 2] = pixels[0, 0]
+    batch["pixel_values_videos"] = pixels
+    return batch
+
+
+def test_fastvid_runs_on_onevision_clips_with_its_budgets(monkeypatch):
+    """``fastvid`` ranks by the tower's attention, pooled onto the clips' tokens. Two transitions and 7 cuts
+    allowed: every frame is a segment keeping int(16 x 0.27) = 4 of its 16 tokens; the newline stays: 13 each."""
+    forbid_eager(monkeypatch)
+    model, batch = pair("llava_onevision")["sdpa"], static_and_random_clips()
+    pipe = tp.load_pipeline("fastvid")
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch)
+    assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
+    assert pipe.trace[0].visual_after == [13, 13]
+
+
+def test_holitom_video_runs_on_onevision_clips_with_its_budgets(monkeypatch):
+    """``holitom_video`` (its in-LLM merge at layer 2): the repeated frame is one window of 16 static cells (32 of
+    48 tokens saved), so r = 0.15 x 48 / 16 = 0.45 and round(16 x 0.45) = 7 centres stay; the random clip keeps
+    ceil(16 x 0.15) = 3 of each frame's dynamic tokens; each keeps its newline: 8 and 10. Inside the LLM half of
+    each sample's visual tokens are merged away: 4 and 5."""
+    forbid_eager(monkeypatch)
+    model, batch = pair("llava_onevision")["sdpa"], static_and_random_clips()
+    pipe = tp.load_pipeline("holitom_video", ["stages.1.layer=2"])
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch)
+    assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
+    assert [t.visual_after for t in pipe.trace[:2]] == [[8, 10], [4, 5]]
