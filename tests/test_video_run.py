@@ -90,7 +90,77 @@ def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
 
 
 def test_a_video_split_on_a_model_without_video_inputs_is_refused_before_it_loads(tiny_folder, tmp_path):
-    with pytest.raises(ConfigError, match="a video split runs on Qwen2-VL and Qwen2.5-VL models"):
+    with pytest.raises(ConfigError, match="a video split runs on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision models"):
         run(load_run_config("experiments/asap_shapes.yaml", [
             f"model.path={tiny_folder}", "data.source=shapes_video", "data.limit=2",
             f"output_dir={tmp_path / 'run'}", *QUIET]))
+
+
+# --- LLaVA-OneVision: a frame is the image processor's base tile ----------------------------------------------------
+ONEVISION_PROMPT = "<|im_start|>user <video>{video}\n{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    folder = save_tiny("llava_onevision", tmp_path_factory.mktemp("llava_onevision"), seed=1)
+    with warnings.catch_warnings(action="ignore"):
+        processor = load_processor(str(folder), True)
+    return folder, AutoModelForImageTextToText.from_pretrained(folder).eval(), processor
+
+
+def frame_by_hand(frame, processor) -> torch.Tensor:
+    """(C, s, s): the frame resized to the tower's tile (bicubic, as the video processor resizes), rescaled to [0, 1]
+    and normalised with the processor's mean and std, by hand."""
+    import numpy as np
+    from PIL import Image
+
+    ip = processor.image_processor
+    side = ip.size["height"]
+    x = np.asarray(frame.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0
+    x = (x - np.array(ip.image_mean, dtype=np.float32)) / np.array(ip.image_std, dtype=np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)
+
+
+def onevision_by_hand(model, processor, item, pipeline=None, new_tokens=3):
+    """Stock greedy generate() on one clip alone: frames by hand, the prompt written out with 8 frames x 4 x 4
+    pooled tokens and the newline."""
+    import contextlib
+
+    pixels = torch.stack([frame_by_hand(f, processor) for f in item["video"]])[None]
+    text = ONEVISION_PROMPT.format(video="<video>" * (len(item["video"]) * 16), q=item["question"])
+    ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels}
+    with torch.no_grad(), (pipeline.attach(model) if pipeline is not None else contextlib.nullcontext()):
+        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_onevision_frames_are_the_frames_resized_to_the_tile(onevision):
+    _, model, processor = onevision
+    item = shapes_video.load_split("test", size=1)[0]
+    from tokenprune.adapters import get_adapter
+
+    enc = get_adapter(model).frame_video_inputs(processor, ["<video>\nq", "<video>\nq"], [item["video"]] * 2)
+    assert enc["pixel_values_videos"].shape == (2, 8, 3, 56, 56)
+    for f, frame in enumerate(item["video"]):
+        assert torch.allclose(enc["pixel_values_videos"][1, f], frame_by_hand(frame, processor), atol=1e-5)
+    video = model.config.video_token_id
+    assert (enc["input_ids"] == video).sum(1).tolist() == [8 * 16 + 1] * 2
+
+
+def test_tokenprune_run_answers_onevision_clips_as_stock_generate(onevision, tmp_path):
+    folder, model, processor = onevision
+    metrics = run(load_run_config("experiments/asap_shapes.yaml", [
+        f"model.path={folder}", "data.source=shapes_video", "data.limit=3", "batch_size=2", "pipeline=fastvid",
+        f"output_dir={tmp_path / 'run'}", "baseline_cache=null", *QUIET]))
+    assert metrics["n"] == 3
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "predictions.jsonl").read_text().splitlines())}
+    pipeline = tp.load_pipeline("fastvid")
+    for i, item in enumerate(shapes_video.load_split("test", size=3)):
+        row = rows[f"shapes-video-test-{i}"]
+        assert row["baseline_prediction"] == onevision_by_hand(model, processor, item)
+        assert row["prediction"] == onevision_by_hand(model, processor, item, pipeline)
+        assert row["visual_tokens"] == 8 * 16 + 1  # the clip's placeholders: what the FLOPs count
+        assert row["visual_tokens_kept"][0] < row["visual_tokens"] and row["flops"] < row["baseline_flops"]

@@ -55,6 +55,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_types = ("llava_onevision",)
     family = "LLaVA-OneVision"
+    frame_videos = ("llava_onevision",)  # a frame is the image processor's base tile (the video processor's resize)
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         cfg = self.model.config
@@ -120,6 +121,32 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 first = int(tiles[tiles >= 0].min())
                 frame[b, cols] = torch.where(tiles >= 0, tiles - first, -1)
         return frame
+
+    def frame_video_inputs(self, processor, prompts, clips):
+        """Each frame is the image processor's base tile of it (the frame resized to the tower's tile, as the video
+        processor resizes frames, through the image processor's PIL path); each ``<video>`` placeholder expanded to
+        the clip's pooled tokens and its closing newline, as the processor's own video path does; left-padded. The
+        model takes one frame count a batch: clips of different lengths are refused."""
+        counts = sorted({len(c) for c in clips})
+        if len(counts) != 1:
+            raise ValueError(f"{self.family} takes one frame count for every clip of a batch; these clips have "
+                             f"{counts} frames (run them in batches of one length, or batch_size=1)")
+        tok = processor.tokenizer
+        video_token = self.model.config.video_token_id
+        per_clip = counts[0] * self._frame_side() ** 2 + 1
+        pixels, rows = [], []
+        for prompt, clip in zip(prompts, clips):
+            tiles = [processor.image_processor(images=[f], return_tensors="pt")["pixel_values"][0, 0] for f in clip]
+            pixels.append(torch.stack(tiles))
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            if ids.count(video_token) != 1:
+                raise ValueError(f"a video prompt holds one video placeholder, this one {ids.count(video_token)}")
+            at = ids.index(video_token)
+            rows.append(ids[:at] + [video_token] * per_clip + ids[at + 1:])
+        width = max(len(r) for r in rows)
+        return {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows]),
+                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+                "pixel_values_videos": torch.stack(pixels)}
 
     # --- the video call: get_video_features(pixel_values_videos, ...), each frame a tile of the tower --------
     def hook_image_call(self, fn):

@@ -58,7 +58,8 @@ _MLLAMA_TEMPLATE = (
 # newline right after a block tag is trimmed by transformers' template settings: it is written as an expression)
 _ONEVISION_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }} "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'video' %}<video>{% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endif %}{% endfor %}"
     "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
