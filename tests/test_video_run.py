@@ -1,4 +1,4 @@
-"""`tokenprune run` on the video split (``shapes_video``) with a Qwen2-VL / Qwen2.5-VL model's real processor: the
+"""`tokenprune run` on the video split (``shapes_video``) with a Qwen2-VL / 2.5-VL / 3-VL / 3.5 or LLaVA-OneVision model's real processor: the
 video inputs built from the image processor (no torchvision), each answer checked against stock generate() on the
 item alone, its prompt written out by hand."""
 
@@ -23,7 +23,12 @@ QUIET = ["logging.wandb.mode=disabled", "logging.progress_bar=false"]
 PROMPT = "<|im_start|>user\n<|vision_start|>{video}<|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+#: Qwen3-VL and Qwen3.5 date each temporal patch: frames (0, 1), (2, 3), ... of a clip at 2 frames a second are at
+#: 0.25, 1.25, ... s, which their processor writes with one decimal (round half to even).
+STAMPS = ["<0.2 seconds>", "<1.2 seconds>", "<2.2 seconds>", "<3.2 seconds>"]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def saved(request, tmp_path_factory):
     from transformers import AutoModelForImageTextToText
 
@@ -53,23 +58,47 @@ def test_a_clip_of_one_frame_twice_is_the_image_and_frames_pair_up_by_temporal_p
         assert torch.equal(got[t, :, :, 0], own[first]) and torch.equal(got[t, :, :, 1], own[second])
 
 
-def by_hand(family, model, processor, item, pipeline=None, new_tokens=3):
-    """Stock greedy generate() on one clip alone (``pipeline`` attached), the prompt written out with the clip's
-    placeholders."""
-    import contextlib
-
+def hand_inputs(family, processor, item) -> dict:
+    """One clip's inputs with its prompt written out by hand: the placeholders of its merged cells (Qwen3-VL, Qwen3.5:
+    per temporal patch, after its timestamp)."""
     pixels, thw = video_pixels(processor.image_processor, item["video"])
     n = int(thw.prod()) // processor.image_processor.merge_size ** 2
-    text = PROMPT.format(video="<|video_pad|>" * n, q=item["question"])
+    if family in ("qwen3_vl", "qwen3_5"):
+        t = int(thw[0, 0])
+        frames = "".join(f"{stamp}<|vision_start|>{'<|video_pad|>' * (n // t)}<|vision_end|>" for stamp in STAMPS[:t])
+        text = PROMPT.replace("<|vision_start|>{video}<|vision_end|>", frames).format(q=item["question"])
+    else:
+        text = PROMPT.format(video="<|video_pad|>" * n, q=item["question"])
     ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     video = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels,
            "video_grid_thw": thw, "mm_token_type_ids": (ids == video).long() * 2}
     if family == "qwen2_5_vl":
         enc["second_per_grid_ts"] = torch.tensor([1.0])
+    return enc
+
+
+def by_hand(family, model, processor, item, pipeline=None, new_tokens=3):
+    """Stock greedy generate() on one clip alone (``pipeline`` attached), the prompt written out by hand."""
+    import contextlib
+
+    enc = hand_inputs(family, processor, item)
     with torch.no_grad(), (pipeline.attach(model) if pipeline is not None else contextlib.nullcontext()):
         out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_a_clips_inputs_are_the_prompt_written_out_by_hand(saved):
+    from tokenprune.adapters import get_adapter
+    from tokenprune.eval.videos import video_prompt
+
+    family, _, model, processor = saved
+    item = shapes_video.load_split("test", size=1)[0]
+    got = get_adapter(model).frame_video_inputs(processor, [video_prompt(processor, item["question"])], [item["video"]])
+    want = hand_inputs(family, processor, item)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
 
 
 def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
@@ -85,12 +114,13 @@ def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
         assert row["baseline_prediction"] == by_hand(family, model, processor, item)
         assert row["prediction"] == by_hand(family, model, processor, item, pipeline)
         _, thw = video_pixels(processor.image_processor, item["video"])
+        assert thw[0, 0] == 4  # 8 frames: 4 temporal patches, 4 timestamps on Qwen3-VL / Qwen3.5
         assert row["visual_tokens"] == int(thw.prod()) // 4  # the clip's placeholders: what the FLOPs count
         assert row["visual_tokens_kept"][0] < row["visual_tokens"] and row["flops"] < row["baseline_flops"]
 
 
 def test_a_video_split_on_a_model_without_video_inputs_is_refused_before_it_loads(tiny_folder, tmp_path):
-    with pytest.raises(ConfigError, match="a video split runs on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision models"):
+    with pytest.raises(ConfigError, match="a video split runs on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision models"):
         run(load_run_config("experiments/asap_shapes.yaml", [
             f"model.path={tiny_folder}", "data.source=shapes_video", "data.limit=2",
             f"output_dir={tmp_path / 'run'}", *QUIET]))

@@ -130,10 +130,20 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
     def video_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.model.config.video_token_id
 
+    #: Whether the processor writes each temporal patch as its own ``<t seconds><|vision_start|>...<|vision_end|>``
+    #: (Qwen3-VL, Qwen3.5) rather than one run of placeholders (Qwen2-VL, Qwen2.5-VL).
+    timestamped_frames = False
+    #: Frames per second the benchmark's clips are taken to have (they have none): two, so that a temporal patch of
+    #: two frames is one second (Qwen2.5-VL's ``second_per_grid_ts`` 1; Qwen3-VL's timestamps 0.25, 1.25, ... s).
+    video_fps = 2.0
+
     def frame_video_inputs(self, processor, prompts, clips):
         """Each placeholder expanded to its clip's merged cells, as the processor's own video path does, left-padded;
         the pixels from :func:`video_pixels`; each temporal patch one second for Qwen2.5-VL's time scaling (the
-        benchmark's clips have no frame rate)."""
+        benchmark's clips have no frame rate). Qwen3-VL and Qwen3.5: the chat template's ``<|vision_start|>
+        <|video_pad|><|vision_end|>`` becomes, per temporal patch, its timestamp (:func:`frame_timestamps`, as
+        ``<1.2 seconds>``) and its own ``<|vision_start|>``, cells and ``<|vision_end|>``, as their processor
+        writes it."""
         if self.model.config.model_type not in self.frame_videos:
             return super().frame_video_inputs(processor, prompts, clips)
         tok = processor.tokenizer
@@ -144,6 +154,16 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             pv, thw = video_pixels(processor.image_processor, clip)
             pixels.append(pv)
             grids.append(thw)
+            if self.timestamped_frames:
+                start, pad, end = processor.vision_start_token, processor.video_token, processor.vision_end_token
+                if prompt.count(start + pad + end) != 1:
+                    raise ValueError(f"a video prompt holds one {start + pad + end}, this one "
+                                     f"{prompt.count(start + pad + end)}")
+                cells = int(thw[0, 1:].prod()) // merge ** 2
+                frames = "".join(f"<{t:.1f} seconds>{start}{pad * cells}{end}"
+                                 for t in frame_timestamps(len(clip), self.video_fps, int(thw[0, 0])))
+                rows.append(tok(prompt.replace(start + pad + end, frames), add_special_tokens=False)["input_ids"])
+                continue
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
             if ids.count(video_token) != 1:
                 raise ValueError(f"a video prompt holds one video placeholder, this one {ids.count(video_token)}")
@@ -322,6 +342,14 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
         if position_ids.dim() == 2:  # 1-D positions: the same on every axis (text only)
             return position_ids[None].expand(3, -1, -1)
         return position_ids[-3:]  # generate() puts the text positions first: (4, B, N)
+
+
+def frame_timestamps(frames: int, fps: float, patches: int) -> list[float]:
+    """Seconds of each of ``patches`` temporal patches of a clip of ``frames`` frames at ``fps``: the mean of its
+    first and last frame's times (frames 2t and 2t+1; a clip of an odd number repeats its last frame), as Qwen3-VL's
+    processor dates its frames."""
+    index = list(range(frames)) + [frames - 1] * (2 * patches - frames)
+    return [(index[2 * t] + index[2 * t + 1]) / (2 * fps) for t in range(patches)]
 
 
 def video_pixels(image_processor, frames: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,8 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
 
     model_types = ("qwen3_5", "qwen3_5_moe")
     family = "Qwen3.5"
+    frame_videos = ("qwen3_5", "qwen3_5_moe")
+    timestamped_frames = True  # each temporal patch after its own timestamp
 
     def query_heads(self, attn: nn.Module, projected: torch.Tensor) -> torch.Tensor:
         """Each head's [query | output gate] side by side: the query is the first head_dim of its 2 x head_dim."""

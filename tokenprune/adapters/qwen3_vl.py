@@ -26,6 +26,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
     family = "Qwen3-VL"
+    frame_videos = ("qwen3_vl", "qwen3_vl_moe")
+    timestamped_frames = True  # each temporal patch after its own timestamp
 
     def hook_visual_injection(self, fn):
         """The LLM's ``_deepstack_process(hidden_states, visual_pos_masks, visual_embeds)``, wrapped on the

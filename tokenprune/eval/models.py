@@ -154,7 +154,7 @@ def load_processor(path: str, local: bool, trust_remote_code: bool = False):
         if cls is None:
             raise
     warnings.warn(f"torchvision is not installed: {cls.__name__} of {path} is loaded without its video processor "
-                  "(images work; `tokenprune run` builds Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision video inputs from the image processor)",
+                  "(images work; `tokenprune run` builds video inputs from the image processor)",
                   stacklevel=3)
     return images_only(cls).from_pretrained(path, local_files_only=local)
 
