@@ -173,15 +173,42 @@ def test_vision_signals_on_a_clip_are_its_frames_signals_pooled_as_the_features(
     assert torch.equal(out.sequences[:, -STEPS:], tokens)
 
 
-def test_vision_signals_on_a_batch_of_images_and_clips_are_refused_with_the_reason():
-    from tokenprune.core.errors import PipelineRuntimeError
+def vision_scores(model, batch: dict) -> torch.Tensor:
+    """(B, N) the ``cls_attention`` signal (vision layer -2) a stage at layer 0 reads on ``batch``."""
+    seen = []
 
+    class Spy(torch.nn.Module):
+        needs_vision = True
+
+        def forward(self, state):
+            seen.append(state.signals.vision_cls_attention(layer=-2).clone())
+            return state
+
+    pipe = pipeline(layer=0, keep=1.0)
+    pipe.stages[0].operators.insert(0, Spy())
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    return seen[0]
+
+
+def test_vision_signals_on_a_batch_of_images_and_clips_join_the_two_tower_calls():
+    """A batch of an image and a 2-frame clip per sample runs the tower twice; the signals of its clips are the
+    pooled eager attention maps of their frames, those of its images what the images alone give (their tiles are
+    the first call's)."""
     model, batch = pair("llava_onevision")["sdpa"], batch_of("image+video")
-    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "cls_attention"}, {"op": "topk"}]}]})
-    with pytest.raises(PipelineRuntimeError, match="the batch holds images and clips, and the tower runs once for "
-                                                   "each"):
-        with torch.no_grad(), pipe.attach(model):
-            model(**batch)
+    layers = model.config.vision_config.num_hidden_layers
+    scores = vision_scores(model, batch)
+    want = eager_pooled_received_attention(batch, layers - 2)
+    video = batch["input_ids"] == model.config.video_token_id
+    image = batch["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        assert torch.allclose(scores[b][video[b]][:-1], want[b], atol=1e-6)
+        keep = batch["attention_mask"][b].bool() & ~video[b]
+        alone = {"input_ids": batch["input_ids"][b:b + 1, keep], "attention_mask": batch["attention_mask"][b:b + 1, keep],
+                 "pixel_values": batch["pixel_values"][b:b + 1], "image_sizes": batch["image_sizes"][b:b + 1]}
+        own = vision_scores(model, alone)
+        assert torch.allclose(scores[b][image[b]], own[0][alone["input_ids"][0] == model.config.image_token_id],
+                              atol=1e-6)
 
 
 def test_temporal_windows_on_the_clips_frames_generate_as_the_reference():
@@ -273,3 +300,24 @@ def test_holitom_video_runs_on_onevision_clips_with_its_budgets(monkeypatch):
         out = generate(model, batch)
     assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
     assert [t.visual_after for t in pipe.trace[:2]] == [[8, 10], [4, 5]]
+
+
+@pytest.mark.parametrize("preset,over", [("fastvid", []), ("holitom_video", ["stages.1.layer=2"])])
+def test_the_vision_ranked_video_presets_run_on_a_batch_of_images_and_clips(preset, over, monkeypatch):
+    """Both tower calls' signals in one forward: fastvid keeps int(16 x 0.27) = 4 of each 2-frame clip's frames
+    and the newline (9 of 33); both prune the images too."""
+    forbid_eager(monkeypatch)
+    model, batch = pair("llava_onevision")["sdpa"], batch_of("image+video")
+    pipe = tp.load_pipeline(preset, over)
+    with torch.no_grad(), pipe.attach(model):
+        out = generate(model, batch)
+    assert out.shape[1] == batch["input_ids"].shape[1] + STEPS
+    trace = pipe.trace[0]
+    video = batch["input_ids"] == model.config.video_token_id
+    image = batch["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        kept = torch.zeros_like(video[b])
+        kept[torch.tensor(trace.kept[b])] = True
+        assert int((kept & image[b]).sum()) < int(image[b].sum())
+        if preset == "fastvid":
+            assert int((kept & video[b]).sum()) == 9

@@ -560,11 +560,17 @@ class ModelAdapter:
         LLaVA-NeXT: the image sizes), from its arguments; None by default."""
         return None
 
-    def add_tower_call(self, previous: Any, capture: Any) -> Any:
-        """The record of the tower calls so far once a call recorded as ``capture`` (:meth:`vision_tower_capture`)
-        follows the one recorded as ``previous``: by default the latest call's (a family whose forward encodes images
-        and videos in two calls joins them)."""
-        return capture
+    def add_tower_call(self, previous: Any, capture: Any) -> tuple[Any, bool]:
+        """(the record of the tower calls so far, whether this call joins the previous one) once a call recorded as
+        ``capture`` (:meth:`vision_tower_capture`) follows the one recorded as ``previous``. By default the latest
+        call's record, not joined; a family whose forward encodes images and videos in two calls joins them, and
+        its vision layers' captures are then joined too (:meth:`join_layer_captures`)."""
+        return capture, False
+
+    def join_layer_captures(self, previous: Any, capture: Any) -> Any:
+        """One vision layer's capture of a call that joins the previous call (:meth:`add_tower_call`): the two
+        calls' signal rows in order."""
+        raise NotImplementedError(f"{self.family}: its tower calls are not joined")
 
     def vision_signal_layer(self, layer: int) -> int:
         """The vision layer a signal asked at ``layer`` (0-based, already range-checked) is read from: ``layer``

@@ -49,8 +49,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     video placeholders. Vision-tower signals of a clip are pooled as the model pools its features: each frame's
     per-patch signal (attention received, CLS attention, keys) resized bilinearly to the pooled grid, so a video
     token's signal is the same mix of its patches' signals as its feature is of theirs (:meth:`pool_frames`).
-    Vision signals on a batch that holds both images and clips are refused (the tower runs once for each, and the
-    signals are read from its latest call).
+    In a batch of images and clips the tower runs twice (images, then clips): the two calls' records and layer
+    captures are joined (:meth:`add_tower_call`), the frames' signal rows after the image tiles'.
     """
 
     model_types = ("llava_onevision",)
@@ -159,52 +159,71 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return super().hook_image_call(fn) + [MethodHook(self.model.model, "get_video_features", video_call)]
 
     def add_tower_call(self, previous, capture):
-        """The forward encodes the images, then the clips: a video call keeps the image call's record before it (the
-        images' layout), adding its ``videos``; an image call starts a new record."""
-        if isinstance(capture, dict) and "videos" in capture and isinstance(previous, dict):
-            return {**previous, "videos": capture["videos"]}
-        return capture
+        """The forward encodes the images, then the clips: a video call after an image call joins it (the record
+        keeps the images and adds ``videos``; the layers' captures are the image tiles, then the frames); any other
+        call starts a new record."""
+        if isinstance(capture, dict) and "videos" in capture and isinstance(previous, dict) \
+                and "videos" not in previous and previous["images"]:
+            return {**previous, "videos": capture["videos"]}, True
+        return capture, False
+
+    def join_layer_captures(self, previous, capture):
+        return torch.cat([previous, capture])  # (tiles, P, D): the image tiles, then the frames (one tile size)
+
+    def _image_tiles(self, tower) -> int:
+        """Tiles the tower saw for the images of record ``tower`` (the signal rows before the frames' are theirs)."""
+        return sum(count for _, _, count in self._images_rows(tower)) if tower["images"] else 0
 
     def vision_patch_map(self, visual: torch.Tensor, tower=None, video=None) -> torch.Tensor:
         """Images as LLaVA-NeXT's; after a video call, each clip's pooled tokens, frame after frame, are the pooled
-        signal rows of its frames (:meth:`pool_frames`; clip ``c`` of the call is the ``c``-th clip of the batch),
-        the closing newline none."""
+        signal rows of its frames (:meth:`pool_frames`: after the images' rows; clip ``c`` of the call is the
+        ``c``-th clip of the batch), the closing newline none."""
         if not (isinstance(tower, dict) and "videos" in tower):
             if video is not None and bool(video.any()):
                 raise ValueError("the batch holds clips but the tower's latest call took images")
             return super().vision_patch_map(visual, tower, video)
         video = torch.zeros_like(visual) if video is None else video
-        if bool((visual & ~video).any()):
-            raise ValueError("the batch holds images and clips, and the tower runs once for each: vision-tower "
-                             f"signals on {self.family} are read for a batch of clips only (or of images only)")
         clips, frames = tower["videos"]
         g = self._frame_side() ** 2
+        first = self._image_tiles(tower) * self._side() ** 2  # the frames' rows follow the image tiles'
+        images = iter([rows for rows, _, _ in self._images_rows(tower)] if tower["images"] else [])
         out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
         c = 0
         for b in range(visual.shape[0]):
             idx = visual[b].nonzero().flatten()
-            for start, length in self._clips(visual, video, b):
-                if c >= clips or length != frames * g + 1:
-                    raise ValueError(f"sample {b}'s clip of {length} video tokens is not clip {c} of the tower's call "
-                                     f"({clips} clips of {frames} frames of {g} pooled tokens and a newline)")
-                out[b, idx[start:start + length - 1]] = torch.arange(c * frames * g, (c + 1) * frames * g,
-                                                                     device=visual.device)
-                c += 1
-        if c != clips:
-            raise ValueError(f"the prompt holds {c} clips but the tower's call took {clips}")
+            spans = dict(self._clips(visual, video, b))
+            pos = 0
+            while pos < idx.numel():
+                if pos in spans:
+                    length = spans[pos]
+                    if c >= clips or length != frames * g + 1:
+                        raise ValueError(f"sample {b}'s clip of {length} video tokens is not clip {c} of the tower's "
+                                         f"call ({clips} clips of {frames} frames of {g} pooled tokens and a newline)")
+                    out[b, idx[pos:pos + length - 1]] = torch.arange(first + c * frames * g,
+                                                                     first + (c + 1) * frames * g, device=visual.device)
+                    c, pos = c + 1, pos + length
+                    continue
+                rows = next(images, None)
+                if rows is None:
+                    raise ValueError(f"sample {b}'s image tokens outrun the images of the tower's call")
+                out[b, idx[pos:pos + rows.numel()]] = rows.to(visual.device)
+                pos += rows.numel()
+        if c != clips or next(images, None) is not None:
+            raise ValueError(f"the prompt's clips and images are not the tower's calls' ({clips} clips)")
         return out
 
     def pool_frames(self, rows: torch.Tensor, tower) -> torch.Tensor:
-        """Per-patch signal ``rows`` (frames * P, ...) of a video call, pooled per frame as ``apply_pooling`` pools
-        the features (bilinear, ``align_corners=False``, to ``ceil(s/2)`` per side): (frames * g*g, ...). Other
-        calls' rows pass through."""
+        """Per-patch signal ``rows`` (tiles * P, ...) of the calls of record ``tower``: the frames' rows (after the
+        image tiles') pooled per frame as ``apply_pooling`` pools the features (bilinear, ``align_corners=False``,
+        to ``ceil(s/2)`` per side), g*g a frame; the image tiles' rows as they are."""
         if not (isinstance(tower, dict) and "videos" in tower):
             return rows
         side, g = self._side(), self._frame_side()
+        first = self._image_tiles(tower) * side * side
         rest = rows.shape[1:]
-        grid = rows.reshape(-1, side, side, math.prod(rest)).permute(0, 3, 1, 2).float()
+        grid = rows[first:].reshape(-1, side, side, math.prod(rest)).permute(0, 3, 1, 2).float()
         pooled = F.interpolate(grid, size=(g, g), mode="bilinear")
-        return pooled.permute(0, 2, 3, 1).reshape(-1, *rest).to(rows.dtype)
+        return torch.cat([rows[:first], pooled.permute(0, 2, 3, 1).reshape(-1, *rest).to(rows.dtype)])
 
     @staticmethod
     def _call_option(args: tuple, kwargs: dict, name: str, index: int):

@@ -113,6 +113,7 @@ class AttachedPipeline:
         # prefill forward, so these are kept outside any episode), for vision-tower signals.
         self._vision_inputs: dict[int, Any] = {}
         self._vision_tower: Any = None
+        self._join_call = False  # the latest tower call continues the one before it (its captures are joined)
         self._vision_unavailable = self.adapter.vision_signals_unavailable()
         # Vision layers are hooked only for pipelines that read them (their inputs stay held until the next forward).
         self._needs_vision = any(getattr(op, "needs_vision", False) for s in pipeline.stages for op in s.operators)
@@ -155,6 +156,7 @@ class AttachedPipeline:
         self.episode = None
         self._vision_inputs = {}
         self._vision_tower = None
+        self._join_call = False
 
     # --- what the stages read beyond the decoder layers -----------------------------------------
     def _image_call(self, args: tuple, kwargs: dict) -> None:
@@ -162,8 +164,8 @@ class AttachedPipeline:
         signals need of it."""
         if self._guide is not None:
             self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
-        self._vision_tower = self.adapter.add_tower_call(self._vision_tower,
-                                                         self.adapter.vision_tower_capture(args, kwargs))
+        self._vision_tower, self._join_call = self.adapter.add_tower_call(
+            self._vision_tower, self.adapter.vision_tower_capture(args, kwargs))
 
     def _visual_injection(self, mask: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Visual features the LLM adds inside the decoder (DeepStack) go to the tokens flowing now: the mask and the
@@ -180,9 +182,12 @@ class AttachedPipeline:
 
     def _vision_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if layer == 0:
+            capture = self.adapter.vision_layer_capture(layer, args, kwargs)
+            if self._join_call and layer in self._vision_inputs:  # the forward's second tower call (its videos)
+                capture = self.adapter.join_layer_captures(self._vision_inputs[layer], capture)
+            elif layer == 0:
                 self._vision_inputs = {}
-            self._vision_inputs[layer] = self.adapter.vision_layer_capture(layer, args, kwargs)
+            self._vision_inputs[layer] = capture
 
         return hook
 
