@@ -101,13 +101,18 @@ def test_a_clips_inputs_are_the_prompt_written_out_by_hand(saved):
         assert torch.equal(got[key], want[key]), key
 
 
-def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
-    family, folder, model, processor = saved
+def run_fastvid_on_clips(folder, tmp_path) -> dict:
+    """`tokenprune run` with ``fastvid`` on the first 3 clips of the video split, in batches of 2: its rows by id."""
     metrics = run(load_run_config("experiments/asap_shapes.yaml", [
         f"model.path={folder}", "data.source=shapes_video", "data.limit=3", "batch_size=2", "pipeline=fastvid",
         f"output_dir={tmp_path / 'run'}", "baseline_cache=null", *QUIET]))
     assert metrics["n"] == 3
-    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "predictions.jsonl").read_text().splitlines())}
+    return {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "predictions.jsonl").read_text().splitlines())}
+
+
+def test_tokenprune_run_answers_clips_as_stock_generate(saved, tmp_path):
+    family, folder, model, processor = saved
+    rows = run_fastvid_on_clips(folder, tmp_path)
     pipeline = tp.load_pipeline("fastvid")
     for i, item in enumerate(shapes_video.load_split("test", size=3)):
         row = rows[f"shapes-video-test-{i}"]
@@ -182,11 +187,7 @@ def test_onevision_frames_are_the_frames_resized_to_the_tile(onevision):
 
 def test_tokenprune_run_answers_onevision_clips_as_stock_generate(onevision, tmp_path):
     folder, model, processor = onevision
-    metrics = run(load_run_config("experiments/asap_shapes.yaml", [
-        f"model.path={folder}", "data.source=shapes_video", "data.limit=3", "batch_size=2", "pipeline=fastvid",
-        f"output_dir={tmp_path / 'run'}", "baseline_cache=null", *QUIET]))
-    assert metrics["n"] == 3
-    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "predictions.jsonl").read_text().splitlines())}
+    rows = run_fastvid_on_clips(folder, tmp_path)
     pipeline = tp.load_pipeline("fastvid")
     for i, item in enumerate(shapes_video.load_split("test", size=3)):
         row = rows[f"shapes-video-test-{i}"]
