@@ -148,6 +148,11 @@ def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+#: The key an adapter's :meth:`ModelAdapter.hook_image_call` adds to the keyword arguments it reports of a video
+#: call (the call itself gets them unchanged), for families whose forward encodes images and videos in two calls.
+VIDEO_CALL = "tokenprune_video_call"
+
+
 class MethodHook:
     """Wraps ``obj.name`` (a bound method) on the instance so that ``fn(args, kwargs)`` runs before each call (a
     result other than None is the ``(args, kwargs)`` the method is called with instead); :meth:`remove` unwraps it

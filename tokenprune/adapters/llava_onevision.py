@@ -7,12 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tokenprune.adapters.base import MethodHook, received_attention, tiles_of_images
+from tokenprune.adapters.base import VIDEO_CALL, MethodHook, received_attention, tiles_of_images
 from tokenprune.adapters.llava_next import LlavaNextAdapter
-
-#: The key :meth:`LlavaOnevisionAdapter.hook_image_call` adds to the keyword arguments it reports of a
-#: ``get_video_features`` call (the call itself gets them unchanged).
-_VIDEO_CALL = "tokenprune_video_call"
 
 
 def _anyres_max(aspect: str) -> int:
@@ -150,11 +146,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # --- the video call: get_video_features(pixel_values_videos, ...), each frame a tile of the tower --------
     def hook_image_call(self, fn):
-        """The image call (as LLaVA-NeXT's) and ``get_video_features``, reported with ``_VIDEO_CALL`` added to its
+        """The image call (as LLaVA-NeXT's) and ``get_video_features``, reported with ``VIDEO_CALL`` added to its
         keyword arguments so that :meth:`vision_tower_capture` tells the two apart."""
 
         def video_call(args, kwargs):
-            fn(args, {**kwargs, _VIDEO_CALL: True})
+            fn(args, {**kwargs, VIDEO_CALL: True})
 
         return super().hook_image_call(fn) + [MethodHook(self.model.model, "get_video_features", video_call)]
 
@@ -242,7 +238,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """[(height, width, tiled)] per image of the call, with ``tiled`` False for an image that is its base tile
         alone (a sample with several images), and the call's ``vision_aspect_ratio``; of a video call, ``videos``:
         (clips, frames) of its (clips, frames, C, H, W) pixels."""
-        if kwargs.get(_VIDEO_CALL):
+        if kwargs.get(VIDEO_CALL):
             pixels = args[0] if args else kwargs.get("pixel_values_videos")
             return None if pixels is None else {"images": [], "aspect": None,
                                                 "videos": (int(pixels.shape[0]), int(pixels.shape[1]))}

@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import LlamaStyleAdapter, layer_hidden, rotate_half, tiles_of_images
+from tokenprune.adapters.base import (
+    VIDEO_CALL,
+    LlamaStyleAdapter,
+    MethodHook,
+    layer_hidden,
+    rotate_half,
+    tiles_of_images,
+)
 
 #: Query rows per chunk when vision attention is recomputed (bounds the (H, rows, patches) probabilities).
 _QUERY_CHUNK = 1024
@@ -241,8 +248,57 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
             raise ValueError("a guide model for Qwen2-VL takes images only; this forward holds video tokens")
         return {**image_inputs, "mm_token_type_ids": (input_ids == cfg.image_token_id).int()}
 
+    def hook_image_call(self, fn):
+        """The tower's forward (as by default); a call made by ``get_video_features`` is reported with
+        ``VIDEO_CALL`` added to its keyword arguments (the call itself gets them unchanged), so that a forward's
+        image call and video call are joined (:meth:`add_tower_call`)."""
+        pending = {"video": False}
+
+        def video_call(args, kwargs):
+            pending["video"] = True  # the tower call it makes next is the videos'
+
+        def tower_call(module, args, kwargs):
+            video, pending["video"] = pending["video"], False
+            fn(args, {**kwargs, VIDEO_CALL: True} if video else kwargs)
+
+        return [MethodHook(self.model.model, "get_video_features", video_call),
+                self._tower().register_forward_pre_hook(tower_call, with_kwargs=True)]
+
     def vision_tower_capture(self, args, kwargs):
-        return kwargs.get("grid_thw", args[1] if len(args) > 1 else None)  # (images, 3) patch grids of the call
+        """(calls, 3) patch grids of the call; of a video call, ("video", grids)."""
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        return ("video", grid) if kwargs.get(VIDEO_CALL) and grid is not None else grid
+
+    def add_tower_call(self, previous, capture):
+        """A forward encodes its images, then its videos: the video call's grids follow the image call's (one
+        record, the signal rows of the images then of the videos, joined)."""
+        if isinstance(capture, tuple):
+            if isinstance(previous, torch.Tensor):
+                return torch.cat([previous, capture[1].to(previous.device)]), True
+            return capture[1], False
+        return capture, False
+
+    def join_layer_captures(self, previous, capture):
+        """(hidden, cu_seqlens, (cos, sin)) of both calls: the tokens, segments and rotary angles in order."""
+        (h0, cu0, (cos0, sin0)), (h1, cu1, (cos1, sin1)) = previous, capture
+        return (torch.cat([h0, h1]), torch.cat([cu0, cu1[1:] + cu0[-1]]),
+                (torch.cat([cos0, cos1]), torch.cat([sin0, sin1])))
+
+    def vision_patch_map(self, visual, tower=None, video=None):
+        """The visual tokens in order over the batch are the signal rows in order; in a batch of images and videos
+        the images' tokens (in order over the batch) take the first rows, the videos' the rest (the joined calls'
+        order)."""
+        if video is None or not bool(video.any()) or not bool((visual & ~video).any()):
+            return super().vision_patch_map(visual, tower, video)
+        rows = self.vision_signal_rows(tower)
+        count = int(visual.sum())
+        if rows is not None and rows != count:
+            raise ValueError(f"the vision tower gave {rows} feature rows but the prompt holds {count} visual tokens")
+        image = visual & ~video
+        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        out[image] = torch.arange(int(image.sum()), device=visual.device)
+        out[video] = torch.arange(int(image.sum()), count, device=visual.device)
+        return out
 
     def vision_layer_capture(self, layer, args, kwargs):
         return layer_hidden(args, kwargs), kwargs["cu_seqlens"], kwargs["position_embeddings"]

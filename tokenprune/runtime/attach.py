@@ -164,8 +164,9 @@ class AttachedPipeline:
         signals need of it."""
         if self._guide is not None:
             self._tower_inputs = self.adapter.image_inputs_from_tower(args, kwargs)
+        previous = None if self._join_call else self._vision_tower  # a forward joins two calls at most
         self._vision_tower, self._join_call = self.adapter.add_tower_call(
-            self._vision_tower, self.adapter.vision_tower_capture(args, kwargs))
+            previous, self.adapter.vision_tower_capture(args, kwargs))
 
     def _visual_injection(self, mask: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Visual features the LLM adds inside the decoder (DeepStack) go to the tokens flowing now: the mask and the
@@ -262,6 +263,8 @@ class AttachedPipeline:
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._forwards += 1
+        if any(k.startswith("pixel_values") and isinstance(v, torch.Tensor) for k, v in kwargs.items()):
+            self._vision_tower, self._join_call = None, False  # the tower calls of this forward start a new record
         input_ids = self.adapter.input_ids(args, kwargs)
         cache = cache_argument(kwargs)
         past = self.adapter.cache_length(cache)
