@@ -199,10 +199,9 @@ def test_qwen_training_runs_resumes_and_exports_a_folder_that_loads_and_generate
     assert out.shape[1] == enc["input_ids"].shape[1] + 2
 
 
-#: The shipped weights' tests run once ``tokenprune/reference/checkpoint_qwen/`` holds a model that meets the floor
-#: (docs/reference_model.md: the first full run did not, so none is shipped yet).
+#: The shipped weights' tests (a checkout without ``tokenprune/reference/checkpoint_qwen/`` skips them).
 NEEDS_WEIGHTS = pytest.mark.skipif(not (qwen.QWEN_DIR / "config.json").exists(),
-                                   reason="reference-qwen ships no weights yet (docs/reference_model.md)")
+                                   reason="tokenprune/reference/checkpoint_qwen/ holds no model")
 
 @NEEDS_WEIGHTS
 def test_the_shipped_qwen_model_is_a_stock_qwen2_5_vl_folder_that_loads_offline(monkeypatch):
