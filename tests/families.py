@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+import tokenprune as tp
 from tokenprune.reference import tiny
 
 
@@ -130,3 +131,22 @@ def next_packed_rows(model, batch) -> tuple[torch.Tensor, list[int]]:
     packed, _ = model.model.pack_image_features(feats, batch["image_sizes"], "default",
                                                 image_newline=torch.tensor([-1.0], dtype=torch.float64))
     return torch.cat(packed)[:, 0].long(), tiles
+
+
+def vision_scores(model, batch: dict, layer: int | float) -> torch.Tensor:
+    """(B, N) the ``cls_attention`` signal at vision ``layer`` a stage at layer 0 reads on ``batch`` (a spy operator
+    before a keep-all selection)."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        needs_vision = True
+
+        def forward(self, state):
+            seen.append(state.signals.vision_cls_attention(layer=layer).clone())
+            return state
+
+    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "random"}, {"op": "topk", "keep": 1.0}]}]})
+    pipe.stages[0].operators.insert(0, Spy())
+    with torch.no_grad(), pipe.attach(model):
+        model(**batch)
+    return seen[0]

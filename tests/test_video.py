@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from families import assert_sdpa_matches_eager, pair
+from families import assert_sdpa_matches_eager, pair, vision_scores
 from reference import reference_greedy, reference_prefill_logits
 
 import tokenprune as tp
@@ -361,34 +361,16 @@ def test_holitom_video_merges_static_cells_before_and_tokens_inside_the_llm(fami
     assert inner.visual_after == [round(5 * 0.5 + 0.01), 3]
 
 
-def vision_scores(model, batch: dict) -> torch.Tensor:
-    """(B, N) the attention each visual token's patches receive at vision layer 0, as a stage at layer 0 reads it."""
-    seen = []
-
-    class Spy(torch.nn.Module):
-        needs_vision = True
-
-        def forward(self, state):
-            seen.append(state.signals.vision_cls_attention(layer=0).clone())
-            return state
-
-    pipe = tp.load_pipeline({"stages": [{"layer": 0, "operators": [{"op": "random"}, {"op": "topk", "keep": 1.0}]}]})
-    pipe.stages[0].operators.insert(0, Spy())
-    with torch.no_grad(), pipe.attach(model):
-        model(**batch)
-    return seen[0]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vision_signals_of_a_batch_of_images_and_clips_are_each_sample_alones(family):
     """The forward runs the tower on the images, then on the clips; the two calls are joined, so every visual
     token's signal is the one its sample gets alone (a call of its image or of its clip only)."""
     model, batch = pair(family)["sdpa"], batch_of(family, "image+video")
-    together = vision_scores(model, batch)
+    together = vision_scores(model, batch, 0)
     visual = get_adapter(model).visual_mask(batch["input_ids"])
     for b in range(2):
         own = alone(batch, b)
-        mine = vision_scores(model, own)[0][get_adapter(model).visual_mask(own["input_ids"])[0]]
+        mine = vision_scores(model, own, 0)[0][get_adapter(model).visual_mask(own["input_ids"])[0]]
         assert mine.numel() > 0
         assert torch.allclose(together[b][visual[b]], mine, atol=1e-6)
 

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from families import pair
+from families import pair, vision_scores
 from reference import reference_greedy, reference_prefill_logits
 
 import tokenprune as tp
@@ -173,31 +173,13 @@ def test_vision_signals_on_a_clip_are_its_frames_signals_pooled_as_the_features(
     assert torch.equal(out.sequences[:, -STEPS:], tokens)
 
 
-def vision_scores(model, batch: dict) -> torch.Tensor:
-    """(B, N) the ``cls_attention`` signal (vision layer -2) a stage at layer 0 reads on ``batch``."""
-    seen = []
-
-    class Spy(torch.nn.Module):
-        needs_vision = True
-
-        def forward(self, state):
-            seen.append(state.signals.vision_cls_attention(layer=-2).clone())
-            return state
-
-    pipe = pipeline(layer=0, keep=1.0)
-    pipe.stages[0].operators.insert(0, Spy())
-    with torch.no_grad(), pipe.attach(model):
-        model(**batch)
-    return seen[0]
-
-
 def test_vision_signals_on_a_batch_of_images_and_clips_join_the_two_tower_calls():
     """A batch of an image and a 2-frame clip per sample runs the tower twice; the signals of its clips are the
     pooled eager attention maps of their frames, those of its images what the images alone give (their tiles are
     the first call's)."""
     model, batch = pair("llava_onevision")["sdpa"], batch_of("image+video")
     layers = model.config.vision_config.num_hidden_layers
-    scores = vision_scores(model, batch)
+    scores = vision_scores(model, batch, -2)
     want = eager_pooled_received_attention(batch, layers - 2)
     video = batch["input_ids"] == model.config.video_token_id
     image = batch["input_ids"] == model.config.image_token_id
@@ -206,7 +188,7 @@ def test_vision_signals_on_a_batch_of_images_and_clips_join_the_two_tower_calls(
         keep = batch["attention_mask"][b].bool() & ~video[b]
         alone = {"input_ids": batch["input_ids"][b:b + 1, keep], "attention_mask": batch["attention_mask"][b:b + 1, keep],
                  "pixel_values": batch["pixel_values"][b:b + 1], "image_sizes": batch["image_sizes"][b:b + 1]}
-        own = vision_scores(model, alone)
+        own = vision_scores(model, alone, -2)
         assert torch.allclose(scores[b][image[b]], own[0][alone["input_ids"][0] == model.config.image_token_id],
                               atol=1e-6)
 

@@ -148,6 +148,22 @@ def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, longest row) of token ``rows``, left-padded with ``pad``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return input_ids, attention_mask
+
+
+def expand_placeholder(ids: list[int], token: int, count: int) -> list[int]:
+    """``ids`` with its one ``token`` (a clip's placeholder in the chat template's prompt) written ``count`` times."""
+    if ids.count(token) != 1:
+        raise ValueError(f"a video prompt holds one video placeholder, this one {ids.count(token)}")
+    at = ids.index(token)
+    return ids[:at] + [token] * count + ids[at + 1:]
+
+
 #: The key an adapter's :meth:`ModelAdapter.hook_image_call` adds to the keyword arguments it reports of a video
 #: call (the call itself gets them unchanged), for families whose forward encodes images and videos in two calls.
 VIDEO_CALL = "tokenprune_video_call"

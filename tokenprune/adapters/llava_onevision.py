@@ -7,7 +7,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tokenprune.adapters.base import VIDEO_CALL, MethodHook, received_attention, tiles_of_images
+from tokenprune.adapters.base import (
+    VIDEO_CALL,
+    MethodHook,
+    expand_placeholder,
+    left_pad,
+    received_attention,
+    tiles_of_images,
+)
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 
@@ -134,15 +141,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         for prompt, clip in zip(prompts, clips):
             tiles = [processor.image_processor(images=[f], return_tensors="pt")["pixel_values"][0, 0] for f in clip]
             pixels.append(torch.stack(tiles))
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            if ids.count(video_token) != 1:
-                raise ValueError(f"a video prompt holds one video placeholder, this one {ids.count(video_token)}")
-            at = ids.index(video_token)
-            rows.append(ids[:at] + [video_token] * per_clip + ids[at + 1:])
-        width = max(len(r) for r in rows)
-        return {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows]),
-                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
-                "pixel_values_videos": torch.stack(pixels)}
+            rows.append(expand_placeholder(tok(prompt, add_special_tokens=False)["input_ids"], video_token, per_clip))
+        input_ids, mask = left_pad(rows, tok.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values_videos": torch.stack(pixels)}
 
     # --- the video call: get_video_features(pixel_values_videos, ...), each frame a tile of the tower --------
     def hook_image_call(self, fn):
@@ -168,7 +169,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _image_tiles(self, tower) -> int:
         """Tiles the tower saw for the images of record ``tower`` (the signal rows before the frames' are theirs)."""
-        return sum(count for _, _, count in self._images_rows(tower)) if tower["images"] else 0
+        return sum(self._tiles((h, w)) if tiled else 1 for h, w, tiled in tower["images"])
 
     def vision_patch_map(self, visual: torch.Tensor, tower=None, video=None) -> torch.Tensor:
         """Images as LLaVA-NeXT's; after a video call, each clip's pooled tokens, frame after frame, are the pooled

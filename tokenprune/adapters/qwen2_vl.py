@@ -11,7 +11,9 @@ from tokenprune.adapters.base import (
     VIDEO_CALL,
     LlamaStyleAdapter,
     MethodHook,
+    expand_placeholder,
     layer_hidden,
+    left_pad,
     rotate_half,
     tiles_of_images,
 )
@@ -50,7 +52,7 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     family = "Qwen2-VL / Qwen2.5-VL"
-    frame_videos = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL and Qwen3.5 write per-frame timestamps in their processor
+    frame_videos = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL's and Qwen3.5's adapters add theirs (timestamped frames)
     rope_axes = 3
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -171,14 +173,9 @@ class Qwen2VLAdapter(LlamaStyleAdapter):
                                  for t in frame_timestamps(len(clip), self.video_fps, int(thw[0, 0])))
                 rows.append(tok(prompt.replace(start + pad + end, frames), add_special_tokens=False)["input_ids"])
                 continue
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            if ids.count(video_token) != 1:
-                raise ValueError(f"a video prompt holds one video placeholder, this one {ids.count(video_token)}")
-            at = ids.index(video_token)
-            rows.append(ids[:at] + [video_token] * (int(thw.prod()) // merge ** 2) + ids[at + 1:])
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            rows.append(expand_placeholder(tok(prompt, add_special_tokens=False)["input_ids"], video_token,
+                                           int(thw.prod()) // merge ** 2))
+        input_ids, mask = left_pad(rows, tok.pad_token_id)
         enc = {"input_ids": input_ids, "attention_mask": mask, "pixel_values_videos": torch.cat(pixels),
                "video_grid_thw": torch.cat(grids), "mm_token_type_ids": (input_ids == video_token).long() * 2}
         if self.model.config.model_type == "qwen2_5_vl":

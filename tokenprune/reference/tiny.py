@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenprune.adapters.base import left_pad as adapter_left_pad
+
 TINY_IMAGE_TOKEN = 127
 TINY_VOCAB = 128
 TINY_PAD, TINY_BOS, TINY_EOS = 0, 1, 2
@@ -22,13 +24,7 @@ def _for_tests(model: nn.Module) -> nn.Module:
 
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` (B, max length) of token rows, left-padded with ``TINY_PAD``."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), TINY_PAD, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention_mask[i, width - len(r):] = 1
-    return input_ids, attention_mask
+    return adapter_left_pad(rows, TINY_PAD)
 
 
 def tiny_llava(attn_implementation: str = "sdpa", layers: int = 4, image_size: int = 56, patch_size: int = 7,
