@@ -90,11 +90,11 @@ def by_hand(family, model, processor, item, pipeline=None, new_tokens=3):
 
 def test_a_clips_inputs_are_the_prompt_written_out_by_hand(saved):
     from tokenprune.adapters import get_adapter
-    from tokenprune.eval.videos import video_prompt
+    from tokenprune.reference.model import prompt
 
     family, _, model, processor = saved
     item = shapes_video.load_split("test", size=1)[0]
-    got = get_adapter(model).frame_video_inputs(processor, [video_prompt(processor, item["question"])], [item["video"]])
+    got = get_adapter(model).frame_video_inputs(processor, [prompt(processor, item["question"], video=True)], [item["video"]])
     want = hand_inputs(family, processor, item)
     assert sorted(got) == sorted(want)
     for key in want:

@@ -45,11 +45,12 @@ from tokenprune.eval.run_config import (
     run_directory,
 )
 from tokenprune.eval.scoring import data_digest, item_score, load_items, open_image, relative_score, summarize
-from tokenprune.eval.videos import check_video_family, video_prompt
+from tokenprune.eval.videos import check_video_family
 from tokenprune.measure.flops import LLMShape, ideal_speedups, measured_flops
 from tokenprune.measure.memory import cache_bytes, peak_rss, prompt_kv_bytes
 from tokenprune.measure.provenance import provenance
 from tokenprune.measure.timing import StepClock, VisionClock
+from tokenprune.reference.model import prompt
 
 # --- one batch --------------------------------------------------------------------------------------
 
@@ -68,8 +69,8 @@ def generate_batch(model, processor, items: list[Mapping[str, Any]], pipeline, g
         clips = [[open_image(f) for f in it["video"]] for it in items]
         if pipeline is not None:
             clips = [pipeline.prepare_images(frames) for frames in clips]
-        enc = get_adapter(model).frame_video_inputs(processor, [video_prompt(processor, it["question"]) for it in items],
-                                                    clips)
+        prompts = [prompt(processor, it["question"], video=True) for it in items]
+        enc = get_adapter(model).frame_video_inputs(processor, prompts, clips)
     else:
         prompts = [build_prompt(processor, it["question"]) for it in items]
         images = [open_image(it["image"]) for it in items]

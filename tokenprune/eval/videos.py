@@ -1,6 +1,7 @@
-"""Video splits through ``tokenprune run``: the prompt around a clip, and the check that the model's adapter can
+"""Video splits through ``tokenprune run``: the check that the model's adapter can
 build the clip's inputs without transformers' video processors (which need torchvision) — Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, Qwen3.5 and LLaVA-OneVision (:meth:`~tokenprune.adapters.base.ModelAdapter.frame_video_inputs`)."""
+Qwen3-VL, Qwen3.5 and LLaVA-OneVision (:meth:`~tokenprune.adapters.base.ModelAdapter.frame_video_inputs`). The
+prompt around a clip is :func:`tokenprune.reference.model.prompt` with ``video=True``."""
 
 from __future__ import annotations
 
@@ -15,9 +16,3 @@ def check_video_family(config, key: str = "data.source") -> None:
                                f"(their video inputs are built from the image processor); this model is "
                                f"{config.model_type!r}")
 
-
-def video_prompt(processor, question: str) -> str:
-    """The chat template around one video (before the text) and ``question``, ending where the answer starts."""
-    return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True)

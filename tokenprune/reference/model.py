@@ -54,10 +54,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def prompt(processor, question: str) -> str:
-    """The chat-formatted prompt for one image and ``question``, ending where the answer starts."""
+def prompt(processor, question: str, video: bool = False) -> str:
+    """The chat-formatted prompt for one image (``video``: one clip) and ``question``, ending where the answer
+    starts."""
     return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        [{"role": "user", "content": [{"type": "video" if video else "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tokenprune.reference import shapes_video
 from tokenprune.reference.model import ReferenceSize
 from tokenprune.reference.processors import (
     QWEN_EXTRA_TOKENS,
@@ -39,28 +40,34 @@ MERGE = 2
 SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
 
-def qwen_vocabulary() -> list[str]:
-    """Qwen's special tokens, then the benchmark's words and the chat template's role words."""
-    return SPECIALS + [w for w in benchmark_words() if w not in SPECIALS]
+def qwen_vocabulary(video: bool = False) -> list[str]:
+    """Qwen's special tokens, then the benchmark's words and the chat template's role words; ``video``: then the
+    words of the ``shapes_video`` questions the image vocabulary lacks (appended, so every image word keeps its id
+    and a video model fine-tuned from the image one keeps its embeddings)."""
+    words = SPECIALS + [w for w in benchmark_words() if w not in SPECIALS]
+    if video:
+        words += [w for w in shapes_video.WORDS if w not in words]
+    return words
 
 
-def build_tokenizer():
+def build_tokenizer(video: bool = False):
     """A word-level tokenizer over :func:`qwen_vocabulary` with Qwen's special tokens and the ChatML template."""
-    vocab = {w: i for i, w in enumerate(qwen_vocabulary())}
+    vocab = {w: i for i, w in enumerate(qwen_vocabulary(video))}
     return word_tokenizer(vocab, [s for s in SPECIALS if s != "<unk>"], "<|endoftext|>", None, "<|im_end|>",
                           QWEN_EXTRA_TOKENS, CHAT_TEMPLATE)
 
 
-def build_processor():
+def build_processor(video: bool = False):
     """``Qwen2_5_VLProcessor``: the PIL image processor keeping a 336-px image at 336 px (24×24 patches of 14 px,
-    144 tokens after the 2×2 merge), the word tokenizer, ChatML; without torchvision, the same class without its
-    video processor (:func:`tokenprune.reference.processors.images_only`)."""
+    144 tokens after the 2×2 merge), the word tokenizer (``video``: with the ``shapes_video`` words), ChatML;
+    without torchvision, the same class without its video processor
+    (:func:`tokenprune.reference.processors.images_only`)."""
     import transformers as tf
 
     pixels = IMAGE_SIDE * IMAGE_SIDE
     image_processor = tf.Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
                                                   min_pixels=pixels, max_pixels=pixels)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(video)
     if not has_torchvision():
         return images_only(tf.Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                                    chat_template=CHAT_TEMPLATE)
@@ -78,15 +85,17 @@ class QwenReferenceSize(ReferenceSize):
     text_layers: int = 8
 
 
-def build_model(size: QwenReferenceSize | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+def build_model(size: QwenReferenceSize | None = None, seed: int = 0, attn_implementation: str = "sdpa",
+                video: bool = False):
     """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` of :class:`QwenReferenceSize`: the tower
     attends in windows of 112 px (4×4 merged tokens) in blocks 0 and 2 and over the whole image in blocks 1 and 3
     (``fullatt_block_indexes``, as Qwen2.5-VL's 7, 15, 23, 31 of 32); M-RoPE sections split each head's rotary
-    frequencies between time, height and width as the 7B's [16, 24, 24] do for 64 of them."""
+    frequencies between time, height and width as the 7B's [16, 24, 24] do for 64 of them. ``video``: the
+    vocabulary with the ``shapes_video`` words (:func:`qwen_vocabulary`)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     size = size or QwenReferenceSize()
-    vocab = qwen_vocabulary()
+    vocab = qwen_vocabulary(video)
     head_dim = size.text_hidden // size.text_heads
     half = head_dim // 2
     sections = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # 16 -> [4, 6, 6]

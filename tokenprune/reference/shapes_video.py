@@ -39,7 +39,8 @@ from tokenprune.reference.shapes import (
     score,
 )
 
-__all__ = ["FRAMES", "SIZE", "SPLIT_SIZES", "TYPES", "digest", "iter_items", "load_split", "make_item", "score"]
+__all__ = ["FRAMES", "SIZE", "SPLIT_SIZES", "TYPES", "WORDS", "digest", "iter_items", "load_split", "make_item",
+           "score"]
 
 SIZE = 224
 #: Frames per clip (even: Qwen's towers merge two frames into one temporal patch).
@@ -48,6 +49,10 @@ TYPES = ("moved", "direction", "appeared", "order", "duration")
 SPLIT_SIZES = {"test": 500, "val": 200}
 _SPLIT_SEEDS = {"test": "shapes-video-test-v1", "val": "shapes-video-val-v1"}
 _SIZES = (24, 44)  # px, inclusive
+#: Every word and punctuation mark of the questions and answers besides the colours, kinds and digits (a word-level
+#: tokenizer for video adds those it lacks: :func:`tokenprune.reference.qwen.qwen_vocabulary`).
+WORDS = ("Which", "shape", "moved", "?", "way", "did", "the", "move", "left", "right", "up", "down", "appeared",
+         "first", ",", "or", "In", "how", "many", "frames", "is", "visible")
 _MIN_TRAVEL = 64  # px: a moving shape's path
 
 

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.adapters import get_adapter
-from tokenprune.adapters.base import layer_hidden
+from tokenprune.adapters.base import expand_placeholder, layer_hidden
 from tokenprune.core.config import apply_overrides
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.paths import writable_folder
@@ -32,12 +33,19 @@ from tokenprune.core.values import Bool, Fields, Float, Int, ListOf, Optional, S
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
 from tokenprune.reference import model as llava_reference
 from tokenprune.reference import qwen as qwen_reference
-from tokenprune.reference import shapes
+from tokenprune.reference import shapes, shapes_video
 from tokenprune.reference.model import ReferenceSize, prompt
 
 DEFAULTS = {
     # the architecture: "llava" (LLaVA-1.5 geometry, the default reference) or "qwen2_5_vl" (tokenprune/reference/qwen.py)
     "family": "llava",
+    # what it trains on: "shapes" (images) or "shapes_video" (clips, tokenprune/reference/shapes_video.py; the Qwen
+    # family, whose tower takes videos: the answers' loss alone, the image-only signals below off)
+    "benchmark": "shapes",
+    # null: random weights of `model`'s size; a folder (or `reference`, `reference-qwen`: a shipped reference) of the
+    # same family and size to start from — fine-tuning. A video run's vocabulary adds the clips' words: their
+    # embedding rows start at the mean of the image words' rows (every image word keeps its id and its rows).
+    "init_from": None,
     "seed": 0,
     "output_dir": "runs/train_reference",
     "export_dir": None,  # null: output_dir/model
@@ -103,7 +111,8 @@ def _schema() -> dict[str, Any]:
     """Every key of the training config, typed (:mod:`tokenprune.core.values`)."""
     step, weight = Int(0), Float(minimum=0)
     return {
-        "family": Str(tuple(FAMILIES)), "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export_dir": Optional(Str()),
+        "family": Str(tuple(FAMILIES)), "benchmark": Str(BENCHMARKS), "init_from": Optional(Str()),
+        "seed": Int(0, 2**32 - 1), "output_dir": Str(), "export_dir": Optional(Str()),
         "model": {f: Int(1) for f in ReferenceSize.__dataclass_fields__},
         "data": {"batch_size": Int(1), "num_workers": Int(0)},
         "optim": {"lr": Float(above=0), "vision_lr": Optional(Float(above=0)), "weight_decay": weight,
@@ -157,6 +166,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
                           f"(got vision_warmup_steps={cfg.vision_warmup_steps}, aux_weight={cfg.aux_weight})")
     _check_outputs(cfg)
     check_resume(cfg)
+    if cfg.benchmark == "shapes_video":
+        _check_video(cfg)
+    if cfg.init_from is not None:
+        init_folder(cfg)
     probe = cfg.position_probe
     if probe.weight and not 0 <= probe.layer < cfg.model.text_layers:
         raise ConfigError("position_probe.layer", f"must be a layer of the LLM, 0..{cfg.model.text_layers - 1}; "
@@ -185,6 +198,84 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
             raise ConfigError("attention_hints.heads", f"must be 1..{cfg.model.text_heads} (model.text_heads); "
                               f"got {hints.heads}")
     return cfg
+
+
+BENCHMARKS = ("shapes", "shapes_video")
+
+#: The training signals that read a ``shapes`` image's labels (its shapes, their patches, its questions' names): off
+#: on ``shapes_video``, which trains on the answers' loss alone.
+IMAGE_SIGNALS = ("aux_weight", "vision_warmup_steps", "describe.share", "align.weight", "attention_hints.weight",
+                 "position_probe.weight", "answer_probe.weight")
+
+
+def _check_video(cfg: DictConfig) -> None:
+    """``benchmark: shapes_video`` trains a family whose reference takes clips, on the answers alone."""
+    if not FAMILIES[cfg.family].videos:
+        raise ConfigError("benchmark", f"shapes_video trains a family whose reference takes videos "
+                                       f"({', '.join(f.name for f in FAMILIES.values() if f.videos)}); "
+                                       f"family is {cfg.family!r}")
+    off = {**{key: 0 for key in IMAGE_SIGNALS}, "multi_turn.turns": 1, "curriculum": []}
+    for key, allowed in off.items():
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if key == "curriculum" else value
+        if value != allowed:
+            raise ConfigError(key, f"is a shapes image training signal; benchmark shapes_video trains on the answers "
+                                   f"alone (got {value!r}; allowed: {allowed!r})")
+
+
+def init_folder(cfg: DictConfig) -> Path:
+    """The folder ``init_from`` names (``reference``, ``reference-qwen``: the shipped ones), checked: it holds a model
+    of the config's family (its config.json's ``model_type``)."""
+    shipped = {"reference": llava_reference.REFERENCE_DIR, "reference-qwen": qwen_reference.QWEN_DIR}
+    folder = Path(shipped.get(cfg.init_from, cfg.init_from))
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except OSError:
+        raise ConfigError("init_from", f"{cfg.init_from!r}: no model folder there ({folder / 'config.json'} is "
+                                       "missing); give a folder a training run exported, or reference / "
+                                       "reference-qwen") from None
+    except ValueError as e:
+        raise ConfigError("init_from", f"{folder / 'config.json'} is not JSON: {e}") from None
+    family = FAMILIES[cfg.family]
+    if config.get("model_type") != family.model_type:
+        raise ConfigError("init_from", f"{cfg.init_from!r} holds a {config.get('model_type')!r} model; family "
+                                       f"{cfg.family!r} starts from a {family.model_type!r} one")
+    for key, value in family.size_of(config).items():
+        if value != cfg.model[key]:
+            raise ConfigError(f"model.{key}", f"init_from {cfg.init_from!r} is a model of {key}={value}; this config "
+                                              f"gives {cfg.model[key]} (a fine-tune keeps the checkpoint's sizes)")
+    return folder
+
+
+def start_weights(model, folder: Path) -> None:
+    """Load the weights of the model in ``folder`` into ``model`` (a fresh one of the same family and size, whose
+    vocabulary may extend the folder's): every tensor copied (read through the Auto class, which maps a saved
+    folder's names onto the model's); the embedding and output rows of words the folder's
+    model lacks start at the mean of its rows. A tensor of another shape (another ``model`` size) is one
+    ConfigError naming it."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        given_ = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).state_dict()
+    except (OSError, ValueError) as e:
+        raise ConfigError("init_from", f"{folder}: {str(e).splitlines()[0]}") from None
+    mine = model.state_dict()
+    grown = {model.get_input_embeddings().weight.data_ptr(), model.get_output_embeddings().weight.data_ptr()}
+    missing = sorted(set(mine) - set(given_))
+    if missing:
+        raise ConfigError("init_from", f"{folder}'s weights lack {missing[0]} (and {len(missing) - 1} more): another "
+                                       "architecture than this config's model")
+    with torch.no_grad():
+        for key, target in mine.items():
+            source = given_[key].to(target.dtype)
+            if source.shape == target.shape:
+                target.copy_(source)
+            elif target.data_ptr() in grown and source.shape[1:] == target.shape[1:] and len(source) < len(target):
+                target[:len(source)] = source
+                target[len(source):] = source.mean(dim=0)
+            else:
+                raise ConfigError("init_from", f"{folder}'s {key} is {tuple(source.shape)}, this config's model "
+                                               f"{tuple(target.shape)}: the model.* sizes must be the checkpoint's")
 
 
 #: Written into an export: the run (``output_dir``) that exported it, and its steps.
@@ -222,19 +313,34 @@ class Family:
     where its tower's output and parameters are."""
 
     name = "llava"
+    model_type = "llava"
     grid = GRID
     size_class = ReferenceSize
+    #: its reference takes clips (``benchmark: shapes_video``)
+    videos = False
     #: the tower's tokens know where they are (LLaVA's position embeddings, 2-D sin-cos at init): the patch loss
     #: asks them for their shape's centre; a rotary-only tower (Qwen's) cannot know it (relative positions only)
     absolute_positions = True
     turn = " USER: {q} ASSISTANT:"  # a later turn of the conversation (the chat template's format)
     answer = " {a} </s>"
 
-    def build_model(self, size, seed: int):
+    def build_model(self, size, seed: int, video: bool = False):
         return llava_reference.build_model(size, seed=seed)
 
-    def build_processor(self):
+    def build_processor(self, video: bool = False):
         return llava_reference.build_processor()
+
+    #: where each ``model`` size sits in a saved config.json: (sub-config, key)
+    config_keys = {"vision_hidden": ("vision_config", "hidden_size"),
+                   "vision_layers": ("vision_config", "num_hidden_layers"),
+                   "vision_heads": ("vision_config", "num_attention_heads"),
+                   "text_hidden": ("text_config", "hidden_size"), "text_layers": ("text_config", "num_hidden_layers"),
+                   "text_heads": ("text_config", "num_attention_heads"),
+                   "text_kv_heads": ("text_config", "num_key_value_heads")}
+
+    def size_of(self, config: dict) -> dict[str, Any]:
+        """The ``model`` sizes of a saved model's config.json (None where it does not say)."""
+        return {k: config.get(sub, {}).get(key) for k, (sub, key) in self.config_keys.items()}
 
     def pixels(self, processor, items: list[dict]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.cat([pixel_values(processor, it["image"]) for it in items])}
@@ -270,17 +376,22 @@ class QwenFamily(Family):
     """The Qwen2.5-VL reference: 144 visual tokens (12 × 12 merged cells of 28 px), ChatML turns."""
 
     name = "qwen2_5_vl"
+    model_type = "qwen2_5_vl"
+    videos = True
     grid = qwen_reference.IMAGE_SIDE // (qwen_reference.PATCH * qwen_reference.MERGE)
     size_class = qwen_reference.QwenReferenceSize
     absolute_positions = False
     turn = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
     answer = "{a}<|im_end|>"
 
-    def build_model(self, size, seed: int):
-        return qwen_reference.build_model(size, seed=seed)
+    def build_model(self, size, seed: int, video: bool = False):
+        return qwen_reference.build_model(size, seed=seed, video=video)
 
-    def build_processor(self):
-        return qwen_reference.build_processor()
+    def build_processor(self, video: bool = False):
+        return qwen_reference.build_processor(video)
+
+    config_keys = {**Family.config_keys, "vision_layers": ("vision_config", "depth"),
+                   "vision_heads": ("vision_config", "num_heads")}
 
     def pixels(self, processor, items: list[dict]) -> dict[str, torch.Tensor]:
         out = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt")
@@ -551,11 +662,8 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
         rows.append(row)
         labels.append(label)
         turns.append(spans)
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    label_t = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    input_ids, mask, label_t = right_pad(rows, labels, tok.pad_token_id)
+    width = input_ids.shape[1]
     batch = {"input_ids": input_ids, "attention_mask": mask, **family.pixels(processor, items), "labels": label_t,
              **family.extra_inputs(processor, input_ids)}
     if hints:
@@ -590,17 +698,72 @@ def encode(processor, items: list[dict], hints: bool = False, absent: str = "non
     return batch
 
 
+def right_pad(rows: list[list[int]], labels: list[list[int]], pad: int) -> tuple[torch.Tensor, ...]:
+    """``input_ids``, ``attention_mask`` and ``labels`` (B, longest row) of token ``rows`` and their ``labels``,
+    right-padded (``pad``; -100 in the labels)."""
+    width = max(len(r) for r in rows)
+    return (torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            torch.tensor([r + [-100] * (width - len(r)) for r in labels]))
+
+
+def encode_clips(processor, items: list[dict], family: Family | None = None) -> dict[str, torch.Tensor]:
+    """A training batch of ``shapes_video`` items for the Qwen reference: each clip's prompt (the chat template's,
+    its one ``<|video_pad|>`` written once per merged cell of the clip, as the processor's video path and
+    ``tokenprune run`` lay it out), then the answer and its end, right-padded; labels only on the answer and its end.
+    The pixels from the image processor frame by frame (:func:`~tokenprune.adapters.qwen2_vl.video_pixels`), each
+    temporal patch one second (``second_per_grid_ts``, as ``tokenprune run`` gives Qwen2.5-VL)."""
+    from tokenprune.adapters.qwen2_vl import video_pixels
+
+    family = family or FAMILIES["qwen2_5_vl"]
+    tok = processor.tokenizer
+    video_token = tok.convert_tokens_to_ids(processor.video_token)
+    merge = processor.image_processor.merge_size
+    rows, labels, pixels, grids = [], [], [], []
+    for it in items:
+        pv, thw = video_pixels(processor.image_processor, it["video"])
+        text = tok(prompt(processor, it["question"], video=True), add_special_tokens=False)["input_ids"]
+        row = expand_placeholder(text, video_token, int(thw.prod()) // merge ** 2)
+        answer = tok(family.answer.format(a=it["answer"]), add_special_tokens=False)["input_ids"]
+        rows.append(row + answer)
+        labels.append([-100] * len(row) + answer)
+        pixels.append(pv)
+        grids.append(thw)
+    input_ids, mask, label_t = right_pad(rows, labels, tok.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grids),
+            "mm_token_type_ids": (input_ids == video_token).long() * 2, "second_per_grid_ts": torch.ones(len(items))}
+
+
+def worker_batches(start: int = 0) -> Iterator[int]:
+    """Batch indices ``start, start + 1, ...``; in a DataLoader worker, its share."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return (b for b in itertools.count(start) if b % workers == worker)
+
+
 def train_batches(seed: int, batch_size: int, start: int = 0, sizes_at=lambda b: shapes.SIZES):
     """``(b, items)``: batch ``b`` of the ``shapes`` train split ``seed`` (items ``b * batch_size`` on, the question
     types in turn, shapes of ``sizes_at(b)`` px) for b = start, start + 1, ...; in a DataLoader worker, its share."""
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    for b in itertools.count(start):
-        if b % workers != worker:
-            continue
+    for b in worker_batches(start):
         yield b, [shapes.make_item(f"shapes-train-{seed}/{i}", shapes.TYPES[i % len(shapes.TYPES)],
                                    i // len(shapes.TYPES), sizes_at(b))
                   for i in range(b * batch_size, (b + 1) * batch_size)]
+
+
+class ClipStream(torch.utils.data.IterableDataset):
+    """Endless training batches (:func:`encode_clips`) from ``shapes_video`` train split ``seed`` (the items
+    ``shapes_video.load_split("train", seed)`` yields, the question types in turn), from batch ``start`` on."""
+
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, family: Family | None = None):
+        self.processor, self.seed, self.batch_size, self.start, self.family = processor, seed, batch_size, start, family
+
+    def __iter__(self):
+        for b in worker_batches(self.start):
+            items = [shapes_video.make_item(f"shapes-video-train-{self.seed}/{i}",
+                                            shapes_video.TYPES[i % len(shapes_video.TYPES)])
+                     for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
+            yield encode_clips(self.processor, items, self.family)
 
 
 class ShapesStream(torch.utils.data.IterableDataset):
@@ -673,13 +836,18 @@ def describe(item: dict) -> dict:
 
 
 def answer_accuracy(model, processor, items: list[dict], batch_size: int = 16) -> dict:
-    """Greedy one-token answers through stock ``generate()``, scored with ``shapes.score``."""
+    """Greedy one-token answers through stock ``generate()``, scored with ``shapes.score``; clips (``video`` items)
+    with the inputs ``tokenprune run`` builds for them (the adapter's ``frame_video_inputs``)."""
     preds: list[str] = []
     tok = processor.tokenizer
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prompts = [prompt(processor, it["question"]) for it in chunk]
-        enc = processor(images=[it["image"] for it in chunk], text=prompts, return_tensors="pt", padding=True)
+        if "video" in chunk[0]:
+            prompts = [prompt(processor, it["question"], video=True) for it in chunk]
+            enc = get_adapter(model).frame_video_inputs(processor, prompts, [it["video"] for it in chunk])
+        else:
+            prompts = [prompt(processor, it["question"]) for it in chunk]
+            enc = processor(images=[it["image"] for it in chunk], text=prompts, return_tensors="pt", padding=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=2, do_sample=False)
@@ -695,8 +863,11 @@ def _lightning_module(cfg: DictConfig, processor):
     class ReferenceModule(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = family.build_model(family.size_class(**cfg.model), seed=cfg.seed)
-            self.val_items = shapes.load_split("val", size=cfg.val["items"])
+            video = cfg.benchmark == "shapes_video"
+            self.model = family.build_model(family.size_class(**cfg.model), seed=cfg.seed, video=video)
+            if cfg.init_from is not None:
+                start_weights(self.model, init_folder(cfg))
+            self.val_items = (shapes_video if video else shapes).load_split("val", size=cfg.val["items"])
             self.head = PatchHead(cfg.model.text_hidden, xy=family.absolute_positions) if cfg.aux_weight else None
             self.probe = torch.nn.Linear(cfg.model.text_hidden, 2) if cfg.position_probe.weight else None
             self.answer_head = torch.nn.Linear(cfg.model.text_hidden, 2 * HINT_SLOTS) if cfg.answer_probe.weight \
@@ -899,17 +1070,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     _, start = resume_point(out)
     family = FAMILIES[cfg.family]
-    processor = family.build_processor()
+    video = cfg.benchmark == "shapes_video"
+    processor = family.build_processor(video)
     module = _lightning_module(cfg, processor)
     curriculum = OmegaConf.to_container(cfg.curriculum)
-    data = torch.utils.data.DataLoader(ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum,
-                                                    targets=bool(cfg.aux_weight),
-                                                    describe=OmegaConf.to_container(cfg.describe),
-                                                    multi_turn=OmegaConf.to_container(cfg.multi_turn),
-                                                    hints=bool(cfg.attention_hints.weight),
-                                                    hint_absent=cfg.attention_hints.absent, family=family,
-                                                    hint_retrieve=cfg.attention_hints.retrieve),
-                                       batch_size=None, num_workers=cfg.data.num_workers)
+    if video:
+        stream = ClipStream(processor, cfg.seed, cfg.data.batch_size, start, family)
+    else:
+        stream = ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum, targets=bool(cfg.aux_weight),
+                              describe=OmegaConf.to_container(cfg.describe),
+                              multi_turn=OmegaConf.to_container(cfg.multi_turn),
+                              hints=bool(cfg.attention_hints.weight), hint_absent=cfg.attention_hints.absent,
+                              family=family, hint_retrieve=cfg.attention_hints.retrieve)
+    data = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers)
     trainer = fit(cfg, module, data)
     export = Path(cfg.export_dir) if cfg.export_dir else out / "model"
     module.model.save_pretrained(export)
