@@ -68,6 +68,53 @@ def test_clip_batches_are_the_inputs_tokenprune_run_builds_then_the_answer():
     assert torch.equal(batch["second_per_grid_ts"], ref["second_per_grid_ts"])
 
 
+def test_clip_hints_target_the_named_or_event_shapes_centre_cell_in_every_frame_that_shows_it():
+    """Read off the pixels (each colour is one shape in a clip): the event shape of a question that names none is the
+    colour whose pixels move (moved) or are missing from the first frame (appeared); each slot's targets are, for
+    every frame showing its shape, the token of that frame's temporal patch (frame // 2) whose 224/12-px cell holds
+    the centre of the colour's bounding box; the gather targets are the name's words; the row is the answer's."""
+    import numpy as np
+
+    from tokenprune.reference.shapes import COLORS
+    from tokenprune.reference.train import encode_clips
+
+    proc = processor_of(True)
+    tok = proc.tokenizer
+    items = [shapes_video.make_item(f"h/{i}", t) for i, t in enumerate(shapes_video.TYPES)]
+    batch = encode_clips(proc, items, hints=True)
+    masks = [[{c: (np.asarray(f, dtype=np.int32) == np.array(rgb)).all(-1) for c, rgb in COLORS.items()}
+              for f in it["video"]] for it in items]
+    for b, it in enumerate(items):
+        frames = masks[b]
+        shown = [{c for c, m in f.items() if m.any()} for f in frames]
+        named = re.findall(r"\b(" + "|".join(COLORS) + r") \w+", it["question"])
+        if it["type"] == "moved":
+            colours = [c for c in shown[0] if not np.array_equal(frames[0][c], frames[-1][c])]
+        elif it["type"] == "appeared":
+            colours = list(shown[-1] - shown[0])
+        else:
+            colours = named
+        assert len(colours) == (2 if it["type"] == "order" else 1)
+        row = int(batch["hint_row"][b, 0])
+        assert batch["labels"][b, row + 1] != -100 and (batch["labels"][b, :row + 1] == -100).all()
+        ids = batch["input_ids"][b].tolist()
+        start = ids.index(tok.convert_tokens_to_ids("<|video_pad|>"))
+        for slot in range(2):
+            colour = colours[min(slot, len(colours) - 1)]
+            want = set()
+            for f, frame in enumerate(frames):
+                if frame[colour].any():
+                    ys, xs = np.nonzero(frame[colour])
+                    cx, cy = -(-(xs.min() + xs.max()) // 2), -(-(ys.min() + ys.max()) // 2)  # the centre, rounded up
+                    want.add(start + (f // 2) * 144 + (cy * 12 // 224) * 12 + cx * 12 // 224)
+            assert set(batch["hint_retrieve"][b, 0, slot].nonzero().flatten().tolist()) == want, (it["type"], slot)
+            gathered = tok.convert_ids_to_tokens([ids[i] for i in batch["hint_gather"][b, 0, slot].nonzero().flatten()])
+            if named:
+                assert gathered[0] == colour and len(gathered) == 2
+            else:
+                assert gathered == []
+
+
 def test_a_fine_tune_starts_from_the_image_models_weights_and_new_words_at_their_mean(tmp_path):
     from tokenprune.reference.train import start_weights
 
@@ -110,6 +157,8 @@ def test_a_video_config_refuses_what_it_cannot_train(tmp_path):
         load_config(yaml, [out, "aux_weight=1.0"])
     with pytest.raises(ConfigError, match=r"^multi_turn.turns: .* \(got 3; allowed: 1\)"):
         load_config(yaml, [out, "multi_turn.turns=3"])
+    with pytest.raises(ConfigError, match=r"^attention_hints.retrieve: on clips .* 'center' \(got 'shape'\)"):
+        load_config(yaml, [out, "attention_hints.weight=1.0", "attention_hints.retrieve=shape"])
     with pytest.raises(ConfigError, match=r"^benchmark: 'clips'; allowed: shapes, shapes_video"):
         load_config(yaml, [out, "benchmark=clips"])
     with pytest.raises(ConfigError, match=r"^init_from: '.*nowhere': no model folder there"):
@@ -130,7 +179,8 @@ def test_a_video_config_refuses_what_it_cannot_train(tmp_path):
 
 
 def test_video_fine_tuning_trains_resumes_exports_and_the_export_answers_clips(tmp_path):
-    """From a micro image model (saved, as a run exports one): two steps on clips, a resume to three, an export with
+    """From a micro image model (saved, as a run exports one): two steps on clips with the attention hints, a resume to
+    three, an export with
     the video vocabulary that the project's loader reads and that answers a clip through stock ``generate()`` with
     the runner's inputs; a resume under another benchmark is refused."""
     from transformers import AutoModelForImageTextToText
@@ -145,13 +195,15 @@ def test_video_fine_tuning_trains_resumes_exports_and_the_export_answers_clips(t
     micro = [f"model.{k}={v}" for k, v in MICRO.items()] + [
         f"init_from={init}", "data.batch_size=2", "data.num_workers=0", "val.items=2", "val.every=0",
         "logging.wandb=false", "logging.every=1", "checkpoint_every=1", f"output_dir={tmp_path / 'run'}",
-        f"export_dir={tmp_path / 'export'}", "accelerator=cpu"]
+        f"export_dir={tmp_path / 'export'}", "accelerator=cpu", "attention_hints.weight=1.0",
+        "attention_hints.retrieve_layer=1"]
     yaml = "experiments/train_reference_video.yaml"
     assert train(load_config(yaml, micro + ["optim.max_steps=2"]))["steps"] == 2
     result = train(load_config(yaml, micro + ["optim.max_steps=3"]))
     assert result["steps"] == 3 and result["val"]["n"] == 2
     metrics = (tmp_path / "run" / "metrics" / "version_1" / "metrics.csv").read_text()
     assert [row.split(",")[1] for row in metrics.splitlines()[1:]] == ["2"]
+    assert "train/hint_loss" in metrics
     with pytest.raises(ConfigError, match="^benchmark: output_dir .* holds a run trained with benchmark='shapes_video'"):
         load_config(yaml, micro + ["benchmark=shapes", "init_from=null"])
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True)

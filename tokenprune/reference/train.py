@@ -203,9 +203,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
 BENCHMARKS = ("shapes", "shapes_video")
 
 #: The training signals that read a ``shapes`` image's labels (its shapes, their patches, its questions' names): off
-#: on ``shapes_video``, which trains on the answers' loss alone.
-IMAGE_SIGNALS = ("aux_weight", "vision_warmup_steps", "describe.share", "align.weight", "attention_hints.weight",
-                 "position_probe.weight", "answer_probe.weight")
+#: on ``shapes_video``, which trains on the answers' loss and, optionally, the attention hints (on the clip's events).
+IMAGE_SIGNALS = ("aux_weight", "vision_warmup_steps", "describe.share", "align.weight", "position_probe.weight",
+                 "answer_probe.weight")
 
 
 def _check_video(cfg: DictConfig) -> None:
@@ -220,7 +220,10 @@ def _check_video(cfg: DictConfig) -> None:
         value = OmegaConf.to_container(value) if key == "curriculum" else value
         if value != allowed:
             raise ConfigError(key, f"is a shapes image training signal; benchmark shapes_video trains on the answers "
-                                   f"alone (got {value!r}; allowed: {allowed!r})")
+                                   f"and the attention hints (got {value!r}; allowed: {allowed!r})")
+    if cfg.attention_hints.weight and cfg.attention_hints.retrieve != "center":
+        raise ConfigError("attention_hints.retrieve", f"on clips the hints retrieve each shape's centre in every frame: "
+                                                      f"'center' (got {cfg.attention_hints.retrieve!r})")
 
 
 def init_folder(cfg: DictConfig) -> Path:
@@ -707,32 +710,80 @@ def right_pad(rows: list[list[int]], labels: list[list[int]], pad: int) -> tuple
             torch.tensor([r + [-100] * (width - len(r)) for r in labels]))
 
 
-def encode_clips(processor, items: list[dict], family: Family | None = None) -> dict[str, torch.Tensor]:
+def encode_clips(processor, items: list[dict], family: Family | None = None,
+                 hints: bool = False) -> dict[str, torch.Tensor]:
     """A training batch of ``shapes_video`` items for the Qwen reference: each clip's prompt (the chat template's,
     its one ``<|video_pad|>`` written once per merged cell of the clip, as the processor's video path and
     ``tokenprune run`` lay it out), then the answer and its end, right-padded; labels only on the answer and its end.
     The pixels from the image processor frame by frame (:func:`~tokenprune.adapters.qwen2_vl.video_pixels`), each
-    temporal patch one second (``second_per_grid_ts``, as ``tokenprune run`` gives Qwen2.5-VL)."""
+    temporal patch one second (``second_per_grid_ts``, as ``tokenprune run`` gives Qwen2.5-VL).
+
+    ``hints``: also the attention hints' targets (:func:`encode`'s keys, one turn a clip): ``hint_gather`` the words
+    of each shape the question names, ``hint_retrieve`` the visual tokens holding the centre of the shape each slot
+    follows (:func:`clip_event_shapes`) in every frame that shows it — the cell of its centre in each temporal
+    patch's grid, in both frames of the patch. No ``hint_xy``: the answer probe reads still images."""
     from tokenprune.adapters.qwen2_vl import video_pixels
 
     family = family or FAMILIES["qwen2_5_vl"]
     tok = processor.tokenizer
     video_token = tok.convert_tokens_to_ids(processor.video_token)
     merge = processor.image_processor.merge_size
-    rows, labels, pixels, grids = [], [], [], []
+    rows, labels, pixels, grids, ends = [], [], [], [], []
     for it in items:
         pv, thw = video_pixels(processor.image_processor, it["video"])
         text = tok(prompt(processor, it["question"], video=True), add_special_tokens=False)["input_ids"]
         row = expand_placeholder(text, video_token, int(thw.prod()) // merge ** 2)
         answer = tok(family.answer.format(a=it["answer"]), add_special_tokens=False)["input_ids"]
+        ends.append(len(row) - 1)  # the row that predicts the answer
         rows.append(row + answer)
         labels.append([-100] * len(row) + answer)
         pixels.append(pv)
         grids.append(thw)
     input_ids, mask, label_t = right_pad(rows, labels, tok.pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grids),
-            "mm_token_type_ids": (input_ids == video_token).long() * 2, "second_per_grid_ts": torch.ones(len(items))}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+             "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grids),
+             "mm_token_type_ids": (input_ids == video_token).long() * 2, "second_per_grid_ts": torch.ones(len(items))}
+    if hints:
+        n, width = input_ids.shape
+        batch["hint_row"] = torch.tensor(ends)[:, None]
+        gather = torch.zeros(n, 1, HINT_SLOTS, width, dtype=torch.bool)
+        retrieve = torch.zeros(n, 1, HINT_SLOTS, width, dtype=torch.bool)
+        for b, (it, thw) in enumerate(zip(items, grids)):
+            words = tok.convert_ids_to_tokens(rows[b][:ends[b] + 1])
+            names = shape_names(words)
+            side = int(thw[0, 1]) // merge  # merged cells per side of a frame
+            start = rows[b].index(video_token)
+            for s, shape in enumerate(clip_event_shapes(it)):
+                if names:
+                    gather[b, 0, s, list(names[min(s, len(names) - 1)])] = True
+                for f, frame in enumerate(it["events"]):
+                    for d in frame:
+                        if (d["kind"], d["color"]) == shape:
+                            cell = (d["cy"] * side // shapes_video.SIZE) * side + d["cx"] * side // shapes_video.SIZE
+                            retrieve[b, 0, s, start + (f // 2) * side * side + cell] = True
+        batch.update(hint_gather=gather, hint_retrieve=retrieve)
+    return batch
+
+
+def clip_event_shapes(item: dict) -> list[tuple[str, str]]:
+    """``(kind, colour)`` of the shape each hint slot follows in a ``shapes_video`` item: the shapes the question
+    names, in its order (one name fills both slots); for "Which shape moved?" the shape whose centre changes, for
+    "Which shape appeared?" the one the first frame lacks (each kind and colour is one shape in a clip)."""
+    words = re.sub(r"[?.,]", " ", item["question"]).split()
+    names = shape_names(words)
+    if names:
+        found = [(words[n[-1]], words[n[0]]) for n in names]
+    else:
+        seen: dict[tuple[str, str], set] = {}
+        for frame in item["events"]:
+            for d in frame:
+                seen.setdefault((d["kind"], d["color"]), set()).add((d["cx"], d["cy"]))
+        first = {(d["kind"], d["color"]) for d in item["events"][0]}
+        event = (lambda key: len(seen[key]) > 1) if item["type"] == "moved" else (lambda key: key not in first)
+        found = [key for key in seen if event(key)]
+        if len(found) != 1:
+            raise ValueError(f"a {item['type']!r} clip with {len(found)} event shapes, expected one")
+    return [found[min(s, len(found) - 1)] for s in range(HINT_SLOTS)]
 
 
 def worker_batches(start: int = 0) -> Iterator[int]:
@@ -755,15 +806,17 @@ class ClipStream(torch.utils.data.IterableDataset):
     """Endless training batches (:func:`encode_clips`) from ``shapes_video`` train split ``seed`` (the items
     ``shapes_video.load_split("train", seed)`` yields, the question types in turn), from batch ``start`` on."""
 
-    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, family: Family | None = None):
+    def __init__(self, processor, seed: int, batch_size: int, start: int = 0, family: Family | None = None,
+                 hints: bool = False):
         self.processor, self.seed, self.batch_size, self.start, self.family = processor, seed, batch_size, start, family
+        self.hints = hints  # add the attention hints' targets (encode_clips(hints=True))
 
     def __iter__(self):
         for b in worker_batches(self.start):
             items = [shapes_video.make_item(f"shapes-video-train-{self.seed}/{i}",
                                             shapes_video.TYPES[i % len(shapes_video.TYPES)])
                      for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
-            yield encode_clips(self.processor, items, self.family)
+            yield encode_clips(self.processor, items, self.family, self.hints)
 
 
 class ShapesStream(torch.utils.data.IterableDataset):
@@ -1075,7 +1128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = _lightning_module(cfg, processor)
     curriculum = OmegaConf.to_container(cfg.curriculum)
     if video:
-        stream = ClipStream(processor, cfg.seed, cfg.data.batch_size, start, family)
+        stream = ClipStream(processor, cfg.seed, cfg.data.batch_size, start, family, bool(cfg.attention_hints.weight))
     else:
         stream = ShapesStream(processor, cfg.seed, cfg.data.batch_size, start, curriculum, targets=bool(cfg.aux_weight),
                               describe=OmegaConf.to_container(cfg.describe),
