@@ -40,7 +40,8 @@ DEFAULTS = {
     # the architecture: "llava" (LLaVA-1.5 geometry, the default reference) or "qwen2_5_vl" (tokenprune/reference/qwen.py)
     "family": "llava",
     # what it trains on: "shapes" (images) or "shapes_video" (clips, tokenprune/reference/shapes_video.py; the Qwen
-    # family, whose tower takes videos: the answers' loss alone, the image-only signals below off)
+    # family, whose tower takes videos: the answers' loss and, optionally, the attention hints; the image-only signals
+    # below off)
     "benchmark": "shapes",
     # null: random weights of `model`'s size; a folder (or `reference`, `reference-qwen`: a shipped reference) of the
     # same family and size to start from — fine-tuning. A video run's vocabulary adds the clips' words: their
@@ -209,7 +210,7 @@ IMAGE_SIGNALS = ("aux_weight", "vision_warmup_steps", "describe.share", "align.w
 
 
 def _check_video(cfg: DictConfig) -> None:
-    """``benchmark: shapes_video`` trains a family whose reference takes clips, on the answers alone."""
+    """``benchmark: shapes_video`` trains a family whose reference takes clips, on the answers (and the hints)."""
     if not FAMILIES[cfg.family].videos:
         raise ConfigError("benchmark", f"shapes_video trains a family whose reference takes videos "
                                        f"({', '.join(f.name for f in FAMILIES.values() if f.videos)}); "
