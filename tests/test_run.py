@@ -315,6 +315,32 @@ def test_a_run_killed_at_any_point_finishes_on_rerun_with_the_same_metrics(tmp_p
     assert len(rows) == 6 and not list(out.glob("*.tmp"))
 
 
+def test_a_finished_run_is_not_read_back_for_a_model_retrained_into_the_same_folder(tmp_path, tiny_folder):
+    """The same config on other weights (a model trained again into the folder the config names): the finished
+    run's results are refused, not returned; overwrite=true computes them on the new weights."""
+    import os
+    import shutil
+
+    from tokenprune.reference.model import ReferenceSize, build_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    run(config(tmp_path, folder, "pipeline=fastv"))
+    answers = lambda: [json.loads(r)["prediction"] for r in (tmp_path / "run" / "predictions.jsonl").open()]  # noqa: E731
+    first = answers()
+    assert run(config(tmp_path, folder, "pipeline=fastv")).get("finished_earlier")  # unchanged: read back
+    build_model(ReferenceSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=4,
+                              text_heads=2, text_kv_heads=1), seed=7).save_pretrained(folder)
+    later = (folder / "model.safetensors").stat().st_mtime + 10  # written again in the same second, maybe
+    os.utime(folder / "model.safetensors", (later, later))
+    with pytest.raises(ConfigError, match=r"^output_dir: .* holds this config's finished results on other weights "
+                                          r"\(.*model.safetensors of .* changed since\)"):
+        run(config(tmp_path, folder, "pipeline=fastv"))
+    again = run(config(tmp_path, folder, "pipeline=fastv", "overwrite=true"))
+    assert not again.get("finished_earlier") and not again["baseline_cached"]  # the cache key has the files too
+    assert answers() != first  # other weights, other answers
+
+
 def test_a_damaged_baseline_cache_is_computed_again(tmp_path, tiny_folder, capsys):
     reference = _results(run(config(tmp_path / "ref", tiny_folder, "pipeline=fastv")))
     (cache,) = (tmp_path / "ref" / "cache").glob("*.jsonl")

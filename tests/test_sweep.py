@@ -180,7 +180,30 @@ def test_a_variant_whose_config_changed_since_it_ran_runs_again_and_its_old_run_
     assert (out / "keep=0.5" / "metrics.json").read_text() == first and not (out / ".stale").exists()
     capsys.readouterr()
     run_sweep(Sweep(path, ["stages.0.layer=3"]))  # the sweep file edited: FastV at layer 3 instead of 2
-    assert "its config changed since it ran (overrides: " in capsys.readouterr().out
+    assert "its config or model changed since it ran (overrides: " in capsys.readouterr().out
     assert (out / ".stale" / "keep=0.5.1" / "metrics.json").read_text() == first  # kept, not overwritten
     rerun = yaml.safe_load((out / "keep=0.5" / "config.yaml").read_text())
     assert rerun["resolved_pipeline"]["stages"][0]["layer"] == 3
+
+
+def test_a_variant_runs_again_when_its_model_was_written_again_since(tmp_path, tiny_folder, capsys):
+    """A model retrained into the folder the sweep names (same config): the variant runs again on the new weights,
+    its earlier run kept aside."""
+    import os
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    path = sweep_file(tmp_path, folder, budget={"key": "stages.0.operators.1.keep", "values": [0.5]})
+    out = tmp_path / "out"
+    run_sweep(Sweep(path))
+    first = (out / "keep=0.5" / "metrics.json").read_text()
+    later = (folder / "model.safetensors").stat().st_mtime + 10
+    os.utime(folder / "model.safetensors", (later, later))  # written again (the same bytes will do)
+    capsys.readouterr()
+    run_sweep(Sweep(path))
+    assert f"changed since it ran (model.safetensors of model {folder} written since)" in capsys.readouterr().out
+    assert (out / ".stale" / "keep=0.5.1" / "metrics.json").read_text() == first
+    capsys.readouterr()
+    run_sweep(Sweep(path))  # and then it stands
+    assert "changed since" not in capsys.readouterr().out

@@ -23,8 +23,9 @@ _LOADED: dict[str, Any] = {}  # the last model loaded, so the variants of a swee
 
 def load_model(model_cfg: Mapping[str, Any]):
     """(model, processor) through the Auto classes; ``path: reference`` is the shipped reference model.
-    The last model loaded is kept and returned again for the same ``model`` section (a sweep's variants)."""
-    key = json.dumps(dict(model_cfg), sort_keys=True, default=str)
+    The last model loaded is kept and returned again for the same ``model`` section and the same files in its
+    folder (a sweep's variants; a model written again into the folder is loaded again)."""
+    key = json.dumps([dict(model_cfg), model_identity(model_cfg)], sort_keys=True, default=str)
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = open_model(model_cfg)
@@ -185,6 +186,27 @@ def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         ident["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir()
                                 if p.is_file())
     return ident
+
+
+#: A run directory's record of :func:`model_identity` (the model folder's files when the run finished).
+MODEL_RECORD = "model_identity.json"
+
+
+def model_changed(run_dir: Path, model_cfg: Mapping[str, Any]) -> str | None:
+    """What changed in the model's folder since the run in ``run_dir`` finished (``"model.safetensors"``: a file
+    written again, resized, added or removed; its :data:`MODEL_RECORD` against :func:`model_identity` now), or None
+    (nothing, or a run that recorded none). A model retrained into the same folder keeps its config, and a run's
+    results must not be read back for it."""
+    try:
+        before = json.loads((Path(run_dir) / MODEL_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    now = json.loads(json.dumps(model_identity(model_cfg)))  # tuples as lists, as the record holds them
+    if before.get("path") != now.get("path"):
+        return None  # the config says which model; its change is the config's
+    old, new = ({f[0]: f[1:] for f in ident.get("files", [])} for ident in (before, now))
+    changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+    return ", ".join(changed) or None
 
 
 def build_prompt(processor, question: str, images: int = 1) -> str:

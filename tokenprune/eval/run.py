@@ -24,14 +24,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.adapters import get_adapter
+from tokenprune.core.errors import ConfigError
 from tokenprune.core.sites import KVCacheSite
 from tokenprune.eval.files import digest, read_cached_records, write_atomic, write_jsonl
 from tokenprune.eval.lmms_eval_run import run_lmms_eval
 from tokenprune.eval.models import (
+    MODEL_RECORD,
     build_prompt,
     check_input_scale,
     check_pipeline_for_model,
     load_model,
+    model_changed,
     model_identity,
     model_path,
     read_model_config,
@@ -286,6 +289,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = run_directory(cfg, name)
     config_text = resolved_config_yaml(cfg, pipeline)
     done = finished_run(out, config_text, cfg.overwrite)
+    if done is not None and (changed := model_changed(out, cfg.model)):
+        raise ConfigError("output_dir", f"{out} holds this config's finished results on other weights ({changed} of "
+                                        f"{cfg.model.path} changed since); set overwrite=true to replace them, or "
+                                        "choose another output_dir")
     if done is not None:  # this same run finished before (a rerun after it was killed at the very end)
         return {**done, "output_dir": str(out), "finished_earlier": True}
     items = load_items(cfg.data)
@@ -335,6 +342,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / FINISHED).unlink(missing_ok=True)  # overwrite: the old results go only once the new ones exist
         write_atomic(out / "config.yaml", config_text)
         write_atomic(out / "provenance.json", json.dumps(provenance(model_path(cfg.model), pipeline=pipeline), indent=2) + "\n")
+        write_atomic(out / MODEL_RECORD, json.dumps(model_identity(cfg.model)) + "\n")
         write_jsonl(out / "predictions.jsonl", [
             {**r, "correct": _correct(r, it), "baseline_prediction": b["prediction"],
              **({"hard": i in hard} if hard is not None else {})}

@@ -50,7 +50,7 @@ from tokenprune.core.errors import ConfigError
 from tokenprune.core.paths import writable_folder
 from tokenprune.core.values import ListOf, MappingOf, OneOf, Str, check_schema
 from tokenprune.core.yaml_files import read_yaml, refuse_interpolation
-from tokenprune.eval.models import check_pipeline_for_model, model_path, read_model_config
+from tokenprune.eval.models import check_pipeline_for_model, model_changed, model_path, read_model_config
 from tokenprune.eval.run import run
 from tokenprune.eval.run_config import (
     DEFAULTS,
@@ -323,8 +323,10 @@ def _shape_of(cfg):
 def _changed_since_run(vdir: Path, cfg) -> str | None:
     """Where the variant's run config (with its resolved pipeline) differs from the one its finished run wrote to
     ``config.yaml`` (``"data.limit: 300 -> 500"``), or None. A sweep file edited after a run — a ``set`` key, a
-    budget value, an override — would otherwise be answered with the old run's results. Code changes, such as an
-    operator's defaults, are not seen: the config records what was asked for, not the defaults it ran with."""
+    budget value, an override — would otherwise be answered with the old run's results; so would a model retrained
+    into the same folder (its files changed since the run: ``"model.safetensors of model M written since"``). Code
+    changes, such as an operator's defaults, are not seen: the config records what was asked for, not the defaults
+    it ran with."""
 
     stored_file = vdir / "config.yaml"
     if not stored_file.is_file():
@@ -335,7 +337,10 @@ def _changed_since_run(vdir: Path, cfg) -> str | None:
         return None  # the variant cannot run; its earlier result stands until the config is fixed
     current = OmegaConf.to_container(OmegaConf.create(resolved_config_yaml(cfg, pipeline)))
     stored = OmegaConf.to_container(OmegaConf.load(stored_file))
-    return _first_difference(stored, current)
+    changed = _first_difference(stored, current)
+    if changed is None and (files := model_changed(vdir, cfg.model)):
+        return f"{files} of model {cfg.model.path} written since"
+    return changed
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
@@ -380,7 +385,7 @@ def run_sweep(sweep: Sweep) -> tuple[list[dict[str, Any]], dict[str, Any] | None
         changed = _changed_since_run(vdir, cfg) if done.is_file() else None
         if changed is not None:
             aside = _set_aside(vdir, sweep.output_dir)
-            print(f"[{v.name}] its config changed since it ran ({changed}): running it again; the earlier run is "
+            print(f"[{v.name}] its config or model changed since it ran ({changed}): running it again; the earlier run is "
                   f"kept in {aside}", flush=True)
         if done.is_file():
             metrics = json.loads(done.read_text())
