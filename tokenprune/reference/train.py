@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.adapters import get_adapter
 from tokenprune.adapters.base import expand_placeholder, layer_hidden
+from tokenprune.adapters.qwen2_vl import video_pixels
 from tokenprune.core.config import apply_overrides
 from tokenprune.core.errors import ConfigError
 from tokenprune.core.paths import writable_folder
@@ -723,8 +724,6 @@ def encode_clips(processor, items: list[dict], family: Family | None = None,
     of each shape the question names, ``hint_retrieve`` the visual tokens holding the centre of the shape each slot
     follows (:func:`clip_event_shapes`) in every frame that shows it — the cell of its centre in each temporal
     patch's grid, in both frames of the patch. No ``hint_xy``: the answer probe reads still images."""
-    from tokenprune.adapters.qwen2_vl import video_pixels
-
     family = family or FAMILIES["qwen2_5_vl"]
     tok = processor.tokenizer
     video_token = tok.convert_tokens_to_ids(processor.video_token)
