@@ -14,7 +14,6 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from tokenprune.adapters import ADAPTERS, adapter_class, get_adapter
 from tokenprune.core.errors import ConfigError
-from tokenprune.reference import model as reference
 from tokenprune.reference import qwen as qwen_reference
 from tokenprune.reference.processors import has_torchvision, images_only
 
@@ -32,8 +31,7 @@ def load_model(model_cfg: Mapping[str, Any]):
     return _LOADED[key]
 
 
-#: ``model.path`` names of the shipped reference models, and where their folders are
-SHIPPED = {"reference": reference.path, "reference-qwen": qwen_reference.path}
+SHIPPED = qwen_reference.SHIPPED  # ``model.path`` names of the shipped reference models
 
 
 def model_path(model_cfg: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tokenprune.reference import shapes_video
 from tokenprune.reference.model import ReferenceSize
+from tokenprune.reference.model import path as reference_path
 from tokenprune.reference.processors import (
     QWEN_EXTRA_TOKENS,
     benchmark_words,
@@ -157,3 +158,8 @@ def path() -> Path:
         raise FileNotFoundError(f"the Qwen reference model is not trained yet: {QWEN_DIR} holds no config.json "
                                 "(run `tokenprune train-reference experiments/train_reference_qwen.yaml`)")
     return QWEN_DIR
+
+
+#: The names that stand for the shipped reference models (``model.path``, ``init_from``), and their folders' functions
+#: (a folder that holds no model yet raises FileNotFoundError saying how to train it)
+SHIPPED = {"reference": reference_path, "reference-qwen": path}

@@ -231,8 +231,11 @@ def _check_video(cfg: DictConfig) -> None:
 def init_folder(cfg: DictConfig) -> Path:
     """The folder ``init_from`` names (``reference``, ``reference-qwen``: the shipped ones), checked: it holds a model
     of the config's family (its config.json's ``model_type``)."""
-    shipped = {"reference": llava_reference.REFERENCE_DIR, "reference-qwen": qwen_reference.QWEN_DIR}
-    folder = Path(shipped.get(cfg.init_from, cfg.init_from))
+    try:
+        folder = Path(qwen_reference.SHIPPED[cfg.init_from]() if cfg.init_from in qwen_reference.SHIPPED
+                      else cfg.init_from)
+    except FileNotFoundError as e:
+        raise ConfigError("init_from", str(e)) from None
     try:
         config = json.loads((folder / "config.json").read_text())
     except OSError:
